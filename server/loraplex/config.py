@@ -1,0 +1,111 @@
+"""Every option of the server, as frozen dataclasses validated on construction.
+
+This is the only place options live. The CLI parses flags, a config file and
+environment variables once at start and builds these objects; nothing else
+reads the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+LORA_BACKENDS = ("auto", "loop", "gather", "grouped")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+               "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'512MiB' -> 536870912, '2G' -> 2000000000, 1024 -> 1024."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"cannot read size {text!r}: use e.g. 512MiB, 2GiB or a number of bytes")
+    unit = (match.group(2) or "").upper().rstrip("B")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load and how to hold it."""
+
+    path: str
+    quantize: str = "none"  # nf4 | fp4 | int8 | none
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto = cuda if available else cpu
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings
+
+    def __post_init__(self):
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.max_model_len < 0:
+            raise ValueError("max_model_len must be >= 0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the batching engine and the adapter cache."""
+
+    max_batch_tokens: int = 2048  # tokens (prefill + decode) in one forward pass
+    max_num_seqs: int = 64  # sequences in one forward pass
+    prefill_chunk: int = 512  # longest slice of one prompt prefilled in one step
+    kv_cache_memory: int = 256 * 2**20  # bytes for the paged KV cache
+    block_size: int = 16  # tokens per KV block
+    max_gpu_adapters: int = 16  # adapter slots next to the base model
+    max_cpu_adapters: int = 64  # adapters kept in host memory (LRU)
+    max_lora_rank: int = 64
+    max_queue: int = 1024  # waiting requests before RESOURCE_EXHAUSTED
+    lora_backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("max_batch_tokens", "max_num_seqs", "prefill_chunk", "kv_cache_memory",
+                     "block_size", "max_gpu_adapters", "max_cpu_adapters", "max_lora_rank",
+                     "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_chunk > self.max_batch_tokens:
+            raise ValueError("prefill_chunk must not exceed max_batch_tokens")
+        if self.max_num_seqs > self.max_batch_tokens:
+            raise ValueError("max_num_seqs must not exceed max_batch_tokens")
+        if self.max_cpu_adapters < self.max_gpu_adapters:
+            raise ValueError("max_cpu_adapters must be >= max_gpu_adapters")
+        if self.lora_backend not in LORA_BACKENDS:
+            raise ValueError(f"lora_backend must be one of {LORA_BACKENDS}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Network, security and lifecycle options of the gRPC server."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9400  # 0 disables the Prometheus endpoint
+    adapter_root: str = "adapters"
+    preload: tuple[tuple[str, str], ...] = ()  # (name, path relative to adapter_root)
+    admin_token: str = ""  # bearer token for the Adapters service ("" = open)
+    generate_token: str = ""  # bearer token for the Generation service ("" = open)
+    tls_cert: str = ""
+    tls_key: str = ""
+    grace_period: float = 30.0  # seconds in-flight calls get after SIGTERM
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+            raise ValueError("ports must be in 0..65535")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        if self.grace_period < 0:
+            raise ValueError("grace_period must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)

@@ -1,0 +1,95 @@
+"""What goes into the engine (GenerationRequest) and what comes out (RequestOutput).
+
+Plain dataclasses: the API layer converts protobuf to these and back; the engine
+never sees protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from loraplex.errors import InvalidArgument
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    CANCELLED = "cancelled"  # the caller went away
+    DEADLINE = "deadline"  # the request's deadline passed
+    ERROR = "error"  # e.g. its adapter failed to load; see RequestOutput.error
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False  # log-probability of each chosen token
+    top_logprobs: int = 0  # and of this many most likely alternatives
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise InvalidArgument naming the field to fix."""
+        if self.max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise InvalidArgument(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidArgument(
+                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise InvalidArgument(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
+            raise InvalidArgument("stop takes at most 16 non-empty strings of at most 256 chars")
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidArgument(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass
+class GenerationRequest:
+    """One generation job. `adapter` is "" (base model), "name" or "name@version"."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str = ""
+    request_id: str = ""  # filled by the engine when empty
+    deadline: float | None = None  # time.monotonic() value after which it is dropped
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one engine step produced for one request (a delta, not the total)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    adapter: str  # resolved name@version ("" for the base model)
+    prompt_tokens: int
+    completion_tokens: int  # total so far
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+    error: str = ""  # set with FinishReason.ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,72 @@
+"""Every Prometheus collector of loraplex, in one object injected where needed.
+
+Each server owns its own CollectorRegistry, so several servers (tests, replicas
+in one process) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loraplex_requests", "Finished generation calls by adapter and gRPC status.",
+            ["adapter", "status"], registry=r)
+        self.queue_time = Histogram(
+            "loraplex_queue_time_seconds", "Time from submission to first scheduling.",
+            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "loraplex_time_to_first_token_seconds", "Time from submission to the first token.",
+            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "loraplex_inter_token_latency_seconds", "Time between two tokens of one request.",
+            ["adapter"], buckets=_ITL_BUCKETS, registry=r)
+        self.e2e_latency = Histogram(
+            "loraplex_e2e_latency_seconds", "Time from submission to the last token.",
+            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.generated_tokens = Counter(
+            "loraplex_generated_tokens", "Tokens produced, by adapter.", ["adapter"], registry=r)
+        self.prompt_tokens = Counter(
+            "loraplex_prompt_tokens", "Prompt tokens prefilled, by adapter.", ["adapter"],
+            registry=r)
+        self.running = Gauge("loraplex_running_requests", "Requests in the running batch.",
+                             registry=r)
+        self.waiting = Gauge("loraplex_waiting_requests", "Requests waiting for admission.",
+                             registry=r)
+        self.batch_size = Histogram(
+            "loraplex_batch_size", "Sequences per forward pass.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_tokens = Histogram(
+            "loraplex_batch_tokens", "Tokens per forward pass.",
+            buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r)
+        self.batch_adapters = Histogram(
+            "loraplex_batch_adapters", "Distinct adapters per forward pass.",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.kv_cache_usage = Gauge("loraplex_kv_cache_usage_ratio",
+                                    "Fraction of KV-cache blocks in use.", registry=r)
+        self.preemptions = Counter("loraplex_preemptions",
+                                   "Sequences preempted for KV space (recomputed later).",
+                                   registry=r)
+        self.adapter_cache_hits = Counter(
+            "loraplex_adapter_cache_hits", "Admissions whose adapter was already in a GPU slot.",
+            registry=r)
+        self.adapter_cache_misses = Counter(
+            "loraplex_adapter_cache_misses", "Admissions that had to bring the adapter in.",
+            ["tier"], registry=r)  # tier it came from: cpu | disk
+        self.adapter_loads = Counter(
+            "loraplex_adapter_loads", "Adapter loads into a tier.", ["tier"], registry=r)
+        self.adapter_evictions = Counter(
+            "loraplex_adapter_evictions", "Adapters evicted from a tier.", ["tier"], registry=r)
+        self.adapter_load_time = Histogram(
+            "loraplex_adapter_load_seconds", "Time to load an adapter into a tier.",
+            ["tier"], buckets=_LOAD_BUCKETS, registry=r)
+        self.adapters_resident = Gauge(
+            "loraplex_adapters_resident", "Adapters held in each tier.", ["tier"], registry=r)
