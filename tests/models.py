@@ -1,0 +1,276 @@
+"""Tiny random models and PEFT adapters for fidelity tests (no downloads, no pytest).
+
+Everything here is a pure function of its arguments (and a seed): call it with an
+output directory and it writes a standard HF / PEFT folder there.
+
+    base = build_base("llama", tmp / "llama")              # model + tokenizer
+    adapters = build_adapters(base, tmp / "adapters", ADAPTER_SPECS)
+    adapters["r8_attn"]  -> tmp / "adapters" / "r8_attn"   # adapter_config.json + safetensors
+
+Weights are drawn with a large std (see INIT_STD) so that greedy decoding is not
+knife-edge: the top-1 / top-2 logit gap is typically > 0.1 (see `logit_gap_stats`),
+so fp32 vs. fp32 differences in summation order do not flip tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models as tk_models
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+# Special token ids shared by every tiny model (prompts should use ids >= FIRST_TEXT_ID).
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+FIRST_TEXT_ID = 4
+
+VOCAB_SIZE = 256
+# std of every Linear / Embedding weight except the output head. 0.02 (the HF default)
+# leaves the layers nearly an identity on a 64-wide model; 0.1 makes them matter.
+INIT_STD = 0.1
+# The output head is drawn so the logits have std ~LOGIT_STD: near-uniform logits would
+# make greedy argmax knife-edge.
+LOGIT_STD = 3.0
+
+_COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA: 2 query heads per kv head
+    max_position_embeddings=256,
+    initializer_range=INIT_STD,
+    tie_word_embeddings=False,
+    pad_token_id=PAD_ID,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+)
+
+_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**_COMMON, use_sliding_window=False),  # q/k/v have biases
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=16),  # q_norm / k_norm per head
+    "gemma": lambda: GemmaConfig(**_COMMON, head_dim=16),  # embeddings * sqrt(hidden), (1+w) norms
+}
+
+
+def char_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer: one id per character, `vocab_size` ids in all.
+
+    ids 0..3 are <pad> <s> </s> <unk>; id i >= 4 is the character chr(i - 4 + 32)
+    (printable ASCII first, then whatever unicode follows), so every id has a token.
+    Built with the `tokenizers` library, so AutoTokenizer.from_pretrained loads it offline.
+    """
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for i in range(FIRST_TEXT_ID, vocab_size):
+        vocab[chr(i - FIRST_TEXT_ID + 32)] = i
+    # BPE with no merges = look each character up on its own (no pre-tokenizer, so
+    # spaces are ordinary characters and decoding is plain concatenation).
+    backend = Tokenizer(tk_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def _init_weights(model: torch.nn.Module, std: float, logit_std: float) -> None:
+    """Normal(0, std) for Linear / Embedding weights and biases; norms untouched.
+
+    The lm_head gets std logit_std / sqrt(hidden): its input is RMS-normalised (rms ~1),
+    so each logit then has std ~logit_std.
+    """
+    lm_head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            w_std = logit_std / math.sqrt(module.weight.shape[1]) if module is lm_head else std
+            torch.nn.init.normal_(module.weight, mean=0.0, std=w_std)
+            if getattr(module, "bias", None) is not None:
+                # Non-zero biases (qwen2 q/k/v) so a bias bug in the engine would show.
+                torch.nn.init.normal_(module.bias, mean=0.0, std=std)
+
+
+def build_base(arch: str, out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Write a tiny random causal LM of family `arch` (one of ARCHS) plus its tokenizer.
+
+    The result loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained(out_dir).
+    `config_overrides` replace fields of the config (e.g. hidden_size=512 for a bigger model).
+    """
+    if arch not in _CONFIGS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+    out_dir = Path(out_dir)
+    config = _CONFIGS[arch]()
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    # Different archs get different weights for the same seed.
+    torch.manual_seed(seed * 1000 + ARCHS.index(arch))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _init_weights(model, std=config.initializer_range, logit_std=LOGIT_STD)
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    char_tokenizer(config.vocab_size).save_pretrained(out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def logit_gap_stats(model: torch.nn.Module, prompts: list[list[int]]) -> dict[str, float]:
+    """top-1 minus top-2 logit at every position of every prompt: min / median / std of logits."""
+    gaps, stds = [], []
+    for ids in prompts:
+        logits = model(torch.tensor([ids])).logits[0]  # [seq, vocab]
+        top2 = logits.topk(2, dim=-1).values  # [seq, 2]
+        gaps.append(top2[:, 0] - top2[:, 1])
+        stds.append(logits.std(dim=-1))
+    gap = torch.cat(gaps)
+    return {
+        "gap_min": gap.min().item(),
+        "gap_p10": gap.quantile(0.1).item(),
+        "gap_median": gap.median().item(),
+        "logit_std": torch.cat(stds).mean().item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Adapters
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = ATTN + MLP
+QV = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One PEFT LoraConfig, plus how strongly its random weights perturb the base.
+
+    `delta_ratio`: after random init, every LoRA pair in the adapter is rescaled so that
+    ||scaling * B @ A||_F == delta_ratio * ||W_base||_F for that layer. The adapter's
+    alpha / r / rsLoRA scaling stays what the config says (so an engine that gets the
+    scaling wrong produces visibly wrong outputs), but the *effective* delta is
+    comparable across adapters, whatever their alpha and rank.
+    """
+
+    name: str
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...] | str  # a str is a regex over full module names
+    use_rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    delta_ratio: float = 0.5
+    seed: int = 0
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            target_modules=targets,
+            use_rslora=self.use_rslora,
+            rank_pattern=dict(self.rank_pattern),
+            alpha_pattern=dict(self.alpha_pattern),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            init_lora_weights=False,  # random A and B (then rescaled, see delta_ratio)
+        )
+
+
+ADAPTER_SPECS: tuple[AdapterSpec, ...] = (
+    # rank sweep, attention only (q, k, v, o)
+    AdapterSpec("r1_attn", r=1, lora_alpha=1, target_modules=ATTN, seed=1),
+    AdapterSpec("r2_attn", r=2, lora_alpha=16, target_modules=ATTN, seed=2),
+    AdapterSpec("r4_attn", r=4, lora_alpha=8, target_modules=ATTN, seed=3),
+    AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=4),
+    AdapterSpec("r16_attn", r=16, lora_alpha=32, target_modules=ATTN, seed=5),
+    AdapterSpec("r32_attn", r=32, lora_alpha=32, target_modules=ATTN, seed=6),
+    AdapterSpec("r64_attn", r=64, lora_alpha=128, target_modules=ATTN, seed=7),
+    # MLP only (gate, up, down)
+    AdapterSpec("r4_mlp", r=4, lora_alpha=4, target_modules=MLP, seed=8),
+    AdapterSpec("r16_mlp", r=16, lora_alpha=16, target_modules=MLP, seed=9),
+    AdapterSpec("r64_mlp", r=64, lora_alpha=8, target_modules=MLP, seed=10),
+    # all linear layers
+    AdapterSpec("r2_all", r=2, lora_alpha=128, target_modules=ALL_LINEAR, seed=11),
+    AdapterSpec("r8_all", r=8, lora_alpha=8, target_modules=ALL_LINEAR, seed=12),
+    AdapterSpec("r32_all", r=32, lora_alpha=64, target_modules=ALL_LINEAR, seed=13),
+    # q + v only (the classic LoRA paper setting)
+    AdapterSpec("r1_qv", r=1, lora_alpha=8, target_modules=QV, seed=14),
+    AdapterSpec("r8_qv", r=8, lora_alpha=32, target_modules=QV, seed=15),
+    # rsLoRA: scaling = alpha / sqrt(r)
+    AdapterSpec("r16_all_rslora", r=16, lora_alpha=16, target_modules=ALL_LINEAR, use_rslora=True, seed=16),
+    AdapterSpec("r64_qv_rslora", r=64, lora_alpha=8, target_modules=QV, use_rslora=True, seed=17),
+    # per-module ranks / alphas (keys are module-name suffixes, as PEFT matches them)
+    AdapterSpec("pattern_all", r=8, lora_alpha=16, target_modules=ALL_LINEAR,
+                rank_pattern={"q_proj": 2, "down_proj": 32}, alpha_pattern={"v_proj": 128, "down_proj": 4},
+                seed=18),
+    AdapterSpec("pattern_attn_rslora", r=4, lora_alpha=8, target_modules=ATTN, use_rslora=True,
+                rank_pattern={"o_proj": 16}, alpha_pattern={"k_proj": 1}, seed=19),
+    # target_modules as a regex over full names: q and down projections of layer 1 only
+    AdapterSpec("regex_l1_q_down", r=8, lora_alpha=16,
+                target_modules=r".*layers\.1\.(self_attn\.q_proj|mlp\.down_proj)", delta_ratio=0.8, seed=20),
+)
+
+# The smaller set used for the non-llama families: one of each kind.
+SMALL_SPEC_NAMES = ("r1_qv", "r8_attn", "r16_mlp", "r32_all", "r16_all_rslora", "pattern_all")
+
+
+def small_specs() -> tuple[AdapterSpec, ...]:
+    return tuple(s for s in ADAPTER_SPECS if s.name in SMALL_SPEC_NAMES)
+
+
+@torch.no_grad()
+def _rescale_lora(peft_model, adapter_name: str, delta_ratio: float) -> None:
+    """Scale A and B of every LoRA pair so ||scaling * B @ A|| = delta_ratio * ||W||."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        a = module.lora_A[adapter_name].weight  # [r, in]
+        b = module.lora_B[adapter_name].weight  # [out, r]
+        scaling = module.scaling[adapter_name]
+        delta_norm = (scaling * b @ a).norm()
+        base_norm = module.get_base_layer().weight.norm()
+        factor = math.sqrt(delta_ratio * base_norm / delta_norm)
+        a.mul_(factor)
+        b.mul_(factor)
+
+
+def build_adapters(base_dir: str | Path, root_dir: str | Path,
+                   specs: tuple[AdapterSpec, ...] | list[AdapterSpec] = ADAPTER_SPECS) -> dict[str, Path]:
+    """Write one PEFT adapter folder per spec under root_dir/<spec.name>; return name -> path."""
+    from peft import get_peft_model
+
+    root_dir = Path(root_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    paths = {}
+    for spec in specs:
+        torch.manual_seed(spec.seed)
+        peft_model = get_peft_model(copy.deepcopy(base), spec.lora_config())
+        _rescale_lora(peft_model, "default", spec.delta_ratio)
+        path = root_dir / spec.name
+        peft_model.save_pretrained(path, safe_serialization=True)
+        paths[spec.name] = path
+    return paths
