@@ -1,0 +1,13 @@
+"""Python client of the loraplex multi-adapter inference server."""
+
+from loraplex_client.client import AsyncClient, Client, GenerateStream
+from loraplex_client.errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition,
+                                    Internal, InvalidArgument, LoraplexError, NotFound,
+                                    PermissionDenied, ResourceExhausted, Unauthenticated,
+                                    Unavailable, Unimplemented)
+from loraplex_client.types import AdapterInfo, Chunk, Result, TokenLogprob
+
+__all__ = ["AsyncClient", "Client", "GenerateStream", "AdapterInfo", "Chunk", "Result",
+           "TokenLogprob", "LoraplexError", "AlreadyExists", "Cancelled", "DeadlineExceeded",
+           "FailedPrecondition", "Internal", "InvalidArgument", "NotFound", "PermissionDenied",
+           "ResourceExhausted", "Unauthenticated", "Unavailable", "Unimplemented"]

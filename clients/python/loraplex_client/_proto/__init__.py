@@ -1,0 +1,1 @@
+"""Generated protobuf stubs (clients/python/generate_protos.sh)."""

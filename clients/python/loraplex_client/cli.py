@@ -1,0 +1,261 @@
+"""Command line of the loraplex client (also reached through `loraplex generate|adapters|health`).
+
+    loraplex generate --adapter sql "SELECT"          # streams to the terminal
+    loraplex generate --json --max-new-tokens 8 "hi"  # one JSON object
+    loraplex adapters list [NAME] [--json]
+    loraplex adapters load NAME [PATH]
+    loraplex adapters unload NAME [--drain]
+    loraplex adapters swap NAME PATH
+    loraplex adapters merge NEW SRC [SRC...] [--weights 0.5,0.5] [--combination-type ties ...]
+    loraplex health [SERVICE]
+
+Common options: --target host:port (env LORAPLEX_TARGET, default localhost:50051),
+--token (env LORAPLEX_TOKEN), --json, --timeout SECONDS, --tls, --tls-ca FILE.
+Exit status: 0 on success, 1 when the server answered an error (its status code
+and message go to stderr, or to stdout as {"error": ...} with --json), 2 for
+usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from loraplex_client.client import Client
+from loraplex_client.errors import LoraplexError
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument("--target", default=os.environ.get("LORAPLEX_TARGET", DEFAULT_TARGET),
+                   help="server host:port (env LORAPLEX_TARGET; default %(default)s)")
+    g.add_argument("--token", default=os.environ.get("LORAPLEX_TOKEN") or None,
+                   help="bearer token (env LORAPLEX_TOKEN)")
+    g.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    g.add_argument("--timeout", type=float, default=None, help="deadline of the call, seconds")
+    g.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    g.add_argument("--tls-ca", metavar="FILE", default=None,
+                   help="TLS with this PEM root certificate (self-signed servers)")
+    return p
+
+
+def _csv(cast):
+    def parse(text: str):
+        return [cast(x) for x in text.split(",") if x.strip()]
+    return parse
+
+
+def add_commands(subparsers) -> None:
+    """Register generate, adapters and health on an argparse subparsers object."""
+    common = _common()
+    g = subparsers.add_parser("generate", parents=[common], help="generate text (streams)",
+                              description="Generate a completion; streams it to the terminal.")
+    g.add_argument("prompt", help='prompt text ("-" reads stdin)')
+    g.add_argument("--adapter", default="", help='"name", "name@version"; "" = base model')
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message through the chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--stop-token-ids", type=_csv(int), default=None, metavar="ID,ID")
+    g.add_argument("--ignore-eos", action="store_true", default=None)
+    g.add_argument("--logprobs", action="store_true", default=None)
+    g.add_argument("--top-logprobs", type=int, default=None)
+    g.add_argument("--no-stream", action="store_true", help="one unary call instead of a stream")
+    g.set_defaults(func=_generate)
+
+    a = subparsers.add_parser("adapters", help="list, load, unload, swap, merge adapters")
+    asub = a.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = asub.add_parser("list", parents=[common], help="adapters and their versions")
+    p.add_argument("name", nargs="?", default="", help="only this adapter")
+    p.set_defaults(func=_list)
+    p = asub.add_parser("load", parents=[common], help="load a PEFT folder under a name")
+    p.add_argument("name")
+    p.add_argument("path", nargs="?", default="", help="relative to the adapter root (default: NAME)")
+    p.set_defaults(func=_load)
+    p = asub.add_parser("unload", parents=[common], help="unload name or name@version")
+    p.add_argument("name")
+    p.add_argument("--drain", action="store_true", help="wait for requests using it")
+    p.set_defaults(func=_unload)
+    p = asub.add_parser("swap", parents=[common], help="make a new version current")
+    p.add_argument("name")
+    p.add_argument("path")
+    p.set_defaults(func=_swap)
+    p = asub.add_parser("merge", parents=[common], help="combine adapters into a new one")
+    p.add_argument("name", help="name of the new adapter")
+    p.add_argument("sources", nargs="+")
+    p.add_argument("--weights", type=_csv(float), default=None, metavar="W,W",
+                   help="one per source (default 1 each)")
+    p.add_argument("--combination-type", default="linear")
+    p.add_argument("--density", type=float, default=0.0)
+    p.add_argument("--majority-sign-method", default="")
+    p.add_argument("--svd-rank", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_merge)
+
+    h = subparsers.add_parser("health", parents=[common], help="health status")
+    h.add_argument("service", nargs="?", default="", help='e.g. loraplex.v1.Generation')
+    h.set_defaults(func=_health)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex-client", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return parser
+
+
+def _client(args) -> Client:
+    tls = args.tls_ca or bool(args.tls)
+    return Client(args.target, token=args.token, tls=tls, timeout=args.timeout)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=None, sort_keys=True))
+
+
+def _asdict(x) -> dict:
+    d = dataclasses.asdict(x)
+    d.pop("extra", None)
+    return d
+
+
+_SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty",
+                  "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs")
+
+
+def _generate(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = {k: getattr(args, k) for k in _SAMPLING_ARGS if getattr(args, k) is not None}
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        inputs = dict(messages=messages)
+    else:
+        inputs = dict(prompt=prompt)
+    with _client(args) as client:
+        if args.json or args.no_stream:
+            result = client.generate(**inputs, adapter=args.adapter, **sampling)
+            if args.json:
+                _print_json(_asdict(result))
+            else:
+                print(result.text)
+            return 0
+        start, last = time.monotonic(), None
+        for chunk in client.stream(**inputs, adapter=args.adapter, **sampling):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            last = chunk
+        sys.stdout.write("\n")
+        if last is not None and sys.stderr.isatty():
+            took = time.monotonic() - start
+            print(f"[{last.finish_reason}; {last.prompt_tokens} prompt + "
+                  f"{last.completion_tokens} new tokens; adapter {last.adapter or 'base'}; "
+                  f"{took:.2f} s]", file=sys.stderr)
+        return 0
+
+
+_COLUMNS = ("name", "version", "current", "tier", "rank", "alpha", "in_use", "requests_served",
+            "size_bytes", "path")
+_HEADERS = ("NAME", "VERSION", "CUR", "TIER", "RANK", "ALPHA", "IN USE", "SERVED", "SIZE", "PATH")
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(infos) -> str:
+    rows = [_HEADERS]
+    for i in infos:
+        rows.append((i.name, i.version, "*" if i.current else "", i.tier, str(i.rank),
+                     f"{i.alpha:g}", str(i.in_use), str(i.requests_served),
+                     _human_size(i.size_bytes), i.path))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(_HEADERS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _show(args, infos) -> int:
+    if args.json:
+        _print_json([_asdict(i) for i in infos])
+    elif infos:
+        print(_table(infos))
+    else:
+        print("no adapters")
+    return 0
+
+
+def _list(args) -> int:
+    with _client(args) as c:
+        return _show(args, c.list_adapters(args.name))
+
+
+def _load(args) -> int:
+    with _client(args) as c:
+        return _show(args, [c.load_adapter(args.name, args.path)])
+
+
+def _unload(args) -> int:
+    with _client(args) as c:
+        return _show(args, c.unload_adapter(args.name, drain=args.drain))
+
+
+def _swap(args) -> int:
+    with _client(args) as c:
+        return _show(args, [c.swap_adapter(args.name, args.path)])
+
+
+def _merge(args) -> int:
+    with _client(args) as c:
+        return _show(args, [c.merge_adapters(
+            args.name, args.sources, weights=args.weights,
+            combination_type=args.combination_type, density=args.density,
+            majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
+            seed=args.seed)])
+
+
+def _health(args) -> int:
+    with _client(args) as c:
+        status = c.health(args.service)
+    if args.json:
+        _print_json({"service": args.service, "status": status})
+    else:
+        print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def run(args) -> int:
+    """Run a parsed command; errors from the server become exit status 1."""
+    try:
+        return args.func(args)
+    except LoraplexError as err:
+        if getattr(args, "json", False):
+            _print_json({"error": {"code": err.code.name, "message": err.message}})
+        else:
+            print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

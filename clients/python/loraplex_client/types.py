@@ -1,0 +1,149 @@
+"""Plain result types of the client (no protobuf in user code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+
+_FINISH = {
+    pb.FINISH_REASON_UNSPECIFIED: None,
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+    pb.FINISH_REASON_DEADLINE: "deadline",
+    pb.FINISH_REASON_ERROR: "error",
+}
+_TIER = {pb.TIER_UNSPECIFIED: "", pb.TIER_GPU: "gpu", pb.TIER_CPU: "cpu", pb.TIER_DISK: "disk"}
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One message of a stream: the tokens and text new since the previous one."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None  # "length" | "stop" on the last chunk, else None
+    prompt_tokens: int
+    completion_tokens: int  # so far
+    adapter: str  # "name@version", "" for the base model
+    logprobs: tuple[TokenLogprob, ...] = ()
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Result:
+    """A whole completion."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    request_id: str = ""
+
+    @classmethod
+    def from_chunks(cls, chunks: list[Chunk]) -> "Result":
+        last = chunks[-1]
+        return cls(text="".join(c.text for c in chunks),
+                   token_ids=tuple(t for c in chunks for t in c.token_ids),
+                   finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
+                   completion_tokens=last.completion_tokens, adapter=last.adapter,
+                   logprobs=tuple(lp for c in chunks for lp in c.logprobs),
+                   request_id=last.request_id)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    version: str
+    path: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    tier: str  # "gpu" | "cpu" | "disk"
+    current: bool
+    in_use: int
+    requests_served: int
+    last_used: float | None = None  # unix time
+    load_time_s: float | None = None
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def _logprobs(msg) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                 for lp in msg.logprobs)
+
+
+def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
+    return Chunk(text=msg.text, token_ids=tuple(msg.token_ids),
+                 finish_reason=_FINISH.get(msg.finish_reason), prompt_tokens=msg.prompt_tokens,
+                 completion_tokens=msg.completion_tokens, adapter=msg.adapter,
+                 logprobs=_logprobs(msg), request_id=msg.request_id)
+
+
+def result_from_pb(msg: pb.GenerateResponse) -> Result:
+    c = chunk_from_pb(msg)
+    return Result(text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
+                  prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                  adapter=c.adapter, logprobs=c.logprobs, request_id=c.request_id)
+
+
+def adapter_from_pb(msg: pb.AdapterInfo) -> AdapterInfo:
+    return AdapterInfo(
+        name=msg.name, version=msg.version, path=msg.path, rank=msg.rank, alpha=msg.alpha,
+        target_modules=tuple(msg.target_modules), size_bytes=msg.size_bytes,
+        tier=_TIER.get(msg.tier, ""), current=msg.current, in_use=msg.in_use,
+        requests_served=msg.requests_served,
+        last_used=(msg.last_used.ToNanoseconds() / 1e9) if msg.HasField("last_used") else None,
+        load_time_s=(msg.load_time.ToNanoseconds() / 1e9) if msg.HasField("load_time") else None)
+
+
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed",
+                   "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "logprobs",
+                   "top_logprobs")
+
+
+def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapter: str = "",
+                           **sampling) -> pb.GenerateRequest:
+    """A GenerateRequest from Python values. Give exactly one of prompt, input_ids, messages
+    (messages: a list of {"role", "content"} dicts or (role, content) pairs)."""
+    unknown = set(sampling) - set(SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling options {sorted(unknown)}; use {SAMPLING_FIELDS}")
+    given = [x is not None for x in (prompt, input_ids, messages)]
+    if sum(given) != 1:
+        raise TypeError("give exactly one of prompt, input_ids, messages")
+    req = pb.GenerateRequest(adapter=adapter or "")
+    if prompt is not None:
+        req.prompt = prompt
+    elif input_ids is not None:
+        req.input_ids.ids.extend(int(i) for i in input_ids)
+    else:
+        turns = []
+        for m in messages:
+            role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
+            turns.append(pb.ChatMessage(role=role, content=content))
+        req.messages.messages.extend(turns)
+    for name, value in sampling.items():
+        if value is None:
+            continue
+        if name in ("stop", "stop_token_ids"):
+            getattr(req, name).extend([value] if isinstance(value, str) else value)
+        else:
+            setattr(req, name, value)
+    return req

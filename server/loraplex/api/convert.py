@@ -1,0 +1,160 @@
+"""Protobuf <-> domain types (loraplex.engine.request, AdapterInfo). Nothing else.
+
+Every check here is about the shape of the protobuf message (which oneof is set,
+ids inside the vocabulary, a chat template to render with); range checks of the
+sampling options belong to SamplingParams.validate, in the domain.
+"""
+
+from __future__ import annotations
+
+import re
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from loraplex.engine.request import (FinishReason, GenerationRequest, RequestOutput,
+                                     SamplingParams)
+from loraplex.errors import InvalidArgument
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+
+FINISH_TO_PB = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.DEADLINE: pb.FINISH_REASON_DEADLINE,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+TIER_TO_PB = {"gpu": pb.TIER_GPU, "cpu": pb.TIER_CPU, "disk": pb.TIER_DISK}
+
+_DEFAULT_SAMPLING = SamplingParams()
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+MAX_PROMPT_CHARS = 4_000_000  # grpc's default message limit is 4 MiB anyway
+
+
+def sampling_from_pb(req: pb.GenerateRequest) -> SamplingParams:
+    """Unset optional fields keep SamplingParams' defaults."""
+    d = _DEFAULT_SAMPLING
+    return SamplingParams(
+        max_new_tokens=req.max_new_tokens if req.HasField("max_new_tokens") else d.max_new_tokens,
+        temperature=float(req.temperature),
+        top_p=float(req.top_p) if req.HasField("top_p") else d.top_p,
+        top_k=int(req.top_k),
+        seed=int(req.seed) if req.HasField("seed") else None,
+        repetition_penalty=(float(req.repetition_penalty) if req.HasField("repetition_penalty")
+                            else d.repetition_penalty),
+        stop=tuple(req.stop),
+        stop_token_ids=tuple(int(t) for t in req.stop_token_ids),
+        ignore_eos=bool(req.ignore_eos),
+        logprobs=bool(req.logprobs or req.top_logprobs),
+        top_logprobs=int(req.top_logprobs),
+    )
+
+
+def prompt_ids_from_pb(req: pb.GenerateRequest, tokenizer, vocab_size: int) -> list[int]:
+    """Token ids of the request's input (prompt text, ids, or chat messages)."""
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("set one of prompt, input_ids, messages")
+    if which == "prompt":
+        if not req.prompt:
+            raise InvalidArgument("prompt is empty")
+        if len(req.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        ids = tokenizer.encode(req.prompt)
+    elif which == "input_ids":
+        ids = list(req.input_ids.ids)
+        bad = sorted({i for i in ids if i >= vocab_size})
+        if bad:
+            raise InvalidArgument(
+                f"input_ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
+    else:
+        ids = _render_chat(req.messages.messages, tokenizer)
+    if not ids:
+        raise InvalidArgument(f"{which} is empty")
+    return list(ids)
+
+
+def _render_chat(messages, tokenizer) -> list[int]:
+    if not messages:
+        raise InvalidArgument("messages is empty")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument("this model has no chat template: send a prompt or input_ids")
+    turns = []
+    for i, m in enumerate(messages):
+        if not m.role:
+            raise InvalidArgument(f"messages[{i}].role is empty")
+        turns.append({"role": m.role, "content": m.content})
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja's TemplateError, raise_exception() of the template
+        raise InvalidArgument(f"the chat template refused these messages: {exc}") from None
+    # The template writes the special tokens (BOS...) itself.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def generation_request_from_pb(req: pb.GenerateRequest, tokenizer, vocab_size: int,
+                               deadline: float | None) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=prompt_ids_from_pb(req, tokenizer, vocab_size),
+                             sampling=sampling_from_pb(req), adapter=req.adapter,
+                             deadline=deadline)
+
+
+def response_from_outputs(outputs: list[RequestOutput]) -> pb.GenerateResponse:
+    """One GenerateResponse holding the deltas of `outputs` (one stream message or a
+    whole unary answer); counts and finish reason come from the last."""
+    last = outputs[-1]
+    resp = pb.GenerateResponse(
+        text="".join(o.text for o in outputs),
+        token_ids=[t for o in outputs for t in o.token_ids],
+        finish_reason=FINISH_TO_PB[last.finish_reason],
+        prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+        adapter=last.adapter, request_id=last.request_id)
+    for o in outputs:
+        for lp in o.logprobs:
+            resp.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
+                              top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
+    return resp
+
+
+def adapter_info_to_pb(info) -> pb.AdapterInfo:
+    msg = pb.AdapterInfo(
+        name=info.name, version=info.version, path=str(info.path), rank=int(info.rank),
+        alpha=float(info.alpha), target_modules=list(info.target_modules),
+        size_bytes=int(info.size_bytes), tier=TIER_TO_PB.get(info.tier, pb.TIER_UNSPECIFIED),
+        current=bool(info.current), in_use=int(info.in_use),
+        requests_served=int(info.requests_served))
+    if info.last_used is not None:
+        ts = Timestamp()
+        ts.FromNanoseconds(int(info.last_used * 1e9))
+        msg.last_used.CopyFrom(ts)
+    if info.load_time_s is not None:
+        dur = Duration()
+        dur.FromNanoseconds(int(info.load_time_s * 1e9))
+        msg.load_time.CopyFrom(dur)
+    return msg
+
+
+def adapter_label(adapter: str) -> str:
+    """The metrics label of a requested adapter: its name without the version,
+    "base" for the base model, "_invalid" for malformed names (bounded cardinality)."""
+    name = adapter.split("@", 1)[0]
+    if not adapter:
+        return "base"
+    return name if _ADAPTER_NAME.match(name) else "_invalid"
+
+
+def merge_args_from_pb(req: pb.MergeAdaptersRequest) -> dict:
+    """Keyword arguments of a merge (PEFT add_weighted_adapter names); unset = None."""
+    if not req.name:
+        raise InvalidArgument("name of the merged adapter is empty")
+    if not req.sources:
+        raise InvalidArgument("sources is empty: name at least one adapter")
+    weights = list(req.weights) or [1.0] * len(req.sources)
+    if len(weights) != len(req.sources):
+        raise InvalidArgument(f"{len(req.weights)} weights for {len(req.sources)} sources")
+    # The values of combination_type, density... are checked by the merge itself.
+    return dict(name=req.name, sources=list(req.sources), weights=weights,
+                combination_type=req.combination_type or "linear", density=float(req.density) or None,
+                majority_sign_method=req.majority_sign_method or "total", svd_rank=int(req.svd_rank) or None,
+                seed=int(req.seed) if req.HasField("seed") else None)

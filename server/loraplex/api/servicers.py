@@ -1,0 +1,212 @@
+"""grpc.aio servicers of loraplex.v1: protobuf in, domain call, protobuf out.
+
+Every domain error becomes its status code through `api.errors.status_of`; any
+other exception is a bug and answers INTERNAL (logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from loraplex.api.convert import (adapter_info_to_pb, adapter_label,
+                                  generation_request_from_pb, merge_args_from_pb,
+                                  response_from_outputs)
+from loraplex.api.errors import status_of
+from loraplex.engine.request import FinishReason, RequestOutput
+from loraplex.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument,
+                             LoraplexError, NotFound)
+from loraplex.metrics import Metrics
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() value (None = no deadline)."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    if remaining <= 0:
+        raise DeadlineExceeded("the call's deadline passed before the request started")
+    return time.monotonic() + remaining
+
+
+def _raise_unless_success(out: RequestOutput) -> None:
+    """Finish reasons that are not a successful answer become errors (see the .proto)."""
+    if out.finish_reason is FinishReason.CANCELLED:
+        raise Cancelled(out.error or "the request was cancelled")
+    if out.finish_reason is FinishReason.DEADLINE:
+        raise DeadlineExceeded(out.error or "the request's deadline passed")
+    if out.finish_reason is FinishReason.ERROR:
+        raise FailedPrecondition(out.error or "the server could not finish the request")
+
+
+class _Call:
+    """Bookkeeping of one Generation call: the status it ended with, for the metrics."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, adapter: str):
+        self.context = context
+        self.label = adapter_label(adapter)
+        self.code = grpc.StatusCode.OK
+
+    async def fail(self, exc: Exception):
+        """Abort the call with the status of `exc` (never returns)."""
+        if self.context.cancelled():  # e.g. a write after the client went away
+            self.interrupted()
+            raise exc
+        self.code = status_of(exc)
+        if self.code is grpc.StatusCode.INTERNAL:
+            log.exception("bug while serving a request", exc_info=exc)
+            await self.context.abort(self.code, f"internal error: {type(exc).__name__}")
+        if self.code is grpc.StatusCode.NOT_FOUND:
+            self.label = "_unknown"
+        await self.context.abort(self.code, str(exc))
+
+    def interrupted(self):
+        """The call's task is being cancelled: by the client, or by its deadline."""
+        remaining = self.context.time_remaining()
+        self.code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                     else grpc.StatusCode.CANCELLED)
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, get_engine: Callable, metrics: Metrics):
+        self._get_engine = get_engine  # raises Unavailable until the model is ready
+        self._metrics = metrics
+
+    def _submit(self, request: pb.GenerateRequest, context):
+        engine = self._get_engine()
+        greq = generation_request_from_pb(request, engine.tokenizer, engine.vocab_size,
+                                          _deadline(context))
+        return engine.submit(greq)
+
+    async def Generate(self, request, context):
+        call, stream, outputs = _Call(context, request.adapter), None, []
+        try:
+            stream = self._submit(request, context)
+            async for out in stream:
+                outputs.append(out)
+            _raise_unless_success(outputs[-1])
+            return response_from_outputs(outputs)
+        except asyncio.CancelledError:
+            call.interrupted()
+            raise
+        except Exception as exc:
+            await call.fail(exc)
+        finally:
+            if stream is not None and not (outputs and outputs[-1].finished):
+                stream.cancel()
+            self._metrics.requests.labels(call.label, call.code.name).inc()
+
+    async def GenerateStream(self, request, context):
+        # context.write (not `yield`) so that a cancellation lands inside this
+        # coroutine, where the finally below cancels the engine request at once.
+        call, stream, last = _Call(context, request.adapter), None, None
+        try:
+            stream = self._submit(request, context)
+            async for out in stream:
+                last = out
+                if out.finished:
+                    _raise_unless_success(out)
+                await context.write(response_from_outputs([out]))
+        except asyncio.CancelledError:
+            call.interrupted()
+            raise
+        except Exception as exc:
+            await call.fail(exc)
+        finally:
+            if stream is not None and not (last is not None and last.finished):
+                stream.cancel()
+            self._metrics.requests.labels(call.label, call.code.name).inc()
+
+
+def _need(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is empty")
+    return value
+
+
+class AdaptersServicer(pb_grpc.AdaptersServicer):
+    """Adapter management. The store's calls block (disk, copies), so they run in a
+    worker thread."""
+
+    def __init__(self, get_engine: Callable):
+        self._get_engine = get_engine
+
+    async def _run(self, context, fn, *args, **kwargs):
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except Exception as exc:
+            code = status_of(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("bug in an adapter call", exc_info=exc)
+                await context.abort(code, f"internal error: {type(exc).__name__}")
+            await context.abort(code, str(exc))
+
+    async def _fail(self, context, exc: LoraplexError):
+        await context.abort(status_of(exc), str(exc))
+
+    async def ListAdapters(self, request, context):
+        try:
+            adapters = self._get_engine().adapters
+        except LoraplexError as exc:
+            await self._fail(context, exc)
+        infos = await self._run(context, adapters.list)
+        if request.name:
+            infos = [i for i in infos if i.name == request.name]
+            if not infos:
+                await self._fail(context, NotFound(f"no adapter named {request.name!r}"))
+        infos = sorted(infos, key=lambda i: (i.name, not i.current, i.version))
+        return pb.ListAdaptersResponse(adapters=[adapter_info_to_pb(i) for i in infos])
+
+    async def LoadAdapter(self, request, context):
+        try:
+            adapters = self._get_engine().adapters
+            name = _need(request.name, "name")
+        except LoraplexError as exc:
+            await self._fail(context, exc)
+        info = await self._run(context, adapters.load, name, request.path or None)
+        return adapter_info_to_pb(info)
+
+    async def UnloadAdapter(self, request, context):
+        try:
+            adapters = self._get_engine().adapters
+            name = _need(request.name, "name")
+        except LoraplexError as exc:
+            await self._fail(context, exc)
+        remaining = context.time_remaining()
+        timeout = DEFAULT_DRAIN_TIMEOUT if remaining is None else max(0.0, remaining)
+        infos = await self._run(context, adapters.unload, name, drain=request.drain,
+                                timeout=timeout)
+        return pb.UnloadAdapterResponse(unloaded=[adapter_info_to_pb(i) for i in infos])
+
+    async def SwapAdapter(self, request, context):
+        try:
+            adapters = self._get_engine().adapters
+            name = _need(request.name, "name")
+            path = _need(request.path, "path")
+        except LoraplexError as exc:
+            await self._fail(context, exc)
+        info = await self._run(context, adapters.swap, name, path)
+        return adapter_info_to_pb(info)
+
+    async def MergeAdapters(self, request, context):
+        try:
+            adapters = self._get_engine().adapters
+            args = merge_args_from_pb(request)
+        except LoraplexError as exc:
+            await self._fail(context, exc)
+        merge = getattr(adapters, "merge", None)
+        if merge is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "this server cannot merge adapters yet")
+        info = await self._run(context, merge, **args)
+        return adapter_info_to_pb(info)

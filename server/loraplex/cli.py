@@ -1,0 +1,277 @@
+"""`loraplex` command line.
+
+    loraplex serve --model DIR [options]      run the server (see `loraplex serve --help`)
+    loraplex generate|adapters|health ...     client commands (loraplex_client.cli)
+
+Every `serve` option can come from, in order of precedence:
+  1. the flag                       --max-queue 8
+  2. an environment variable        LORAPLEX_MAX_QUEUE=8
+  3. a config file (TOML or JSON)   max_queue = 8   (--config FILE or LORAPLEX_CONFIG)
+  4. the default shown by --help
+They are read once, here, into a `loraplex.config.Config`; nothing else reads the
+environment. Config-file keys are the flag names with '_' or '-'; `preload` is a
+list of "name=path" strings or a table {name = "path"}; the environment form of a
+repeatable flag is a comma-separated list (LORAPLEX_PRELOAD="sql=sql,chat=chat/v2").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.config import (DTYPE_CHOICES, LORA_BACKENDS, QUANTIZE_CHOICES, Config,
+                             EngineConfig, ModelConfig, ServerConfig, parse_size)
+
+ENV_PREFIX = "LORAPLEX_"
+CLIENT_COMMANDS = ("generate", "adapters", "health")
+
+
+def _preload_item(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    name, path = name.strip(), path.strip()
+    if not name or not sep or not path:
+        raise ValueError(f"preload must be NAME=PATH, got {text!r}")
+    return name, path
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `serve` option: flag --NAME, env LORAPLEX_NAME, file key NAME."""
+
+    name: str  # flag name, e.g. "max-queue"
+    section: str  # "model" | "engine" | "server": which Config part
+    field: str  # field of that dataclass
+    parse: Callable[[str], Any]
+    help: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    repeatable: bool = False  # parse() applies per item; the field is a tuple
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+    def default(self):
+        cls = {"model": ModelConfig, "engine": EngineConfig, "server": ServerConfig}[self.section]
+        f = {f.name: f for f in dataclasses.fields(cls)}[self.field]
+        return None if f.default is dataclasses.MISSING else f.default
+
+
+def _o(name, section, field, parse, help, **kw) -> Option:
+    return Option(name, section, field, parse, help, **kw)
+
+
+OPTIONS: tuple[Option, ...] = (
+    _o("model", "model", "path", str, "base model folder (Hugging Face format)", metavar="DIR"),
+    _o("quantize", "model", "quantize", str, "quantize the base model with bitsandbytes",
+       choices=QUANTIZE_CHOICES),
+    _o("dtype", "model", "dtype", str, "compute dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+       choices=DTYPE_CHOICES),
+    _o("device", "model", "device", str, "cpu, cuda, cuda:1 ... (auto: cuda if available)"),
+    _o("max-model-len", "model", "max_model_len", int,
+       "longest prompt + completion in tokens (0: the model's max_position_embeddings)"),
+    _o("max-batch-tokens", "engine", "max_batch_tokens", int, "tokens in one forward pass"),
+    _o("max-num-seqs", "engine", "max_num_seqs", int, "sequences in one forward pass"),
+    _o("prefill-chunk", "engine", "prefill_chunk", int,
+       "longest slice of one prompt prefilled in one step"),
+    _o("kv-cache-memory", "engine", "kv_cache_memory", parse_size,
+       "memory of the paged KV cache, e.g. 512MiB, 2GiB", metavar="SIZE"),
+    _o("block-size", "engine", "block_size", int, "tokens per KV-cache block"),
+    _o("max-gpu-adapters", "engine", "max_gpu_adapters", int,
+       "adapter slots next to the base model"),
+    _o("max-cpu-adapters", "engine", "max_cpu_adapters", int,
+       "adapters kept in host memory (LRU)"),
+    _o("max-lora-rank", "engine", "max_lora_rank", int, "largest LoRA rank accepted"),
+    _o("max-queue", "engine", "max_queue", int,
+       "waiting requests before new ones get RESOURCE_EXHAUSTED"),
+    _o("lora-backend", "engine", "lora_backend", str, "LoRA delta kernels",
+       choices=LORA_BACKENDS),
+    _o("host", "server", "host", str, "address to listen on"),
+    _o("port", "server", "port", int, "gRPC port (0: any free port)"),
+    _o("metrics-port", "server", "metrics_port", int,
+       "Prometheus /metrics HTTP port (0: no metrics endpoint)"),
+    _o("adapter-root", "server", "adapter_root", str,
+       "folder that every adapter path is relative to (paths may not leave it)", metavar="DIR"),
+    _o("preload", "server", "preload", _preload_item,
+       "load an adapter at start (repeatable)", metavar="NAME=PATH", repeatable=True),
+    _o("admin-token", "server", "admin_token", str,
+       "bearer token required by the Adapters service (empty: open)", metavar="TOKEN"),
+    _o("generate-token", "server", "generate_token", str,
+       "bearer token required by the Generation service (empty: open)", metavar="TOKEN"),
+    _o("tls-cert", "server", "tls_cert", str, "PEM certificate chain (with --tls-key: TLS)",
+       metavar="FILE"),
+    _o("tls-key", "server", "tls_key", str, "PEM private key", metavar="FILE"),
+    _o("grace-period", "server", "grace_period", float,
+       "seconds calls in flight get to finish after SIGTERM", metavar="SECONDS"),
+)
+_BY_KEY = {o.dest: o for o in OPTIONS}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A value from a flag, the environment or the config file is wrong."""
+
+
+def _fmt_default(opt: Option) -> str:
+    d = opt.default()
+    if d is None:
+        return "none"
+    if opt.name == "kv-cache-memory":
+        return f"{d // 2**20}MiB"
+    if opt.repeatable:
+        return ",".join("=".join(x) for x in d) or "none"
+    return repr(d) if d == "" else str(d)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `serve`. Defaults are None here (so we can tell a flag was given);
+    the real default, shown in --help, applies in build_config."""
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help=f"TOML or JSON file with any of these options (env {ENV_PREFIX}CONFIG)")
+    for opt in OPTIONS:
+        parser.add_argument(
+            f"--{opt.name}", dest=opt.dest, default=None, choices=opt.choices,
+            metavar=opt.metavar if opt.metavar or opt.choices is None else None,
+            action="append" if opt.repeatable else "store",
+            help=f"{opt.help} ({'required' if opt.name == 'model' else 'default: ' + _fmt_default(opt)}"
+                 f"; env {opt.env})")
+    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS,
+                        help=f"(default: info; env {ENV_PREFIX}LOG_LEVEL)")
+
+
+def _parse_value(opt: Option, raw: Any, source: str) -> Any:
+    """One value of `opt` from `source` (flag / env var / file) into its field type."""
+    try:
+        if opt.repeatable:
+            if isinstance(raw, str):  # env: comma-separated
+                raw = [x for x in raw.split(",") if x.strip()]
+            elif isinstance(raw, Mapping):  # file: {name = "path"}
+                raw = [f"{k}={v}" for k, v in raw.items()]
+            elif not isinstance(raw, (list, tuple)):
+                raise ValueError(f"expected a list of NAME=PATH, got {raw!r}")
+            return tuple(opt.parse(str(x)) for x in raw)
+        if isinstance(raw, bool) or isinstance(raw, (list, dict)):
+            raise ValueError(f"expected a single value, got {raw!r}")
+        value = opt.parse(raw if isinstance(raw, str) else str(raw))
+        if opt.choices and value not in opt.choices:
+            raise ValueError(f"must be one of {', '.join(opt.choices)}, got {value!r}")
+        return value
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Flat mapping of option keys (with '_') from a TOML or JSON file."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text.decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {p.suffix[1:] or 'TOML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table / object of options")
+    out = {}
+    for key, value in data.items():
+        k = key.replace("-", "_")
+        if k not in _BY_KEY and k != "log_level":
+            raise ConfigError(f"config file {path}: unknown option {key!r}")
+        out[k] = value
+    return out
+
+
+def build_config(flags: argparse.Namespace | Mapping[str, Any],
+                 env: Mapping[str, str] | None = None) -> tuple[Config, str]:
+    """Config from flags > env > config file > defaults. Returns (config, log level)."""
+    env = os.environ if env is None else env
+    flags = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags)
+    file_path = flags.get("config") or env.get(ENV_PREFIX + "CONFIG")
+    file_values = read_config_file(file_path) if file_path else {}
+
+    sections: dict[str, dict[str, Any]] = {"model": {}, "engine": {}, "server": {}}
+    for opt in OPTIONS:
+        if flags.get(opt.dest) is not None:
+            value = _parse_value(opt, flags[opt.dest], f"--{opt.name}")
+        elif env.get(opt.env):  # an empty variable counts as unset
+            value = _parse_value(opt, env[opt.env], opt.env)
+        elif opt.dest in file_values:
+            value = _parse_value(opt, file_values[opt.dest], f"{file_path}: {opt.dest}")
+        else:
+            continue
+        sections[opt.section][opt.field] = value
+    if not sections["model"].get("path"):
+        raise ConfigError(f"give the base model: --model DIR, {ENV_PREFIX}MODEL or "
+                          "model = \"DIR\" in the config file")
+    log_level = (flags.get("log_level") or env.get(ENV_PREFIX + "LOG_LEVEL")
+                 or file_values.get("log_level") or "info").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"log level must be one of {LOG_LEVELS}, got {log_level!r}")
+    try:
+        config = Config(model=ModelConfig(**sections["model"]),
+                        engine=EngineConfig(**sections["engine"]),
+                        server=ServerConfig(**sections["server"]))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return config, log_level
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from loraplex_client.cli import add_commands
+
+    parser = argparse.ArgumentParser(
+        prog="loraplex", description="Multi-adapter LLM inference server.",
+        epilog="Run `loraplex COMMAND --help` for the options of a command.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve", help="run the gRPC server",
+        description="Run the gRPC server. Every option also comes from the environment "
+                    f"({ENV_PREFIX}<OPTION>) or a config file; flag > env > file > default.")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=None)
+    add_commands(sub)
+    return parser
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        config, log_level = build_config(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from loraplex.server import serve
+
+    serve(config)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(parser, args)
+    from loraplex_client.cli import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

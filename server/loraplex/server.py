@@ -1,0 +1,178 @@
+"""The gRPC server: loraplex services, health, reflection, auth, metrics, shutdown.
+
+    server = LoraplexServer(config)
+    await server.start()        # binds, loads the model, warms up, then SERVING
+    ...
+    await server.shutdown()     # NOT_SERVING, refuse new calls, drain, engine.stop()
+
+`serve(config)` runs one until SIGTERM / SIGINT. Lifecycle:
+
+1. The gRPC port is bound first, with health NOT_SERVING (probes answer while
+   the model loads; Generation and Adapters calls get UNAVAILABLE).
+2. The engine is built (in a thread), adapters given with --preload are loaded,
+   and a one-token warm-up request runs through the base model and each
+   preloaded adapter. Only then are "" and both services SERVING.
+3. On SIGTERM/SIGINT: health NOT_SERVING, new calls refused with UNAVAILABLE,
+   calls in flight get `grace_period` seconds to finish (`server.stop(grace)`),
+   then the engine stops and the metrics endpoint closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from loraplex.api.auth import ADAPTERS_SERVICE, GENERATION_SERVICE, GateInterceptor
+from loraplex.api.servicers import AdaptersServicer, GenerationServicer
+from loraplex.config import Config
+from loraplex.engine.request import GenerationRequest, SamplingParams
+from loraplex.errors import Unavailable
+from loraplex.metrics import Metrics
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICES = (GENERATION_SERVICE, ADAPTERS_SERVICE)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _default_engine_factory(config: Config, metrics: Metrics):
+    from loraplex.engine.engine import Engine  # torch: import only when serving
+
+    return Engine.build(config.model, config.engine, config.server.adapter_root, metrics=metrics)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class LoraplexServer:
+    def __init__(self, config: Config,
+                 engine_factory: Callable[[Config, Metrics], object] = _default_engine_factory):
+        self.config = config
+        self.metrics = Metrics()
+        self.engine = None  # set once warm
+        self.port: int | None = None  # the bound gRPC port (useful with port 0)
+        self.metrics_port: int | None = None
+        self._engine_factory = engine_factory
+        self._accepting = True
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_httpd = None
+        self._stopped = asyncio.Event()
+
+    def _ready_engine(self):
+        if self.engine is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return self.engine
+
+    async def _set_health(self, status) -> None:
+        for service in ("",) + SERVICES:
+            await self._health.set(service, status)
+
+    def _build_grpc_server(self) -> grpc.aio.Server:
+        s = self.config.server
+        tokens = {GENERATION_SERVICE: s.generate_token, ADAPTERS_SERVICE: s.admin_token}
+        server = grpc.aio.server(
+            interceptors=[GateInterceptor(tokens, accepting=lambda: self._accepting)],
+            options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_GenerationServicer_to_server(
+            GenerationServicer(self._ready_engine, self.metrics), server)
+        pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self._ready_engine), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Generation", "Adapters")]
+        reflection.enable_server_reflection(
+            names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = _address(s.host, s.port)
+        if s.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())])
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
+        return server
+
+    async def start(self) -> None:
+        """Bind, load the model, warm up; returns once the server is SERVING."""
+        s = self.config.server
+        await self._set_health(_NOT_SERVING)
+        self._server = self._build_grpc_server()
+        await self._server.start()
+        log.info("gRPC listening on %s (TLS %s)", _address(s.host, self.port),
+                 "on" if s.tls_cert else "off")
+        if s.metrics_port:
+            self._metrics_httpd, _ = start_http_server(s.metrics_port, addr=s.host,
+                                                       registry=self.metrics.registry)
+            self.metrics_port = self._metrics_httpd.server_port
+            log.info("Prometheus metrics on http://%s/metrics",
+                     _address(s.host, self.metrics_port))
+        engine = await asyncio.to_thread(self._engine_factory, self.config, self.metrics)
+        engine.start()
+        for name, path in s.preload:
+            info = await asyncio.to_thread(engine.adapters.load, name, path or None)
+            log.info("preloaded adapter %s@%s from %s", info.name, info.version, info.path)
+        await self._warm_up(engine, [""] + [name for name, _ in s.preload])
+        self.engine = engine
+        await self._set_health(_SERVING)
+        log.info("serving %s", getattr(engine, "model_name", self.config.model.path))
+
+    async def _warm_up(self, engine, adapters: list[str]) -> None:
+        """One one-token request per adapter, so the first real request pays no
+        first-call costs and a broken model or adapter fails the start."""
+        ids = list(engine.tokenizer.encode("Hello")) or [0]
+        for adapter in adapters:
+            req = GenerationRequest(prompt_ids=ids, adapter=adapter,
+                                    sampling=SamplingParams(max_new_tokens=1, ignore_eos=True))
+            async for out in engine.submit(req):
+                if out.finished and out.error:
+                    raise RuntimeError(f"warm-up of adapter {adapter!r} failed: {out.error}")
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let calls in flight finish for `grace`
+        seconds (default: the configured grace period), stop the engine."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.server.grace_period if grace is None else grace
+        log.info("shutting down: %.1f s for calls in flight", grace)
+        self._accepting = False
+        await self._health.enter_graceful_shutdown()
+        try:
+            if self._server is not None:
+                await self._server.stop(grace)
+        finally:
+            if self.engine is not None:
+                await asyncio.to_thread(self.engine.stop)
+            if self._metrics_httpd is not None:
+                self._metrics_httpd.shutdown()
+                self._metrics_httpd.server_close()
+            self._stopped.set()
+            log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def run_until_signal(self) -> None:
+        """start(), then shutdown() on SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.shutdown()
+
+
+def serve(config: Config) -> None:
+    asyncio.run(LoraplexServer(config).run_until_signal())
