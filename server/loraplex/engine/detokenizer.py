@@ -1,0 +1,28 @@
+"""Turn a growing list of token ids into text pieces, never splitting a character.
+
+The method of TGI and vLLM: decode a short window of recent tokens twice (with
+and without the newest) and emit the difference, holding it back while it ends
+in an incomplete UTF-8 sequence (the replacement character U+FFFD).
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prompt_ids[-6:])  # context so the first piece gets its spacing
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the new text it completes ('' while held back)."""
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset],
+                                       skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return full[len(prefix):]

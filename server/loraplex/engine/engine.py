@@ -1,0 +1,370 @@
+"""The engine: one step loop on its own thread, fed by asyncio callers.
+
+    batch = scheduler.schedule()
+    logits = runner.run(batch)
+    scheduler.postprocess(batch); then sample, append, finish
+
+Callers submit from the event loop and get a `RequestStream`; the step thread
+hands each step's outputs back with `loop.call_soon_threadsafe`. Cancellations
+and new requests reach the thread through one inbox and take effect at the
+next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import replace
+
+import torch
+
+from loraplex.config import EngineConfig, ModelConfig
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.kv_cache import BlockAllocator, blocks_needed
+from loraplex.engine.request import (FinishReason, GenerationRequest, RequestOutput,
+                                     TokenLogprob)
+from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.sequence import ScheduledSeq, Sequence, Status
+from loraplex.engine.stops import StopStringFilter
+from loraplex.errors import InvalidArgument, ResourceExhausted, Unavailable
+from loraplex.lora.cache import AdapterCache, AdapterVersion
+from loraplex.lora.store import AdapterStore
+from loraplex.metrics import Metrics
+from loraplex.model.attention import KVCache
+from loraplex.model.loader import LoadedModel, load_model
+from loraplex.model.runner import ModelRunner
+from loraplex.model import sampler
+
+log = logging.getLogger(__name__)
+
+
+class AdapterManager:
+    """The management face of the adapter cache (blocking calls; run them off the loop)."""
+
+    def __init__(self, cache: AdapterCache):
+        self._cache = cache
+
+    def list(self):
+        return self._cache.list()
+
+    def load(self, name: str, path: str | None = None):
+        return self._cache.load(name, path)
+
+    def unload(self, name: str, drain: bool = False, timeout: float = 30.0):
+        return self._cache.unload(name, drain, timeout)
+
+    def swap(self, name: str, path: str):
+        return self._cache.swap(name, path)
+
+    def resident_bytes(self) -> int:
+        return self._cache.resident_bytes()
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, adapter_root: str,
+                 metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.loaded = loaded
+        self.metrics = metrics or Metrics()
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.model_name = loaded.name
+        block_bytes = KVCache.bytes_per_block(loaded.num_layers, cfg.block_size, loaded.kv_heads,
+                                              loaded.head_dim, loaded.dtype)
+        num_blocks = cfg.kv_cache_memory // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {cfg.kv_cache_memory} B holds no block of "
+                             f"{block_bytes} B; raise --kv-cache-memory")
+        self.kv_cache = KVCache(loaded.num_layers, num_blocks, cfg.block_size, loaded.kv_heads,
+                                loaded.head_dim, loaded.dtype, loaded.device)
+        self.blocks = BlockAllocator(num_blocks, cfg.block_size)
+        self.cache = AdapterCache(AdapterStore(adapter_root, cfg.max_lora_rank),
+                                  loaded.lora_layers, cfg.max_gpu_adapters, cfg.max_cpu_adapters,
+                                  self.metrics, base_model=loaded.name)
+        self.adapters = AdapterManager(self.cache)
+        self.scheduler = Scheduler(cfg, self.blocks, self.cache)
+        self.runner = ModelRunner(loaded, self.kv_cache, cfg.block_size, cfg.lora_backend,
+                                  self.cache.slot_ranks)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # Sequence to add | str id to abort
+        self._wake = threading.Event()
+        self._seqs: dict[str, Sequence] = {}  # engine thread only
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self._preemptions_seen = 0
+
+    @classmethod
+    def build(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig, adapter_root: str,
+              metrics: Metrics | None = None) -> Engine:
+        loaded = load_model(model_cfg, engine_cfg.max_gpu_adapters, engine_cfg.max_lora_rank)
+        return cls(loaded, engine_cfg, adapter_root, metrics)
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # ---- submission (event loop) -------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Validate and queue a request; raises LoraplexError naming what to fix."""
+        if self._thread is None or self._stopping:
+            raise Unavailable("the engine is not running; retry on another replica")
+        self.validate(request)
+        waiting = len(self.scheduler.waiting) + self._inbox.qsize()
+        if waiting >= self.cfg.max_queue:
+            raise ResourceExhausted(f"{waiting} requests are already waiting (limit "
+                                    f"{self.cfg.max_queue}); retry later")
+        if not request.request_id:
+            request = replace(request, request_id=f"req-{next(self._ids)}")
+        return RequestStream(self, request, asyncio.get_running_loop())
+
+    def validate(self, request: GenerationRequest) -> None:
+        ids = request.prompt_ids
+        if not ids:
+            raise InvalidArgument("the prompt is empty; send at least one token")
+        vocab = self.loaded.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
+        request.sampling.validate(vocab)
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens; the model's context is "
+                                  f"{limit} tokens, and at least one must be left to generate")
+        total = len(ids) + request.sampling.max_new_tokens
+        if total > limit:
+            raise InvalidArgument(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) "
+                f"= {total} exceeds the context of {limit}; lower max_new_tokens to "
+                f"{limit - len(ids)} or less")
+        if blocks_needed(total, self.cfg.block_size) > self.blocks.num_blocks:
+            raise InvalidArgument(
+                f"{total} tokens need more KV cache than the server has "
+                f"({self.blocks.num_blocks * self.cfg.block_size} tokens); lower max_new_tokens")
+
+    def _enqueue(self, request: GenerationRequest, adapter: AdapterVersion | None,
+                 emit) -> None:
+        seed = request.sampling.seed
+        seq = Sequence(request=request, adapter=adapter, emit=emit,
+                       detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
+                       stops=StopStringFilter(request.sampling.stop))
+        if seed is not None:
+            seq.generator = torch.Generator().manual_seed(seed)
+        self._inbox.put(seq)
+        self._wake.set()
+
+    def _abort(self, request_id: str) -> None:
+        self._inbox.put(request_id)
+        self._wake.set()
+
+    # ---- the step loop (engine thread) -------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping:
+            self._drain_inbox()
+            self._expire_deadlines()
+            if not self.scheduler.has_work():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # a bug, not bad input: fail the batch, keep serving
+                log.exception("engine step failed; finishing its requests with an error")
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, FinishReason.ERROR, "internal engine error")
+        self._drain_inbox()
+        for seq in list(self._seqs.values()):
+            self._finish(seq, FinishReason.CANCELLED, "the server is shutting down")
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch:
+            self._wake.wait(0.01)  # waiting only for a slot or blocks held by nobody running
+            self._wake.clear()
+            return
+        self._record_batch(batch)
+        sampling = [item.seq for item in batch if item.samples]
+        logits = self.runner.run(batch)  # [len(sampling), vocab]
+        self.scheduler.postprocess(batch)
+        if sampling:
+            tokens = sampler.sample(logits, [s.request.sampling for s in sampling],
+                                    [s.prompt_ids + s.output_ids for s in sampling],
+                                    [s.generator for s in sampling])
+            want = [s.request.sampling.logprobs or s.request.sampling.top_logprobs > 0
+                    for s in sampling]
+            logprobs = (sampler.token_logprobs(logits, tokens,
+                                               [s.request.sampling.top_logprobs for s in sampling])
+                        if any(want) else [None] * len(sampling))
+            for seq, token, lp, w in zip(sampling, tokens, logprobs, want):
+                self._append(seq, token, lp if w else None)
+        self.steps += 1
+        self.metrics.kv_cache_usage.set(self.blocks.usage())
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.preemptions.inc(self.scheduler.num_preemptions - self._preemptions_seen)
+        self._preemptions_seen = self.scheduler.num_preemptions
+
+    def _record_batch(self, batch: list[ScheduledSeq]) -> None:
+        now = time.monotonic()
+        adapters = set()
+        for item in batch:
+            seq = item.seq
+            adapters.add(seq.adapter_label)
+            if seq.num_computed == 0 and not seq.output_ids:
+                self.metrics.queue_time.labels(seq.adapter_label).observe(now - seq.arrival)
+                self.metrics.prompt_tokens.labels(seq.adapter_label).inc(len(seq.prompt_ids))
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tokens.observe(sum(item.num_new for item in batch))
+        self.metrics.batch_adapters.observe(len(adapters - {""}))
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        now = time.monotonic()
+        label = seq.adapter_label
+        if seq.last_token_time is None:
+            self.metrics.time_to_first_token.labels(label).observe(now - seq.arrival)
+        else:
+            self.metrics.inter_token_latency.labels(label).observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        seq.output_ids.append(token)
+        self.metrics.generated_tokens.labels(label).inc()
+        params = seq.request.sampling
+        text, hit_stop = seq.stops.feed(seq.detokenizer.add(token))
+        reason = None
+        if hit_stop or token in params.stop_token_ids or (
+                not params.ignore_eos and token in self.loaded.eos_token_ids):
+            reason = FinishReason.STOP
+        elif len(seq.output_ids) >= params.max_new_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None and not hit_stop:
+            text += seq.stops.flush()
+        seq.emit(RequestOutput(
+            request_id=seq.request_id, token_ids=(token,), text=text, adapter=label,
+            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+            logprobs=(logprob,) if logprob is not None else (), finish_reason=reason))
+        if reason is not None:
+            self._release(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str = "") -> None:
+        """End a sequence early (cancel, deadline, shutdown, failure) and tell its caller."""
+        seq.emit(RequestOutput(
+            request_id=seq.request_id, token_ids=(), text=seq.stops.flush() if
+            reason is FinishReason.DEADLINE else "", adapter=seq.adapter_label,
+            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+            finish_reason=reason, error=error))
+        self._release(seq, reason)
+
+    def _release(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.request_id, None)
+        if seq.adapter is not None:
+            self.cache.release(seq.adapter, served=reason in (FinishReason.STOP, FinishReason.LENGTH))
+        self.metrics.e2e_latency.labels(seq.adapter_label).observe(time.monotonic() - seq.arrival)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Sequence):
+                self._seqs[item.request_id] = item
+                self.scheduler.add(item)
+            else:
+                seq = self._seqs.get(item)
+                if seq is not None and seq.status is not Status.FINISHED:
+                    self._finish(seq, FinishReason.CANCELLED)
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for seq in [s for s in self._seqs.values()
+                    if s.request.deadline is not None and s.request.deadline <= now]:
+            self._finish(seq, FinishReason.DEADLINE, "the request's deadline passed")
+
+
+class RequestStream:
+    """Async iterator over one request's outputs. Iterating starts the request: its adapter
+    is resolved (and loaded from disk if needed) off the event loop, then it is queued."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self._engine = engine
+        self.request = request
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._started = False
+        self._done = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        if self._started:
+            raise RuntimeError("a RequestStream can be iterated once")
+        self._started = True
+        adapter = await self._acquire_adapter()
+        if self._done:  # cancelled while its adapter was loading
+            if adapter is not None:
+                self._engine.cache.release(adapter, served=False)
+            return
+        self._engine._enqueue(self.request, adapter, self._emit)
+        while True:
+            out = await self._queue.get()
+            if out.finished:
+                self._done = True
+            yield out
+            if out.finished:
+                return
+
+    async def _acquire_adapter(self) -> AdapterVersion | None:
+        if not self.request.adapter:
+            return None
+        future = self._loop.run_in_executor(None, self._engine.cache.acquire, self.request.adapter)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(
+                lambda f: f.exception() is None and self._engine.cache.release(f.result(), False))
+            raise
+
+    def _emit(self, out: RequestOutput) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (no-op once finished)."""
+        if self._done:
+            return
+        self._done = True
+        if self._started:
+            self._engine._abort(self.request_id)
+
+
+async def collect(stream: RequestStream) -> RequestOutput:
+    """Run a stream to the end and fold its deltas into one RequestOutput."""
+    tokens, text, logprobs, last = [], [], [], None
+    async for out in stream:
+        tokens.extend(out.token_ids)
+        text.append(out.text)
+        logprobs.extend(out.logprobs)
+        last = out
+    return replace(last, token_ids=tuple(tokens), text="".join(text), logprobs=tuple(logprobs))
+

@@ -1,0 +1,136 @@
+"""Which sequences run in the next forward pass, and how many tokens each.
+
+Iteration-level batching with one token budget per step (as vLLM v1):
+running sequences go first, oldest first (a decode needs one token, an
+unfinished prefill its next chunk); then waiting sequences are admitted in
+arrival order while the budget, the sequence limit, KV blocks and adapter slots
+allow. A batch is formed only when every adapter in it holds a slot, so the
+model never runs out of slots. When the KV cache is full, the newest running
+sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Protocol
+
+from loraplex.config import EngineConfig
+from loraplex.engine.kv_cache import BlockAllocator
+from loraplex.engine.sequence import ScheduledSeq, Sequence, Status
+
+
+class SlotProvider(Protocol):
+    """The adapter cache as the scheduler sees it (paired verbs, like the allocator's)."""
+
+    def has_slot(self, adapter) -> bool: ...
+
+    def can_pin(self, adapter) -> bool: ...
+
+    def pin(self, adapter) -> int: ...  # -> slot index
+
+    def unpin(self, adapter) -> None: ...
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, blocks: BlockAllocator, slots: SlotProvider):
+        self.cfg = cfg
+        self.blocks = blocks
+        self.slots = slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.cfg.max_batch_tokens
+        batch: list[ScheduledSeq] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed, self.cfg.prefill_chunk, budget)
+            if not self._reserve(seq, num_new):
+                continue  # seq itself was preempted
+            batch.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        batch += self._admit(budget)
+        return batch
+
+    def _reserve(self, seq: Sequence, num_new: int) -> bool:
+        """Grow seq's blocks for num_new tokens, preempting the newest running sequences
+        if needed. False when seq itself had to be preempted."""
+        while not self.blocks.can_grow(seq.block_table, seq.num_computed + num_new):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.block_table, seq.num_computed + num_new)
+        return True
+
+    def _admit(self, budget: int) -> list[ScheduledSeq]:
+        admitted = []
+        now = time.monotonic()
+        slot_blocked = False  # once an adapter cannot get a slot, later arrivals may not take one
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting.popleft()
+            num_new = min(seq.num_tokens - seq.num_computed, self.cfg.prefill_chunk, budget)
+            if not self.blocks.can_grow(seq.block_table, num_new):
+                self.waiting.appendleft(seq)
+                break
+            if seq.adapter is not None and not self._may_pin(seq.adapter, slot_blocked):
+                slot_blocked = True
+                skipped.append(seq)
+                continue
+            seq.lora_slot = self.slots.pin(seq.adapter) if seq.adapter is not None else 0
+            self.blocks.grow(seq.block_table, num_new)
+            seq.status = Status.RUNNING
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+            self.running.append(seq)
+            admitted.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+        return admitted
+
+    def _may_pin(self, adapter, slot_blocked: bool) -> bool:
+        """An adapter already in a slot may always join; a new one only when no earlier
+        arrival is still waiting for a slot (so nobody starves)."""
+        if self.slots.has_slot(adapter):
+            return True
+        return not slot_blocked and self.slots.can_pin(adapter)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free seq's KV blocks and adapter pin; it waits at the front and is recomputed."""
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed = 0
+        if seq.adapter is not None:
+            self.slots.unpin(seq.adapter)
+        seq.lora_slot = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: list[ScheduledSeq]) -> None:
+        """Account the tokens just computed (the engine appends sampled tokens)."""
+        for item in batch:
+            item.seq.num_computed += item.num_new
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence wherever it is and free everything it holds."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            if seq.adapter is not None:
+                self.slots.unpin(seq.adapter)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.status = Status.FINISHED

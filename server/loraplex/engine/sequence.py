@@ -1,0 +1,75 @@
+"""The engine's state of one request while it waits, runs and finishes."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.stops import StopStringFilter
+from loraplex.engine.request import FinishReason, GenerationRequest, RequestOutput
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    adapter: Any  # AdapterVersion (loraplex.lora.cache) or None for the base model
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringFilter
+    emit: Callable[[RequestOutput], None]  # hands an output to the caller (thread-safe)
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose keys/values are in the KV cache
+    block_table: list[int] = field(default_factory=list)
+    lora_slot: int = 0  # 0 = base model; set while running
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    generator: torch.Generator | None = None  # for seeded sampling
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output."""
+        prompt = self.request.prompt_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        return (prompt + self.output_ids)[start:end]
+
+    @property
+    def adapter_label(self) -> str:
+        return self.adapter.key if self.adapter is not None else ""
+
+
+@dataclass(eq=False)
+class ScheduledSeq:
+    """One sequence's share of a step."""
+
+    seq: Sequence
+    num_new: int  # tokens of this sequence computed in this step
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the sequence's last known token."""
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens

@@ -1,0 +1,36 @@
+"""Stop strings on streamed text: hold back what might be the start of a stop string."""
+
+from __future__ import annotations
+
+
+class StopStringFilter:
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""  # text produced but not yet released
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add new text; return (text safe to release now, whether a stop string was hit).
+        On a hit, the released text ends right before the stop string."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            released, self.pending = self.pending[:min(hits)], ""
+            return released, True
+        keep = max((self._partial(s) for s in self.stops), default=0)
+        released = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return released, False
+
+    def flush(self) -> str:
+        """The held-back text, once the sequence ends for another reason."""
+        released, self.pending = self.pending, ""
+        return released
+
+    def _partial(self, stop: str) -> int:
+        """Length of the longest suffix of pending that is a proper prefix of stop."""
+        for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+            if self.pending.endswith(stop[:n]):
+                return n
+        return 0

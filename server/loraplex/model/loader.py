@@ -1,0 +1,138 @@
+"""Load a Hugging Face causal LM, quantize its base with bitsandbytes, wrap its linears.
+
+The model keeps its own architecture code. We swap modules: every linear inside
+the decoder layers becomes a `LoraLinear` over a slot pool, and attention uses
+our paged KV cache (`loraplex_paged`). The base weights never change while serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from loraplex.config import ModelConfig
+from loraplex.lora.layer import LoraBatch, LoraLinear
+from loraplex.model.attention import ATTENTION_NAME, register_attention
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype  # compute dtype of activations, LoRA weights and KV cache
+    lora_layers: dict[str, LoraLinear]  # served module name -> wrapped layer
+    lora_batch: LoraBatch
+    max_model_len: int
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    name: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def quantization_config(quantize: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantize in ("nf4", "fp4"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize,
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a plain or bitsandbytes linear, None for anything else."""
+    if isinstance(module, nn.Linear):  # bnb Linear4bit / Linear8bitLt subclass nn.Linear
+        return module.in_features, module.out_features
+    return None
+
+
+def _check_supported(config) -> None:
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError(f"{config.model_type}: attention logit soft-capping is not supported "
+                         "by the paged attention backend")
+
+
+def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
+    """Load `cfg.path` and wrap every decoder linear with `max_slots` adapter slots
+    (plus the zero slot) of rank up to `max_rank`."""
+    register_attention()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    hf_config = AutoConfig.from_pretrained(cfg.path)
+    _check_supported(hf_config)
+    quant = quantization_config(cfg.quantize, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.path, dtype=dtype, quantization_config=quant, attn_implementation=ATTENTION_NAME,
+        device_map={"": device} if quant is not None else None)
+    if quant is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+
+    lora_batch = LoraBatch()
+    lora_layers = wrap_linears(model, max_slots + 1, max_rank, dtype, device, lora_batch)
+    text_config = model.config.get_text_config()
+    head_dim = getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads)
+    max_len = text_config.max_position_embeddings
+    if cfg.max_model_len:
+        max_len = min(max_len, cfg.max_model_len)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora_layers=lora_layers,
+        lora_batch=lora_batch, max_model_len=max_len,
+        num_layers=text_config.num_hidden_layers,
+        kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
+        head_dim=head_dim, vocab_size=model.get_output_embeddings().weight.shape[0],
+        eos_token_ids=_eos_ids(model, tokenizer), name=cfg.path)
+
+
+def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device, lora_batch: LoraBatch) -> dict[str, LoraLinear]:
+    """Replace every linear inside the decoder layers by a LoraLinear; returns them by name."""
+    output_layer = model.get_output_embeddings()
+    targets = [(name, module) for name, module in model.named_modules()
+               if _linear_shape(module) and module is not output_layer and ".layers." in name]
+    wrapped = {}
+    for name, module in targets:
+        in_f, out_f = _linear_shape(module)
+        parent_name, _, child = name.rpartition(".")
+        layer = LoraLinear(module, in_f, out_f, num_slots, max_rank, dtype, device, lora_batch)
+        setattr(model.get_submodule(parent_name), child, layer)
+        wrapped[name] = layer
+    if not wrapped:
+        raise ValueError("found no linear layers inside the model's decoder layers to apply LoRA to")
+    log.info("wrapped %d linear layers with %d LoRA slots of rank <= %d", len(wrapped), num_slots,
+             max_rank)
+    return wrapped
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:
+    ids = set()
+    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return frozenset(ids)

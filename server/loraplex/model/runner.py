@@ -1,0 +1,89 @@
+"""Turn a scheduled batch into tensors, run the model once, return logits.
+
+The batch is packed into one row: decodes (one new token each) first, then the
+prefill chunks. Every token carries its position, its KV-cache slot and its
+sequence's LoRA slot. Logits are computed only where a sequence samples
+(the last token of a finished prefill, or a decode).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.engine.sequence import ScheduledSeq
+from loraplex.lora.ops import choose_backend
+from loraplex.model.attention import AttentionBatch, KVCache, PrefillSeq
+from loraplex.model.loader import LoadedModel
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, kv_cache: KVCache, block_size: int,
+                 lora_backend: str, slot_ranks: list[int]):
+        self.loaded = loaded
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.lora_backend = lora_backend
+        self.slot_ranks = slot_ranks  # rank of the adapter in each slot (0 = empty), kept by the cache
+
+    def _cache_slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Cache slots of positions [start, end) of a sequence: [end - start]."""
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
+        return blocks * self.block_size + positions % self.block_size
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Run one forward pass; returns logits [num sampling seqs, vocab] in batch order
+        of the sequences whose `samples` is True."""
+        decodes = [s for s in batch if s.num_new == 1]
+        prefills = [s for s in batch if s.num_new > 1]
+        ordered = decodes + prefills
+        device = self.loaded.device
+
+        ids, positions, lora_slots, slot_mapping, sample_idx = [], [], [], [], []
+        prefill_seqs, offset = [], 0
+        for item in ordered:
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.num_new
+            ids.extend(seq.token_ids(start, end))
+            positions.extend(range(start, end))
+            lora_slots.extend([seq.lora_slot] * item.num_new)
+            context = self._cache_slots(seq.block_table, 0, end)  # [end]
+            slot_mapping.append(context[start:end])
+            if item.num_new > 1:
+                prefill_seqs.append(PrefillSeq(offset, item.num_new, context.to(device)))
+            offset += item.num_new
+
+        decode_lens = torch.tensor([s.seq.num_computed + 1 for s in decodes], dtype=torch.long)
+        decode_kv = torch.zeros(len(decodes), int(decode_lens.max()) if decodes else 0,
+                                dtype=torch.long)  # [D, Lmax], padding points at slot 0 (masked)
+        for i, item in enumerate(decodes):
+            decode_kv[i, :decode_lens[i]] = self._cache_slots(item.seq.block_table, 0,
+                                                              int(decode_lens[i]))
+        # Sampling rows follow the caller's batch order, not the packed order.
+        packed_last = {}
+        offset = 0
+        for item in ordered:
+            offset += item.num_new
+            packed_last[id(item)] = offset - 1
+        sample_idx = [packed_last[id(item)] for item in batch if item.samples]
+
+        attn = AttentionBatch(
+            cache=self.kv_cache, slot_mapping=torch.cat(slot_mapping).to(device),
+            num_decodes=len(decodes), decode_kv_slots=decode_kv.to(device),
+            decode_lens=decode_lens.to(device), prefills=prefill_seqs)
+        self._set_lora(ordered, lora_slots)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
+        position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
+        out = self.loaded.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                logits_to_keep=torch.tensor(sample_idx, dtype=torch.long,
+                                                            device=device),
+                                attn_batch=attn)
+        return out.logits[0]  # [N, vocab]
+
+    def _set_lora(self, ordered: list[ScheduledSeq], lora_slots: list[int]) -> None:
+        lora = self.loaded.lora_batch
+        used = {item.seq.lora_slot for item in ordered} - {0}
+        lora.rank = max((self.slot_ranks[s] for s in used), default=0)
+        lora.slots = torch.tensor(lora_slots, dtype=torch.long, device=self.loaded.device)  # [T]
+        lora.delta = choose_backend(self.lora_backend, len(lora_slots), len(used))
