@@ -1,0 +1,44 @@
+"""The KV block allocator (loraplex.engine.kv_cache)."""
+
+import pytest
+
+from loraplex.engine.kv_cache import BlockAllocator, blocks_needed
+
+
+def test_blocks_needed():
+    assert [blocks_needed(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
+def test_grow_and_free():
+    alloc = BlockAllocator(num_blocks=6, block_size=4)
+    a, b = [], []
+    alloc.grow(a, 5)  # 2 blocks
+    alloc.grow(b, 4)  # 1 block
+    assert len(a) == 2 and len(b) == 1 and alloc.num_free == 3
+    assert len(set(a) | set(b)) == 3  # no block handed out twice
+    alloc.grow(a, 8)  # still fits in 2 blocks
+    assert len(a) == 2
+    alloc.grow(a, 9)
+    assert len(a) == 3 and alloc.num_free == 2
+    assert alloc.usage() == pytest.approx(4 / 6)
+    alloc.free(a)
+    assert a == [] and alloc.num_free == 5
+
+
+def test_cannot_overcommit():
+    alloc = BlockAllocator(num_blocks=2, block_size=4)
+    t = []
+    assert alloc.can_grow(t, 8)
+    assert not alloc.can_grow(t, 9)
+    with pytest.raises(RuntimeError):
+        alloc.grow(t, 9)
+    assert alloc.num_free == 2  # a failed grow takes nothing
+
+
+def test_freed_blocks_are_reused():
+    alloc = BlockAllocator(num_blocks=3, block_size=2)
+    a, b = [], []
+    alloc.grow(a, 6)
+    alloc.free(a)
+    alloc.grow(b, 6)
+    assert sorted(b) == [0, 1, 2]

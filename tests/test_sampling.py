@@ -1,0 +1,81 @@
+"""Sampler, incremental detokenizer and stop strings."""
+
+import torch
+
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.request import SamplingParams
+from loraplex.engine.stops import StopStringFilter
+from loraplex.model import sampler
+
+
+def test_greedy_rows_take_argmax():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]])
+    assert sampler.sample(logits, [SamplingParams()] * 2, [[], []], [None, None]) == [1, 0]
+
+
+def test_seed_makes_sampling_reproducible_and_independent_of_batch():
+    logits = torch.randn(4, 50)
+    params = SamplingParams(temperature=1.0, seed=7)
+    def draw(rows):
+        gens = [torch.Generator().manual_seed(7) for _ in rows]
+        return [sampler.sample(logits[rows], [params] * len(rows), [[]] * len(rows), gens)
+                for _ in range(5)]
+    alone = [steps[0] for steps in draw([2])]
+    batched = [steps[1] for steps in draw([0, 2, 3])]
+    assert alone == batched  # same seed, same row -> same tokens, whatever the neighbours
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    seen = set()
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        seen.update(sampler.sample(logits, [SamplingParams(temperature=5.0, top_k=2)], [[]], [g]))
+    assert seen == {0, 1}
+    filtered = sampler.filter_top_k_top_p(torch.tensor([2.0, 1.0, 0.0, -1.0]), 0, 0.7)
+    # probabilities ~ .64 .24 .09 .03: the smallest prefix reaching 0.7 is the first two
+    assert torch.isfinite(filtered).tolist() == [True, True, False, False]
+
+
+def test_repetition_penalty_follows_hf():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = sampler.apply_repetition_penalty(logits, [0, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+    # greedy with a strong penalty avoids the repeated token
+    p = SamplingParams(repetition_penalty=10.0)
+    assert sampler.sample(torch.tensor([[2.0, 1.5]]), [p], [[0]], [None]) == [1]
+
+
+def test_logprobs_are_raw_log_softmax():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    [lp] = sampler.token_logprobs(logits, [1], [2])
+    ref = torch.log_softmax(logits[0], -1)
+    assert abs(lp.logprob - ref[1].item()) < 1e-6
+    assert [t for t, _ in lp.top] == [2, 1]
+
+
+class _ByteTokenizer:
+    """Each token is one UTF-8 byte: decoding a partial character gives U+FFFD."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_detokenizer_never_splits_a_character():
+    text = "añ€😀b"
+    detok = IncrementalDetokenizer(_ByteTokenizer(), list(b"x"))
+    pieces = [detok.add(b) for b in text.encode()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[-1] == "b" and pieces[-2] == "😀"  # the emoji came out whole, at its last byte
+
+
+def test_stop_string_across_pieces_is_cut_and_held_back():
+    f = StopStringFilter(("END",))
+    assert f.feed("hello E") == ("hello ", False)  # "E" may start "END": held back
+    assert f.feed("N") == ("", False)
+    assert f.feed("Dx") == ("", True)  # hit: nothing of the stop string is released
+    g = StopStringFilter(("END",))
+    assert g.feed("an E") == ("an ", False)
+    assert g.feed("Xtra") == ("EXtra", False)  # not a stop after all: released
+    assert g.feed("E") == ("", False) and g.flush() == "E"

@@ -1,0 +1,162 @@
+"""Scheduler: admission by KV blocks and adapter slots, chunked prefill, preemption,
+cancellation. Uses the real block allocator and the real adapter cache over real
+PEFT-format adapter folders."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from loraplex.config import EngineConfig
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.kv_cache import BlockAllocator
+from loraplex.engine.request import GenerationRequest
+from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.sequence import Sequence, Status
+from loraplex.engine.stops import StopStringFilter
+from loraplex.lora.cache import AdapterCache
+from loraplex.lora.layer import LoraBatch, LoraLinear
+from loraplex.lora.store import AdapterStore
+from loraplex.metrics import Metrics
+
+MODULE = "model.layers.0.proj"
+
+
+def write_adapter(root, name, rank=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["proj"],
+        "bias": "none", "base_model_name_or_path": "tiny"}))
+    save_file({f"base_model.model.{MODULE}.lora_A.weight": torch.randn(rank, 8, generator=g),
+               f"base_model.model.{MODULE}.lora_B.weight": torch.randn(8, rank, generator=g)},
+              str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture
+def cache(tmp_path):
+    for i in range(4):
+        write_adapter(tmp_path, f"a{i}", seed=i)
+    layer = LoraLinear(nn.Linear(8, 8), 8, 8, num_slots=3, max_rank=4, dtype=torch.float32,
+                       device=torch.device("cpu"), batch=LoraBatch())
+    return AdapterCache(AdapterStore(str(tmp_path), 4), {MODULE: layer}, max_gpu=2, max_cpu=4,
+                        metrics=Metrics())
+
+
+def make_seq(n_prompt, adapter=None):
+    return Sequence(request=GenerationRequest(list(range(1, n_prompt + 1))), adapter=adapter,
+                    detokenizer=IncrementalDetokenizer(None, []), stops=StopStringFilter(()),
+                    emit=lambda out: None)
+
+
+def run_step(sched):
+    """Schedule, then account as the engine does: sampled sequences get one token."""
+    batch = sched.schedule()
+    sampling = [item.seq for item in batch if item.samples]
+    sched.postprocess(batch)
+    for seq in sampling:
+        seq.output_ids.append(0)
+    return {id(item.seq): item.num_new for item in batch}
+
+
+def test_chunked_prefill_shares_steps_with_decodes(cache):
+    cfg = EngineConfig(max_batch_tokens=8, prefill_chunk=6, max_num_seqs=4, block_size=4)
+    sched = Scheduler(cfg, BlockAllocator(32, 4), cache)
+    short, long = make_seq(3), make_seq(20)
+    sched.add(short)
+    sched.add(long)
+    assert run_step(sched) == {id(short): 3, id(long): 5}  # budget 8: 3 + 5
+    # short decodes (1 token) while long keeps prefilling in chunks of <= 6
+    assert run_step(sched) == {id(short): 1, id(long): 6}
+    assert run_step(sched) == {id(short): 1, id(long): 6}
+    assert run_step(sched) == {id(short): 1, id(long): 3}  # 5+6+6+3 = 20: prompt done
+    assert long.output_ids == [0]  # sampled its first token at the end of its prefill
+    assert run_step(sched) == {id(short): 1, id(long): 1}
+
+
+def test_admission_waits_for_kv_blocks_and_never_fails(cache):
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4)
+    blocks = BlockAllocator(4, 4)  # 16 tokens in all
+    sched = Scheduler(cfg, blocks, cache)
+    a, b = make_seq(10), make_seq(10)
+    sched.add(a)
+    sched.add(b)
+    assert run_step(sched) == {id(a): 10}  # b's 10 tokens do not fit next to a's 3 blocks
+    assert b.status is Status.WAITING
+    sched.finish(a)
+    assert blocks.num_free == 4
+    assert run_step(sched) == {id(b): 10}
+
+
+def test_preempts_newest_when_decodes_run_out_of_blocks(cache):
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4)
+    blocks = BlockAllocator(4, 4)
+    sched = Scheduler(cfg, blocks, cache)
+    old, new = make_seq(8), make_seq(8)
+    sched.add(old)
+    sched.add(new)
+    run_step(sched)  # both prefilled: 2 + 2 blocks, cache full
+    assert blocks.num_free == 0
+    step = run_step(sched)  # old needs a 3rd block for token 9: new is preempted
+    assert step == {id(old): 1}
+    assert new.status is Status.WAITING and new.num_computed == 0 and new.block_table == []
+    assert sched.waiting[0] is new and sched.num_preemptions == 1
+    assert new.output_ids == [0]  # its generated token is kept and recomputed later
+    sched.finish(old)
+    assert run_step(sched) == {id(new): 9}  # recompute prompt + generated token
+
+
+def test_adapter_slots_bound_the_batch_and_nobody_starves(cache):
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4,
+                       max_gpu_adapters=2)
+    sched = Scheduler(cfg, BlockAllocator(64, 4), cache)
+    versions = [cache.acquire(f"a{i}") for i in range(3)]
+    s0, s1, s2, s0b = (make_seq(2, versions[0]), make_seq(2, versions[1]),
+                       make_seq(2, versions[2]), make_seq(2, versions[0]))
+    for s in (s0, s1, s2, s0b):
+        sched.add(s)
+    step = run_step(sched)
+    # two slots: a0 and a1 run; a2 waits; a0's second request joins (its adapter is resident)
+    assert set(step) == {id(s0), id(s1), id(s0b)}
+    assert {s0.lora_slot, s1.lora_slot} == {1, 2} and s0b.lora_slot == s0.lora_slot
+    assert s2.status is Status.WAITING
+    sched.finish(s1)  # frees a1's slot
+    step = run_step(sched)
+    assert id(s2) in step and s2.lora_slot == s1.lora_slot  # a2 took the idle slot
+
+
+def test_later_arrivals_do_not_take_the_slot_an_earlier_one_waits_for(cache):
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4,
+                       max_gpu_adapters=2)
+    sched = Scheduler(cfg, BlockAllocator(64, 4), cache)
+    v = [cache.acquire(f"a{i}") for i in range(4)]
+    s0, s1 = make_seq(2, v[0]), make_seq(2, v[1])
+    sched.add(s0)
+    sched.add(s1)
+    run_step(sched)  # both slots pinned
+    waiting_first, waiting_later = make_seq(2, v[2]), make_seq(2, v[3])
+    sched.add(waiting_first)
+    sched.add(waiting_later)
+    sched.finish(s0)  # one slot frees up
+    step = run_step(sched)
+    assert id(waiting_first) in step and id(waiting_later) not in step
+
+
+def test_cancel_frees_blocks_and_adapter_pin(cache):
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4)
+    blocks = BlockAllocator(8, 4)
+    sched = Scheduler(cfg, blocks, cache)
+    av = cache.acquire("a0")
+    seq = make_seq(6, av)
+    sched.add(seq)
+    run_step(sched)
+    assert av.pins == 1 and blocks.num_free == 6
+    sched.finish(seq)
+    assert av.pins == 0 and blocks.num_free == 8 and not sched.has_work()
+    waiting = make_seq(3)
+    sched.add(waiting)
+    sched.finish(waiting)  # cancelled before it ever ran
+    assert not sched.has_work()
