@@ -527,3 +527,32 @@ def test_weights_dataclass_is_frozen(plain, root, module_shapes):
     with pytest.raises(AttributeError):
         weights.version = "x"
     assert " modules=" not in repr(weights)
+
+
+def test_link_swapped_in_after_the_check_is_still_refused(plain, root, module_shapes, tmp_path, monkeypatch):
+    """Simulate the race (a link appears between realpath and open) by making realpath
+    blind to links: O_NOFOLLOW catches a file link, the /proc/self/fd check a folder link."""
+    outside = _outside_adapter(plain, tmp_path)
+    (root / "team").symlink_to(outside)
+    files = copy_plain(plain, root, "files")
+    (files / "adapter_config.json").unlink()
+    (files / "adapter_config.json").symlink_to(outside / "adapter" / "adapter_config.json")
+    store = AdapterStore(str(root), 8)
+    monkeypatch.setattr(os.path, "realpath", os.path.abspath)
+    with pytest.raises(PermissionDenied, match="cannot open"):  # ELOOP from O_NOFOLLOW
+        store.read("x", "files", module_shapes)
+    with pytest.raises(PermissionDenied, match="outside the adapter root"):  # /proc/self/fd check
+        store.read("x", "team/adapter", module_shapes)
+
+
+def test_non_regular_files_refused(plain, root, module_shapes):
+    folder = copy_plain(plain, root)
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.safetensors").mkdir()
+    with pytest.raises(FailedPrecondition, match="not a regular file"):
+        AdapterStore(str(root), 8).read("a", "a", module_shapes)
+    fifo = copy_plain(plain, root, "fifo")
+    (fifo / "adapter_config.json").unlink()
+    os.mkfifo(fifo / "adapter_config.json")  # opening it for a blocking read would hang
+    with pytest.raises(FailedPrecondition, match="not a regular file"):
+        AdapterStore(str(root), 8).read("fifo", "fifo", module_shapes)

@@ -188,9 +188,12 @@ class AdapterStore:
             raise NotFound(f"{shown!r} does not exist") from None
         except OSError as err:  # ELOOP: a link was swapped in after the check
             raise PermissionDenied(f"cannot open {shown!r}: {err.strerror}") from None
-        with open(fd, "rb", closefd=True) as file:
+        try:
             self._check_opened(fd, shown)
-            return file.read()
+            with open(fd, "rb", closefd=False) as file:
+                return file.read()
+        finally:
+            os.close(fd)
 
     def _check_opened(self, fd: int, shown: str) -> None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
