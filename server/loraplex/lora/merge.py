@@ -307,7 +307,8 @@ def merge_adapters(
     for src in sources:
         names.extend(n for n in src.modules if n not in names)
     if module_order is not None:
-        missing = [n for n in names if n not in set(module_order)]
+        listed = set(module_order)
+        missing = [n for n in names if n not in listed]
         if missing:
             raise InvalidArgument(f"module_order does not name these modules of the sources: {missing[:5]}")
         wanted = set(names)
@@ -501,12 +502,16 @@ def _check_modules_present(keys, adapter: LoraTensors) -> None:
         )
 
 
-def _merged_weight(w: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    if tuple(w.shape) != (b.shape[0], a.shape[1]):
+def _check_shape(shape: Sequence[int], name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    if tuple(shape) != (b.shape[0], a.shape[1]):
         raise FailedPrecondition(
-            f"module {name}: base weight is {list(w.shape)} but the adapter expects [out, in] = "
+            f"module {name}: base weight is {list(shape)} but the adapter expects [out, in] = "
             f"[{b.shape[0]}, {a.shape[1]}]; is the adapter trained on this base model?"
         )
+
+
+def _merged_weight(w: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    _check_shape(w.shape, name, a, b)
     if not w.is_floating_point():
         raise FailedPrecondition(f"module {name}: base weight is {w.dtype}; merge needs an unquantized checkpoint")
     delta = (b.float() @ a.float()) * scaling  # [out, in]
@@ -559,18 +564,26 @@ def export_merged_model(
         with open(index_path) as f:
             index = json.load(f)
         shards = sorted(set(index["weight_map"].values()))
-        keys = set(index["weight_map"])
     elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         index, shards = None, ["model.safetensors"]
-        with safe_open(os.path.join(model_dir, "model.safetensors"), framework="pt") as f:
-            keys = set(f.keys())
     else:
         raise FailedPrecondition(
             f"{model_dir} has no model.safetensors (or sharded index); export reads safetensors only, "
             "convert .bin checkpoints first"
         )
-    # Fail before writing anything.
-    _check_modules_present(keys, adapter)
+    # Fail before writing anything: every adapted module present, with the right shape.
+    shapes: dict[str, list[int]] = {}
+    for shard in shards:
+        with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
+            shapes.update((k, f.get_slice(k).get_shape()) for k in f.keys())
+    _check_modules_present(shapes, adapter)
+    for name, (a, b) in adapter.modules.items():
+        _check_shape(shapes[f"{name}.weight"], name, a, b)
+    if config.get("tie_word_embeddings") and "lm_head" in adapter.modules:
+        raise FailedPrecondition(
+            "the adapter changes lm_head, which this model ties to its input embeddings; "
+            "a merged export cannot keep them tied"
+        )
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
