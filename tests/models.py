@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models as tk_models
+from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
@@ -70,20 +70,24 @@ _CONFIGS = {
 
 
 def char_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
-    """A character-level fast tokenizer: one id per character, `vocab_size` ids in all.
+    """A byte-level fast tokenizer with no merges: one id per byte, `vocab_size` ids in all.
 
-    ids 0..3 are <pad> <s> </s> <unk>; id i >= 4 is the character chr(i - 4 + 32)
-    (printable ASCII first, then whatever unicode follows), so every id has a token.
-    Built with the `tokenizers` library, so AutoTokenizer.from_pretrained loads it offline.
+    ids 0..3 are <pad> <s> </s> <unk>; id i >= 4 is the byte (i - 4 + 32) % 256, so printable
+    ASCII is ids 4..98 (space = 4). Bytes are spelled GPT-2 style (space = "Ġ"), which keeps
+    the tokenizer the same when AutoTokenizer loads it as a model-specific class that rebuilds
+    a byte-level pipeline (transformers 5 does that for qwen2). Built with the `tokenizers`
+    library, so AutoTokenizer.from_pretrained loads it offline. Ids past 259 (bigger vocabs)
+    are filler tokens "<extra_N>" that text never produces.
     """
+    gpt2_bytes = _gpt2_byte_chars()
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {tok: i for i, tok in enumerate(specials)}
     for i in range(FIRST_TEXT_ID, vocab_size):
-        vocab[chr(i - FIRST_TEXT_ID + 32)] = i
-    # BPE with no merges = look each character up on its own (no pre-tokenizer, so
-    # spaces are ordinary characters and decoding is plain concatenation).
+        n = i - FIRST_TEXT_ID
+        vocab[gpt2_bytes[(n + 32) % 256] if n < 256 else f"<extra_{n - 256}>"] = i
     backend = Tokenizer(tk_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -92,6 +96,20 @@ def char_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         padding_side="left",
     )
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's printable stand-in character for each byte 0..255 (bytes_to_unicode)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
 
 
 def _init_weights(model: torch.nn.Module, std: float, logit_std: float) -> None:
@@ -177,7 +195,7 @@ class AdapterSpec:
     use_rslora: bool = False
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
-    delta_ratio: float = 0.5
+    delta_ratio: float = 0.2
     seed: int = 0
 
     def lora_config(self):
@@ -229,7 +247,7 @@ ADAPTER_SPECS: tuple[AdapterSpec, ...] = (
                 rank_pattern={"o_proj": 16}, alpha_pattern={"k_proj": 1}, seed=19),
     # target_modules as a regex over full names: q and down projections of layer 1 only
     AdapterSpec("regex_l1_q_down", r=8, lora_alpha=16,
-                target_modules=r".*layers\.1\.(self_attn\.q_proj|mlp\.down_proj)", delta_ratio=0.8, seed=20),
+                target_modules=r".*layers\.1\.(self_attn\.q_proj|mlp\.down_proj)", delta_ratio=0.4, seed=20),
 )
 
 # The smaller set used for the non-llama families: one of each kind.
@@ -274,3 +292,13 @@ def build_adapters(base_dir: str | Path, root_dir: str | Path,
         peft_model.save_pretrained(path, safe_serialization=True)
         paths[spec.name] = path
     return paths
+
+
+def make_prompts(n: int = 24, min_len: int = 3, max_len: int = 40, seed: int = 0) -> list[list[int]]:
+    """n prompts of text ids (no special tokens), lengths spread over [min_len, max_len].
+
+    The first two are exactly min_len and max_len long, so both ends are always covered.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [min_len, max_len] + torch.randint(min_len, max_len + 1, (n - 2,), generator=gen).tolist()
+    return [torch.randint(FIRST_TEXT_ID, VOCAB_SIZE, (length,), generator=gen).tolist() for length in lengths[:n]]

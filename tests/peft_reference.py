@@ -1,0 +1,166 @@
+"""The correctness reference: HF PEFT, one adapter active, one request alone, greedy.
+
+    ids, logprobs = peft_greedy(base_dir, adapter_dir, prompt_ids, max_new_tokens=16)
+    ids, logprobs = peft_greedy(base_dir, None, prompt_ids, 16, quantize="nf4")  # base model
+
+What "reference" means, precisely:
+  * batch of 1 (no padding, no other requests), fp32 activations on the CPU;
+  * greedy: argmax of the raw model logits at every step (no logits processors);
+  * EOS is neither a stop nor suppressed: exactly max_new_tokens tokens come back
+    (the engine's SamplingParams(ignore_eos=True) semantics);
+  * logprobs[i] = log_softmax(raw logits at step i)[ids[i]].
+  * quantize: "none" (fp32 weights), "nf4" / "fp4" (bnb Linear4bit, double quant,
+    compute dtype fp32), "int8" (bnb Linear8bitLt, LLM.int8 with the default threshold).
+
+Loaded models are cached per process (see `_reference`): the base is loaded once per
+(base_dir, quantize) and every adapter asked for is loaded into the same PeftModel and
+activated with set_adapter, so a test over 20 adapters loads the base once.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
+
+QUANTIZE_CHOICES = ("none", "nf4", "fp4", "int8")
+
+
+def quantization_config(quantize: str) -> BitsAndBytesConfig | None:
+    """The BitsAndBytesConfig that the reference (and the engine, to match) loads the base with."""
+    if quantize == "none":
+        return None
+    if quantize in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantize,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+
+
+def load_base(base_dir: str | Path, quantize: str = "none") -> torch.nn.Module:
+    """The base model exactly as the reference uses it (fp32 compute, eval mode, CPU)."""
+    qconfig = quantization_config(quantize)
+    kwargs = {"quantization_config": qconfig, "device_map": "cpu"} if qconfig else {}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs)
+    # generate() fills an unset eos_token_id from the model's generation_config; clear it
+    # there too, or generation would stop at EOS.
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def greedy_config(max_new_tokens: int, pad_token_id: int) -> GenerationConfig:
+    """Greedy, exactly max_new_tokens tokens, EOS ignored (not suppressed), raw logits returned."""
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=None,  # a MinNewTokens processor would *suppress* EOS; we only ignore it
+        eos_token_id=None,  # so generation never stops early
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+        use_cache=True,
+    )
+
+
+class PeftReference:
+    """One base model (per quantization) with any number of adapters loaded by path."""
+
+    def __init__(self, base_dir: str | Path, quantize: str = "none"):
+        self.base_dir = Path(base_dir)
+        self.quantize = quantize
+        self.base = load_base(base_dir, quantize)
+        self.model = None  # PeftModel once the first adapter is loaded
+        self._names: dict[Path, str] = {}  # adapter dir -> adapter name in self.model
+
+    def adapter_name(self, adapter_dir: str | Path) -> str:
+        """Load the adapter at adapter_dir (once) and return its name inside the PeftModel."""
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir).resolve()
+        if adapter_dir not in self._names:
+            name = f"a{len(self._names)}"  # PEFT adapter names cannot contain '.'
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(self.base, adapter_dir, adapter_name=name)
+            else:
+                self.model.load_adapter(adapter_dir, adapter_name=name)
+            self.model.eval()
+            self._names[adapter_dir] = name
+        return self._names[adapter_dir]
+
+    @torch.no_grad()
+    def greedy(self, adapter_dir: str | Path | None, prompt_ids: list[int],
+               max_new_tokens: int) -> tuple[list[int], list[float]]:
+        with warnings.catch_warnings():
+            # bnb int8 warns on every matmul that it casts fp32 inputs to fp16 (expected).
+            warnings.filterwarnings("ignore", message="MatMul8bitLt")
+            return self._greedy(adapter_dir, prompt_ids, max_new_tokens)
+
+    def _greedy(self, adapter_dir, prompt_ids, max_new_tokens):
+        input_ids = torch.tensor([prompt_ids])  # [1, prompt_len]
+        config = greedy_config(max_new_tokens, pad_token_id=self.base.config.pad_token_id or 0)
+        if adapter_dir is None:
+            out = self._generate_base(input_ids, config)
+        else:
+            name = self.adapter_name(adapter_dir)  # loads it (and creates self.model) if new
+            self.model.set_adapter(name)
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      generation_config=config)
+        new_ids = out.sequences[0, input_ids.shape[1]:]  # [max_new_tokens]
+        logits = torch.stack(out.logits, dim=1)[0].float()  # [max_new_tokens, vocab]
+        logprobs = logits.log_softmax(-1).gather(-1, new_ids[:, None])[:, 0]  # [max_new_tokens]
+        assert new_ids.shape[0] == max_new_tokens, "generation stopped early"
+        return new_ids.tolist(), logprobs.tolist()
+
+    @torch.no_grad()
+    def mixed_batch_greedy(self, adapter_dirs: list[str | Path | None], prompts: list[list[int]],
+                           max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
+        """PEFT's own mixed-adapter batching: one left-padded generate() with adapter_names.
+
+        Not the reference (padding and batching change the arithmetic a little); used to
+        check that the single-request reference agrees with what PEFT does in a batch.
+        """
+        names = ["__base__" if d is None else self.adapter_name(d) for d in adapter_dirs]
+        if self.model is None:
+            raise ValueError("mixed_batch_greedy needs at least one adapter")
+        pad = self.base.config.pad_token_id or 0
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])  # [batch, width]
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, adapter_names=names,
+                                  generation_config=greedy_config(max_new_tokens, pad_token_id=pad))
+        new_ids = out.sequences[:, width:]  # [batch, max_new_tokens]
+        logits = torch.stack(out.logits, dim=1).float()  # [batch, max_new_tokens, vocab]
+        logprobs = logits.log_softmax(-1).gather(-1, new_ids[..., None])[..., 0]  # [batch, max_new_tokens]
+        return new_ids.tolist(), logprobs.tolist()
+
+    def _generate_base(self, input_ids: torch.Tensor, config: GenerationConfig):
+        """The base model alone: through the PeftModel with adapters disabled if one exists."""
+        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+        if self.model is None:
+            return self.base.generate(**kwargs)
+        with self.model.disable_adapter():
+            return self.model.generate(**kwargs)
+
+
+@functools.cache
+def _reference(base_dir: Path, quantize: str) -> PeftReference:
+    """The per-process cache of loaded references, keyed by (resolved base dir, quantize)."""
+    return PeftReference(base_dir, quantize)
+
+
+def peft_greedy(base_dir: str | Path, adapter_dir: str | Path | None, prompt_ids: list[int],
+                max_new_tokens: int, quantize: str = "none") -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs from HF PEFT for one request run alone (see module doc)."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    ref = _reference(Path(base_dir).resolve(), quantize)
+    return ref.greedy(adapter_dir, list(prompt_ids), max_new_tokens)
