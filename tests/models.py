@@ -60,12 +60,14 @@ _COMMON = dict(
     eos_token_id=EOS_ID,
 )
 
+# arch -> (config class, fields beyond _COMMON). Overrides go into the constructor, so
+# derived fields (head_dim = hidden / heads for llama) follow them.
 _CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON),
-    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
-    "qwen2": lambda: Qwen2Config(**_COMMON, use_sliding_window=False),  # q/k/v have biases
-    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=16),  # q_norm / k_norm per head
-    "gemma": lambda: GemmaConfig(**_COMMON, head_dim=16),  # embeddings * sqrt(hidden), (1+w) norms
+    "llama": (LlamaConfig, {}),
+    "mistral": (MistralConfig, dict(sliding_window=None)),
+    "qwen2": (Qwen2Config, dict(use_sliding_window=False)),  # q/k/v have biases
+    "qwen3": (Qwen3Config, dict(head_dim=16)),  # q_norm / k_norm per head
+    "gemma": (GemmaConfig, dict(head_dim=16)),  # embeddings * sqrt(hidden), (1 + w) norms
 }
 
 
@@ -137,9 +139,8 @@ def build_base(arch: str, out_dir: str | Path, seed: int = 0, **config_overrides
     if arch not in _CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
     out_dir = Path(out_dir)
-    config = _CONFIGS[arch]()
-    for key, value in config_overrides.items():
-        setattr(config, key, value)
+    config_class, extra = _CONFIGS[arch]
+    config = config_class(**{**_COMMON, **extra, **config_overrides})
     # Different archs get different weights for the same seed.
     torch.manual_seed(seed * 1000 + ARCHS.index(arch))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

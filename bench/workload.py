@@ -1,0 +1,92 @@
+"""Benchmark model, adapters and request mix (run from the repo root: `python -m bench.baselines`).
+
+    base = build_bench_model(tmp / "base")                     # ~27M-param random Llama
+    adapters = build_bench_adapters(base, tmp / "adapters", 32)  # name -> PEFT folder
+    work = make_workload(num_requests=32, num_adapters=8, new_tokens=(8, 64), seed=0)
+
+Every function is pure given its arguments and seed. The model and adapters are written
+with the same builders as the fidelity tests (tests/models.py), so the engine loads them
+exactly as it loads a real checkpoint and PEFT folders.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.models import ALL_LINEAR, ATTN, AdapterSpec, build_adapters, build_base
+
+# hidden 512, 6 layers, 8 heads (no GQA), MLP 1376, vocab 8000, untied head:
+# 6 x (4 x 512^2 + 3 x 512 x 1376) + 2 x 8000 x 512 = 27.2M parameters.
+BENCH_MODEL = dict(
+    hidden_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    intermediate_size=1376,
+    vocab_size=8000,
+    max_position_embeddings=2048,
+    initializer_range=0.02,  # speed does not care, and 0.02 keeps a 512-wide stack finite
+)
+
+# A few-second smoke version of the same shape of model (for busy machines and CI).
+SMALL_BENCH_MODEL = dict(BENCH_MODEL, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=256, vocab_size=1000)
+
+TARGETS = {"all": ALL_LINEAR, "attn": ATTN}
+
+
+def build_bench_model(out_dir: str | Path, seed: int = 0, small: bool = False) -> Path:
+    """Write the random benchmark Llama (+ byte tokenizer padded to the vocab) to out_dir."""
+    return build_base("llama", out_dir, seed=seed, **(SMALL_BENCH_MODEL if small else BENCH_MODEL))
+
+
+def bench_adapter_names(n: int) -> list[str]:
+    return [f"bench{i:03d}" for i in range(n)]
+
+
+def build_bench_adapters(base_dir: str | Path, root_dir: str | Path, n: int, rank: int = 16,
+                         targets: str = "all", seed: int = 0) -> dict[str, Path]:
+    """n random rank-`rank` PEFT adapters on `targets` ("all" linear or "attn" = q,k,v,o)."""
+    specs = [AdapterSpec(name, r=rank, lora_alpha=2 * rank, target_modules=TARGETS[targets],
+                         delta_ratio=0.1, seed=seed * 10_000 + i)
+             for i, name in enumerate(bench_adapter_names(n))]
+    return build_adapters(base_dir, root_dir, specs)
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    adapter: str | None  # None = base model
+
+
+def make_workload(num_requests: int = 32, prompt_len: tuple[int, int] = (16, 64),
+                  new_tokens: int | tuple[int, int] = 32, num_adapters: int = 0,
+                  vocab_size: int = BENCH_MODEL["vocab_size"], seed: int = 0) -> list[BenchRequest]:
+    """num_requests requests; the order is the arrival order.
+
+    prompt_len: inclusive range of prompt lengths (uniform).
+    new_tokens: an int (every request generates exactly that many, EOS ignored) or an
+        inclusive (lo, hi) range, uniform per request.
+    num_adapters: N = 0 means base model only. Otherwise adapters bench000..bench{N-1} are
+        dealt round-robin over a shuffled request order, so every adapter is used
+        max(1, num_requests // N) times when N <= num_requests, and when N > num_requests
+        each request gets a distinct adapter drawn from the N (the rest stay idle: that
+        is the "many adapters loaded, few active" case).
+    """
+    rng = random.Random(seed)
+    names = bench_adapter_names(num_adapters)
+    if num_adapters > num_requests:
+        names = rng.sample(names, num_requests)
+    order = list(range(num_requests))
+    rng.shuffle(order)
+    adapter_of = {req: (names[k % len(names)] if names else None) for k, req in enumerate(order)}
+    requests = []
+    for i in range(num_requests):
+        length = rng.randint(*prompt_len)
+        prompt = [rng.randrange(4, vocab_size) for _ in range(length)]  # ids 0..3 are specials
+        n_new = new_tokens if isinstance(new_tokens, int) else rng.randint(*new_tokens)
+        requests.append(BenchRequest(prompt, n_new, adapter_of[i]))
+    return requests
