@@ -79,22 +79,28 @@ class PeftReference:
         self.quantize = quantize
         self.base = load_base(base_dir, quantize)
         self.model = None  # PeftModel once the first adapter is loaded
-        self._names: dict[Path, str] = {}  # adapter dir -> adapter name in self.model
+        self._names: dict[tuple, str] = {}  # (adapter dir, mtime, size) -> adapter name in self.model
 
     def adapter_name(self, adapter_dir: str | Path) -> str:
-        """Load the adapter at adapter_dir (once) and return its name inside the PeftModel."""
+        """Load the adapter at adapter_dir (once) and return its name inside the PeftModel.
+
+        Keyed by the folder and its weights file's mtime and size, so a folder rewritten
+        in place (a swap test) is loaded again rather than served stale.
+        """
         from peft import PeftModel
 
         adapter_dir = Path(adapter_dir).resolve()
-        if adapter_dir not in self._names:
+        stat = (adapter_dir / "adapter_model.safetensors").stat()
+        key = (adapter_dir, stat.st_mtime_ns, stat.st_size)
+        if key not in self._names:
             name = f"a{len(self._names)}"  # PEFT adapter names cannot contain '.'
             if self.model is None:
                 self.model = PeftModel.from_pretrained(self.base, adapter_dir, adapter_name=name)
             else:
                 self.model.load_adapter(adapter_dir, adapter_name=name)
             self.model.eval()
-            self._names[adapter_dir] = name
-        return self._names[adapter_dir]
+            self._names[key] = name
+        return self._names[key]
 
     @torch.no_grad()
     def greedy(self, adapter_dir: str | Path | None, prompt_ids: list[int],

@@ -59,8 +59,11 @@ def test_every_adapter_changes_outputs(tiny_models, adapters, prompts, arch):
     base_dir = tiny_models[arch]
     sample = prompts[::3]  # 8 prompts keep this to a few seconds per arch
     base_out = [peft_greedy(base_dir, None, p, NEW_TOKENS)[0] for p in sample]
+    # every spec on llama; one of each kind on the other families (time)
+    names = [n for n in adapters[arch] if arch == "llama" or n in SMALL_SPEC_NAMES]
     changed_total = 0
-    for name, path in adapters[arch].items():
+    for name in names:
+        path = adapters[arch][name]
         outs = [peft_greedy(base_dir, path, p, NEW_TOKENS) for p in sample]
         changed = sum(ids != b for (ids, _), b in zip(outs, base_out))
         first_changed = sum(ids[0] != b[0] for (ids, _), b in zip(outs, base_out))
@@ -70,7 +73,7 @@ def test_every_adapter_changes_outputs(tiny_models, adapters, prompts, arch):
         assert changed >= len(sample) // 2, name
         assert worst_logprob > -8.0, name
         changed_total += changed
-    assert changed_total >= 0.8 * len(sample) * len(adapters[arch])
+    assert changed_total >= 0.8 * len(sample) * len(names)
 
 
 # Measured on the tiny llama (18 sequences x 8 tokens, chosen-token |dlogprob| vs fp32 over
