@@ -65,7 +65,9 @@ class BenchRequest:
 def make_workload(num_requests: int = 32, prompt_len: tuple[int, int] = (16, 64),
                   new_tokens: int | tuple[int, int] = 32, num_adapters: int = 0,
                   vocab_size: int = BENCH_MODEL["vocab_size"], seed: int = 0) -> list[BenchRequest]:
-    """num_requests requests; the order is the arrival order.
+    """num_requests requests; the order is the arrival order. Prompts and output lengths
+    depend only on the seed, so workloads with different num_adapters differ only in
+    which adapter each request names.
 
     prompt_len: inclusive range of prompt lengths (uniform).
     new_tokens: an int (every request generates exactly that many, EOS ignored) or an
@@ -76,17 +78,19 @@ def make_workload(num_requests: int = 32, prompt_len: tuple[int, int] = (16, 64)
         each request gets a distinct adapter drawn from the N (the rest stay idle: that
         is the "many adapters loaded, few active" case).
     """
-    rng = random.Random(seed)
-    names = bench_adapter_names(num_adapters)
-    if num_adapters > num_requests:
-        names = rng.sample(names, num_requests)
-    order = list(range(num_requests))
-    rng.shuffle(order)
-    adapter_of = {req: (names[k % len(names)] if names else None) for k, req in enumerate(order)}
-    requests = []
-    for i in range(num_requests):
+    rng = random.Random(seed)  # prompts and lengths: the same whatever num_adapters is
+    shapes = []
+    for _ in range(num_requests):
         length = rng.randint(*prompt_len)
         prompt = [rng.randrange(4, vocab_size) for _ in range(length)]  # ids 0..3 are specials
         n_new = new_tokens if isinstance(new_tokens, int) else rng.randint(*new_tokens)
-        requests.append(BenchRequest(prompt, n_new, adapter_of[i]))
+        shapes.append((prompt, n_new))
+    pick = random.Random(seed + 1)  # adapter assignment
+    names = bench_adapter_names(num_adapters)
+    if num_adapters > num_requests:
+        names = pick.sample(names, num_requests)
+    order = list(range(num_requests))
+    pick.shuffle(order)
+    adapter_of = {req: (names[k % len(names)] if names else None) for k, req in enumerate(order)}
+    requests = [BenchRequest(prompt, n_new, adapter_of[i]) for i, (prompt, n_new) in enumerate(shapes)]
     return requests
