@@ -1,0 +1,38 @@
+# loraplex: `make serve` serves the demo, `make test` runs the tests (what CI runs).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The torch build for this host. Here (no GPU) pip takes the local CPU wheel of 2.13.0;
+# on a CUDA host the same pin pulls the CUDA build from PyPI.
+TORCH  ?= torch==2.13.0
+HOST   ?= 127.0.0.1
+PORT   ?= 50051
+METRICS_PORT ?= 9400
+
+.PHONY: install serve test bench proto clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+serve: install
+	$(VENV)/bin/loraplex serve --model demo/assets/model --adapter-root demo/assets/adapters \
+	  --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	mkdir -p bench/results
+	$(PY) -m bench.bench --out bench/results/latest.json
+
+proto: install
+	PYTHON=$(PY) bash clients/python/generate_protos.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info
