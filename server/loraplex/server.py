@@ -12,9 +12,10 @@
 2. The engine is built (in a thread), adapters given with --preload are loaded,
    and a one-token warm-up request runs through the base model and each
    preloaded adapter. Only then are "" and both services SERVING.
-3. On SIGTERM/SIGINT: health NOT_SERVING, new calls refused with UNAVAILABLE,
-   calls in flight get `grace_period` seconds to finish (`server.stop(grace)`),
-   then the engine stops and the metrics endpoint closes.
+3. On SIGTERM/SIGINT: health NOT_SERVING, new calls refused with UNAVAILABLE
+   (by the interceptor, while the port stays open so probes see NOT_SERVING),
+   calls in flight get `grace_period` seconds to finish, then `server.stop(0)`
+   cancels what is left, the engine stops and the metrics endpoint closes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from loraplex.api.auth import ADAPTERS_SERVICE, GENERATION_SERVICE, GateInterceptor
+from loraplex.api.auth import ADAPTERS_SERVICE, GENERATION_SERVICE, GateInterceptor, InFlight
 from loraplex.api.servicers import AdaptersServicer, GenerationServicer
 from loraplex.config import Config
 from loraplex.engine.request import GenerationRequest, SamplingParams
@@ -66,9 +67,11 @@ class LoraplexServer:
         self.metrics_port: int | None = None
         self._engine_factory = engine_factory
         self._accepting = True
+        self._in_flight = InFlight()
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_httpd = None
+        self.shutting_down = asyncio.Event()  # set once new calls are refused
         self._stopped = asyncio.Event()
 
     def _ready_engine(self):
@@ -84,7 +87,8 @@ class LoraplexServer:
         s = self.config.server
         tokens = {GENERATION_SERVICE: s.generate_token, ADAPTERS_SERVICE: s.admin_token}
         server = grpc.aio.server(
-            interceptors=[GateInterceptor(tokens, accepting=lambda: self._accepting)],
+            interceptors=[GateInterceptor(tokens, accepting=lambda: self._accepting,
+                                          in_flight=self._in_flight)],
             options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(
             GenerationServicer(self._ready_engine, self.metrics), server)
@@ -140,15 +144,25 @@ class LoraplexServer:
     async def shutdown(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let calls in flight finish for `grace`
         seconds (default: the configured grace period), stop the engine."""
-        if self._stopped.is_set():
+        if self.shutting_down.is_set():
+            await self._stopped.wait()
             return
         grace = self.config.server.grace_period if grace is None else grace
-        log.info("shutting down: %.1f s for calls in flight", grace)
+        log.info("shutting down: %d call(s) in flight get %.1f s", self._in_flight.count, grace)
         self._accepting = False
         await self._health.enter_graceful_shutdown()
+        self.shutting_down.set()
         try:
+            # Keep serving (health answers NOT_SERVING, new calls get UNAVAILABLE from
+            # the interceptor) until the calls in flight are done or the grace is over;
+            # then stop grpc, which cancels whatever is left.
+            try:
+                await asyncio.wait_for(self._in_flight.idle(), grace)
+            except asyncio.TimeoutError:
+                log.warning("%d call(s) still running after the grace period; cancelling",
+                            self._in_flight.count)
             if self._server is not None:
-                await self._server.stop(grace)
+                await self._server.stop(0)
         finally:
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.stop)

@@ -1,5 +1,7 @@
-"""Server interceptor in front of the loraplex services: bearer tokens, and refusal
-of new calls while the server shuts down.
+"""Server interceptor in front of the loraplex services: bearer tokens, refusal of
+new calls while the server shuts down, and a count of the calls in flight (so that
+shutdown can wait for them while it keeps refusing new ones with UNAVAILABLE;
+grpc's own `server.stop(grace)` would cancel them instead).
 
 Health checking and reflection are never guarded. Tokens are compared in constant
 time. Missing token -> UNAUTHENTICATED, wrong token -> PERMISSION_DENIED, new call
@@ -8,7 +10,9 @@ during shutdown -> UNAVAILABLE.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import inspect
 from collections.abc import Callable
 
 import grpc
@@ -38,13 +42,56 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, me
     return grpc.stream_stream_rpc_method_handler(stream_response, **kw)
 
 
+class InFlight:
+    """Number of accepted calls not finished yet; `idle()` waits for zero."""
+
+    def __init__(self):
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __enter__(self):
+        self.count += 1
+        self._idle.clear()
+
+    def __exit__(self, *exc):
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
+def _tracked_handler(handler: grpc.RpcMethodHandler, in_flight: InFlight):
+    """`handler` with its behavior counted in `in_flight` while it runs."""
+    kw = dict(request_deserializer=handler.request_deserializer,
+              response_serializer=handler.response_serializer)
+    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                if getattr(handler, k))
+    inner = getattr(handler, kind)
+    if inspect.isasyncgenfunction(inner):
+        async def behavior(request, context):
+            with in_flight:
+                async for response in inner(request, context):
+                    yield response
+    else:
+        async def behavior(request, context):
+            with in_flight:
+                return await inner(request, context)
+    return getattr(grpc, f"{kind}_rpc_method_handler")(behavior, **kw)
+
+
 class GateInterceptor(grpc.aio.ServerInterceptor):
     """tokens: service full name -> required bearer token ("" = open).
-    accepting: returns False once shutdown has begun."""
+    accepting: returns False once shutdown has begun.
+    in_flight: counts the accepted calls of those services."""
 
-    def __init__(self, tokens: dict[str, str], accepting: Callable[[], bool]):
+    def __init__(self, tokens: dict[str, str], accepting: Callable[[], bool],
+                 in_flight: InFlight | None = None):
         self._tokens = tokens
         self._accepting = accepting
+        self.in_flight = in_flight or InFlight()
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         service = details.method.split("/")[1] if details.method.count("/") == 2 else ""
@@ -70,4 +117,4 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
                     token.strip().encode(), expected.encode()):
                 return _rejecting_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
                                           f"the bearer token is not valid for {service}")
-        return handler
+        return _tracked_handler(handler, self.in_flight)

@@ -51,8 +51,9 @@ def sampling_from_pb(req: pb.GenerateRequest) -> SamplingParams:
     )
 
 
-def prompt_ids_from_pb(req: pb.GenerateRequest, tokenizer, vocab_size: int) -> list[int]:
-    """Token ids of the request's input (prompt text, ids, or chat messages)."""
+def prompt_ids_from_pb(req: pb.GenerateRequest, tokenizer) -> list[int]:
+    """Token ids of the request's input (prompt text, ids, or chat messages). The engine
+    checks the ids against the vocabulary and the context length."""
     which = req.WhichOneof("input")
     if which is None:
         raise InvalidArgument("set one of prompt, input_ids, messages")
@@ -64,10 +65,6 @@ def prompt_ids_from_pb(req: pb.GenerateRequest, tokenizer, vocab_size: int) -> l
         ids = tokenizer.encode(req.prompt)
     elif which == "input_ids":
         ids = list(req.input_ids.ids)
-        bad = sorted({i for i in ids if i >= vocab_size})
-        if bad:
-            raise InvalidArgument(
-                f"input_ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
     else:
         ids = _render_chat(req.messages.messages, tokenizer)
     if not ids:
@@ -93,9 +90,9 @@ def _render_chat(messages, tokenizer) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def generation_request_from_pb(req: pb.GenerateRequest, tokenizer, vocab_size: int,
+def generation_request_from_pb(req: pb.GenerateRequest, tokenizer,
                                deadline: float | None) -> GenerationRequest:
-    return GenerationRequest(prompt_ids=prompt_ids_from_pb(req, tokenizer, vocab_size),
+    return GenerationRequest(prompt_ids=prompt_ids_from_pb(req, tokenizer),
                              sampling=sampling_from_pb(req), adapter=req.adapter,
                              deadline=deadline)
 
@@ -136,12 +133,14 @@ def adapter_info_to_pb(info) -> pb.AdapterInfo:
 
 
 def adapter_label(adapter: str) -> str:
-    """The metrics label of a requested adapter: its name without the version,
-    "base" for the base model, "_invalid" for malformed names (bounded cardinality)."""
-    name = adapter.split("@", 1)[0]
+    """The metrics label of a requested adapter before the engine resolved it: the
+    reference as given ("" = base model, like the engine's labels), "_invalid" for
+    malformed references (so that bad input cannot grow the label set)."""
+    name, _, version = adapter.partition("@")
     if not adapter:
-        return "base"
-    return name if _ADAPTER_NAME.match(name) else "_invalid"
+        return ""
+    ok = _ADAPTER_NAME.match(name) and (not version or _ADAPTER_NAME.match(version))
+    return adapter if ok else "_invalid"
 
 
 def merge_args_from_pb(req: pb.MergeAdaptersRequest) -> dict:

@@ -50,7 +50,8 @@ def _raise_unless_success(out: RequestOutput) -> None:
 
 
 class _Call:
-    """Bookkeeping of one Generation call: the status it ended with, for the metrics."""
+    """Bookkeeping of one Generation call for the metrics: the status it ended with,
+    and its adapter label (the engine's "name@version" once an output arrived)."""
 
     def __init__(self, context: grpc.aio.ServicerContext, adapter: str):
         self.context = context
@@ -66,8 +67,8 @@ class _Call:
         if self.code is grpc.StatusCode.INTERNAL:
             log.exception("bug while serving a request", exc_info=exc)
             await self.context.abort(self.code, f"internal error: {type(exc).__name__}")
-        if self.code is grpc.StatusCode.NOT_FOUND:
-            self.label = "_unknown"
+        if self.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            self.label = "_invalid" if self.label else ""
         await self.context.abort(self.code, str(exc))
 
     def interrupted(self):
@@ -84,8 +85,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def _submit(self, request: pb.GenerateRequest, context):
         engine = self._get_engine()
-        greq = generation_request_from_pb(request, engine.tokenizer, engine.vocab_size,
-                                          _deadline(context))
+        greq = generation_request_from_pb(request, engine.tokenizer, _deadline(context))
         return engine.submit(greq)
 
     async def Generate(self, request, context):
@@ -93,6 +93,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             stream = self._submit(request, context)
             async for out in stream:
+                call.label = out.adapter
                 outputs.append(out)
             _raise_unless_success(outputs[-1])
             return response_from_outputs(outputs)
@@ -113,7 +114,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             stream = self._submit(request, context)
             async for out in stream:
-                last = out
+                last, call.label = out, out.adapter
                 if out.finished:
                     _raise_unless_success(out)
                 await context.write(response_from_outputs([out]))
