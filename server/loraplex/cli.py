@@ -186,7 +186,8 @@ def read_config_file(path: str) -> dict[str, Any]:
         else:
             data = tomllib.loads(text.decode())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid {p.suffix[1:] or 'TOML'}: {exc}") from None
+        kind = "JSON" if p.suffix.lower() == ".json" else "TOML"
+        raise ConfigError(f"config file {path} is not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table / object of options")
     out = {}

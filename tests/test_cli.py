@@ -1,0 +1,167 @@
+"""The `loraplex` command line: configuration precedence (flag > env > file > default),
+and the client commands run as subprocesses against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest_api import assets, server  # noqa: F401
+from loraplex.cli import ConfigError, build_config, build_parser, main
+from loraplex.config import EngineConfig, ServerConfig
+from loraplex_client import Client
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None):
+    args = build_parser().parse_args(["serve", *argv])
+    return build_config(args, env or {})
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path):
+    cfg_file = tmp_path / "loraplex.toml"
+    cfg_file.write_text('model = "/models/from-file"\nmax_queue = 11\nmax_num_seqs = 12\n'
+                        'port = 7000\nkv_cache_memory = "1GiB"\n'
+                        'preload = ["a=a", "b=sub/b"]\n')
+    env = {"LORAPLEX_MAX_QUEUE": "22", "LORAPLEX_MAX_NUM_SEQS": "24", "LORAPLEX_PORT": "",
+           "LORAPLEX_ADMIN_TOKEN": "from-env"}
+    config, level = parse(["--config", str(cfg_file), "--max-queue", "33",
+                           "--quantize", "nf4"], env)
+    assert config.engine.max_queue == 33  # flag beats env and file
+    assert config.engine.max_num_seqs == 24  # env beats file
+    assert config.server.port == 7000  # file (an empty env var counts as unset)
+    assert config.engine.kv_cache_memory == 2**30
+    assert config.model.path == "/models/from-file" and config.model.quantize == "nf4"
+    assert config.server.preload == (("a", "a"), ("b", "sub/b"))
+    assert config.server.admin_token == "from-env"
+    assert config.engine.max_batch_tokens == EngineConfig().max_batch_tokens  # default
+    assert config.server.grace_period == ServerConfig().grace_period
+    assert level == "info"
+
+
+def test_json_config_file_from_env_and_preload_forms(tmp_path):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"model": "/m", "preload": {"sql": "sql/v2"},
+                                    "max-gpu-adapters": 4, "log_level": "debug"}))
+    config, level = parse([], {"LORAPLEX_CONFIG": str(cfg_file)})
+    assert config.server.preload == (("sql", "sql/v2"),)
+    assert config.engine.max_gpu_adapters == 4 and level == "debug"
+    config, _ = parse(["--preload", "x=y", "--preload", "z=w"],
+                      {"LORAPLEX_CONFIG": str(cfg_file), "LORAPLEX_PRELOAD": "e=f"})
+    assert config.server.preload == (("x", "y"), ("z", "w"))  # the flags replace the rest
+    config, _ = parse([], {"LORAPLEX_MODEL": "/m", "LORAPLEX_PRELOAD": "e=f, g=h/i"})
+    assert config.server.preload == (("e", "f"), ("g", "h/i"))
+
+
+@pytest.mark.parametrize("argv, env, file_text, words", [
+    ([], {}, None, "--model DIR"),
+    (["--model", "m"], {"LORAPLEX_MAX_QUEUE": "many"}, None, "LORAPLEX_MAX_QUEUE"),
+    (["--model", "m"], {}, "max_queeue = 3", "unknown option 'max_queeue'"),
+    (["--model", "m"], {}, "max_queue = [1]", "max_queue"),
+    (["--model", "m"], {}, "port = \n", "not valid TOML"),
+    (["--model", "m", "--kv-cache-memory", "lots"], {}, None, "--kv-cache-memory"),
+    (["--model", "m", "--preload", "nameonly"], {}, None, "NAME=PATH"),
+    (["--model", "m", "--tls-cert", "c.pem"], {}, None, "tls_key"),
+    (["--model", "m"], {"LORAPLEX_QUANTIZE": "nf8"}, None, "LORAPLEX_QUANTIZE"),
+    (["--model", "m", "--max-num-seqs", "4096"], {}, None, "max_num_seqs"),
+])
+def test_bad_configuration_names_its_source(tmp_path, argv, env, file_text, words):
+    if file_text is not None:
+        (tmp_path / "c.toml").write_text(file_text)
+        argv = argv + ["--config", str(tmp_path / "c.toml")]
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        parse(argv, env)
+
+
+def test_serve_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("--max-queue MAX_QUEUE", "(default: 1024; env LORAPLEX_MAX_QUEUE)",
+                   "(default: 256MiB; env LORAPLEX_KV_CACHE_MEMORY)",
+                   "(default: none; env LORAPLEX_QUANTIZE)", "{nf4,fp4,int8,none}",
+                   "(default: 30.0; env LORAPLEX_GRACE_PERIOD)", "--preload NAME=PATH",
+                   "(required; env LORAPLEX_MODEL)", "(default: 50051; env LORAPLEX_PORT)",
+                   "--config FILE"):
+        assert needle in text, needle
+
+
+# ---------------------------------------------------------------- client commands
+
+def loraplex(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "loraplex.cli", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "LORAPLEX_TOKEN": ""})
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_cli_generate_json_and_stream_match_the_client(server):
+    with Client(server.target) as c:
+        expected = c.generate("Hello", adapter="alpha", max_new_tokens=6, ignore_eos=True)
+    out = loraplex("generate", "--target", server.target, "--json", "--adapter", "alpha",
+                   "--max-new-tokens", "6", "--ignore-eos", "Hello")
+    got = json.loads(out.stdout)
+    assert tuple(got["token_ids"]) == expected.token_ids
+    assert got["adapter"] == expected.adapter and got["finish_reason"] == "length"
+    assert got["completion_tokens"] == 6 and got["prompt_tokens"] == 5
+    streamed = loraplex("generate", "--target", server.target, "--adapter", "alpha",
+                        "--max-new-tokens", "6", "--ignore-eos", "Hello")
+    assert streamed.stdout == expected.text + "\n"
+
+
+def test_cli_adapters_list_json_and_table(server):
+    out = loraplex("adapters", "list", "--target", server.target, "--json")
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["alpha"]["current"] and rows["alpha"]["rank"] == 8
+    assert rows["beta"]["target_modules"] == ["down_proj", "gate_proj", "up_proj"]
+    table = loraplex("adapters", "list", "beta", "--target", server.target).stdout.splitlines()
+    assert table[0].split()[:4] == ["NAME", "VERSION", "CUR", "TIER"]
+    assert table[1].split()[0] == "beta" and len(table) == 2
+
+
+def test_cli_reports_server_errors_with_exit_status_1(server):
+    proc = loraplex("generate", "--target", server.target, "--json", "--adapter", "nope", "hi",
+                    check=False)
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"]["code"] == "NOT_FOUND"
+    proc = loraplex("adapters", "load", "evil", "../outside", "--target", server.target,
+                    check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: PERMISSION_DENIED:")
+
+
+def test_serve_subprocess_serves_and_stops_on_sigterm(assets, tmp_path):
+    """`loraplex serve` for real: config from env + file + flags, SERVING, SIGTERM -> exit 0."""
+    (tmp_path / "c.toml").write_text(f'adapter_root = "{assets.adapter_root}"\n'
+                                     'preload = ["beta=beta"]\nmax_queue = 5\n')
+    env = {**os.environ, "LORAPLEX_MODEL": str(assets.model), "LORAPLEX_DEVICE": "cpu",
+           "LORAPLEX_CONFIG": str(tmp_path / "c.toml")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraplex.cli", "serve", "--port", "0", "--metrics-port", "0",
+         "--kv-cache-memory", "32MiB", "--grace-period", "5"],
+        stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        port = None
+        for line in proc.stderr:  # the log says where it listens, then when it serves
+            if m := re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+            if "serving" in line:
+                break
+        assert port, "no listening line in the log"
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            assert c.health() == "SERVING"
+            assert c.generate("hi", adapter="beta", max_new_tokens=3).completion_tokens == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
