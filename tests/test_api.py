@@ -4,6 +4,7 @@ engine, real Prometheus endpoint). Fixtures: conftest_api.py."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -16,6 +17,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
 
 from conftest_api import (ADMIN_TOKEN, GENERATE_TOKEN, MAX_LEN, RunningServer,  # noqa: F401
                           assets, guarded_server, make_config, server)
+from loraplex import errors
+from loraplex.api.errors import status_of
+from loraplex.api.servicers import _deadline
 from loraplex_client import (AsyncClient, Client, DeadlineExceeded, FailedPrecondition,
                              InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
                              Unauthenticated, Unavailable, Unimplemented)
@@ -200,7 +204,52 @@ def test_stop_token_ids_and_seeded_sampling(client):
     assert sampled[0] == sampled[1]
 
 
+def test_async_client_stream_and_early_close(server):
+    async def run():
+        async with AsyncClient(server.target, timeout=60) as c:
+            chunks = [ch async for ch in c.stream(PROMPT, adapter="beta", max_new_tokens=5,
+                                                  ignore_eos=True)]
+            whole = await c.generate(PROMPT, adapter="beta", max_new_tokens=5, ignore_eos=True)
+            stream = c.stream(PROMPT, adapter="beta", **LONG)
+            first = await stream.__anext__()
+            await stream.aclose()  # cancels the call
+            return chunks, whole, first
+
+    chunks, whole, first = asyncio.run(run())
+    assert tuple(t for ch in chunks for t in ch.token_ids) == whole.token_ids
+    assert first.completion_tokens == 1
+    with Client(server.target) as c:
+        assert wait_in_use(c, "beta", 0) == 0
+
+
+def test_client_sends_adapter_and_authorization_metadata():
+    with Client("127.0.0.1:1", token="t0k") as c:
+        assert c._metadata("alpha@v1") == (("x-loraplex-adapter", "alpha@v1"),
+                                           ("authorization", "Bearer t0k"))
+    with Client("127.0.0.1:1") as c:
+        assert c._metadata("") == (("x-loraplex-adapter", ""),)
+
+
 # ---------------------------------------------------------------- status codes
+
+@pytest.mark.parametrize("cls", [c for c in vars(errors).values() if isinstance(c, type)
+                                 and issubclass(c, errors.LoraplexError)
+                                 and c is not errors.LoraplexError])
+def test_every_domain_error_has_its_status_code(cls):
+    code = status_of(cls("x"))
+    assert code.name == re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper()
+    assert status_of(ValueError("bug")) == grpc.StatusCode.INTERNAL
+
+
+class _ExpiredContext:
+    def time_remaining(self):
+        return -0.001
+
+
+def test_an_expired_deadline_never_reaches_the_engine():
+    with pytest.raises(errors.DeadlineExceeded):
+        _deadline(_ExpiredContext())
+
 
 def _raw_generate(target: str, request: pb.GenerateRequest, stream: bool):
     with grpc.insecure_channel(target) as channel:
@@ -351,7 +400,7 @@ def test_unload_in_use_needs_drain(client):
 # ---------------------------------------------------------------- cancellation, deadlines
 
 def test_cancelled_stream_leaves_the_batch(server, client):
-    label = refs(client)["beta"]
+    label, engine_label = "beta", refs(client)["beta"]
     cancelled = server.metric("loraplex_requests_total", adapter=label, status="CANCELLED")
     stream = client.stream(PROMPT, adapter="beta", **LONG)
     chunks = iter(stream)
@@ -362,14 +411,14 @@ def test_cancelled_stream_leaves_the_batch(server, client):
     assert server.wait_metric("loraplex_requests_total", lambda v: v == cancelled + 1,
                               adapter=label, status="CANCELLED") == cancelled + 1
     assert wait_in_use(client, "beta", 0) == 0
-    generated = server.metric("loraplex_generated_tokens_total", adapter=label)
+    generated = server.metric("loraplex_generated_tokens_total", adapter=engine_label)
     assert client.generate("x", max_new_tokens=3).completion_tokens == 3
     # nothing more was generated for the cancelled request
-    assert server.metric("loraplex_generated_tokens_total", adapter=label) == generated
+    assert server.metric("loraplex_generated_tokens_total", adapter=engine_label) == generated
 
 
 def test_deadline_exceeded_frees_the_request(server, client):
-    label = refs(client)["alpha"]
+    label = "alpha"  # the requests counter uses the reference as requested
     expired = server.metric("loraplex_requests_total", adapter=label, status="DEADLINE_EXCEEDED")
     with pytest.raises(DeadlineExceeded):
         client.generate(PROMPT, adapter="alpha", timeout=0.5, **LONG)
@@ -395,23 +444,27 @@ def test_running_gauge_returns_to_zero_after_cancel(server, client):
 # ---------------------------------------------------------------- metrics
 
 def test_metrics_count_served_requests_and_tokens(server, client):
-    label = refs(client)["beta"]
-    ok = server.metric("loraplex_requests_total", adapter=label, status="OK")
+    label = refs(client)["beta"]  # the engine's metrics use name@version
+    ok = server.metric("loraplex_requests_total", adapter="beta", status="OK")
     tokens = server.metric("loraplex_generated_tokens_total", adapter=label)
     prompt = server.metric("loraplex_prompt_tokens_total", adapter=label)
     e2e = server.metric("loraplex_e2e_latency_seconds_count", adapter=label)
     bad = server.metric("loraplex_requests_total", adapter="", status="INVALID_ARGUMENT")
+    unknown = server.metric("loraplex_requests_total", adapter="_invalid", status="NOT_FOUND")
     client.generate(PROMPT, adapter="beta", max_new_tokens=7, ignore_eos=True)
     list(client.stream(PROMPT, adapter="beta", max_new_tokens=5, ignore_eos=True))
     with pytest.raises(InvalidArgument):
         client.generate("", max_new_tokens=2)
+    with pytest.raises(NotFound):
+        client.generate("a", adapter="no-such-adapter", max_new_tokens=2)
     m = server.scrape()
     key = lambda name, **kw: m.get((name, tuple(sorted(kw.items()))), 0.0)  # noqa: E731
-    assert key("loraplex_requests_total", adapter=label, status="OK") == ok + 2
+    assert key("loraplex_requests_total", adapter="beta", status="OK") == ok + 2
     assert key("loraplex_generated_tokens_total", adapter=label) == tokens + 12
     assert key("loraplex_prompt_tokens_total", adapter=label) == prompt + 2 * len(PROMPT)
     assert key("loraplex_e2e_latency_seconds_count", adapter=label) == e2e + 2
     assert key("loraplex_requests_total", adapter="", status="INVALID_ARGUMENT") == bad + 1
+    assert key("loraplex_requests_total", adapter="_invalid", status="NOT_FOUND") == unknown + 1
 
 
 # ---------------------------------------------------------------- TLS, auth, overload

@@ -133,9 +133,8 @@ def adapter_info_to_pb(info) -> pb.AdapterInfo:
 
 
 def adapter_label(adapter: str) -> str:
-    """The metrics label of a requested adapter before the engine resolved it: the
-    reference as given ("" = base model, like the engine's labels), "_invalid" for
-    malformed references (so that bad input cannot grow the label set)."""
+    """The metrics label of a requested adapter: the reference as given ("" = base
+    model, like the engine's labels), "_invalid" for malformed references."""
     name, _, version = adapter.partition("@")
     if not adapter:
         return ""

@@ -51,7 +51,10 @@ def _raise_unless_success(out: RequestOutput) -> None:
 
 class _Call:
     """Bookkeeping of one Generation call for the metrics: the status it ended with,
-    and its adapter label (the engine's "name@version" once an output arrived)."""
+    and its adapter label: the reference as the request gave it ("" = base model,
+    "name" or "name@version"), so that one kind of request always counts under one
+    label whatever moment it ended at; "_invalid" when the reference was malformed
+    or unknown (so that bad input cannot grow the label set)."""
 
     def __init__(self, context: grpc.aio.ServicerContext, adapter: str):
         self.context = context
@@ -74,7 +77,8 @@ class _Call:
     def interrupted(self):
         """The call's task is being cancelled: by the client, or by its deadline."""
         remaining = self.context.time_remaining()
-        self.code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+        # grpc cancels the task at the deadline; allow for timer granularity
+        self.code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0.01
                      else grpc.StatusCode.CANCELLED)
 
 
@@ -93,7 +97,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             stream = self._submit(request, context)
             async for out in stream:
-                call.label = out.adapter
                 outputs.append(out)
             _raise_unless_success(outputs[-1])
             return response_from_outputs(outputs)
@@ -114,7 +117,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             stream = self._submit(request, context)
             async for out in stream:
-                last, call.label = out, out.adapter
+                last = out
                 if out.finished:
                     _raise_unless_success(out)
                 await context.write(response_from_outputs([out]))
