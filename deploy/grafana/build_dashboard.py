@@ -5,9 +5,10 @@
 
 The panels are listed here as (title, PromQL, unit) so they stay readable and
 reviewable; tests/test_deploy.py checks every metric name in them against
-server/loraplex/metrics.py. Metric labels: `adapter` is "name@version" ("" = base
-model), `status` is the gRPC status name, `tier` is gpu|cpu|disk, and Prometheus
-adds `instance` (one replica).
+server/loraplex/metrics.py. Metric labels: `adapter` is "name@version" on the
+engine's metrics (latencies, tokens) and the reference as requested ("name" or
+"name@version") on loraplex_requests_total; "" = base model. `status` is the gRPC
+status name, `tier` is gpu|cpu|disk, and Prometheus adds `instance` (one replica).
 """
 
 from __future__ import annotations
@@ -160,12 +161,12 @@ ROWS: list[tuple[str, list[dict]]] = [
             f"(rate(loraplex_adapter_load_seconds_bucket{{{INST}}}{RI})))", "{{tier}}")], "s"),
     ]),
     ("Adapter versions (canary / swap)", [
-        panel("Requests / s by version", [q(
-            f"sum by (adapter) (rate(loraplex_requests_total{{{INST}, {ADP}}}{RI}))",
+        panel("Finished generations / s by version", [q(
+            f"sum by (adapter) (rate(loraplex_e2e_latency_seconds_count{{{INST}, {ADP}}}{RI}))",
             "{{adapter}}")], "reqps", stack=True,
-            description="`adapter` is name@version: a swap or a canary split shows as "
-                        "traffic moving from one version to the other."),
-        panel("Error ratio by version", [q(
+            description="Engine-side `adapter` is name@version: a swap or a canary split "
+                        "shows as traffic moving from one version to the other."),
+        panel("Error ratio by adapter reference (as requested)", [q(
             f'sum by (adapter) (rate(loraplex_requests_total{{{INST}, {ADP}, status!="OK"}}{RI}))'
             f" / sum by (adapter) (rate(loraplex_requests_total{{{INST}, {ADP}}}{RI}))",
             "{{adapter}}")], "percentunit"),
