@@ -3,36 +3,50 @@
 import pytest
 import torch
 
-from loraplex.lora.ops import BACKENDS, choose_backend, lora_delta_gather, lora_delta_grouped, lora_delta_loop
+from loraplex.lora.ops import (BACKENDS, LoraPlan, Segments, choose_backend, lora_delta_grouped,
+                               lora_delta_segmented)
 
 
 def _pool(slots: int, r_max: int, d_in: int, d_out: int, ranks: list[int], seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     A = torch.zeros(slots, r_max, d_in)  # [S, r_max, in]
-    B = torch.zeros(slots, d_out, r_max)  # [S, out, r_max]
+    B = torch.zeros(slots, r_max, d_out)  # [S, r_max, out]
     for s, r in enumerate(ranks, start=1):  # slot 0 stays zero
         A[s, :r] = torch.randn(r, d_in, generator=g)
-        B[s, :, :r] = torch.randn(d_out, r, generator=g)
+        B[s, :r] = torch.randn(r, d_out, generator=g)
     return A, B
+
+
+def _plan(slots: torch.Tensor, rank: int) -> LoraPlan:
+    return LoraPlan(slots=slots, rank=rank, segments=Segments.build(slots))
+
+
+SLOT_PATTERNS = {
+    "mixed": lambda g, n: torch.randint(0, 6, (n,), generator=g),  # includes 0 = base model
+    "one_adapter": lambda g, n: torch.full((n,), 3),
+    "base_only": lambda g, n: torch.zeros(n, dtype=torch.long),
+    "sparse_slots": lambda g, n: torch.tensor([1, 5] * n)[:n],  # slots 2..4 unused
+}
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("num_tokens", [1, 7, 64])
-def test_backend_matches_loop(backend, num_tokens):
+@pytest.mark.parametrize("pattern", sorted(SLOT_PATTERNS))
+def test_backend_matches_loop(backend, num_tokens, pattern):
     ranks = [1, 4, 16, 8, 64]
     A, B = _pool(len(ranks) + 1, 64, 32, 48, ranks)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(num_tokens, 32, generator=g)  # [T, in]
-    slots = torch.randint(0, len(ranks) + 1, (num_tokens,), generator=g)  # includes 0 = base
+    slots = SLOT_PATTERNS[pattern](g, num_tokens)  # [T]
     base = torch.randn(num_tokens, 48, generator=g)  # [T, out]
 
     expected = base.clone()
     for t in range(num_tokens):  # the definition, written out once more
         s = int(slots[t])
-        expected[t] += B[s] @ (A[s] @ x[t])
+        expected[t] += B[s].T @ (A[s] @ x[t])
 
     y = base.clone()
-    BACKENDS[backend](y, x, A, B, slots, 64)
+    BACKENDS[backend](y, x, A, B, _plan(slots, 64))
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -41,21 +55,25 @@ def test_rank_truncation_skips_only_zero_padding():
     x = torch.randn(5, 16)
     slots = torch.tensor([1, 2, 0, 2, 1])
     full, cut = torch.zeros(5, 16), torch.zeros(5, 16)
-    lora_delta_loop(full, x, A, B, slots, 64)
-    lora_delta_gather(cut, x, A, B, slots, 8)  # batch max rank is 8
+    lora_delta_grouped(full, x, A, B, _plan(slots, 64))
+    lora_delta_segmented(cut, x, A, B, _plan(slots, 8))  # the batch's largest rank is 8
     torch.testing.assert_close(cut, full)
     assert cut.abs().sum() > 0
     assert torch.equal(cut[2], torch.zeros(16))  # the base-model token got nothing
 
 
-def test_grouped_leaves_base_tokens_untouched():
-    A, B = _pool(2, 8, 16, 16, [8])
-    y = torch.ones(3, 16)
-    lora_delta_grouped(y, torch.randn(3, 16), A, B, torch.tensor([0, 0, 0]), 8)
-    assert torch.equal(y, torch.ones(3, 16))
+def test_segments_layout():
+    seg = Segments.build(torch.tensor([0, 3, 2, 3, 0, 3]))
+    assert (seg.lo, seg.hi, seg.width) == (2, 4, 3)
+    # slot 2: token 2; slot 3: tokens 1, 3, 5; padding rows point at row 6 (a zero row)
+    assert seg.gather_index.tolist() == [2, 6, 6, 1, 3, 5]
+    assert sorted(zip(seg.rows.tolist(), seg.tokens.tolist())) == [(0, 2), (3, 1), (4, 3), (5, 5)]
+    assert Segments.build(torch.zeros(4, dtype=torch.long)) is None
 
 
 def test_auto_choice():
-    assert choose_backend("auto", 32, 32) is lora_delta_gather  # decode step, many adapters
-    assert choose_backend("auto", 2048, 2) is lora_delta_grouped  # long prefills, few adapters
-    assert choose_backend("loop", 1, 1) is lora_delta_loop
+    decode = Segments.build(torch.arange(1, 33))  # 32 tokens, 32 adapters, one each
+    assert choose_backend("auto", decode) is lora_delta_segmented
+    ragged = Segments.build(torch.tensor([1] * 500 + list(range(2, 33))))  # a prefill among decodes
+    assert choose_backend("auto", ragged) is lora_delta_grouped
+    assert choose_backend("grouped", decode) is lora_delta_grouped

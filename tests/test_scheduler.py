@@ -17,7 +17,8 @@ from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence, Status
 from loraplex.engine.stops import StopStringFilter
 from loraplex.lora.cache import AdapterCache
-from loraplex.lora.layer import LoraBatch, LoraLinear
+from loraplex.lora.layer import LoraLinear
+from loraplex.lora.ops import LoraPlan
 from loraplex.lora.store import AdapterStore
 from loraplex.metrics import Metrics
 
@@ -41,7 +42,7 @@ def cache(tmp_path):
     for i in range(4):
         write_adapter(tmp_path, f"a{i}", seed=i)
     layer = LoraLinear(nn.Linear(8, 8), 8, 8, num_slots=3, max_rank=4, dtype=torch.float32,
-                       device=torch.device("cpu"), batch=LoraBatch())
+                       device=torch.device("cpu"), plan=LoraPlan())
     return AdapterCache(AdapterStore(str(tmp_path), 4), {MODULE: layer}, max_gpu=2, max_cpu=4,
                         metrics=Metrics())
 

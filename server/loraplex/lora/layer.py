@@ -3,57 +3,48 @@
 The base layer (nn.Linear, bnb Linear4bit or Linear8bitLt) runs once for the
 whole packed batch; the adapters live in a slot pool next to it:
 
-    A: [slots, r_max, in]    B: [slots, out, r_max]   (slot 0 stays zero = no adapter)
+    A: [slots, r_max, in]    B: [slots, r_max, out]   (slot 0 stays zero = no adapter)
 
-`LoraBatch` carries what a step needs (which slot each token uses, the largest
-rank in the batch, the delta backend). The runner sets it once per step on the
-one object all wrapped layers share; the model code never knows about LoRA.
+`LoraPlan` (loraplex.lora.ops) carries what a step needs: which slot each token
+uses, the largest rank in the batch, the tokens grouped by slot, the backend.
+The runner fills it once per step on the one object all wrapped layers share;
+the model code never knows about LoRA.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from loraplex.lora.ops import LoraDelta, lora_delta_gather
-
-
-@dataclass
-class LoraBatch:
-    """Per-step LoRA inputs, shared by every wrapped layer of one model."""
-
-    slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [T]
-    rank: int = 0  # largest rank among this step's adapters; 0 = no adapter in the batch
-    delta: LoraDelta = lora_delta_gather
+from loraplex.lora.ops import LoraPlan
 
 
 class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
                  num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-                 batch: LoraBatch):
+                 plan: LoraPlan):
         super().__init__()
         self.base_layer = base_layer
         self.in_features = in_features
         self.out_features = out_features
-        self.batch = batch
+        self.plan = plan
         self.register_buffer(  # [S, r_max, in]
             "lora_A", torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device),
             persistent=False)
-        self.register_buffer(  # [S, out, r_max]
-            "lora_B", torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device),
+        self.register_buffer(  # [S, r_max, out]: B transposed, so a slot's rows are contiguous
+            "lora_B", torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device),
             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         y = self.base_layer(x)  # [..., out]
-        batch = self.batch
-        if batch.rank == 0:
+        plan = self.plan
+        if plan.rank == 0:
             return y
         if y.dtype != self.lora_A.dtype:
             y = y.to(self.lora_A.dtype)
-        batch.delta(y.view(-1, self.out_features), x.reshape(-1, self.in_features).to(self.lora_A.dtype),
-                    self.lora_A, self.lora_B, batch.slots, batch.rank)
+        plan.delta(y.view(-1, self.out_features),
+                   x.reshape(-1, self.in_features).to(self.lora_A.dtype),
+                   self.lora_A, self.lora_B, plan)
         return y
 
     def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
@@ -64,7 +55,7 @@ class LoraLinear(nn.Module):
             return
         r = A.shape[0]
         self.lora_A[slot, :r].copy_(A)
-        self.lora_B[slot, :, :r].copy_(B)
+        self.lora_B[slot, :r].copy_(B.T)
 
     def bytes_per_slot(self) -> int:
         return (self.lora_A[0].numel() + self.lora_B[0].numel()) * self.lora_A.element_size()

@@ -4,79 +4,162 @@ Every backend computes exactly this loop (the definition the tests check):
 
     for t in range(tokens):
         s = slots[t]
-        y[t] += B[s] @ (A[s] @ x[t])
+        y[t] += (A[s] @ x[t]) @ B[s]
 
-Slot 0 of the pool is all zeros (the base model), so tokens without an adapter
-need no special case. The PEFT scaling (alpha / r, or alpha / sqrt(r) with
-rsLoRA) is folded into B when an adapter is copied into its slot. Ranks smaller
-than the pool's r_max are zero-padded; `rank` lets a backend skip the padding
-columns when no adapter in the batch needs them.
+with A: [slots, r_max, in] and B: [slots, r_max, out] (B is stored transposed, so
+both factors are row-major along the rank). Slot 0 of the pool is all zeros (the
+base model). The PEFT scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) is
+folded into B when an adapter is copied into its slot. Ranks below r_max are
+zero-padded; `plan.rank` lets a backend skip padding rows no adapter in the batch uses.
 
-Backends:
+Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
 - `lora_delta_loop`: the definition itself; slow, used by tests.
-- `lora_delta_gather`: gathers each token's A and B and runs two batched
-  matmuls. Cost does not grow with the number of distinct adapters; best when
-  tokens are few (decode steps).
-- `lora_delta_grouped`: one pair of matmuls per distinct slot over that slot's
-  tokens. Best when many tokens share few adapters (prefill).
-
-`choose_backend` picks between the last two once per step.
+- `lora_delta_gather`: copies each token's A and B, two batched matmuls.
+- `lora_delta_grouped`: a pair of matmuls per distinct slot over that slot's tokens.
+- `lora_delta_segmented`: tokens grouped by slot into a padded [slots, tokens, in]
+  block (built once per step, see `Segments`); two batched matmuls read each
+  adapter's weights in place from the slot range in use. Only activations are
+  copied, whatever the number of adapters: the default for decode-heavy steps.
+`choose_backend` picks between segmented and grouped once per step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-LoraDelta = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], None]
+
+@dataclass(frozen=True)
+class Segments:
+    """Adapter tokens laid out by slot: slot lo + u, its i-th token at row u * width + i."""
+
+    lo: int  # first slot in use (>= 1)
+    hi: int  # one past the last slot in use
+    width: int  # most tokens any slot has
+    gather_index: torch.Tensor  # [(hi - lo) * width] token per padded row; padding -> T (a zero row)
+    rows: torch.Tensor  # [n] padded rows that hold a token
+    tokens: torch.Tensor  # [n] the token in each of those rows
+
+    @classmethod
+    def build(cls, slots: torch.Tensor) -> Segments | None:
+        """slots: [T] (CPU). None when no token uses an adapter."""
+        tokens = (slots > 0).nonzero().squeeze(1)  # [n]
+        if tokens.numel() == 0:
+            return None
+        tok_slots = slots[tokens]
+        order = torch.argsort(tok_slots, stable=True)
+        tokens, tok_slots = tokens[order], tok_slots[order]
+        lo, hi = int(tok_slots[0]), int(tok_slots[-1]) + 1
+        counts = torch.bincount(tok_slots - lo, minlength=hi - lo)  # [U]
+        width = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts  # first sorted position of each slot
+        position = torch.arange(tokens.numel()) - starts[tok_slots - lo]  # index within its slot
+        rows = (tok_slots - lo) * width + position
+        gather_index = torch.full(((hi - lo) * width,), slots.numel(), dtype=torch.long)
+        gather_index[rows] = tokens
+        return cls(lo, hi, width, gather_index, rows, tokens)
+
+    def to(self, device: torch.device) -> Segments:
+        return Segments(self.lo, self.hi, self.width, self.gather_index.to(device),
+                        self.rows.to(device), self.tokens.to(device))
+
+    @property
+    def padded_rows(self) -> int:
+        return (self.hi - self.lo) * self.width
+
+    @property
+    def unpadded(self) -> bool:
+        """Every padded row holds a token (then rows == arange(n) and no zero row is needed)."""
+        return self.padded_rows == self.tokens.numel()
+
+
+@dataclass
+class LoraPlan:
+    """One step's LoRA inputs, shared by every wrapped layer of the model."""
+
+    slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [T]
+    rank: int = 0  # largest rank among this step's adapters; 0 = no adapter in the batch
+    segments: Segments | None = None
+    delta: Callable = None  # the backend chosen for this step
+    # q/k/v (and gate/up) read the same input: its slot-grouped copy is made once per layer.
+    # The entry holds x itself, so its storage (and address) cannot be reused while cached;
+    # layer inputs are never modified in place between the projections that read them.
+    _grouped_input: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def grouped_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] -> [U, W, in], tokens laid out by slot (see Segments)."""
+        key = (x.data_ptr(), x.shape, x.stride())
+        cached = self._grouped_input
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        seg = self.segments
+        if seg.unpadded:
+            x_pad = x.index_select(0, seg.tokens)  # [n, in]
+        else:
+            x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])])[seg.gather_index]  # [U*W, in]
+        x_pad = x_pad.view(seg.hi - seg.lo, seg.width, -1)
+        self._grouped_input = (key, x, x_pad)
+        return x_pad
+
+    def start_step(self, slots: torch.Tensor, rank: int, segments: Segments | None,
+                   delta: Callable) -> None:
+        self.slots, self.rank, self.segments, self.delta = slots, rank, segments, delta
+        self._grouped_input = None
 
 
 def lora_delta_loop(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                    slots: torch.Tensor, rank: int) -> None:
-    """y: [T, out] (updated in place), x: [T, in], A: [S, r_max, in], B: [S, out, r_max],
-    slots: [T] int64, rank: columns of A/B that may be non-zero in this batch."""
+                    plan: LoraPlan) -> None:
+    """y: [T, out] (updated in place), x: [T, in], A: [S, r_max, in], B: [S, r_max, out]."""
     for t in range(x.shape[0]):
-        s = int(slots[t])
-        y[t] += B[s, :, :rank] @ (A[s, :rank] @ x[t])
+        s = int(plan.slots[t])
+        y[t] += (A[s, :plan.rank] @ x[t]) @ B[s, :plan.rank]
 
 
 def lora_delta_gather(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                      slots: torch.Tensor, rank: int) -> None:
-    a = A[slots, :rank]  # [T, rank, in]
-    b = B[slots, :, :rank]  # [T, out, rank]
-    h = torch.bmm(a, x.unsqueeze(-1))  # [T, rank, 1]
-    y += torch.bmm(b, h).squeeze(-1)  # [T, out]
+                      plan: LoraPlan) -> None:
+    a = A[plan.slots, :plan.rank]  # [T, rank, in]
+    b = B[plan.slots, :plan.rank]  # [T, rank, out]
+    h = torch.bmm(a, x.unsqueeze(-1)).transpose(1, 2)  # [T, 1, rank]
+    y += torch.bmm(h, b).squeeze(1)  # [T, out]
 
 
 def lora_delta_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                       slots: torch.Tensor, rank: int) -> None:
-    for s in torch.unique(slots).tolist():
+                       plan: LoraPlan) -> None:
+    for s in torch.unique(plan.slots).tolist():
         if s == 0:
             continue  # the zero slot adds nothing
-        idx = (slots == s).nonzero().squeeze(-1)  # [T_s]
-        h = x.index_select(0, idx) @ A[s, :rank].T  # [T_s, rank]
-        y.index_add_(0, idx, h @ B[s, :, :rank].T)  # [T_s, out]
+        idx = (plan.slots == s).nonzero().squeeze(-1)  # [T_s]
+        h = x.index_select(0, idx) @ A[s, :plan.rank].T  # [T_s, rank]
+        y.index_add_(0, idx, h @ B[s, :plan.rank])  # [T_s, out]
 
 
-BACKENDS: dict[str, LoraDelta] = {
+def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                         plan: LoraPlan) -> None:
+    seg = plan.segments
+    if seg is None:
+        return
+    x_pad = plan.grouped_input(x)  # [U, W, in]
+    h = torch.bmm(x_pad, A[seg.lo:seg.hi, :plan.rank].transpose(1, 2))  # [U, W, rank]
+    out = torch.bmm(h, B[seg.lo:seg.hi, :plan.rank]).view(seg.padded_rows, -1)  # [U*W, out]
+    y.index_add_(0, seg.tokens, out if seg.unpadded else out[seg.rows])  # [n, out]
+
+
+BACKENDS: dict[str, Callable] = {
     "loop": lora_delta_loop,
     "gather": lora_delta_gather,
     "grouped": lora_delta_grouped,
+    "segmented": lora_delta_segmented,
 }
 
 
-def choose_backend(name: str, num_tokens: int, num_adapters: int) -> LoraDelta:
-    """`name` from EngineConfig.lora_backend; "auto" decides per step.
-
-    Gathering copies rank * (in + out) weights per token; grouping launches a
-    few small kernels per distinct adapter. Many tokens per adapter -> group.
-    """
+def choose_backend(name: str, segments: Segments | None) -> Callable:
+    """`name` from EngineConfig.lora_backend. "auto": segmented unless padding the slots
+    to a common width would more than double the rows (one long prefill among decodes);
+    then grouped."""
     if name != "auto":
         return BACKENDS[name]
-    if num_tokens >= GROUPED_MIN_TOKENS_PER_ADAPTER * max(num_adapters, 1):
+    if segments is not None and segments.padded_rows > 2 * segments.tokens.numel():
         return lora_delta_grouped
-    return lora_delta_gather
-
-
-GROUPED_MIN_TOKENS_PER_ADAPTER = 16
+    return lora_delta_segmented

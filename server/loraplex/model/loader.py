@@ -15,7 +15,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from loraplex.config import ModelConfig
-from loraplex.lora.layer import LoraBatch, LoraLinear
+from loraplex.lora.layer import LoraLinear
+from loraplex.lora.ops import LoraPlan
 from loraplex.model.attention import ATTENTION_NAME, register_attention
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype  # compute dtype of activations, LoRA weights and KV cache
     lora_layers: dict[str, LoraLinear]  # served module name -> wrapped layer
-    lora_batch: LoraBatch
+    lora_plan: LoraPlan  # filled by the runner each step, read by every LoraLinear
     max_model_len: int
     num_layers: int
     kv_heads: int
@@ -91,8 +92,8 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
 
-    lora_batch = LoraBatch()
-    lora_layers = wrap_linears(model, max_slots + 1, max_rank, dtype, device, lora_batch)
+    lora_plan = LoraPlan()
+    lora_layers = wrap_linears(model, max_slots + 1, max_rank, dtype, device, lora_plan)
     text_config = model.config.get_text_config()
     head_dim = getattr(text_config, "head_dim", None) or (
         text_config.hidden_size // text_config.num_attention_heads)
@@ -101,7 +102,7 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
         max_len = min(max_len, cfg.max_model_len)
     return LoadedModel(
         model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora_layers=lora_layers,
-        lora_batch=lora_batch, max_model_len=max_len,
+        lora_plan=lora_plan, max_model_len=max_len,
         num_layers=text_config.num_hidden_layers,
         kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
         head_dim=head_dim, vocab_size=model.get_output_embeddings().weight.shape[0],
@@ -109,7 +110,7 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
 
 
 def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, lora_batch: LoraBatch) -> dict[str, LoraLinear]:
+                 device: torch.device, lora_plan: LoraPlan) -> dict[str, LoraLinear]:
     """Replace every linear inside the decoder layers by a LoraLinear; returns them by name."""
     output_layer = model.get_output_embeddings()
     targets = [(name, module) for name, module in model.named_modules()
@@ -118,7 +119,7 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     for name, module in targets:
         in_f, out_f = _linear_shape(module)
         parent_name, _, child = name.rpartition(".")
-        layer = LoraLinear(module, in_f, out_f, num_slots, max_rank, dtype, device, lora_batch)
+        layer = LoraLinear(module, in_f, out_f, num_slots, max_rank, dtype, device, lora_plan)
         setattr(model.get_submodule(parent_name), child, layer)
         wrapped[name] = layer
     if not wrapped:

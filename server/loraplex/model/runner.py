@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.engine.sequence import ScheduledSeq
-from loraplex.lora.ops import choose_backend
+from loraplex.lora.ops import Segments, choose_backend
 from loraplex.model.attention import AttentionBatch, KVCache, PrefillSeq
 from loraplex.model.loader import LoadedModel
 
@@ -82,8 +82,14 @@ class ModelRunner:
         return out.logits[0]  # [N, vocab]
 
     def _set_lora(self, ordered: list[ScheduledSeq], lora_slots: list[int]) -> None:
-        lora = self.loaded.lora_batch
+        plan = self.loaded.lora_plan
         used = {item.seq.lora_slot for item in ordered} - {0}
-        lora.rank = max((self.slot_ranks[s] for s in used), default=0)
-        lora.slots = torch.tensor(lora_slots, dtype=torch.long, device=self.loaded.device)  # [T]
-        lora.delta = choose_backend(self.lora_backend, len(lora_slots), len(used))
+        rank = max((self.slot_ranks[s] for s in used), default=0)
+        if rank == 0:  # no adapter in this step: every LoraLinear skips its delta
+            plan.start_step(plan.slots, 0, None, plan.delta)
+            return
+        slots = torch.tensor(lora_slots, dtype=torch.long)  # [T]
+        segments = Segments.build(slots)
+        device = self.loaded.device
+        plan.start_step(slots.to(device), rank, segments.to(device),
+                        choose_backend(self.lora_backend, segments))
