@@ -429,10 +429,6 @@ def test_deadline_exceeded_frees_the_request(server, client):
     assert wait_in_use(client, "alpha", 0) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine gap: Engine sets loraplex_running_requests only at the end of step(), so a "
-    "request that leaves by cancellation while nothing else runs keeps the gauge at 1 "
-    "until the next step; remove this mark once the engine updates it in _release()"))
 def test_running_gauge_returns_to_zero_after_cancel(server, client):
     stream = client.stream(PROMPT, **LONG)
     next(iter(stream))

@@ -72,6 +72,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.vocab_size
         self.model_name = loaded.name
         block_bytes = KVCache.bytes_per_block(loaded.num_layers, cfg.block_size, loaded.kv_heads,
                                               loaded.head_dim, loaded.dtype)
@@ -254,21 +255,20 @@ class Engine:
             reason = FinishReason.LENGTH
         if reason is not None and not hit_stop:
             text += seq.stops.flush()
+        if reason is not None:  # free everything before the caller hears it finished
+            self._release(seq, reason)
         seq.emit(RequestOutput(
             request_id=seq.request_id, token_ids=(token,), text=text, adapter=label,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
             logprobs=(logprob,) if logprob is not None else (), finish_reason=reason))
-        if reason is not None:
-            self._release(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str = "") -> None:
         """End a sequence early (cancel, deadline, shutdown, failure) and tell its caller."""
+        self._release(seq, reason)
         seq.emit(RequestOutput(
-            request_id=seq.request_id, token_ids=(), text=seq.stops.flush() if
-            reason is FinishReason.DEADLINE else "", adapter=seq.adapter_label,
+            request_id=seq.request_id, token_ids=(), text="", adapter=seq.adapter_label,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
             finish_reason=reason, error=error))
-        self._release(seq, reason)
 
     def _release(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq)
@@ -276,6 +276,8 @@ class Engine:
         if seq.adapter is not None:
             self.cache.release(seq.adapter, served=reason in (FinishReason.STOP, FinishReason.LENGTH))
         self.metrics.e2e_latency.labels(seq.adapter_label).observe(time.monotonic() - seq.arrival)
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.waiting.set(len(self.scheduler.waiting))
 
     def _drain_inbox(self) -> None:
         while True:
