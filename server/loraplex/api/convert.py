@@ -7,6 +7,7 @@ sampling options belong to SamplingParams.validate, in the domain.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from google.protobuf.duration_pb2 import Duration
@@ -90,10 +91,15 @@ def _render_chat(messages, tokenizer) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def generation_request_from_pb(req: pb.GenerateRequest, tokenizer,
-                               deadline: float | None) -> GenerationRequest:
-    return GenerationRequest(prompt_ids=prompt_ids_from_pb(req, tokenizer),
-                             sampling=sampling_from_pb(req), adapter=req.adapter,
+def generation_request_from_pb(req: pb.GenerateRequest, tokenizer, deadline: float | None,
+                               max_model_len: int) -> GenerationRequest:
+    """An unset max_new_tokens means the default, capped to what the context leaves."""
+    ids = prompt_ids_from_pb(req, tokenizer)
+    sampling = sampling_from_pb(req)
+    if not req.HasField("max_new_tokens"):
+        room = max(1, max_model_len - len(ids))
+        sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room))
+    return GenerationRequest(prompt_ids=ids, sampling=sampling, adapter=req.adapter,
                              deadline=deadline)
 
 

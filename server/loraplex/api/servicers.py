@@ -89,7 +89,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def _submit(self, request: pb.GenerateRequest, context):
         engine = self._get_engine()
-        greq = generation_request_from_pb(request, engine.tokenizer, _deadline(context))
+        greq = generation_request_from_pb(request, engine.tokenizer, _deadline(context),
+                                          engine.max_model_len)
         return engine.submit(greq)
 
     async def Generate(self, request, context):
