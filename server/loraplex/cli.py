@@ -32,7 +32,7 @@ from loraplex.config import (DTYPE_CHOICES, LORA_BACKENDS, QUANTIZE_CHOICES, Con
                              EngineConfig, ModelConfig, ServerConfig, parse_size)
 
 ENV_PREFIX = "LORAPLEX_"
-CLIENT_COMMANDS = ("generate", "adapters", "health")
+CLIENT_COMMANDS = ("generate", "adapters", "routes", "health")
 
 
 def _preload_item(text: str) -> tuple[str, str]:
@@ -116,6 +116,9 @@ OPTIONS: tuple[Option, ...] = (
     _o("tls-key", "server", "tls_key", str, "PEM private key", metavar="FILE"),
     _o("grace-period", "server", "grace_period", float,
        "seconds calls in flight get to finish after SIGTERM", metavar="SECONDS"),
+    _o("data-dir", "server", "data_dir", str,
+       "folder keeping routes and loaded adapters across restarts (empty: not kept)",
+       metavar="DIR"),
 )
 _BY_KEY = {o.dest: o for o in OPTIONS}
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -247,8 +250,82 @@ def build_parser() -> argparse.ArgumentParser:
                     f"({ENV_PREFIX}<OPTION>) or a config file; flag > env > file > default.")
     add_serve_arguments(serve)
     serve.set_defaults(func=None)
+    add_export_command(sub)
     add_commands(sub)
     return parser
+
+
+EXPORT_NOT_QUANTIZED = (
+    "The export merges the adapter into the UNQUANTIZED checkpoint read from --model; "
+    "the result is NOT quantized, even when the server runs this base as NF4 or int8. "
+    "Quantizing the exported model again is not the same as serving the quantized base "
+    "plus the adapter (the adapter's delta gets rounded into the quantized weights): "
+    "tests/test_merge_served.py measures the difference in logprobs.")
+
+
+def add_export_command(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write one adapter merged into the base model as a standalone HF model",
+        description="Write MODEL with ADAPTER merged into its weights (W += scaling * B @ A, "
+                    "as PEFT's merge_and_unload) as a standalone Hugging Face model folder, "
+                    "loadable by AutoModelForCausalLM.from_pretrained(OUT). Runs offline, "
+                    "no server needed. " + EXPORT_NOT_QUANTIZED)
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="the unquantized base checkpoint (safetensors) the adapter was trained on")
+    p.add_argument("--adapter-root", required=True, metavar="DIR", help="the server's adapter root")
+    p.add_argument("--adapter", required=True, metavar="NAME",
+                   help="adapter folder relative to the root (e.g. a merged adapter's name)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder (must not exist or be empty)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast the weights (default: keep the checkpoint's dtype)")
+    p.set_defaults(func=None)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from loraplex.errors import LoraplexError
+    from loraplex.lora.merge import export_merged_model
+    from loraplex.lora.store import AdapterStore
+
+    try:
+        shapes = _linear_shapes(args.model)
+        store = AdapterStore(args.adapter_root, max_rank=2**31 - 1)  # exporting, not serving
+        adapter, version = store.read_lora_tensors(args.adapter, args.adapter, shapes)
+        export_merged_model(args.model, adapter, args.out, dtype=args.dtype)
+    except (LoraplexError, OSError, ValueError) as exc:
+        print(f"loraplex export: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {args.model} with adapter {args.adapter}@{version} merged in "
+          f"({len(adapter.modules)} modules, dtype {args.dtype or 'of the checkpoint'})")
+    print("note: " + EXPORT_NOT_QUANTIZED)
+    return 0
+
+
+def _linear_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
+    """module -> (in, out) of every 2-D '<module>.weight' in the checkpoint's safetensors
+    (headers only), in file order; the adapter store checks the adapter against them."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    from loraplex.errors import FailedPrecondition
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = list(dict.fromkeys(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FailedPrecondition(f"{model_dir} has no model.safetensors (or sharded index)")
+    shapes = {}
+    for name in files:
+        with safe_open(os.path.join(model_dir, name), framework="pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                if key.endswith(".weight") and len(shape) == 2:
+                    shapes[key.removesuffix(".weight")] = (shape[1], shape[0])
+    return shapes
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -269,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(parser, args)
+    if args.command == "export":
+        return _export(args)
     from loraplex_client.cli import run
 
     return run(args)

@@ -63,6 +63,18 @@ class AdapterManager:
     def resident_bytes(self) -> int:
         return self._cache.resident_bytes()
 
+    def merge(self, name: str, sources, weights=None, combination_type: str = "linear",
+              density: float | None = None, majority_sign_method: str = "total",
+              svd_rank: int | None = None, seed: int | None = None, *, should_stop=None,
+              progress=None):
+        """Merge loaded adapters into a new adapter `name` (PEFT add_weighted_adapter), write
+        it under the adapter root and serve it; see loraplex.lora.merge_service."""
+        from loraplex.lora.merge_service import service_for
+
+        return service_for(self._cache).merge(
+            name, sources, weights, combination_type, density, majority_sign_method, svd_rank,
+            seed, should_stop=should_stop, progress=progress)
+
 
 class Engine:
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig, adapter_root: str,

@@ -45,7 +45,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from loraplex.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from loraplex.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from loraplex.lora.merge import LoraTensors
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,62 @@ class AdapterStore:
                            for a, b in modules.values()),
             modules=modules,
         )
+
+    def read_lora_tensors(self, name: str, relpath: str,
+                          module_shapes: dict[str, tuple[int, int]]) -> tuple[LoraTensors, str]:
+        """The adapter folder ``root/relpath`` as raw PEFT tensors, for merging.
+
+        Same confinement, no-pickle rule and validation as ``read`` (a folder that
+        ``read`` refuses is refused here too, except for the server's max rank,
+        which only matters for serving), but the factors are returned *unscaled*
+        (as in the file) with the per-module PEFT scaling beside them, in fp32
+        (PEFT upcasts adapter weights to fp32 too). Returns the tensors and the
+        version (hash of the bytes parsed), so a caller can check it read the
+        version it meant.
+        """
+        _check_name(name)
+        folder = self.resolve(relpath)
+        if not folder.is_dir():
+            raise NotFound(f"adapter folder {relpath!r} does not exist under {str(self.root)!r}")
+        config_bytes = self._read_file(folder, CONFIG_FILE, f"{relpath}/{CONFIG_FILE}")
+        settings = _parse_config(config_bytes, name)
+        weights_bytes = self._read_weights(folder, relpath)
+        version = hashlib.sha256(config_bytes + weights_bytes).hexdigest()[:VERSION_HEX_CHARS]
+        pairs = _group_lora_tensors(_parse_safetensors(weights_bytes, name), name, module_shapes)
+        modules, scalings = {}, {}
+        for module, (a, b) in sorted(pairs.items(), key=lambda kv: list(module_shapes).index(kv[0])):
+            in_features, out_features = module_shapes[module]
+            _check_factor_shapes(name, module, a, b, in_features, out_features)
+            r = a.shape[0]
+            expected_r = _pattern_value(settings.rank_pattern, module, settings.r)
+            if r != expected_r:
+                raise FailedPrecondition(
+                    f"adapter {name!r}: {module} has rank {r} in the tensors but {expected_r} in "
+                    f"{CONFIG_FILE} (r / rank_pattern); fix the config")
+            a32, b32 = a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
+            for factor, tensor in (("lora_A", a32), ("lora_B", b32)):
+                if not torch.isfinite(tensor).all():
+                    raise FailedPrecondition(f"adapter {name!r} has NaN or Inf values in {module}.{factor}")
+            modules[module] = (a32, b32)
+            scalings[module] = _scaling(_pattern_value(settings.alpha_pattern, module, settings.alpha), r,
+                                        settings.use_rslora)
+        lora = LoraTensors(r=settings.r, alpha=settings.alpha, use_rslora=settings.use_rslora,
+                           target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in modules})),
+                           modules=modules, scalings=scalings)
+        return lora, version
+
+    def new_folder(self, name: str) -> Path:
+        """Real path where a new adapter ``name`` would be written; it must not exist yet.
+
+        PermissionDenied for a name that is absolute, has ``..`` or leads (through
+        links) outside the root; InvalidArgument for a malformed name;
+        AlreadyExists when something is already there.
+        """
+        folder = self.resolve(name)
+        _check_name(name)
+        if os.path.lexists(self.root / name) or os.path.lexists(folder):
+            raise AlreadyExists(f"{name!r} already exists under the adapter root; choose a new name")
+        return folder
 
     def _read_weights(self, folder: Path, relpath: str) -> bytes:
         if not os.path.lexists(folder / WEIGHTS_FILE):
