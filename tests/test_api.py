@@ -29,6 +29,8 @@ from models import VOCAB_SIZE
 
 PROMPT = "Hello, world"
 LONG = dict(max_new_tokens=1500, ignore_eos=True)  # runs for seconds on the tiny model
+# labels of loraplex_requests_total for a request naming an adapter, not a route
+UNROUTED = dict(version="", route="")
 
 
 @pytest.fixture
@@ -40,6 +42,12 @@ def client(server):
 def refs(client) -> dict[str, str]:
     """name -> name@version of the current versions."""
     return {a.name: a.ref for a in client.list_adapters() if a.current}
+
+
+def split(ref: str) -> dict[str, str]:
+    """name@version -> the engine metrics' labels {adapter: name, version: version}."""
+    name, _, version = ref.partition("@")
+    return {"adapter": name, "version": version}
 
 
 def in_use(client, name: str) -> int:
@@ -400,8 +408,8 @@ def test_unload_in_use_needs_drain(client):
 # ---------------------------------------------------------------- cancellation, deadlines
 
 def test_cancelled_stream_leaves_the_batch(server, client):
-    label, engine_label = "beta", refs(client)["beta"]
-    cancelled = server.metric("loraplex_requests_total", adapter=label, status="CANCELLED")
+    label, engine_label = "beta", split(refs(client)["beta"])
+    cancelled = server.metric("loraplex_requests_total", adapter=label, **UNROUTED, status="CANCELLED")
     stream = client.stream(PROMPT, adapter="beta", **LONG)
     chunks = iter(stream)
     next(chunks)
@@ -409,23 +417,23 @@ def test_cancelled_stream_leaves_the_batch(server, client):
     assert server.metric("loraplex_running_requests") >= 1
     stream.cancel()
     assert server.wait_metric("loraplex_requests_total", lambda v: v == cancelled + 1,
-                              adapter=label, status="CANCELLED") == cancelled + 1
+                              adapter=label, **UNROUTED, status="CANCELLED") == cancelled + 1
     assert wait_in_use(client, "beta", 0) == 0
-    generated = server.metric("loraplex_generated_tokens_total", adapter=engine_label)
+    generated = server.metric("loraplex_generated_tokens_total", **engine_label)
     assert client.generate("x", max_new_tokens=3).completion_tokens == 3
     # nothing more was generated for the cancelled request
-    assert server.metric("loraplex_generated_tokens_total", adapter=engine_label) == generated
+    assert server.metric("loraplex_generated_tokens_total", **engine_label) == generated
 
 
 def test_deadline_exceeded_frees_the_request(server, client):
     label = "alpha"  # the requests counter uses the reference as requested
-    expired = server.metric("loraplex_requests_total", adapter=label, status="DEADLINE_EXCEEDED")
+    expired = server.metric("loraplex_requests_total", adapter=label, **UNROUTED, status="DEADLINE_EXCEEDED")
     with pytest.raises(DeadlineExceeded):
         client.generate(PROMPT, adapter="alpha", timeout=0.5, **LONG)
     with pytest.raises(DeadlineExceeded):
         list(client.stream(PROMPT, adapter="alpha", timeout=0.5, **LONG))
     assert server.wait_metric("loraplex_requests_total", lambda v: v == expired + 2,
-                              adapter=label, status="DEADLINE_EXCEEDED") == expired + 2
+                              adapter=label, **UNROUTED, status="DEADLINE_EXCEEDED") == expired + 2
     assert wait_in_use(client, "alpha", 0) == 0
 
 
@@ -440,13 +448,13 @@ def test_running_gauge_returns_to_zero_after_cancel(server, client):
 # ---------------------------------------------------------------- metrics
 
 def test_metrics_count_served_requests_and_tokens(server, client):
-    label = refs(client)["beta"]  # the engine's metrics use name@version
-    ok = server.metric("loraplex_requests_total", adapter="beta", status="OK")
-    tokens = server.metric("loraplex_generated_tokens_total", adapter=label)
-    prompt = server.metric("loraplex_prompt_tokens_total", adapter=label)
-    e2e = server.metric("loraplex_e2e_latency_seconds_count", adapter=label)
-    bad = server.metric("loraplex_requests_total", adapter="", status="INVALID_ARGUMENT")
-    unknown = server.metric("loraplex_requests_total", adapter="_invalid", status="NOT_FOUND")
+    label = split(refs(client)["beta"])  # the engine's metrics: adapter=name, version=version
+    ok = server.metric("loraplex_requests_total", adapter="beta", **UNROUTED, status="OK")
+    tokens = server.metric("loraplex_generated_tokens_total", **label)
+    prompt = server.metric("loraplex_prompt_tokens_total", **label)
+    e2e = server.metric("loraplex_e2e_latency_seconds_count", **label)
+    bad = server.metric("loraplex_requests_total", adapter="", **UNROUTED, status="INVALID_ARGUMENT")
+    unknown = server.metric("loraplex_requests_total", adapter="_invalid", **UNROUTED, status="NOT_FOUND")
     client.generate(PROMPT, adapter="beta", max_new_tokens=7, ignore_eos=True)
     list(client.stream(PROMPT, adapter="beta", max_new_tokens=5, ignore_eos=True))
     with pytest.raises(InvalidArgument):
@@ -455,12 +463,12 @@ def test_metrics_count_served_requests_and_tokens(server, client):
         client.generate("a", adapter="no-such-adapter", max_new_tokens=2)
     m = server.scrape()
     key = lambda name, **kw: m.get((name, tuple(sorted(kw.items()))), 0.0)  # noqa: E731
-    assert key("loraplex_requests_total", adapter="beta", status="OK") == ok + 2
-    assert key("loraplex_generated_tokens_total", adapter=label) == tokens + 12
-    assert key("loraplex_prompt_tokens_total", adapter=label) == prompt + 2 * len(PROMPT)
-    assert key("loraplex_e2e_latency_seconds_count", adapter=label) == e2e + 2
-    assert key("loraplex_requests_total", adapter="", status="INVALID_ARGUMENT") == bad + 1
-    assert key("loraplex_requests_total", adapter="_invalid", status="NOT_FOUND") == unknown + 1
+    assert key("loraplex_requests_total", adapter="beta", **UNROUTED, status="OK") == ok + 2
+    assert key("loraplex_generated_tokens_total", **label) == tokens + 12
+    assert key("loraplex_prompt_tokens_total", **label) == prompt + 2 * len(PROMPT)
+    assert key("loraplex_e2e_latency_seconds_count", **label) == e2e + 2
+    assert key("loraplex_requests_total", adapter="", **UNROUTED, status="INVALID_ARGUMENT") == bad + 1
+    assert key("loraplex_requests_total", adapter="_invalid", **UNROUTED, status="NOT_FOUND") == unknown + 1
 
 
 # ---------------------------------------------------------------- TLS, auth, overload
@@ -519,7 +527,7 @@ def test_full_queue_is_resource_exhausted_and_cancel_frees_the_slot(guarded_serv
         chunks = list(second)
         assert sum(len(ch.token_ids) for ch in chunks) == 3
         assert chunks[-1].finish_reason == "length"
-    assert s.metric("loraplex_requests_total", adapter="", status="RESOURCE_EXHAUSTED") >= 2
+    assert s.metric("loraplex_requests_total", adapter="", **UNROUTED, status="RESOURCE_EXHAUSTED") >= 2
 
 
 # ---------------------------------------------------------------- shutdown

@@ -161,3 +161,43 @@ def test_cancel_frees_blocks_and_adapter_pin(cache):
     sched.add(waiting)
     sched.finish(waiting)  # cancelled before it ever ran
     assert not sched.has_work()
+
+
+def make_shadow(n_prompt, adapter=None):
+    seq = make_seq(n_prompt, adapter)
+    seq.request.shadow = True
+    return seq
+
+
+def test_shadows_wait_while_real_requests_wait_and_are_preempted_first(cache):
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4)
+    blocks = BlockAllocator(4, 4)  # 16 tokens in all
+    sched = Scheduler(cfg, blocks, cache)
+    shadow, real, late = make_shadow(8), make_seq(8), make_seq(4)
+    sched.add(shadow)  # the shadow arrived first...
+    sched.add(real)
+    assert run_step(sched) == {id(real): 8, id(shadow): 8}  # ...but real work is admitted first
+    assert sched.running == [real, shadow] and blocks.num_free == 0
+    sched.add(late)
+    # real's decode needs a block: the shadow is preempted, late takes the block left
+    assert run_step(sched) == {id(real): 1, id(late): 4}
+    assert shadow.status is Status.WAITING and sched.num_preemptions == 1
+    sched.finish(late)  # 1 block free again
+    blocked = make_seq(30)  # never fits next to real: stays waiting
+    sched.add(blocked)
+    shadow.request.prompt_ids[:] = [1, 2]  # would fit now
+    shadow.output_ids.clear()
+    assert id(shadow) not in run_step(sched)  # a real request waits: no shadow joins
+    sched.finish(blocked)
+    assert id(shadow) in run_step(sched)  # nobody real waits: the shadow runs again
+
+
+def test_victim_is_the_newest_shadow_not_yet_scheduled_this_step(cache):
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4)
+    sched = Scheduler(cfg, BlockAllocator(8, 4), cache)
+    real1, shadow, real2 = make_seq(4), make_shadow(4), make_seq(4)
+    sched.running = [real1, shadow, real2]  # running order = the order of this step
+    assert sched._victim(real1) is shadow  # not real2, the newest
+    assert sched._victim(real2) is real2  # the shadow already joined this step's batch
+    sched.running = [real1, real2]
+    assert sched._victim(real1) is real2  # no shadow: the newest, as before

@@ -32,7 +32,7 @@ from loraplex.config import (DTYPE_CHOICES, LORA_BACKENDS, QUANTIZE_CHOICES, Con
                              EngineConfig, ModelConfig, ServerConfig, parse_size)
 
 ENV_PREFIX = "LORAPLEX_"
-CLIENT_COMMANDS = ("generate", "adapters", "health")
+CLIENT_COMMANDS = ("generate", "adapters", "routes", "health")
 
 
 def _preload_item(text: str) -> tuple[str, str]:
@@ -116,6 +116,9 @@ OPTIONS: tuple[Option, ...] = (
     _o("tls-key", "server", "tls_key", str, "PEM private key", metavar="FILE"),
     _o("grace-period", "server", "grace_period", float,
        "seconds calls in flight get to finish after SIGTERM", metavar="SECONDS"),
+    _o("data-dir", "server", "data_dir", str,
+       "folder keeping routes and loaded adapters across restarts (empty: not kept)",
+       metavar="DIR"),
 )
 _BY_KEY = {o.dest: o for o in OPTIONS}
 LOG_LEVELS = ("debug", "info", "warning", "error")

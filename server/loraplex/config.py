@@ -94,6 +94,7 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     grace_period: float = 30.0  # seconds in-flight calls get after SIGTERM
+    data_dir: str = ""  # where routes and the adapter registry persist ("" = nowhere)
 
     def __post_init__(self):
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:

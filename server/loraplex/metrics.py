@@ -2,6 +2,13 @@
 
 Each server owns its own CollectorRegistry, so several servers (tests, replicas
 in one process) never collide.
+
+Labels: `adapter` is an adapter's name and `version` its version ("" for the base
+model, and in `loraplex_requests` for a request that named a bare adapter, which
+the engine's own metrics then show resolved). `route` is the alias of the route
+that chose the version ("" when the request named an adapter). Shadow metrics
+label both sides of a comparison: primary_adapter/primary_version and
+candidate_adapter/candidate_version.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+AV = ["adapter", "version"]
+_PAIR = ["route", "primary_adapter", "primary_version", "candidate_adapter", "candidate_version"]
 
 
 class Metrics:
@@ -18,24 +27,28 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "loraplex_requests", "Finished generation calls by adapter and gRPC status.",
-            ["adapter", "status"], registry=r)
+            "loraplex_requests", "Finished generation calls by adapter, version, route and "
+            "gRPC status.", ["adapter", "version", "route", "status"], registry=r)
+        self.request_latency = Histogram(
+            "loraplex_request_latency_seconds", "Duration of successful generation calls, "
+            "as the API layer sees them.", ["adapter", "version", "route"],
+            buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram(
             "loraplex_queue_time_seconds", "Time from submission to first scheduling.",
-            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+            AV, buckets=_LATENCY_BUCKETS, registry=r)
         self.time_to_first_token = Histogram(
             "loraplex_time_to_first_token_seconds", "Time from submission to the first token.",
-            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+            AV, buckets=_LATENCY_BUCKETS, registry=r)
         self.inter_token_latency = Histogram(
             "loraplex_inter_token_latency_seconds", "Time between two tokens of one request.",
-            ["adapter"], buckets=_ITL_BUCKETS, registry=r)
+            AV, buckets=_ITL_BUCKETS, registry=r)
         self.e2e_latency = Histogram(
             "loraplex_e2e_latency_seconds", "Time from submission to the last token.",
-            ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+            AV, buckets=_LATENCY_BUCKETS, registry=r)
         self.generated_tokens = Counter(
-            "loraplex_generated_tokens", "Tokens produced, by adapter.", ["adapter"], registry=r)
+            "loraplex_generated_tokens", "Tokens produced, by adapter.", AV, registry=r)
         self.prompt_tokens = Counter(
-            "loraplex_prompt_tokens", "Prompt tokens prefilled, by adapter.", ["adapter"],
+            "loraplex_prompt_tokens", "Prompt tokens prefilled, by adapter.", AV,
             registry=r)
         self.running = Gauge("loraplex_running_requests", "Requests in the running batch.",
                              registry=r)
@@ -70,3 +83,28 @@ class Metrics:
             ["tier"], buckets=_LOAD_BUCKETS, registry=r)
         self.adapters_resident = Gauge(
             "loraplex_adapters_resident", "Adapters held in each tier.", ["tier"], registry=r)
+        # ---- routes: canary splits, shadow traffic, guards (loraplex.routing) ----
+        self.route_weight = Gauge(
+            "loraplex_route_weight", "Configured weight of each version of a route.",
+            ["route", "adapter", "version"], registry=r)
+        self.shadow_requests = Counter(
+            "loraplex_shadow_requests", "Mirrored (shadow) requests by outcome: ok | error | "
+            "skipped (too many shadows in flight).", _PAIR + ["outcome"], registry=r)
+        self.shadow_comparisons = Counter(
+            "loraplex_shadow_comparisons", "Shadow answers compared with the primary's.",
+            _PAIR, registry=r)
+        self.shadow_exact_matches = Counter(
+            "loraplex_shadow_exact_matches", "Shadow answers identical to the primary's "
+            "(exact-match rate = this / loraplex_shadow_comparisons).", _PAIR, registry=r)
+        self.shadow_tokens_compared = Counter(
+            "loraplex_shadow_tokens_compared", "Token positions compared (the longer output).",
+            _PAIR, registry=r)
+        self.shadow_tokens_agreeing = Counter(
+            "loraplex_shadow_tokens_agreeing", "Token positions where shadow and primary agree "
+            "(token agreement = this / loraplex_shadow_tokens_compared).", _PAIR, registry=r)
+        self.shadow_latency_ratio = Histogram(
+            "loraplex_shadow_latency_ratio", "Shadow latency / primary latency of one request.",
+            _PAIR, buckets=(0.25, 0.5, 0.75, 0.9, 1, 1.1, 1.25, 1.5, 2, 3, 5, 10), registry=r)
+        self.guard_trips = Counter(
+            "loraplex_route_guard_trips", "Times a route's guard set a candidate's weight to 0.",
+            ["route", "adapter", "version", "metric"], registry=r)

@@ -10,8 +10,10 @@
 1. The gRPC port is bound first, with health NOT_SERVING (probes answer while
    the model loads; Generation and Adapters calls get UNAVAILABLE).
 2. The engine is built (in a thread), adapters given with --preload are loaded,
-   and a one-token warm-up request runs through the base model and each
-   preloaded adapter. Only then are "" and both services SERVING.
+   then, with --data-dir, the adapters and routes saved there are restored
+   (an adapter whose files changed since is refused, with a log line), and a
+   one-token warm-up request runs through the base model and each preloaded
+   adapter. Only then are "" and the services SERVING.
 3. On SIGTERM/SIGINT: health NOT_SERVING, new calls refused with UNAVAILABLE
    (by the interceptor, while the port stays open so probes see NOT_SERVING),
    calls in flight get `grace_period` seconds to finish, then `server.stop(0)`
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -31,18 +34,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from loraplex.api.auth import ADAPTERS_SERVICE, GENERATION_SERVICE, GateInterceptor, InFlight
+from loraplex.api.auth import (ADAPTERS_SERVICE, GENERATION_SERVICE, ROUTES_SERVICE,
+                               GateInterceptor, InFlight)
+from loraplex.api.routes import RoutesServicer
 from loraplex.api.servicers import AdaptersServicer, GenerationServicer
 from loraplex.config import Config
 from loraplex.engine.request import GenerationRequest, SamplingParams
 from loraplex.errors import Unavailable
 from loraplex.metrics import Metrics
+from loraplex.routing import Route, Router
+from loraplex.state import AdapterEntry, State, StateStore
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICES = (GENERATION_SERVICE, ADAPTERS_SERVICE)
+SERVICES = (GENERATION_SERVICE, ADAPTERS_SERVICE, ROUTES_SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -73,6 +80,10 @@ class LoraplexServer:
         self._metrics_httpd = None
         self.shutting_down = asyncio.Event()  # set once new calls are refused
         self._stopped = asyncio.Event()
+        self.router = Router(metrics=self.metrics, on_change=self._state_changed)
+        self.state = StateStore(config.server.data_dir) if config.server.data_dir else None
+        self.generation: GenerationServicer | None = None
+        self._save_task: asyncio.Task | None = None
 
     def _ready_engine(self):
         if self.engine is None:
@@ -85,16 +96,22 @@ class LoraplexServer:
 
     def _build_grpc_server(self) -> grpc.aio.Server:
         s = self.config.server
-        tokens = {GENERATION_SERVICE: s.generate_token, ADAPTERS_SERVICE: s.admin_token}
+        tokens = {GENERATION_SERVICE: s.generate_token, ADAPTERS_SERVICE: s.admin_token,
+                  ROUTES_SERVICE: s.admin_token}
         server = grpc.aio.server(
             interceptors=[GateInterceptor(tokens, accepting=lambda: self._accepting,
                                           in_flight=self._in_flight)],
             options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_GenerationServicer_to_server(
-            GenerationServicer(self._ready_engine, self.metrics), server)
-        pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self._ready_engine), server)
+        self.generation = GenerationServicer(self._ready_engine, self.metrics, self.router)
+        pb_grpc.add_GenerationServicer_to_server(self.generation, server)
+        pb_grpc.add_AdaptersServicer_to_server(
+            AdaptersServicer(self._ready_engine, on_change=self.save_state), server)
+        pb_grpc.add_RoutesServicer_to_server(
+            RoutesServicer(self.router, self._ready_engine, self.metrics,
+                           persist=self.save_state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Generation", "Adapters")]
+        names = [pb.DESCRIPTOR.services_by_name[n].full_name
+                 for n in ("Generation", "Adapters", "Routes")]
         reflection.enable_server_reflection(
             names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = _address(s.host, s.port)
@@ -125,6 +142,8 @@ class LoraplexServer:
         for name, path in s.preload:
             info = await asyncio.to_thread(engine.adapters.load, name, path or None)
             log.info("preloaded adapter %s@%s from %s", info.name, info.version, info.path)
+        if self.state is not None:
+            await asyncio.to_thread(self._restore, engine)
         await self._warm_up(engine, [""] + [name for name, _ in s.preload])
         self.engine = engine
         await self._set_health(_SERVING)
@@ -152,6 +171,8 @@ class LoraplexServer:
         self._accepting = False
         await self._health.enter_graceful_shutdown()
         self.shutting_down.set()
+        if self.generation is not None and self.generation.shadows is not None:
+            await self.generation.shadows.drain(min(grace, 5.0))
         try:
             # Keep serving (health answers NOT_SERVING, new calls get UNAVAILABLE from
             # the interceptor) until the calls in flight are done or the grace is over;
@@ -164,6 +185,8 @@ class LoraplexServer:
             if self._server is not None:
                 await self._server.stop(0)
         finally:
+            if self.engine is not None and self.state is not None:
+                await self.save_state()
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.stop)
             if self._metrics_httpd is not None:
@@ -171,6 +194,72 @@ class LoraplexServer:
                 self._metrics_httpd.server_close()
             self._stopped.set()
             log.info("stopped")
+
+    # ---- persistence (--data-dir) -------------------------------------------------
+
+    def _snapshot(self) -> State:
+        """The adapter registry (current versions, paths relative to the adapter root)
+        and the routes, as they are now. Blocking (lists the cache)."""
+        root = os.path.realpath(self.config.server.adapter_root)
+        adapters = [AdapterEntry(i.name, i.version, os.path.relpath(i.path, root))
+                    for i in self.engine.adapters.list() if i.current and i.version]
+        return State(adapters=adapters, routes=[r.to_json() for r in self.router.list()])
+
+    async def save_state(self) -> None:
+        """Write the state file now (in a worker thread); no-op without --data-dir."""
+        if self.state is None or self.engine is None:
+            return
+        await asyncio.to_thread(lambda: self.state.save(self._snapshot()))
+
+    def _state_changed(self) -> None:
+        """The router changed on its own (a guard tripped): save soon, off the caller's path."""
+        if self.state is None or self.engine is None:
+            return
+        if self._save_task is None or self._save_task.done():
+            self._save_task = asyncio.get_running_loop().create_task(self.save_state())
+
+    def _restore(self, engine) -> None:
+        """Load the saved adapters (refusing any whose files changed) and routes."""
+        saved = self.state.load()
+        current = {i.name: i.version for i in engine.adapters.list() if i.current and i.version}
+        for e in saved.adapters:
+            if e.name in current:
+                if current[e.name] != e.version:
+                    log.error("saved adapter %s@%s not restored: %s is already loaded (from "
+                              "--preload) as version %s", e.name, e.version, e.name, current[e.name])
+                continue
+            try:
+                info = engine.adapters.load(e.name, e.path)
+            except Exception as exc:  # noqa: BLE001  (a missing folder must not stop the server)
+                log.error("saved adapter %s@%s not restored from %s: %s", e.name, e.version,
+                          e.path, exc)
+                continue
+            if info.version != e.version:
+                engine.adapters.unload(e.name, drain=False, timeout=0)
+                log.error("saved adapter %s@%s REFUSED: the files in %s changed since (now "
+                          "version %s); load or swap it again to serve the new files",
+                          e.name, e.version, e.path, info.version)
+                continue
+            log.info("restored adapter %s@%s from %s", e.name, e.version, e.path)
+        loaded = {f"{i.name}@{i.version}" for i in engine.adapters.list() if i.version}
+        routes = []
+        for d in saved.routes:
+            try:
+                route = Route.from_json(d)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("saved route %r not restored: %s", d.get("alias"), exc)
+                continue
+            missing = [t.ref for t in route.targets if t.ref not in loaded]
+            if missing:
+                log.warning("restored route %s points at versions that are not loaded: %s",
+                            route.alias, ", ".join(missing))
+            for t in route.targets:
+                name, _, version = t.ref.partition("@")
+                self.metrics.route_weight.labels(route.alias, name, version).set(t.weight)
+            routes.append(route)
+        self.router.load(routes)
+        log.info("restored %d adapter(s) and %d route(s) from %s", len(saved.adapters),
+                 len(routes), self.state.path)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -5,9 +5,10 @@ from loraplex_client.errors import (AlreadyExists, Cancelled, DeadlineExceeded, 
                                     Internal, InvalidArgument, LoraplexError, NotFound,
                                     PermissionDenied, ResourceExhausted, Unauthenticated,
                                     Unavailable, Unimplemented)
-from loraplex_client.types import AdapterInfo, Chunk, Result, TokenLogprob
+from loraplex_client.types import (AdapterInfo, Chunk, GuardTrip, Result, RouteInfo,
+                                   ShadowComparison, TokenLogprob)
 
 __all__ = ["AsyncClient", "Client", "GenerateStream", "AdapterInfo", "Chunk", "Result",
-           "TokenLogprob", "LoraplexError", "AlreadyExists", "Cancelled", "DeadlineExceeded",
+           "TokenLogprob", "RouteInfo", "ShadowComparison", "GuardTrip", "LoraplexError", "AlreadyExists", "Cancelled", "DeadlineExceeded",
            "FailedPrecondition", "Internal", "InvalidArgument", "NotFound", "PermissionDenied",
            "ResourceExhausted", "Unauthenticated", "Unavailable", "Unimplemented"]

@@ -7,6 +7,10 @@
     loraplex adapters unload NAME [--drain]
     loraplex adapters swap NAME PATH
     loraplex adapters merge NEW SRC [SRC...] [--weights 0.5,0.5] [--combination-type ties ...]
+    loraplex routes set ALIAS name@v1=95 name@v2=5 [--shadow name@v3=0.1]
+                    [--max-error-rate R] [--max-latency-ratio R] [--max-disagreement R] [--window N]
+    loraplex routes get|delete|rollback ALIAS     loraplex routes list
+    loraplex routes promote ALIAS [name@version]
     loraplex health [SERVICE]
 
 Common options: --target host:port (env LORAPLEX_TARGET, default localhost:50051),
@@ -104,6 +108,32 @@ def add_commands(subparsers) -> None:
     p.add_argument("--svd-rank", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_merge)
+
+    r = subparsers.add_parser("routes", help="canary routes: aliases over adapter versions")
+    rsub = r.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = rsub.add_parser("set", parents=[common], help="create or replace a route")
+    p.add_argument("alias")
+    p.add_argument("targets", nargs="+", type=_weighted, metavar="ADAPTER=WEIGHT",
+                   help='"name@version=95" ("name" = its current version)')
+    p.add_argument("--shadow", type=_weighted, default=None, metavar="ADAPTER=FRACTION",
+                   help="mirror this fraction of requests to a candidate")
+    p.add_argument("--max-error-rate", type=float, default=None)
+    p.add_argument("--max-latency-ratio", type=float, default=None)
+    p.add_argument("--max-disagreement", type=float, default=None)
+    p.add_argument("--window", type=int, default=None, help="guard window (default 50)")
+    p.set_defaults(func=_route_set)
+    for action, helptext in (("get", "one route, with shadow comparisons and guard trips"),
+                             ("delete", "forget a route"),
+                             ("rollback", "back to the weights before the last set/promote")):
+        p = rsub.add_parser(action, parents=[common], help=helptext)
+        p.add_argument("alias")
+        p.set_defaults(func=_route_action)
+    p = rsub.add_parser("list", parents=[common], help="every route")
+    p.set_defaults(func=_route_list)
+    p = rsub.add_parser("promote", parents=[common], help="give a candidate all traffic")
+    p.add_argument("alias")
+    p.add_argument("adapter", nargs="?", default="", help="the candidate (default: the only one)")
+    p.set_defaults(func=_route_action)
 
     h = subparsers.add_parser("health", parents=[common], help="health status")
     h.add_argument("service", nargs="?", default="", help='e.g. loraplex.v1.Generation')
@@ -227,6 +257,60 @@ def _merge(args) -> int:
             combination_type=args.combination_type, density=args.density,
             majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
             seed=args.seed)])
+
+
+def _weighted(text: str) -> tuple[str, float]:
+    ref, sep, value = text.rpartition("=")
+    if not sep or not ref:
+        raise argparse.ArgumentTypeError(f"expected ADAPTER=NUMBER, got {text!r}")
+    try:
+        return ref, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number in {text!r}") from None
+
+
+def _show_routes(args, routes) -> int:
+    if args.json:
+        _print_json([dataclasses.asdict(r) for r in routes])
+        return 0
+    if not routes:
+        print("no routes")
+    for r in routes:
+        weights = ", ".join(f"{ref}={w:g}" for ref, w in r.targets)
+        print(f"{r.alias}: {weights} (primary {r.primary})")
+        if r.shadow:
+            print(f"  shadow: {r.shadow[0]} fraction {r.shadow[1]:g}")
+        if r.guard:
+            print("  guard: " + ", ".join(f"{k}={v}" for k, v in r.guard.items() if v is not None))
+        for c in r.comparisons:
+            print(f"  {c.candidate} vs {c.primary}: {c.compared} compared, exact match "
+                  f"{c.exact_match_rate:.3f}, token agreement {c.token_agreement:.3f}, latency "
+                  f"ratio {c.latency_ratio:.2f}, {c.candidate_errors} errors")
+        for t in r.trips:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.time))
+            print(f"  guard tripped {when}: {t.adapter} {t.metric} {t.value:.3f} > {t.limit:g}")
+    return 0
+
+
+def _route_set(args) -> int:
+    keys = ("max_error_rate", "max_latency_ratio", "max_disagreement", "window")
+    guard = {k: getattr(args, k) for k in keys if getattr(args, k) is not None} or None
+    with _client(args) as c:
+        return _show_routes(args, [c.set_route(args.alias, args.targets, args.shadow, guard)])
+
+
+def _route_action(args) -> int:
+    with _client(args) as c:
+        if args.action == "promote":
+            route = c.promote_route(args.alias, args.adapter)
+        else:
+            route = getattr(c, f"{args.action}_route")(args.alias)
+        return _show_routes(args, [route])
+
+
+def _route_list(args) -> int:
+    with _client(args) as c:
+        return _show_routes(args, c.list_routes())
 
 
 def _health(args) -> int:

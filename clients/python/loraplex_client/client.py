@@ -20,8 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.errors import from_rpc_error
-from loraplex_client.types import (AdapterInfo, Chunk, Result, adapter_from_pb,
-                                   build_generate_request, chunk_from_pb, result_from_pb)
+from loraplex_client.types import (AdapterInfo, Chunk, Result, RouteInfo, adapter_from_pb,
+                                   build_generate_request, build_set_route_request,
+                                   chunk_from_pb, result_from_pb, route_from_pb)
 
 ADAPTER_HEADER = "x-loraplex-adapter"
 
@@ -101,6 +102,7 @@ class Client(_Base):
                          else grpc.insecure_channel(target, options=options))
         self._gen = pb_grpc.GenerationStub(self._channel)
         self._adm = pb_grpc.AdaptersStub(self._channel)
+        self._routes = pb_grpc.RoutesStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
 
@@ -156,6 +158,38 @@ class Client(_Base):
                              majority_sign_method, svd_rank, seed)
         return adapter_from_pb(self._call(self._adm.MergeAdapters, req, name, timeout))
 
+    # ---- routes (admin token) ----------------------------------------------------
+
+    def set_route(self, alias: str, targets, shadow=None, guard=None,
+                  timeout: float | None = None) -> RouteInfo:
+        """targets: {"name@version": weight} (or "name" = its current version);
+        shadow: ("name@version", fraction); guard: dict of max_error_rate,
+        max_latency_ratio, max_disagreement, window."""
+        req = build_set_route_request(alias, targets, shadow, guard)
+        return route_from_pb(self._call(self._routes.SetRoute, req, "", timeout))
+
+    def get_route(self, alias: str, timeout: float | None = None) -> RouteInfo:
+        return route_from_pb(self._call(self._routes.GetRoute, pb.GetRouteRequest(alias=alias),
+                                        "", timeout))
+
+    def list_routes(self, timeout: float | None = None) -> list[RouteInfo]:
+        resp = self._call(self._routes.ListRoutes, pb.ListRoutesRequest(), "", timeout)
+        return [route_from_pb(r) for r in resp.routes]
+
+    def delete_route(self, alias: str, timeout: float | None = None) -> RouteInfo:
+        return route_from_pb(self._call(self._routes.DeleteRoute,
+                                        pb.DeleteRouteRequest(alias=alias), "", timeout))
+
+    def promote_route(self, alias: str, adapter: str = "",
+                      timeout: float | None = None) -> RouteInfo:
+        return route_from_pb(self._call(self._routes.PromoteRoute,
+                                        pb.PromoteRouteRequest(alias=alias, adapter=adapter), "",
+                                        timeout))
+
+    def rollback_route(self, alias: str, timeout: float | None = None) -> RouteInfo:
+        return route_from_pb(self._call(self._routes.RollbackRoute,
+                                        pb.RollbackRouteRequest(alias=alias), "", timeout))
+
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... of the whole server ("") or of one service
         (e.g. "loraplex.v1.Generation")."""
@@ -185,6 +219,7 @@ class AsyncClient(_Base):
                          else grpc.aio.insecure_channel(target, options=options))
         self._gen = pb_grpc.GenerationStub(self._channel)
         self._adm = pb_grpc.AdaptersStub(self._channel)
+        self._routes = pb_grpc.RoutesStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
 
@@ -246,6 +281,38 @@ class AsyncClient(_Base):
         req = _merge_request(name, sources, weights, combination_type, density,
                              majority_sign_method, svd_rank, seed)
         return adapter_from_pb(await self._call(self._adm.MergeAdapters, req, name, timeout))
+
+    # ---- routes (admin token) ----------------------------------------------------
+
+    async def set_route(self, alias: str, targets, shadow=None, guard=None,
+                  timeout: float | None = None) -> RouteInfo:
+        """targets: {"name@version": weight} (or "name" = its current version);
+        shadow: ("name@version", fraction); guard: dict of max_error_rate,
+        max_latency_ratio, max_disagreement, window."""
+        req = build_set_route_request(alias, targets, shadow, guard)
+        return route_from_pb(await self._call(self._routes.SetRoute, req, "", timeout))
+
+    async def get_route(self, alias: str, timeout: float | None = None) -> RouteInfo:
+        return route_from_pb(await self._call(self._routes.GetRoute, pb.GetRouteRequest(alias=alias),
+                                        "", timeout))
+
+    async def list_routes(self, timeout: float | None = None) -> list[RouteInfo]:
+        resp = await self._call(self._routes.ListRoutes, pb.ListRoutesRequest(), "", timeout)
+        return [route_from_pb(r) for r in resp.routes]
+
+    async def delete_route(self, alias: str, timeout: float | None = None) -> RouteInfo:
+        return route_from_pb(await self._call(self._routes.DeleteRoute,
+                                        pb.DeleteRouteRequest(alias=alias), "", timeout))
+
+    async def promote_route(self, alias: str, adapter: str = "",
+                      timeout: float | None = None) -> RouteInfo:
+        return route_from_pb(await self._call(self._routes.PromoteRoute,
+                                        pb.PromoteRouteRequest(alias=alias, adapter=adapter), "",
+                                        timeout))
+
+    async def rollback_route(self, alias: str, timeout: float | None = None) -> RouteInfo:
+        return route_from_pb(await self._call(self._routes.RollbackRoute,
+                                        pb.RollbackRouteRequest(alias=alias), "", timeout))
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         resp = await self._call(self._health.Check,

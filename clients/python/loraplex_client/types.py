@@ -36,6 +36,7 @@ class Chunk:
     adapter: str  # "name@version", "" for the base model
     logprobs: tuple[TokenLogprob, ...] = ()
     request_id: str = ""
+    route: str = ""  # the route (alias) that chose `adapter`; "" when none
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Result:
     adapter: str
     logprobs: tuple[TokenLogprob, ...] = ()
     request_id: str = ""
+    route: str = ""  # the route (alias) that chose `adapter`; "" when none
 
     @classmethod
     def from_chunks(cls, chunks: list[Chunk]) -> "Result":
@@ -59,7 +61,7 @@ class Result:
                    finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
                    completion_tokens=last.completion_tokens, adapter=last.adapter,
                    logprobs=tuple(lp for c in chunks for lp in c.logprobs),
-                   request_id=last.request_id)
+                   request_id=last.request_id, route=last.route)
 
 
 @dataclass(frozen=True)
@@ -93,14 +95,15 @@ def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
     return Chunk(text=msg.text, token_ids=tuple(msg.token_ids),
                  finish_reason=_FINISH.get(msg.finish_reason), prompt_tokens=msg.prompt_tokens,
                  completion_tokens=msg.completion_tokens, adapter=msg.adapter,
-                 logprobs=_logprobs(msg), request_id=msg.request_id)
+                 logprobs=_logprobs(msg), request_id=msg.request_id, route=msg.route)
 
 
 def result_from_pb(msg: pb.GenerateResponse) -> Result:
     c = chunk_from_pb(msg)
     return Result(text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
                   prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                  adapter=c.adapter, logprobs=c.logprobs, request_id=c.request_id)
+                  adapter=c.adapter, logprobs=c.logprobs, request_id=c.request_id,
+                  route=c.route)
 
 
 def adapter_from_pb(msg: pb.AdapterInfo) -> AdapterInfo:
@@ -119,7 +122,7 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed",
 
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapter: str = "",
-                           **sampling) -> pb.GenerateRequest:
+                           routing_key: str = "", **sampling) -> pb.GenerateRequest:
     """A GenerateRequest from Python values. Give exactly one of prompt, input_ids, messages
     (messages: a list of {"role", "content"} dicts or (role, content) pairs)."""
     unknown = set(sampling) - set(SAMPLING_FIELDS)
@@ -128,7 +131,7 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapte
     given = [x is not None for x in (prompt, input_ids, messages)]
     if sum(given) != 1:
         raise TypeError("give exactly one of prompt, input_ids, messages")
-    req = pb.GenerateRequest(adapter=adapter or "")
+    req = pb.GenerateRequest(adapter=adapter or "", routing_key=routing_key or "")
     if prompt is not None:
         req.prompt = prompt
     elif input_ids is not None:
@@ -146,4 +149,78 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapte
             getattr(req, name).extend([value] if isinstance(value, str) else value)
         else:
             setattr(req, name, value)
+    return req
+
+
+@dataclass(frozen=True)
+class ShadowComparison:
+    """How a shadow candidate's answers compared with the primary's."""
+
+    primary: str
+    candidate: str
+    compared: int
+    exact_match_rate: float
+    token_agreement: float
+    latency_ratio: float
+    candidate_errors: int
+
+
+@dataclass(frozen=True)
+class GuardTrip:
+    time: float  # unix time
+    adapter: str  # the candidate name@version whose weight was set to 0
+    metric: str  # error_rate | latency_ratio | disagreement
+    value: float
+    limit: float
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """A route: an alias over adapter versions with weights."""
+
+    alias: str
+    targets: tuple[tuple[str, float], ...]  # (name@version, weight)
+    primary: str
+    shadow: tuple[str, float] | None = None  # (name@version, fraction)
+    guard: dict | None = None  # max_error_rate, max_latency_ratio, max_disagreement, window
+    comparisons: tuple[ShadowComparison, ...] = ()
+    trips: tuple[GuardTrip, ...] = ()
+    history: tuple[tuple[tuple[str, float], ...], ...] = ()  # earlier targets, oldest first
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self.targets)
+
+
+def route_from_pb(m: pb.RouteInfo) -> RouteInfo:
+    guard = None
+    if m.HasField("guard"):
+        guard = {"window": m.guard.window}
+        for k in ("max_error_rate", "max_latency_ratio", "max_disagreement"):
+            guard[k] = getattr(m.guard, k) if m.guard.HasField(k) else None
+    return RouteInfo(
+        alias=m.alias, targets=tuple((t.adapter, t.weight) for t in m.targets), primary=m.primary,
+        shadow=(m.shadow.adapter, m.shadow.fraction) if m.HasField("shadow") else None,
+        guard=guard,
+        comparisons=tuple(ShadowComparison(c.primary, c.candidate, c.compared, c.exact_match_rate,
+                                           c.token_agreement, c.latency_ratio, c.candidate_errors)
+                          for c in m.comparisons),
+        trips=tuple(GuardTrip(t.time.ToNanoseconds() / 1e9, t.adapter, t.metric, t.value, t.limit)
+                    for t in m.trips),
+        history=tuple(tuple((t.adapter, t.weight) for t in h.targets) for h in m.history))
+
+
+def build_set_route_request(alias: str, targets, shadow=None, guard=None) -> pb.SetRouteRequest:
+    """targets: {ref: weight} or [(ref, weight)]; shadow: (ref, fraction); guard: dict with
+    any of max_error_rate, max_latency_ratio, max_disagreement, window."""
+    items = targets.items() if isinstance(targets, dict) else targets
+    req = pb.SetRouteRequest(alias=alias,
+                             targets=[pb.RouteTarget(adapter=r, weight=w) for r, w in items])
+    if shadow is not None:
+        req.shadow.adapter, req.shadow.fraction = shadow[0], shadow[1]
+    if guard is not None:
+        req.guard.window = int(guard.get("window") or 0)
+        for k in ("max_error_rate", "max_latency_ratio", "max_disagreement"):
+            if guard.get(k) is not None:
+                setattr(req.guard, k, guard[k])
     return req

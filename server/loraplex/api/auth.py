@@ -19,6 +19,7 @@ import grpc
 
 GENERATION_SERVICE = "loraplex.v1.Generation"
 ADAPTERS_SERVICE = "loraplex.v1.Adapters"
+ROUTES_SERVICE = "loraplex.v1.Routes"
 
 
 def _rejecting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 
@@ -17,10 +18,12 @@ from loraplex.api.convert import (adapter_info_to_pb, adapter_label,
                                   generation_request_from_pb, merge_args_from_pb,
                                   response_from_outputs)
 from loraplex.api.errors import status_of
+from loraplex.api.routes import ShadowMirror, seed_for_shadow
 from loraplex.engine.request import FinishReason, RequestOutput
 from loraplex.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument,
                              LoraplexError, NotFound)
 from loraplex.metrics import Metrics
+from loraplex.routing import Router
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 
@@ -54,12 +57,26 @@ class _Call:
     and its adapter label: the reference as the request gave it ("" = base model,
     "name" or "name@version"), so that one kind of request always counts under one
     label whatever moment it ended at; "_invalid" when the reference was malformed
-    or unknown (so that bad input cannot grow the label set)."""
+    or unknown (so that bad input cannot grow the label set). A routed call is
+    labelled with the version its route chose, and the route."""
 
     def __init__(self, context: grpc.aio.ServicerContext, adapter: str):
         self.context = context
         self.label = adapter_label(adapter)
+        self.route = ""
+        self.shadow = None  # future of the primary's outcome, awaited by a shadow task
         self.code = grpc.StatusCode.OK
+        self.start = time.monotonic()
+        self.tokens: list[int] = []
+        self.finished = False  # ended with LENGTH or STOP
+
+    def routed(self, decision) -> None:
+        self.label, self.route = decision.ref, decision.route
+
+    def labels(self) -> tuple[str, str, str]:
+        """(adapter, version, route) of the metrics."""
+        name, _, version = self.label.partition("@")
+        return name, version, self.route
 
     async def fail(self, exc: Exception):
         """Abort the call with the status of `exc` (never returns)."""
@@ -70,7 +87,8 @@ class _Call:
         if self.code is grpc.StatusCode.INTERNAL:
             log.exception("bug while serving a request", exc_info=exc)
             await self.context.abort(self.code, f"internal error: {type(exc).__name__}")
-        if self.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+        if self.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) \
+                and not self.route:
             self.label = "_invalid" if self.label else ""
         await self.context.abort(self.code, str(exc))
 
@@ -82,25 +100,66 @@ class _Call:
                      else grpc.StatusCode.CANCELLED)
 
 
+# Outcomes that say nothing about the version that served (the caller's doing).
+_NOT_THE_VERSIONS_FAULT = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                           grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           grpc.StatusCode.UNAVAILABLE)
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, get_engine: Callable, metrics: Metrics):
+    """Requests naming a route's alias are resolved by the router (loraplex.routing)
+    to one version before they reach the engine; a share of them is mirrored to the
+    route's shadow candidate (api.routes.ShadowMirror), which the caller never waits for."""
+
+    def __init__(self, get_engine: Callable, metrics: Metrics, router: Router | None = None):
         self._get_engine = get_engine  # raises Unavailable until the model is ready
         self._metrics = metrics
+        self._router = router
+        self.shadows = ShadowMirror(router, metrics) if router is not None else None
 
-    def _submit(self, request: pb.GenerateRequest, context):
+    def _submit(self, request: pb.GenerateRequest, context, call: _Call):
         engine = self._get_engine()
         greq = generation_request_from_pb(request, engine.tokenizer, _deadline(context),
                                           engine.max_model_len)
-        return engine.submit(greq)
+        decision = (self._router.resolve(request.adapter, request.routing_key)
+                    if self._router is not None and request.adapter else None)
+        if decision is None:
+            return engine.submit(greq)
+        call.routed(decision)
+        greq = replace(greq, adapter=decision.ref)
+        if decision.shadow_ref:
+            greq = seed_for_shadow(greq)
+        stream = engine.submit(greq)
+        if decision.shadow_ref:
+            call.shadow = self.shadows.mirror(engine, greq, decision)
+        return stream
+
+    def _done(self, call: _Call) -> None:
+        """Metrics, the route's guard and the shadow comparison of one ended call."""
+        latency = time.monotonic() - call.start
+        labels = call.labels()
+        self._metrics.requests.labels(*labels, call.code.name).inc()
+        ok = call.code is grpc.StatusCode.OK and call.finished
+        if ok:
+            self._metrics.request_latency.labels(*labels).observe(latency)
+        if call.route:
+            if call.code not in _NOT_THE_VERSIONS_FAULT:
+                self._router.record(call.route, call.label, ok, latency, len(call.tokens))
+            if call.shadow is not None and not call.shadow.done():
+                call.shadow.set_result((list(call.tokens) if ok else None, latency))
 
     async def Generate(self, request, context):
         call, stream, outputs = _Call(context, request.adapter), None, []
         try:
-            stream = self._submit(request, context)
+            stream = self._submit(request, context, call)
             async for out in stream:
                 outputs.append(out)
+                call.tokens.extend(out.token_ids)
             _raise_unless_success(outputs[-1])
-            return response_from_outputs(outputs)
+            call.finished = True
+            resp = response_from_outputs(outputs)
+            resp.route = call.route
+            return resp
         except asyncio.CancelledError:
             call.interrupted()
             raise
@@ -109,19 +168,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             if stream is not None and not (outputs and outputs[-1].finished):
                 stream.cancel()
-            self._metrics.requests.labels(call.label, call.code.name).inc()
+            self._done(call)
 
     async def GenerateStream(self, request, context):
         # context.write (not `yield`) so that a cancellation lands inside this
         # coroutine, where the finally below cancels the engine request at once.
         call, stream, last = _Call(context, request.adapter), None, None
         try:
-            stream = self._submit(request, context)
+            stream = self._submit(request, context, call)
             async for out in stream:
                 last = out
+                call.tokens.extend(out.token_ids)
                 if out.finished:
                     _raise_unless_success(out)
-                await context.write(response_from_outputs([out]))
+                    call.finished = True
+                resp = response_from_outputs([out])
+                resp.route = call.route
+                await context.write(resp)
         except asyncio.CancelledError:
             call.interrupted()
             raise
@@ -130,7 +193,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             if stream is not None and not (last is not None and last.finished):
                 stream.cancel()
-            self._metrics.requests.labels(call.label, call.code.name).inc()
+            self._done(call)
 
 
 def _need(value: str, field: str) -> str:
@@ -143,12 +206,16 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     """Adapter management. The store's calls block (disk, copies), so they run in a
     worker thread."""
 
-    def __init__(self, get_engine: Callable):
+    def __init__(self, get_engine: Callable, on_change: Callable | None = None):
         self._get_engine = get_engine
+        self._on_change = on_change  # async; after every change of the registry (persistence)
 
     async def _run(self, context, fn, *args, **kwargs):
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            result = await asyncio.to_thread(fn, *args, **kwargs)
+            if self._on_change is not None and fn.__name__ != "list":
+                await self._on_change()
+            return result
         except Exception as exc:
             code = status_of(exc)
             if code is grpc.StatusCode.INTERNAL:

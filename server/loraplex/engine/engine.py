@@ -241,22 +241,22 @@ class Engine:
             seq = item.seq
             adapters.add(seq.adapter_label)
             if seq.num_computed == 0 and not seq.output_ids:
-                self.metrics.queue_time.labels(seq.adapter_label).observe(now - seq.arrival)
-                self.metrics.prompt_tokens.labels(seq.adapter_label).inc(len(seq.prompt_ids))
+                self.metrics.queue_time.labels(*seq.metric_labels).observe(now - seq.arrival)
+                self.metrics.prompt_tokens.labels(*seq.metric_labels).inc(len(seq.prompt_ids))
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(sum(item.num_new for item in batch))
         self.metrics.batch_adapters.observe(len(adapters - {""}))
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         now = time.monotonic()
-        label = seq.adapter_label
+        label, labels = seq.adapter_label, seq.metric_labels
         if seq.last_token_time is None:
-            self.metrics.time_to_first_token.labels(label).observe(now - seq.arrival)
+            self.metrics.time_to_first_token.labels(*labels).observe(now - seq.arrival)
         else:
-            self.metrics.inter_token_latency.labels(label).observe(now - seq.last_token_time)
+            self.metrics.inter_token_latency.labels(*labels).observe(now - seq.last_token_time)
         seq.last_token_time = now
         seq.output_ids.append(token)
-        self.metrics.generated_tokens.labels(label).inc()
+        self.metrics.generated_tokens.labels(*labels).inc()
         params = seq.request.sampling
         text, hit_stop = seq.stops.feed(seq.detokenizer.add(token))
         reason = None
@@ -287,7 +287,7 @@ class Engine:
         self._seqs.pop(seq.request_id, None)
         if seq.adapter is not None:
             self.cache.release(seq.adapter, served=reason in (FinishReason.STOP, FinishReason.LENGTH))
-        self.metrics.e2e_latency.labels(seq.adapter_label).observe(time.monotonic() - seq.arrival)
+        self.metrics.e2e_latency.labels(*seq.metric_labels).observe(time.monotonic() - seq.arrival)
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
 

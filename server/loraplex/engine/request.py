@@ -67,6 +67,7 @@ class GenerationRequest:
     adapter: str = ""
     request_id: str = ""  # filled by the engine when empty
     deadline: float | None = None  # time.monotonic() value after which it is dropped
+    shadow: bool = False  # mirrored canary traffic: admitted only when no real request waits
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ arrival order while the budget, the sequence limit, KV blocks and adapter slots
 allow. A batch is formed only when every adapter in it holds a slot, so the
 model never runs out of slots. When the KV cache is full, the newest running
 sequence is preempted: its blocks are freed and it is recomputed later.
+
+Shadow sequences (mirrored canary traffic, `GenerationRequest.shadow`) yield to
+real work: they are admitted only when no real request is left waiting, and a
+running shadow is the first victim when the KV cache runs out.
 """
 
 from __future__ import annotations
@@ -67,26 +71,39 @@ class Scheduler:
         """Grow seq's blocks for num_new tokens, preempting the newest running sequences
         if needed. False when seq itself had to be preempted."""
         while not self.blocks.can_grow(seq.block_table, seq.num_computed + num_new):
-            victim = self.running[-1]
+            victim = self._victim(seq)
             self.preempt(victim)
             if victim is seq:
                 return False
         self.blocks.grow(seq.block_table, seq.num_computed + num_new)
         return True
 
+    def _victim(self, seq: Sequence) -> Sequence:
+        """Whom to preempt so that seq can grow: the newest running shadow not yet
+        scheduled in this step (those after seq), else the newest running sequence."""
+        later = self.running[self.running.index(seq):]
+        return next((s for s in reversed(later) if s.shadow), later[-1])
+
     def _admit(self, budget: int) -> list[ScheduledSeq]:
         admitted = []
         now = time.monotonic()
         slot_blocked = False  # once an adapter cannot get a slot, later arrivals may not take one
+        real_waits = False  # a real request stays waiting: no shadow may be admitted
         skipped: list[Sequence] = []
+        # real requests first (stable), so a shadow is only reached when none is left
+        self.waiting = deque(sorted(self.waiting, key=lambda s: s.shadow))
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting.popleft()
+            if seq.shadow and real_waits:
+                skipped.append(seq)
+                continue
             num_new = min(seq.num_tokens - seq.num_computed, self.cfg.prefill_chunk, budget)
             if not self.blocks.can_grow(seq.block_table, num_new):
                 self.waiting.appendleft(seq)
                 break
             if seq.adapter is not None and not self._may_pin(seq.adapter, slot_blocked):
                 slot_blocked = True
+                real_waits = real_waits or not seq.shadow
                 skipped.append(seq)
                 continue
             seq.lora_slot = self.slots.pin(seq.adapter) if seq.adapter is not None else 0

@@ -47,6 +47,10 @@ class Sequence:
         return self.request.prompt_ids
 
     @property
+    def shadow(self) -> bool:
+        return self.request.shadow
+
+    @property
     def num_tokens(self) -> int:
         return len(self.request.prompt_ids) + len(self.output_ids)
 
@@ -60,6 +64,11 @@ class Sequence:
     @property
     def adapter_label(self) -> str:
         return self.adapter.key if self.adapter is not None else ""
+
+    @property
+    def metric_labels(self) -> tuple[str, str]:
+        """(adapter, version) labels of the engine's metrics; ("", "") = base model."""
+        return (self.adapter.name, self.adapter.version) if self.adapter is not None else ("", "")
 
 
 @dataclass(eq=False)

@@ -423,3 +423,323 @@ class Adapters:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RoutesStub:
+    """---------------------------------------------------------------------------
+    Routes
+    ---------------------------------------------------------------------------
+
+    Routes are aliases that Generate requests name in `adapter`; each points at
+    one or more adapter versions with weights. Routes survive a restart when the
+    server has a data directory (--data-dir). Protected by the admin token.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetRoute = channel.unary_unary(
+                '/loraplex.v1.Routes/SetRoute',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.SetRouteRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.FromString,
+                _registered_method=True)
+        self.GetRoute = channel.unary_unary(
+                '/loraplex.v1.Routes/GetRoute',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.GetRouteRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.FromString,
+                _registered_method=True)
+        self.ListRoutes = channel.unary_unary(
+                '/loraplex.v1.Routes/ListRoutes',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.ListRoutesRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.ListRoutesResponse.FromString,
+                _registered_method=True)
+        self.DeleteRoute = channel.unary_unary(
+                '/loraplex.v1.Routes/DeleteRoute',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.DeleteRouteRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.FromString,
+                _registered_method=True)
+        self.PromoteRoute = channel.unary_unary(
+                '/loraplex.v1.Routes/PromoteRoute',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.PromoteRouteRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.FromString,
+                _registered_method=True)
+        self.RollbackRoute = channel.unary_unary(
+                '/loraplex.v1.Routes/RollbackRoute',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.RollbackRouteRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.FromString,
+                _registered_method=True)
+
+
+class RoutesServicer:
+    """---------------------------------------------------------------------------
+    Routes
+    ---------------------------------------------------------------------------
+
+    Routes are aliases that Generate requests name in `adapter`; each points at
+    one or more adapter versions with weights. Routes survive a restart when the
+    server has a data directory (--data-dir). Protected by the admin token.
+    """
+
+    def SetRoute(self, request, context):
+        """Creates or replaces a route. The replaced configuration is kept for
+        RollbackRoute. INVALID_ARGUMENT for a malformed alias, negative or all-zero
+        weights, a shadow fraction outside [0, 1] or guard limits out of range;
+        NOT_FOUND for a target or shadow version that is not loaded; ALREADY_EXISTS
+        when the alias is the name of a loaded adapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRoute(self, request, context):
+        """One route with its shadow comparisons and guard record. NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRoutes(self, request, context):
+        """Every route, sorted by alias.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRoute(self, request, context):
+        """Forgets a route. NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteRoute(self, request, context):
+        """Gives all traffic to a candidate (and stops shadowing). FAILED_PRECONDITION
+        when no candidate is named and the route has not exactly one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackRoute(self, request, context):
+        """Returns to the configuration before the last SetRoute or PromoteRoute.
+        FAILED_PRECONDITION when there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RoutesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRoute,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.SetRouteRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.SerializeToString,
+            ),
+            'GetRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoute,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.GetRouteRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.SerializeToString,
+            ),
+            'ListRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoutes,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.ListRoutesRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.ListRoutesResponse.SerializeToString,
+            ),
+            'DeleteRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRoute,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.DeleteRouteRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.SerializeToString,
+            ),
+            'PromoteRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRoute,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.PromoteRouteRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.SerializeToString,
+            ),
+            'RollbackRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackRoute,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.RollbackRouteRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'loraplex.v1.Routes', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('loraplex.v1.Routes', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Routes:
+    """---------------------------------------------------------------------------
+    Routes
+    ---------------------------------------------------------------------------
+
+    Routes are aliases that Generate requests name in `adapter`; each points at
+    one or more adapter versions with weights. Routes survive a restart when the
+    server has a data directory (--data-dir). Protected by the admin token.
+    """
+
+    @staticmethod
+    def SetRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Routes/SetRoute',
+            loraplex_dot_v1_dot_loraplex__pb2.SetRouteRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Routes/GetRoute',
+            loraplex_dot_v1_dot_loraplex__pb2.GetRouteRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Routes/ListRoutes',
+            loraplex_dot_v1_dot_loraplex__pb2.ListRoutesRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.ListRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Routes/DeleteRoute',
+            loraplex_dot_v1_dot_loraplex__pb2.DeleteRouteRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Routes/PromoteRoute',
+            loraplex_dot_v1_dot_loraplex__pb2.PromoteRouteRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Routes/RollbackRoute',
+            loraplex_dot_v1_dot_loraplex__pb2.RollbackRouteRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.RouteInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
