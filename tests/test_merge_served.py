@@ -327,18 +327,28 @@ def test_export_matches_served_adapter_fp32(exported, client):
         assert max(abs(x - y) for x, y in zip(logprobs, hf_logprobs)) < 1e-4
 
 
-def test_export_cli_help_and_refusals(env, tmp_path, exported):
-    help_text = subprocess.run([sys.executable, "-m", "loraplex.cli", "export", "--help"],
-                               capture_output=True, text=True, timeout=60).stdout
-    assert "NOT quantized" in help_text and "--dtype" in help_text
-    proc = export(env, "exp_src", exported)  # out exists and is not empty
-    assert proc.returncode == 1 and "already exists" in proc.stderr
-    proc = export(env, "nope", tmp_path / "x")
-    assert proc.returncode == 1 and "does not exist" in proc.stderr
-    proc = export(env, "../outside", tmp_path / "x")
-    assert proc.returncode == 1 and "'..'" in proc.stderr
-    proc = export(env, "a", tmp_path / "bf16", "--dtype", "bfloat16")
-    assert proc.returncode == 0, proc.stderr
+def test_export_cli_help_and_refusals(env, tmp_path, exported, capsys):
+    """In-process (the subprocess run is the `exported` fixture): each start costs ~4 s."""
+    from loraplex.cli import main
+
+    def export_here(adapter, out, *extra):
+        rc = main(["export", "--model", str(env.model), "--adapter-root", str(env.adapter_root),
+                   "--adapter", adapter, "--out", str(out), *extra])
+        return rc, capsys.readouterr()
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "NOT quantized" in capsys.readouterr().out.replace("\n", " ")
+    rc, out = export_here("exp_src", exported)  # out exists and is not empty
+    assert rc == 1 and "already exists" in out.err
+    rc, out = export_here("nope", tmp_path / "x")
+    assert rc == 1 and "does not exist" in out.err
+    rc, out = export_here("../outside", tmp_path / "x")
+    assert rc == 1 and "'..'" in out.err
+    assert not (tmp_path / "x").exists()
+    rc, out = export_here("a", tmp_path / "bf16", "--dtype", "bfloat16")
+    assert rc == 0, out.err
+    assert "NOT quantized" in out.out
     assert '"bfloat16"' in (tmp_path / "bf16" / "config.json").read_text()
 
 
