@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 50051
 METRICS_PORT ?= 9400
 
-.PHONY: install serve test bench proto clean
+.PHONY: install tools serve test bench proto clean
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,16 @@ serve: install
 	$(VENV)/bin/loraplex serve --model demo/assets/model --adapter-root demo/assets/adapters \
 	  --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-test: install
+test: install tools
 	$(PY) -m pytest -q
+
+# System tools the deploy/proxy tests use (they skip without them). Installed with
+# apt-get when missing and we may (CI runs as root on Debian); otherwise just said.
+tools:
+	@command -v nginx >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq nginx >/dev/null; \
+	  else echo "note: nginx not found; the proxy tests will be skipped"; fi; }
 
 bench: install
 	mkdir -p bench/results

@@ -200,7 +200,7 @@ class Engine:
                 self.step()
             except Exception:  # a bug, not bad input: fail the batch, keep serving
                 log.exception("engine step failed; finishing its requests with an error")
-                for seq in list(self.scheduler.running):
+                for seq in [s for s in self._seqs.values() if s not in self.scheduler.waiting]:
                     self._finish(seq, FinishReason.ERROR, "internal engine error")
         self._drain_inbox()
         for seq in list(self._seqs.values()):
@@ -228,9 +228,6 @@ class Engine:
             for seq, token, lp, w in zip(sampling, tokens, logprobs, want):
                 self._append(seq, token, lp if w else None)
         self.steps += 1
-        self.metrics.kv_cache_usage.set(self.blocks.usage())
-        self.metrics.running.set(len(self.scheduler.running))
-        self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.preemptions.inc(self.scheduler.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = self.scheduler.num_preemptions
 
@@ -243,6 +240,9 @@ class Engine:
             if seq.num_computed == 0 and not seq.output_ids:
                 self.metrics.queue_time.labels(*seq.metric_labels).observe(now - seq.arrival)
                 self.metrics.prompt_tokens.labels(*seq.metric_labels).inc(len(seq.prompt_ids))
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.kv_cache_usage.set(self.blocks.usage())
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(sum(item.num_new for item in batch))
         self.metrics.batch_adapters.observe(len(adapters - {""}))
@@ -361,7 +361,10 @@ class RequestStream:
             raise
 
     def _emit(self, out: RequestOutput) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+        except RuntimeError:  # the caller's event loop is gone: nobody is listening
+            pass
 
     def cancel(self) -> None:
         """Leave the batch at the next step (no-op once finished)."""

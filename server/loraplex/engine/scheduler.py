@@ -143,11 +143,11 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence wherever it is and free everything it holds."""
-        if seq.status is Status.RUNNING:
+        if seq in self.running:
             self.running.remove(seq)
             if seq.adapter is not None:
                 self.slots.unpin(seq.adapter)
-        elif seq.status is Status.WAITING:
+        elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.block_table)
         seq.status = Status.FINISHED
