@@ -523,7 +523,8 @@ def test_files_replaced_under_an_evicted_version_are_refused_not_served(
     engine = make_engine(max_gpu_adapters=1, max_cpu_adapters=1)
     sequentially(engine, [folder, "many/m000"], prompts[0])  # evicts it to disk
     assert info_of(engine, folder).tier == "disk"
-    shutil.copy(root / two_versions[1] / WEIGHTS, root / folder / WEIGHTS)
+    for file in ("adapter_config.json", WEIGHTS):  # new files written in place
+        shutil.copy(root / two_versions[1] / file, root / folder / file)
     outs = asyncio.run(_gather(engine, [request(folder, prompts[1], 2),
                                         request("many/m001", prompts[2], 8)]))
     assert isinstance(outs[0], FailedPrecondition) and "SwapAdapter" in str(outs[0])
