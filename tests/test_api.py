@@ -22,7 +22,7 @@ from loraplex.api.errors import status_of
 from loraplex.api.servicers import _deadline
 from loraplex_client import (AsyncClient, Client, DeadlineExceeded, FailedPrecondition,
                              InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
-                             Unauthenticated, Unavailable, Unimplemented)
+                             Unauthenticated, Unavailable)
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from models import VOCAB_SIZE
@@ -382,8 +382,8 @@ def test_adapter_calls_validate_their_fields(client):
         client.merge_adapters("m", [])
     with pytest.raises(InvalidArgument):
         client.merge_adapters("m", ["alpha", "beta"], weights=[1.0])
-    with pytest.raises(Unimplemented):  # the engine has no merge yet
-        client.merge_adapters("m", ["alpha", "beta"], combination_type="cat")
+    with pytest.raises(InvalidArgument):
+        client.merge_adapters("m", ["alpha", "beta"], combination_type="no-such-type")
 
 
 def test_unload_in_use_needs_drain(client):

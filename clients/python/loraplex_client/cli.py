@@ -63,6 +63,8 @@ def add_commands(subparsers) -> None:
                               description="Generate a completion; streams it to the terminal.")
     g.add_argument("prompt", help='prompt text ("-" reads stdin)')
     g.add_argument("--adapter", default="", help='"name", "name@version"; "" = base model')
+    g.add_argument("--routing-key", default="",
+                   help="sticky key (user or session id) when --adapter names a route")
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message through the chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
@@ -169,6 +171,7 @@ _SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "re
 def _generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = {k: getattr(args, k) for k in _SAMPLING_ARGS if getattr(args, k) is not None}
+    sampling["routing_key"] = args.routing_key
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})

@@ -276,9 +276,6 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             args = merge_args_from_pb(request)
         except LoraplexError as exc:
             await self._fail(context, exc)
-        merge = getattr(adapters, "merge", None)
-        if merge is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                                "this server cannot merge adapters yet")
-        info = await self._run(context, merge, **args)
+        # a client that cancels (or whose deadline passes) stops the merge between modules
+        info = await self._run(context, adapters.merge, should_stop=context.cancelled, **args)
         return adapter_info_to_pb(info)
