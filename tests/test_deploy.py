@@ -159,6 +159,28 @@ def _exposed_metric_names() -> set[str]:
     return names
 
 
+def _metric_labels() -> dict[str, set[str]]:
+    """Sample name -> the labels its series can carry (Prometheus adds instance/job)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from loraplex.metrics import Metrics
+
+    out = {}
+    for c in vars(Metrics()).values():
+        if not isinstance(c, MetricWrapperBase):
+            continue
+        labels = set(c._labelnames) | {"instance", "job"}
+        name = c._name
+        if c._type == "counter":
+            out[name + "_total"] = labels
+        elif c._type == "histogram":
+            out[name + "_bucket"] = labels | {"le"}
+            out[name + "_sum"] = out[name + "_count"] = labels
+        else:
+            out[name] = labels
+    return out
+
+
 def _dashboard() -> dict:
     return json.loads((DEPLOY / "grafana" / "dashboards" / "loraplex.json").read_text())
 
@@ -170,6 +192,7 @@ def test_dashboard_up_to_date():
 def test_dashboard_metrics_exist():
     d = _dashboard()
     exposed = _exposed_metric_names()
+    labels = _metric_labels()
     panels = [p for p in d["panels"] if p["type"] != "row"]
     assert len(panels) >= 20
     used = set()
@@ -186,6 +209,7 @@ def test_dashboard_metrics_exist():
                 assert t["expr"].count(a) == t["expr"].count(b), t["expr"]
             if "histogram_quantile" in t["expr"]:
                 assert "_bucket" in t["expr"] and re.search(r"by \([^)]*\ble\b", t["expr"])
+            _check_labels(p["title"], t["expr"], labels)
     for v in d["templating"]["list"]:
         for name in re.findall(r"\bloraplex_[a-z0-9_]+", json.dumps(v.get("query", ""))):
             assert name in exposed, name
@@ -199,8 +223,35 @@ def test_dashboard_metrics_exist():
         assert must in used, must
     titles = " ".join(p["title"] for p in panels)
     assert "by version" in titles
+    # Canary row: routes, per-version API metrics, shadow comparisons, guards.
+    for must in ("loraplex_route_weight", "loraplex_request_latency_seconds_bucket",
+                 "loraplex_shadow_requests_total", "loraplex_shadow_comparisons_total",
+                 "loraplex_shadow_exact_matches_total", "loraplex_shadow_tokens_compared_total",
+                 "loraplex_shadow_tokens_agreeing_total", "loraplex_shadow_latency_ratio_bucket",
+                 "loraplex_route_guard_trips_total"):
+        assert must in used, must
+    assert "Canary" in [p["title"] for p in d["panels"] if p["type"] == "row"]
+    # The variables: adapter (a name, matched exactly), version, route.
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert {"instance", "adapter", "version", "route"} <= set(variables)
+    assert "@" not in variables["adapter"].get("regex", "")
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def _check_labels(title: str, expr: str, labels: dict[str, set[str]]):
+    """Every label a selector matches on is a label of its metric, and every label an
+    aggregation groups by is a label of one of the expression's metrics: a renamed or
+    re-split label (adapter="name@version" -> adapter + version) fails here."""
+    for name, matchers in re.findall(r"\b(loraplex_[a-z0-9_]+)\{([^}]*)\}", expr):
+        used = set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", matchers))
+        assert used <= labels[name], f"{title}: {name} has no label {used - labels[name]}"
+        for value in re.findall(r'adapter=~?"([^"]*)"', matchers):
+            assert "@" not in value, f"{title}: adapter is a bare name now: {value}"
+    in_expr = set().union(*(labels[n] for n in re.findall(r"\bloraplex_[a-z0-9_]+", expr)))
+    for group in re.findall(r"\bby \(([^)]*)\)", expr):
+        by = {g.strip() for g in group.split(",") if g.strip()}
+        assert by <= in_expr, f"{title}: grouped by unknown labels {by - in_expr}"
 
 
 # ---- Kubernetes -----------------------------------------------------------------------

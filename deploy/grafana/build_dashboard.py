@@ -4,11 +4,15 @@
     python deploy/grafana/build_dashboard.py --check    # exit 1 if the JSON is stale
 
 The panels are listed here as (title, PromQL, unit) so they stay readable and
-reviewable; tests/test_deploy.py checks every metric name in them against
-server/loraplex/metrics.py. Metric labels: `adapter` is "name@version" on the
-engine's metrics (latencies, tokens) and the reference as requested ("name" or
-"name@version") on loraplex_requests_total; "" = base model. `status` is the gRPC
-status name, `tier` is gpu|cpu|disk, and Prometheus adds `instance` (one replica).
+reviewable; tests/test_deploy.py checks every metric name in them, and every label
+they select or group by, against server/loraplex/metrics.py. Metric labels:
+`adapter` is the adapter's name and `version` its version ("" = base model; on
+loraplex_requests_total / loraplex_request_latency_seconds, "" also for a call that
+named a bare adapter, "_invalid" adapter for a malformed or unknown reference).
+`route` is the alias of the route that chose the version ("" = the call named an
+adapter). Shadow metrics label both sides: route, primary_adapter/primary_version,
+candidate_adapter/candidate_version. `status` is the gRPC status name, `tier` is
+gpu|cpu|disk, and Prometheus adds `instance` (one replica).
 """
 
 from __future__ import annotations
@@ -21,8 +25,19 @@ OUT = Path(__file__).resolve().parent / "dashboards" / "loraplex.json"
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 INST = 'instance=~"$instance"'
-# Adapter filter: the `adapter` label is name@version; the variable holds names.
-ADP = 'adapter=~"($adapter)(@.*)?"'
+# Filters of the dashboard variables ("All" = ".*", which also matches "").
+ADP = 'adapter=~"$adapter"'
+VER = 'version=~"$version"'
+AV = f"{ADP}, {VER}"
+ROUTE = 'route=~"$route"'
+# Shadow metrics: filtered by route and by the primary's adapter.
+PAIR = "route, primary_adapter, primary_version, candidate_adapter, candidate_version"
+SHADOW = f'{INST}, {ROUTE}, primary_adapter=~"$adapter"'
+PAIR_LEGEND = ("{{route}}: {{primary_adapter}}@{{primary_version}} vs "
+               "{{candidate_adapter}}@{{candidate_version}}")
+AV_LEGEND = "{{adapter}}@{{version}}"
+# Statuses that are the caller's doing, not the version's (as the route guard counts).
+NOT_VERSION_FAULT = "OK|CANCELLED|DEADLINE_EXCEEDED|INVALID_ARGUMENT|RESOURCE_EXHAUSTED|UNAVAILABLE"
 RI = "[$__rate_interval]"
 
 
@@ -31,11 +46,11 @@ def q(expr: str, legend: str = "") -> dict:
 
 
 def quantiles(metric: str, by: str = "") -> list[dict]:
-    """p50/p90/p99 of a histogram over the selected replicas and adapters."""
+    """p50/p90/p99 of a histogram over the selected replicas, adapters and versions."""
     group = f"le{', ' + by if by else ''}"
     label = f" {{{{{by}}}}}" if by else ""
     return [q(f"histogram_quantile({p}, sum by ({group}) "
-              f"(rate({metric}_bucket{{{INST}, {ADP}}}{RI})))", f"p{int(p * 100)}{label}")
+              f"(rate({metric}_bucket{{{INST}, {AV}}}{RI})))", f"p{int(p * 100)}{label}")
             for p in (0.5, 0.9, 0.99)]
 
 
@@ -83,7 +98,7 @@ ROWS: list[tuple[str, list[dict]]] = [
     ]),
     ("Traffic", [
         panel("Requests / s by adapter and status", [q(
-            f"sum by (adapter, status) (rate(loraplex_requests_total{{{INST}, {ADP}}}{RI}))",
+            f"sum by (adapter, status) (rate(loraplex_requests_total{{{INST}, {AV}, {ROUTE}}}{RI}))",
             "{{adapter}} {{status}}")], "reqps", stack=True),
         panel("Failed requests / s by status", [q(
             f'sum by (status) (rate(loraplex_requests_total{{{INST}, status!="OK"}}{RI}))',
@@ -92,7 +107,7 @@ ROWS: list[tuple[str, list[dict]]] = [
             f"sum by (instance) (rate(loraplex_generated_tokens_total{{{INST}}}{RI}))",
             "{{instance}}")], "short", stack=True),
         panel("Generated tokens / s by adapter", [q(
-            f"sum by (adapter) (rate(loraplex_generated_tokens_total{{{INST}, {ADP}}}{RI}))",
+            f"sum by (adapter) (rate(loraplex_generated_tokens_total{{{INST}, {AV}}}{RI}))",
             "{{adapter}}")], "short", stack=True),
         panel("Prompt tokens / s by replica", [q(
             f"sum by (instance) (rate(loraplex_prompt_tokens_total{{{INST}}}{RI}))",
@@ -110,7 +125,7 @@ ROWS: list[tuple[str, list[dict]]] = [
         panel("Queue time", quantiles("loraplex_queue_time_seconds"), "s"),
         panel("Time to first token p90 by replica",
               [q(f"histogram_quantile(0.9, sum by (le, instance) "
-                 f"(rate(loraplex_time_to_first_token_seconds_bucket{{{INST}, {ADP}}}{RI})))",
+                 f"(rate(loraplex_time_to_first_token_seconds_bucket{{{INST}, {AV}}}{RI})))",
                  "{{instance}}")], "s"),
     ]),
     ("Batching and KV cache", [
@@ -160,31 +175,90 @@ ROWS: list[tuple[str, list[dict]]] = [
             f"histogram_quantile(0.9, sum by (le, tier) "
             f"(rate(loraplex_adapter_load_seconds_bucket{{{INST}}}{RI})))", "{{tier}}")], "s"),
     ]),
-    ("Adapter versions (canary / swap)", [
+    ("Adapter versions (engine)", [
         panel("Finished generations / s by version", [q(
-            f"sum by (adapter) (rate(loraplex_e2e_latency_seconds_count{{{INST}, {ADP}}}{RI}))",
-            "{{adapter}}")], "reqps", stack=True,
-            description="Engine-side `adapter` is name@version: a swap or a canary split "
+            f"sum by (adapter, version) "
+            f"(rate(loraplex_e2e_latency_seconds_count{{{INST}, {AV}}}{RI}))",
+            AV_LEGEND)], "reqps", stack=True,
+            description="Engine-side, by the version that served: a swap or a canary split "
                         "shows as traffic moving from one version to the other."),
-        panel("Error ratio by adapter reference (as requested)", [q(
-            f'sum by (adapter) (rate(loraplex_requests_total{{{INST}, {ADP}, status!="OK"}}{RI}))'
-            f" / sum by (adapter) (rate(loraplex_requests_total{{{INST}, {ADP}}}{RI}))",
-            "{{adapter}}")], "percentunit"),
         panel("Time to first token p90 by version", [q(
-            f"histogram_quantile(0.9, sum by (le, adapter) "
-            f"(rate(loraplex_time_to_first_token_seconds_bucket{{{INST}, {ADP}}}{RI})))",
-            "{{adapter}}")], "s"),
+            f"histogram_quantile(0.9, sum by (le, adapter, version) "
+            f"(rate(loraplex_time_to_first_token_seconds_bucket{{{INST}, {AV}}}{RI})))",
+            AV_LEGEND)], "s"),
         panel("Inter-token latency p90 by version", [q(
-            f"histogram_quantile(0.9, sum by (le, adapter) "
-            f"(rate(loraplex_inter_token_latency_seconds_bucket{{{INST}, {ADP}}}{RI})))",
-            "{{adapter}}")], "s"),
+            f"histogram_quantile(0.9, sum by (le, adapter, version) "
+            f"(rate(loraplex_inter_token_latency_seconds_bucket{{{INST}, {AV}}}{RI})))",
+            AV_LEGEND)], "s"),
         panel("End-to-end latency p90 by version", [q(
-            f"histogram_quantile(0.9, sum by (le, adapter) "
-            f"(rate(loraplex_e2e_latency_seconds_bucket{{{INST}, {ADP}}}{RI})))",
-            "{{adapter}}")], "s"),
+            f"histogram_quantile(0.9, sum by (le, adapter, version) "
+            f"(rate(loraplex_e2e_latency_seconds_bucket{{{INST}, {AV}}}{RI})))",
+            AV_LEGEND)], "s"),
         panel("Generated tokens / s by version", [q(
-            f"sum by (adapter) (rate(loraplex_generated_tokens_total{{{INST}, {ADP}}}{RI}))",
-            "{{adapter}}")], "short", stack=True),
+            f"sum by (adapter, version) "
+            f"(rate(loraplex_generated_tokens_total{{{INST}, {AV}}}{RI}))",
+            AV_LEGEND)], "short", stack=True),
+    ]),
+    ("Canary", [
+        panel("Route weights by version", [q(
+            f"max by (route, adapter, version) "
+            f"(loraplex_route_weight{{{INST}, {ROUTE}, {AV}}})",
+            "{{route}}: " + AV_LEGEND)], "short",
+            description="Configured weight of each version of a route (the same on every "
+                        "replica). A guard trip sets the candidate's weight to 0."),
+        panel("Requests / s by version", [q(
+            f"sum by (adapter, version) "
+            f"(rate(loraplex_requests_total{{{INST}, {AV}, {ROUTE}}}{RI}))",
+            AV_LEGEND)], "reqps",
+            description="Calls by the version their route chose (API layer). version \"\" = "
+                        "calls that named a bare adapter, not a route."),
+        panel("Error ratio by version", [q(
+            f'sum by (adapter, version) (rate(loraplex_requests_total'
+            f'{{{INST}, {AV}, {ROUTE}, status!~"{NOT_VERSION_FAULT}"}}{RI}))'
+            f" / sum by (adapter, version) "
+            f"(rate(loraplex_requests_total{{{INST}, {AV}, {ROUTE}}}{RI}))",
+            AV_LEGEND)], "percentunit",
+            description="Share of a version's calls that failed through the server's fault "
+                        "(statuses other than " + NOT_VERSION_FAULT.replace("|", ", ") +
+                        "), as the route guard counts them."),
+        panel("Latency p50 by version", [q(
+            f"histogram_quantile(0.5, sum by (le, adapter, version) "
+            f"(rate(loraplex_request_latency_seconds_bucket{{{INST}, {AV}, {ROUTE}}}{RI})))",
+            "p50 " + AV_LEGEND)], "s",
+            description="Duration of successful calls as the API layer sees them."),
+        panel("Latency p99 by version", [q(
+            f"histogram_quantile(0.99, sum by (le, adapter, version) "
+            f"(rate(loraplex_request_latency_seconds_bucket{{{INST}, {AV}, {ROUTE}}}{RI})))",
+            "p99 " + AV_LEGEND)], "s"),
+        panel("Guard trips", [q(
+            f"sum by (route, adapter, version, metric) "
+            f"(increase(loraplex_route_guard_trips_total{{{INST}, {ROUTE}, {AV}}}{RI}))",
+            "{{route}}: " + AV_LEGEND + " ({{metric}})")], "short",
+            description="Times a route's guard set a candidate's weight to 0, by the metric "
+                        "that tripped it."),
+        panel("Shadow exact-match rate by pair", [q(
+            f"sum by ({PAIR}) (rate(loraplex_shadow_exact_matches_total{{{SHADOW}}}{RI}))"
+            f" / sum by ({PAIR}) (rate(loraplex_shadow_comparisons_total{{{SHADOW}}}{RI}))",
+            PAIR_LEGEND)], "percentunit",
+            description="Share of shadow answers identical to the primary's."),
+        panel("Shadow token agreement by pair", [q(
+            f"sum by ({PAIR}) (rate(loraplex_shadow_tokens_agreeing_total{{{SHADOW}}}{RI}))"
+            f" / sum by ({PAIR}) (rate(loraplex_shadow_tokens_compared_total{{{SHADOW}}}{RI}))",
+            PAIR_LEGEND)], "percentunit",
+            description="Token positions where shadow and primary agree, over the positions "
+                        "compared (the longer output)."),
+        panel("Shadow latency ratio by pair", [
+            q(f"histogram_quantile({p}, sum by (le, {PAIR}) "
+              f"(rate(loraplex_shadow_latency_ratio_bucket{{{SHADOW}}}{RI})))",
+              f"p{int(p * 100)} " + PAIR_LEGEND) for p in (0.5, 0.9)], "short",
+            description="Shadow latency / primary latency of one request (1 = as fast)."),
+        panel("Shadow requests / s by outcome", [q(
+            f"sum by (route, candidate_adapter, candidate_version, outcome) "
+            f"(rate(loraplex_shadow_requests_total{{{SHADOW}}}{RI}))",
+            "{{route}}: {{candidate_adapter}}@{{candidate_version}} {{outcome}}")], "reqps",
+            stack=True,
+            description="skipped = too many shadows in flight (shadow traffic yields to real "
+                        "work)."),
     ]),
 ]
 
@@ -212,20 +286,32 @@ def build() -> dict:
          "definition": "label_values(loraplex_running_requests, instance)",
          "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
          "current": {"text": "All", "value": "$__all"}, "sort": 1},
-        {"name": "adapter", "type": "query", "label": "Adapter (all versions)", "datasource": DS,
+        {"name": "adapter", "type": "query", "label": "Adapter", "datasource": DS,
          "query": {"query": "label_values(loraplex_requests_total, adapter)",
                    "refId": "adapter"},
          "definition": "label_values(loraplex_requests_total, adapter)",
-         # name@version -> name; the base model ("") and "_invalid" are kept out
-         "regex": "/^([^@_][^@]*)@.*/",
+         # names only; the base model ("") and "_invalid" are kept out
+         "regex": "/^([^_].*)$/",
+         "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
+         "current": {"text": "All", "value": "$__all"}, "sort": 1},
+        {"name": "version", "type": "query", "label": "Version", "datasource": DS,
+         "query": {"query": 'label_values(loraplex_requests_total{adapter=~"$adapter"}, version)',
+                   "refId": "version"},
+         "definition": 'label_values(loraplex_requests_total{adapter=~"$adapter"}, version)',
+         "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
+         "current": {"text": "All", "value": "$__all"}, "sort": 1},
+        {"name": "route", "type": "query", "label": "Route", "datasource": DS,
+         "query": {"query": "label_values(loraplex_route_weight, route)", "refId": "route"},
+         "definition": "label_values(loraplex_route_weight, route)",
          "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
          "current": {"text": "All", "value": "$__all"}, "sort": 1},
     ]
     return {
         "uid": "loraplex-overview",
         "title": "loraplex",
-        "description": "Multi-adapter LLM serving: traffic, latency, batching, adapter tiers "
-                       "and versions. Generated by deploy/grafana/build_dashboard.py.",
+        "description": "Multi-adapter LLM serving: traffic, latency, batching, adapter tiers, "
+                       "versions, canaries and shadows. Generated by "
+                       "deploy/grafana/build_dashboard.py.",
         "tags": ["loraplex", "llm", "lora"],
         "timezone": "browser",
         "schemaVersion": 39,
