@@ -440,7 +440,7 @@ def test_deadline_exceeded_frees_the_request(server, client):
 def test_running_gauge_returns_to_zero_after_cancel(server, client):
     stream = client.stream(PROMPT, **LONG)
     next(iter(stream))
-    assert server.metric("loraplex_running_requests") == 1
+    assert server.wait_metric("loraplex_running_requests", lambda v: v == 1, timeout=3) == 1
     stream.cancel()
     assert server.wait_metric("loraplex_running_requests", lambda v: v == 0, timeout=3) == 0
 
@@ -550,3 +550,68 @@ def test_shutdown_refuses_new_calls_and_drains_streams(assets):
             assert s.server.engine._thread is None  # the engine was stopped afterwards
     finally:
         s.stop()
+
+
+def test_calls_around_shutdown_end_ok_or_unavailable(assets):
+    """Calls fired from several threads while the server shuts down (8 rounds, with a
+    stream in flight): each ends OK, or UNAVAILABLE if refused (a refused call never
+    ran: safe to retry elsewhere). None ends INTERNAL (a reset stream), and no call
+    the server accepted is cancelled by the stop: the drain waits for every call grpc
+    accepted, not only the ones whose handler had started."""
+    import collections
+
+    def call(stub, results, stop):
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                stub.Generate(pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5, 6, 7]),
+                                                 max_new_tokens=3, ignore_eos=True), timeout=30)
+                results.append((t0, "OK", ""))
+            except grpc.RpcError as exc:
+                results.append((t0, exc.code().name, exc.details()))
+                if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                    time.sleep(0.005)
+
+    totals = collections.Counter()
+    for round_ in range(8):
+        s = RunningServer(make_config(assets, preload=())).start()
+        stop, results, channels = threading.Event(), [], []
+        try:
+            with Client(s.target, timeout=60) as c:
+                stream = iter(c.stream(PROMPT, max_new_tokens=60, ignore_eos=True))
+                next(stream)
+                threads = []
+                for k in range(4):
+                    channels.append(grpc.insecure_channel(s.target))
+                    stub = pb_grpc.GenerationStub(channels[-1])
+                    threads.append(threading.Thread(target=call, args=(stub, results, stop),
+                                                    daemon=True))
+                    threads[-1].start()
+                time.sleep(0.2 + 0.05 * round_)  # SIGTERM at varying points of the calls
+                t_stop = time.monotonic()
+                s.begin_shutdown(grace=30).result(60)
+                rest = list(stream)  # the stream in flight was drained, not cut
+                assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 60
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+            for ch in channels:
+                ch.close()
+            s.stop()
+        near = [r for r in results if abs(r[0] - t_stop) < 0.1]
+        assert near, "no call was sent near the shutdown"
+        bad = [(round(r[0] - t_stop, 3), r[1], r[2]) for r in results
+               if r[1] not in ("OK", "UNAVAILABLE")]
+        assert not bad, bad
+        totals.update(r[1] for r in results)
+        # What the server counted: every call its handlers accepted ended OK (none
+        # cancelled by the stop), one per OK answer (+1: the stream).
+        served = collections.Counter()
+        for fam in s.server.metrics.registry.collect():
+            if fam.name == "loraplex_requests":
+                served.update({x.labels["status"]: int(x.value) for x in fam.samples
+                               if x.name.endswith("_total")})
+        assert set(served) == {"OK"} and served["OK"] == sum(
+            r[1] == "OK" for r in results) + 1, (served, round_)
+    assert totals["OK"] > 50 and totals["UNAVAILABLE"] > 0, totals

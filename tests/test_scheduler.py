@@ -50,7 +50,7 @@ def cache(tmp_path):
 def make_seq(n_prompt, adapter=None):
     return Sequence(request=GenerationRequest(list(range(1, n_prompt + 1))), adapter=adapter,
                     detokenizer=IncrementalDetokenizer(None, []), stops=StopStringFilter(()),
-                    emit=lambda out: None)
+                    sink=None)
 
 
 def run_step(sched):

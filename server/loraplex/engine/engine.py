@@ -110,6 +110,7 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self._preemptions_seen = 0
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # engine thread only
 
     @classmethod
     def build(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig, adapter_root: str,
@@ -171,9 +172,9 @@ class Engine:
                 f"({self.blocks.num_blocks * self.cfg.block_size} tokens); lower max_new_tokens")
 
     def _enqueue(self, request: GenerationRequest, adapter: AdapterVersion | None,
-                 emit) -> None:
+                 sink: RequestStream) -> None:
         seed = request.sampling.seed
-        seq = Sequence(request=request, adapter=adapter, emit=emit,
+        seq = Sequence(request=request, adapter=adapter, sink=sink,
                        detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
                        stops=StopStringFilter(request.sampling.stop))
         if seed is not None:
@@ -193,6 +194,7 @@ class Engine:
             self._drain_inbox()
             self._expire_deadlines()
             if not self.scheduler.has_work():
+                self._flush_outputs()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
@@ -202,9 +204,11 @@ class Engine:
                 log.exception("engine step failed; finishing its requests with an error")
                 for seq in [s for s in self._seqs.values() if s not in self.scheduler.waiting]:
                     self._finish(seq, FinishReason.ERROR, "internal engine error")
+            self._flush_outputs()
         self._drain_inbox()
         for seq in list(self._seqs.values()):
             self._finish(seq, FinishReason.CANCELLED, "the server is shutting down")
+        self._flush_outputs()
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
@@ -269,7 +273,7 @@ class Engine:
             text += seq.stops.flush()
         if reason is not None:  # free everything before the caller hears it finished
             self._release(seq, reason)
-        seq.emit(RequestOutput(
+        self._send(seq, RequestOutput(
             request_id=seq.request_id, token_ids=(token,), text=text, adapter=label,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
             logprobs=(logprob,) if logprob is not None else (), finish_reason=reason))
@@ -277,10 +281,24 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason, error: str = "") -> None:
         """End a sequence early (cancel, deadline, shutdown, failure) and tell its caller."""
         self._release(seq, reason)
-        seq.emit(RequestOutput(
+        self._send(seq, RequestOutput(
             request_id=seq.request_id, token_ids=(), text="", adapter=seq.adapter_label,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
             finish_reason=reason, error=error))
+
+    def _send(self, seq: Sequence, out: RequestOutput) -> None:
+        """Queue an output for its caller; `_flush_outputs` hands them over once per step."""
+        self._outbox.setdefault(seq.sink.loop, []).append((seq.sink, out))
+
+    def _flush_outputs(self) -> None:
+        """One cross-thread call per event loop for all of a step's outputs (not one per
+        request per token: each call writes the loop's wake-up pipe)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is gone: nobody is listening
+                pass
 
     def _release(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq)
@@ -340,7 +358,7 @@ class RequestStream:
             if adapter is not None:
                 self._engine.cache.release(adapter, served=False)
             return
-        self._engine._enqueue(self.request, adapter, self._emit)
+        self._engine._enqueue(self.request, adapter, self)
         while True:
             out = await self._queue.get()
             if out.finished:
@@ -360,11 +378,13 @@ class RequestStream:
                 lambda f: f.exception() is None and self._engine.cache.release(f.result(), False))
             raise
 
-    def _emit(self, out: RequestOutput) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
-        except RuntimeError:  # the caller's event loop is gone: nobody is listening
-            pass
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def deliver(self, out: RequestOutput) -> None:
+        """Called on the stream's own event loop."""
+        self._queue.put_nowait(out)
 
     def cancel(self) -> None:
         """Leave the batch at the next step (no-op once finished)."""
@@ -373,6 +393,11 @@ class RequestStream:
         self._done = True
         if self._started:
             self._engine._abort(self.request_id)
+
+
+def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.deliver(out)
 
 
 async def collect(stream: RequestStream) -> RequestOutput:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.stops import StopStringFilter
-from loraplex.engine.request import FinishReason, GenerationRequest, RequestOutput
+from loraplex.engine.request import FinishReason, GenerationRequest
 
 
 class Status(enum.Enum):
@@ -26,7 +26,7 @@ class Sequence:
     adapter: Any  # AdapterVersion (loraplex.lora.cache) or None for the base model
     detokenizer: IncrementalDetokenizer
     stops: StopStringFilter
-    emit: Callable[[RequestOutput], None]  # hands an output to the caller (thread-safe)
+    sink: Any  # the caller's RequestStream: outputs go to sink.deliver on sink.loop
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the KV cache
     block_table: list[int] = field(default_factory=list)
