@@ -22,6 +22,7 @@ def _plan(slots: torch.Tensor, rank: int) -> LoraPlan:
 
 
 SLOT_PATTERNS = {
+    "sorted": lambda g, n: torch.sort(torch.randint(0, 3, (n,), generator=g)).values,
     "mixed": lambda g, n: torch.randint(0, 6, (n,), generator=g),  # includes 0 = base model
     "one_adapter": lambda g, n: torch.full((n,), 3),
     "base_only": lambda g, n: torch.zeros(n, dtype=torch.long),
@@ -69,6 +70,14 @@ def test_segments_layout():
     assert seg.gather_index.tolist() == [2, 6, 6, 1, 3, 5]
     assert sorted(zip(seg.rows.tolist(), seg.tokens.tolist())) == [(0, 2), (3, 1), (4, 3), (5, 5)]
     assert Segments.build(torch.zeros(4, dtype=torch.long)) is None
+    assert not seg.contiguous
+
+
+def test_segments_in_batch_order_are_read_in_place():
+    seg = Segments.build(torch.tensor([0, 0, 1, 1, 2, 2]))  # base tokens first, then by slot
+    assert seg.contiguous and seg.first_token == 2
+    assert not Segments.build(torch.tensor([2, 1])).contiguous  # slots out of order
+    assert not Segments.build(torch.tensor([1, 1, 2])).contiguous  # padding needed
 
 
 def test_auto_choice():

@@ -41,6 +41,7 @@ class Segments:
     gather_index: torch.Tensor  # [(hi - lo) * width] token per padded row; padding -> T (a zero row)
     rows: torch.Tensor  # [n] padded rows that hold a token
     tokens: torch.Tensor  # [n] the token in each of those rows
+    first_token: int = -1  # >= 0 when tokens == arange(first_token, first_token + n)
 
     @classmethod
     def build(cls, slots: torch.Tensor) -> Segments | None:
@@ -59,11 +60,14 @@ class Segments:
         rows = (tok_slots - lo) * width + position
         gather_index = torch.full(((hi - lo) * width,), slots.numel(), dtype=torch.long)
         gather_index[rows] = tokens
-        return cls(lo, hi, width, gather_index, rows, tokens)
+        n, start = tokens.numel(), int(tokens[0])
+        in_place = (hi - lo) * width == n and bool(
+            (tokens == torch.arange(start, start + n)).all())
+        return cls(lo, hi, width, gather_index, rows, tokens, start if in_place else -1)
 
     def to(self, device: torch.device) -> Segments:
         return Segments(self.lo, self.hi, self.width, self.gather_index.to(device),
-                        self.rows.to(device), self.tokens.to(device))
+                        self.rows.to(device), self.tokens.to(device), self.first_token)
 
     @property
     def padded_rows(self) -> int:
@@ -73,6 +77,13 @@ class Segments:
     def unpadded(self) -> bool:
         """Every padded row holds a token (then rows == arange(n) and no zero row is needed)."""
         return self.padded_rows == self.tokens.numel()
+
+    @property
+    def contiguous(self) -> bool:
+        """Unpadded, and the tokens are already in slot order in the batch: the grouped
+        block is then the slice tokens[0] .. tokens[0] + n of the batch, no copy needed.
+        (The runner packs decodes sorted by slot to make this the common case.)"""
+        return self.first_token >= 0
 
 
 @dataclass
@@ -95,7 +106,9 @@ class LoraPlan:
         if cached is not None and cached[0] == key:
             return cached[2]
         seg = self.segments
-        if seg.unpadded:
+        if seg.contiguous:
+            x_pad = x[seg.first_token:seg.first_token + seg.tokens.numel()]  # a view
+        elif seg.unpadded:
             x_pad = x.index_select(0, seg.tokens)  # [n, in]
         else:
             x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])])[seg.gather_index]  # [U*W, in]
@@ -143,7 +156,10 @@ def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: t
     x_pad = plan.grouped_input(x)  # [U, W, in]
     h = torch.bmm(x_pad, A[seg.lo:seg.hi, :plan.rank].transpose(1, 2))  # [U, W, rank]
     out = torch.bmm(h, B[seg.lo:seg.hi, :plan.rank]).view(seg.padded_rows, -1)  # [U*W, out]
-    y.index_add_(0, seg.tokens, out if seg.unpadded else out[seg.rows])  # [n, out]
+    if seg.contiguous:
+        y[seg.first_token:seg.first_token + seg.padded_rows] += out
+    else:
+        y.index_add_(0, seg.tokens, out if seg.unpadded else out[seg.rows])  # [n, out]
 
 
 BACKENDS: dict[str, Callable] = {

@@ -35,8 +35,10 @@ class ModelRunner:
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Run one forward pass; returns logits [num sampling seqs, vocab] in batch order
         of the sequences whose `samples` is True."""
-        decodes = [s for s in batch if s.num_new == 1]
-        prefills = [s for s in batch if s.num_new > 1]
+        # Decodes first, each group sorted by adapter slot: then a slot's tokens usually
+        # sit side by side and the LoRA kernels read them in place (see Segments).
+        decodes = sorted((s for s in batch if s.num_new == 1), key=lambda s: s.seq.lora_slot)
+        prefills = sorted((s for s in batch if s.num_new > 1), key=lambda s: s.seq.lora_slot)
         ordered = decodes + prefills
         device = self.loaded.device
 
