@@ -532,6 +532,20 @@ def test_full_queue_is_resource_exhausted_and_cancel_frees_the_slot(guarded_serv
 
 # ---------------------------------------------------------------- shutdown
 
+def _wait_refused(port: int, timeout: float = 10) -> bool:
+    """True once 127.0.0.1:port refuses connections."""
+    import socket
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_shutdown_refuses_new_calls_and_drains_streams(assets):
     s = RunningServer(make_config(assets, preload=())).start()
     try:
@@ -541,6 +555,13 @@ def test_shutdown_refuses_new_calls_and_drains_streams(assets):
             first = next(chunks)
             shutdown = s.begin_shutdown(grace=60)
             s.run(s.server.shutting_down.wait())
+            # The port closes at once (new connections refused: a proxy fails them
+            # over) and open connections get GOAWAY. A call sent at the very instant
+            # of the stop can still be dropped by grpc itself (see
+            # test_calls_around_shutdown_end_ok_or_unavailable); one sent after it is
+            # refused with UNAVAILABLE.
+            assert _wait_refused(s.server.port)
+            time.sleep(0.1)  # the GOAWAY reaches the client
             with pytest.raises(Unavailable):
                 c.generate("a", max_new_tokens=2)
             rest = list(chunks)  # the call in flight finishes within the grace period
@@ -553,11 +574,13 @@ def test_shutdown_refuses_new_calls_and_drains_streams(assets):
 
 
 def test_calls_around_shutdown_end_ok_or_unavailable(assets):
-    """Calls fired from several threads while the server shuts down (8 rounds, with a
-    stream in flight): each ends OK, or UNAVAILABLE if refused (a refused call never
-    ran: safe to retry elsewhere). None ends INTERNAL (a reset stream), and no call
-    the server accepted is cancelled by the stop: the drain waits for every call grpc
-    accepted, not only the ones whose handler had started."""
+    """Calls fired from 4 threads while the server shuts down, with a stream in
+    flight, 8 rounds: none ends INTERNAL (a reset stream), and every call the server
+    accepted ends OK (none cancelled by the stop: the drain waits for every call grpc
+    accepted, not only those whose handler had started). The others are refused
+    with UNAVAILABLE (never ran: safe to retry elsewhere), except, rarely, one that
+    reaches grpc at the very instant of its stop, before any handler: grpc core drops
+    it (CANCELLED) without the server seeing it: counted and printed."""
     import collections
 
     def call(stub, results, stop):
@@ -602,8 +625,10 @@ def test_calls_around_shutdown_end_ok_or_unavailable(assets):
         near = [r for r in results if abs(r[0] - t_stop) < 0.1]
         assert near, "no call was sent near the shutdown"
         bad = [(round(r[0] - t_stop, 3), r[1], r[2]) for r in results
-               if r[1] not in ("OK", "UNAVAILABLE")]
+               if r[1] not in ("OK", "UNAVAILABLE", "CANCELLED")]
         assert not bad, bad
+        dropped = [r for r in results if r[1] == "CANCELLED"]
+        assert all(abs(r[0] - t_stop) < 0.1 for r in dropped), dropped
         totals.update(r[1] for r in results)
         # What the server counted: every call its handlers accepted ended OK (none
         # cancelled by the stop), one per OK answer (+1: the stream).
@@ -614,4 +639,5 @@ def test_calls_around_shutdown_end_ok_or_unavailable(assets):
                                if x.name.endswith("_total")})
         assert set(served) == {"OK"} and served["OK"] == sum(
             r[1] == "OK" for r in results) + 1, (served, round_)
+    print(f"\ncalls around shutdown, 8 rounds: {dict(totals)}")
     assert totals["OK"] > 50 and totals["UNAVAILABLE"] > 0, totals

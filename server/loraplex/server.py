@@ -14,10 +14,16 @@
    (an adapter whose files changed since is refused, with a log line), and a
    one-token warm-up request runs through the base model and each preloaded
    adapter. Only then are "" and the services SERVING.
-3. On SIGTERM/SIGINT: health NOT_SERVING, new calls refused with UNAVAILABLE
-   (by the interceptor, while the port stays open so probes see NOT_SERVING),
-   calls in flight get `grace_period` seconds to finish, then `server.stop(0)`
-   cancels what is left, the engine stops and the metrics endpoint closes.
+3. On SIGTERM/SIGINT: health NOT_SERVING (for watchers), and grpc's graceful
+   stop starts at once: the port closes (new connections refused, which nginx
+   fails over to another replica), open connections get GOAWAY (new streams go
+   elsewhere; a call that reaches a handler anyway is refused with UNAVAILABLE by
+   the interceptor), and every call grpc accepted (started or not, and the last
+   status of one that just ended) gets `grace_period` seconds to finish; then
+   `server.stop(0)` cancels what is left, the engine stops and the metrics
+   endpoint closes. The drain ends early once no loraplex call is left (a health
+   Watch stream does not hold it). grpc core itself drops (CANCELLED) a stream
+   that reaches it in the instant of the stop, before any handler.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ log = logging.getLogger(__name__)
 SERVICES = (GENERATION_SERVICE, ADAPTERS_SERVICE, ROUTES_SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After the last loraplex call of a drain: how long grpc gets to finish the rest.
+_SETTLE_S = 0.5
 
 
 def _default_engine_factory(config: Config, metrics: Metrics):
@@ -168,23 +176,30 @@ class LoraplexServer:
             return
         grace = self.config.server.grace_period if grace is None else grace
         log.info("shutting down: %d call(s) in flight get %.1f s", self._in_flight.count, grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self._accepting = False
         await self._health.enter_graceful_shutdown()
         self.shutting_down.set()
-        if self.generation is not None and self.generation.shadows is not None:
-            await self.generation.shadows.drain(min(grace, 5.0))
+        stopping = None
         try:
-            # Keep serving (health answers NOT_SERVING, new calls get UNAVAILABLE from
-            # the interceptor) until the calls in flight are done or the grace is over;
-            # then stop grpc, which cancels whatever is left.
-            try:
-                await asyncio.wait_for(self._in_flight.idle(), grace)
-            except asyncio.TimeoutError:
-                log.warning("%d call(s) still running after the grace period; cancelling",
-                            self._in_flight.count)
             if self._server is not None:
-                await self._server.stop(0)
+                # grpc's graceful stop, at once: the listener closes (new connections
+                # are refused, which a proxy fails over to another replica), open
+                # connections get GOAWAY (new streams go elsewhere; gRPC clients retry
+                # them transparently), and grpc lets every call it has accepted finish:
+                # also one accepted a moment ago whose handler has not run yet, and
+                # the status of one whose handler just returned. Calls that reach a
+                # handler before the listener closes are refused by the interceptor.
+                stopping = asyncio.ensure_future(self._server.stop(grace))
+            if self.generation is not None and self.generation.shadows is not None:
+                await self.generation.shadows.drain(min(grace, 5.0))
+            if stopping is not None:
+                await self._drain(stopping, deadline)
         finally:
+            if stopping is not None and not stopping.done():
+                await self._server.stop(0)
+                await stopping
             if self.engine is not None and self.state is not None:
                 await self.save_state()
             if self.engine is not None:
@@ -194,6 +209,29 @@ class LoraplexServer:
                 self._metrics_httpd.server_close()
             self._stopped.set()
             log.info("stopped")
+
+    async def _drain(self, stopping: asyncio.Future, deadline: float) -> None:
+        """Wait until grpc's graceful stop is over (every accepted call ended) or the
+        loraplex calls are done while only never-ending streams (health Watch) keep
+        it going; at the deadline the caller cancels what is left (stop(0))."""
+        loop = asyncio.get_running_loop()
+        while not stopping.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._in_flight.idle(), remaining)
+            except asyncio.TimeoutError:
+                break
+            # No loraplex handler is running: give grpc a moment to send the last
+            # statuses and to start any call it accepted before the stop (which then
+            # counts again); if only other streams are left, cancel them.
+            await asyncio.wait([stopping], timeout=min(_SETTLE_S, max(0.0, deadline - loop.time())))
+            if not stopping.done() and self._in_flight.count == 0:
+                return
+        if not stopping.done():
+            log.warning("%d call(s) still running after the grace period; cancelling",
+                        self._in_flight.count)
 
     # ---- persistence (--data-dir) -------------------------------------------------
 

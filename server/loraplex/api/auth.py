@@ -1,7 +1,7 @@
 """Server interceptor in front of the loraplex services: bearer tokens, refusal of
-new calls while the server shuts down, and a count of the calls in flight (so that
-shutdown can wait for them while it keeps refusing new ones with UNAVAILABLE;
-grpc's own `server.stop(grace)` would cancel them instead).
+new calls while the server shuts down, and a count of the calls whose handler is
+running (so that shutdown knows when the loraplex calls are done; grpc's own
+graceful stop, which the shutdown also runs, waits for every accepted call).
 
 Health checking and reflection are never guarded. Tokens are compared in constant
 time. Missing token -> UNAUTHENTICATED, wrong token -> PERMISSION_DENIED, new call
