@@ -83,6 +83,8 @@ def test_segments_in_batch_order_are_read_in_place():
 def test_auto_choice():
     decode = Segments.build(torch.arange(1, 33))  # 32 tokens, 32 adapters, one each
     assert choose_backend("auto", decode) is lora_delta_segmented
-    ragged = Segments.build(torch.tensor([1] * 500 + list(range(2, 33))))  # a prefill among decodes
+    ragged = Segments.build(torch.tensor([1] * 600 + list(range(2, 33))))  # a prefill among decodes
     assert choose_backend("auto", ragged) is lora_delta_grouped
+    uneven = Segments.build(torch.tensor([1, 1, 1, 1, 2, 3, 4]))  # decodes finishing unevenly
+    assert choose_backend("auto", uneven) is lora_delta_segmented
     assert choose_backend("grouped", decode) is lora_delta_grouped

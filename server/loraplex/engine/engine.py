@@ -370,6 +370,11 @@ class RequestStream:
     async def _acquire_adapter(self) -> AdapterVersion | None:
         if not self.request.adapter:
             return None
+        # Resident adapters are held right here; a thread hop per request would let the
+        # engine thread (holding the GIL between kernels) trickle a burst in over many steps.
+        resident = self._engine.cache.acquire_resident(self.request.adapter)
+        if resident is not None:
+            return resident
         future = self._loop.run_in_executor(None, self._engine.cache.acquire, self.request.adapter)
         try:
             return await asyncio.shield(future)

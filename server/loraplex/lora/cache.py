@@ -122,14 +122,23 @@ class AdapterCache:
 
     # ---- requests (any thread) -------------------------------------------------
 
-    def acquire(self, ref: str) -> AdapterVersion:
-        """Resolve 'name' or 'name@version', loading it from disk if needed, and hold it
-        for one request. May read from disk: call it off the event loop."""
+    def acquire_resident(self, ref: str) -> AdapterVersion | None:
+        """Like `acquire` when the version is already in memory (never reads from disk, so
+        the event loop may call it); None when it must be read first."""
         name, version = parse_adapter_ref(ref)
         with self._lock:
             av = self._resolve(name, version)
             if av is not None and av.weights is not None:
                 return self._hold(av)
+        return None
+
+    def acquire(self, ref: str) -> AdapterVersion:
+        """Resolve 'name' or 'name@version', loading it from disk if needed, and hold it
+        for one request. May read from disk: call it off the event loop."""
+        av = self.acquire_resident(ref)
+        if av is not None:
+            return av
+        name, version = parse_adapter_ref(ref)
         with self._gate(name):  # one reader per name; the others find it resident
             with self._lock:
                 av = self._resolve(name, version)

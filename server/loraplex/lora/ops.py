@@ -20,7 +20,7 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
   block (built once per step, see `Segments`); two batched matmuls read each
   adapter's weights in place from the slot range in use. Only activations are
   copied, whatever the number of adapters: the default for decode-heavy steps.
-`choose_backend` picks between segmented and grouped once per step.
+`choose_backend` picks between segmented and grouped once per step (by the padding).
 """
 
 from __future__ import annotations
@@ -170,12 +170,19 @@ BACKENDS: dict[str, Callable] = {
 }
 
 
+# "auto" switches to grouped when padding the slots to a common width would add more than
+# this many rows and more than twice the real ones (a long prefill among decodes); short
+# of that, padding rows cost far less than a pair of kernel launches per adapter per module.
+MAX_PADDING_ROWS = 512
+
+
 def choose_backend(name: str, segments: Segments | None) -> Callable:
-    """`name` from EngineConfig.lora_backend. "auto": segmented unless padding the slots
-    to a common width would more than double the rows (one long prefill among decodes);
-    then grouped."""
+    """`name` from EngineConfig.lora_backend; "auto" picks segmented unless its padding
+    would be large, then grouped."""
     if name != "auto":
         return BACKENDS[name]
-    if segments is not None and segments.padded_rows > 2 * segments.tokens.numel():
-        return lora_delta_grouped
+    if segments is not None:
+        real = segments.tokens.numel()
+        if segments.padded_rows - real > max(MAX_PADDING_ROWS, 2 * real):
+            return lora_delta_grouped
     return lora_delta_segmented
