@@ -120,13 +120,16 @@ def test_adapter_slots_bound_the_batch_and_nobody_starves(cache):
     for s in (s0, s1, s2, s0b):
         sched.add(s)
     step = run_step(sched)
-    # two slots: a0 and a1 run; a2 waits; a0's second request joins (its adapter is resident)
-    assert set(step) == {id(s0), id(s1), id(s0b)}
-    assert {s0.lora_slot, s1.lora_slot} == {1, 2} and s0b.lora_slot == s0.lora_slot
-    assert s2.status is Status.WAITING
-    sched.finish(s1)  # frees a1's slot
+    # two slots: a0 and a1 run; a2 waits for a slot; a0's second request, though its
+    # adapter is resident, waits too: a0's slot (the least recently used) is draining for a2
+    assert set(step) == {id(s0), id(s1)} and {s0.lora_slot, s1.lora_slot} == {1, 2}
+    assert s2.status is Status.WAITING and s0b.status is Status.WAITING
+    sched.finish(s0)  # a0's slot empties
     step = run_step(sched)
-    assert id(s2) in step and s2.lora_slot == s1.lora_slot  # a2 took the idle slot
+    assert id(s2) in step and s2.lora_slot == s0.lora_slot  # a2 took it
+    sched.finish(s1)
+    step = run_step(sched)
+    assert id(s0b) in step  # and a0 comes back in a slot of its own
 
 
 def test_later_arrivals_do_not_take_the_slot_an_earlier_one_waits_for(cache):
@@ -201,3 +204,31 @@ def test_victim_is_the_newest_shadow_not_yet_scheduled_this_step(cache):
     assert sched._victim(real2) is real2  # the shadow already joined this step's batch
     sched.running = [real1, real2]
     assert sched._victim(real1) is real2  # no shadow: the newest, as before
+
+
+def test_waiting_adapter_is_not_starved_by_a_stream_of_resident_ones(cache):
+    """Both slots stay busy with ever new requests for a0 and a1; a request for a2 must
+    still get a slot: the least busy slot takes no new requests until a2 has it."""
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4,
+                       max_gpu_adapters=2)
+    sched = Scheduler(cfg, BlockAllocator(64, 4), cache)
+    v = [cache.acquire(f"a{i}") for i in range(3)]
+    running = [make_seq(2, v[0]), make_seq(2, v[1])]
+    for seq in running:
+        sched.add(seq)
+    run_step(sched)
+    starving = make_seq(2, v[2])
+    sched.add(starving)
+    for step in range(6):
+        for seq in list(running):  # each running request finishes after one more step...
+            sched.finish(seq)
+            running.remove(seq)
+        for adapter in v[:2]:  # ...and a new one for the same adapter arrives
+            seq = make_seq(2, adapter)
+            sched.add(seq)
+            running.append(seq)
+        run_step(sched)
+        if starving.status is Status.RUNNING:
+            break
+    assert starving.status is Status.RUNNING, "a2 never got a slot"
+    assert step <= 1

@@ -35,6 +35,8 @@ class SlotProvider(Protocol):
 
     def unpin(self, adapter) -> None: ...
 
+    def slot_to_drain(self): ...  # -> the adapter whose slot should take no new requests
+
 
 class Scheduler:
     def __init__(self, cfg: EngineConfig, blocks: BlockAllocator, slots: SlotProvider):
@@ -88,6 +90,7 @@ class Scheduler:
         admitted = []
         now = time.monotonic()
         slot_blocked = False  # once an adapter cannot get a slot, later arrivals may not take one
+        draining = None  # ...nor join the slot it will get, so that slot empties (no starvation)
         real_waits = False  # a real request stays waiting: no shadow may be admitted
         skipped: list[Sequence] = []
         # real requests first (stable), so a shadow is only reached when none is left
@@ -101,7 +104,10 @@ class Scheduler:
             if not self.blocks.can_grow(seq.block_table, num_new):
                 self.waiting.appendleft(seq)
                 break
-            if seq.adapter is not None and not self._may_pin(seq.adapter, slot_blocked):
+            if seq.adapter is not None and (seq.adapter is draining or
+                                            not self._may_pin(seq.adapter, slot_blocked)):
+                if not slot_blocked and not seq.shadow:
+                    draining = self.slots.slot_to_drain()
                 slot_blocked = True
                 real_waits = real_waits or not seq.shadow
                 skipped.append(seq)

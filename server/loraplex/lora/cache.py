@@ -191,6 +191,13 @@ class AdapterCache:
             av.pins -= 1
             self._touch(av)
 
+    def slot_to_drain(self) -> AdapterVersion | None:
+        """The slot holder that would free its slot soonest if it took no new requests
+        (fewest running requests, then least recently used); None when no slot is held."""
+        with self._lock:
+            held = [v for v in self._slots[1:] if v is not None]
+            return min(held, key=lambda v: (v.pins, v.last_touch)) if held else None
+
     def _slot_to_fill(self) -> int | None:
         """A free slot, else the least recently used idle one, else None."""
         idle = []
