@@ -19,11 +19,12 @@
    fails over to another replica), open connections get GOAWAY (new streams go
    elsewhere; a call that reaches a handler anyway is refused with UNAVAILABLE by
    the interceptor), and every call grpc accepted (started or not, and the last
-   status of one that just ended) gets `grace_period` seconds to finish; then
-   `server.stop(0)` cancels what is left, the engine stops and the metrics
-   endpoint closes. The drain ends early once no loraplex call is left (a health
-   Watch stream does not hold it). grpc core itself drops (CANCELLED) a stream
-   that reaches it in the instant of the stop, before any handler.
+   status of one that just ended) gets `grace_period` seconds to finish (the
+   stop ends as soon as the last call does; a long-lived stream such as a health
+   Watch holds it until the deadline, when grpc cancels what is left); then the
+   engine stops and the metrics endpoint closes. grpc core itself drops
+   (CANCELLED) a stream that reaches it in the instant of the stop, before any
+   handler.
 """
 
 from __future__ import annotations
@@ -58,8 +59,6 @@ log = logging.getLogger(__name__)
 SERVICES = (GENERATION_SERVICE, ADAPTERS_SERVICE, ROUTES_SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# After the last loraplex call of a drain: how long grpc gets to finish the rest.
-_SETTLE_S = 0.5
 
 
 def _default_engine_factory(config: Config, metrics: Metrics):
@@ -176,8 +175,6 @@ class LoraplexServer:
             return
         grace = self.config.server.grace_period if grace is None else grace
         log.info("shutting down: %d call(s) in flight get %.1f s", self._in_flight.count, grace)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
         self._accepting = False
         await self._health.enter_graceful_shutdown()
         self.shutting_down.set()
@@ -194,11 +191,11 @@ class LoraplexServer:
                 stopping = asyncio.ensure_future(self._server.stop(grace))
             if self.generation is not None and self.generation.shadows is not None:
                 await self.generation.shadows.drain(min(grace, 5.0))
-            if stopping is not None:
-                await self._drain(stopping, deadline)
         finally:
-            if stopping is not None and not stopping.done():
-                await self._server.stop(0)
+            if stopping is not None:
+                # One stop call only: grpc ends it when the last call ends, or cancels
+                # what is left at the grace deadline. (A second, shorter stop while
+                # the first is pending crashed grpcio 1.85's aio server in CI.)
                 await stopping
             if self.engine is not None and self.state is not None:
                 await self.save_state()
@@ -209,29 +206,6 @@ class LoraplexServer:
                 self._metrics_httpd.server_close()
             self._stopped.set()
             log.info("stopped")
-
-    async def _drain(self, stopping: asyncio.Future, deadline: float) -> None:
-        """Wait until grpc's graceful stop is over (every accepted call ended) or the
-        loraplex calls are done while only never-ending streams (health Watch) keep
-        it going; at the deadline the caller cancels what is left (stop(0))."""
-        loop = asyncio.get_running_loop()
-        while not stopping.done():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(self._in_flight.idle(), remaining)
-            except asyncio.TimeoutError:
-                break
-            # No loraplex handler is running: give grpc a moment to send the last
-            # statuses and to start any call it accepted before the stop (which then
-            # counts again); if only other streams are left, cancel them.
-            await asyncio.wait([stopping], timeout=min(_SETTLE_S, max(0.0, deadline - loop.time())))
-            if not stopping.done() and self._in_flight.count == 0:
-                return
-        if not stopping.done():
-            log.warning("%d call(s) still running after the grace period; cancelling",
-                        self._in_flight.count)
 
     # ---- persistence (--data-dir) -------------------------------------------------
 

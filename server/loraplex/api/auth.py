@@ -10,7 +10,6 @@ during shutdown -> UNAVAILABLE.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import inspect
 from collections.abc import Callable
@@ -44,24 +43,16 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, me
 
 
 class InFlight:
-    """Number of accepted calls not finished yet; `idle()` waits for zero."""
+    """Number of accepted calls not finished yet (logged when a shutdown starts)."""
 
     def __init__(self):
         self.count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def __enter__(self):
         self.count += 1
-        self._idle.clear()
 
     def __exit__(self, *exc):
         self.count -= 1
-        if self.count == 0:
-            self._idle.set()
-
-    async def idle(self) -> None:
-        await self._idle.wait()
 
 
 def _tracked_handler(handler: grpc.RpcMethodHandler, in_flight: InFlight):
