@@ -359,3 +359,26 @@ def test_restart_with_data_dir_gives_the_same_answers(assets, tmp_path):  # noqa
         second.stop()
     assert after[:3] == before[:3]
     assert after[3] == [ref for ref in before[3] if not ref.startswith("doomed@")]
+
+
+def test_a_route_keeps_serving_the_old_version_across_a_swap(served, client):
+    """The canary flow of the issue: support@v1 stays servable through a route after
+    SwapAdapter made v2 current, so v1 95 / v2 5 works; once no route names v1, it is freed."""
+    v1 = served.refs["alpha"]
+    before = client.generate("Hi", adapter=v1, max_new_tokens=4, ignore_eos=True).token_ids
+    client.set_route("support", {v1: 100})
+    v2 = client.swap_adapter("alpha", "alpha_v2").ref
+    try:
+        assert v2 != v1
+        client.set_route("support", {v1: 50, v2: 50})
+        served_by = {client.generate("Hi", adapter="support", routing_key=f"user{i}",
+                                     max_new_tokens=1).adapter for i in range(24)}
+        assert served_by == {v1, v2}
+        assert client.generate("Hi", adapter="alpha", max_new_tokens=1).adapter == v2
+        again = client.generate("Hi", adapter=v1, max_new_tokens=4, ignore_eos=True).token_ids
+        assert again == before  # the old version, unchanged, after the swap
+        client.delete_route("support")
+        with pytest.raises(NotFound):  # nothing holds v1 any more: freed
+            client.generate("Hi", adapter=v1, max_new_tokens=1)
+    finally:
+        client.swap_adapter("alpha", "alpha")  # back to v1 for the other tests

@@ -178,6 +178,7 @@ class RoutesServicer(pb_grpc.RoutesServicer):
         self._get_engine = get_engine
         self._metrics = metrics
         self._persist = persist
+        self._holds: dict[str, object] = {}  # name@version -> AdapterVersion held for routes
 
     async def _guarded(self, context, coro_fn):
         try:
@@ -192,7 +193,29 @@ class RoutesServicer(pb_grpc.RoutesServicer):
     def _info(self, route: Route) -> pb.RouteInfo:
         return route_to_pb(route, self._router.comparisons(route.alias))
 
+    async def _hold_routed_versions(self) -> None:
+        """Hold every version a route may send traffic to (targets, shadow, rollback
+        history) in the adapter cache, like a request does: a swap of that name then
+        retires the old version without freeing it, so `support@v3` 95 / `support@v4` 5
+        works across a swap. Versions no route names any more are released."""
+        cache = self._get_engine().cache
+        wanted = set()
+        for r in self._router.list():
+            for targets, shadow in [(r.targets, r.shadow), *r.history]:
+                wanted.update(t.ref for t in targets)
+                if shadow is not None:
+                    wanted.add(shadow.ref)
+        for ref in wanted - self._holds.keys():
+            try:
+                self._holds[ref] = (cache.acquire_resident(ref)
+                                    or await asyncio.to_thread(cache.acquire, ref))
+            except LoraplexError as exc:  # e.g. a restored route naming a version now gone
+                log.warning("route target %s is not held: %s", ref, exc)
+        for ref in self._holds.keys() - wanted:
+            cache.release(self._holds.pop(ref), served=False)
+
     async def _changed(self, route: Route | None, removed: Route | None = None) -> None:
+        await self._hold_routed_versions()
         for r in (removed, route):
             if r is None:
                 continue
