@@ -382,3 +382,16 @@ def test_a_route_keeps_serving_the_old_version_across_a_swap(served, client):
             client.generate("Hi", adapter=v1, max_new_tokens=1)
     finally:
         client.swap_adapter("alpha", "alpha")  # back to v1 for the other tests
+
+
+def test_an_adapter_may_not_take_a_routes_alias(served, client):
+    client.set_route("taken", {served.refs["alpha"]: 1})
+    try:
+        for call in (lambda: client.load_adapter("taken", "gamma"),
+                     lambda: client.swap_adapter("taken", "gamma"),
+                     lambda: client.merge_adapters("taken", ["alpha", "gamma"],
+                                                   combination_type="cat")):
+            with pytest.raises(AlreadyExistsRpc, match="route alias"):
+                call()
+    finally:
+        client.delete_route("taken")

@@ -112,7 +112,8 @@ class LoraplexServer:
         self.generation = GenerationServicer(self._ready_engine, self.metrics, self.router)
         pb_grpc.add_GenerationServicer_to_server(self.generation, server)
         pb_grpc.add_AdaptersServicer_to_server(
-            AdaptersServicer(self._ready_engine, on_change=self.save_state), server)
+            AdaptersServicer(self._ready_engine, on_change=self.save_state,
+                             is_route=self.router.is_route), server)
         pb_grpc.add_RoutesServicer_to_server(
             RoutesServicer(self.router, self._ready_engine, self.metrics,
                            persist=self.save_state), server)

@@ -20,8 +20,8 @@ from loraplex.api.convert import (adapter_info_to_pb, adapter_label,
 from loraplex.api.errors import status_of
 from loraplex.api.routes import ShadowMirror, seed_for_shadow
 from loraplex.engine.request import FinishReason, RequestOutput
-from loraplex.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                             LoraplexError, NotFound)
+from loraplex.errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition,
+                             InvalidArgument, LoraplexError, NotFound)
 from loraplex.metrics import Metrics
 from loraplex.routing import Router
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
@@ -206,9 +206,18 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     """Adapter management. The store's calls block (disk, copies), so they run in a
     worker thread."""
 
-    def __init__(self, get_engine: Callable, on_change: Callable | None = None):
+    def __init__(self, get_engine: Callable, on_change: Callable | None = None,
+                 is_route: Callable[[str], bool] = lambda name: False):
         self._get_engine = get_engine
         self._on_change = on_change  # async; after every change of the registry (persistence)
+        self._is_route = is_route  # an adapter may not take a route's alias
+
+    def _new_name(self, name: str) -> str:
+        name = _need(name, "name")
+        if self._is_route(name):
+            raise AlreadyExists(f"{name!r} is a route alias; delete the route or pick another "
+                                "adapter name")
+        return name
 
     async def _run(self, context, fn, *args, **kwargs):
         try:
@@ -242,7 +251,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     async def LoadAdapter(self, request, context):
         try:
             adapters = self._get_engine().adapters
-            name = _need(request.name, "name")
+            name = self._new_name(request.name)
         except LoraplexError as exc:
             await self._fail(context, exc)
         info = await self._run(context, adapters.load, name, request.path or None)
@@ -263,7 +272,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     async def SwapAdapter(self, request, context):
         try:
             adapters = self._get_engine().adapters
-            name = _need(request.name, "name")
+            name = self._new_name(request.name)
             path = _need(request.path, "path")
         except LoraplexError as exc:
             await self._fail(context, exc)
@@ -274,6 +283,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         try:
             adapters = self._get_engine().adapters
             args = merge_args_from_pb(request)
+            self._new_name(args["name"])
         except LoraplexError as exc:
             await self._fail(context, exc)
         # a client that cancels (or whose deadline passes) stops the merge between modules
