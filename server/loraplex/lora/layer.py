@@ -56,6 +56,3 @@ class LoraLinear(nn.Module):
         r = A.shape[0]
         self.lora_A[slot, :r].copy_(A)
         self.lora_B[slot, :r].copy_(B.T)
-
-    def bytes_per_slot(self) -> int:
-        return (self.lora_A[0].numel() + self.lora_B[0].numel()) * self.lora_A.element_size()
