@@ -222,7 +222,9 @@ class Engine:
         self.scheduler.postprocess(batch)
         if sampling:
             tokens = sampler.sample(logits, [s.request.sampling for s in sampling],
-                                    [s.prompt_ids + s.output_ids for s in sampling],
+                                    [s.prompt_ids + s.output_ids  # only the penalty reads it
+                                     if s.request.sampling.repetition_penalty != 1.0 else []
+                                     for s in sampling],
                                     [s.generator for s in sampling])
             want = [s.request.sampling.logprobs or s.request.sampling.top_logprobs > 0
                     for s in sampling]

@@ -59,6 +59,8 @@ class Sequence:
         prompt = self.request.prompt_ids
         if end <= len(prompt):
             return prompt[start:end]
+        if start >= len(prompt):  # decodes: no copy of the whole sequence
+            return self.output_ids[start - len(prompt):end - len(prompt)]
         return (prompt + self.output_ids)[start:end]
 
     @property

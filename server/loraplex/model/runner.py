@@ -42,8 +42,8 @@ class ModelRunner:
         ordered = decodes + prefills
         device = self.loaded.device
 
-        ids, positions, lora_slots, slot_mapping, sample_idx = [], [], [], [], []
-        prefill_seqs, offset = [], 0
+        ids, positions, lora_slots, slot_mapping = [], [], [], []
+        prefill_seqs, decode_contexts, last_row, offset = [], [], {}, 0
         for item in ordered:
             seq, start = item.seq, item.seq.num_computed
             end = start + item.num_new
@@ -54,21 +54,18 @@ class ModelRunner:
             slot_mapping.append(context[start:end])
             if item.num_new > 1:
                 prefill_seqs.append(PrefillSeq(offset, item.num_new, context.to(device)))
+            else:
+                decode_contexts.append(context)
             offset += item.num_new
+            last_row[id(item)] = offset - 1
+        # Sampling rows follow the caller's batch order, not the packed order.
+        sample_idx = [last_row[id(item)] for item in batch if item.samples]
 
-        decode_lens = torch.tensor([s.seq.num_computed + 1 for s in decodes], dtype=torch.long)
+        decode_lens = torch.tensor([c.numel() for c in decode_contexts], dtype=torch.long)
         decode_kv = torch.zeros(len(decodes), int(decode_lens.max()) if decodes else 0,
                                 dtype=torch.long)  # [D, Lmax], padding points at slot 0 (masked)
-        for i, item in enumerate(decodes):
-            decode_kv[i, :decode_lens[i]] = self._cache_slots(item.seq.block_table, 0,
-                                                              int(decode_lens[i]))
-        # Sampling rows follow the caller's batch order, not the packed order.
-        packed_last = {}
-        offset = 0
-        for item in ordered:
-            offset += item.num_new
-            packed_last[id(item)] = offset - 1
-        sample_idx = [packed_last[id(item)] for item in batch if item.samples]
+        for i, context in enumerate(decode_contexts):
+            decode_kv[i, :context.numel()] = context
 
         attn = AttentionBatch(
             cache=self.kv_cache, slot_mapping=torch.cat(slot_mapping).to(device),
