@@ -439,7 +439,8 @@ def test_deadline_exceeded_frees_the_request(server, client):
 
 def test_running_gauge_returns_to_zero_after_cancel(server, client):
     stream = client.stream(PROMPT, **LONG)
-    next(iter(stream))
+    chunks = iter(stream)  # held: a dropped iterator cancels the call when it is collected
+    next(chunks)
     assert server.wait_metric("loraplex_running_requests", lambda v: v == 1) == 1
     stream.cancel()
     assert server.wait_metric("loraplex_running_requests", lambda v: v == 0) == 0
