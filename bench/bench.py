@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ModelConfig(path=str(base_dir), quantize=args.quantize),
         EngineConfig(max_batch_tokens=4096, max_num_seqs=args.num_requests, prefill_chunk=2048,
                      kv_cache_memory=512 * 2**20, max_gpu_adapters=min(args.num_requests, 128),
-                     max_cpu_adapters=max(LORAPLEX_N), max_lora_rank=args.rank),
+                     max_cpu_adapters=max(LORAPLEX_N), max_lora_rank=args.rank,
+                     threads=args.threads),
         str(adapters_dir))
     engine.start()
     try:

@@ -63,6 +63,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_queue: int = 1024  # waiting requests before RESOURCE_EXHAUSTED
     lora_backend: str = "auto"
+    threads: int = 0  # torch intra-op threads of the step loop on CPU (0: one per CPU)
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_num_seqs", "prefill_chunk", "kv_cache_memory",
@@ -70,6 +71,8 @@ class EngineConfig:
                      "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.prefill_chunk > self.max_batch_tokens:
             raise ValueError("prefill_chunk must not exceed max_batch_tokens")
         if self.max_num_seqs > self.max_batch_tokens:

@@ -47,6 +47,7 @@ from loraplex.api.routes import RoutesServicer
 from loraplex.api.servicers import AdaptersServicer, GenerationServicer
 from loraplex.config import Config
 from loraplex.engine.request import GenerationRequest, SamplingParams
+from loraplex.engine.threads import helper_executor
 from loraplex.errors import Unavailable
 from loraplex.metrics import Metrics
 from loraplex.routing import Route, Router
@@ -114,9 +115,9 @@ class LoraplexServer:
         pb_grpc.add_AdaptersServicer_to_server(
             AdaptersServicer(self._ready_engine, on_change=self.save_state,
                              is_route=self.router.is_route), server)
-        pb_grpc.add_RoutesServicer_to_server(
-            RoutesServicer(self.router, self._ready_engine, self.metrics,
-                           persist=self.save_state), server)
+        self.routes = RoutesServicer(self.router, self._ready_engine, self.metrics,
+                                     persist=self.save_state)
+        pb_grpc.add_RoutesServicer_to_server(self.routes, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [pb.DESCRIPTOR.services_by_name[n].full_name
                  for n in ("Generation", "Adapters", "Routes")]
@@ -134,6 +135,9 @@ class LoraplexServer:
     async def start(self) -> None:
         """Bind, load the model, warm up; returns once the server is SERVING."""
         s = self.config.server
+        # blocking work (adapter loads, merges, state) runs torch on one thread: the
+        # engine thread owns the CPU's intra-op threads (engine/threads.py)
+        asyncio.get_running_loop().set_default_executor(helper_executor("loraplex-worker"))
         await self._set_health(_NOT_SERVING)
         self._server = self._build_grpc_server()
         await self._server.start()
@@ -150,10 +154,12 @@ class LoraplexServer:
         for name, path in s.preload:
             info = await asyncio.to_thread(engine.adapters.load, name, path or None)
             log.info("preloaded adapter %s@%s from %s", info.name, info.version, info.path)
+        holds = {}
         if self.state is not None:
-            await asyncio.to_thread(self._restore, engine)
+            holds = await asyncio.to_thread(self._restore, engine)
         await self._warm_up(engine, [""] + [name for name, _ in s.preload])
         self.engine = engine
+        await self.routes.restored(holds)
         await self._set_health(_SERVING)
         log.info("serving %s", getattr(engine, "model_name", self.config.model.path))
 
@@ -211,12 +217,16 @@ class LoraplexServer:
     # ---- persistence (--data-dir) -------------------------------------------------
 
     def _snapshot(self) -> State:
-        """The adapter registry (current versions, paths relative to the adapter root)
-        and the routes, as they are now. Blocking (lists the cache)."""
+        """The adapter registry (current versions, and the older versions routes still
+        name; paths relative to the adapter root) and the routes, as they are now.
+        Blocking (lists the cache)."""
         root = os.path.realpath(self.config.server.adapter_root)
-        adapters = [AdapterEntry(i.name, i.version, os.path.relpath(i.path, root))
-                    for i in self.engine.adapters.list() if i.current and i.version]
-        return State(adapters=adapters, routes=[r.to_json() for r in self.router.list()])
+        routes = self.router.list()
+        routed = set().union(*(r.refs() for r in routes))
+        adapters = [AdapterEntry(i.name, i.version, os.path.relpath(i.path, root), i.current)
+                    for i in self.engine.adapters.list()
+                    if i.version and (i.current or f"{i.name}@{i.version}" in routed)]
+        return State(adapters=adapters, routes=[r.to_json() for r in routes])
 
     async def save_state(self) -> None:
         """Write the state file now (in a worker thread); no-op without --data-dir."""
@@ -231,11 +241,15 @@ class LoraplexServer:
         if self._save_task is None or self._save_task.done():
             self._save_task = asyncio.get_running_loop().create_task(self.save_state())
 
-    def _restore(self, engine) -> None:
-        """Load the saved adapters (refusing any whose files changed) and routes."""
+    def _restore(self, engine) -> dict:
+        """Load the saved adapters (refusing any whose files changed) and routes. Returns
+        the holds taken on older versions that routes name ({name@version: held})."""
         saved = self.state.load()
         current = {i.name: i.version for i in engine.adapters.list() if i.current and i.version}
+        holds = {}
         for e in saved.adapters:
+            if not e.current:
+                continue
             if e.name in current:
                 if current[e.name] != e.version:
                     log.error("saved adapter %s@%s not restored: %s is already loaded (from "
@@ -254,6 +268,17 @@ class LoraplexServer:
                           e.name, e.version, e.path, info.version)
                 continue
             log.info("restored adapter %s@%s from %s", e.name, e.version, e.path)
+        for e in saved.adapters:
+            if e.current:
+                continue
+            try:
+                holds[f"{e.name}@{e.version}"] = engine.cache.hold_version(e.name, e.version, e.path)
+            except Exception as exc:  # noqa: BLE001  (the route's other targets still serve)
+                log.error("saved adapter %s@%s (not current, named by a route) not restored "
+                          "from %s: %s", e.name, e.version, e.path, exc)
+                continue
+            log.info("restored adapter %s@%s from %s for the routes that name it", e.name,
+                     e.version, e.path)
         loaded = {f"{i.name}@{i.version}" for i in engine.adapters.list() if i.version}
         routes = []
         for d in saved.routes:
@@ -273,6 +298,7 @@ class LoraplexServer:
         self.router.load(routes)
         log.info("restored %d adapter(s) and %d route(s) from %s", len(saved.adapters),
                  len(routes), self.state.path)
+        return holds
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -30,6 +30,7 @@ from loraplex.engine.request import (FinishReason, GenerationRequest, RequestOut
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import ScheduledSeq, Sequence, Status
 from loraplex.engine.stops import StopStringFilter
+from loraplex.engine.threads import cpu_count, helper_executor, run_in_fresh_thread
 from loraplex.errors import InvalidArgument, ResourceExhausted, Unavailable
 from loraplex.lora.cache import AdapterCache, AdapterVersion
 from loraplex.lora.store import AdapterStore
@@ -80,6 +81,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig, adapter_root: str,
                  metrics: Metrics | None = None):
         self.cfg = cfg
+        self.threads = cfg.threads or cpu_count()  # torch intra-op threads of the step loop
         self.loaded = loaded
         self.metrics = metrics or Metrics()
         self.tokenizer = loaded.tokenizer
@@ -111,12 +113,16 @@ class Engine:
         self.steps = 0
         self._preemptions_seen = 0
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # engine thread only
+        self._loader = helper_executor("loraplex-adapter-load")  # hot-loads for requests
 
     @classmethod
     def build(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig, adapter_root: str,
               metrics: Metrics | None = None) -> Engine:
-        loaded = load_model(model_cfg, engine_cfg.max_gpu_adapters, engine_cfg.max_lora_rank)
-        return cls(loaded, engine_cfg, adapter_root, metrics)
+        def build() -> Engine:
+            loaded = load_model(model_cfg, engine_cfg.max_gpu_adapters, engine_cfg.max_lora_rank)
+            return cls(loaded, engine_cfg, adapter_root, metrics)
+        # not on the caller's thread: its OpenMP pool would outlive the load (see threads.py)
+        return run_in_fresh_thread(build, engine_cfg.threads or cpu_count(), "loraplex-load")
 
     # ---- lifecycle ---------------------------------------------------------------
 
@@ -190,6 +196,7 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        torch.set_num_threads(self.threads)
         while not self._stopping:
             self._drain_inbox()
             self._expire_deadlines()
@@ -377,7 +384,8 @@ class RequestStream:
         resident = self._engine.cache.acquire_resident(self.request.adapter)
         if resident is not None:
             return resident
-        future = self._loop.run_in_executor(None, self._engine.cache.acquire, self.request.adapter)
+        future = self._loop.run_in_executor(self._engine._loader, self._engine.cache.acquire,
+                                            self.request.adapter)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:

@@ -14,7 +14,8 @@ module is the plumbing around it:
    (``AdapterStore.read_lora_tensors``), checking that the files still are
    the version that was resolved;
 3. merge on the CPU, in the calling thread (the servicer calls from a worker
-   thread: the engine thread keeps stepping; the only shared resources are
+   thread that runs torch on one CPU thread, see engine/threads.py: the engine
+   thread keeps stepping; the only shared resources are
    CPU cores and the GIL, which torch releases inside its kernels), modules
    in the served model's ``named_modules()`` order so a seeded DARE merge
    draws the same masks as PEFT;

@@ -1,0 +1,59 @@
+"""Torch's CPU threads belong to the engine thread.
+
+On CPU, torch runs its intra-op parallel regions on libgomp. Every thread that starts one
+gets a pool of OpenMP workers of its own, alive as long as that thread. Once the workers
+of all pools outnumber the CPUs, libgomp all but stops spin-waiting between regions, and
+each of the hundreds of small matmuls in a decode step then pays a futex wake-up.
+Measured on 2 cores: a helper thread that had run one 2-thread matmul made the step loop
+1.6x slower with 32 adapters in the batch.
+
+So the engine thread runs torch on `threads` intra-op threads; model loading runs in a
+short-lived thread (its pool goes when it exits); every other thread that touches torch
+(adapter loads, merges, the event loop's helpers) runs it on one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def helper_executor(name: str, max_workers: int | None = None) -> ThreadPoolExecutor:
+    """A thread pool whose threads run torch single-threaded."""
+    return ThreadPoolExecutor(max_workers, thread_name_prefix=name,
+                              initializer=torch.set_num_threads, initargs=(1,))
+
+
+def run_in_fresh_thread(fn: Callable[[], T], threads: int, name: str) -> T:
+    """fn() on a new thread with `threads` intra-op threads; blocks until it returns. The
+    thread's OpenMP pool exits with it, so the calling thread keeps none."""
+    result: list = []
+
+    def target():
+        torch.set_num_threads(threads)
+        try:
+            result.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
+            result.append((False, exc))
+
+    thread = threading.Thread(target=target, name=name)
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
