@@ -361,6 +361,52 @@ def test_restart_with_data_dir_gives_the_same_answers(assets, tmp_path):  # noqa
     assert after[3] == [ref for ref in before[3] if not ref.startswith("doomed@")]
 
 
+def test_restart_keeps_a_routes_old_version_and_its_holds(assets, tmp_path):  # noqa: F811
+    """The canary state across a restart: support = alpha@v1 50 / alpha@v2 50 after a swap
+    made v2 current. The restarted server serves both (v1 read back without becoming
+    current), gives the same answers, and its routes hold what they name again: a later
+    swap does not free v2, and deleting the route frees both old versions."""
+    data = tmp_path / "data"
+    cfg = make_config(assets, data_dir=str(data), preload=())
+
+    def answers(c):
+        routed = [c.generate("Hello", adapter="support", routing_key=f"user{i}",
+                             max_new_tokens=6, ignore_eos=True) for i in range(12)]
+        return [(x.adapter, x.token_ids) for x in routed]
+
+    first = RunningServer(cfg).start()
+    try:
+        with Client(first.target, timeout=60) as c:
+            v1 = c.load_adapter("alpha", "alpha").ref
+            c.set_route("support", {v1: 100})
+            v2 = c.swap_adapter("alpha", "alpha_v2").ref
+            c.set_route("support", {v1: 50, v2: 50})
+            before = answers(c)
+    finally:
+        first.stop()
+    assert {x[0] for x in before} == {v1, v2}
+    saved = {(a["name"], a["version"]): a["current"]
+             for a in json.loads((data / "state.json").read_text())["adapters"]}
+    assert saved == {tuple(v1.split("@")): False, tuple(v2.split("@")): True}
+
+    second = RunningServer(cfg).start()
+    try:
+        with Client(second.target, timeout=60) as c:
+            assert answers(c) == before
+            listed = {a.ref: a.current for a in c.list_adapters("alpha")}
+            assert listed == {v1: False, v2: True}
+            assert c.generate("Hi", adapter="alpha", max_new_tokens=1).adapter == v2
+            v3 = c.swap_adapter("alpha", "gamma").ref  # the route still holds v1 and v2
+            assert answers(c) == before
+            c.delete_route("support")
+            for old in (v1, v2):  # nothing holds them any more: freed
+                with pytest.raises(NotFound):
+                    c.generate("Hi", adapter=old, max_new_tokens=1)
+            assert c.generate("Hi", adapter="alpha", max_new_tokens=1).adapter == v3
+    finally:
+        second.stop()
+
+
 def test_a_route_keeps_serving_the_old_version_across_a_swap(served, client):
     """The canary flow of the issue: support@v1 stays servable through a route after
     SwapAdapter made v2 current, so v1 95 / v2 5 works; once no route names v1, it is freed."""

@@ -131,6 +131,16 @@ class Route:
             out.append(self.shadow.ref)
         return out
 
+    def refs(self) -> set[str]:
+        """Every name@version this route may send traffic to: targets, shadow, and the
+        rollback history."""
+        out = set()
+        for targets, shadow in [(self.targets, self.shadow), *self.history]:
+            out.update(t.ref for t in targets)
+            if shadow is not None:
+                out.add(shadow.ref)
+        return out
+
     def to_json(self) -> dict:
         return {"alias": self.alias,
                 "targets": [asdict(t) for t in self.targets],

@@ -2,7 +2,8 @@
 JSON file in the data directory (`--data-dir`).
 
     {"format": 1,
-     "adapters": [{"name": "support", "version": "3f2a...", "path": "support/v3"}],
+     "adapters": [{"name": "support", "version": "3f2a...", "path": "support/v3", "current": true},
+                  {"name": "support", "version": "9b1c...", "path": "support/v2", "current": false}],
      "routes": [Route.to_json(), ...]}
 
 Written atomically: the new content goes to a temporary file in the same folder,
@@ -34,6 +35,7 @@ class AdapterEntry:
     name: str
     version: str
     path: str  # relative to the adapter root
+    current: bool = True  # False: an older version a route still names
 
 
 @dataclass
@@ -50,7 +52,8 @@ class State:
     def from_json(cls, data: dict) -> State:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not a loraplex state file of format {FORMAT}")
-        return cls(adapters=[AdapterEntry(str(a["name"]), str(a["version"]), str(a["path"]))
+        return cls(adapters=[AdapterEntry(str(a["name"]), str(a["version"]), str(a["path"]),
+                                          bool(a.get("current", True)))
                              for a in data.get("adapters", [])],
                    routes=list(data.get("routes", [])))
 

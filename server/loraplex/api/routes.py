@@ -199,12 +199,7 @@ class RoutesServicer(pb_grpc.RoutesServicer):
         retires the old version without freeing it, so `support@v3` 95 / `support@v4` 5
         works across a swap. Versions no route names any more are released."""
         cache = self._get_engine().cache
-        wanted = set()
-        for r in self._router.list():
-            for targets, shadow in [(r.targets, r.shadow), *r.history]:
-                wanted.update(t.ref for t in targets)
-                if shadow is not None:
-                    wanted.add(shadow.ref)
+        wanted = set().union(*(r.refs() for r in self._router.list()))
         for ref in wanted - self._holds.keys():
             try:
                 self._holds[ref] = (cache.acquire_resident(ref)
@@ -213,6 +208,12 @@ class RoutesServicer(pb_grpc.RoutesServicer):
                 log.warning("route target %s is not held: %s", ref, exc)
         for ref in self._holds.keys() - wanted:
             cache.release(self._holds.pop(ref), served=False)
+
+    async def restored(self, holds: dict[str, object]) -> None:
+        """After a restart: adopt the holds the restore took on versions that are not
+        current (`AdapterCache.hold_version`), then hold the rest the routes name."""
+        self._holds.update(holds)
+        await self._hold_routed_versions()
 
     async def _changed(self, route: Route | None, removed: Route | None = None) -> None:
         await self._hold_routed_versions()

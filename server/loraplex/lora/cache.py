@@ -154,6 +154,28 @@ class AdapterCache:
                 self._evict_cpu()  # after the hold, so the version just read stays resident
                 return av
 
+    def hold_version(self, name: str, version: str, relpath: str) -> AdapterVersion:
+        """Hold `name@version`, read from `relpath` if it is not in memory, WITHOUT making
+        it current: how a restart brings back the old version a route still sends traffic
+        to. Like a swapped-out version, it is freed when its last hold is released.
+        FailedPrecondition when the files at relpath are another version now."""
+        with self._gate(name):
+            with self._lock:
+                self._refuse_if_unloading(name)
+                av = self._versions.get(f"{name}@{version}")
+                if av is not None and av.weights is not None:
+                    return self._hold(av)
+            weights, seconds = self._read(name, relpath)
+            with self._lock:
+                if weights.version != version:
+                    raise FailedPrecondition(
+                        f"the files of {name}@{version} in {relpath!r} changed on disk (now "
+                        f"version {weights.version})")
+                av = self._hold(self._keep(weights, relpath, seconds, make_current=False))
+                av.retired = self._current.get(name) is not av
+                self._evict_cpu()
+                return av
+
     def release(self, av: AdapterVersion, served: bool = True) -> None:
         with self._lock:
             av.refs -= 1
@@ -368,17 +390,19 @@ class AdapterCache:
         self.metrics.adapter_load_time.labels("cpu").observe(seconds)
         return weights, seconds
 
-    def _keep(self, weights: AdapterWeights, relpath: str, seconds: float) -> AdapterVersion:
+    def _keep(self, weights: AdapterWeights, relpath: str, seconds: float,
+              make_current: bool = True) -> AdapterVersion:
         """The version of `weights`, resident in CPU memory: the one already known (its
-        tensors restored if evicted) or a new one. It becomes current if `name` has none.
-        The caller holds or evicts after this (`_evict_cpu`)."""
+        tensors restored if evicted) or a new one. It becomes current if `name` has none
+        (and make_current). The caller holds or evicts after this (`_evict_cpu`)."""
         av = self._versions.get(f"{weights.name}@{weights.version}")
         if av is None:
             av = AdapterVersion(weights, relpath, seconds)
             self._versions[av.key] = av
         elif av.weights is None:
             av.weights, av.load_time_s = weights, seconds
-        self._current.setdefault(av.name, av)
+        if make_current:
+            self._current.setdefault(av.name, av)
         self._cpu[av.key] = av
         self._touch(av)
         return av
