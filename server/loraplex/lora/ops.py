@@ -111,7 +111,8 @@ class LoraPlan:
         elif seg.unpadded:
             x_pad = x.index_select(0, seg.tokens)  # [n, in]
         else:
-            x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])])[seg.gather_index]  # [U*W, in]
+            x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(  # [U*W, in]
+                0, seg.gather_index)  # (index_select: ~8x faster than x[index] on CPU)
         x_pad = x_pad.view(seg.hi - seg.lo, seg.width, -1)
         self._grouped_input = (key, x, x_pad)
         return x_pad
@@ -159,7 +160,8 @@ def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: t
     if seg.contiguous:
         y[seg.first_token:seg.first_token + seg.padded_rows] += out
     else:
-        y.index_add_(0, seg.tokens, out if seg.unpadded else out[seg.rows])  # [n, out]
+        y.index_add_(0, seg.tokens,  # [n, out]
+                     out if seg.unpadded else out.index_select(0, seg.rows))
 
 
 BACKENDS: dict[str, Callable] = {
