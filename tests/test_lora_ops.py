@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loraplex.lora.ops import (BACKENDS, LoraPlan, Segments, choose_backend, lora_delta_grouped,
-                               lora_delta_segmented)
+                               lora_delta_loop, lora_delta_segmented)
 
 
 def _pool(slots: int, r_max: int, d_in: int, d_out: int, ranks: list[int], seed: int = 0):
@@ -65,12 +65,28 @@ def test_rank_truncation_skips_only_zero_padding():
 
 def test_segments_layout():
     seg = Segments.build(torch.tensor([0, 3, 2, 3, 0, 3]))
-    assert (seg.lo, seg.hi, seg.width) == (2, 4, 3)
+    assert (seg.used.tolist(), seg.lo, seg.width) == ([2, 3], 2, 3)
     # slot 2: token 2; slot 3: tokens 1, 3, 5; padding rows point at row 6 (a zero row)
     assert seg.gather_index.tolist() == [2, 6, 6, 1, 3, 5]
     assert sorted(zip(seg.rows.tolist(), seg.tokens.tolist())) == [(0, 2), (3, 1), (4, 3), (5, 5)]
     assert Segments.build(torch.zeros(4, dtype=torch.long)) is None
     assert not seg.contiguous
+
+
+def test_segments_skip_idle_slots_between_busy_ones():
+    """Slots 1 and 7 in use: two rows of weights take part, not the seven of 1..7."""
+    A, B = _pool(8, 4, 16, 16, [4] * 7)
+    slots = torch.tensor([7, 1, 7])
+    seg = Segments.build(slots)
+    assert (seg.used.tolist(), seg.lo, seg.padded_rows) == ([1, 7], -1, 4)
+    assert torch.equal(seg.weights(A, 4), A[[1, 7]])
+    dense = Segments.build(torch.tensor([2, 3]))
+    assert dense.lo == 2 and dense.weights(A, 4).data_ptr() == A[2].data_ptr()  # a view
+    x = torch.randn(3, 16)
+    ref, got = torch.zeros(3, 16), torch.zeros(3, 16)
+    lora_delta_loop(ref, x, A, B, _plan(slots, 4))
+    lora_delta_segmented(got, x, A, B, _plan(slots, 4))
+    torch.testing.assert_close(got, ref)
 
 
 def test_segments_in_batch_order_are_read_in_place():

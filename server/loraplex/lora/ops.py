@@ -17,9 +17,9 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
 - `lora_delta_gather`: copies each token's A and B, two batched matmuls.
 - `lora_delta_grouped`: a pair of matmuls per distinct slot over that slot's tokens.
 - `lora_delta_segmented`: tokens grouped by slot into a padded [slots, tokens, in]
-  block (built once per step, see `Segments`); two batched matmuls read each
-  adapter's weights in place from the slot range in use. Only activations are
-  copied, whatever the number of adapters: the default for decode-heavy steps.
+  block (built once per step, see `Segments`); two batched matmuls read the weights
+  of the slots in use (in place when those slots are consecutive, else a copy of just
+  them): the default for decode-heavy steps.
 `choose_backend` picks between segmented and grouped once per step (by the padding).
 """
 
@@ -33,12 +33,14 @@ import torch
 
 @dataclass(frozen=True)
 class Segments:
-    """Adapter tokens laid out by slot: slot lo + u, its i-th token at row u * width + i."""
+    """Adapter tokens laid out by slot: the u-th slot in use, used[u], has its i-th token
+    at row u * width + i. Only slots in use take part: when requests finish, the idle slots
+    between busy ones are skipped, not multiplied through."""
 
-    lo: int  # first slot in use (>= 1)
-    hi: int  # one past the last slot in use
+    used: torch.Tensor  # [U] the slots in use, ascending (all >= 1)
+    lo: int  # used[0] when used == arange(lo, lo + U): the weights are a view; else -1
     width: int  # most tokens any slot has
-    gather_index: torch.Tensor  # [(hi - lo) * width] token per padded row; padding -> T (a zero row)
+    gather_index: torch.Tensor  # [U * width] token per padded row; padding -> T (a zero row)
     rows: torch.Tensor  # [n] padded rows that hold a token
     tokens: torch.Tensor  # [n] the token in each of those rows
     first_token: int = -1  # >= 0 when tokens == arange(first_token, first_token + n)
@@ -52,26 +54,28 @@ class Segments:
         tok_slots = slots[tokens]
         order = torch.argsort(tok_slots, stable=True)
         tokens, tok_slots = tokens[order], tok_slots[order]
-        lo, hi = int(tok_slots[0]), int(tok_slots[-1]) + 1
-        counts = torch.bincount(tok_slots - lo, minlength=hi - lo)  # [U]
+        used, tok_u, counts = torch.unique_consecutive(  # [U], [n], [U]
+            tok_slots, return_inverse=True, return_counts=True)
         width = int(counts.max())
         starts = torch.cumsum(counts, 0) - counts  # first sorted position of each slot
-        position = torch.arange(tokens.numel()) - starts[tok_slots - lo]  # index within its slot
-        rows = (tok_slots - lo) * width + position
-        gather_index = torch.full(((hi - lo) * width,), slots.numel(), dtype=torch.long)
+        position = torch.arange(tokens.numel()) - starts[tok_u]  # index within its slot
+        rows = tok_u * width + position
+        gather_index = torch.full((used.numel() * width,), slots.numel(), dtype=torch.long)
         gather_index[rows] = tokens
-        n, start = tokens.numel(), int(tokens[0])
-        in_place = (hi - lo) * width == n and bool(
+        n, start, lo = tokens.numel(), int(tokens[0]), int(used[0])
+        in_place = used.numel() * width == n and bool(
             (tokens == torch.arange(start, start + n)).all())
-        return cls(lo, hi, width, gather_index, rows, tokens, start if in_place else -1)
+        dense = bool((used == torch.arange(lo, lo + used.numel())).all())
+        return cls(used, lo if dense else -1, width, gather_index, rows, tokens,
+                   start if in_place else -1)
 
     def to(self, device: torch.device) -> Segments:
-        return Segments(self.lo, self.hi, self.width, self.gather_index.to(device),
+        return Segments(self.used.to(device), self.lo, self.width, self.gather_index.to(device),
                         self.rows.to(device), self.tokens.to(device), self.first_token)
 
     @property
     def padded_rows(self) -> int:
-        return (self.hi - self.lo) * self.width
+        return self.used.numel() * self.width
 
     @property
     def unpadded(self) -> bool:
@@ -84,6 +88,13 @@ class Segments:
         block is then the slice tokens[0] .. tokens[0] + n of the batch, no copy needed.
         (The runner packs decodes sorted by slot to make this the common case.)"""
         return self.first_token >= 0
+
+    def weights(self, W: torch.Tensor, rank: int) -> torch.Tensor:
+        """W: [S, r_max, d] slot pool -> [U, rank, d] of the slots in use: a view when they
+        are consecutive, else a copy of just those (never every slot in between)."""
+        if self.lo >= 0:
+            return W[self.lo:self.lo + self.used.numel(), :rank]
+        return W[:, :rank].index_select(0, self.used)
 
 
 @dataclass
@@ -113,7 +124,7 @@ class LoraPlan:
         else:
             x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(  # [U*W, in]
                 0, seg.gather_index)  # (index_select: ~8x faster than x[index] on CPU)
-        x_pad = x_pad.view(seg.hi - seg.lo, seg.width, -1)
+        x_pad = x_pad.view(seg.used.numel(), seg.width, -1)
         self._grouped_input = (key, x, x_pad)
         return x_pad
 
@@ -155,13 +166,13 @@ def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: t
     if seg is None:
         return
     x_pad = plan.grouped_input(x)  # [U, W, in]
-    h = torch.bmm(x_pad, A[seg.lo:seg.hi, :plan.rank].transpose(1, 2))  # [U, W, rank]
-    out = torch.bmm(h, B[seg.lo:seg.hi, :plan.rank]).view(seg.padded_rows, -1)  # [U*W, out]
-    if seg.contiguous:
-        y[seg.first_token:seg.first_token + seg.padded_rows] += out
-    else:
-        y.index_add_(0, seg.tokens,  # [n, out]
-                     out if seg.unpadded else out.index_select(0, seg.rows))
+    h = torch.bmm(x_pad, seg.weights(A, plan.rank).transpose(1, 2))  # [U, W, rank]
+    if seg.contiguous:  # y's rows of these tokens, as [U, W, out], updated in place
+        y_block = y[seg.first_token:seg.first_token + seg.padded_rows].view(*h.shape[:2], -1)
+        y_block.baddbmm_(h, seg.weights(B, plan.rank))
+        return
+    out = torch.bmm(h, seg.weights(B, plan.rank)).view(seg.padded_rows, -1)  # [U*W, out]
+    y.index_add_(0, seg.tokens, out if seg.unpadded else out.index_select(0, seg.rows))  # [n, out]
 
 
 BACKENDS: dict[str, Callable] = {
