@@ -66,7 +66,8 @@ class _Base:
 
 class GenerateStream:
     """Iterator of `Chunk`s of one streaming call. `cancel()` (or leaving a `with`
-    block, or closing the iterator) cancels the call on the server."""
+    block, or closing the iterator) cancels the call on the server. So does dropping
+    the iterator `iter(stream)` before the end: keep it while the call should run."""
 
     def __init__(self, call):
         self._call = call
