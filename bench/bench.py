@@ -10,6 +10,8 @@ Variants, each on equal (32 new tokens) and varied (8..64) output lengths:
 Every request makes exactly its max_new_tokens (EOS ignored); only those useful tokens
 are counted. Each variant runs once untimed (loading, warm-up), then --repeat times
 timed; the run with the median tok/s is reported (all of them are kept in the JSON).
+The loraplex variants are timed in rounds (N=0, 1, 8, 32, 128, then again), so a
+drift in the machine's speed does not land on one of them.
 Prints a table with ratios, writes the full results as JSON (--out).
 """
 
@@ -53,19 +55,35 @@ def run_engine(engine: Engine, work: list[BenchRequest]) -> dict:
     return dict(tokens=tokens, seconds=seconds, tok_per_s=tokens / seconds)
 
 
-def timed(fn, repeat: int) -> dict:
-    """fn() once untimed (loads adapters, warms caches), then `repeat` times: the median
-    run, with every run's tok/s under "runs" (a shared CPU's speed drifts by +-20%)."""
-    fn()
-    runs = sorted((fn() for _ in range(repeat)), key=lambda r: r["tok_per_s"])
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tok/s, with every run's tok/s under "runs"."""
+    runs = sorted(runs, key=lambda r: r["tok_per_s"])
     return dict(runs[len(runs) // 2], runs=[round(r["tok_per_s"], 1) for r in runs])
+
+
+def timed(fn, repeat: int) -> dict:
+    """fn() once untimed (loads adapters, warms caches), then the median of `repeat` runs."""
+    fn()
+    return median_run([fn() for _ in range(repeat)])
+
+
+def interleaved(fns: dict, repeat: int) -> dict:
+    """Like `timed` for several variants, run in rounds (A B C, A B C, ...) so that a drift
+    in the machine's speed (+-20% on a shared CPU) hits every variant alike."""
+    for fn in fns.values():
+        fn()
+    runs = {key: [] for key in fns}
+    for _ in range(repeat):
+        for key, fn in fns.items():
+            runs[key].append(fn())
+    return {key: median_run(r) for key, r in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per variant")
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"])
     parser.add_argument("--rank", type=int, default=16)
@@ -99,9 +117,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     engine.start()
     try:
         for shape, new_tokens in workloads.items():
-            for n in LORAPLEX_N:
-                work = make_workload(args.num_requests, (16, 64), new_tokens, n, vocab)
-                record("loraplex", n, shape, timed(lambda: run_engine(engine, work), args.repeat))
+            works = {n: make_workload(args.num_requests, (16, 64), new_tokens, n, vocab)
+                     for n in LORAPLEX_N}
+            fns = {n: (lambda w=w: run_engine(engine, w)) for n, w in works.items()}
+            for n, result in interleaved(fns, args.repeat).items():
+                record("loraplex", n, shape, result)
     finally:
         engine.stop()
     del engine
