@@ -192,6 +192,9 @@ MAX_PADDING_ROWS = 512
 def choose_backend(name: str, segments: Segments | None) -> Callable:
     """`name` from EngineConfig.lora_backend; "auto" picks segmented unless its padding
     would be large, then grouped."""
+    if name == "triton":  # CUDA only, opt-in; imported here so triton stays optional
+        from loraplex.lora.triton_ops import lora_delta_triton
+        return lora_delta_triton
     if name != "auto":
         return BACKENDS[name]
     if segments is not None:
