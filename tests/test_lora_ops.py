@@ -104,3 +104,10 @@ def test_auto_choice():
     uneven = Segments.build(torch.tensor([1, 1, 1, 1, 2, 3, 4]))  # decodes finishing unevenly
     assert choose_backend("auto", uneven) is lora_delta_segmented
     assert choose_backend("grouped", decode) is lora_delta_grouped
+
+
+def test_triton_backend_is_refused_off_cuda(tiny_models, adapter_root):
+    """Chosen at start, not found out at the first step: the kernels need a GPU."""
+    from engine_helpers import build_engine
+    with pytest.raises(ValueError, match="CUDA only"):
+        build_engine(tiny_models["llama"], adapter_root, lora_backend="triton")

@@ -159,11 +159,12 @@ def test_streaming_passes_through(cluster):
     a = "ad2"
     owner = cluster.owner(a)
     with _client(owner.target, timeout=60) as c:
-        direct = c.generate(input_ids=PROMPT, adapter=a, max_new_tokens=48, ignore_eos=True)
+        # long enough that making the tokens, not the proxy's hop, sets the stream's length
+        direct = c.generate(input_ids=PROMPT, adapter=a, max_new_tokens=400, ignore_eos=True)
     chunks, stamps = [], []
     t0 = time.monotonic()
     with _client(cluster.target, timeout=60) as c:
-        for chunk in c.stream(input_ids=PROMPT, adapter=a, max_new_tokens=48, ignore_eos=True):
+        for chunk in c.stream(input_ids=PROMPT, adapter=a, max_new_tokens=400, ignore_eos=True):
             chunks.append(chunk)
             stamps.append(time.monotonic() - t0)
     ids = [t for ch in chunks for t in ch.token_ids]

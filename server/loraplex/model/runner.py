@@ -19,6 +19,9 @@ from loraplex.model.loader import LoadedModel
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, kv_cache: KVCache, block_size: int,
                  lora_backend: str, slot_ranks: list[int]):
+        if lora_backend == "triton" and loaded.device.type != "cuda":
+            raise ValueError("lora_backend 'triton' runs on CUDA only; the model is on "
+                             f"{loaded.device}: use 'auto'")
         self.loaded = loaded
         self.kv_cache = kv_cache
         self.block_size = block_size
