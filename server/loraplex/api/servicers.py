@@ -60,8 +60,11 @@ class _Call:
     or unknown (so that bad input cannot grow the label set). A routed call is
     labelled with the version its route chose, and the route."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, adapter: str):
+    def __init__(self, context: grpc.aio.ServicerContext, adapter: str,
+                 on_end: Callable[[_Call], None]):
         self.context = context
+        self._on_end = on_end  # records the outcome: metrics, route guard, shadow
+        self._ended = False
         self.label = adapter_label(adapter)
         self.route = ""
         self.shadow = None  # future of the primary's outcome, awaited by a shadow task
@@ -78,6 +81,13 @@ class _Call:
         name, _, version = self.label.partition("@")
         return name, version, self.route
 
+    def end(self) -> None:
+        """Record the outcome, once. Before the client can hear it: a unary response or a
+        stream's status goes out after the handler returns, but `abort` sends at once."""
+        if not self._ended:
+            self._ended = True
+            self._on_end(self)
+
     async def fail(self, exc: Exception):
         """Abort the call with the status of `exc` (never returns)."""
         if self.context.cancelled():  # e.g. a write after the client went away
@@ -86,10 +96,12 @@ class _Call:
         self.code = status_of(exc)
         if self.code is grpc.StatusCode.INTERNAL:
             log.exception("bug while serving a request", exc_info=exc)
+            self.end()
             await self.context.abort(self.code, f"internal error: {type(exc).__name__}")
         if self.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT) \
                 and not self.route:
             self.label = "_invalid" if self.label else ""
+        self.end()
         await self.context.abort(self.code, str(exc))
 
     def interrupted(self):
@@ -149,7 +161,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 call.shadow.set_result((list(call.tokens) if ok else None, latency))
 
     async def Generate(self, request, context):
-        call, stream, outputs = _Call(context, request.adapter), None, []
+        call, stream, outputs = _Call(context, request.adapter, self._done), None, []
         try:
             stream = self._submit(request, context, call)
             async for out in stream:
@@ -168,12 +180,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             if stream is not None and not (outputs and outputs[-1].finished):
                 stream.cancel()
-            self._done(call)
+            call.end()
 
     async def GenerateStream(self, request, context):
         # context.write (not `yield`) so that a cancellation lands inside this
         # coroutine, where the finally below cancels the engine request at once.
-        call, stream, last = _Call(context, request.adapter), None, None
+        call, stream, last = _Call(context, request.adapter, self._done), None, None
         try:
             stream = self._submit(request, context, call)
             async for out in stream:
@@ -193,7 +205,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             if stream is not None and not (last is not None and last.finished):
                 stream.cancel()
-            self._done(call)
+            call.end()
 
 
 def _need(value: str, field: str) -> str:
