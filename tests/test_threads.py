@@ -7,7 +7,8 @@ import threading
 import pytest
 import torch
 
-from loraplex.engine.threads import cpu_count, helper_executor, run_in_fresh_thread
+from loraplex.engine.threads import (cgroup_cpu_quota, cpu_count, default_threads,
+                                     helper_executor, run_in_fresh_thread)
 
 
 def test_helper_threads_run_torch_on_one_thread():
@@ -39,3 +40,28 @@ def test_fresh_thread_reraises_in_the_caller():
 
 def test_cpu_count_is_what_the_process_may_use():
     assert 1 <= cpu_count() <= (torch.multiprocessing.cpu_count() or 1)
+
+
+def test_default_threads_honour_omp_num_threads(monkeypatch):
+    """Replicas sharing a host set OMP_NUM_THREADS (deploy/local_cluster.py): more spinning
+    OpenMP threads than cores slowed a 3-replica cluster on 2 cores about 10x."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert default_threads() == cpu_count()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == cpu_count()
+
+
+@pytest.mark.parametrize("files, quota", [
+    ({"cpu.max": "250000 100000\n"}, 2.5),  # cgroup v2, a limit of 2.5 CPUs
+    ({"cpu.max": "max 100000\n"}, None),  # v2, unlimited
+    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4.0),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),  # no cgroup files
+])
+def test_cgroup_cpu_quota(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(str(tmp_path)) == quota

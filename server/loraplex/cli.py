@@ -100,7 +100,8 @@ OPTIONS: tuple[Option, ...] = (
     _o("lora-backend", "engine", "lora_backend", str, "LoRA delta kernels",
        choices=LORA_BACKENDS),
     _o("threads", "engine", "threads", int,
-       "torch threads of the step loop on CPU (0: one per CPU); other threads use one"),
+       "torch threads of the step loop on CPU (0: OMP_NUM_THREADS if set, else one per CPU "
+       "the process may use, cgroup quota included); other threads use one"),
     _o("host", "server", "host", str, "address to listen on"),
     _o("port", "server", "port", int, "gRPC port (0: any free port)"),
     _o("metrics-port", "server", "metrics_port", int,

@@ -63,7 +63,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_queue: int = 1024  # waiting requests before RESOURCE_EXHAUSTED
     lora_backend: str = "auto"
-    threads: int = 0  # torch intra-op threads of the step loop on CPU (0: one per CPU)
+    threads: int = 0  # torch threads of the step loop on CPU (0: OMP_NUM_THREADS, else one per CPU)
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_num_seqs", "prefill_chunk", "kv_cache_memory",

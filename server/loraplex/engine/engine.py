@@ -30,7 +30,7 @@ from loraplex.engine.request import (FinishReason, GenerationRequest, RequestOut
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import ScheduledSeq, Sequence, Status
 from loraplex.engine.stops import StopStringFilter
-from loraplex.engine.threads import cpu_count, helper_executor, run_in_fresh_thread
+from loraplex.engine.threads import default_threads, helper_executor, run_in_fresh_thread
 from loraplex.errors import InvalidArgument, ResourceExhausted, Unavailable
 from loraplex.lora.cache import AdapterCache, AdapterVersion
 from loraplex.lora.store import AdapterStore
@@ -81,7 +81,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig, adapter_root: str,
                  metrics: Metrics | None = None):
         self.cfg = cfg
-        self.threads = cfg.threads or cpu_count()  # torch intra-op threads of the step loop
+        self.threads = cfg.threads or default_threads()  # torch intra-op threads of the step loop
         self.loaded = loaded
         self.metrics = metrics or Metrics()
         self.tokenizer = loaded.tokenizer
@@ -122,7 +122,7 @@ class Engine:
             loaded = load_model(model_cfg, engine_cfg.max_gpu_adapters, engine_cfg.max_lora_rank)
             return cls(loaded, engine_cfg, adapter_root, metrics)
         # not on the caller's thread: its OpenMP pool would outlive the load (see threads.py)
-        return run_in_fresh_thread(build, engine_cfg.threads or cpu_count(), "loraplex-load")
+        return run_in_fresh_thread(build, engine_cfg.threads or default_threads(), "loraplex-load")
 
     # ---- lifecycle ---------------------------------------------------------------
 

@@ -14,9 +14,11 @@ short-lived thread (its pool goes when it exits); every other thread that touche
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
@@ -24,12 +26,40 @@ import torch
 T = TypeVar("T")
 
 
+def default_threads() -> int:
+    """The step loop's threads when none are configured: OMP_NUM_THREADS when set (as torch
+    itself would), else every CPU this process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else cpu_count()
+
+
 def cpu_count() -> int:
-    """CPUs this process may run on."""
+    """CPUs this process may run on: its affinity, capped by a cgroup CPU quota (a
+    container's CPU limit; more spinning OpenMP threads than that only fight)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs' worth of time the cgroup may use per period (cgroup v2 `cpu.max`, or v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None when unlimited or unknown."""
+    try:
+        quota, period = Path(root, "cpu.max").read_text().split()[:2]  # "max 100000" | "400000 100000"
+    except (OSError, ValueError):
+        try:
+            quota = Path(root, "cpu", "cpu.cfs_quota_us").read_text().strip()  # "-1" = unlimited
+            period = Path(root, "cpu", "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max"
+        return None
+    return q / p if q > 0 and p > 0 else None
 
 
 def helper_executor(name: str, max_workers: int | None = None) -> ThreadPoolExecutor:

@@ -219,7 +219,7 @@ class AdapterStore:
         config_bytes = self._read_file(folder, CONFIG_FILE, f"{relpath}/{CONFIG_FILE}")
         settings = _parse_config(config_bytes, name)
         weights_bytes = self._read_weights(folder, relpath)
-        version = hashlib.sha256(config_bytes + weights_bytes).hexdigest()[:VERSION_HEX_CHARS]
+        version = _version(config_bytes, weights_bytes)
         tensors = _parse_safetensors(weights_bytes, name)
         pairs = _group_lora_tensors(tensors, name, module_shapes)
         modules = {module: self._serve_module(name, module, a, b, settings, module_shapes[module])
@@ -257,7 +257,7 @@ class AdapterStore:
         config_bytes = self._read_file(folder, CONFIG_FILE, f"{relpath}/{CONFIG_FILE}")
         settings = _parse_config(config_bytes, name)
         weights_bytes = self._read_weights(folder, relpath)
-        version = hashlib.sha256(config_bytes + weights_bytes).hexdigest()[:VERSION_HEX_CHARS]
+        version = _version(config_bytes, weights_bytes)
         pairs = _group_lora_tensors(_parse_safetensors(weights_bytes, name), name, module_shapes)
         modules, scalings = {}, {}
         for module, (a, b) in sorted(pairs.items(), key=lambda kv: list(module_shapes).index(kv[0])):
@@ -330,6 +330,14 @@ class AdapterStore:
                     f"by {scaling:g}); the training diverged, use an earlier checkpoint"
                 )
         return a32, b32.contiguous()
+
+
+def _version(config_bytes: bytes, weights_bytes: bytes) -> str:
+    """First hex chars of sha256(config bytes + safetensors bytes), hashed in place (no
+    concatenated copy of a file that may be gigabytes)."""
+    digest = hashlib.sha256(config_bytes)
+    digest.update(weights_bytes)
+    return digest.hexdigest()[:VERSION_HEX_CHARS]
 
 
 # ---- names and paths ---------------------------------------------------------
