@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from loraplex.lora.ops import (BACKENDS, LoraPlan, Segments, choose_backend, lora_delta_grouped,
-                               lora_delta_loop, lora_delta_segmented)
+from loraplex.lora.ops import (BACKENDS, MIN_RUN, LoraPlan, Segments, choose_backend,
+                               lora_delta_grouped, lora_delta_loop, lora_delta_segmented)
 
 
 def _pool(slots: int, r_max: int, d_in: int, d_out: int, ranks: list[int], seed: int = 0):
@@ -27,6 +27,8 @@ SLOT_PATTERNS = {
     "one_adapter": lambda g, n: torch.full((n,), 3),
     "base_only": lambda g, n: torch.zeros(n, dtype=torch.long),
     "sparse_slots": lambda g, n: torch.tensor([1, 5] * n)[:n],  # slots 2..4 unused
+    # decodes of slots 1 and 3, then a prefill chunk of slot 2 (a run of its own when long)
+    "decodes_then_chunk": lambda g, n: torch.tensor([1, 3] + [2] * n)[:n],
 }
 
 
@@ -82,6 +84,17 @@ def test_segments_skip_idle_slots_between_busy_ones():
     assert torch.equal(seg.weights(A, 4), A[[1, 7]])
     dense = Segments.build(torch.tensor([2, 3]))
     assert dense.lo == 2 and dense.weights(A, 4).data_ptr() == A[2].data_ptr()  # a view
+    # 4 busy slots over a span of 5 (<= MAX_IDLE_SHARE): idle slot 4 is laid out as padding
+    # and the weights are read in place
+    nearly = torch.tensor([2, 3, 5, 6, 6])
+    seg = Segments.build(nearly)
+    assert (seg.used.tolist(), seg.lo, seg.width) == ([2, 3, 4, 5, 6], 2, 2)
+    assert seg.weights(A, 4).data_ptr() == A[2].data_ptr()
+    x = torch.randn(5, 16)
+    ref, got = torch.zeros(5, 16), torch.zeros(5, 16)
+    lora_delta_loop(ref, x, A, B, _plan(nearly, 4))
+    lora_delta_segmented(got, x, A, B, _plan(nearly, 4))
+    torch.testing.assert_close(got, ref)
     x = torch.randn(3, 16)
     ref, got = torch.zeros(3, 16), torch.zeros(3, 16)
     lora_delta_loop(ref, x, A, B, _plan(slots, 4))
@@ -96,14 +109,28 @@ def test_segments_in_batch_order_are_read_in_place():
     assert not Segments.build(torch.tensor([1, 1, 2])).contiguous  # padding needed
 
 
-def test_auto_choice():
-    decode = Segments.build(torch.arange(1, 33))  # 32 tokens, 32 adapters, one each
-    assert choose_backend("auto", decode) is lora_delta_segmented
-    ragged = Segments.build(torch.tensor([1] * 600 + list(range(2, 33))))  # a prefill among decodes
-    assert choose_backend("auto", ragged) is lora_delta_grouped
-    uneven = Segments.build(torch.tensor([1, 1, 1, 1, 2, 3, 4]))  # decodes finishing unevenly
-    assert choose_backend("auto", uneven) is lora_delta_segmented
-    assert choose_backend("grouped", decode) is lora_delta_grouped
+def test_long_runs_get_matmuls_of_their_own():
+    """A prefill chunk among decodes is done in place on its rows, not padded to a
+    [slots, 50, in] block with the decodes."""
+    slots = torch.tensor([1, 2, 3] + [2] * 50 + [0, 0] + [4] * 9)
+    seg = Segments.build(slots)
+    assert seg.runs == ((3, 53, 2), (55, 64, 4))
+    assert (seg.used.tolist(), seg.width, seg.contiguous) == ([1, 2, 3], 1, True)
+    only_runs = Segments.build(torch.tensor([0] + [5] * MIN_RUN))
+    assert only_runs.runs == ((1, 1 + MIN_RUN, 5),) and only_runs.used.numel() == 0
+    assert Segments.build(torch.tensor([5] * MIN_RUN), min_run=MIN_RUN + 1).runs == ()
+    A, B = _pool(6, 8, 16, 16, [8, 2, 4, 8, 1])
+    for slots in (slots, torch.tensor([0] + [5] * MIN_RUN)):
+        x = torch.randn(slots.numel(), 16)
+        ref, got = torch.zeros(slots.numel(), 16), torch.zeros(slots.numel(), 16)
+        lora_delta_loop(ref, x, A, B, _plan(slots, 8))
+        lora_delta_segmented(got, x, A, B, _plan(slots, 8))
+        torch.testing.assert_close(got, ref)
+
+
+def test_backend_choice():
+    assert choose_backend("auto") is lora_delta_segmented
+    assert choose_backend("grouped") is lora_delta_grouped
 
 
 def test_triton_backend_is_refused_off_cuda(tiny_models, adapter_root):

@@ -17,8 +17,7 @@
 3. On SIGTERM/SIGINT: health NOT_SERVING (for watchers), and grpc's graceful
    stop starts at once: the port closes (new connections refused, which nginx
    fails over to another replica), open connections get GOAWAY (new streams go
-   elsewhere; a call that reaches a handler anyway is refused with UNAVAILABLE by
-   the interceptor), and every call grpc accepted (started or not, and the last
+   elsewhere), and every call grpc accepted (started or not, and the last
    status of one that just ended) gets `grace_period` seconds to finish (the
    stop ends as soon as the last call does; a long-lived stream such as a health
    Watch holds it until the deadline, when grpc cancels what is left); then the
@@ -81,12 +80,11 @@ class LoraplexServer:
         self.port: int | None = None  # the bound gRPC port (useful with port 0)
         self.metrics_port: int | None = None
         self._engine_factory = engine_factory
-        self._accepting = True
         self._in_flight = InFlight()
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_httpd = None
-        self.shutting_down = asyncio.Event()  # set once new calls are refused
+        self.shutting_down = asyncio.Event()  # set once shutdown has begun
         self._stopped = asyncio.Event()
         self.router = Router(metrics=self.metrics, on_change=self._state_changed)
         self.state = StateStore(config.server.data_dir) if config.server.data_dir else None
@@ -107,8 +105,7 @@ class LoraplexServer:
         tokens = {GENERATION_SERVICE: s.generate_token, ADAPTERS_SERVICE: s.admin_token,
                   ROUTES_SERVICE: s.admin_token}
         server = grpc.aio.server(
-            interceptors=[GateInterceptor(tokens, accepting=lambda: self._accepting,
-                                          in_flight=self._in_flight)],
+            interceptors=[GateInterceptor(tokens, in_flight=self._in_flight)],
             options=[("grpc.so_reuseport", 0)])
         self.generation = GenerationServicer(self._ready_engine, self.metrics, self.router)
         pb_grpc.add_GenerationServicer_to_server(self.generation, server)
@@ -175,27 +172,26 @@ class LoraplexServer:
                     raise RuntimeError(f"warm-up of adapter {adapter!r} failed: {out.error}")
 
     async def shutdown(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new calls, let calls in flight finish for `grace`
-        seconds (default: the configured grace period), stop the engine."""
+        """Close the port, NOT_SERVING, let calls in flight finish for `grace` seconds
+        (default: the configured grace period), stop the engine."""
         if self.shutting_down.is_set():
             await self._stopped.wait()
             return
+        self.shutting_down.set()
         grace = self.config.server.grace_period if grace is None else grace
         log.info("shutting down: %d call(s) in flight get %.1f s", self._in_flight.count, grace)
-        self._accepting = False
-        await self._health.enter_graceful_shutdown()
-        self.shutting_down.set()
         stopping = None
         try:
             if self._server is not None:
-                # grpc's graceful stop, at once: the listener closes (new connections
+                # grpc's graceful stop, first thing: the listener closes (new connections
                 # are refused, which a proxy fails over to another replica), open
                 # connections get GOAWAY (new streams go elsewhere; gRPC clients retry
                 # them transparently), and grpc lets every call it has accepted finish:
                 # also one accepted a moment ago whose handler has not run yet, and
-                # the status of one whose handler just returned. Calls that reach a
-                # handler before the listener closes are refused by the interceptor.
+                # the status of one whose handler just returned.
                 stopping = asyncio.ensure_future(self._server.stop(grace))
+                await asyncio.sleep(0)  # the stop starts (the port closes) now
+            await self._health.enter_graceful_shutdown()
             if self.generation is not None and self.generation.shadows is not None:
                 await self.generation.shadows.drain(min(grace, 5.0))
         finally:

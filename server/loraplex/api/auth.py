@@ -1,18 +1,19 @@
-"""Server interceptor in front of the loraplex services: bearer tokens, refusal of
-new calls while the server shuts down, and a count of the calls whose handler is
-running (so that shutdown knows when the loraplex calls are done; grpc's own
-graceful stop, which the shutdown also runs, waits for every accepted call).
+"""Server interceptor in front of the loraplex services: bearer tokens, and a count
+of the calls whose handler is running (logged when a shutdown starts).
 
 Health checking and reflection are never guarded. Tokens are compared in constant
-time. Missing token -> UNAUTHENTICATED, wrong token -> PERMISSION_DENIED, new call
-during shutdown -> UNAVAILABLE.
+time. Missing token -> UNAUTHENTICATED, wrong token -> PERMISSION_DENIED.
+
+Shutdown needs no gate here: grpc's graceful stop closes the port and sends GOAWAY,
+and every call grpc accepted before that is served. (Refusing a call that reached a
+handler during the stop lost it: a proxy cannot send a call that got a status to
+another replica.)
 """
 
 from __future__ import annotations
 
 import hmac
 import inspect
-from collections.abc import Callable
 
 import grpc
 
@@ -76,13 +77,10 @@ def _tracked_handler(handler: grpc.RpcMethodHandler, in_flight: InFlight):
 
 class GateInterceptor(grpc.aio.ServerInterceptor):
     """tokens: service full name -> required bearer token ("" = open).
-    accepting: returns False once shutdown has begun.
     in_flight: counts the accepted calls of those services."""
 
-    def __init__(self, tokens: dict[str, str], accepting: Callable[[], bool],
-                 in_flight: InFlight | None = None):
+    def __init__(self, tokens: dict[str, str], in_flight: InFlight | None = None):
         self._tokens = tokens
-        self._accepting = accepting
         self.in_flight = in_flight or InFlight()
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
@@ -92,9 +90,6 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:  # unknown method: let grpc answer UNIMPLEMENTED
             return None
-        if not self._accepting():
-            return _rejecting_handler(handler, grpc.StatusCode.UNAVAILABLE,
-                                      "the server is shutting down; retry on another replica")
         expected = self._tokens[service]
         if expected:
             sent = ""

@@ -16,11 +16,11 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
 - `lora_delta_loop`: the definition itself; slow, used by tests.
 - `lora_delta_gather`: copies each token's A and B, two batched matmuls.
 - `lora_delta_grouped`: a pair of matmuls per distinct slot over that slot's tokens.
-- `lora_delta_segmented`: tokens grouped by slot into a padded [slots, tokens, in]
-  block (built once per step, see `Segments`); two batched matmuls read the weights
-  of the slots in use (in place when those slots are consecutive, else a copy of just
-  them): the default for decode-heavy steps.
-`choose_backend` picks between segmented and grouped once per step (by the padding).
+- `lora_delta_segmented` (the default): each long run of one slot's tokens (a prefill
+  chunk) gets a pair of matmuls on views; the other tokens (decodes) are grouped by slot
+  into a padded [slots, tokens, in] block and share two batched matmuls that read the
+  weights of the slots in use (in place when those slots are consecutive, else a copy of
+  just them). The layout is built once per step, see `Segments`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,41 @@ from typing import Callable
 import torch
 
 
+# A run of at least this many consecutive tokens of one adapter (a prefill chunk, or the
+# decodes of one adapter, which the runner packs side by side) gets a pair of matmuls of its
+# own, on views of x and y. Shorter ones (decodes) share one pair of batched matmuls, padded
+# to the widest: padding a 50-token chunk among 31 decodes would multiply 32 x 50 rows.
+MIN_RUN = 8
+
+
+def slot_runs(slots: torch.Tensor) -> list[tuple[int, int, int]]:
+    """slots: [T] (CPU) -> (start, stop, slot) of every maximal run of one slot, base included."""
+    if slots.numel() == 0:
+        return []
+    bounds = ((slots[1:] != slots[:-1]).nonzero().squeeze(1) + 1).tolist()
+    starts, stops = [0] + bounds, bounds + [slots.numel()]
+    return list(zip(starts, stops, slots[starts].tolist()))
+
+
+# Reading the weights of the slots in use in place needs them consecutive. When requests
+# finish, idle slots open up between busy ones; copying the busy slots' weights costs about
+# 1.25x reading them in place, so idle slots are laid out too (their rows all padding) while
+# the slots spanned are at most this many times the slots in use.
+MAX_IDLE_SHARE = 1.25
+
+
 @dataclass(frozen=True)
 class Segments:
-    """Adapter tokens laid out by slot: the u-th slot in use, used[u], has its i-th token
-    at row u * width + i. Only slots in use take part: when requests finish, the idle slots
-    between busy ones are skipped, not multiplied through."""
+    """A step's adapter tokens, laid out for the LoRA matmuls in two parts.
 
-    used: torch.Tensor  # [U] the slots in use, ascending (all >= 1)
+    - `runs`: every run of at least `min_run` consecutive tokens of one slot, done in place.
+    - The other adapter tokens, by slot: the u-th slot laid out, used[u], has its i-th
+      token at row u * width + i. The idle slots between busy ones are skipped (their weights
+      not multiplied through), unless there are few of them. U may be 0.
+    """
+
+    runs: tuple[tuple[int, int, int], ...]  # (start, stop, slot): tokens start..stop-1 use slot
+    used: torch.Tensor  # [U] the slots laid out, ascending (all >= 1): see MAX_IDLE_SHARE
     lo: int  # used[0] when used == arange(lo, lo + U): the weights are a view; else -1
     width: int  # most tokens any slot has
     gather_index: torch.Tensor  # [U * width] token per padded row; padding -> T (a zero row)
@@ -46,32 +74,44 @@ class Segments:
     first_token: int = -1  # >= 0 when tokens == arange(first_token, first_token + n)
 
     @classmethod
-    def build(cls, slots: torch.Tensor) -> Segments | None:
+    def build(cls, slots: torch.Tensor, min_run: int = MIN_RUN) -> Segments | None:
         """slots: [T] (CPU). None when no token uses an adapter."""
-        tokens = (slots > 0).nonzero().squeeze(1)  # [n]
+        runs = tuple(r for r in slot_runs(slots) if r[2] > 0 and r[1] - r[0] >= min_run)
+        rest = slots.clone()
+        for start, stop, _ in runs:
+            rest[start:stop] = 0
+        tokens = (rest > 0).nonzero().squeeze(1)  # [n]
         if tokens.numel() == 0:
-            return None
-        tok_slots = slots[tokens]
+            empty = torch.zeros(0, dtype=torch.long)
+            return cls(runs, empty, -1, 0, empty, empty, empty) if runs else None
+        tok_slots = rest[tokens]
         order = torch.argsort(tok_slots, stable=True)
         tokens, tok_slots = tokens[order], tok_slots[order]
         used, tok_u, counts = torch.unique_consecutive(  # [U], [n], [U]
             tok_slots, return_inverse=True, return_counts=True)
+        lo, hi = int(used[0]), int(used[-1])
+        if used.numel() < hi - lo + 1 <= used.numel() * MAX_IDLE_SHARE:
+            # a few idle slots between busy ones (requests that finished): lay them out too
+            # (rows of padding) and read the pool in place, rather than copy the busy ones
+            used, tok_u = torch.arange(lo, hi + 1), tok_slots - lo
+            counts = torch.bincount(tok_u, minlength=used.numel())
         width = int(counts.max())
         starts = torch.cumsum(counts, 0) - counts  # first sorted position of each slot
         position = torch.arange(tokens.numel()) - starts[tok_u]  # index within its slot
         rows = tok_u * width + position
         gather_index = torch.full((used.numel() * width,), slots.numel(), dtype=torch.long)
         gather_index[rows] = tokens
-        n, start, lo = tokens.numel(), int(tokens[0]), int(used[0])
+        n, start = tokens.numel(), int(tokens[0])
         in_place = used.numel() * width == n and bool(
             (tokens == torch.arange(start, start + n)).all())
         dense = bool((used == torch.arange(lo, lo + used.numel())).all())
-        return cls(used, lo if dense else -1, width, gather_index, rows, tokens,
+        return cls(runs, used, lo if dense else -1, width, gather_index, rows, tokens,
                    start if in_place else -1)
 
     def to(self, device: torch.device) -> Segments:
-        return Segments(self.used.to(device), self.lo, self.width, self.gather_index.to(device),
-                        self.rows.to(device), self.tokens.to(device), self.first_token)
+        return Segments(self.runs, self.used.to(device), self.lo, self.width,
+                        self.gather_index.to(device), self.rows.to(device),
+                        self.tokens.to(device), self.first_token)
 
     @property
     def padded_rows(self) -> int:
@@ -160,13 +200,28 @@ def lora_delta_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
         y.index_add_(0, idx, h @ B[s, :plan.rank])  # [T_s, out]
 
 
+def add_runs(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+             plan: LoraPlan) -> None:
+    """The segments' long runs: y[a:b] += (x[a:b] @ A[s].T) @ B[s], on views, in place."""
+    for start, stop, slot in plan.segments.runs:
+        h = x[start:stop] @ A[slot, :plan.rank].T  # [L, rank]
+        y[start:stop].addmm_(h, B[slot, :plan.rank])  # [L, out]
+
+
 def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                          plan: LoraPlan) -> None:
     seg = plan.segments
     if seg is None:
         return
+    add_runs(y, x, A, B, plan)
+    if seg.used.numel() == 0:
+        return
     x_pad = plan.grouped_input(x)  # [U, W, in]
-    h = torch.bmm(x_pad, seg.weights(A, plan.rank).transpose(1, 2))  # [U, W, rank]
+    a = seg.weights(A, plan.rank)  # [U, rank, in]
+    if seg.width == 1:  # decodes: MKL streams A (the bytes that matter) faster as A @ x^T
+        h = torch.bmm(a, x_pad.transpose(1, 2)).transpose(1, 2)  # [U, 1, rank]
+    else:
+        h = torch.bmm(x_pad, a.transpose(1, 2))  # [U, W, rank]
     if seg.contiguous:  # y's rows of these tokens, as [U, W, out], updated in place
         y_block = y[seg.first_token:seg.first_token + seg.padded_rows].view(*h.shape[:2], -1)
         y_block.baddbmm_(h, seg.weights(B, plan.rank))
@@ -183,22 +238,9 @@ BACKENDS: dict[str, Callable] = {
 }
 
 
-# "auto" switches to grouped when padding the slots to a common width would add more than
-# this many rows and more than twice the real ones (a long prefill among decodes); short
-# of that, padding rows cost far less than a pair of kernel launches per adapter per module.
-MAX_PADDING_ROWS = 512
-
-
-def choose_backend(name: str, segments: Segments | None) -> Callable:
-    """`name` from EngineConfig.lora_backend; "auto" picks segmented unless its padding
-    would be large, then grouped."""
+def choose_backend(name: str) -> Callable:
+    """`name` from EngineConfig.lora_backend; "auto" is segmented."""
     if name == "triton":  # CUDA only, opt-in; imported here so triton stays optional
         from loraplex.lora.triton_ops import lora_delta_triton
         return lora_delta_triton
-    if name != "auto":
-        return BACKENDS[name]
-    if segments is not None:
-        real = segments.tokens.numel()
-        if segments.padded_rows - real > max(MAX_PADDING_ROWS, 2 * real):
-            return lora_delta_grouped
-    return lora_delta_segmented
+    return BACKENDS["segmented" if name == "auto" else name]

@@ -4,8 +4,9 @@ Computes what `lora_delta_loop` defines, y[t] += (A[s] @ x[t]) @ B[s] with s = s
 on CUDA tensors (or on CPU tensors under the Triton interpreter, TRITON_INTERPRET=1,
 which is how the tests check it). Only imported when lora_backend == "triton".
 
-Layout: the step's `Segments` (plan.segments) already lays the adapter tokens out by slot:
-the u-th slot in use, used[u], has its i-th token in padded row u * width + i, and
+Layout: the step's `Segments` (plan.segments) already lays the adapter tokens out. Its
+long runs of one slot (prefill chunks) are plain matmuls (`add_runs`, cuBLAS on a GPU); the
+kernels take the other tokens (decodes), grouped by slot: the u-th slot in use, used[u], has its i-th token in padded row u * width + i, and
 gather_index maps each padded row to its token (padding rows -> T, past the batch).
 A slot's tokens fill its first rows, so padding only ever follows them.
 
@@ -19,8 +20,8 @@ one B[s] and the products are real matrix products (tl.dot):
 
 h: [T, rank] is kept in fp32 between the two, indexed by token (base-model tokens never get a
 row written or read). Rows >= rank of A and B are never read. A block made of padding only
-(a slot with fewer tokens than the widest) returns after one load: a long prefill among
-decodes launches mostly such programs (the price of needing no per-step block table).
+(a slot with fewer tokens than the widest) returns after one load; widths stay small, since
+long runs never reach the kernels.
 
 Precision: tiles are widened to fp32 before tl.dot, the products accumulate in fp32 and y
 gets its delta added in fp32 and is stored in its own dtype. With fp32 inputs the dot is
@@ -36,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplex.lora.ops import LoraPlan
+from loraplex.lora.ops import LoraPlan, add_runs
 
 BLOCK_K = 64  # shrink: columns of x / A read per loop step
 BLOCK_N = 64  # expand: columns of y / B per program
@@ -116,6 +117,9 @@ def lora_delta_triton(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torc
     """y: [T, out] (updated in place), x: [T, in], A: [S, r_max, in], B: [S, r_max, out]."""
     seg = plan.segments
     if seg is None or plan.rank == 0:
+        return
+    add_runs(y, x, A, B, plan)  # long runs (prefill chunks): a pair of matmuls each
+    if seg.used.numel() == 0:
         return
     T, d_in = x.shape
     d_out, rank, used, width = y.shape[1], plan.rank, seg.used.numel(), seg.width

@@ -102,16 +102,18 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if b.num_decodes:
         D = b.num_decodes
         qd = q[:, :D].transpose(0, 1).unsqueeze(2)  # [D, H, 1, d]
-        kd = k_cache[b.decode_kv_slots].transpose(1, 2)  # [D, KVH, Lmax, d]
-        vd = v_cache[b.decode_kv_slots].transpose(1, 2)
+        kv_slots = b.decode_kv_slots.view(-1)  # [D * Lmax]
+        kd = k_cache.index_select(0, kv_slots).view(D, -1, *k_cache.shape[1:]).transpose(1, 2)
+        vd = v_cache.index_select(0, kv_slots).view(D, -1, *v_cache.shape[1:]).transpose(1, 2)
+        # kd, vd: [D, KVH, Lmax, d] (index_select: several times faster than k_cache[slots] on CPU)
         od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype),
                                             attn_mask=b.decode_mask(sliding_window),
                                             scale=scaling, enable_gqa=gqa)  # [D, H, 1, d]
         out[:D] = od.squeeze(2)
     for i, seq in enumerate(b.prefills):
         qp = q[:, seq.start:seq.start + seq.length].unsqueeze(0)  # [1, H, q, d]
-        kp = k_cache[seq.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, d]
-        vp = v_cache[seq.kv_slots].transpose(0, 1).unsqueeze(0)
+        kp = k_cache.index_select(0, seq.kv_slots).transpose(0, 1).unsqueeze(0)  # [1, KVH, L, d]
+        vp = v_cache.index_select(0, seq.kv_slots).transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(qp, kp.to(q.dtype), vp.to(q.dtype),
                                             attn_mask=b.prefill_mask(i, sliding_window),
                                             scale=scaling, enable_gqa=gqa)  # [1, H, q, d]

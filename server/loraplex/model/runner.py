@@ -25,7 +25,7 @@ class ModelRunner:
         self.loaded = loaded
         self.kv_cache = kv_cache
         self.block_size = block_size
-        self.lora_backend = lora_backend
+        self.lora_delta = choose_backend(lora_backend)
         self.slot_ranks = slot_ranks  # rank of the adapter in each slot (0 = empty), kept by the cache
 
     def _cache_slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
@@ -93,5 +93,4 @@ class ModelRunner:
         slots = torch.tensor(lora_slots, dtype=torch.long)  # [T]
         segments = Segments.build(slots)
         device = self.loaded.device
-        plan.start_step(slots.to(device), rank, segments.to(device),
-                        choose_backend(self.lora_backend, segments))
+        plan.start_step(slots.to(device), rank, segments.to(device), self.lora_delta)
