@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from engine_helpers import build_engine, greedy  # noqa: E402
 from loraplex.engine.engine import collect  # noqa: E402
 from loraplex.engine.request import GenerationRequest  # noqa: E402
+from loraplex.engine.threads import use_threads  # noqa: E402
 from loraplex.lora.cache import AdapterCache  # noqa: E402
 from loraplex.lora.layer import LoraLinear  # noqa: E402
 from loraplex.lora.ops import LoraPlan  # noqa: E402
@@ -154,7 +155,7 @@ def main() -> None:
     parser.add_argument("--zipf-s", type=float, default=1.1)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     print(f"load average before: {os.getloadavg()}, torch threads {args.threads}")
     with tempfile.TemporaryDirectory() as tmp:
         cold = bench_cold_load(Path(tmp), args.repeats)

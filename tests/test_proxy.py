@@ -277,8 +277,9 @@ def test_stopping_a_replica_loses_no_request_not_in_flight(cluster):
     drains); at SIGTERM it closes its port and sends GOAWAY on its open connections,
     so nginx sends every later call to the next replica on the ring (connection
     refused -> grpc_next_upstream; idle keepalive connections are dropped on
-    GOAWAY). No call is lost, with or without client retries. Failures are counted
-    and printed."""
+    GOAWAY). No call is lost, with or without client retries, but for one that meets
+    the stop in its very instant and never runs (below). Failures are counted and
+    printed."""
     # The replica owning most adapters (the ports, hence the ring, change per run).
     victim = max(cluster.replica_list,
                  key=lambda r: sum(cluster.owner(a) is r for a in ADAPTERS))
@@ -313,12 +314,15 @@ def test_stopping_a_replica_loses_no_request_not_in_flight(cluster):
     # No call lost: not while the replica drained (the old design kept the port open
     # and refused new calls with UNAVAILABLE, which nginx cannot fail over; and
     # grpc's stop(0) after the drain reset calls it had just accepted: RST_STREAM
-    # INTERNAL_ERROR, or nginx 502), not after it exited. The one exception is grpc
-    # core's own (see loraplex.server): a stream reaching the replica in the instant
-    # of the stop, before any handler, is dropped as CANCELLED; as in test_api's
-    # shutdown test, that may happen only to calls sent within 0.1 s of the SIGTERM.
-    lost = [r for r in failed
-            if not (r[3].startswith("Cancelled") and abs(r[1] - t_sigterm) < 0.1)]
+    # INTERNAL_ERROR, or nginx 502), not after it exited. The exceptions are calls
+    # that reach the replica in the instant of the stop and never run: grpc core
+    # drops a stream that arrives before any handler as CANCELLED (see
+    # loraplex.server and test_api's shutdown test), and nginx answers 502 when its
+    # stream on a keepalive connection crosses the GOAWAY (deploy/README.md: clients
+    # should retry UNAVAILABLE). Both only for calls sent within 0.1 s of the SIGTERM.
+    refused_at_stop = [r for r in failed if abs(r[1] - t_sigterm) < 0.1 and (
+        r[3].startswith("Cancelled") or "status: 502" in r[3])]
+    lost = [r for r in failed if r not in refused_at_stop]
     assert not lost, lost
 
 

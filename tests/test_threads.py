@@ -65,3 +65,35 @@ def test_cgroup_cpu_quota(tmp_path, files, quota):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert cgroup_cpu_quota(str(tmp_path)) == quota
+
+
+def test_a_threads_count_survives_torchs_lazy_setup():
+    """torch sets up a thread's count at its first parallel op, to the count some thread
+    set last: a helper starting in between must not undo the engine thread's count."""
+    def engine_thread():
+        with helper_executor("test-helper") as pool:
+            pool.submit(lambda: None).result()  # sets 1 on its own thread
+        a = torch.randn(64, 64)
+        a @ a  # this thread's first parallel op
+        return torch.get_num_threads()
+
+    assert run_in_fresh_thread(engine_thread, threads=2, name="test-fresh") == 2
+
+
+def test_step_loop_keeps_its_threads_after_an_adapter_load(tiny_models, adapter_root):
+    """The first request names an adapter on disk: the engine's loader thread starts (and
+    sets one thread on itself) before the step loop's first forward pass."""
+    from engine_helpers import build_engine, greedy, run_all
+
+    from loraplex.engine.request import GenerationRequest
+
+    engine = build_engine(tiny_models["llama"], adapter_root / "llama", threads=2)
+    seen = []
+    run = engine.runner.run
+    engine.runner.run = lambda batch: (seen.append(torch.get_num_threads()), run(batch))[1]
+    try:
+        [out] = run_all(engine, [GenerationRequest([5, 6, 7], greedy(3), adapter="r4_attn")])
+        assert len(out.token_ids) == 3
+    finally:
+        engine.stop()
+    assert seen and set(seen) == {2}

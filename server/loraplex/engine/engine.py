@@ -30,7 +30,8 @@ from loraplex.engine.request import (FinishReason, GenerationRequest, RequestOut
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import ScheduledSeq, Sequence, Status
 from loraplex.engine.stops import StopStringFilter
-from loraplex.engine.threads import default_threads, helper_executor, run_in_fresh_thread
+from loraplex.engine.threads import (default_threads, helper_executor, run_in_fresh_thread,
+                                     use_threads)
 from loraplex.errors import InvalidArgument, ResourceExhausted, Unavailable
 from loraplex.lora.cache import AdapterCache, AdapterVersion
 from loraplex.lora.store import AdapterStore
@@ -196,7 +197,7 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        torch.set_num_threads(self.threads)
+        use_threads(self.threads)
         while not self._stopping:
             self._drain_inbox()
             self._expire_deadlines()

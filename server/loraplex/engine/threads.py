@@ -10,6 +10,10 @@ Measured on 2 cores: a helper thread that had run one 2-thread matmul made the s
 So the engine thread runs torch on `threads` intra-op threads; model loading runs in a
 short-lived thread (its pool goes when it exits); every other thread that touches torch
 (adapter loads, merges, the event loop's helpers) runs it on one thread.
+
+A program that embeds the engine must do the same: torch work with more than one thread
+on its main thread (building a model, one matmul) leaves a pool there for as long as the
+program runs. `run_in_fresh_thread` is the way to do such work (bench/bench.py does).
 """
 
 from __future__ import annotations
@@ -62,10 +66,22 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
     return q / p if q > 0 and p > 0 else None
 
 
+def use_threads(n: int) -> None:
+    """Run torch on `n` intra-op threads on the calling thread, for good.
+
+    torch sets up each thread's count lazily, at its first parallel op (or
+    get_num_threads), to the count that some thread set last. A thread that only called
+    set_num_threads(2) would have it undone by a helper that set 1 in the meantime (the
+    step loop then ran on one thread; the bench's baselines did, after the engine
+    stopped). Setting up first, then setting, keeps the count."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 def helper_executor(name: str, max_workers: int | None = None) -> ThreadPoolExecutor:
     """A thread pool whose threads run torch single-threaded."""
     return ThreadPoolExecutor(max_workers, thread_name_prefix=name,
-                              initializer=torch.set_num_threads, initargs=(1,))
+                              initializer=use_threads, initargs=(1,))
 
 
 def run_in_fresh_thread(fn: Callable[[], T], threads: int, name: str) -> T:
@@ -74,7 +90,7 @@ def run_in_fresh_thread(fn: Callable[[], T], threads: int, name: str) -> T:
     result: list = []
 
     def target():
-        torch.set_num_threads(threads)
+        use_threads(threads)
         try:
             result.append((True, fn()))
         except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
