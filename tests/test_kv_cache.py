@@ -42,3 +42,24 @@ def test_freed_blocks_are_reused():
     alloc.free(a)
     alloc.grow(b, 6)
     assert sorted(b) == [0, 1, 2]
+
+
+def test_kv_cache_gather_copies_the_slots_rows_into_reused_buffers():
+    import torch
+
+    from loraplex.model.attention import KVCache
+
+    cache = KVCache(num_layers=2, num_blocks=4, block_size=4, kv_heads=2, head_dim=3,
+                    dtype=torch.float32, device=torch.device("cpu"))
+    for layer in range(2):
+        cache.k[layer].copy_(torch.randn_like(cache.k[layer]))
+        cache.v[layer].copy_(torch.randn_like(cache.v[layer]))
+    long, short = torch.tensor([15, 0, 3, 3, 7, 8, 1, 2]), torch.tensor([9, 4])
+    k, v = cache.gather(1, long)
+    assert k.shape == (8, 2, 3)
+    assert torch.equal(k, cache.k[1][long]) and torch.equal(v, cache.v[1][long])
+    k2, v2 = cache.gather(0, short)  # fewer rows: the same buffers, not a new allocation
+    assert k2.data_ptr() == k.data_ptr() and v2.data_ptr() == v.data_ptr()
+    assert torch.equal(k2, cache.k[0][short]) and torch.equal(v2, cache.v[0][short])
+    k3, _ = cache.gather(0, torch.arange(16))  # more rows than ever: the buffers grow
+    assert torch.equal(k3, cache.k[0])

@@ -218,10 +218,7 @@ def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: t
         return
     x_pad = plan.grouped_input(x)  # [U, W, in]
     a = seg.weights(A, plan.rank)  # [U, rank, in]
-    if seg.width == 1:  # decodes: MKL streams A (the bytes that matter) faster as A @ x^T
-        h = torch.bmm(a, x_pad.transpose(1, 2)).transpose(1, 2)  # [U, 1, rank]
-    else:
-        h = torch.bmm(x_pad, a.transpose(1, 2))  # [U, W, rank]
+    h = torch.bmm(x_pad, a.transpose(1, 2))  # [U, W, rank]
     if seg.contiguous:  # y's rows of these tokens, as [U, W, out], updated in place
         y_block = y[seg.first_token:seg.first_token + seg.padded_rows].view(*h.shape[:2], -1)
         y_block.baddbmm_(h, seg.weights(B, plan.rank))
