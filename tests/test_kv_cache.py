@@ -44,7 +44,7 @@ def test_freed_blocks_are_reused():
     assert sorted(b) == [0, 1, 2]
 
 
-def test_kv_cache_gather_copies_the_slots_rows_into_reused_buffers():
+def test_kv_cache_gather_copies_whole_blocks_into_reused_buffers():
     import torch
 
     from loraplex.model.attention import KVCache
@@ -54,12 +54,16 @@ def test_kv_cache_gather_copies_the_slots_rows_into_reused_buffers():
     for layer in range(2):
         cache.k[layer].copy_(torch.randn_like(cache.k[layer]))
         cache.v[layer].copy_(torch.randn_like(cache.v[layer]))
-    long, short = torch.tensor([15, 0, 3, 3, 7, 8, 1, 2]), torch.tensor([9, 4])
-    k, v = cache.gather(1, long)
-    assert k.shape == (8, 2, 3)
-    assert torch.equal(k, cache.k[1][long]) and torch.equal(v, cache.v[1][long])
-    k2, v2 = cache.gather(0, short)  # fewer rows: the same buffers, not a new allocation
+
+    def rows(blocks):  # the cache rows (token slots) of these blocks, in order
+        return torch.cat([torch.arange(b * 4, b * 4 + 4) for b in blocks])
+
+    k, v = cache.gather(1, torch.tensor([3, 0, 3, 1]))
+    assert k.shape == (16, 2, 3)
+    assert torch.equal(k, cache.k[1][rows([3, 0, 3, 1])])
+    assert torch.equal(v, cache.v[1][rows([3, 0, 3, 1])])
+    k2, v2 = cache.gather(0, torch.tensor([2]))  # fewer blocks: the same buffers, no allocation
     assert k2.data_ptr() == k.data_ptr() and v2.data_ptr() == v.data_ptr()
-    assert torch.equal(k2, cache.k[0][short]) and torch.equal(v2, cache.v[0][short])
-    k3, _ = cache.gather(0, torch.arange(16))  # more rows than ever: the buffers grow
-    assert torch.equal(k3, cache.k[0])
+    assert torch.equal(k2, cache.k[0][rows([2])]) and torch.equal(v2, cache.v[0][rows([2])])
+    k3, _ = cache.gather(0, torch.tensor([0, 1, 2, 3, 0, 1]))  # more than ever: buffers grow
+    assert torch.equal(k3, cache.k[0][rows([0, 1, 2, 3, 0, 1])])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from loraplex.engine.kv_cache import blocks_needed
 from loraplex.engine.sequence import ScheduledSeq
 from loraplex.lora.ops import Segments, choose_backend
 from loraplex.model.attention import AttentionBatch, KVCache, PrefillSeq
@@ -28,11 +29,10 @@ class ModelRunner:
         self.lora_delta = choose_backend(lora_backend)
         self.slot_ranks = slot_ranks  # rank of the adapter in each slot (0 = empty), kept by the cache
 
-    def _cache_slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        """Cache slots of positions [start, end) of a sequence: [end - start]."""
-        positions = torch.arange(start, end)
-        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
-        return blocks * self.block_size + positions % self.block_size
+    def _cache_slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """Cache slots of positions [start, end) of a sequence."""
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
@@ -46,34 +46,34 @@ class ModelRunner:
         device = self.loaded.device
 
         ids, positions, lora_slots, slot_mapping = [], [], [], []
-        prefill_seqs, decode_contexts, last_row, offset = [], [], {}, 0
+        prefill_seqs, decode_tables, decode_lens, last_row, offset = [], [], [], {}, 0
         for item in ordered:
             seq, start = item.seq, item.seq.num_computed
             end = start + item.num_new
             ids.extend(seq.token_ids(start, end))
             positions.extend(range(start, end))
             lora_slots.extend([seq.lora_slot] * item.num_new)
-            context = self._cache_slots(seq.block_table, 0, end)  # [end]
-            slot_mapping.append(context[start:end])
+            slot_mapping.extend(self._cache_slots(seq.block_table, start, end))
+            table = seq.block_table[:blocks_needed(end, self.block_size)]
             if item.num_new > 1:
-                prefill_seqs.append(PrefillSeq(offset, item.num_new, context.to(device)))
+                prefill_seqs.append(PrefillSeq(offset, item.num_new, end,
+                                               torch.tensor(table, device=device)))
             else:
-                decode_contexts.append(context)
+                decode_tables.append(table)
+                decode_lens.append(end)
             offset += item.num_new
             last_row[id(item)] = offset - 1
         # Sampling rows follow the caller's batch order, not the packed order.
         sample_idx = [last_row[id(item)] for item in batch if item.samples]
 
-        decode_lens = torch.tensor([c.numel() for c in decode_contexts], dtype=torch.long)
-        decode_kv = torch.zeros(len(decodes), int(decode_lens.max()) if decodes else 0,
-                                dtype=torch.long)  # [D, Lmax], padding points at slot 0 (masked)
-        for i, context in enumerate(decode_contexts):
-            decode_kv[i, :context.numel()] = context
-
+        width = max(map(len, decode_tables), default=0)
+        decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
+                                     dtype=torch.long).view(len(decodes), width)  # [D, Bmax]
         attn = AttentionBatch(
-            cache=self.kv_cache, slot_mapping=torch.cat(slot_mapping).to(device),
-            num_decodes=len(decodes), decode_kv_slots=decode_kv.to(device),
-            decode_lens=decode_lens.to(device), prefills=prefill_seqs)
+            cache=self.kv_cache, slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            num_decodes=len(decodes), decode_blocks=decode_blocks.to(device),
+            decode_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
+            prefills=prefill_seqs)
         self._set_lora(ordered, lora_slots)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
