@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -26,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -42,34 +40,9 @@ from loraplex.lora.store import AdapterStore  # noqa: E402
 from loraplex.metrics import Metrics  # noqa: E402
 from models import build_base, make_prompts  # noqa: E402
 
+from bench.workload import llama_module_shapes, write_adapter  # noqa: E402  (run with -m)
+
 LLAMA3_8B = dict(hidden=4096, layers=32, kv_dim=8 * 128, intermediate=14336)
-
-
-def llama_module_shapes(hidden: int, layers: int, kv_dim: int, intermediate: int,
-                        ) -> dict[str, tuple[int, int]]:
-    """Served module name -> (in_features, out_features) of every linear of a Llama."""
-    per_layer = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, kv_dim),
-                 "self_attn.v_proj": (hidden, kv_dim), "self_attn.o_proj": (hidden, hidden),
-                 "mlp.gate_proj": (hidden, intermediate), "mlp.up_proj": (hidden, intermediate),
-                 "mlp.down_proj": (intermediate, hidden)}
-    return {f"model.layers.{i}.{m}": shape for i in range(layers) for m, shape in per_layer.items()}
-
-
-def write_adapter(folder: Path, shapes: dict[str, tuple[int, int]], rank: int, seed: int,
-                  base_model: str = "") -> None:
-    """A PEFT-format folder (config + safetensors) with random fp32 factors."""
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    targets = sorted({m.rsplit(".", 1)[-1] for m in shapes})
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets,
-        "bias": "none", "base_model_name_or_path": base_model, "task_type": "CAUSAL_LM"}))
-    tensors = {}
-    for module, (fan_in, fan_out) in shapes.items():
-        prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.01
-        tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.01
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
 
 
 def bench_cold_load(workdir: Path, repeats: int) -> dict:

@@ -1,18 +1,24 @@
 """loraplex against its baselines, in one process, on the same model and requests.
 
-    make bench                       # = python -m bench.bench (the ~27M Llama, 2 threads)
-    python -m bench.bench --small    # a smoke run on a tiny model (numbers mean nothing)
+    make bench                            # = python -m bench.bench (the ~27M Llama, 2 threads)
+    python -m bench.bench --shape small   # a smoke run on a tiny model (numbers mean nothing)
+    python -m bench.bench --shape llama3-8b --quantize nf4 --kv-cache-memory 2GiB \
+        --workdir /dev/shm/bench --repeat 3  # on a GPU: Llama-3-8B-shaped, random weights
 
 Variants, each on equal (32 new tokens) and varied (8..64) output lengths:
   loraplex with no adapter, 1 adapter for all requests, N = 8, 32, 128 distinct adapters;
   HF PEFT mixed-batch generate(adapter_names=...) on the same requests (N = 1, 8, 32);
   transformers generate, no adapter (static batching).
 Every request makes exactly its max_new_tokens (EOS ignored); only those useful tokens
-are counted. Each variant runs once untimed (loading, warm-up), then --repeat times
-timed; the run with the median tok/s is reported (all of them are kept in the JSON).
-The loraplex variants are timed in rounds (N=0, 1, 8, 32, 128, then again), so a
-drift in the machine's speed does not land on one of them.
-Prints a table with ratios, writes the full results as JSON (--out).
+are counted.
+
+Timing: every variant runs once untimed (loading, warm-up), then all of them run in
+--repeat rounds (A B C ..., A B C ...). A shared CPU's speed drifts by +-20% within
+minutes, more than the differences measured, so each ratio is taken within a round (both
+runs in the same stretch of time) and the median over rounds is reported, with the median
+tok/s of each variant. A baseline runs on a thread that exits, with the engine's step loop
+stopped: two threads' OpenMP pools slow each other down (loraplex.engine.threads).
+Prints a table, writes every round's figures as JSON (--out).
 """
 
 from __future__ import annotations
@@ -22,23 +28,28 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+from transformers import AutoConfig
 
 from bench.baselines import (hf_static_batch, load_hf_model, load_peft_model, peft_static_batch,
                              warm_up)
-from bench.workload import (BenchRequest, bench_adapter_names, build_bench_adapters,
+from bench.workload import (SHAPES, BenchRequest, bench_adapter_names, build_bench_adapters,
                             build_bench_model, make_workload)
-from loraplex.config import EngineConfig, ModelConfig
+from loraplex.config import EngineConfig, ModelConfig, parse_size
 from loraplex.engine.engine import Engine, collect
 from loraplex.engine.request import GenerationRequest, SamplingParams
 from loraplex.engine.threads import run_in_fresh_thread, use_threads
+from loraplex.model.loader import resolve_device, resolve_dtype
 
 LORAPLEX_N = (0, 1, 8, 32, 128)
 PEFT_N = (1, 8, 32)
+WORKLOADS = {"equal": 32, "varied": (8, 64)}  # new tokens per request: all equal, or a range
 
 
 def run_engine(engine: Engine, work: list[BenchRequest]) -> dict:
@@ -56,123 +67,141 @@ def run_engine(engine: Engine, work: list[BenchRequest]) -> dict:
     return dict(tokens=tokens, seconds=seconds, tok_per_s=tokens / seconds)
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The run with the median tok/s, with every run's tok/s under "runs"."""
-    runs = sorted(runs, key=lambda r: r["tok_per_s"])
-    return dict(runs[len(runs) // 2], runs=[round(r["tok_per_s"], 1) for r in runs])
-
-
-def timed(fn, repeat: int) -> dict:
-    """fn() once untimed (loads adapters, warms caches), then the median of `repeat` runs."""
-    fn()
-    return median_run([fn() for _ in range(repeat)])
-
-
-def interleaved(fns: dict, repeat: int) -> dict:
-    """Like `timed` for several variants, run in rounds (A B C, A B C, ...) so that a drift
-    in the machine's speed (+-20% on a shared CPU) hits every variant alike."""
+def in_rounds(fns: dict[tuple, Callable[[], dict]], repeat: int) -> dict[tuple, list[dict]]:
+    """Each fn once untimed, then `repeat` rounds of all of them; key -> its runs by round."""
     for fn in fns.values():
         fn()
     runs = {key: [] for key in fns}
     for _ in range(repeat):
         for key, fn in fns.items():
             runs[key].append(fn())
-    return {key: median_run(r) for key, r in runs.items()}
+    return runs
+
+
+def paired_ratio(runs: list[dict], ref: list[dict] | None) -> float | None:
+    """Median over rounds of tok/s over the reference's tok/s in the same round."""
+    if not ref:
+        return None
+    return statistics.median(a["tok_per_s"] / b["tok_per_s"] for a, b in zip(runs, ref))
+
+
+def summarize(system: str, n: int, outputs: str, runs: list[dict], by_key: dict) -> dict:
+    """One variant's row: its median tok/s and its paired ratios to loraplex N=0, to PEFT
+    with the same N (for loraplex) and to HF generate."""
+    tps = [r["tok_per_s"] for r in runs]
+    return dict(system=system, adapters=n, outputs=outputs, tok_per_s=statistics.median(tps),
+                rounds=[round(t, 1) for t in tps], tokens=runs[0]["tokens"],
+                vs_loraplex_n0=paired_ratio(runs, by_key.get(("loraplex", 0))),
+                vs_peft=paired_ratio(runs, by_key.get(("peft", n))) if system == "loraplex" else None,
+                vs_hf=paired_ratio(runs, by_key.get(("hf", 0))))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per variant")
-    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--shape", default="bench", choices=sorted(SHAPES))
     parser.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"])
+    parser.add_argument("--dtype", default="auto", help="as `loraplex serve --dtype`")
+    parser.add_argument("--device", default="auto", help="as `loraplex serve --device`")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--adapters", type=int, nargs="+", default=list(LORAPLEX_N),
+                        help="loraplex's values of N (PEFT runs those of 1, 8, 32 among them)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", type=parse_size, default=512 * 2**20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
-    use_threads(args.threads)  # the baselines run on this thread
-
+    use_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    base_options = dict(quantize=args.quantize, dtype=args.dtype, device=str(device))
+    peft_n = [n for n in PEFT_N if n in args.adapters]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
-    adapters_dir = workdir / "adapters"
+    base_dir, adapters_dir = workdir / "base", workdir / "adapters"
 
-    def prepare() -> tuple[Path, int]:
-        base_dir = build_bench_model(workdir / "base", small=args.small)
+    # Each side runs alone. A long-lived thread's OpenMP pool next to the one running
+    # slows the latter down (one 2-thread matmul on this main thread made 8 adapters with
+    # varied lengths 0.58x of N=0 instead of 0.79x), so a baseline runs on a thread that
+    # exits, with the engine's step loop (and its pool) stopped; the engine keeps its state.
+    def baseline(fn: Callable[[], dict]) -> Callable[[], dict]:
+        def run() -> dict:
+            engine.stop()
+            return run_in_fresh_thread(fn, args.threads, "bench-baseline")
+        return run
+
+    def loraplex(work: list[BenchRequest]) -> Callable[[], dict]:
+        def run() -> dict:
+            engine.start()  # no-op when running
+            return run_engine(engine, work)
+        return run
+
+    def prepare():
+        if not (base_dir / "config.json").exists():  # drawn on the accelerator, in its dtype
+            build_bench_model(base_dir, shape=args.shape, device=str(device), dtype=dtype)
         if not adapters_dir.exists():
-            build_bench_adapters(base_dir, adapters_dir, max(LORAPLEX_N), rank=args.rank)
-        return base_dir, load_hf_model(base_dir).config.vocab_size
+            build_bench_adapters(base_dir, adapters_dir, max(args.adapters), rank=args.rank,
+                                 dtype=dtype)
+        hf = load_hf_model(base_dir, **base_options)
+        warm_up(hf, with_adapters=False)
+        peft = None
+        if peft_n:  # one PeftModel holds the adapters of every N (its cost follows the batch's)
+            names = bench_adapter_names(max(peft_n))
+            peft = load_peft_model(base_dir, {k: adapters_dir / k for k in names}, **base_options)
+            warm_up(peft, with_adapters=True)
+        return hf, peft
 
-    # On a thread that exits: torch work on this (main) thread would leave it an OpenMP
-    # pool for the engine's step loop to compete with (loraplex.engine.threads). One
-    # 2-thread matmul here made 8 adapters with varied lengths 0.58x of N=0 instead of 0.79x.
-    base_dir, vocab = run_in_fresh_thread(prepare, args.threads, "bench-prepare")
-    workloads = {"equal": 32, "varied": (8, 64)}
-    results = []
-
-    def record(system, n, shape, result):
-        result.update(system=system, adapters=n, outputs=shape)
-        results.append(result)
-        print(f"{system:10s} N={n:<4d} {shape:7s} {result['tok_per_s']:8.1f} tok/s "
-              f"({result['tokens']} tokens in {result['seconds']:.2f} s)", flush=True)
-
+    hf, peft = run_in_fresh_thread(prepare, args.threads, "bench-prepare")
+    vocab = AutoConfig.from_pretrained(base_dir).vocab_size
     engine = Engine.build(
-        ModelConfig(path=str(base_dir), quantize=args.quantize),
+        ModelConfig(path=str(base_dir), **base_options),
         EngineConfig(max_batch_tokens=4096, max_num_seqs=args.num_requests, prefill_chunk=2048,
-                     kv_cache_memory=512 * 2**20, max_gpu_adapters=min(args.num_requests, 128),
-                     max_cpu_adapters=max(LORAPLEX_N), max_lora_rank=args.rank,
-                     threads=args.threads),
+                     kv_cache_memory=args.kv_cache_memory,
+                     max_gpu_adapters=min(args.num_requests, max(max(args.adapters), 1)),
+                     max_cpu_adapters=max(args.adapters + [args.num_requests]),
+                     max_lora_rank=args.rank, threads=args.threads),
         str(adapters_dir))
-    engine.start()
+    results = []
     try:
-        for shape, new_tokens in workloads.items():
-            works = {n: make_workload(args.num_requests, (16, 64), new_tokens, n, vocab)
-                     for n in LORAPLEX_N}
-            fns = {n: (lambda w=w: run_engine(engine, w)) for n, w in works.items()}
-            for n, result in interleaved(fns, args.repeat).items():
-                record("loraplex", n, shape, result)
+        for outputs, new_tokens in WORKLOADS.items():
+            def work(n: int) -> list[BenchRequest]:
+                return make_workload(args.num_requests, (16, 64), new_tokens, n, vocab)
+            fns = {("loraplex", n): loraplex(work(n)) for n in args.adapters}
+            fns[("hf", 0)] = baseline(lambda w=work(0): hf_static_batch(hf, w, args.num_requests))
+            for n in peft_n:
+                fns[("peft", n)] = baseline(
+                    lambda w=work(n): peft_static_batch(peft, w, args.num_requests))
+            runs = in_rounds(fns, args.repeat)
+            for (system, n), r in runs.items():
+                results.append(summarize(system, n, outputs, r, runs))
+                print(f"{system:10s} N={n:<4d} {outputs:7s} {results[-1]['tok_per_s']:8.1f} tok/s "
+                      f"(rounds: {results[-1]['rounds']})", flush=True)
     finally:
         engine.stop()
-    del engine
-
-    hf = load_hf_model(base_dir)
-    warm_up(hf, with_adapters=False)
-    for shape, new_tokens in workloads.items():
-        work = make_workload(args.num_requests, (16, 64), new_tokens, 0, vocab)
-        record("hf", 0, shape, timed(lambda: hf_static_batch(hf, work, args.num_requests),
-                                     args.repeat))
-    del hf
-    for n in PEFT_N:
-        peft = load_peft_model(base_dir, {k: adapters_dir / k for k in bench_adapter_names(n)})
-        warm_up(peft, with_adapters=True)
-        for shape, new_tokens in workloads.items():
-            work = make_workload(args.num_requests, (16, 64), new_tokens, n, vocab)
-            record("peft", n, shape, timed(
-                lambda: peft_static_batch(peft, work, args.num_requests), args.repeat))
-        del peft
 
     print_table(results)
     meta = dict(machine=platform.machine(), processor=platform.processor(),
                 cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
-                quantize=args.quantize, small=args.small, load_avg=os.getloadavg(),
-                date=time.strftime("%Y-%m-%d"))
+                device=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else str(device)),
+                shape=args.shape, quantize=args.quantize, dtype=str(dtype),
+                num_requests=args.num_requests, rank=args.rank, repeat=args.repeat,
+                load_avg=os.getloadavg(), date=time.strftime("%Y-%m-%d"))
     if args.out:
         args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
     return results
 
 
 def print_table(results: list[dict]) -> None:
-    by = {(r["system"], r["adapters"], r["outputs"]): r["tok_per_s"] for r in results}
-    print("\noutputs  system     N     tok/s   vs loraplex N=0   vs PEFT same N   vs HF generate")
-    for shape in ("equal", "varied"):
-        own = by[("loraplex", 0, shape)]
-        hf = by[("hf", 0, shape)]
-        for (system, n, s), tps in by.items():
-            if s != shape:
-                continue
-            peft = by.get(("peft", n, shape))
-            vs_peft = f"{tps / peft:13.2f}x" if system == "loraplex" and peft else " " * 14
-            print(f"{shape:8s} {system:9s} {n:4d} {tps:8.1f} {tps / own:15.2f}x  {vs_peft} "
-                  f"{tps / hf:14.2f}x")
+    def ratio(value: float | None, width: int) -> str:
+        return f"{value:{width}.2f}x" if value is not None else " " * (width + 1)
+
+    print("\nmedian tok/s, and ratios taken within each round (median over rounds)")
+    print("outputs  system     N     tok/s   vs loraplex N=0   vs PEFT same N   vs HF generate")
+    for r in results:
+        print(f"{r['outputs']:8s} {r['system']:9s} {r['adapters']:4d} {r['tok_per_s']:8.1f} "
+              f"{ratio(r['vs_loraplex_n0'], 15)}  {ratio(r['vs_peft'], 13)} "
+              f"{ratio(r['vs_hf'], 14)}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,26 @@
-"""Benchmark model, adapters and request mix (run from the repo root: `python -m bench.baselines`).
+"""Benchmark model, adapters and request mix (run from the repo root).
 
     base = build_bench_model(tmp / "base")                     # ~27M-param random Llama
     adapters = build_bench_adapters(base, tmp / "adapters", 32)  # name -> PEFT folder
     work = make_workload(num_requests=32, num_adapters=8, new_tokens=(8, 64), seed=0)
 
-Every function is pure given its arguments and seed. The model and adapters are written
-with the same builders as the fidelity tests (tests/models.py), so the engine loads them
-exactly as it loads a real checkpoint and PEFT folders.
+Every function is pure given its arguments and seed. The model is written with the
+fidelity tests' builder (tests/models.py) and the adapters as PEFT folders, so the
+engine loads them exactly as it loads a real checkpoint and PEFT folders.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.models import ALL_LINEAR, ATTN, AdapterSpec, build_adapters, build_base
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig
+
+from tests.models import ALL_LINEAR, ATTN, build_base
 
 # hidden 512, 6 layers, 8 heads (no GQA), MLP 1376, vocab 8000, untied head:
 # 6 x (4 x 512^2 + 3 x 512 x 1376) + 2 x 8000 x 512 = 27.2M parameters.
@@ -30,29 +35,73 @@ BENCH_MODEL = dict(
     initializer_range=0.02,  # speed does not care, and 0.02 keeps a 512-wide stack finite
 )
 
-# A few-second smoke version of the same shape of model (for busy machines and CI).
-SMALL_BENCH_MODEL = dict(BENCH_MODEL, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, intermediate_size=256, vocab_size=1000)
+SHAPES = {
+    "bench": BENCH_MODEL,  # the CPU benchmark
+    # a few-second smoke version of the same shape of model (for busy machines and CI)
+    "small": dict(BENCH_MODEL, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, intermediate_size=256, vocab_size=1000),
+    # Llama-3-8B's shape (random weights): the GPU benchmark
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                      max_position_embeddings=8192, rope_theta=500000.0, initializer_range=0.02),
+}
 
 TARGETS = {"all": ALL_LINEAR, "attn": ATTN}
 
 
-def build_bench_model(out_dir: str | Path, seed: int = 0, small: bool = False) -> Path:
-    """Write the random benchmark Llama (+ byte tokenizer padded to the vocab) to out_dir."""
-    return build_base("llama", out_dir, seed=seed, **(SMALL_BENCH_MODEL if small else BENCH_MODEL))
+def build_bench_model(out_dir: str | Path, seed: int = 0, shape: str = "bench",
+                      dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
+    """Write a random Llama of `shape` (a key of SHAPES) + byte tokenizer padded to the vocab."""
+    return build_base("llama", out_dir, seed=seed, dtype=dtype, device=device, **SHAPES[shape])
 
 
 def bench_adapter_names(n: int) -> list[str]:
     return [f"bench{i:03d}" for i in range(n)]
 
 
+def llama_module_shapes(hidden: int, layers: int, kv_dim: int, intermediate: int,
+                        ) -> dict[str, tuple[int, int]]:
+    """Served module name -> (in_features, out_features) of every linear of a Llama."""
+    per_layer = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, kv_dim),
+                 "self_attn.v_proj": (hidden, kv_dim), "self_attn.o_proj": (hidden, hidden),
+                 "mlp.gate_proj": (hidden, intermediate), "mlp.up_proj": (hidden, intermediate),
+                 "mlp.down_proj": (intermediate, hidden)}
+    return {f"model.layers.{i}.{m}": shape for i in range(layers) for m, shape in per_layer.items()}
+
+
+def write_adapter(folder: Path, shapes: dict[str, tuple[int, int]], rank: int, seed: int,
+                  base_model: str = "", dtype: torch.dtype = torch.float32) -> None:
+    """A PEFT-format folder (config + safetensors) with random factors (no PEFT model
+    needed, so an 8B-shaped adapter takes a second)."""
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = sorted({m.rsplit(".", 1)[-1] for m in shapes})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets,
+        "bias": "none", "base_model_name_or_path": base_model, "task_type": "CAUSAL_LM"}))
+    tensors = {}
+    for module, (fan_in, fan_out) in shapes.items():
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=gen) * 0.01).to(dtype)
+        tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=gen) * 0.01).to(dtype)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
 def build_bench_adapters(base_dir: str | Path, root_dir: str | Path, n: int, rank: int = 16,
-                         targets: str = "all", seed: int = 0) -> dict[str, Path]:
-    """n random rank-`rank` PEFT adapters on `targets` ("all" linear or "attn" = q,k,v,o)."""
-    specs = [AdapterSpec(name, r=rank, lora_alpha=2 * rank, target_modules=TARGETS[targets],
-                         delta_ratio=0.1, seed=seed * 10_000 + i)
-             for i, name in enumerate(bench_adapter_names(n))]
-    return build_adapters(base_dir, root_dir, specs)
+                         targets: str = "all", seed: int = 0,
+                         dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """n random rank-`rank` PEFT adapters of the model in base_dir, on `targets` ("all"
+    linear or "attn" = q, k, v, o), saved in `dtype`; returns name -> folder."""
+    config = AutoConfig.from_pretrained(base_dir)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shapes = llama_module_shapes(config.hidden_size, config.num_hidden_layers,
+                                 config.num_key_value_heads * head_dim, config.intermediate_size)
+    shapes = {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in TARGETS[targets]}
+    paths = {}
+    for i, name in enumerate(bench_adapter_names(n)):
+        paths[name] = Path(root_dir) / name
+        write_adapter(paths[name], shapes, rank, seed * 10_000 + i, str(base_dir), dtype)
+    return paths
 
 
 @dataclass(frozen=True)

@@ -130,11 +130,13 @@ def _init_weights(model: torch.nn.Module, std: float, logit_std: float) -> None:
                 torch.nn.init.normal_(module.bias, mean=0.0, std=std)
 
 
-def build_base(arch: str, out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
+def build_base(arch: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: str = "cpu", **config_overrides) -> Path:
     """Write a tiny random causal LM of family `arch` (one of ARCHS) plus its tokenizer.
 
     The result loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained(out_dir).
     `config_overrides` replace fields of the config (e.g. hidden_size=512 for a bigger model).
+    The weights are drawn on `device` and saved in `dtype` (a GPU draws an 8B model fast).
     """
     if arch not in _CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
@@ -143,7 +145,8 @@ def build_base(arch: str, out_dir: str | Path, seed: int = 0, **config_overrides
     config = config_class(**{**_COMMON, **extra, **config_overrides})
     # Different archs get different weights for the same seed.
     torch.manual_seed(seed * 1000 + ARCHS.index(arch))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _init_weights(model, std=config.initializer_range, logit_std=LOGIT_STD)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
