@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from loraplex.config import ModelConfig
 from loraplex.lora.layer import LoraLinear
 from loraplex.lora.ops import LoraPlan
+from loraplex.model.cpu_linear import PackedLinear, can_pack
 from loraplex.model.attention import ATTENTION_NAME, register_attention
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,9 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
 
     lora_plan = LoraPlan()
+    vocab_size = model.get_output_embeddings().weight.shape[0]
     lora_layers = wrap_linears(model, max_slots + 1, max_rank, dtype, device, lora_plan)
+    pack_cpu_linears(model, lora_layers)
     text_config = model.config.get_text_config()
     head_dim = getattr(text_config, "head_dim", None) or (
         text_config.hidden_size // text_config.num_attention_heads)
@@ -105,7 +108,7 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
         lora_plan=lora_plan, max_model_len=max_len,
         num_layers=text_config.num_hidden_layers,
         kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
-        head_dim=head_dim, vocab_size=model.get_output_embeddings().weight.shape[0],
+        head_dim=head_dim, vocab_size=vocab_size,
         eos_token_ids=_eos_ids(model, tokenizer), name=cfg.path)
 
 
@@ -127,6 +130,17 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     log.info("wrapped %d linear layers with %d LoRA slots of rank <= %d", len(wrapped), num_slots,
              max_rank)
     return wrapped
+
+
+def pack_cpu_linears(model: nn.Module, lora_layers: dict[str, LoraLinear]) -> None:
+    """On the CPU, the plain linears (the wrapped layers' bases and the output head) run
+    from oneDNN-packed weights (loraplex.model.cpu_linear); quantized ones stay as they are."""
+    for layer in lora_layers.values():
+        if can_pack(layer.base_layer):
+            layer.base_layer = PackedLinear(layer.base_layer)
+    head = model.get_output_embeddings()
+    if can_pack(head):
+        model.set_output_embeddings(PackedLinear(head))
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:

@@ -1,0 +1,49 @@
+"""oneDNN-packed CPU linears (loraplex.model.cpu_linear) and where the loader uses them."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.config import ModelConfig
+from loraplex.model.cpu_linear import PackedLinear, can_pack
+from loraplex.model.loader import load_model
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_computes_the_linear(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40, bias=bias)
+    packed = PackedLinear(linear)
+    for x in (torch.randn(1, 7, 96), torch.randn(5, 96), torch.randn(1, 14, 96)[:, ::2]):
+        with torch.inference_mode():
+            expected = F.linear(x, linear.weight, linear.bias)
+            got = packed(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_bf16():
+    linear = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear)(x).float(), F.linear(x, linear.weight).float(),
+                                   rtol=2e-2, atol=2e-2)
+
+
+def test_only_plain_cpu_linears_are_packed():
+    assert can_pack(nn.Linear(8, 8))
+    assert not can_pack(nn.Linear(8, 8).half())  # oneDNN packs fp32 and bf16 only
+    assert not can_pack(bnb.nn.Linear4bit(8, 8))
+    assert not can_pack(nn.Conv1d(8, 8, 1))
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_loader_packs_the_plain_linears_of_a_cpu_model(tiny_models, quantize):
+    loaded = load_model(ModelConfig(path=str(tiny_models["llama"]), quantize=quantize),
+                        max_slots=2, max_rank=8)
+    bases = {type(layer.base_layer) for layer in loaded.lora_layers.values()}
+    assert bases == ({PackedLinear} if quantize == "none" else {bnb.nn.Linear4bit})
+    assert isinstance(loaded.model.get_output_embeddings(), PackedLinear)  # never quantized
+    assert loaded.vocab_size == 256
