@@ -41,7 +41,7 @@ from bench.baselines import (hf_static_batch, load_hf_model, load_peft_model, pe
                              warm_up)
 from bench.workload import (SHAPES, BenchRequest, bench_adapter_names, build_bench_adapters,
                             build_bench_model, make_workload)
-from loraplex.config import EngineConfig, ModelConfig, parse_size
+from loraplex.config import LORA_BACKENDS, EngineConfig, ModelConfig, parse_size
 from loraplex.engine.engine import Engine, collect
 from loraplex.engine.request import GenerationRequest, SamplingParams
 from loraplex.engine.threads import run_in_fresh_thread, use_threads
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="loraplex's values of N (PEFT runs those of 1, 8, 32 among them)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=parse_size, default=512 * 2**20)
+    parser.add_argument("--lora-backend", default="auto", choices=LORA_BACKENDS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      kv_cache_memory=args.kv_cache_memory,
                      max_gpu_adapters=min(args.num_requests, max(max(args.adapters), 1)),
                      max_cpu_adapters=max(args.adapters + [args.num_requests]),
-                     max_lora_rank=args.rank, threads=args.threads),
+                     max_lora_rank=args.rank, lora_backend=args.lora_backend,
+                     threads=args.threads),
         str(adapters_dir))
     results = []
     try:
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 device=(torch.cuda.get_device_name(device) if device.type == "cuda"
                         else str(device)),
                 shape=args.shape, quantize=args.quantize, dtype=str(dtype),
+                lora_backend=args.lora_backend,
                 num_requests=args.num_requests, rank=args.rank, repeat=args.repeat,
                 load_avg=os.getloadavg(), date=time.strftime("%Y-%m-%d"))
     if args.out:
