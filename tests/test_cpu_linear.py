@@ -47,3 +47,14 @@ def test_loader_packs_the_plain_linears_of_a_cpu_model(tiny_models, quantize):
     assert bases == ({PackedLinear} if quantize == "none" else {bnb.nn.Linear4bit})
     assert isinstance(loaded.model.get_output_embeddings(), PackedLinear)  # never quantized
     assert loaded.vocab_size == 256
+
+
+def test_a_head_tied_to_the_embeddings_is_not_packed(tmp_path):
+    from models import build_base
+
+    base = build_base("llama", tmp_path / "tied", tie_word_embeddings=True)
+    loaded = load_model(ModelConfig(path=str(base)), max_slots=1, max_rank=4)
+    head = loaded.model.get_output_embeddings()
+    assert type(head) is nn.Linear  # packing it would hold a second copy of the embeddings
+    assert head.weight is loaded.model.get_input_embeddings().weight
+    assert all(isinstance(layer.base_layer, PackedLinear) for layer in loaded.lora_layers.values())

@@ -134,12 +134,13 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
 
 def pack_cpu_linears(model: nn.Module, lora_layers: dict[str, LoraLinear]) -> None:
     """On the CPU, the plain linears (the wrapped layers' bases and the output head) run
-    from oneDNN-packed weights (loraplex.model.cpu_linear); quantized ones stay as they are."""
+    from oneDNN-packed weights (loraplex.model.cpu_linear); quantized ones stay as they are.
+    A head tied to the input embeddings stays too: packing would keep a second copy."""
     for layer in lora_layers.values():
         if can_pack(layer.base_layer):
             layer.base_layer = PackedLinear(layer.base_layer)
     head = model.get_output_embeddings()
-    if can_pack(head):
+    if can_pack(head) and head.weight is not model.get_input_embeddings().weight:
         model.set_output_embeddings(PackedLinear(head))
 
 
