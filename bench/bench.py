@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--kv-cache-memory", type=parse_size, default=512 * 2**20)
     parser.add_argument("--lora-backend", default="auto", choices=LORA_BACKENDS)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5, help="timed rounds")
+    parser.add_argument("--repeat", type=int, default=7, help="timed rounds")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
