@@ -266,11 +266,13 @@ class Engine:
         label, labels = seq.adapter_label, seq.metric_labels
         if seq.last_token_time is None:
             self.metrics.time_to_first_token.labels(*labels).observe(now - seq.arrival)
+            seq.token_metrics = (self.metrics.inter_token_latency.labels(*labels),
+                                 self.metrics.generated_tokens.labels(*labels))
         else:
-            self.metrics.inter_token_latency.labels(*labels).observe(now - seq.last_token_time)
+            seq.token_metrics[0].observe(now - seq.last_token_time)
         seq.last_token_time = now
         seq.output_ids.append(token)
-        self.metrics.generated_tokens.labels(*labels).inc()
+        seq.token_metrics[1].inc()
         params = seq.request.sampling
         text, hit_stop = seq.stops.feed(seq.detokenizer.add(token))
         reason = None

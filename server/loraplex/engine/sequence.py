@@ -37,6 +37,9 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     last_token_time: float | None = None
+    # (inter-token latency, generated tokens) metric children of its labels, looked up at its
+    # first token: labels() takes a lock and a dict lookup, twice per token otherwise
+    token_metrics: tuple | None = None
 
     @property
     def request_id(self) -> str:
