@@ -9,7 +9,7 @@
 2. Throughput (generated tokens/s) of one workload over 1,000 adapters with Zipf
    popularity, as a ratio to the same workload on one adapter, on the tiny test model.
 
-    python bench/adapter_bench.py [--requests 300] [--tokens 16] [--slots 16]
+    python -m bench.adapter_bench [--requests 300] [--tokens 16] [--slots 16]
 
 Both file reads run with the file in the page cache (each is read once before timing).
 """
@@ -40,7 +40,7 @@ from loraplex.lora.store import AdapterStore  # noqa: E402
 from loraplex.metrics import Metrics  # noqa: E402
 from models import build_base, make_prompts  # noqa: E402
 
-from bench.workload import llama_module_shapes, write_adapter  # noqa: E402  (run with -m)
+from bench.workload import llama_module_shapes, write_adapter  # noqa: E402
 
 LLAMA3_8B = dict(hidden=4096, layers=32, kv_dim=8 * 128, intermediate=14336)
 

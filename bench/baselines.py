@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
 from bench.workload import BenchRequest
-from loraplex.model.loader import quantization_config, resolve_device, resolve_dtype
+from loraplex.model.loader import load_hf_model as load_like_loraplex
+from loraplex.model.loader import resolve_device, resolve_dtype
 
 PAD_ID = 0
 
@@ -31,14 +32,8 @@ def load_hf_model(base_dir: str | Path, quantize: str = "none", dtype: str = "au
                   device: str = "auto") -> torch.nn.Module:
     """The base model for baseline (b), eval, EOS cleared so generate never stops early."""
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    quant = quantization_config(quantize, dt)
-    model = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=dt, quantization_config=quant,
-        device_map={"": dev} if quant is not None else None)
-    if quant is None:
-        model.to(dev)
-    model.eval().generation_config.eos_token_id = None
+    model = load_like_loraplex(str(base_dir), quantize, resolve_dtype(dtype, dev), dev).eval()
+    model.generation_config.eos_token_id = None
     return model
 
 

@@ -63,6 +63,17 @@ def quantization_config(quantize: str, dtype: torch.dtype) -> BitsAndBytesConfig
     return None
 
 
+def load_hf_model(path: str, quantize: str, dtype: torch.dtype, device: torch.device,
+                  **kwargs) -> nn.Module:
+    """The Hugging Face model at `path` in `dtype` on `device`, its linears quantized by
+    bitsandbytes as `quantize` says (the benchmark's baselines load theirs with this too)."""
+    quant = quantization_config(quantize, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=quant,
+        device_map={"": device} if quant is not None else None, **kwargs)
+    return model if quant is not None else model.to(device)
+
+
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a plain or bitsandbytes linear, None for anything else."""
     if isinstance(module, nn.Linear):  # bnb Linear4bit / Linear8bitLt subclass nn.Linear
@@ -84,12 +95,8 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     hf_config = AutoConfig.from_pretrained(cfg.path)
     _check_supported(hf_config)
-    quant = quantization_config(cfg.quantize, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.path, dtype=dtype, quantization_config=quant, attn_implementation=ATTENTION_NAME,
-        device_map={"": device} if quant is not None else None)
-    if quant is None:
-        model.to(device)
+    model = load_hf_model(cfg.path, cfg.quantize, dtype, device,
+                          attn_implementation=ATTENTION_NAME)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
 
