@@ -39,7 +39,7 @@ from transformers import AutoConfig
 
 from bench.baselines import (hf_static_batch, load_hf_model, load_peft_model, peft_static_batch,
                              warm_up)
-from bench.workload import (SHAPES, BenchRequest, bench_adapter_names, build_bench_adapters,
+from bench.workload import (SHAPES, TARGETS, BenchRequest, bench_adapter_names, build_bench_adapters,
                             build_bench_model, make_workload)
 from loraplex.config import LORA_BACKENDS, EngineConfig, ModelConfig, parse_size
 from loraplex.engine.engine import Engine, collect
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--adapters", type=int, nargs="+", default=list(LORAPLEX_N),
                         help="loraplex's values of N (PEFT runs those of 1, 8, 32 among them)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="all", choices=sorted(TARGETS),
+                        help="the adapters' target modules: all linear layers, attention "
+                             "(q, k, v, o), or q and v (PEFT's default for Llama)")
     parser.add_argument("--kv-cache-memory", type=parse_size, default=512 * 2**20)
     parser.add_argument("--lora-backend", default="auto", choices=LORA_BACKENDS)
     parser.add_argument("--threads", type=int, default=2)
@@ -119,7 +122,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base_options = dict(quantize=args.quantize, dtype=args.dtype, device=str(device))
     peft_n = [n for n in PEFT_N if n in args.adapters]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
-    base_dir, adapters_dir = workdir / "base", workdir / "adapters"
+    # a --workdir is reused across runs: one folder per model and per set of adapters
+    base_dir = workdir / f"base-{args.shape}-{str(dtype).removeprefix('torch.')}"
+    adapters_dir = workdir / f"adapters-{args.shape}-{args.targets}-r{args.rank}"
 
     # Each side runs alone. A long-lived thread's OpenMP pool next to the one running
     # slows the latter down (one 2-thread matmul on this main thread made 8 adapters with
@@ -140,9 +145,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def prepare():
         if not (base_dir / "config.json").exists():  # drawn on the accelerator, in its dtype
             build_bench_model(base_dir, shape=args.shape, device=str(device), dtype=dtype)
-        if not adapters_dir.exists():
+        if not (adapters_dir / bench_adapter_names(max(args.adapters))[-1]).exists():
             build_bench_adapters(base_dir, adapters_dir, max(args.adapters), rank=args.rank,
-                                 dtype=dtype)
+                                 targets=args.targets, dtype=dtype)
         hf = load_hf_model(base_dir, **base_options)
         warm_up(hf, with_adapters=False)
         peft = None
@@ -188,7 +193,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         else str(device)),
                 shape=args.shape, quantize=args.quantize, dtype=str(dtype),
                 lora_backend=args.lora_backend,
-                num_requests=args.num_requests, rank=args.rank, repeat=args.repeat,
+                num_requests=args.num_requests, rank=args.rank, targets=args.targets,
+                repeat=args.repeat,
                 load_avg=os.getloadavg(), date=time.strftime("%Y-%m-%d"))
     if args.out:
         args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-from tests.models import ALL_LINEAR, ATTN, build_base
+from tests.models import ALL_LINEAR, ATTN, QV, build_base
 
 # hidden 512, 6 layers, 8 heads (no GQA), MLP 1376, vocab 8000, untied head:
 # 6 x (4 x 512^2 + 3 x 512 x 1376) + 2 x 8000 x 512 = 27.2M parameters.
@@ -46,7 +46,7 @@ SHAPES = {
                       max_position_embeddings=8192, rope_theta=500000.0, initializer_range=0.02),
 }
 
-TARGETS = {"all": ALL_LINEAR, "attn": ATTN}
+TARGETS = {"all": ALL_LINEAR, "attn": ATTN, "qv": QV}
 
 
 def build_bench_model(out_dir: str | Path, seed: int = 0, shape: str = "bench",
@@ -90,8 +90,8 @@ def write_adapter(folder: Path, shapes: dict[str, tuple[int, int]], rank: int, s
 def build_bench_adapters(base_dir: str | Path, root_dir: str | Path, n: int, rank: int = 16,
                          targets: str = "all", seed: int = 0,
                          dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-    """n random rank-`rank` PEFT adapters of the model in base_dir, on `targets` ("all"
-    linear or "attn" = q, k, v, o), saved in `dtype`; returns name -> folder."""
+    """n random rank-`rank` PEFT adapters of the model in base_dir, on `targets` (a key
+    of TARGETS), saved in `dtype`; returns name -> folder."""
     config = AutoConfig.from_pretrained(base_dir)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shapes = llama_module_shapes(config.hidden_size, config.num_hidden_layers,
