@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from loraplex.lora.layer import LoraLinear
 from loraplex.lora.ops import (BACKENDS, MIN_RUN, LoraPlan, Segments, choose_backend,
                                lora_delta_grouped, lora_delta_loop, lora_delta_segmented)
 
@@ -126,6 +127,37 @@ def test_long_runs_get_matmuls_of_their_own():
         lora_delta_loop(ref, x, A, B, _plan(slots, 8))
         lora_delta_segmented(got, x, A, B, _plan(slots, 8))
         torch.testing.assert_close(got, ref)
+
+
+def test_layer_that_no_adapter_of_the_step_targets_is_skipped():
+    """Slot 1's adapter targets some other module; slot 2's targets this one."""
+    plan = LoraPlan()
+    base = torch.nn.Linear(8, 6)
+    layer = LoraLinear(base, 8, 6, num_slots=3, max_rank=4, dtype=torch.float32,
+                       device=torch.device("cpu"), plan=plan)
+    g = torch.Generator().manual_seed(0)
+    layer.set_slot(2, torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g))
+    calls = []
+
+    def counting(y, x, A, B, plan):
+        calls.append(x.shape[0])
+        lora_delta_segmented(y, x, A, B, plan)
+
+    def step(slots: list[int]) -> torch.Tensor:  # [T, out]
+        t = torch.tensor(slots)
+        plan.start_step(t, 4, Segments.build(t), counting, frozenset(slots) - {0})
+        with torch.no_grad():
+            return layer(x)
+
+    x = torch.randn(2, 8, generator=g)
+    with torch.no_grad():
+        expected_base = base(x)
+    assert torch.equal(step([1, 1]), expected_base) and calls == []  # nothing to add: skipped
+    mixed = step([1, 2])
+    assert calls == [2]
+    assert torch.equal(mixed[0], expected_base[0]) and not torch.allclose(mixed[1], expected_base[1])
+    layer.set_slot(2, None, None)  # slot 2 emptied: its next step skips the layer too
+    assert torch.equal(step([2, 2]), expected_base) and calls == [2]
 
 
 def test_backend_choice():

@@ -179,7 +179,8 @@ def test_lora_linear_with_triton_matches_segmented():
     seg = Segments.build(slots)
     outputs = {}
     for name in ("segmented", "triton"):
-        plan.start_step(slots.to(DEVICE), R_MAX, seg.to(DEVICE), choose_backend(name))
+        plan.start_step(slots.to(DEVICE), R_MAX, seg.to(DEVICE), choose_backend(name),
+                        frozenset(slots.tolist()) - {0})
         with torch.no_grad():
             outputs[name] = layer(x)  # [1, T, out]
     torch.testing.assert_close(outputs["triton"], outputs["segmented"], **FP32)

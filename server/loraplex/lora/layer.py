@@ -8,7 +8,9 @@ whole packed batch; the adapters live in a slot pool next to it:
 `LoraPlan` (loraplex.lora.ops) carries what a step needs: which slot each token
 uses, the largest rank in the batch, the tokens grouped by slot, the backend.
 The runner fills it once per step on the one object all wrapped layers share;
-the model code never knows about LoRA.
+the model code never knows about LoRA. Every linear of the decoder layers is wrapped,
+whatever the adapters target: a layer that no adapter of the step targets (k, o and
+the MLP, for adapters on PEFT's default q and v) adds nothing and costs nothing.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ class LoraLinear(nn.Module):
         self.register_buffer(  # [S, r_max, out]: B transposed, so a slot's rows are contiguous
             "lora_B", torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device),
             persistent=False)
+        self.active_slots: set[int] = set()  # slots whose adapter targets this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         y = self.base_layer(x)  # [..., out]
         plan = self.plan
-        if plan.rank == 0:
+        if plan.rank == 0 or plan.used_slots.isdisjoint(self.active_slots):
             return y
         if y.dtype != self.lora_A.dtype:
             y = y.to(self.lora_A.dtype)
@@ -52,7 +55,9 @@ class LoraLinear(nn.Module):
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         if A is None:
+            self.active_slots.discard(slot)
             return
+        self.active_slots.add(slot)
         r = A.shape[0]
         self.lora_A[slot, :r].copy_(A)
         self.lora_B[slot, :r].copy_(B.T)

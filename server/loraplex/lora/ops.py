@@ -143,6 +143,7 @@ class LoraPlan:
 
     slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [T]
     rank: int = 0  # largest rank among this step's adapters; 0 = no adapter in the batch
+    used_slots: frozenset[int] = frozenset()  # the slots of this step's adapters (not 0)
     segments: Segments | None = None
     delta: Callable = None  # the backend chosen for this step
     # q/k/v (and gate/up) read the same input: its slot-grouped copy is made once per layer.
@@ -169,8 +170,9 @@ class LoraPlan:
         return x_pad
 
     def start_step(self, slots: torch.Tensor, rank: int, segments: Segments | None,
-                   delta: Callable) -> None:
+                   delta: Callable, used_slots: frozenset[int] = frozenset()) -> None:
         self.slots, self.rank, self.segments, self.delta = slots, rank, segments, delta
+        self.used_slots = used_slots
         self._grouped_input = None
 
 

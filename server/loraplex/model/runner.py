@@ -85,7 +85,7 @@ class ModelRunner:
 
     def _set_lora(self, ordered: list[ScheduledSeq], lora_slots: list[int]) -> None:
         plan = self.loaded.lora_plan
-        used = {item.seq.lora_slot for item in ordered} - {0}
+        used = frozenset(item.seq.lora_slot for item in ordered) - {0}
         rank = max((self.slot_ranks[s] for s in used), default=0)
         if rank == 0:  # no adapter in this step: every LoraLinear skips its delta
             plan.start_step(plan.slots, 0, None, plan.delta)
@@ -93,4 +93,4 @@ class ModelRunner:
         slots = torch.tensor(lora_slots, dtype=torch.long)  # [T]
         segments = Segments.build(slots)
         device = self.loaded.device
-        plan.start_step(slots.to(device), rank, segments.to(device), self.lora_delta)
+        plan.start_step(slots.to(device), rank, segments.to(device), self.lora_delta, used)
