@@ -129,35 +129,42 @@ def test_long_runs_get_matmuls_of_their_own():
         torch.testing.assert_close(got, ref)
 
 
-def test_layer_that_no_adapter_of_the_step_targets_is_skipped():
-    """Slot 1's adapter targets some other module; slot 2's targets this one."""
+def test_layer_sees_only_the_adapters_that_target_it():
+    """Slot 1's adapter targets some other module; slots 2 and 3's target this one."""
     plan = LoraPlan()
     base = torch.nn.Linear(8, 6)
-    layer = LoraLinear(base, 8, 6, num_slots=3, max_rank=4, dtype=torch.float32,
+    layer = LoraLinear(base, 8, 6, num_slots=4, max_rank=4, dtype=torch.float32,
                        device=torch.device("cpu"), plan=plan)
     g = torch.Generator().manual_seed(0)
-    layer.set_slot(2, torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g))
+    for slot in (2, 3):
+        layer.set_slot(slot, torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g))
     calls = []
 
     def counting(y, x, A, B, plan):
-        calls.append(x.shape[0])
+        calls.append(plan.slots.tolist())
         lora_delta_segmented(y, x, A, B, plan)
 
     def step(slots: list[int]) -> torch.Tensor:  # [T, out]
-        t = torch.tensor(slots)
-        plan.start_step(t, 4, Segments.build(t), counting, frozenset(slots) - {0})
+        plan.start_step(torch.tensor(slots), 4, counting, torch.device("cpu"))
         with torch.no_grad():
             return layer(x)
 
-    x = torch.randn(2, 8, generator=g)
+    x = torch.randn(3, 8, generator=g)
     with torch.no_grad():
         expected_base = base(x)
-    assert torch.equal(step([1, 1]), expected_base) and calls == []  # nothing to add: skipped
-    mixed = step([1, 2])
-    assert calls == [2]
-    assert torch.equal(mixed[0], expected_base[0]) and not torch.allclose(mixed[1], expected_base[1])
-    layer.set_slot(2, None, None)  # slot 2 emptied: its next step skips the layer too
-    assert torch.equal(step([2, 2]), expected_base) and calls == [2]
+        reference = expected_base.clone()
+    lora_delta_loop(reference, x, layer.lora_A, layer.lora_B,
+                    LoraPlan(slots=torch.tensor([1, 2, 3]), rank=4))
+
+    assert torch.equal(step([1, 1, 0]), expected_base) and calls == []  # skipped altogether
+    mixed = step([1, 2, 3])
+    assert calls == [[0, 2, 3]]  # slot 1's token runs as the base model's here
+    torch.testing.assert_close(mixed, reference)
+    assert torch.equal(mixed[0], expected_base[0])
+    step([2, 3, 2])
+    assert calls[-1] == [2, 3, 2]  # every adapter of the step targets the layer: plan as is
+    layer.set_slot(2, None, None)  # slot 2 emptied: it no longer reaches the layer
+    assert torch.equal(step([2, 2, 1]), expected_base) and len(calls) == 2
 
 
 def test_backend_choice():

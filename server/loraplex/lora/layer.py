@@ -9,8 +9,9 @@ whole packed batch; the adapters live in a slot pool next to it:
 uses, the largest rank in the batch, the tokens grouped by slot, the backend.
 The runner fills it once per step on the one object all wrapped layers share;
 the model code never knows about LoRA. Every linear of the decoder layers is wrapped,
-whatever the adapters target: a layer that no adapter of the step targets (k, o and
-the MLP, for adapters on PEFT's default q and v) adds nothing and costs nothing.
+whatever the adapters target; a layer computes the delta only for the tokens whose
+adapter targets it, and nothing at all when none does (k, o and the MLP, for adapters
+on PEFT's default q and v).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         y = self.base_layer(x)  # [..., out]
-        plan = self.plan
-        if plan.rank == 0 or plan.used_slots.isdisjoint(self.active_slots):
+        plan = self.plan.for_layer(self.active_slots)
+        if plan is None:  # no adapter of this step targets this layer
             return y
         if y.dtype != self.lora_A.dtype:
             y = y.to(self.lora_A.dtype)

@@ -143,13 +143,15 @@ class LoraPlan:
 
     slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [T]
     rank: int = 0  # largest rank among this step's adapters; 0 = no adapter in the batch
-    used_slots: frozenset[int] = frozenset()  # the slots of this step's adapters (not 0)
     segments: Segments | None = None
     delta: Callable = None  # the backend chosen for this step
+    used_slots: frozenset[int] = frozenset()  # the slots of this step's adapters (never 0)
     # q/k/v (and gate/up) read the same input: its slot-grouped copy is made once per layer.
     # The entry holds x itself, so its storage (and address) cannot be reused while cached;
     # layer inputs are never modified in place between the projections that read them.
     _grouped_input: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+    _host_slots: torch.Tensor | None = None  # slots, on the CPU
+    _narrowed: dict[frozenset[int], LoraPlan] = field(default_factory=dict)  # see for_layer
 
     def grouped_input(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [U, W, in], tokens laid out by slot (see Segments)."""
@@ -169,11 +171,36 @@ class LoraPlan:
         self._grouped_input = (key, x, x_pad)
         return x_pad
 
-    def start_step(self, slots: torch.Tensor, rank: int, segments: Segments | None,
-                   delta: Callable, used_slots: frozenset[int] = frozenset()) -> None:
-        self.slots, self.rank, self.segments, self.delta = slots, rank, segments, delta
-        self.used_slots = used_slots
+    def start_step(self, slots: torch.Tensor, rank: int, delta: Callable,
+                   device: torch.device) -> None:
+        """slots: [T] (CPU) each token's slot, 0 = no adapter; rank: the largest rank among
+        those slots' adapters."""
+        self.used_slots = frozenset(torch.unique(slots).tolist()) - {0}
+        self.rank = rank if self.used_slots else 0
+        self.segments = Segments.build(slots).to(device) if self.used_slots else None
+        self.slots, self.delta, self._host_slots = slots.to(device), delta, slots
         self._grouped_input = None
+        self._narrowed = {}
+
+    def for_layer(self, active: set[int]) -> LoraPlan | None:
+        """This step's plan for a layer whose `active` slots hold an adapter that targets
+        it: None when no adapter of the step does (the layer adds nothing), the plan
+        itself when all of them do, else a plan whose other tokens use slot 0 (built
+        once per step for each such set of slots; q/k/v usually share one)."""
+        subset = self.used_slots & active
+        if not subset:
+            return None
+        if subset == self.used_slots:
+            return self
+        narrowed = self._narrowed.get(subset)
+        if narrowed is None:
+            host = self._host_slots
+            keep = torch.isin(host, torch.tensor(sorted(subset), dtype=host.dtype))
+            narrowed = LoraPlan()
+            narrowed.start_step(torch.where(keep, host, 0), self.rank, self.delta,
+                                self.slots.device)
+            self._narrowed[subset] = narrowed
+        return narrowed
 
 
 def lora_delta_loop(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

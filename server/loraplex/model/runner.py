@@ -12,7 +12,7 @@ import torch
 
 from loraplex.engine.kv_cache import blocks_needed
 from loraplex.engine.sequence import ScheduledSeq
-from loraplex.lora.ops import Segments, choose_backend
+from loraplex.lora.ops import choose_backend
 from loraplex.model.attention import AttentionBatch, KVCache, PrefillSeq
 from loraplex.model.loader import LoadedModel
 
@@ -84,13 +84,7 @@ class ModelRunner:
         return out.logits[0]  # [N, vocab]
 
     def _set_lora(self, ordered: list[ScheduledSeq], lora_slots: list[int]) -> None:
-        plan = self.loaded.lora_plan
-        used = frozenset(item.seq.lora_slot for item in ordered) - {0}
+        used = {item.seq.lora_slot for item in ordered} - {0}
         rank = max((self.slot_ranks[s] for s in used), default=0)
-        if rank == 0:  # no adapter in this step: every LoraLinear skips its delta
-            plan.start_step(plan.slots, 0, None, plan.delta)
-            return
-        slots = torch.tensor(lora_slots, dtype=torch.long)  # [T]
-        segments = Segments.build(slots)
-        device = self.loaded.device
-        plan.start_step(slots.to(device), rank, segments.to(device), self.lora_delta, used)
+        self.loaded.lora_plan.start_step(torch.tensor(lora_slots, dtype=torch.long),  # [T]
+                                         rank, self.lora_delta, self.loaded.device)
