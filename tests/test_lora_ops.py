@@ -18,8 +18,15 @@ def _pool(slots: int, r_max: int, d_in: int, d_out: int, ranks: list[int], seed:
     return A, B
 
 
-def _plan(slots: torch.Tensor, rank: int) -> LoraPlan:
-    return LoraPlan(slots=slots, rank=rank, segments=Segments.build(slots))
+def _plan(slots: torch.Tensor, slot_ranks: list[int]) -> LoraPlan:
+    """slot_ranks[s]: the rank of slot s's adapter."""
+    plan = LoraPlan()
+    plan.start_step(slots, slot_ranks, None, torch.device("cpu"))
+    return plan
+
+
+def _uniform(rank: int, slots: int = 8) -> list[int]:
+    return [0] + [rank] * slots
 
 
 SLOT_PATTERNS = {
@@ -50,7 +57,7 @@ def test_backend_matches_loop(backend, num_tokens, pattern):
         expected[t] += B[s].T @ (A[s] @ x[t])
 
     y = base.clone()
-    BACKENDS[backend](y, x, A, B, _plan(slots, 64))
+    BACKENDS[backend](y, x, A, B, _plan(slots, [0] + ranks))
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -59,73 +66,103 @@ def test_rank_truncation_skips_only_zero_padding():
     x = torch.randn(5, 16)
     slots = torch.tensor([1, 2, 0, 2, 1])
     full, cut = torch.zeros(5, 16), torch.zeros(5, 16)
-    lora_delta_grouped(full, x, A, B, _plan(slots, 64))
-    lora_delta_segmented(cut, x, A, B, _plan(slots, 8))  # the batch's largest rank is 8
+    lora_delta_grouped(full, x, A, B, _plan(slots, [0, 64, 64]))  # every row of the pool
+    plan = _plan(slots, [0, 4, 8])
+    assert plan.rank == 8  # the batch's largest
+    assert [(g.rank, g.used.tolist()) for g in plan.segments.groups] == [(4, [1]), (8, [2])]
+    lora_delta_segmented(cut, x, A, B, plan)
     torch.testing.assert_close(cut, full)
     assert cut.abs().sum() > 0
     assert torch.equal(cut[2], torch.zeros(16))  # the base-model token got nothing
 
 
+def test_ranks_of_one_bucket_share_a_group_and_others_get_their_own():
+    """One rank-64 adapter among rank-8 and rank-6 ones: the rank-8 bucket's matmuls read
+    8 rows of A and B per slot, not 64. Long runs read their own slot's rank."""
+    ranks = [8, 64, 6, 8]
+    A, B = _pool(5, 64, 16, 24, ranks)
+    slots = torch.tensor([1, 2, 3, 4, 1] + [2] * MIN_RUN + [3] * MIN_RUN)
+    plan = _plan(slots, [0] + ranks)
+    seg = plan.segments
+    assert seg.runs == ((5, 5 + MIN_RUN, 2, 64), (5 + MIN_RUN, 5 + 2 * MIN_RUN, 3, 6))
+    assert [(g.rank, g.used.tolist()) for g in seg.groups] == [(8, [1, 3, 4]), (64, [2])]
+    assert seg.groups[0].weights(A).shape == (3, 8, 16)
+    x = torch.randn(slots.numel(), 16)
+    for backend in (lora_delta_segmented, lora_delta_grouped):
+        ref, got = torch.zeros(slots.numel(), 24), torch.zeros(slots.numel(), 24)
+        lora_delta_loop(ref, x, A, B, plan)
+        backend(got, x, A, B, plan)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_segments_layout():
-    seg = Segments.build(torch.tensor([0, 3, 2, 3, 0, 3]))
-    assert (seg.used.tolist(), seg.lo, seg.width) == ([2, 3], 2, 3)
+    seg = Segments.build(torch.tensor([0, 3, 2, 3, 0, 3]), _uniform(4))
+    assert seg.runs == () and len(seg.groups) == 1
+    group = seg.groups[0]
+    assert (group.used.tolist(), group.lo, group.width, group.rank) == ([2, 3], 2, 3, 4)
     # slot 2: token 2; slot 3: tokens 1, 3, 5; padding rows point at row 6 (a zero row)
-    assert seg.gather_index.tolist() == [2, 6, 6, 1, 3, 5]
-    assert sorted(zip(seg.rows.tolist(), seg.tokens.tolist())) == [(0, 2), (3, 1), (4, 3), (5, 5)]
-    assert Segments.build(torch.zeros(4, dtype=torch.long)) is None
-    assert not seg.contiguous
+    assert group.gather_index.tolist() == [2, 6, 6, 1, 3, 5]
+    assert sorted(zip(group.rows.tolist(), group.tokens.tolist())) == [
+        (0, 2), (3, 1), (4, 3), (5, 5)]
+    assert Segments.build(torch.zeros(4, dtype=torch.long), _uniform(4)) is None
+    assert not group.contiguous
 
 
 def test_segments_skip_idle_slots_between_busy_ones():
     """Slots 1 and 7 in use: two rows of weights take part, not the seven of 1..7."""
     A, B = _pool(8, 4, 16, 16, [4] * 7)
     slots = torch.tensor([7, 1, 7])
-    seg = Segments.build(slots)
-    assert (seg.used.tolist(), seg.lo, seg.padded_rows) == ([1, 7], -1, 4)
-    assert torch.equal(seg.weights(A, 4), A[[1, 7]])
-    dense = Segments.build(torch.tensor([2, 3]))
-    assert dense.lo == 2 and dense.weights(A, 4).data_ptr() == A[2].data_ptr()  # a view
+    group = Segments.build(slots, _uniform(4)).groups[0]
+    assert (group.used.tolist(), group.lo, group.padded_rows) == ([1, 7], -1, 4)
+    assert torch.equal(group.weights(A), A[[1, 7]])
+    dense = Segments.build(torch.tensor([2, 3]), _uniform(4)).groups[0]
+    assert dense.lo == 2 and dense.weights(A).data_ptr() == A[2].data_ptr()  # a view
     # 4 busy slots over a span of 5 (<= MAX_IDLE_SHARE): idle slot 4 is laid out as padding
     # and the weights are read in place
     nearly = torch.tensor([2, 3, 5, 6, 6])
-    seg = Segments.build(nearly)
-    assert (seg.used.tolist(), seg.lo, seg.width) == ([2, 3, 4, 5, 6], 2, 2)
-    assert seg.weights(A, 4).data_ptr() == A[2].data_ptr()
+    group = Segments.build(nearly, _uniform(4)).groups[0]
+    assert (group.used.tolist(), group.lo, group.width) == ([2, 3, 4, 5, 6], 2, 2)
+    assert group.weights(A).data_ptr() == A[2].data_ptr()
     x = torch.randn(5, 16)
     ref, got = torch.zeros(5, 16), torch.zeros(5, 16)
-    lora_delta_loop(ref, x, A, B, _plan(nearly, 4))
-    lora_delta_segmented(got, x, A, B, _plan(nearly, 4))
+    lora_delta_loop(ref, x, A, B, _plan(nearly, _uniform(4)))
+    lora_delta_segmented(got, x, A, B, _plan(nearly, _uniform(4)))
     torch.testing.assert_close(got, ref)
     x = torch.randn(3, 16)
     ref, got = torch.zeros(3, 16), torch.zeros(3, 16)
-    lora_delta_loop(ref, x, A, B, _plan(slots, 4))
-    lora_delta_segmented(got, x, A, B, _plan(slots, 4))
+    lora_delta_loop(ref, x, A, B, _plan(slots, _uniform(4)))
+    lora_delta_segmented(got, x, A, B, _plan(slots, _uniform(4)))
     torch.testing.assert_close(got, ref)
 
 
 def test_segments_in_batch_order_are_read_in_place():
-    seg = Segments.build(torch.tensor([0, 0, 1, 1, 2, 2]))  # base tokens first, then by slot
-    assert seg.contiguous and seg.first_token == 2
-    assert not Segments.build(torch.tensor([2, 1])).contiguous  # slots out of order
-    assert not Segments.build(torch.tensor([1, 1, 2])).contiguous  # padding needed
+    def group(slots: list[int]):
+        return Segments.build(torch.tensor(slots), _uniform(4)).groups[0]
+
+    in_order = group([0, 0, 1, 1, 2, 2])  # base tokens first, then by slot
+    assert in_order.contiguous and in_order.first_token == 2
+    assert not group([2, 1]).contiguous  # slots out of order
+    assert not group([1, 1, 2]).contiguous  # padding needed
 
 
 def test_long_runs_get_matmuls_of_their_own():
     """A prefill chunk among decodes is done in place on its rows, not padded to a
     [slots, 50, in] block with the decodes."""
     slots = torch.tensor([1, 2, 3] + [2] * 50 + [0, 0] + [4] * 9)
-    seg = Segments.build(slots)
-    assert seg.runs == ((3, 53, 2), (55, 64, 4))
-    assert (seg.used.tolist(), seg.width, seg.contiguous) == ([1, 2, 3], 1, True)
-    only_runs = Segments.build(torch.tensor([0] + [5] * MIN_RUN))
-    assert only_runs.runs == ((1, 1 + MIN_RUN, 5),) and only_runs.used.numel() == 0
-    assert Segments.build(torch.tensor([5] * MIN_RUN), min_run=MIN_RUN + 1).runs == ()
-    A, B = _pool(6, 8, 16, 16, [8, 2, 4, 8, 1])
+    seg = Segments.build(slots, _uniform(8))
+    assert seg.runs == ((3, 53, 2, 8), (55, 64, 4, 8))
+    group, = seg.groups
+    assert (group.used.tolist(), group.width, group.contiguous) == ([1, 2, 3], 1, True)
+    only_runs = Segments.build(torch.tensor([0] + [5] * MIN_RUN), _uniform(8))
+    assert only_runs.runs == ((1, 1 + MIN_RUN, 5, 8),) and only_runs.groups == ()
+    assert Segments.build(torch.tensor([5] * MIN_RUN), _uniform(8), MIN_RUN + 1).runs == ()
+    ranks = [8, 2, 4, 8, 1]
+    A, B = _pool(6, 8, 16, 16, ranks)
     for slots in (slots, torch.tensor([0] + [5] * MIN_RUN)):
         x = torch.randn(slots.numel(), 16)
         ref, got = torch.zeros(slots.numel(), 16), torch.zeros(slots.numel(), 16)
-        lora_delta_loop(ref, x, A, B, _plan(slots, 8))
-        lora_delta_segmented(got, x, A, B, _plan(slots, 8))
+        lora_delta_loop(ref, x, A, B, _plan(slots, [0] + ranks))
+        lora_delta_segmented(got, x, A, B, _plan(slots, [0] + ranks))
         torch.testing.assert_close(got, ref)
 
 
@@ -145,7 +182,7 @@ def test_layer_sees_only_the_adapters_that_target_it():
         lora_delta_segmented(y, x, A, B, plan)
 
     def step(slots: list[int]) -> torch.Tensor:  # [T, out]
-        plan.start_step(torch.tensor(slots), 4, counting, torch.device("cpu"))
+        plan.start_step(torch.tensor(slots), _uniform(4, 3), counting, torch.device("cpu"))
         with torch.no_grad():
             return layer(x)
 
@@ -153,8 +190,8 @@ def test_layer_sees_only_the_adapters_that_target_it():
     with torch.no_grad():
         expected_base = base(x)
         reference = expected_base.clone()
-    lora_delta_loop(reference, x, layer.lora_A, layer.lora_B,
-                    LoraPlan(slots=torch.tensor([1, 2, 3]), rank=4))
+    lora_delta_loop(reference, x, layer.lora_A, layer.lora_B, _plan(torch.tensor([1, 2, 3]),
+                                                                     _uniform(4, 3)))
 
     assert torch.equal(step([1, 1, 0]), expected_base) and calls == []  # skipped altogether
     mixed = step([1, 2, 3])

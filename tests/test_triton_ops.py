@@ -44,10 +44,12 @@ def _pool(ranks: list[int], d_in: int = D_IN, seed: int = 0):
     return A, B
 
 
-def _plan(slots: torch.Tensor, rank: int, min_run: int = MIN_RUN) -> LoraPlan:
-    """slots: [T] on the CPU (Segments.build reads them there); the plan lives on DEVICE."""
-    seg = Segments.build(slots, min_run)
-    return LoraPlan(slots=slots.to(DEVICE), rank=rank,
+def _plan(slots: torch.Tensor, rank: int | list[int], min_run: int = MIN_RUN) -> LoraPlan:
+    """slots: [T] on the CPU (Segments.build reads them there); the plan lives on DEVICE.
+    rank: every slot's rank, or each slot's (a list indexed by slot)."""
+    slot_ranks = rank if isinstance(rank, list) else [0] + [rank] * max(slots.tolist(), default=0)
+    seg = Segments.build(slots, slot_ranks, min_run)
+    return LoraPlan(slots=slots.to(DEVICE), rank=max(slot_ranks),
                     segments=None if seg is None else seg.to(DEVICE))
 
 
@@ -62,7 +64,8 @@ SLOT_PATTERNS = {  # the patterns of test_lora_ops, plus a prefill among decodes
 }
 
 
-def _check(slots: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rank: int,
+def _check(slots: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+           rank: int | list[int],
            dtype: torch.dtype, min_run: int = MIN_RUN, **tolerance) -> torch.Tensor:
     """Runs the Triton delta in `dtype` and the loop in fp32 on the same (rounded) values;
     returns the delta the kernels added. Slot-0 tokens must be left exactly as they were."""
@@ -102,7 +105,7 @@ def test_long_run_split_over_several_programs(monkeypatch):
     g = torch.Generator().manual_seed(7)
     slots = SLOT_PATTERNS["prefill"](g, 40)
     no_runs = slots.numel() + 1
-    assert Segments.build(slots, no_runs).width == 34
+    assert Segments.build(slots, [0] + [R_MAX] * 5, no_runs).groups[0].width == 34
     x = torch.randn(slots.numel(), D_IN, generator=g)
     delta = _check(slots, x, A, B, R_MAX, torch.float32, min_run=no_runs, **FP32)
     assert (delta[slots > 0].abs().amax(dim=1) > 0).all()
@@ -117,6 +120,19 @@ def test_ranks_below_r_max_skip_only_padding():
     full = _check(slots, x, A, B, R_MAX, torch.float32, **FP32)
     torch.testing.assert_close(cut, full)
     assert (cut[slots > 0].abs().amax(dim=1) > 0).all()
+
+
+def test_ranks_in_different_buckets_get_launches_of_their_own():
+    """Slots of rank 1, 4, 16, 8, 12: buckets 1 | 4 | 8 | 16 (12 rounds up to 16)."""
+    A, B = _pool(RANKS)
+    slots = torch.tensor([3, 1, 0, 4, 5, 2, 3, 5])
+    ranks = [0] + RANKS
+    plan = _plan(slots, ranks)
+    assert [(g.rank, g.used.tolist()) for g in plan.segments.groups] == [
+        (1, [1]), (4, [2]), (8, [4]), (16, [3, 5])]
+    x = torch.randn(slots.numel(), D_IN, generator=torch.Generator().manual_seed(9))
+    delta = _check(slots, x, A, B, ranks, torch.float32, **FP32)
+    assert (delta[slots > 0].abs().amax(dim=1) > 0).all()
 
 
 def test_reads_no_weight_row_past_the_rank():
@@ -178,7 +194,7 @@ def test_lora_linear_with_triton_matches_segmented():
     x = torch.randn(1, slots.numel(), D_IN, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     outputs = {}
     for name in ("segmented", "triton"):
-        plan.start_step(slots, R_MAX, choose_backend(name), torch.device(DEVICE))
+        plan.start_step(slots, [0] + RANKS, choose_backend(name), torch.device(DEVICE))
         with torch.no_grad():
             outputs[name] = layer(x)  # [1, T, out]
     torch.testing.assert_close(outputs["triton"], outputs["segmented"], **FP32)

@@ -10,23 +10,25 @@ with A: [slots, r_max, in] and B: [slots, r_max, out] (B is stored transposed, s
 both factors are row-major along the rank). Slot 0 of the pool is all zeros (the
 base model). The PEFT scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) is
 folded into B when an adapter is copied into its slot. Ranks below r_max are
-zero-padded; `plan.rank` lets a backend skip padding rows no adapter in the batch uses.
+zero-padded; `plan.rank` (the batch's largest) and the segments' per-run and per-group
+ranks let a backend skip padding rows.
 
 Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
 - `lora_delta_loop`: the definition itself; slow, used by tests.
 - `lora_delta_gather`: copies each token's A and B, two batched matmuls.
 - `lora_delta_grouped`: a pair of matmuls per distinct slot over that slot's tokens.
 - `lora_delta_segmented` (the default): each long run of one slot's tokens (a prefill
-  chunk) gets a pair of matmuls on views; the other tokens (decodes) are grouped by slot
-  into a padded [slots, tokens, in] block and share two batched matmuls that read the
-  weights of the slots in use (in place when those slots are consecutive, else a copy of
-  just them). The layout is built once per step, see `Segments`.
+  chunk) gets a pair of matmuls on views, at its adapter's rank; the other tokens
+  (decodes) are grouped by slot into a padded [slots, tokens, in] block per rank bucket
+  (`rank_bucket`), and each block gets two batched matmuls that read the weights of its
+  slots (in place when those slots are consecutive, else a copy of just them). The
+  layout is built once per step, see `Segments`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -54,17 +56,21 @@ def slot_runs(slots: torch.Tensor) -> list[tuple[int, int, int]]:
 MAX_IDLE_SHARE = 1.25
 
 
+def rank_bucket(rank: int) -> int:
+    """Slots whose ranks round up to the same power of two share one pair of batched
+    matmuls, at the largest of their ranks: one rank-64 adapter among rank-8 ones does not
+    make every slot read 64 rows of A and B."""
+    return (rank - 1).bit_length()
+
+
 @dataclass(frozen=True)
-class Segments:
-    """A step's adapter tokens, laid out for the LoRA matmuls in two parts.
+class Group:
+    """Adapter tokens outside the long runs (decodes), of slots of one rank bucket, laid out
+    by slot for one pair of batched matmuls: the u-th slot laid out, used[u], has its i-th
+    token at row u * width + i. The idle slots between busy ones are skipped (their weights
+    not multiplied through), unless there are few of them."""
 
-    - `runs`: every run of at least `min_run` consecutive tokens of one slot, done in place.
-    - The other adapter tokens, by slot: the u-th slot laid out, used[u], has its i-th
-      token at row u * width + i. The idle slots between busy ones are skipped (their weights
-      not multiplied through), unless there are few of them. U may be 0.
-    """
-
-    runs: tuple[tuple[int, int, int], ...]  # (start, stop, slot): tokens start..stop-1 use slot
+    rank: int  # the largest rank among the group's slots: rows of A and B it reads
     used: torch.Tensor  # [U] the slots laid out, ascending (all >= 1): see MAX_IDLE_SHARE
     lo: int  # used[0] when used == arange(lo, lo + U): the weights are a view; else -1
     width: int  # most tokens any slot has
@@ -74,17 +80,9 @@ class Segments:
     first_token: int = -1  # >= 0 when tokens == arange(first_token, first_token + n)
 
     @classmethod
-    def build(cls, slots: torch.Tensor, min_run: int = MIN_RUN) -> Segments | None:
-        """slots: [T] (CPU). None when no token uses an adapter."""
-        runs = tuple(r for r in slot_runs(slots) if r[2] > 0 and r[1] - r[0] >= min_run)
-        rest = slots.clone()
-        for start, stop, _ in runs:
-            rest[start:stop] = 0
-        tokens = (rest > 0).nonzero().squeeze(1)  # [n]
-        if tokens.numel() == 0:
-            empty = torch.zeros(0, dtype=torch.long)
-            return cls(runs, empty, -1, 0, empty, empty, empty) if runs else None
-        tok_slots = rest[tokens]
+    def build(cls, tokens: torch.Tensor, tok_slots: torch.Tensor, num_tokens: int,
+              rank: int) -> Group:
+        """tokens: [n] ascending, tok_slots: [n] their slots (CPU), of a T = num_tokens batch."""
         order = torch.argsort(tok_slots, stable=True)
         tokens, tok_slots = tokens[order], tok_slots[order]
         used, tok_u, counts = torch.unique_consecutive(  # [U], [n], [U]
@@ -99,19 +97,19 @@ class Segments:
         starts = torch.cumsum(counts, 0) - counts  # first sorted position of each slot
         position = torch.arange(tokens.numel()) - starts[tok_u]  # index within its slot
         rows = tok_u * width + position
-        gather_index = torch.full((used.numel() * width,), slots.numel(), dtype=torch.long)
+        gather_index = torch.full((used.numel() * width,), num_tokens, dtype=torch.long)
         gather_index[rows] = tokens
         n, start = tokens.numel(), int(tokens[0])
         in_place = used.numel() * width == n and bool(
             (tokens == torch.arange(start, start + n)).all())
         dense = bool((used == torch.arange(lo, lo + used.numel())).all())
-        return cls(runs, used, lo if dense else -1, width, gather_index, rows, tokens,
+        return cls(rank, used, lo if dense else -1, width, gather_index, rows, tokens,
                    start if in_place else -1)
 
-    def to(self, device: torch.device) -> Segments:
-        return Segments(self.runs, self.used.to(device), self.lo, self.width,
-                        self.gather_index.to(device), self.rows.to(device),
-                        self.tokens.to(device), self.first_token)
+    def to(self, device: torch.device) -> Group:
+        return Group(self.rank, self.used.to(device), self.lo, self.width,
+                     self.gather_index.to(device), self.rows.to(device),
+                     self.tokens.to(device), self.first_token)
 
     @property
     def padded_rows(self) -> int:
@@ -129,12 +127,54 @@ class Segments:
         (The runner packs decodes sorted by slot to make this the common case.)"""
         return self.first_token >= 0
 
-    def weights(self, W: torch.Tensor, rank: int) -> torch.Tensor:
+    def weights(self, W: torch.Tensor) -> torch.Tensor:
         """W: [S, r_max, d] slot pool -> [U, rank, d] of the slots in use: a view when they
         are consecutive, else a copy of just those (never every slot in between)."""
         if self.lo >= 0:
-            return W[self.lo:self.lo + self.used.numel(), :rank]
-        return W[:, :rank].index_select(0, self.used)
+            return W[self.lo:self.lo + self.used.numel(), :self.rank]
+        return W[:, :self.rank].index_select(0, self.used)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A step's adapter tokens, laid out for the LoRA matmuls in two parts.
+
+    - `runs`: every run of at least `min_run` consecutive tokens of one slot, done in place
+      at that slot's own rank.
+    - `groups`: the other adapter tokens, one `Group` per rank bucket (usually one).
+    """
+
+    runs: tuple[tuple[int, int, int, int], ...]  # (start, stop, slot, rank): tokens start..stop-1
+    groups: tuple[Group, ...]
+
+    @classmethod
+    def build(cls, slots: torch.Tensor, slot_ranks: Sequence[int],
+              min_run: int = MIN_RUN) -> Segments | None:
+        """slots: [T] (CPU); slot_ranks[s]: the rank of slot s's adapter. None when no
+        token uses an adapter."""
+        runs = tuple((start, stop, slot, slot_ranks[slot]) for start, stop, slot in slot_runs(slots)
+                     if slot > 0 and stop - start >= min_run)
+        rest = slots.clone()
+        for start, stop, _, _ in runs:
+            rest[start:stop] = 0
+        tokens = (rest > 0).nonzero().squeeze(1)  # [n]
+        if tokens.numel() == 0:
+            return cls(runs, ()) if runs else None
+        tok_slots = rest[tokens]
+        by_bucket: dict[int, list[int]] = {}
+        for slot in torch.unique(tok_slots).tolist():
+            by_bucket.setdefault(rank_bucket(slot_ranks[slot]), []).append(slot)
+        groups = []
+        for bucket in sorted(by_bucket):
+            members = by_bucket[bucket]
+            mine = torch.isin(tok_slots, torch.tensor(members)) if len(by_bucket) > 1 else None
+            groups.append(Group.build(tokens if mine is None else tokens[mine],
+                                      tok_slots if mine is None else tok_slots[mine],
+                                      slots.numel(), max(slot_ranks[s] for s in members)))
+        return cls(runs, tuple(groups))
+
+    def to(self, device: torch.device) -> Segments:
+        return Segments(self.runs, tuple(g.to(device) for g in self.groups))
 
 
 @dataclass
@@ -147,39 +187,42 @@ class LoraPlan:
     delta: Callable = None  # the backend chosen for this step
     used_slots: frozenset[int] = frozenset()  # the slots of this step's adapters (never 0)
     # q/k/v (and gate/up) read the same input: its slot-grouped copy is made once per layer.
-    # The entry holds x itself, so its storage (and address) cannot be reused while cached;
+    # An entry holds x itself, so its storage (and address) cannot be reused while cached;
     # layer inputs are never modified in place between the projections that read them.
-    _grouped_input: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+    _grouped_inputs: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict)  # group index -> (key of x, x, grouped x)
     _host_slots: torch.Tensor | None = None  # slots, on the CPU
+    _slot_ranks: Sequence[int] = ()
     _narrowed: dict[frozenset[int], LoraPlan] = field(default_factory=dict)  # see for_layer
 
-    def grouped_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, in] -> [U, W, in], tokens laid out by slot (see Segments)."""
+    def grouped_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """x: [T, in] -> [U, W, in], the tokens of segments.groups[i] laid out by slot."""
         key = (x.data_ptr(), x.shape, x.stride())
-        cached = self._grouped_input
+        cached = self._grouped_inputs.get(i)
         if cached is not None and cached[0] == key:
             return cached[2]
-        seg = self.segments
-        if seg.contiguous:
-            x_pad = x[seg.first_token:seg.first_token + seg.tokens.numel()]  # a view
-        elif seg.unpadded:
-            x_pad = x.index_select(0, seg.tokens)  # [n, in]
+        group = self.segments.groups[i]
+        if group.contiguous:
+            x_pad = x[group.first_token:group.first_token + group.tokens.numel()]  # a view
+        elif group.unpadded:
+            x_pad = x.index_select(0, group.tokens)  # [n, in]
         else:
             x_pad = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(  # [U*W, in]
-                0, seg.gather_index)  # (index_select: ~8x faster than x[index] on CPU)
-        x_pad = x_pad.view(seg.used.numel(), seg.width, -1)
-        self._grouped_input = (key, x, x_pad)
+                0, group.gather_index)  # (index_select: ~8x faster than x[index] on CPU)
+        x_pad = x_pad.view(group.used.numel(), group.width, -1)
+        self._grouped_inputs[i] = (key, x, x_pad)
         return x_pad
 
-    def start_step(self, slots: torch.Tensor, rank: int, delta: Callable,
+    def start_step(self, slots: torch.Tensor, slot_ranks: Sequence[int], delta: Callable,
                    device: torch.device) -> None:
-        """slots: [T] (CPU) each token's slot, 0 = no adapter; rank: the largest rank among
-        those slots' adapters."""
+        """slots: [T] (CPU) each token's slot, 0 = no adapter; slot_ranks[s]: the rank of
+        the adapter in slot s."""
         self.used_slots = frozenset(torch.unique(slots).tolist()) - {0}
-        self.rank = rank if self.used_slots else 0
-        self.segments = Segments.build(slots).to(device) if self.used_slots else None
-        self.slots, self.delta, self._host_slots = slots.to(device), delta, slots
-        self._grouped_input = None
+        self.rank = max((slot_ranks[s] for s in self.used_slots), default=0)
+        self.segments = Segments.build(slots, slot_ranks).to(device) if self.used_slots else None
+        self.slots, self.delta = slots.to(device), delta
+        self._host_slots, self._slot_ranks = slots, slot_ranks
+        self._grouped_inputs = {}
         self._narrowed = {}
 
     def for_layer(self, active: set[int]) -> LoraPlan | None:
@@ -197,7 +240,7 @@ class LoraPlan:
             host = self._host_slots
             keep = torch.isin(host, torch.tensor(sorted(subset), dtype=host.dtype))
             narrowed = LoraPlan()
-            narrowed.start_step(torch.where(keep, host, 0), self.rank, self.delta,
+            narrowed.start_step(torch.where(keep, host, 0), self._slot_ranks, self.delta,
                                 self.slots.device)
             self._narrowed[subset] = narrowed
         return narrowed
@@ -232,9 +275,9 @@ def lora_delta_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
 def add_runs(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
              plan: LoraPlan) -> None:
     """The segments' long runs: y[a:b] += (x[a:b] @ A[s].T) @ B[s], on views, in place."""
-    for start, stop, slot in plan.segments.runs:
-        h = x[start:stop] @ A[slot, :plan.rank].T  # [L, rank]
-        y[start:stop].addmm_(h, B[slot, :plan.rank])  # [L, out]
+    for start, stop, slot, rank in plan.segments.runs:
+        h = x[start:stop] @ A[slot, :rank].T  # [L, rank]
+        y[start:stop].addmm_(h, B[slot, :rank])  # [L, out]
 
 
 def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -243,17 +286,17 @@ def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: t
     if seg is None:
         return
     add_runs(y, x, A, B, plan)
-    if seg.used.numel() == 0:
-        return
-    x_pad = plan.grouped_input(x)  # [U, W, in]
-    a = seg.weights(A, plan.rank)  # [U, rank, in]
-    h = torch.bmm(x_pad, a.transpose(1, 2))  # [U, W, rank]
-    if seg.contiguous:  # y's rows of these tokens, as [U, W, out], updated in place
-        y_block = y[seg.first_token:seg.first_token + seg.padded_rows].view(*h.shape[:2], -1)
-        y_block.baddbmm_(h, seg.weights(B, plan.rank))
-        return
-    out = torch.bmm(h, seg.weights(B, plan.rank)).view(seg.padded_rows, -1)  # [U*W, out]
-    y.index_add_(0, seg.tokens, out if seg.unpadded else out.index_select(0, seg.rows))  # [n, out]
+    for i, group in enumerate(seg.groups):
+        x_pad = plan.grouped_input(x, i)  # [U, W, in]
+        h = torch.bmm(x_pad, group.weights(A).transpose(1, 2))  # [U, W, rank]
+        if group.contiguous:  # y's rows of these tokens, as [U, W, out], updated in place
+            first = group.first_token
+            y[first:first + group.padded_rows].view(*h.shape[:2], -1).baddbmm_(
+                h, group.weights(B))
+            continue
+        out = torch.bmm(h, group.weights(B)).view(group.padded_rows, -1)  # [U*W, out]
+        y.index_add_(0, group.tokens,  # [n, out]
+                     out if group.unpadded else out.index_select(0, group.rows))
 
 
 BACKENDS: dict[str, Callable] = {

@@ -6,8 +6,10 @@ which is how the tests check it). Only imported when lora_backend == "triton".
 
 Layout: the step's `Segments` (plan.segments) already lays the adapter tokens out. Its
 long runs of one slot (prefill chunks) are plain matmuls (`add_runs`, cuBLAS on a GPU); the
-kernels take the other tokens (decodes), grouped by slot: the u-th slot in use, used[u], has its i-th token in padded row u * width + i, and
-gather_index maps each padded row to its token (padding rows -> T, past the batch).
+kernels take the other tokens (decodes), one `Group` (rank bucket) per pair of launches,
+grouped by slot: the u-th slot of the group, used[u], has its i-th token in padded row
+u * width + i, and gather_index maps each padded row to its token (padding rows -> T,
+past the batch).
 A slot's tokens fill its first rows, so padding only ever follows them.
 
 Grid: a program takes BLOCK_T consecutive padded rows of one slot (program axis 0: the
@@ -116,25 +118,25 @@ def lora_delta_triton(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torc
                       plan: LoraPlan) -> None:
     """y: [T, out] (updated in place), x: [T, in], A: [S, r_max, in], B: [S, r_max, out]."""
     seg = plan.segments
-    if seg is None or plan.rank == 0:
+    if seg is None:
         return
     add_runs(y, x, A, B, plan)  # long runs (prefill chunks): a pair of matmuls each
-    if seg.used.numel() == 0:
-        return
     T, d_in = x.shape
-    d_out, rank, used, width = y.shape[1], plan.rank, seg.used.numel(), seg.width
-    block_t = min(MAX_BLOCK_T, max(MIN_DOT, triton.next_power_of_2(width)))  # decodes: 16
-    block_r = max(MIN_DOT, triton.next_power_of_2(rank))
+    d_out = y.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    h = torch.empty(T, rank, dtype=torch.float32, device=x.device)  # [T, rank]
-    blocks = triton.cdiv(width, block_t)
-    _shrink_kernel[(blocks, used)](
-        x, A, h, seg.used, seg.gather_index, T, width, d_in, rank,
-        *x.stride(), *A.stride(), *h.stride(),
-        PRECISION=precision, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS)
-    _expand_kernel[(blocks, used, triton.cdiv(d_out, BLOCK_N))](
-        h, B, y, seg.used, seg.gather_index, T, width, d_out, rank,
-        *h.stride(), *B.stride(), *y.stride(),
-        PRECISION=precision, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
-        num_warps=NUM_WARPS)
+    for group in seg.groups:  # one pair of launches per rank bucket
+        rank, used, width = group.rank, group.used.numel(), group.width
+        block_t = min(MAX_BLOCK_T, max(MIN_DOT, triton.next_power_of_2(width)))  # decodes: 16
+        block_r = max(MIN_DOT, triton.next_power_of_2(rank))
+        h = torch.empty(T, rank, dtype=torch.float32, device=x.device)  # [T, rank]
+        blocks = triton.cdiv(width, block_t)
+        _shrink_kernel[(blocks, used)](
+            x, A, h, group.used, group.gather_index, T, width, d_in, rank,
+            *x.stride(), *A.stride(), *h.stride(),
+            PRECISION=precision, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
+            num_warps=NUM_WARPS)
+        _expand_kernel[(blocks, used, triton.cdiv(d_out, BLOCK_N))](
+            h, B, y, group.used, group.gather_index, T, width, d_out, rank,
+            *h.stride(), *B.stride(), *y.stride(),
+            PRECISION=precision, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
+            num_warps=NUM_WARPS)

@@ -74,7 +74,7 @@ class ModelRunner:
             num_decodes=len(decodes), decode_blocks=decode_blocks.to(device),
             decode_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
             prefills=prefill_seqs)
-        self._set_lora(ordered, lora_slots)
+        self._set_lora(lora_slots)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
         out = self.loaded.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
@@ -83,8 +83,6 @@ class ModelRunner:
                                 attn_batch=attn)
         return out.logits[0]  # [N, vocab]
 
-    def _set_lora(self, ordered: list[ScheduledSeq], lora_slots: list[int]) -> None:
-        used = {item.seq.lora_slot for item in ordered} - {0}
-        rank = max((self.slot_ranks[s] for s in used), default=0)
+    def _set_lora(self, lora_slots: list[int]) -> None:
         self.loaded.lora_plan.start_step(torch.tensor(lora_slots, dtype=torch.long),  # [T]
-                                         rank, self.lora_delta, self.loaded.device)
+                                         self.slot_ranks, self.lora_delta, self.loaded.device)
