@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--adapters", type=int, nargs="+", default=list(LORAPLEX_N),
                         help="loraplex's values of N (PEFT runs those of 1, 8, 32 among them)")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--targets", default="all", choices=sorted(TARGETS),
-                        help="the adapters' target modules: all linear layers, attention "
-                             "(q, k, v, o), or q and v (PEFT's default for Llama)")
+    parser.add_argument("--rank", type=int, nargs="+", default=[16],
+                        help="the adapters' ranks: adapter i has the i-th (cycling)")
+    parser.add_argument("--targets", nargs="+", default=["all"], choices=sorted(TARGETS),
+                        help="the adapters' target modules, cycling like --rank: all linear "
+                             "layers, attention (q, k, v, o), or q and v (PEFT's default for Llama)")
     parser.add_argument("--kv-cache-memory", type=parse_size, default=512 * 2**20)
     parser.add_argument("--lora-backend", default="auto", choices=LORA_BACKENDS)
     parser.add_argument("--threads", type=int, default=2)
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     # a --workdir is reused across runs: one folder per model and per set of adapters
     base_dir = workdir / f"base-{args.shape}-{str(dtype).removeprefix('torch.')}"
-    adapters_dir = workdir / f"adapters-{args.shape}-{args.targets}-r{args.rank}"
+    adapters_dir = (workdir / f"adapters-{args.shape}-{'+'.join(args.targets)}"
+                    f"-r{'+'.join(map(str, args.rank))}")
 
     # Each side runs alone. A long-lived thread's OpenMP pool next to the one running
     # slows the latter down (one 2-thread matmul on this main thread made 8 adapters with
@@ -146,8 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not (base_dir / "config.json").exists():  # drawn on the accelerator, in its dtype
             build_bench_model(base_dir, shape=args.shape, device=str(device), dtype=dtype)
         if not (adapters_dir / bench_adapter_names(max(args.adapters))[-1]).exists():
-            build_bench_adapters(base_dir, adapters_dir, max(args.adapters), rank=args.rank,
-                                 targets=args.targets, dtype=dtype)
+            build_bench_adapters(base_dir, adapters_dir, max(args.adapters),
+                                 ranks=tuple(args.rank), targets=tuple(args.targets), dtype=dtype)
         hf = load_hf_model(base_dir, **base_options)
         warm_up(hf, with_adapters=False)
         peft = None
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      kv_cache_memory=args.kv_cache_memory,
                      max_gpu_adapters=min(args.num_requests, max(max(args.adapters), 1)),
                      max_cpu_adapters=max(args.adapters + [args.num_requests]),
-                     max_lora_rank=args.rank, lora_backend=args.lora_backend,
+                     max_lora_rank=max(args.rank), lora_backend=args.lora_backend,
                      threads=args.threads),
         str(adapters_dir))
     results = []

@@ -87,20 +87,22 @@ def write_adapter(folder: Path, shapes: dict[str, tuple[int, int]], rank: int, s
     save_file(tensors, str(folder / "adapter_model.safetensors"))
 
 
-def build_bench_adapters(base_dir: str | Path, root_dir: str | Path, n: int, rank: int = 16,
-                         targets: str = "all", seed: int = 0,
-                         dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-    """n random rank-`rank` PEFT adapters of the model in base_dir, on `targets` (a key
-    of TARGETS), saved in `dtype`; returns name -> folder."""
+def build_bench_adapters(base_dir: str | Path, root_dir: str | Path, n: int,
+                         ranks: tuple[int, ...] = (16,), targets: tuple[str, ...] = ("all",),
+                         seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """n random PEFT adapters of the model in base_dir, saved in `dtype`; adapter i has rank
+    ranks[i % len(ranks)] on targets[i % len(targets)] (keys of TARGETS). Returns name ->
+    folder."""
     config = AutoConfig.from_pretrained(base_dir)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shapes = llama_module_shapes(config.hidden_size, config.num_hidden_layers,
                                  config.num_key_value_heads * head_dim, config.intermediate_size)
-    shapes = {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in TARGETS[targets]}
     paths = {}
     for i, name in enumerate(bench_adapter_names(n)):
+        modules = TARGETS[targets[i % len(targets)]]
         paths[name] = Path(root_dir) / name
-        write_adapter(paths[name], shapes, rank, seed * 10_000 + i, str(base_dir), dtype)
+        write_adapter(paths[name], {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in modules},
+                      ranks[i % len(ranks)], seed * 10_000 + i, str(base_dir), dtype)
     return paths
 
 

@@ -18,24 +18,28 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_runs_every_variant_and_writes_json(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench", "--shape", "small", "--targets", "qv",
-         "--num-requests", "4", "--adapters", "0", "1", "--repeat", "1",
+        [sys.executable, "-m", "bench.bench", "--shape", "small", "--targets", "qv", "all",
+         "--rank", "4", "16", "--num-requests", "4", "--adapters", "0", "1", "2", "--repeat", "1",
          "--workdir", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["meta"]["targets"] == "qv" and data["meta"]["shape"] == "small"
+    meta = data["meta"]
+    assert (meta["targets"], meta["rank"], meta["shape"]) == (["qv", "all"], [4, 16], "small")
     rows = {(r["system"], r["adapters"], r["outputs"]): r for r in data["results"]}
     for outputs in ("equal", "varied"):
         assert set(k for k in rows if k[2] == outputs) == {
-            ("loraplex", 0, outputs), ("loraplex", 1, outputs), ("hf", 0, outputs),
-            ("peft", 1, outputs)}
+            ("loraplex", 0, outputs), ("loraplex", 1, outputs), ("loraplex", 2, outputs),
+            ("hf", 0, outputs), ("peft", 1, outputs)}
         n1 = rows[("loraplex", 1, outputs)]
         assert n1["tok_per_s"] > 0 and n1["vs_loraplex_n0"] > 0 and n1["vs_peft"] > 0
         assert rows[("loraplex", 0, outputs)]["vs_loraplex_n0"] == 1.0
     # every request made exactly its max_new_tokens (4 x 32 in the equal workload)
     assert rows[("loraplex", 1, "equal")]["tokens"] == 4 * 32
-    adapter_config = json.loads(
-        (tmp_path / "work" / "adapters-small-qv-r16" / "bench000" / "adapter_config.json").read_text())
-    assert adapter_config["target_modules"] == ["q_proj", "v_proj"]
+    adapters = tmp_path / "work" / "adapters-small-qv+all-r4+16"
+    configs = [json.loads((adapters / name / "adapter_config.json").read_text())
+               for name in ("bench000", "bench001")]  # adapter i: the i-th rank and targets
+    assert [(c["r"], c["target_modules"]) for c in configs] == [
+        (4, ["q_proj", "v_proj"]),
+        (16, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])]
     assert "vs loraplex N=0" in proc.stdout  # the printed table
