@@ -67,3 +67,19 @@ def test_kv_cache_gather_copies_whole_blocks_into_reused_buffers():
     assert torch.equal(k2, cache.k[0][rows([2])]) and torch.equal(v2, cache.v[0][rows([2])])
     k3, _ = cache.gather(0, torch.tensor([0, 1, 2, 3, 0, 1]))  # more than ever: buffers grow
     assert torch.equal(k3, cache.k[0][rows([0, 1, 2, 3, 0, 1])])
+
+
+def test_decodes_are_grouped_by_context_length():
+    from loraplex.model.attention import GROUP_COST_BLOCKS, group_decodes
+
+    assert group_decodes([3, 3, 4, 3]) == [[0, 1, 2, 3]]  # similar lengths: one call, in order
+    assert group_decodes([]) == []
+    # one long context among short ones gets a call of its own instead of padding all of them
+    assert group_decodes([2, 90, 3, 2]) == [[1], [0, 2, 3]]
+    # a cut is made only where it saves more padded blocks than a group costs
+    small = GROUP_COST_BLOCKS // 2
+    assert group_decodes([1 + small, 1]) == [[0, 1]]
+    assert group_decodes([2 + GROUP_COST_BLOCKS, 1]) == [[0], [1]]
+    groups = group_decodes([5, 40, 41, 6, 90, 7])
+    assert sorted(i for g in groups for i in g) == list(range(6))  # every decode, once
+    assert all(g == sorted(g) for g in groups)

@@ -13,7 +13,8 @@ import torch
 from loraplex.engine.kv_cache import blocks_needed
 from loraplex.engine.sequence import ScheduledSeq
 from loraplex.lora.ops import choose_backend
-from loraplex.model.attention import AttentionBatch, KVCache, PrefillSeq
+from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, PrefillSeq,
+                                       group_decodes)
 from loraplex.model.loader import LoadedModel
 
 
@@ -66,13 +67,12 @@ class ModelRunner:
         # Sampling rows follow the caller's batch order, not the packed order.
         sample_idx = [last_row[id(item)] for item in batch if item.samples]
 
-        width = max(map(len, decode_tables), default=0)
-        decode_blocks = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
-                                     dtype=torch.long).view(len(decodes), width)  # [D, Bmax]
+        groups = group_decodes([len(t) for t in decode_tables])
         attn = AttentionBatch(
             cache=self.kv_cache, slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            num_decodes=len(decodes), decode_blocks=decode_blocks.to(device),
-            decode_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
+            num_decodes=len(decodes),
+            decode_groups=[self._decode_group(g, decode_tables, decode_lens, len(groups) > 1)
+                           for g in groups],
             prefills=prefill_seqs)
         self._set_lora(lora_slots)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
@@ -82,6 +82,17 @@ class ModelRunner:
                                                             device=device),
                                 attn_batch=attn)
         return out.logits[0]  # [N, vocab]
+
+    def _decode_group(self, rows: list[int], tables: list[list[int]], lens: list[int],
+                      select: bool) -> DecodeGroup:
+        """The decodes at `rows` (of the packed batch); select=False: all of them, in order."""
+        width = max(len(tables[i]) for i in rows)
+        blocks = torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in rows],
+                              dtype=torch.long).view(len(rows), width)  # [Dg, Bmax]
+        device = self.loaded.device
+        return DecodeGroup(rows=torch.tensor(rows, device=device) if select else None,
+                           blocks=blocks.to(device),
+                           lens=torch.tensor([lens[i] for i in rows], device=device))
 
     def _set_lora(self, lora_slots: list[int]) -> None:
         self.loaded.lora_plan.start_step(torch.tensor(lora_slots, dtype=torch.long),  # [T]
