@@ -122,8 +122,7 @@ class AttentionBatch:
 
     cache: KVCache
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    num_decodes: int  # the first num_decodes tokens are single-token sequences
-    decode_groups: list[DecodeGroup]
+    decode_groups: list[DecodeGroup]  # the decodes: the first tokens of the packed row
     prefills: list[PrefillSeq]
     _masks: dict = field(default_factory=dict)  # (prefill, window) -> mask, memoized per step
 

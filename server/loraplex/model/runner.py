@@ -70,7 +70,6 @@ class ModelRunner:
         groups = group_decodes([len(t) for t in decode_tables])
         attn = AttentionBatch(
             cache=self.kv_cache, slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            num_decodes=len(decodes),
             decode_groups=[self._decode_group(g, decode_tables, decode_lens, len(groups) > 1)
                            for g in groups],
             prefills=prefill_seqs)
