@@ -152,7 +152,8 @@ class Segments:
               min_run: int = MIN_RUN) -> Segments | None:
         """slots: [T] (CPU); slot_ranks[s]: the rank of slot s's adapter. None when no
         token uses an adapter."""
-        runs = tuple((start, stop, slot, slot_ranks[slot]) for start, stop, slot in slot_runs(slots)
+        runs = tuple((start, stop, slot, slot_ranks[slot])
+                     for start, stop, slot in slot_runs(slots)
                      if slot > 0 and stop - start >= min_run)
         rest = slots.clone()
         for start, stop, _, _ in runs:
@@ -167,10 +168,9 @@ class Segments:
         groups = []
         for bucket in sorted(by_bucket):
             members = by_bucket[bucket]
-            mine = torch.isin(tok_slots, torch.tensor(members)) if len(by_bucket) > 1 else None
-            groups.append(Group.build(tokens if mine is None else tokens[mine],
-                                      tok_slots if mine is None else tok_slots[mine],
-                                      slots.numel(), max(slot_ranks[s] for s in members)))
+            mine = torch.isin(tok_slots, torch.tensor(members))  # [n]
+            groups.append(Group.build(tokens[mine], tok_slots[mine], slots.numel(),
+                                      max(slot_ranks[s] for s in members)))
         return cls(runs, tuple(groups))
 
     def to(self, device: torch.device) -> Segments:

@@ -72,8 +72,8 @@ GROUP_COST_BLOCKS = 8
 
 def group_decodes(num_blocks: list[int]) -> list[list[int]]:
     """Decodes (by their KV block counts) -> groups of indices, each attended in one call
-    padded to its longest context. Walking from the longest, a new group starts where
-    that saves more padded blocks than a group costs; one group keeps the batch order."""
+    padded to its longest context, indices ascending. Walking from the longest, a new
+    group starts where that saves more padded blocks than a group costs."""
     if not num_blocks:
         return []
     order = sorted(range(len(num_blocks)), key=lambda i: -num_blocks[i])
@@ -83,7 +83,7 @@ def group_decodes(num_blocks: list[int]) -> list[list[int]]:
             groups.append([])
             width = num_blocks[i]
         groups[-1].append(i)
-    return [sorted(g) for g in groups] if len(groups) > 1 else [list(range(len(num_blocks)))]
+    return [sorted(g) for g in groups]
 
 
 @dataclass

@@ -70,8 +70,7 @@ class ModelRunner:
         groups = group_decodes([len(t) for t in decode_tables])
         attn = AttentionBatch(
             cache=self.kv_cache, slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            decode_groups=[self._decode_group(g, decode_tables, decode_lens, len(groups) > 1)
-                           for g in groups],
+            decode_groups=[self._decode_group(g, decode_tables, decode_lens) for g in groups],
             prefills=prefill_seqs)
         self._set_lora(lora_slots)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
@@ -82,14 +81,15 @@ class ModelRunner:
                                 attn_batch=attn)
         return out.logits[0]  # [N, vocab]
 
-    def _decode_group(self, rows: list[int], tables: list[list[int]], lens: list[int],
-                      select: bool) -> DecodeGroup:
-        """The decodes at `rows` (of the packed batch); select=False: all of them, in order."""
+    def _decode_group(self, rows: list[int], tables: list[list[int]],
+                      lens: list[int]) -> DecodeGroup:
+        """The decodes at `rows` (ascending) of the packed batch."""
         width = max(len(tables[i]) for i in rows)
         blocks = torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in rows],
                               dtype=torch.long).view(len(rows), width)  # [Dg, Bmax]
         device = self.loaded.device
-        return DecodeGroup(rows=torch.tensor(rows, device=device) if select else None,
+        every = len(rows) == len(tables)  # then rows == 0..D-1: attention slices, no index
+        return DecodeGroup(rows=None if every else torch.tensor(rows, device=device),
                            blocks=blocks.to(device),
                            lens=torch.tensor([lens[i] for i in rows], device=device))
 
