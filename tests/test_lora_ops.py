@@ -1,11 +1,29 @@
 """Every LoRA delta backend against the loop that defines it (loraplex.lora.ops)."""
 
+import shutil
+
 import pytest
 import torch
 
+from loraplex.lora import cpu_bgmv
 from loraplex.lora.layer import LoraLinear
-from loraplex.lora.ops import (BACKENDS, MIN_RUN, LoraPlan, Segments, choose_backend,
-                               lora_delta_grouped, lora_delta_loop, lora_delta_segmented)
+from loraplex.lora.ops import (BACKENDS, MIN_RUN, LoraPlan, Segments, bgmv_backend,
+                               choose_backend, lora_delta_grouped, lora_delta_loop,
+                               lora_delta_segmented)
+
+HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+def _backend(name: str):
+    """BACKENDS[name], or the CPU kernel (built here: a compiler on PATH that fails is a
+    failure, not a skip)."""
+    if name != "bgmv":
+        return BACKENDS[name]
+    if not HAS_CC:
+        pytest.skip("no C compiler on PATH: the bgmv kernel cannot be built")
+    lib = cpu_bgmv.load()
+    assert lib is not None, "the CPU kernel did not build (see the warning logged)"
+    return bgmv_backend(lib)
 
 
 def _pool(slots: int, r_max: int, d_in: int, d_out: int, ranks: list[int], seed: int = 0):
@@ -40,7 +58,7 @@ SLOT_PATTERNS = {
 }
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", sorted(BACKENDS) + ["bgmv"])
 @pytest.mark.parametrize("num_tokens", [1, 7, 64])
 @pytest.mark.parametrize("pattern", sorted(SLOT_PATTERNS))
 def test_backend_matches_loop(backend, num_tokens, pattern):
@@ -57,7 +75,7 @@ def test_backend_matches_loop(backend, num_tokens, pattern):
         expected[t] += B[s].T @ (A[s] @ x[t])
 
     y = base.clone()
-    BACKENDS[backend](y, x, A, B, _plan(slots, [0] + ranks))
+    _backend(backend)(y, x, A, B, _plan(slots, [0] + ranks))
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -205,8 +223,30 @@ def test_layer_sees_only_the_adapters_that_target_it():
 
 
 def test_backend_choice():
-    assert choose_backend("auto") is lora_delta_segmented
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert choose_backend("auto", cuda, torch.bfloat16) is lora_delta_segmented
+    assert choose_backend("auto", cpu, torch.bfloat16) is lora_delta_segmented  # kernel: fp32
     assert choose_backend("grouped") is lora_delta_grouped
+    with pytest.raises(ValueError, match="fp32 on the CPU"):
+        choose_backend("bgmv", cuda, torch.float32)
+    if HAS_CC:
+        assert choose_backend("auto", cpu, torch.float32).__name__ == "lora_delta_bgmv"
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler on PATH")
+def test_kernel_builds_once_into_its_folder(tmp_path):
+    """Built under a temporary name and renamed; loaded from the folder after that."""
+    lib = cpu_bgmv.load(tmp_path)
+    assert lib is not None and cpu_bgmv.load(tmp_path) is lib
+    assert [p.name for p in tmp_path.iterdir()] == [cpu_bgmv.library_name()]
+    assert cpu_bgmv.build(tmp_path) == tmp_path / cpu_bgmv.library_name()  # not rebuilt
+
+
+def test_kernel_without_compiler_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    monkeypatch.delenv("CC", raising=False)
+    assert cpu_bgmv.load(tmp_path / "kernels") is None
+    assert not (tmp_path / "kernels").exists()
 
 
 def test_triton_backend_is_refused_off_cuda(tiny_models, adapter_root):

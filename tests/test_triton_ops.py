@@ -204,7 +204,7 @@ def test_lora_linear_with_triton_matches_segmented():
 def test_registered_but_never_automatic():
     assert "triton" in LORA_BACKENDS
     assert choose_backend("triton") is lora_delta_triton
-    assert choose_backend("auto") is lora_delta_segmented
+    assert choose_backend("auto", torch.device("cuda"), torch.bfloat16) is lora_delta_segmented
 
 
 def test_triton_only_imported_on_request():

@@ -28,9 +28,12 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import ctypes
 from typing import Callable, Sequence
 
 import torch
+
+from loraplex.lora import cpu_bgmv
 
 
 # A run of at least this many consecutive tokens of one adapter (a prefill chunk, or the
@@ -146,6 +149,7 @@ class Segments:
 
     runs: tuple[tuple[int, int, int, int], ...]  # (start, stop, slot, rank): tokens start..stop-1
     groups: tuple[Group, ...]
+    rest: torch.Tensor  # [T] each token's slot, 0 inside the runs: what the groups hold
 
     @classmethod
     def build(cls, slots: torch.Tensor, slot_ranks: Sequence[int],
@@ -160,7 +164,7 @@ class Segments:
             rest[start:stop] = 0
         tokens = (rest > 0).nonzero().squeeze(1)  # [n]
         if tokens.numel() == 0:
-            return cls(runs, ()) if runs else None
+            return cls(runs, (), rest) if runs else None
         tok_slots = rest[tokens]
         by_bucket: dict[int, list[int]] = {}
         for slot in torch.unique(tok_slots).tolist():
@@ -171,10 +175,10 @@ class Segments:
             mine = torch.isin(tok_slots, torch.tensor(members))  # [n]
             groups.append(Group.build(tokens[mine], tok_slots[mine], slots.numel(),
                                       max(slot_ranks[s] for s in members)))
-        return cls(runs, tuple(groups))
+        return cls(runs, tuple(groups), rest)
 
     def to(self, device: torch.device) -> Segments:
-        return Segments(self.runs, tuple(g.to(device) for g in self.groups))
+        return Segments(self.runs, tuple(g.to(device) for g in self.groups), self.rest.to(device))
 
 
 @dataclass
@@ -193,6 +197,7 @@ class LoraPlan:
         default_factory=dict)  # group index -> (key of x, x, grouped x)
     _host_slots: torch.Tensor | None = None  # slots, on the CPU
     _slot_ranks: Sequence[int] = ()
+    _rank_table: torch.Tensor | None = None  # see rank_table
     _narrowed: dict[frozenset[int], LoraPlan] = field(default_factory=dict)  # see for_layer
 
     def grouped_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -224,6 +229,14 @@ class LoraPlan:
         self._host_slots, self._slot_ranks = slots, slot_ranks
         self._grouped_inputs = {}
         self._narrowed = {}
+        self._rank_table = None
+
+    def rank_table(self) -> torch.Tensor:
+        """[S] int32 on the plan's device: the rank of each slot's adapter (0 = empty)."""
+        if self._rank_table is None:
+            self._rank_table = torch.tensor(self._slot_ranks, dtype=torch.int32,
+                                            device=self.slots.device)
+        return self._rank_table
 
     def for_layer(self, active: set[int]) -> LoraPlan | None:
         """This step's plan for a layer whose `active` slots hold an adapter that targets
@@ -299,6 +312,28 @@ def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: t
                      out if group.unpadded else out.index_select(0, group.rows))
 
 
+def bgmv_backend(lib: ctypes.CDLL) -> Callable:
+    """The `bgmv` backend on a loaded CPU kernel (loraplex.lora.cpu_bgmv): the long runs as
+    in `segmented`, every other token by the kernel, straight from the slot pool (no
+    grouping, no gathered weights, each slot at its own rank). fp32, on the CPU; x, y and
+    the pool contiguous (as LoraLinear's are)."""
+    kernel = lib.lora_bgmv
+
+    def lora_delta_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        plan: LoraPlan) -> None:
+        seg = plan.segments
+        if seg is None:
+            return
+        add_runs(y, x, A, B, plan)
+        if seg.groups:  # tokens outside the runs
+            x = x.contiguous()
+            kernel(x.data_ptr(), x.shape[1], A.data_ptr(), A.stride(0), B.data_ptr(),
+                   B.stride(0), B.shape[2], seg.rest.data_ptr(), plan.rank_table().data_ptr(),
+                   x.shape[0], y.data_ptr())
+
+    return lora_delta_bgmv
+
+
 BACKENDS: dict[str, Callable] = {
     "loop": lora_delta_loop,
     "gather": lora_delta_gather,
@@ -307,9 +342,21 @@ BACKENDS: dict[str, Callable] = {
 }
 
 
-def choose_backend(name: str) -> Callable:
-    """`name` from EngineConfig.lora_backend; "auto" is segmented."""
-    if name == "triton":  # CUDA only, opt-in; imported here so triton stays optional
+def choose_backend(name: str, device: torch.device = torch.device("cpu"),
+                   dtype: torch.dtype = torch.float32) -> Callable:
+    """`name` from EngineConfig.lora_backend, for slot pools of `dtype` on `device`.
+    "auto": the CPU kernel (`bgmv`) for fp32 on the CPU when it can be built here, else
+    `segmented`; "bgmv" raises ValueError where it cannot run. (The runner refuses
+    "triton" off CUDA; the tests run it on the CPU in Triton's interpreter.)"""
+    if name == "triton":  # opt-in; imported here so triton stays optional
         from loraplex.lora.triton_ops import lora_delta_triton
         return lora_delta_triton
-    return BACKENDS["segmented" if name == "auto" else name]
+    if name in ("auto", "bgmv"):
+        lib = cpu_bgmv.load() if device.type == "cpu" and dtype == torch.float32 else None
+        if lib is not None:
+            return bgmv_backend(lib)
+        if name == "bgmv":
+            raise ValueError(f"lora_backend 'bgmv' needs fp32 on the CPU and a C compiler "
+                             f"(see the log); the model is {dtype} on {device}: use 'auto'")
+        return lora_delta_segmented
+    return BACKENDS[name]

@@ -27,7 +27,7 @@ class ModelRunner:
         self.loaded = loaded
         self.kv_cache = kv_cache
         self.block_size = block_size
-        self.lora_delta = choose_backend(lora_backend)
+        self.lora_delta = choose_backend(lora_backend, loaded.device, loaded.dtype)
         self.slot_ranks = slot_ranks  # rank of the adapter in each slot (0 = empty), kept by the cache
 
     def _cache_slots(self, block_table: list[int], start: int, end: int) -> list[int]:

@@ -1,0 +1,84 @@
+"""Build and load the CPU LoRA kernel (cpu_bgmv.c) with the system C compiler and ctypes.
+
+The first engine on the CPU that needs the kernel compiles it (a few tenths of a second)
+into $XDG_CACHE_HOME/loraplex, else ~/.cache/loraplex; later ones load the cached library.
+The file name carries a hash of the source and flags, so a changed kernel is rebuilt, never
+confused with an old one. Without a compiler, `load` returns None and the engine uses
+torch's batched matmuls (the `segmented` backend). The CPU image builds the library in a
+build stage (`python -m loraplex.lora.cpu_bgmv FOLDER`) and ships it in its cache folder.
+
+Only the standard library is used here, so the image's build stage needs no torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_bgmv.c")
+CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
+_loaded: dict[Path, ctypes.CDLL | None] = {}  # folder -> library (None: could not build)
+
+
+def kernel_dir() -> Path:
+    """Where the library is looked for and built (read when called, not at import)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "loraplex"
+
+
+def library_name() -> str:
+    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + platform.machine().encode()
+    return f"lora_bgmv-{hashlib.sha256(key).hexdigest()[:16]}.so"
+
+
+def build(folder: Path) -> Path:
+    """Compile the kernel into `folder` (written under a temporary name, then renamed, so
+    processes building at once never load half a file). Raises OSError when there is no
+    compiler, subprocess.CalledProcessError when it fails."""
+    target = folder / library_name()
+    if target.exists():
+        return target
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", str(tmp)], check=True,
+                       capture_output=True, text=True, timeout=300)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def load(folder: Path | None = None) -> ctypes.CDLL | None:
+    """The kernel library (built on first use), or None when it cannot be built here."""
+    folder = folder or kernel_dir()
+    if folder not in _loaded:
+        try:
+            lib = ctypes.CDLL(str(build(folder)))
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", "") or exc
+            log.warning("CPU LoRA kernel unavailable (%s); using torch's batched matmuls",
+                        str(detail).strip()[:500])
+            lib = None
+        else:
+            p, i64 = ctypes.c_void_p, ctypes.c_int64
+            lib.lora_bgmv.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p]
+            lib.lora_bgmv.restype = None
+        _loaded[folder] = lib
+    return _loaded[folder]
+
+
+if __name__ == "__main__":  # python -m loraplex.lora.cpu_bgmv FOLDER: prebuild (the CPU image)
+    print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else kernel_dir()))
