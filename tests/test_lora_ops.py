@@ -254,3 +254,21 @@ def test_triton_backend_is_refused_off_cuda(tiny_models, adapter_root):
     from engine_helpers import build_engine
     with pytest.raises(ValueError, match="CUDA only"):
         build_engine(tiny_models["llama"], adapter_root, lora_backend="triton")
+
+
+def test_bgmv_long_runs_and_tiles():
+    """The kernel's tiles (8 tokens of one slot at a time, a shorter last one) and a run
+    long enough for the matmul pair, beside scattered tokens, against the loop."""
+    from loraplex.lora.ops import BGMV_MIN_RUN
+    ranks = [3, 16, 64]
+    A, B = _pool(4, 64, 40, 24, ranks, seed=3)
+    slots = torch.tensor([2, 1, 3] + [1] * 13 + [0, 3] + [2] * (BGMV_MIN_RUN + 5) + [3, 3])
+    x = torch.randn(slots.numel(), 40, generator=torch.Generator().manual_seed(4))
+    plan = LoraPlan()
+    delta = _backend("bgmv")
+    plan.start_step(slots, [0] + ranks, delta, torch.device("cpu"))
+    assert [run[:3] for run in plan.segments.runs] == [(18, 18 + BGMV_MIN_RUN + 5, 2)]
+    ref, got = torch.ones(slots.numel(), 24), torch.ones(slots.numel(), 24)
+    lora_delta_loop(ref, x, A, B, plan)
+    delta(got, x, A, B, plan)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)

@@ -75,7 +75,7 @@ def load(folder: Path | None = None) -> ctypes.CDLL | None:
         else:
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             lib.lora_bgmv.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p]
-            lib.lora_bgmv.restype = None
+            lib.lora_bgmv.restype = ctypes.c_int
         _loaded[folder] = lib
     return _loaded[folder]
 
