@@ -17,12 +17,19 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
 - `lora_delta_loop`: the definition itself; slow, used by tests.
 - `lora_delta_gather`: copies each token's A and B, two batched matmuls.
 - `lora_delta_grouped`: a pair of matmuls per distinct slot over that slot's tokens.
-- `lora_delta_segmented` (the default): each long run of one slot's tokens (a prefill
-  chunk) gets a pair of matmuls on views, at its adapter's rank; the other tokens
-  (decodes) are grouped by slot into a padded [slots, tokens, in] block per rank bucket
-  (`rank_bucket`), and each block gets two batched matmuls that read the weights of its
-  slots (in place when those slots are consecutive, else a copy of just them). The
-  layout is built once per step, see `Segments`.
+- `lora_delta_segmented` (the default off the CPU): each long run of one slot's tokens
+  (a prefill chunk) gets a pair of matmuls on views, at its adapter's rank; the other
+  tokens (decodes) are grouped by slot into a padded [slots, tokens, in] block per rank
+  bucket (`rank_bucket`), and each block gets two batched matmuls that read the weights
+  of its slots (in place when those slots are consecutive, else a copy of just them).
+  The layout is built once per step, see `Segments`.
+- `bgmv_backend(lib)` (the default for fp32 on the CPU): runs of BGMV_MIN_RUN tokens or
+  more as in `segmented`, every other token through a C kernel (cpu_bgmv.c) that reads
+  each token's slot in place at its own rank.
+- `lora_delta_triton` (triton_ops.py, CUDA, opt-in): the segmented layout in Triton.
+
+A backend may carry `min_run`, the shortest run it wants as a matmul pair (default
+MIN_RUN); `LoraPlan.start_step` builds the segments with it.
 """
 
 from __future__ import annotations
