@@ -32,9 +32,10 @@
 
 CLONES
 int lora_bgmv(const float *x, int64_t in, const float *A, int64_t a_slot,
-               const float *B, int64_t b_slot, int64_t out, const int64_t *slots,
-               const int32_t *ranks, int64_t T, float *y) {
-  int64_t *starts = malloc((T + 1) * sizeof(int64_t)), n = 0; /* tile i: tokens starts[i] .. starts[i + 1] - 1 */
+              const float *B, int64_t b_slot, int64_t out, const int64_t *slots,
+              const int32_t *ranks, int64_t T, float *y) {
+  /* tile i: tokens starts[i] .. starts[i + 1] - 1, of one slot, at most TILE of them */
+  int64_t *starts = malloc((T + 1) * sizeof(int64_t)), n = 0;
   if (starts == NULL) return -1;
   for (int64_t t = 0; t < T; t++)
     if (t == 0 || slots[t] != slots[t - 1] || t - starts[n - 1] == TILE) starts[n++] = t;
@@ -43,20 +44,26 @@ int lora_bgmv(const float *x, int64_t in, const float *A, int64_t a_slot,
   for (int64_t i = 0; i < n; i++) {
     const int64_t t0 = starts[i], m = starts[i + 1] - t0, s = slots[t0];
     if (s <= 0) continue; /* the base model: no delta */
-    for (int64_t j = 0; j < ranks[s]; j++) {
-      const float *a = A + s * a_slot + j * in;  /* row j of A[s]: [in] */
-      const float *b = B + s * b_slot + j * out; /* row j of B[s]: [out] */
-      float h[TILE];
+    const int64_t r = ranks[s];
+    if (r <= 0) continue;
+    /* All of A[s]'s rows, then all of B[s]'s: one stream at a time (measured ~10% faster
+     * than a row of each in turn). */
+    float h[TILE * r]; /* h[u * r + j]: the tile's shrunk inputs, u < m */
+    for (int64_t j = 0; j < r; j++) {
+      const float *a = A + s * a_slot + j * in; /* row j of A[s]: [in] */
       for (int64_t u = 0; u < m; u++) {
         const float *xt = x + (t0 + u) * in;
         float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
         for (int64_t k = 0; k < in; k++) acc += a[k] * xt[k];
-        h[u] = acc;
+        h[u * r + j] = acc;
       }
+    }
+    for (int64_t j = 0; j < r; j++) {
+      const float *b = B + s * b_slot + j * out; /* row j of B[s]: [out] */
       for (int64_t u = 0; u < m; u++) {
         float *yt = y + (t0 + u) * out;
-        const float hu = h[u];
+        const float hu = h[u * r + j];
 #pragma omp simd
         for (int64_t k = 0; k < out; k++) yt[k] += hu * b[k];
       }
