@@ -344,6 +344,8 @@ def bgmv_backend(lib: ctypes.CDLL) -> Callable:
         add_runs(y, x, A, B, plan)
         if seg.groups:  # tokens outside the runs
             x = x.contiguous()
+            if not (y.is_contiguous() and y.dtype == x.dtype == A.dtype == torch.float32):
+                raise ValueError("the CPU LoRA kernel takes contiguous fp32 x and y")
             if kernel(x.data_ptr(), x.shape[1], A.data_ptr(), A.stride(0), B.data_ptr(),
                       B.stride(0), B.shape[2], seg.rest.data_ptr(),
                       plan.rank_table().data_ptr(), x.shape[0], y.data_ptr()):
