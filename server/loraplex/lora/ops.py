@@ -34,8 +34,8 @@ MIN_RUN); `LoraPlan.start_step` builds the segments with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import ctypes
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
