@@ -16,11 +16,14 @@ from peft_reference import load_base, peft_greedy
 
 MAX_NEW = 10
 FP32_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma")
-# Measured on this machine (2-core AVX512-BF16 CPU): most requests within 2e-6 of PEFT, the
-# worst 0.8e-2 to 1.5e-2 (nf4), 0.8e-2 to 1.8e-2 (fp4) and 1.1e-2 (int8) across runs. Both quantized paths round activations (bnb's packed
-# NF4 CPU kernel computes in bf16; LLM.int8 quantizes activations to int8), so a 1e-7 fp32
-# difference in how the LoRA delta is summed can flip one rounding and grow through the layers.
-QUANT_TOLERANCE = {"nf4": 5e-2, "fp4": 5e-2, "int8": 5e-2}
+# Measured on this machine (2-core AVX512-BF16 CPU): an fp32 base within 7.4e-6 of PEFT;
+# quantized, most requests within 2e-6, the worst 0.8e-2 to 2.3e-2 (nf4), 0.8e-2 to 1.8e-2
+# (fp4) and 1.1e-2 (int8) across runs and LoRA backends. Both quantized paths round
+# activations (bnb's packed NF4 CPU kernel computes in bf16; LLM.int8 quantizes activations
+# to int8), so a 1e-7 fp32 difference in how the LoRA delta is summed can flip one rounding
+# and grow through the layers (nf4: 7.8e-3 with the segmented backend, 2.3e-2 with the CPU
+# kernel, which is as close to PEFT as segmented in fp32: 7.4e-6 and 5.3e-6).
+LOGPROB_TOLERANCE = {"none": 1e-4, "nf4": 5e-2, "fp4": 5e-2, "int8": 5e-2}
 
 
 def mixed_plan(adapter_names, prompts, num_base=4):
@@ -89,8 +92,8 @@ def peft_alone(base_dir, adapter_dir, quantize, prompt, served):
     return steps.argmax(-1).tolist(), [steps[i, t].item() for i, t in enumerate(served)]
 
 
-@pytest.mark.parametrize("quantize", ["nf4", "fp4", "int8"])
-def test_quantized_base_logprobs_close_to_peft(quantize, tiny_models, adapters, prompts, capsys):
+@pytest.mark.parametrize("quantize", ["none", "nf4", "fp4", "int8"])
+def test_served_logprobs_close_to_peft(quantize, tiny_models, adapters, prompts, capsys):
     arch = "llama"
     names = sorted(adapters[arch])
     engine = build_engine(tiny_models[arch], adapters[arch][names[0]].parent, quantize=quantize)
@@ -110,5 +113,5 @@ def test_quantized_base_logprobs_close_to_peft(quantize, tiny_models, adapters, 
     with capsys.disabled():
         print(f"\n[{quantize}] max |logprob - PEFT| = {worst:.2e} over {compared} tokens; "
               f"{same_choice}/{len(plan)} requests with PEFT's greedy choice at every step")
-    assert worst <= QUANT_TOLERANCE[quantize]
+    assert worst <= LOGPROB_TOLERANCE[quantize]
     assert same_choice >= len(plan) - 1  # a near-tie may flip one argmax under int8
