@@ -272,3 +272,18 @@ def test_bgmv_long_runs_and_tiles():
     lora_delta_loop(ref, x, A, B, plan)
     delta(got, x, A, B, plan)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_bgmv_refuses_what_it_would_read_out_of_bounds():
+    A, B = _pool(3, 8, 16, 16, [8, 8])
+    delta = _backend("bgmv")
+    x, y = torch.randn(2, 16), torch.zeros(2, 16)
+    with pytest.raises(ValueError, match="within the pool"):
+        delta(y, x, A, B, _plan(torch.tensor([1, 3]), [0, 8, 8, 8]))  # slot 3 of 3
+    with pytest.raises(ValueError, match="fp32"):
+        delta(y.double(), x.double(), A.double(), B.double(), _plan(torch.tensor([1, 2]), [0, 8, 8]))
+    plan = _plan(torch.tensor([1, 2]), [0, 8, 8])
+    delta(y, x, A, B, plan)
+    ref = torch.zeros(2, 16)
+    lora_delta_loop(ref, x, A, B, plan)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)

@@ -343,12 +343,16 @@ def bgmv_backend(lib: ctypes.CDLL) -> Callable:
             return
         add_runs(y, x, A, B, plan)
         if seg.groups:  # tokens outside the runs
-            x = x.contiguous()
-            if not (y.is_contiguous() and y.dtype == x.dtype == A.dtype == torch.float32):
-                raise ValueError("the CPU LoRA kernel takes contiguous fp32 x and y")
+            x, ranks = x.contiguous(), plan.rank_table()
+            # the kernel trusts its pointers: check what it will read
+            if not (y.is_contiguous() and y.dtype == x.dtype == A.dtype == torch.float32
+                    and seg.rest.dtype == torch.int64 and seg.rest.is_contiguous()
+                    and max(plan.used_slots) < min(A.shape[0], B.shape[0], ranks.numel())):
+                raise ValueError("the CPU LoRA kernel takes contiguous fp32 x and y, int64 "
+                                 "slots, and slots within the pool and the rank table")
             if kernel(x.data_ptr(), x.shape[1], A.data_ptr(), A.stride(0), B.data_ptr(),
-                      B.stride(0), B.shape[2], seg.rest.data_ptr(),
-                      plan.rank_table().data_ptr(), x.shape[0], y.data_ptr()):
+                      B.stride(0), B.shape[2], seg.rest.data_ptr(), ranks.data_ptr(),
+                      x.shape[0], y.data_ptr()):
                 raise MemoryError("the CPU LoRA kernel could not allocate its tile list")
 
     lora_delta_bgmv.min_run = BGMV_MIN_RUN  # read by LoraPlan.start_step
