@@ -345,11 +345,14 @@ def bgmv_backend(lib: ctypes.CDLL) -> Callable:
         if seg.groups:  # tokens outside the runs
             x, ranks = x.contiguous(), plan.rank_table()
             # the kernel trusts its pointers: check what it will read
-            if not (y.is_contiguous() and y.dtype == x.dtype == A.dtype == torch.float32
+            if not (y.is_contiguous() and A.is_contiguous() and B.is_contiguous()
+                    and y.dtype == x.dtype == A.dtype == B.dtype == torch.float32
+                    and x.shape[1] == A.shape[2] and y.shape == (x.shape[0], B.shape[2])
                     and seg.rest.dtype == torch.int64 and seg.rest.is_contiguous()
                     and max(plan.used_slots) < min(A.shape[0], B.shape[0], ranks.numel())):
-                raise ValueError("the CPU LoRA kernel takes contiguous fp32 x and y, int64 "
-                                 "slots, and slots within the pool and the rank table")
+                raise ValueError("the CPU LoRA kernel takes contiguous fp32 x, y and pool of "
+                                 "matching shapes, int64 slots, and slots within the pool "
+                                 "and the rank table")
             if kernel(x.data_ptr(), x.shape[1], A.data_ptr(), A.stride(0), B.data_ptr(),
                       B.stride(0), B.shape[2], seg.rest.data_ptr(), ranks.data_ptr(),
                       x.shape[0], y.data_ptr()):
