@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from loraplex.lora import cpu_bgmv
+from loraplex import cpu_kernels
 from loraplex.lora.layer import LoraLinear
 from loraplex.lora.ops import (BACKENDS, MIN_RUN, LoraPlan, Segments, bgmv_backend,
                                choose_backend, lora_delta_grouped, lora_delta_loop,
@@ -21,7 +21,7 @@ def _backend(name: str):
         return BACKENDS[name]
     if not HAS_CC:
         pytest.skip("no C compiler on PATH: the bgmv kernel cannot be built")
-    lib = cpu_bgmv.load()
+    lib = cpu_kernels.load()
     assert lib is not None, "the CPU kernel did not build (see the warning logged)"
     return bgmv_backend(lib)
 
@@ -236,16 +236,16 @@ def test_backend_choice():
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler on PATH")
 def test_kernel_builds_once_into_its_folder(tmp_path):
     """Built under a temporary name and renamed; loaded from the folder after that."""
-    lib = cpu_bgmv.load(tmp_path)
-    assert lib is not None and cpu_bgmv.load(tmp_path) is lib
-    assert [p.name for p in tmp_path.iterdir()] == [cpu_bgmv.library_name()]
-    assert cpu_bgmv.build(tmp_path) == tmp_path / cpu_bgmv.library_name()  # not rebuilt
+    lib = cpu_kernels.load(tmp_path)
+    assert lib is not None and cpu_kernels.load(tmp_path) is lib
+    assert [p.name for p in tmp_path.iterdir()] == [cpu_kernels.library_name()]
+    assert cpu_kernels.build(tmp_path) == tmp_path / cpu_kernels.library_name()  # not rebuilt
 
 
 def test_kernel_without_compiler_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
     monkeypatch.delenv("CC", raising=False)
-    assert cpu_bgmv.load(tmp_path / "kernels") is None
+    assert cpu_kernels.load(tmp_path / "kernels") is None
     assert not (tmp_path / "kernels").exists()
 
 

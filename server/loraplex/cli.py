@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplex.config import (DTYPE_CHOICES, LORA_BACKENDS, QUANTIZE_CHOICES, Config,
-                             EngineConfig, ModelConfig, ServerConfig, parse_size)
+from loraplex.config import (ATTENTION_BACKENDS, DTYPE_CHOICES, LORA_BACKENDS,
+                             QUANTIZE_CHOICES, Config, EngineConfig, ModelConfig,
+                             ServerConfig, parse_size)
 
 ENV_PREFIX = "LORAPLEX_"
 CLIENT_COMMANDS = ("generate", "adapters", "routes", "health")
@@ -99,6 +100,9 @@ OPTIONS: tuple[Option, ...] = (
        "waiting requests before new ones get RESOURCE_EXHAUSTED"),
     _o("lora-backend", "engine", "lora_backend", str, "LoRA delta kernels",
        choices=LORA_BACKENDS),
+    _o("attention-backend", "engine", "attention_backend", str,
+       "decode attention (auto: loraplex's C kernel for fp32 on CPU, else SDPA)",
+       choices=ATTENTION_BACKENDS),
     _o("threads", "engine", "threads", int,
        "torch threads of the step loop on CPU (0: OMP_NUM_THREADS if set, else one per CPU "
        "the process may use, cgroup quota included); other threads use one"),

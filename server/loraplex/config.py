@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 LORA_BACKENDS = ("auto", "loop", "gather", "grouped", "segmented", "bgmv", "triton")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cpu")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -63,6 +64,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_queue: int = 1024  # waiting requests before RESOURCE_EXHAUSTED
     lora_backend: str = "auto"
+    attention_backend: str = "auto"  # decode attention: "auto" (CPU kernel for fp32 on CPU), "sdpa", "cpu"
     threads: int = 0  # torch threads of the step loop on CPU (0: OMP_NUM_THREADS, else one per CPU)
 
     def __post_init__(self):
@@ -81,6 +83,8 @@ class EngineConfig:
             raise ValueError("max_cpu_adapters must be >= max_gpu_adapters")
         if self.lora_backend not in LORA_BACKENDS:
             raise ValueError(f"lora_backend must be one of {LORA_BACKENDS}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
 
 
 @dataclass(frozen=True)

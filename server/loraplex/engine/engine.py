@@ -104,7 +104,7 @@ class Engine:
         self.adapters = AdapterManager(self.cache)
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
         self.runner = ModelRunner(loaded, self.kv_cache, cfg.block_size, cfg.lora_backend,
-                                  self.cache.slot_ranks)
+                                  self.cache.slot_ranks, cfg.attention_backend)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # Sequence to add | str id to abort
         self._wake = threading.Event()
         self._seqs: dict[str, Sequence] = {}  # engine thread only

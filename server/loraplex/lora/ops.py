@@ -24,7 +24,7 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
   of its slots (in place when those slots are consecutive, else a copy of just them).
   The layout is built once per step, see `Segments`.
 - `bgmv_backend(lib)` (the default for fp32 on the CPU): runs of BGMV_MIN_RUN tokens or
-  more as in `segmented`, every other token through a C kernel (cpu_bgmv.c) that reads
+  more as in `segmented`, every other token through a C kernel (cpu_kernels.c) that reads
   each token's slot in place at its own rank.
 - `lora_delta_triton` (triton_ops.py, CUDA, opt-in): the segmented layout in Triton.
 
@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from loraplex.lora import cpu_bgmv
+from loraplex import cpu_kernels
 
 
 # A run of at least this many consecutive tokens of one adapter (a prefill chunk, or the
@@ -330,7 +330,7 @@ BGMV_MIN_RUN = 256
 
 
 def bgmv_backend(lib: ctypes.CDLL) -> Callable:
-    """The `bgmv` backend on a loaded CPU kernel (loraplex.lora.cpu_bgmv): runs of at
+    """The `bgmv` backend on a loaded CPU kernel (loraplex.cpu_kernels): runs of at
     least BGMV_MIN_RUN tokens as in `segmented`, every other token by the kernel, straight
     from the slot pool (no grouping, no gathered weights, each slot at its own rank). fp32,
     on the CPU; x, y and the pool contiguous (as LoraLinear's are)."""
@@ -380,7 +380,7 @@ def choose_backend(name: str, device: torch.device = torch.device("cpu"),
         from loraplex.lora.triton_ops import lora_delta_triton
         return lora_delta_triton
     if name in ("auto", "bgmv"):
-        lib = cpu_bgmv.load() if device.type == "cpu" and dtype == torch.float32 else None
+        lib = cpu_kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
         if lib is not None:
             return bgmv_backend(lib)
         if name == "bgmv":

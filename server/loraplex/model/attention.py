@@ -9,16 +9,22 @@ values into the cache and attends each sequence to its own cached context.
 Sequences with one new token (decodes) are attended together in padded SDPA
 calls, in groups of similar context length (`group_decodes`), so that one long
 context does not pad every other decode to its length; each sequence with several
-new tokens (a prefill chunk) gets its own call.
+new tokens (a prefill chunk) gets its own call. For fp32 on the CPU, a C kernel
+(`decode_kernel`) attends every decode in place in the cache instead, each to its own
+length, in one call.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from loraplex import cpu_kernels
 
 ATTENTION_NAME = "loraplex_paged"
 
@@ -116,6 +122,48 @@ class PrefillSeq:
     blocks: torch.Tensor  # [ceil(context / block_size)] its block table
 
 
+def decode_kernel(lib: ctypes.CDLL) -> Callable:
+    """Decode attention by the CPU kernel (loraplex.cpu_kernels): each sequence attends to
+    its own context in place in the paged cache, so one group holds every decode."""
+    kernel = lib.paged_decode_attention
+
+    def attend(q: torch.Tensor, cache: KVCache, layer: int, group: DecodeGroup,
+               scale: float, window: int | None, out: torch.Tensor) -> None:
+        """q: [D, H, d] -> out: [D, H, d] (both contiguous fp32)."""
+        k, v = cache.k[layer], cache.v[layer]  # [slots, KVH, d]
+        (D, H, d), bs, blocks, lens = q.shape, cache.block_size, group.blocks, group.lens
+        # the kernel trusts its pointers: check what it will read
+        if not (q.is_contiguous() and out.is_contiguous() and out.shape == q.shape
+                and q.dtype == out.dtype == k.dtype == v.dtype == torch.float32
+                and k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
+                and k.shape[2] == d and H % k.shape[1] == 0
+                and blocks.dtype == lens.dtype == torch.int64 and blocks.is_contiguous()
+                and blocks.shape[0] == lens.numel() == D and D > 0
+                and int(blocks.max()) * bs < k.shape[0] and int(lens.min()) >= 1
+                and int(lens.max()) <= blocks.shape[1] * bs):
+            raise ValueError("the CPU decode-attention kernel got inconsistent inputs")
+        kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(), blocks.shape[1],
+               lens.data_ptr(), D, H, k.shape[1], d, bs, scale, window or 0, out.data_ptr())
+
+    return attend
+
+
+def choose_decode_attention(name: str, device: torch.device, dtype: torch.dtype
+                            ) -> Callable | None:
+    """`name` from EngineConfig.attention_backend: the CPU kernel ("auto" for fp32 on the
+    CPU where it can be built, or "cpu", which raises ValueError where it cannot run), or
+    None: SDPA over the gathered blocks."""
+    if name == "sdpa":
+        return None
+    lib = cpu_kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
+    if lib is not None:
+        return decode_kernel(lib)
+    if name == "cpu":
+        raise ValueError(f"attention_backend 'cpu' needs fp32 on the CPU and a C compiler "
+                         f"(see the log); the model is {dtype} on {device}: use 'auto'")
+    return None
+
+
 @dataclass
 class AttentionBatch:
     """What attention needs for one step; built once by the runner, read by every layer."""
@@ -124,6 +172,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     decode_groups: list[DecodeGroup]  # the decodes: the first tokens of the packed row
     prefills: list[PrefillSeq]
+    decode_kernel: Callable | None = None  # see decode_kernel; None: SDPA
     _masks: dict = field(default_factory=dict)  # (prefill, window) -> mask, memoized per step
 
     def prefill_mask(self, i: int, window: int | None) -> torch.Tensor:  # [q, context] bool
@@ -159,6 +208,14 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     for group in b.decode_groups:
         D = group.blocks.shape[0]
         qd = q[:, :D] if group.rows is None else q.index_select(1, group.rows)  # [H, D, d]
+        if b.decode_kernel is not None:
+            od = out[:D] if group.rows is None else q.new_empty(D, *out.shape[1:])  # [D, H, d]
+            b.decode_kernel(qd.transpose(0, 1).contiguous(), b.cache, layer, group,
+                            scaling if scaling is not None else q.shape[-1] ** -0.5,
+                            sliding_window, od)
+            if group.rows is not None:
+                out.index_copy_(0, group.rows, od)
+            continue
         kd, vd = b.cache.gather(layer, group.blocks.view(-1))  # [D * Bmax * bs, KVH, d] each
         kd = kd.view(D, -1, *kd.shape[1:]).transpose(1, 2)  # [D, KVH, Bmax * bs, d]
         vd = vd.view(D, -1, *vd.shape[1:]).transpose(1, 2)

@@ -14,13 +14,13 @@ from loraplex.engine.kv_cache import blocks_needed
 from loraplex.engine.sequence import ScheduledSeq
 from loraplex.lora.ops import choose_backend
 from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, PrefillSeq,
-                                       group_decodes)
+                                       choose_decode_attention, group_decodes)
 from loraplex.model.loader import LoadedModel
 
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, kv_cache: KVCache, block_size: int,
-                 lora_backend: str, slot_ranks: list[int]):
+                 lora_backend: str, slot_ranks: list[int], attention_backend: str = "auto"):
         if lora_backend == "triton" and loaded.device.type != "cuda":
             raise ValueError("lora_backend 'triton' runs on CUDA only; the model is on "
                              f"{loaded.device}: use 'auto'")
@@ -28,6 +28,9 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.lora_delta = choose_backend(lora_backend, loaded.device, loaded.dtype)
+        # the CPU kernel attends each decode to its own length: one group holds them all
+        self.decode_kernel = choose_decode_attention(attention_backend, loaded.device,
+                                                     kv_cache.k[0].dtype)
         self.slot_ranks = slot_ranks  # rank of the adapter in each slot (0 = empty), kept by the cache
 
     def _cache_slots(self, block_table: list[int], start: int, end: int) -> list[int]:
@@ -67,11 +70,14 @@ class ModelRunner:
         # Sampling rows follow the caller's batch order, not the packed order.
         sample_idx = [last_row[id(item)] for item in batch if item.samples]
 
-        groups = group_decodes([len(t) for t in decode_tables])
+        if self.decode_kernel is None:
+            groups = group_decodes([len(t) for t in decode_tables])
+        else:
+            groups = [list(range(len(decode_tables)))] if decode_tables else []
         attn = AttentionBatch(
             cache=self.kv_cache, slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             decode_groups=[self._decode_group(g, decode_tables, decode_lens) for g in groups],
-            prefills=prefill_seqs)
+            prefills=prefill_seqs, decode_kernel=self.decode_kernel)
         self._set_lora(lora_slots)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]

@@ -1,11 +1,11 @@
-"""Build and load the CPU LoRA kernel (cpu_bgmv.c) with the system C compiler and ctypes.
+"""Build and load loraplex's CPU kernels (cpu_kernels.c) with the system C compiler and ctypes.
 
-The first engine on the CPU that needs the kernel compiles it (a few tenths of a second)
+The first engine on the CPU that needs the kernels compiles them (a few tenths of a second)
 into $XDG_CACHE_HOME/loraplex, else ~/.cache/loraplex; later ones load the cached library.
 The file name carries a hash of the source and flags, so a changed kernel is rebuilt, never
 confused with an old one. Without a compiler, `load` returns None and the engine uses
-torch's batched matmuls (the `segmented` backend). The CPU image builds the library in a
-build stage (`python -m loraplex.lora.cpu_bgmv FOLDER`) and ships it in its cache folder.
+torch ops (the `segmented` LoRA backend, SDPA attention). The CPU image builds the
+library in a build stage (`python cpu_kernels.py FOLDER`) and ships it in its cache folder.
 
 Only the standard library is used here, so the image's build stage needs no torch.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_bgmv.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
 _loaded: dict[Path, ctypes.CDLL | None] = {}  # folder -> library (None: could not build)
 
@@ -37,11 +37,11 @@ def kernel_dir() -> Path:
 
 def library_name() -> str:
     key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + platform.machine().encode()
-    return f"lora_bgmv-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    return f"loraplex_kernels-{hashlib.sha256(key).hexdigest()[:16]}.so"
 
 
 def build(folder: Path) -> Path:
-    """Compile the kernel into `folder` (written under a temporary name, then renamed, so
+    """Compile the kernels into `folder` (written under a temporary name, then renamed, so
     processes building at once never load half a file). Raises OSError when there is no
     compiler, subprocess.CalledProcessError when it fails."""
     target = folder / library_name()
@@ -62,23 +62,26 @@ def build(folder: Path) -> Path:
 
 
 def load(folder: Path | None = None) -> ctypes.CDLL | None:
-    """The kernel library (built on first use), or None when it cannot be built here."""
+    """The kernels' library (built on first use), or None when it cannot be built here."""
     folder = folder or kernel_dir()
     if folder not in _loaded:
         try:
             lib = ctypes.CDLL(str(build(folder)))
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
-            log.warning("CPU LoRA kernel unavailable (%s); using torch's batched matmuls",
+            log.warning("CPU kernels unavailable (%s); using torch ops instead",
                         str(detail).strip()[:500])
             lib = None
         else:
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             lib.lora_bgmv.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p]
             lib.lora_bgmv.restype = ctypes.c_int
+            lib.paged_decode_attention.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64,
+                                                   i64, ctypes.c_float, i64, p]
+            lib.paged_decode_attention.restype = None
         _loaded[folder] = lib
     return _loaded[folder]
 
 
-if __name__ == "__main__":  # python -m loraplex.lora.cpu_bgmv FOLDER: prebuild (the CPU image)
+if __name__ == "__main__":  # python cpu_kernels.py FOLDER: prebuild (the CPU image)
     print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else kernel_dir()))
