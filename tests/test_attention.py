@@ -89,6 +89,10 @@ def test_decode_kernel_refuses_inconsistent_inputs():
     too_long = DecodeGroup(rows=None, blocks=group.blocks, lens=torch.tensor([5, 99]))
     with pytest.raises(ValueError, match="inconsistent"):
         kernel(qd, cache, 0, too_long, 0.25, None, out)
+    past_the_end = DecodeGroup(rows=None, blocks=torch.tensor([[1, 2], [NUM_BLOCKS, 3]]),
+                               lens=torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernel(qd, cache, 0, past_the_end, 0.25, None, out)
     with pytest.raises(ValueError, match="inconsistent"):
         kernel(qd.double(), cache, 0, group, 0.25, None, out.double())
 

@@ -139,7 +139,8 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
                 and k.shape[2] == d and H % k.shape[1] == 0
                 and blocks.dtype == lens.dtype == torch.int64 and blocks.is_contiguous()
                 and blocks.shape[0] == lens.numel() == D and D > 0
-                and int(blocks.max()) * bs < k.shape[0] and int(lens.min()) >= 1
+                and 0 <= int(blocks.min()) and int(blocks.max()) < k.shape[0] // bs
+                and int(lens.min()) >= 1
                 and int(lens.max()) <= blocks.shape[1] * bs):
             raise ValueError("the CPU decode-attention kernel got inconsistent inputs")
         kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(), blocks.shape[1],
