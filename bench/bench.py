@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 shape=args.shape, quantize=args.quantize, dtype=str(dtype),
                 lora_backend=args.lora_backend,
                 lora_kernel=engine.runner.lora_delta.__name__,  # what "auto" chose
+                decode_attention="sdpa" if engine.runner.decode_kernel is None else "cpu",
                 num_requests=args.num_requests, rank=args.rank, targets=args.targets,
                 repeat=args.repeat,
                 load_avg=os.getloadavg(), date=time.strftime("%Y-%m-%d"))

@@ -83,5 +83,16 @@ def load(folder: Path | None = None) -> ctypes.CDLL | None:
     return _loaded[folder]
 
 
+def load_for(device_type: str, dtype_name: str, required_by: str = "") -> ctypes.CDLL | None:
+    """The library for a model in `dtype_name` on `device_type`: None unless that is
+    "float32" on "cpu" and the kernels build here. `required_by` (an option that named the
+    kernels explicitly, e.g. "lora_backend 'bgmv'") turns None into a ValueError."""
+    lib = load() if device_type == "cpu" and dtype_name == "float32" else None
+    if lib is None and required_by:
+        raise ValueError(f"{required_by} needs fp32 on the CPU and a C compiler (see the "
+                         f"log); the model is {dtype_name} on {device_type}: use 'auto'")
+    return lib
+
+
 if __name__ == "__main__":  # python cpu_kernels.py FOLDER: prebuild (the CPU image)
     print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else kernel_dir()))

@@ -380,11 +380,7 @@ def choose_backend(name: str, device: torch.device = torch.device("cpu"),
         from loraplex.lora.triton_ops import lora_delta_triton
         return lora_delta_triton
     if name in ("auto", "bgmv"):
-        lib = cpu_kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
-        if lib is not None:
-            return bgmv_backend(lib)
-        if name == "bgmv":
-            raise ValueError(f"lora_backend 'bgmv' needs fp32 on the CPU and a C compiler "
-                             f"(see the log); the model is {dtype} on {device}: use 'auto'")
-        return lora_delta_segmented
+        lib = cpu_kernels.load_for(device.type, str(dtype).removeprefix("torch."),
+                                   "lora_backend 'bgmv'" if name == "bgmv" else "")
+        return lora_delta_segmented if lib is None else bgmv_backend(lib)
     return BACKENDS[name]

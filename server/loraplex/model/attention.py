@@ -100,6 +100,20 @@ class DecodeGroup:
     blocks: torch.Tensor  # [Dg, Bmax] block tables, padded with block 0
     lens: torch.Tensor  # [Dg] context lengths (including the new token)
     _masks: dict = field(default_factory=dict)  # window -> mask, memoized per step
+    _fits: dict = field(default_factory=dict)  # (blocks, block_size) -> bool, see fits
+
+    def fits(self, num_blocks: int, block_size: int) -> bool:
+        """Block ids within a cache of `num_blocks`, lengths within the tables (checked
+        once per step, not per layer)."""
+        key = (num_blocks, block_size)
+        if key not in self._fits:
+            self._fits[key] = bool(
+                self.blocks.dtype == self.lens.dtype == torch.int64
+                and self.blocks.is_contiguous() and self.blocks.shape[0] == self.lens.numel() > 0
+                and 0 <= int(self.blocks.min()) and int(self.blocks.max()) < num_blocks
+                and int(self.lens.min()) >= 1
+                and int(self.lens.max()) <= self.blocks.shape[1] * block_size)
+        return self._fits[key]
 
     def mask(self, block_size: int, window: int | None) -> torch.Tensor:  # [Dg, 1, 1, W] bool
         if window not in self._masks:
@@ -136,12 +150,8 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
         if not (q.is_contiguous() and out.is_contiguous() and out.shape == q.shape
                 and q.dtype == out.dtype == k.dtype == v.dtype == torch.float32
                 and k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
-                and k.shape[2] == d and H % k.shape[1] == 0
-                and blocks.dtype == lens.dtype == torch.int64 and blocks.is_contiguous()
-                and blocks.shape[0] == lens.numel() == D and D > 0
-                and 0 <= int(blocks.min()) and int(blocks.max()) < k.shape[0] // bs
-                and int(lens.min()) >= 1
-                and int(lens.max()) <= blocks.shape[1] * bs):
+                and k.shape[2] == d and H % k.shape[1] == 0 and lens.numel() == D
+                and group.fits(k.shape[0] // bs, bs)):
             raise ValueError("the CPU decode-attention kernel got inconsistent inputs")
         kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(), blocks.shape[1],
                lens.data_ptr(), D, H, k.shape[1], d, bs, scale, window or 0, out.data_ptr())
@@ -156,13 +166,9 @@ def choose_decode_attention(name: str, device: torch.device, dtype: torch.dtype
     None: SDPA over the gathered blocks."""
     if name == "sdpa":
         return None
-    lib = cpu_kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
-    if lib is not None:
-        return decode_kernel(lib)
-    if name == "cpu":
-        raise ValueError(f"attention_backend 'cpu' needs fp32 on the CPU and a C compiler "
-                         f"(see the log); the model is {dtype} on {device}: use 'auto'")
-    return None
+    lib = cpu_kernels.load_for(device.type, str(dtype).removeprefix("torch."),
+                               "attention_backend 'cpu'" if name == "cpu" else "")
+    return None if lib is None else decode_kernel(lib)
 
 
 @dataclass
