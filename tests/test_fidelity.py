@@ -24,6 +24,10 @@ FP32_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 # and grow through the layers (nf4: 7.8e-3 with the segmented backend, 2.3e-2 with the CPU
 # kernel, which is as close to PEFT as segmented in fp32: 7.4e-6 and 5.3e-6).
 LOGPROB_TOLERANCE = {"none": 1e-4, "nf4": 5e-2, "fp4": 5e-2, "int8": 5e-2}
+# --lora-dtype bfloat16 on the fp32 base: the adapters' weights rounded to bf16 (8 bits of
+# mantissa), the sums in fp32. Measured: 1.04e-2, every request with PEFT's greedy choice
+# at every step (these random test adapters move the logits far more than trained ones).
+BF16_POOL_TOLERANCE = 5e-2
 
 
 def mixed_plan(adapter_names, prompts, num_base=4):
@@ -95,11 +99,16 @@ def peft_alone(base_dir, adapter_dir, quantize, prompt, served):
     return steps.argmax(-1).tolist(), [steps[i, t].item() for i, t in enumerate(served)]
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4", "fp4", "int8"])
-def test_served_logprobs_close_to_peft(quantize, tiny_models, adapters, prompts, capsys):
+@pytest.mark.parametrize("quantize,lora_dtype", [("none", "auto"), ("nf4", "auto"),
+                                                  ("fp4", "auto"), ("int8", "auto"),
+                                                  ("none", "bfloat16")])
+def test_served_logprobs_close_to_peft(quantize, lora_dtype, tiny_models, adapters, prompts,
+                                       capsys):
+    """PEFT keeps the adapters in fp32 in every case."""
     arch = "llama"
     names = sorted(adapters[arch])
-    engine = build_engine(tiny_models[arch], adapters[arch][names[0]].parent, quantize=quantize)
+    engine = build_engine(tiny_models[arch], adapters[arch][names[0]].parent, quantize=quantize,
+                          lora_dtype=lora_dtype)
     try:
         plan = mixed_plan(names, prompts)
         outs = serve(engine, plan, logprobs=True)
@@ -114,7 +123,8 @@ def test_served_logprobs_close_to_peft(quantize, tiny_models, adapters, prompts,
         worst = max(worst, max(abs(o.logprob - r) for o, r in zip(out.logprobs, ref_lps)))
         compared += len(served)
     with capsys.disabled():
-        print(f"\n[{quantize}] max |logprob - PEFT| = {worst:.2e} over {compared} tokens; "
-              f"{same_choice}/{len(plan)} requests with PEFT's greedy choice at every step")
-    assert worst <= LOGPROB_TOLERANCE[quantize]
+        print(f"\n[{quantize}, lora {lora_dtype}] max |logprob - PEFT| = {worst:.2e} over "
+              f"{compared} tokens; {same_choice}/{len(plan)} requests with PEFT's greedy "
+              "choice at every step")
+    assert worst <= (LOGPROB_TOLERANCE[quantize] if lora_dtype == "auto" else BF16_POOL_TOLERANCE)
     assert same_choice >= len(plan) - 1  # a near-tie may flip one argmax under int8

@@ -289,3 +289,47 @@ def test_bgmv_refuses_what_it_would_read_out_of_bounds():
     ref = torch.zeros(2, 16)
     lora_delta_loop(ref, x, A, B, plan)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["bgmv", "segmented", "grouped", "gather"])
+def test_bf16_pool_under_fp32_activations(backend):
+    """EngineConfig.lora_dtype "bfloat16" on an fp32 model: the kernel reads the bf16 pool
+    as it is and sums in fp32 (so it matches the loop on the same rounded weights to fp32
+    noise, long runs included); the torch backends compute in bf16 beside y and add to it."""
+    if backend == "bgmv" and not HAS_CC:
+        pytest.skip("no C compiler on PATH")
+    from loraplex.lora.ops import BGMV_MIN_RUN
+    ranks = [3, 16, 64]
+    A, B = _pool(4, 64, 40, 24, ranks, seed=5)
+    A, B = A.bfloat16(), B.bfloat16()
+    # decodes, tiles of one slot, and (for bgmv) a run long enough for its matmul pair
+    slots = torch.tensor([2, 1, 3] + [1] * 13 + [0, 3] + [2] * (BGMV_MIN_RUN + 5) + [3, 3])
+    x = torch.randn(slots.numel(), 40, generator=torch.Generator().manual_seed(6))  # fp32
+    delta = choose_backend(backend, torch.device("cpu"), torch.float32, torch.bfloat16)
+    plan = LoraPlan()
+    plan.start_step(slots, [0] + ranks, delta, torch.device("cpu"))
+    ref, got = torch.ones(slots.numel(), 24), torch.ones(slots.numel(), 24)
+    lora_delta_loop(ref, x, A.float(), B.float(), plan)
+    delta(got, x, A, B, plan)
+    assert got.dtype == torch.float32
+    if backend == "bgmv":
+        assert plan.segments.runs and plan.segments.groups == ()  # it reads `rest` alone
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    else:  # x and the sums rounded to bf16 (|delta| up to ~200 here)
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=1.0)
+
+
+def test_pool_dtype_choice():
+    cpu = torch.device("cpu")
+    same = choose_backend("segmented", cpu, torch.float32, torch.float32)
+    assert same is lora_delta_segmented  # no cast around a pool of the activations' dtype
+    assert choose_backend("segmented", cpu, torch.float32, torch.bfloat16).__name__ == \
+        "lora_delta_cast"
+    # fp16 weights: no kernel reads them; auto falls back to torch ops, bgmv refuses
+    assert choose_backend("auto", cpu, torch.float32, torch.float16).__name__ == \
+        "lora_delta_cast"
+    with pytest.raises(ValueError, match="float32 or bfloat16 adapter weights"):
+        choose_backend("bgmv", cpu, torch.float32, torch.float16)
+    if HAS_CC:
+        assert choose_backend("auto", cpu, torch.float32, torch.bfloat16).__name__ == \
+            "lora_delta_bgmv"

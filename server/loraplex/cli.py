@@ -96,6 +96,10 @@ OPTIONS: tuple[Option, ...] = (
     _o("max-cpu-adapters", "engine", "max_cpu_adapters", int,
        "adapters kept in host memory (LRU)"),
     _o("max-lora-rank", "engine", "max_lora_rank", int, "largest LoRA rank accepted"),
+    _o("lora-dtype", "engine", "lora_dtype", str,
+       "dtype of adapter weights in their slots (auto: the model's; bfloat16 on an fp32 CPU "
+       "model halves the bytes each step reads, at bf16 rounding of the weights)",
+       choices=DTYPE_CHOICES),
     _o("max-queue", "engine", "max_queue", int,
        "waiting requests before new ones get RESOURCE_EXHAUSTED"),
     _o("lora-backend", "engine", "lora_backend", str, "LoRA delta kernels",

@@ -62,6 +62,7 @@ class EngineConfig:
     max_gpu_adapters: int = 16  # adapter slots next to the base model
     max_cpu_adapters: int = 64  # adapters kept in host memory (LRU)
     max_lora_rank: int = 64
+    lora_dtype: str = "auto"  # adapter weights in their slots: auto = the model's dtype
     max_queue: int = 1024  # waiting requests before RESOURCE_EXHAUSTED
     lora_backend: str = "auto"
     attention_backend: str = "auto"  # decode attention: "auto" (CPU kernel for fp32 on CPU), "sdpa", "cpu"
@@ -83,6 +84,8 @@ class EngineConfig:
             raise ValueError("max_cpu_adapters must be >= max_gpu_adapters")
         if self.lora_backend not in LORA_BACKENDS:
             raise ValueError(f"lora_backend must be one of {LORA_BACKENDS}")
+        if self.lora_dtype not in DTYPE_CHOICES:
+            raise ValueError(f"lora_dtype must be one of {DTYPE_CHOICES}, got {self.lora_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
 

@@ -74,8 +74,9 @@ def load(folder: Path | None = None) -> ctypes.CDLL | None:
             lib = None
         else:
             p, i64 = ctypes.c_void_p, ctypes.c_int64
-            lib.lora_bgmv.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p]
-            lib.lora_bgmv.restype = ctypes.c_int
+            for bgmv in (lib.lora_bgmv, lib.lora_bgmv_bf16):
+                bgmv.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p]
+                bgmv.restype = ctypes.c_int
             lib.paged_decode_attention.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64,
                                                    i64, ctypes.c_float, i64, p]
             lib.paged_decode_attention.restype = None

@@ -120,7 +120,8 @@ class Engine:
     def build(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig, adapter_root: str,
               metrics: Metrics | None = None) -> Engine:
         def build() -> Engine:
-            loaded = load_model(model_cfg, engine_cfg.max_gpu_adapters, engine_cfg.max_lora_rank)
+            loaded = load_model(model_cfg, engine_cfg.max_gpu_adapters, engine_cfg.max_lora_rank,
+                                engine_cfg.lora_dtype)
             return cls(loaded, engine_cfg, adapter_root, metrics)
         # not on the caller's thread: its OpenMP pool would outlive the load (see threads.py)
         return run_in_fresh_thread(build, engine_cfg.threads or default_threads(), "loraplex-load")

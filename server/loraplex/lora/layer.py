@@ -25,18 +25,19 @@ from loraplex.lora.ops import LoraPlan
 class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
                  num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-                 plan: LoraPlan):
+                 plan: LoraPlan, lora_dtype: torch.dtype | None = None):
+        """dtype: the activations'; lora_dtype: the slot pool's (default: dtype)."""
         super().__init__()
         self.base_layer = base_layer
         self.in_features = in_features
         self.out_features = out_features
+        self.dtype = dtype
         self.plan = plan
+        pool = dict(dtype=lora_dtype or dtype, device=device)
         self.register_buffer(  # [S, r_max, in]
-            "lora_A", torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device),
-            persistent=False)
+            "lora_A", torch.zeros(num_slots, max_rank, in_features, **pool), persistent=False)
         self.register_buffer(  # [S, r_max, out]: B transposed, so a slot's rows are contiguous
-            "lora_B", torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device),
-            persistent=False)
+            "lora_B", torch.zeros(num_slots, max_rank, out_features, **pool), persistent=False)
         self.active_slots: set[int] = set()  # slots whose adapter targets this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
@@ -44,15 +45,16 @@ class LoraLinear(nn.Module):
         plan = self.plan.for_layer(self.active_slots)
         if plan is None:  # no adapter of this step targets this layer
             return y
-        if y.dtype != self.lora_A.dtype:
-            y = y.to(self.lora_A.dtype)
+        if y.dtype != self.dtype:  # a quantized base layer may return another dtype
+            y = y.to(self.dtype)
         plan.delta(y.view(-1, self.out_features),
-                   x.reshape(-1, self.in_features).to(self.lora_A.dtype),
+                   x.reshape(-1, self.in_features).to(self.dtype),
                    self.lora_A, self.lora_B, plan)
         return y
 
     def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
-        """Write one adapter's A [r, in] and scaled B [out, r] into `slot` (None clears it)."""
+        """Write one adapter's A [r, in] and scaled B [out, r] into `slot` (None clears it),
+        rounded to the pool's dtype."""
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         if A is None:

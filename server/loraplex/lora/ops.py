@@ -29,7 +29,12 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
 - `lora_delta_triton` (triton_ops.py, CUDA, opt-in): the segmented layout in Triton.
 
 A backend may carry `min_run`, the shortest run it wants as a matmul pair (default
-MIN_RUN); `LoraPlan.start_step` builds the segments with it.
+MIN_RUN), and `groups = False` when it never reads `Segments.groups`; `LoraPlan.start_step`
+builds the segments with them.
+
+The slot pool may hold another dtype than the activations (EngineConfig.lora_dtype, e.g.
+bf16 adapters on an fp32 model): the CPU kernel reads bf16 pools as they are, the torch
+backends get `with_pool_dtype` around them.
 """
 
 from __future__ import annotations
@@ -151,16 +156,18 @@ class Segments:
 
     - `runs`: every run of at least `min_run` consecutive tokens of one slot, done in place
       at that slot's own rank.
-    - `groups`: the other adapter tokens, one `Group` per rank bucket (usually one).
+    - `groups`: the other adapter tokens, one `Group` per rank bucket (usually one); left
+      empty when built with groups=False, for a backend that reads `rest` alone.
     """
 
     runs: tuple[tuple[int, int, int, int], ...]  # (start, stop, slot, rank): tokens start..stop-1
     groups: tuple[Group, ...]
     rest: torch.Tensor  # [T] each token's slot, 0 inside the runs: what the groups hold
+    rest_tokens: int  # adapter tokens outside the runs
 
     @classmethod
     def build(cls, slots: torch.Tensor, slot_ranks: Sequence[int],
-              min_run: int = MIN_RUN) -> Segments | None:
+              min_run: int = MIN_RUN, groups: bool = True) -> Segments | None:
         """slots: [T] (CPU); slot_ranks[s]: the rank of slot s's adapter. None when no
         token uses an adapter."""
         runs = tuple((start, stop, slot, slot_ranks[slot])
@@ -171,21 +178,24 @@ class Segments:
             rest[start:stop] = 0
         tokens = (rest > 0).nonzero().squeeze(1)  # [n]
         if tokens.numel() == 0:
-            return cls(runs, (), rest) if runs else None
+            return cls(runs, (), rest, 0) if runs else None
+        if not groups:
+            return cls(runs, (), rest, tokens.numel())
         tok_slots = rest[tokens]
         by_bucket: dict[int, list[int]] = {}
         for slot in torch.unique(tok_slots).tolist():
             by_bucket.setdefault(rank_bucket(slot_ranks[slot]), []).append(slot)
-        groups = []
+        layout = []
         for bucket in sorted(by_bucket):
             members = by_bucket[bucket]
             mine = torch.isin(tok_slots, torch.tensor(members))  # [n]
-            groups.append(Group.build(tokens[mine], tok_slots[mine], slots.numel(),
+            layout.append(Group.build(tokens[mine], tok_slots[mine], slots.numel(),
                                       max(slot_ranks[s] for s in members)))
-        return cls(runs, tuple(groups), rest)
+        return cls(runs, tuple(layout), rest, tokens.numel())
 
     def to(self, device: torch.device) -> Segments:
-        return Segments(self.runs, tuple(g.to(device) for g in self.groups), self.rest.to(device))
+        return Segments(self.runs, tuple(g.to(device) for g in self.groups),
+                        self.rest.to(device), self.rest_tokens)
 
 
 @dataclass
@@ -231,8 +241,9 @@ class LoraPlan:
         the adapter in slot s."""
         self.used_slots = frozenset(torch.unique(slots).tolist()) - {0}
         self.rank = max((slot_ranks[s] for s in self.used_slots), default=0)
-        min_run = getattr(delta, "min_run", MIN_RUN)  # a backend may want other runs
-        self.segments = (Segments.build(slots, slot_ranks, min_run).to(device)
+        min_run = getattr(delta, "min_run", MIN_RUN)  # a backend may want other runs,
+        groups = getattr(delta, "groups", True)  # or no groups
+        self.segments = (Segments.build(slots, slot_ranks, min_run, groups).to(device)
                          if self.used_slots else None)
         self.slots, self.delta = slots.to(device), delta
         self._host_slots, self._slot_ranks = slots, slot_ranks
@@ -296,10 +307,12 @@ def lora_delta_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
 
 def add_runs(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
              plan: LoraPlan) -> None:
-    """The segments' long runs: y[a:b] += (x[a:b] @ A[s].T) @ B[s], on views, in place."""
+    """The segments' long runs: y[a:b] += (x[a:b] @ A[s].T) @ B[s], on views, in place
+    (the slot's weights copied into x's dtype first when the pool's differs)."""
     for start, stop, slot, rank in plan.segments.runs:
-        h = x[start:stop] @ A[slot, :rank].T  # [L, rank]
-        y[start:stop].addmm_(h, B[slot, :rank])  # [L, out]
+        a, b = A[slot, :rank].to(x.dtype), B[slot, :rank].to(x.dtype)  # [rank, in], [rank, out]
+        h = x[start:stop] @ a.T  # [L, rank]
+        y[start:stop].addmm_(h, b)  # [L, out]
 
 
 def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -332,9 +345,10 @@ BGMV_MIN_RUN = 256
 def bgmv_backend(lib: ctypes.CDLL) -> Callable:
     """The `bgmv` backend on a loaded CPU kernel (loraplex.cpu_kernels): runs of at
     least BGMV_MIN_RUN tokens as in `segmented`, every other token by the kernel, straight
-    from the slot pool (no grouping, no gathered weights, each slot at its own rank). fp32,
-    on the CPU; x, y and the pool contiguous (as LoraLinear's are)."""
-    kernel = lib.lora_bgmv
+    from the slot pool (no grouping, no gathered weights, each slot at its own rank). fp32
+    x and y, a pool of fp32 or bf16, on the CPU; x, y and the pool contiguous (as
+    LoraLinear's are)."""
+    kernels = {torch.float32: lib.lora_bgmv, torch.bfloat16: lib.lora_bgmv_bf16}
 
     def lora_delta_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                         plan: LoraPlan) -> None:
@@ -342,24 +356,42 @@ def bgmv_backend(lib: ctypes.CDLL) -> Callable:
         if seg is None:
             return
         add_runs(y, x, A, B, plan)
-        if seg.groups:  # tokens outside the runs
+        if seg.rest_tokens:  # tokens outside the runs
             x, ranks = x.contiguous(), plan.rank_table()
+            kernel = kernels.get(A.dtype)
             # the kernel trusts its pointers: check what it will read
-            if not (y.is_contiguous() and A.is_contiguous() and B.is_contiguous()
-                    and y.dtype == x.dtype == A.dtype == B.dtype == torch.float32
+            if not (kernel is not None and y.is_contiguous() and A.is_contiguous()
+                    and B.is_contiguous() and y.dtype == x.dtype == torch.float32
+                    and B.dtype == A.dtype
                     and x.shape[1] == A.shape[2] and y.shape == (x.shape[0], B.shape[2])
                     and seg.rest.dtype == torch.int64 and seg.rest.is_contiguous()
                     and max(plan.used_slots) < min(A.shape[0], B.shape[0], ranks.numel())):
-                raise ValueError("the CPU LoRA kernel takes contiguous fp32 x, y and pool of "
-                                 "matching shapes, int64 slots, and slots within the pool "
-                                 "and the rank table")
+                raise ValueError("the CPU LoRA kernel takes contiguous fp32 x and y, a pool of "
+                                 "fp32 or bf16, matching shapes, int64 slots, and slots "
+                                 "within the pool and the rank table")
             if kernel(x.data_ptr(), x.shape[1], A.data_ptr(), A.stride(0), B.data_ptr(),
                       B.stride(0), B.shape[2], seg.rest.data_ptr(), ranks.data_ptr(),
                       x.shape[0], y.data_ptr()):
                 raise MemoryError("the CPU LoRA kernel could not allocate its tile list")
 
     lora_delta_bgmv.min_run = BGMV_MIN_RUN  # read by LoraPlan.start_step
+    lora_delta_bgmv.groups = False
     return lora_delta_bgmv
+
+
+def with_pool_dtype(delta: Callable) -> Callable:
+    """A torch backend for a pool whose dtype is not the activations': the delta is computed
+    in the pool's dtype into a zeroed buffer, then added to y in y's (so y, the base's
+    output, is never rounded to the pool's dtype)."""
+    def lora_delta_cast(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        plan: LoraPlan) -> None:
+        out = torch.zeros(y.shape, dtype=A.dtype, device=y.device)  # [T, out]
+        delta(out, x.to(A.dtype), A, B, plan)
+        y += out
+
+    lora_delta_cast.min_run = getattr(delta, "min_run", MIN_RUN)
+    lora_delta_cast.groups = getattr(delta, "groups", True)
+    return lora_delta_cast
 
 
 BACKENDS: dict[str, Callable] = {
@@ -371,16 +403,26 @@ BACKENDS: dict[str, Callable] = {
 
 
 def choose_backend(name: str, device: torch.device = torch.device("cpu"),
-                   dtype: torch.dtype = torch.float32) -> Callable:
-    """`name` from EngineConfig.lora_backend, for slot pools of `dtype` on `device`.
-    "auto": the CPU kernel (`bgmv`) for fp32 on the CPU when it can be built here, else
-    `segmented`; "bgmv" raises ValueError where it cannot run. (The runner refuses
-    "triton" off CUDA; the tests run it on the CPU in Triton's interpreter.)"""
+                   dtype: torch.dtype = torch.float32,
+                   pool_dtype: torch.dtype | None = None) -> Callable:
+    """`name` from EngineConfig.lora_backend, for activations of `dtype` on `device` and a
+    slot pool of `pool_dtype` (default: `dtype`). "auto": the CPU kernel (`bgmv`) for fp32
+    activations on the CPU with an fp32 or bf16 pool, when it can be built here, else
+    `segmented`; "bgmv" raises ValueError where it cannot run. (The runner refuses "triton"
+    off CUDA; the tests run it on the CPU in Triton's interpreter.)"""
+    pool_dtype = pool_dtype or dtype
+    if name in ("auto", "bgmv"):
+        required_by = "lora_backend 'bgmv'" if name == "bgmv" else ""
+        if required_by and pool_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"{required_by} reads float32 or bfloat16 adapter weights, not "
+                             f"{pool_dtype}: use 'auto' or another lora_dtype")
+        lib = cpu_kernels.load_for(device.type, str(dtype).removeprefix("torch."), required_by)
+        if lib is not None and pool_dtype in (torch.float32, torch.bfloat16):
+            return bgmv_backend(lib)
+        name = "segmented"
     if name == "triton":  # opt-in; imported here so triton stays optional
         from loraplex.lora.triton_ops import lora_delta_triton
-        return lora_delta_triton
-    if name in ("auto", "bgmv"):
-        lib = cpu_kernels.load_for(device.type, str(dtype).removeprefix("torch."),
-                                   "lora_backend 'bgmv'" if name == "bgmv" else "")
-        return lora_delta_segmented if lib is None else bgmv_backend(lib)
-    return BACKENDS[name]
+        delta = lora_delta_triton
+    else:
+        delta = BACKENDS[name]
+    return delta if pool_dtype == dtype else with_pool_dtype(delta)

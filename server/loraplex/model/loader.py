@@ -30,7 +30,8 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     device: torch.device
-    dtype: torch.dtype  # compute dtype of activations, LoRA weights and KV cache
+    dtype: torch.dtype  # compute dtype of activations and KV cache
+    lora_dtype: torch.dtype  # of the adapters' weights in their slots
     lora_layers: dict[str, LoraLinear]  # served module name -> wrapped layer
     lora_plan: LoraPlan  # filled by the runner each step, read by every LoraLinear
     max_model_len: int
@@ -87,12 +88,15 @@ def _check_supported(config) -> None:
                          "by the paged attention backend")
 
 
-def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
+def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
+               lora_dtype: str = "auto") -> LoadedModel:
     """Load `cfg.path` and wrap every decoder linear with `max_slots` adapter slots
-    (plus the zero slot) of rank up to `max_rank`."""
+    (plus the zero slot) of rank up to `max_rank`, holding weights in `lora_dtype`
+    ("auto": the model's dtype)."""
     register_attention()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    pool_dtype = dtype if lora_dtype == "auto" else _DTYPES[lora_dtype]
     hf_config = AutoConfig.from_pretrained(cfg.path)
     _check_supported(hf_config)
     model = load_hf_model(cfg.path, cfg.quantize, dtype, device,
@@ -102,7 +106,8 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
 
     lora_plan = LoraPlan()
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    lora_layers = wrap_linears(model, max_slots + 1, max_rank, dtype, device, lora_plan)
+    lora_layers = wrap_linears(model, max_slots + 1, max_rank, dtype, device, lora_plan,
+                               pool_dtype)
     pack_cpu_linears(model, lora_layers)
     text_config = model.config.get_text_config()
     head_dim = getattr(text_config, "head_dim", None) or (
@@ -111,7 +116,8 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
     if cfg.max_model_len:
         max_len = min(max_len, cfg.max_model_len)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora_layers=lora_layers,
+        model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora_dtype=pool_dtype,
+        lora_layers=lora_layers,
         lora_plan=lora_plan, max_model_len=max_len,
         num_layers=text_config.num_hidden_layers,
         kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
@@ -120,7 +126,8 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int) -> LoadedModel:
 
 
 def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, lora_plan: LoraPlan) -> dict[str, LoraLinear]:
+                 device: torch.device, lora_plan: LoraPlan,
+                 lora_dtype: torch.dtype | None = None) -> dict[str, LoraLinear]:
     """Replace every linear inside the decoder layers by a LoraLinear; returns them by name."""
     output_layer = model.get_output_embeddings()
     targets = [(name, module) for name, module in model.named_modules()
@@ -129,7 +136,8 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     for name, module in targets:
         in_f, out_f = _linear_shape(module)
         parent_name, _, child = name.rpartition(".")
-        layer = LoraLinear(module, in_f, out_f, num_slots, max_rank, dtype, device, lora_plan)
+        layer = LoraLinear(module, in_f, out_f, num_slots, max_rank, dtype, device, lora_plan,
+                           lora_dtype)
         setattr(model.get_submodule(parent_name), child, layer)
         wrapped[name] = layer
     if not wrapped:

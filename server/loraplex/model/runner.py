@@ -27,7 +27,8 @@ class ModelRunner:
         self.loaded = loaded
         self.kv_cache = kv_cache
         self.block_size = block_size
-        self.lora_delta = choose_backend(lora_backend, loaded.device, loaded.dtype)
+        self.lora_delta = choose_backend(lora_backend, loaded.device, loaded.dtype,
+                                         loaded.lora_dtype)
         # the CPU kernel attends each decode to its own length: one group holds them all
         self.decode_kernel = choose_decode_attention(attention_backend, loaded.device,
                                                      kv_cache.k[0].dtype)
