@@ -41,7 +41,7 @@ from bench.baselines import (hf_static_batch, load_hf_model, load_peft_model, pe
                              warm_up)
 from bench.workload import (SHAPES, TARGETS, BenchRequest, bench_adapter_names, build_bench_adapters,
                             build_bench_model, make_workload)
-from loraplex.config import LORA_BACKENDS, EngineConfig, ModelConfig, parse_size
+from loraplex.config import DTYPE_CHOICES, LORA_BACKENDS, EngineConfig, ModelConfig, parse_size
 from loraplex.engine.engine import Engine, collect
 from loraplex.engine.request import GenerationRequest, SamplingParams
 from loraplex.engine.threads import run_in_fresh_thread, use_threads
@@ -92,7 +92,8 @@ def summarize(system: str, n: int, outputs: str, runs: list[dict], by_key: dict)
     return dict(system=system, adapters=n, outputs=outputs, tok_per_s=statistics.median(tps),
                 rounds=[round(t, 1) for t in tps], tokens=runs[0]["tokens"],
                 vs_loraplex_n0=paired_ratio(runs, by_key.get(("loraplex", 0))),
-                vs_peft=paired_ratio(runs, by_key.get(("peft", n))) if system == "loraplex" else None,
+                vs_peft=(paired_ratio(runs, by_key.get(("peft", n)))
+                         if system.startswith("loraplex") else None),
                 vs_hf=paired_ratio(runs, by_key.get(("hf", 0))))
 
 
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "layers, attention (q, k, v, o), or q and v (PEFT's default for Llama)")
     parser.add_argument("--kv-cache-memory", type=parse_size, default=512 * 2**20)
     parser.add_argument("--lora-backend", default="auto", choices=LORA_BACKENDS)
+    parser.add_argument("--lora-dtype", nargs="+", default=["auto"], choices=DTYPE_CHOICES,
+                        help="as `loraplex serve --lora-dtype`; each value after the first "
+                             "adds an engine whose rows are 'loraplex-<dtype>' (N > 0; PEFT "
+                             "keeps the adapters in the model's dtype)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=7, help="timed rounds")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -134,12 +139,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # exits, with the engine's step loop (and its pool) stopped; the engine keeps its state.
     def baseline(fn: Callable[[], dict]) -> Callable[[], dict]:
         def run() -> dict:
-            engine.stop()
+            for e in engines.values():
+                e.stop()
             return run_in_fresh_thread(fn, args.threads, "bench-baseline")
         return run
 
-    def loraplex(work: list[BenchRequest]) -> Callable[[], dict]:
+    def loraplex(engine: Engine, work: list[BenchRequest]) -> Callable[[], dict]:
         def run() -> dict:
+            for other in engines.values():  # one step loop at a time
+                if other is not engine:
+                    other.stop()
             engine.start()  # no-op when running
             return run_engine(engine, work)
         return run
@@ -161,21 +170,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     hf, peft = run_in_fresh_thread(prepare, args.threads, "bench-prepare")
     vocab = AutoConfig.from_pretrained(base_dir).vocab_size
-    engine = Engine.build(
-        ModelConfig(path=str(base_dir), **base_options),
-        EngineConfig(max_batch_tokens=4096, max_num_seqs=args.num_requests, prefill_chunk=2048,
-                     kv_cache_memory=args.kv_cache_memory,
-                     max_gpu_adapters=min(args.num_requests, max(max(args.adapters), 1)),
-                     max_cpu_adapters=max(args.adapters + [args.num_requests]),
-                     max_lora_rank=max(args.rank), lora_backend=args.lora_backend,
-                     threads=args.threads),
-        str(adapters_dir))
+    engines = {  # system name -> engine; the first --lora-dtype is plain "loraplex"
+        "loraplex" if i == 0 else f"loraplex-{lora_dtype}": Engine.build(
+            ModelConfig(path=str(base_dir), **base_options),
+            EngineConfig(max_batch_tokens=4096, max_num_seqs=args.num_requests,
+                         prefill_chunk=2048, kv_cache_memory=args.kv_cache_memory,
+                         max_gpu_adapters=min(args.num_requests, max(max(args.adapters), 1)),
+                         max_cpu_adapters=max(args.adapters + [args.num_requests]),
+                         max_lora_rank=max(args.rank), lora_backend=args.lora_backend,
+                         lora_dtype=lora_dtype, threads=args.threads),
+            str(adapters_dir))
+        for i, lora_dtype in enumerate(args.lora_dtype)}
+    engine = engines["loraplex"]
     results = []
     try:
         for outputs, new_tokens in WORKLOADS.items():
             def work(n: int) -> list[BenchRequest]:
                 return make_workload(args.num_requests, (16, 64), new_tokens, n, vocab)
-            fns = {("loraplex", n): loraplex(work(n)) for n in args.adapters}
+            fns = {(system, n): loraplex(e, work(n)) for system, e in engines.items()
+                   for n in args.adapters if n > 0 or e is engine}
             fns[("hf", 0)] = baseline(lambda w=work(0): hf_static_batch(hf, w, args.num_requests))
             for n in peft_n:
                 fns[("peft", n)] = baseline(
@@ -183,10 +196,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             runs = in_rounds(fns, args.repeat)
             for (system, n), r in runs.items():
                 results.append(summarize(system, n, outputs, r, runs))
-                print(f"{system:10s} N={n:<4d} {outputs:7s} {results[-1]['tok_per_s']:8.1f} tok/s "
+                print(f"{system:17s} N={n:<4d} {outputs:7s} {results[-1]['tok_per_s']:8.1f} tok/s "
                       f"(rounds: {results[-1]['rounds']})", flush=True)
     finally:
-        engine.stop()
+        for e in engines.values():
+            e.stop()
 
     print_table(results)
     meta = dict(machine=platform.machine(), processor=platform.processor(),
@@ -196,6 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 shape=args.shape, quantize=args.quantize, dtype=str(dtype),
                 lora_backend=args.lora_backend,
                 lora_kernel=engine.runner.lora_delta.__name__,  # what "auto" chose
+                lora_dtype={system: str(e.loaded.lora_dtype) for system, e in engines.items()},
                 decode_attention="sdpa" if engine.runner.decode_kernel is None else "cpu",
                 num_requests=args.num_requests, rank=args.rank, targets=args.targets,
                 repeat=args.repeat,
@@ -210,9 +225,10 @@ def print_table(results: list[dict]) -> None:
         return f"{value:{width}.2f}x" if value is not None else " " * (width + 1)
 
     print("\nmedian tok/s, and ratios taken within each round (median over rounds)")
-    print("outputs  system     N     tok/s   vs loraplex N=0   vs PEFT same N   vs HF generate")
+    print("outputs  system             N     tok/s   vs loraplex N=0   vs PEFT same N   "
+          "vs HF generate")
     for r in results:
-        print(f"{r['outputs']:8s} {r['system']:9s} {r['adapters']:4d} {r['tok_per_s']:8.1f} "
+        print(f"{r['outputs']:8s} {r['system']:17s} {r['adapters']:4d} {r['tok_per_s']:8.1f} "
               f"{ratio(r['vs_loraplex_n0'], 15)}  {ratio(r['vs_peft'], 13)} "
               f"{ratio(r['vs_hf'], 14)}")
 
