@@ -25,7 +25,7 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
   The layout is built once per step, see `Segments`.
 - `bgmv_backend(lib)` (the default for fp32 on the CPU): runs of BGMV_MIN_RUN tokens or
   more as in `segmented`, every other token through a C kernel (cpu_kernels.c) that reads
-  each token's slot in place at its own rank.
+  each token's slot in place at its own rank, from an fp32 or a bf16 pool.
 - `lora_delta_triton` (triton_ops.py, CUDA, opt-in): the segmented layout in Triton.
 
 A backend may carry `min_run`, the shortest run it wants as a matmul pair (default
