@@ -58,3 +58,35 @@ def test_a_head_tied_to_the_embeddings_is_not_packed(tmp_path):
     assert type(head) is nn.Linear  # packing it would hold a second copy of the embeddings
     assert head.weight is loaded.model.get_input_embeddings().weight
     assert all(isinstance(layer.base_layer, PackedLinear) for layer in loaded.lora_layers.values())
+
+
+def test_nf4_linears_with_inputs_off_the_blocksize_are_served(tmp_path, adapter_root):
+    """bitsandbytes repacks a Linear4bit for its AVX512-BF16 CPU kernel at the first eval
+    forward, and fails for in_features not a multiple of 64 (here down_proj, 96 inputs):
+    the loader keeps such layers on bnb's generic path, and the engine serves the model as
+    HF does with that same choice."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    from engine_helpers import build_engine, greedy, run_all
+    from loraplex.engine.request import GenerationRequest
+    from loraplex.model.loader import _keep_unpackable_4bit_unpacked
+    from models import build_base
+    from peft_reference import load_base
+
+    base = build_base("llama", tmp_path / "odd", intermediate_size=96)
+    prompt = list(range(4, 20))
+    hf = load_base(base, "nf4")
+    if has_avx512bf16():  # the failure this works around, where bnb takes that path
+        with pytest.raises(RuntimeError, match="invalid for input"), torch.no_grad():
+            hf(torch.tensor([prompt]))
+        hf = load_base(base, "nf4")
+    _keep_unpackable_4bit_unpacked(hf)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                          min_new_tokens=8)[0, len(prompt):].tolist()
+    engine = build_engine(base, adapter_root, quantize="nf4")
+    try:
+        out, = run_all(engine, [GenerationRequest(prompt, greedy(8))])
+    finally:
+        engine.stop()
+    assert list(out.token_ids) == ref

@@ -72,7 +72,30 @@ def load_hf_model(path: str, quantize: str, dtype: torch.dtype, device: torch.de
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=quant,
         device_map={"": device} if quant is not None else None, **kwargs)
-    return model if quant is not None else model.to(device)
+    if quant is None:
+        return model.to(device)
+    if device.type == "cpu":
+        _keep_unpackable_4bit_unpacked(model)
+    return model
+
+
+def _keep_unpackable_4bit_unpacked(model: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit for its bf16 kernel at
+    the first eval forward, and that repacking fails (a RuntimeError from a reshape) when
+    in_features is not a multiple of the quantization blocksize (64): e.g. a down_proj of
+    1376 inputs. Such layers stay on bnb's generic dequantize-and-matmul path."""
+    import bitsandbytes as bnb
+
+    kept = 0
+    for module in model.modules():
+        if (isinstance(module, bnb.nn.Linear4bit)
+                and module.in_features % module.weight.quant_state.blocksize
+                and getattr(module, "support_avx512bf16_for_cpu", False)):
+            module.support_avx512bf16_for_cpu = False
+            kept += 1
+    if kept:
+        log.info("%d 4-bit linears have in_features that are not a multiple of the "
+                 "blocksize: bitsandbytes' packed CPU kernel is not used for them", kept)
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
