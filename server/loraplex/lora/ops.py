@@ -413,11 +413,12 @@ def choose_backend(name: str, device: torch.device = torch.device("cpu"),
     pool_dtype = pool_dtype or dtype
     if name in ("auto", "bgmv"):
         required_by = "lora_backend 'bgmv'" if name == "bgmv" else ""
-        if required_by and pool_dtype not in (torch.float32, torch.bfloat16):
+        kernel_reads_pool = pool_dtype in (torch.float32, torch.bfloat16)
+        if required_by and not kernel_reads_pool:
             raise ValueError(f"{required_by} reads float32 or bfloat16 adapter weights, not "
                              f"{pool_dtype}: use 'auto' or another lora_dtype")
         lib = cpu_kernels.load_for(device.type, str(dtype).removeprefix("torch."), required_by)
-        if lib is not None and pool_dtype in (torch.float32, torch.bfloat16):
+        if lib is not None and kernel_reads_pool:
             return bgmv_backend(lib)
         name = "segmented"
     if name == "triton":  # opt-in; imported here so triton stays optional
