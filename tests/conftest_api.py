@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import random
 import socket
 import threading
 import time
@@ -85,9 +86,9 @@ def make_config(assets: Assets, *, model: Path | None = None, **server_and_engin
 class RunningServer:
     """A LoraplexServer on its own event loop in a background thread."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, routing_rng: random.Random | None = None):
         self.config = config
-        self.server = LoraplexServer(config)
+        self.server = LoraplexServer(config, routing_rng=routing_rng)
         self.loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._error: BaseException | None = None

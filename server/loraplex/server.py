@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -73,7 +74,8 @@ def _address(host: str, port: int) -> str:
 
 class LoraplexServer:
     def __init__(self, config: Config,
-                 engine_factory: Callable[[Config, Metrics], object] = _default_engine_factory):
+                 engine_factory: Callable[[Config, Metrics], object] = _default_engine_factory,
+                 routing_rng: random.Random | None = None):
         self.config = config
         self.metrics = Metrics()
         self.engine = None  # set once warm
@@ -86,7 +88,7 @@ class LoraplexServer:
         self._metrics_httpd = None
         self.shutting_down = asyncio.Event()  # set once shutdown has begun
         self._stopped = asyncio.Event()
-        self.router = Router(metrics=self.metrics, on_change=self._state_changed)
+        self.router = Router(routing_rng, metrics=self.metrics, on_change=self._state_changed)
         self.state = StateStore(config.server.data_dir) if config.server.data_dir else None
         self.generation: GenerationServicer | None = None
         self._save_task: asyncio.Task | None = None
