@@ -62,6 +62,9 @@ def run_engine(engine: Engine, work: list[BenchRequest]) -> dict:
         outs = await asyncio.gather(*[collect(s) for s in streams])
         return outs, time.perf_counter() - start
     outs, seconds = asyncio.run(main())
+    failed = [o.error for o in outs if o.error]
+    if failed:  # e.g. the model raised in a step (the engine logged the traceback)
+        raise RuntimeError(f"{len(failed)} of {len(outs)} requests failed: {failed[0]}")
     tokens = sum(len(o.token_ids) for o in outs)
     assert tokens == sum(r.max_new_tokens for r in work)
     return dict(tokens=tokens, seconds=seconds, tok_per_s=tokens / seconds)
