@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -68,6 +69,18 @@ def run_engine(engine: Engine, work: list[BenchRequest]) -> dict:
     tokens = sum(len(o.token_ids) for o in outs)
     assert tokens == sum(r.max_new_tokens for r in work)
     return dict(tokens=tokens, seconds=seconds, tok_per_s=tokens / seconds)
+
+
+def engine_variants(backends: list[str], dtypes: list[str]) -> list[tuple[str, str, str]]:
+    """(system name, backend, dtype) per engine: the first pair is "loraplex", each
+    other "loraplex-<backend>-<dtype>", naming only the options given several values."""
+    variants = []
+    for i, (backend, lora_dtype) in enumerate(itertools.product(backends, dtypes)):
+        named = [value for value, several in ((backend, len(backends) > 1),
+                                              (lora_dtype, len(dtypes) > 1)) if several]
+        variants.append(("loraplex" if i == 0 else "-".join(["loraplex", *named]),
+                         backend, lora_dtype))
+    return variants
 
 
 def in_rounds(fns: dict[tuple, Callable[[], dict]], repeat: int) -> dict[tuple, list[dict]]:
@@ -115,11 +128,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="the adapters' target modules, cycling like --rank: all linear "
                              "layers, attention (q, k, v, o), or q and v (PEFT's default for Llama)")
     parser.add_argument("--kv-cache-memory", type=parse_size, default=512 * 2**20)
-    parser.add_argument("--lora-backend", default="auto", choices=LORA_BACKENDS)
+    parser.add_argument("--lora-backend", nargs="+", default=["auto"], choices=LORA_BACKENDS,
+                        help="as `loraplex serve --lora-backend`; several values: see --lora-dtype")
     parser.add_argument("--lora-dtype", nargs="+", default=["auto"], choices=DTYPE_CHOICES,
-                        help="as `loraplex serve --lora-dtype`; each value after the first "
-                             "adds an engine whose rows are 'loraplex-<dtype>' (N > 0; PEFT "
-                             "keeps the adapters in the model's dtype)")
+                        help="as `loraplex serve --lora-dtype`. Each (backend, dtype) pair after "
+                             "the first adds an engine whose rows are 'loraplex-<backend>-<dtype>' "
+                             "(naming only what has several values; N > 0) in the same rounds; "
+                             "PEFT keeps the adapters in the model's dtype")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=7, help="timed rounds")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -173,17 +188,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     hf, peft = run_in_fresh_thread(prepare, args.threads, "bench-prepare")
     vocab = AutoConfig.from_pretrained(base_dir).vocab_size
-    engines = {  # system name -> engine; the first --lora-dtype is plain "loraplex"
-        "loraplex" if i == 0 else f"loraplex-{lora_dtype}": Engine.build(
+    engines = {  # system name -> engine; the first (backend, dtype) is plain "loraplex"
+        name: Engine.build(
             ModelConfig(path=str(base_dir), **base_options),
             EngineConfig(max_batch_tokens=4096, max_num_seqs=args.num_requests,
                          prefill_chunk=2048, kv_cache_memory=args.kv_cache_memory,
                          max_gpu_adapters=min(args.num_requests, max(max(args.adapters), 1)),
                          max_cpu_adapters=max(args.adapters + [args.num_requests]),
-                         max_lora_rank=max(args.rank), lora_backend=args.lora_backend,
+                         max_lora_rank=max(args.rank), lora_backend=backend,
                          lora_dtype=lora_dtype, threads=args.threads),
             str(adapters_dir))
-        for i, lora_dtype in enumerate(args.lora_dtype)}
+        for name, backend, lora_dtype in engine_variants(args.lora_backend, args.lora_dtype)}
     engine = engines["loraplex"]
     results = []
     try:
@@ -199,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             runs = in_rounds(fns, args.repeat)
             for (system, n), r in runs.items():
                 results.append(summarize(system, n, outputs, r, runs))
-                print(f"{system:17s} N={n:<4d} {outputs:7s} {results[-1]['tok_per_s']:8.1f} tok/s "
+                print(f"{system:24s} N={n:<4d} {outputs:7s} {results[-1]['tok_per_s']:8.1f} tok/s "
                       f"(rounds: {results[-1]['rounds']})", flush=True)
     finally:
         for e in engines.values():
@@ -212,7 +227,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         else str(device)),
                 shape=args.shape, quantize=args.quantize, dtype=str(dtype),
                 lora_backend=args.lora_backend,
-                lora_kernel=engine.runner.lora_delta.__name__,  # what "auto" chose
+                lora_kernel={system: e.runner.lora_delta.__name__  # what "auto" chose
+                             for system, e in engines.items()},
                 lora_dtype={system: str(e.loaded.lora_dtype) for system, e in engines.items()},
                 decode_attention="sdpa" if engine.runner.decode_kernel is None else "cpu",
                 num_requests=args.num_requests, rank=args.rank, targets=args.targets,
@@ -228,10 +244,10 @@ def print_table(results: list[dict]) -> None:
         return f"{value:{width}.2f}x" if value is not None else " " * (width + 1)
 
     print("\nmedian tok/s, and ratios taken within each round (median over rounds)")
-    print("outputs  system             N     tok/s   vs loraplex N=0   vs PEFT same N   "
+    print(f"outputs  {'system':24s}   N     tok/s   vs loraplex N=0   vs PEFT same N   "
           "vs HF generate")
     for r in results:
-        print(f"{r['outputs']:8s} {r['system']:17s} {r['adapters']:4d} {r['tok_per_s']:8.1f} "
+        print(f"{r['outputs']:8s} {r['system']:24s} {r['adapters']:4d} {r['tok_per_s']:8.1f} "
               f"{ratio(r['vs_loraplex_n0'], 15)}  {ratio(r['vs_peft'], 13)} "
               f"{ratio(r['vs_hf'], 14)}")
 

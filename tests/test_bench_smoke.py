@@ -20,24 +20,30 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench.bench", "--shape", "small", "--targets", "qv", "all",
          "--rank", "4", "16", "--num-requests", "4", "--adapters", "0", "1", "2", "--repeat", "1",
-         "--lora-dtype", "auto", "bfloat16",
+         "--lora-dtype", "auto", "bfloat16", "--lora-backend", "auto", "segmented",
          "--workdir", str(tmp_path / "work"), "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     meta = data["meta"]
     assert (meta["targets"], meta["rank"], meta["shape"]) == (["qv", "all"], [4, 16], "small")
+    # each (backend, dtype) pair is an engine, named by what has several values
     assert meta["lora_dtype"] == {"loraplex": "torch.float32",
-                                  "loraplex-bfloat16": "torch.bfloat16"}
+                                  "loraplex-auto-bfloat16": "torch.bfloat16",
+                                  "loraplex-segmented-auto": "torch.float32",
+                                  "loraplex-segmented-bfloat16": "torch.bfloat16"}
+    assert meta["lora_kernel"]["loraplex"] == "lora_delta_bgmv"  # what auto chose on the CPU
+    assert meta["lora_kernel"]["loraplex-segmented-auto"] == "lora_delta_segmented"
     rows = {(r["system"], r["adapters"], r["outputs"]): r for r in data["results"]}
     for outputs in ("equal", "varied"):
         assert set(k for k in rows if k[2] == outputs) == {
             ("loraplex", 0, outputs), ("loraplex", 1, outputs), ("loraplex", 2, outputs),
             ("hf", 0, outputs), ("peft", 1, outputs),
-            ("loraplex-bfloat16", 1, outputs), ("loraplex-bfloat16", 2, outputs)}
+            *[(system, n, outputs) for system in ("loraplex-auto-bfloat16", "loraplex-segmented-auto",
+                                                   "loraplex-segmented-bfloat16") for n in (1, 2)]}
         n1 = rows[("loraplex", 1, outputs)]
         assert n1["tok_per_s"] > 0 and n1["vs_loraplex_n0"] > 0 and n1["vs_peft"] > 0
-        bf16 = rows[("loraplex-bfloat16", 1, outputs)]
+        bf16 = rows[("loraplex-auto-bfloat16", 1, outputs)]
         assert bf16["vs_loraplex_n0"] > 0 and bf16["vs_peft"] > 0
         assert rows[("loraplex", 0, outputs)]["vs_loraplex_n0"] == 1.0
     # every request made exactly its max_new_tokens (4 x 32 in the equal workload)

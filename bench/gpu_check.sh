@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Everything a lent GPU should show, in one device call of under 600 s (../shared/GPU.md):
+#   1. the versions there (torch, CUDA device, transformers, peft, bitsandbytes);
+#   2. the Triton LoRA kernel tests, on CUDA this time;
+#   3. the benchmark on a Llama-3-8B-shaped model in NF4, N = 0, 1, 8, 32, with the
+#      `segmented` and `triton` LoRA backends as two engines in the same rounds.
+# Results go to $OUT (the device tool brings that folder back), else bench/results/gpu-run.
+#
+# On the device (carry [".whl"], the bitsandbytes wheel as GPU.md downloads it):
+#   bash bench/gpu_check.sh
+# A dry run of the same steps here, on the CPU and the tiny model (figures mean nothing):
+#   SHAPE=small LORA_BACKENDS="auto segmented" QUANTIZE=none PYTHON=.venv/bin/python \
+#     bash bench/gpu_check.sh
+set -uo pipefail
+out=${OUT:-bench/results/gpu-run}
+shape=${SHAPE:-llama3-8b}
+backends=${LORA_BACKENDS:-segmented triton}
+quantize=${QUANTIZE:-nf4}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+
+if compgen -G ".whl/*.whl" > /dev/null; then  # packages the device image lacks
+  "$py" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/server:$PWD/clients/python:$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+"$py" - << 'EOF' 2>&1 | tee "$out/env.txt"
+import importlib
+import torch
+print("torch", torch.__version__, "| device:",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+for name in ("transformers", "peft", "bitsandbytes", "triton"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError as exc:
+        print(name, "MISSING:", exc)
+EOF
+
+timeout 150 "$py" -m pytest -q -x -p no:cacheprovider tests/test_triton_ops.py 2>&1 \
+  | tail -n 25 | tee "$out/triton-tests.txt"
+
+# shellcheck disable=SC2086  # $backends is a list of words
+timeout "${BENCH_TIMEOUT:-420}" "$py" -m bench.bench --shape "$shape" --quantize "$quantize" \
+  --kv-cache-memory 2GiB --adapters 0 1 8 32 --repeat "${REPEAT:-2}" --lora-backend $backends \
+  --workdir /dev/shm/loraplex-bench --out "$out/bench-$shape-$quantize.json" 2>&1 \
+  | grep -v "Loading weights" | tee "$out/bench.txt"
+echo "bench exit status: ${PIPESTATUS[0]}" | tee -a "$out/bench.txt"
