@@ -245,6 +245,9 @@ def test_hundreds_of_adapters_through_four_slots_all_answered_correctly(
             assert list(out.token_ids) == expected(base, root / ref, work[i].prompt_ids, 4), ref
     assert cycling.metrics.adapter_loads.labels("gpu")._value.get() == N_MANY
     assert cycling.metrics.adapter_loads.labels("cpu")._value.get() == N_MANY
+    # each request missed twice: its adapter read from disk, then brought into a slot
+    misses = cycling.metrics.adapter_cache_misses
+    assert misses.labels("disk")._value.get() == misses.labels("cpu")._value.get() == N_MANY
     assert len(cycling.cache._cpu) == 8
 
 

@@ -152,6 +152,7 @@ class AdapterCache:
                         f"{weights.version}); use SwapAdapter to serve the new files")
                 av = self._hold(self._keep(weights, av.relpath if av else name, seconds))
                 self._evict_cpu()  # after the hold, so the version just read stays resident
+                self.metrics.adapter_cache_misses.labels("disk").inc()
                 return av
 
     def hold_version(self, name: str, version: str, relpath: str) -> AdapterVersion:
