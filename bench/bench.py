@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     # a --workdir is reused across runs: one folder per model and per set of adapters
     base_dir = workdir / f"base-{args.shape}-{str(dtype).removeprefix('torch.')}"
-    adapters_dir = (workdir / f"adapters-{args.shape}-{'+'.join(args.targets)}"
-                    f"-r{'+'.join(map(str, args.rank))}")
+    adapters_dir = (workdir / f"adapters-{args.shape}-{str(dtype).removeprefix('torch.')}"
+                    f"-{'+'.join(args.targets)}-r{'+'.join(map(str, args.rank))}")
 
     # Each side runs alone. A long-lived thread's OpenMP pool next to the one running
     # slows the latter down (one 2-thread matmul on this main thread made 8 adapters with
@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def prepare():
         if not (base_dir / "config.json").exists():  # drawn on the accelerator, in its dtype
             build_bench_model(base_dir, shape=args.shape, device=str(device), dtype=dtype)
-        if not (adapters_dir / bench_adapter_names(max(args.adapters))[-1]).exists():
-            build_bench_adapters(base_dir, adapters_dir, max(args.adapters),
+        n_max = max(args.adapters)
+        if n_max and not (adapters_dir / bench_adapter_names(n_max)[-1]).exists():
+            build_bench_adapters(base_dir, adapters_dir, n_max,
                                  ranks=tuple(args.rank), targets=tuple(args.targets), dtype=dtype)
         hf = load_hf_model(base_dir, **base_options)
         warm_up(hf, with_adapters=False)

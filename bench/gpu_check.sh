@@ -9,8 +9,8 @@
 # On the device (carry [".whl"], the bitsandbytes wheel as GPU.md downloads it):
 #   bash bench/gpu_check.sh
 # A dry run of the same steps here, on the CPU and the tiny model (figures mean nothing):
-#   SHAPE=small LORA_BACKENDS="auto segmented" QUANTIZE=none PYTHON=.venv/bin/python \
-#     bash bench/gpu_check.sh
+#   SHAPE=small LORA_BACKENDS="auto segmented" QUANTIZE=none TRITON_INTERPRET=1 \
+#     PYTHON=.venv/bin/python bash bench/gpu_check.sh
 set -uo pipefail
 out=${OUT:-bench/results/gpu-run}
 shape=${SHAPE:-llama3-8b}
@@ -37,7 +37,9 @@ for name in ("transformers", "peft", "bitsandbytes", "triton"):
         print(name, "MISSING:", exc)
 EOF
 
-timeout 150 "$py" -m pytest -q -x -p no:cacheprovider tests/test_triton_ops.py 2>&1 \
+# compiled kernels on the GPU (TRITON_INTERPRET=1, the tests' own default, runs them on the CPU)
+TRITON_INTERPRET=${TRITON_INTERPRET:-0} timeout 150 "$py" -m pytest -q -x -p no:cacheprovider \
+  tests/test_triton_ops.py 2>&1 \
   | tail -n 25 | tee "$out/triton-tests.txt"
 
 # shellcheck disable=SC2086  # $backends is a list of words

@@ -48,7 +48,7 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path):
         assert rows[("loraplex", 0, outputs)]["vs_loraplex_n0"] == 1.0
     # every request made exactly its max_new_tokens (4 x 32 in the equal workload)
     assert rows[("loraplex", 1, "equal")]["tokens"] == 4 * 32
-    adapters = tmp_path / "work" / "adapters-small-qv+all-r4+16"
+    adapters = tmp_path / "work" / "adapters-small-float32-qv+all-r4+16"
     configs = [json.loads((adapters / name / "adapter_config.json").read_text())
                for name in ("bench000", "bench001")]  # adapter i: the i-th rank and targets
     assert [(c["r"], c["target_modules"]) for c in configs] == [

@@ -90,3 +90,20 @@ def test_nf4_linears_with_inputs_off_the_blocksize_are_served(tmp_path, adapter_
     finally:
         engine.stop()
     assert list(out.token_ids) == ref
+
+
+def test_a_model_folder_of_pickled_weights_is_refused(tmp_path, monkeypatch):
+    """Only safetensors are read: a folder holding pytorch_model.bin fails the load
+    without unpickling it."""
+    from models import build_base
+    from safetensors.torch import load_file
+
+    base = build_base("llama", tmp_path / "base")
+    state = load_file(base / "model.safetensors")
+    torch.save(state, base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    unpickled = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a) or {})
+    with pytest.raises(OSError, match="safetensors"):
+        load_model(ModelConfig(path=str(base)), max_slots=1, max_rank=4)
+    assert unpickled == []

@@ -18,7 +18,7 @@ from peft.utils.other import get_pattern_key as peft_get_pattern_key
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraplex.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from loraplex.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from loraplex.lora.store import AdapterStore, AdapterWeights, get_pattern_key
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -543,6 +543,49 @@ def test_link_swapped_in_after_the_check_is_still_refused(plain, root, module_sh
         store.read("x", "files", module_shapes)
     with pytest.raises(PermissionDenied, match="outside the adapter root"):  # /proc/self/fd check
         store.read("x", "team/adapter", module_shapes)
+
+
+def test_place_moves_a_staged_folder_into_new_parents(plain, root, module_shapes):
+    store = AdapterStore(str(root), 8)
+    staged = store.staging_folder("team/new")
+    shutil.copytree(plain[0], staged, dirs_exist_ok=True)
+    assert staged.parent == root.resolve() and staged.name.startswith(".")  # scan skips it
+    assert store.place(staged, "team/new") == root.resolve() / "team" / "new"
+    assert not staged.exists() and store.scan() == {"team/new": root.resolve() / "team" / "new"}
+    assert store.read("team/new", "team/new", module_shapes).rank == 4
+    again = store.staging_folder("team/new")
+    with pytest.raises(AlreadyExists, match="already exists"):
+        store.place(again, "team/new")
+    assert again.exists()  # left to the caller, who removes it
+
+
+def test_place_never_writes_through_a_link_swapped_in_after_the_check(plain, root, tmp_path):
+    """new_folder checked 'team/new' while team/ was a folder; a link to the outside
+    replaced it during the merge: place refuses, and nothing lands outside."""
+    store = AdapterStore(str(root), 8)
+    (root / "team").mkdir()
+    assert store.new_folder("team/new") == root.resolve() / "team" / "new"
+    staged = store.staging_folder("team/new")
+    (staged / "adapter_config.json").write_text("{}")
+    (root / "team").rmdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "team").symlink_to(outside)
+    with pytest.raises(PermissionDenied, match="'team' is not a folder under the adapter root"):
+        store.place(staged, "team/new")
+    assert list(outside.iterdir()) == [] and staged.exists()
+
+
+def test_file_size_refuses_a_link_out_of_the_root(plain, root, tmp_path):
+    outside = _outside_adapter(plain, tmp_path)
+    files = copy_plain(plain, root, "files")
+    store = AdapterStore(str(root), 8)
+    weights = files / "adapter_model.safetensors"
+    assert store.file_size(files, weights.name, "files") == weights.stat().st_size
+    weights.unlink()
+    weights.symlink_to(outside / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(PermissionDenied, match="outside the adapter root"):
+        store.file_size(files, weights.name, "files")
 
 
 def test_non_regular_files_refused(plain, root, module_shapes):

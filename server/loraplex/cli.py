@@ -8,8 +8,8 @@ Every `serve` option can come from, in order of precedence:
   2. an environment variable        LORAPLEX_MAX_QUEUE=8
   3. a config file (TOML or JSON)   max_queue = 8   (--config FILE or LORAPLEX_CONFIG)
   4. the default shown by --help
-They are read once, here, into a `loraplex.config.Config`; nothing else reads the
-environment. Config-file keys are the flag names with '_' or '-'; `preload` is a
+They are read once, here, into a `loraplex.config.Config`; no other option comes
+from the environment (OMP_NUM_THREADS, XDG_CACHE_HOME and CC are read when used). Config-file keys are the flag names with '_' or '-'; `preload` is a
 list of "name=path" strings or a table {name = "path"}; the environment form of a
 repeatable flag is a comma-separated list (LORAPLEX_PRELOAD="sql=sql,chat=chat/v2").
 """
@@ -33,7 +33,6 @@ from loraplex.config import (ATTENTION_BACKENDS, DTYPE_CHOICES, LORA_BACKENDS,
                              ServerConfig, parse_size)
 
 ENV_PREFIX = "LORAPLEX_"
-CLIENT_COMMANDS = ("generate", "adapters", "routes", "health")
 
 
 def _preload_item(text: str) -> tuple[str, str]:
@@ -119,7 +118,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("preload", "server", "preload", _preload_item,
        "load an adapter at start (repeatable)", metavar="NAME=PATH", repeatable=True),
     _o("admin-token", "server", "admin_token", str,
-       "bearer token required by the Adapters service (empty: open)", metavar="TOKEN"),
+       "bearer token required by the Adapters and Routes services (empty: open)", metavar="TOKEN"),
     _o("generate-token", "server", "generate_token", str,
        "bearer token required by the Generation service (empty: open)", metavar="TOKEN"),
     _o("tls-cert", "server", "tls_cert", str, "PEM certificate chain (with --tls-key: TLS)",
@@ -314,9 +313,6 @@ def _export(args: argparse.Namespace) -> int:
 def _linear_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
     """module -> (in, out) of every 2-D '<module>.weight' in the checkpoint's safetensors
     (headers only), in file order; the adapter store checks the adapter against them."""
-    import json
-    import os
-
     from safetensors import safe_open
 
     from loraplex.errors import FailedPrecondition

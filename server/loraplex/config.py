@@ -1,8 +1,9 @@
 """Every option of the server, as frozen dataclasses validated on construction.
 
 This is the only place options live. The CLI parses flags, a config file and
-environment variables once at start and builds these objects; nothing else
-reads the environment.
+environment variables once at start and builds these objects; no other option
+comes from the environment (only OMP_NUM_THREADS, XDG_CACHE_HOME and CC are read,
+when used: engine/threads.py, cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class ServerConfig:
     metrics_port: int = 9400  # 0 disables the Prometheus endpoint
     adapter_root: str = "adapters"
     preload: tuple[tuple[str, str], ...] = ()  # (name, path relative to adapter_root)
-    admin_token: str = ""  # bearer token for the Adapters service ("" = open)
+    admin_token: str = ""  # bearer token for the Adapters and Routes services ("" = open)
     generate_token: str = ""  # bearer token for the Generation service ("" = open)
     tls_cert: str = ""
     tls_key: str = ""

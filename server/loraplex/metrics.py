@@ -72,8 +72,9 @@ class Metrics:
             "loraplex_adapter_cache_hits", "Admissions whose adapter was already in a GPU slot.",
             registry=r)
         self.adapter_cache_misses = Counter(
-            "loraplex_adapter_cache_misses", "Admissions that had to bring the adapter in.",
-            ["tier"], registry=r)  # tier it came from: cpu | disk
+            "loraplex_adapter_cache_misses",
+            "Adapters brought in for a request: read from disk, or copied into a slot.",
+            ["tier"], registry=r)  # tier it came from: disk | cpu
         self.adapter_loads = Counter(
             "loraplex_adapter_loads", "Adapter loads into a tier.", ["tier"], registry=r)
         self.adapter_evictions = Counter(

@@ -159,9 +159,7 @@ def _print_json(obj) -> None:
 
 
 def _asdict(x) -> dict:
-    d = dataclasses.asdict(x)
-    d.pop("extra", None)
-    return d
+    return dataclasses.asdict(x)
 
 
 _SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty",
@@ -200,8 +198,6 @@ def _generate(args) -> int:
         return 0
 
 
-_COLUMNS = ("name", "version", "current", "tier", "rank", "alpha", "in_use", "requests_served",
-            "size_bytes", "path")
 _HEADERS = ("NAME", "VERSION", "CUR", "TIER", "RANK", "ALPHA", "IN USE", "SERVED", "SIZE", "PATH")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 
@@ -53,15 +53,6 @@ class Result:
     request_id: str = ""
     route: str = ""  # the route (alias) that chose `adapter`; "" when none
 
-    @classmethod
-    def from_chunks(cls, chunks: list[Chunk]) -> "Result":
-        last = chunks[-1]
-        return cls(text="".join(c.text for c in chunks),
-                   token_ids=tuple(t for c in chunks for t in c.token_ids),
-                   finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
-                   completion_tokens=last.completion_tokens, adapter=last.adapter,
-                   logprobs=tuple(lp for c in chunks for lp in c.logprobs),
-                   request_id=last.request_id, route=last.route)
 
 
 @dataclass(frozen=True)
@@ -79,7 +70,6 @@ class AdapterInfo:
     requests_served: int
     last_used: float | None = None  # unix time
     load_time_s: float | None = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def ref(self) -> str:

@@ -87,7 +87,6 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
-        self.vocab_size = loaded.vocab_size
         self.model_name = loaded.name
         block_bytes = KVCache.bytes_per_block(loaded.num_layers, cfg.block_size, loaded.kv_heads,
                                               loaded.head_dim, loaded.dtype)
@@ -144,7 +143,8 @@ class Engine:
     # ---- submission (event loop) -------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> RequestStream:
-        """Validate and queue a request; raises LoraplexError naming what to fix."""
+        """Validate a request and return its stream (queued once iterated, after its
+        adapter is acquired); raises LoraplexError naming what to fix."""
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running; retry on another replica")
         self.validate(request)

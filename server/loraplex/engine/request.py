@@ -17,7 +17,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     CANCELLED = "cancelled"  # the caller went away
     DEADLINE = "deadline"  # the request's deadline passed
-    ERROR = "error"  # e.g. its adapter failed to load; see RequestOutput.error
+    ERROR = "error"  # an internal engine error (a failed step); see RequestOutput.error
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ running shadow is the first victim when the KV cache runs out.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from typing import Protocol
 
@@ -88,7 +87,6 @@ class Scheduler:
 
     def _admit(self, budget: int) -> list[ScheduledSeq]:
         admitted = []
-        now = time.monotonic()
         slot_blocked = False  # once an adapter cannot get a slot, later arrivals may not take one
         draining = None  # ...nor join the slot it will get, so that slot empties (no starvation)
         real_waits = False  # a real request stays waiting: no shadow may be admitted
@@ -115,8 +113,6 @@ class Scheduler:
             seq.lora_slot = self.slots.pin(seq.adapter) if seq.adapter is not None else 0
             self.blocks.grow(seq.block_table, num_new)
             seq.status = Status.RUNNING
-            if seq.first_scheduled is None:
-                seq.first_scheduled = now
             self.running.append(seq)
             admitted.append(ScheduledSeq(seq, num_new))
             budget -= num_new

@@ -11,7 +11,7 @@ import torch
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.stops import StopStringFilter
-from loraplex.engine.request import FinishReason, GenerationRequest
+from loraplex.engine.request import GenerationRequest
 
 
 class Status(enum.Enum):
@@ -32,10 +32,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     lora_slot: int = 0  # 0 = base model; set while running
     status: Status = Status.WAITING
-    finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None  # for seeded sampling
     arrival: float = field(default_factory=time.monotonic)
-    first_scheduled: float | None = None
     last_token_time: float | None = None
     # (inter-token latency, generated tokens) metric children of its labels, looked up at its
     # first token: labels() takes a lock and a dict lookup, twice per token otherwise

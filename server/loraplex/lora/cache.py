@@ -104,7 +104,6 @@ class AdapterCache:
         self.store = store
         self.layers = layers
         self.module_shapes = {n: (l.in_features, l.out_features) for n, l in layers.items()}
-        self.max_gpu = max_gpu
         self.max_cpu = max_cpu
         self.metrics = metrics
         self.base_model = base_model
@@ -458,7 +457,7 @@ class AdapterCache:
             rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
             targets = config.get("target_modules") or ()
             targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
-            size = (folder / WEIGHTS_FILE).stat().st_size
+            size = self.store.file_size(folder, WEIGHTS_FILE, f"{name}/{WEIGHTS_FILE}")
         except (LoraplexError, OSError, ValueError, TypeError, AttributeError):
             log.debug("adapter folder %r: config unreadable; listed without details", name)
         return AdapterInfo(name=name, version="", path=str(folder), rank=rank, alpha=alpha,

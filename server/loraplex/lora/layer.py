@@ -1,7 +1,8 @@
 """A linear layer that adds each token's own LoRA delta on top of a shared base.
 
-The base layer (nn.Linear, bnb Linear4bit or Linear8bitLt) runs once for the
-whole packed batch; the adapters live in a slot pool next to it:
+The base layer (nn.Linear, a oneDNN PackedLinear on the CPU, bnb Linear4bit or
+Linear8bitLt) runs once for the whole packed batch; the adapters live in a slot pool
+next to it:
 
     A: [slots, r_max, in]    B: [slots, r_max, out]   (slot 0 stays zero = no adapter)
 

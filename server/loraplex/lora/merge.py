@@ -267,7 +267,6 @@ def merge_adapters(
     majority_sign_method: str = "total",
     seed: int | None = None,
     svd_clamp: float | None = None,
-    svd_full_matrices: bool = True,
     module_order: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -338,7 +337,7 @@ def merge_adapters(
             modules[name] = _merge_cat(present, new_rank)
         elif kind in SVD_TYPES:
             modules[name] = _merge_svd(
-                kind, present, new_rank, density, majority_sign_method, generator, svd_clamp, svd_full_matrices
+                kind, present, new_rank, density, majority_sign_method, generator, svd_clamp
             )
         else:
             modules[name] = _merge_factors(kind, present, density, majority_sign_method, generator)
@@ -395,12 +394,11 @@ def _merge_svd(
     method: str,
     generator: torch.Generator | None,
     clamp: float | None,
-    full_matrices: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     deltas = [_delta(a, b, s) for (a, b), s, _ in present]  # [out, in] each
     weights = torch.tensor([w for _, _, w in present]).to(deltas[0].device)
     delta = _combine(kind.removesuffix("_svd"), deltas, weights, density, method, generator)
-    u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=True)  # as PEFT's default
     u = u[:, :new_rank] @ torch.diag(s[:new_rank])  # [out, r]
     vh = vh[:new_rank, :]  # [r, in]
     if clamp is not None:

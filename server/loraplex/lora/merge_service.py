@@ -19,9 +19,10 @@ module is the plumbing around it:
    CPU cores and the GIL, which torch releases inside its kernels), modules
    in the served model's ``named_modules()`` order so a seeded DARE merge
    draws the same masks as PEFT;
-4. write a PEFT folder into a hidden temporary folder next to the destination
-   and rename it into place (readers never see half a folder; ``scan`` skips
-   hidden folders), then ``cache.load`` it and return its ``AdapterInfo``.
+4. write a PEFT folder into a hidden folder at the top of the root and rename it
+   into place (``AdapterStore.place``: readers never see half a folder, ``scan``
+   skips hidden folders, and no link swapped in meanwhile is followed), then
+   ``cache.load`` it and return its ``AdapterInfo``.
 
 Progress and cancellation. ``merge_adapters`` reports after each module and
 polls a stop flag before each one. Progress is exposed three ways, simply:
@@ -36,13 +37,12 @@ called.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
 import weakref
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 from loraplex.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument
@@ -115,11 +115,11 @@ class MergeService:
         if len(weights) != len(sources):
             raise InvalidArgument(f"got {len(weights)} weights for {len(sources)} sources; "
                                   "give exactly one weight per source")
-        folder = self.store.new_folder(name)
+        self.store.new_folder(name)  # refuses a bad or taken name before any work
         stop = self._reserve(name, sources, combination_type)
         start = time.perf_counter()
         try:
-            info = self._run(name, folder, sources, weights, combination_type, density,
+            info = self._run(name, sources, weights, combination_type, density,
                              majority_sign_method, svd_rank, seed,
                              lambda: stop.is_set() or bool(should_stop and should_stop()), progress)
         except Cancelled as exc:
@@ -136,15 +136,14 @@ class MergeService:
 
     # ---- steps -------------------------------------------------------------------
 
-    def _run(self, name, folder, sources, weights, combination_type, density, majority_sign_method,
+    def _run(self, name, sources, weights, combination_type, density, majority_sign_method,
              svd_rank, seed, stopped, progress) -> AdapterInfo:
         tensors = self._read_sources(sources, stopped)
         self._update(name, state="merging")
-        step = max(1, len(self.cache.layers) // 10)
 
         def on_module(done: int, total: int) -> None:
             self._update(name, modules_done=done, modules_total=total)
-            if done % step == 0 or done == total:
+            if done % max(1, total // 10) == 0 or done == total:
                 log.info("merge into %r: %d/%d modules", name, done, total)
             if progress is not None:
                 progress(done, total)
@@ -157,7 +156,7 @@ class MergeService:
         if stopped():
             raise Cancelled("merge cancelled before its result was written")
         self._update(name, state="writing")
-        self._write(result, folder)
+        folder = self._write(result, name)
         try:
             return self.cache.load(name)
         except BaseException:
@@ -193,18 +192,15 @@ class MergeService:
                 f"{self.store.max_rank}; use an svd combination type{hint}, or restart the server "
                 f"with --max-lora-rank >= {rank}")
 
-    def _write(self, result: LoraTensors, folder) -> None:
-        """PEFT folder at ``folder``, all or nothing: a hidden temp folder renamed into place."""
-        os.makedirs(folder.parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=folder.parent, prefix=f".merge-{folder.name}-")
+    def _write(self, result: LoraTensors, name: str) -> Path:
+        """PEFT folder root/name, all or nothing: a hidden folder renamed into place."""
+        staged = self.store.staging_folder(name)
         try:
-            save_peft_folder(result, tmp, self.cache.base_model)
-            with self._lock:  # new_folder checked before the merge; check again right before
-                if os.path.lexists(folder):
-                    raise AlreadyExists(f"{str(folder)!r} appeared while merging; choose a new name")
-                os.rename(tmp, folder)
+            save_peft_folder(result, str(staged), self.cache.base_model)
+            with self._lock:  # new_folder checked the name before the merge; place again
+                return self.store.place(staged, name)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staged, ignore_errors=True)
             raise
 
     # ---- job bookkeeping -----------------------------------------------------------

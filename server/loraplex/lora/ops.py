@@ -9,7 +9,7 @@ Every backend computes exactly this loop (the definition the tests check):
 with A: [slots, r_max, in] and B: [slots, r_max, out] (B is stored transposed, so
 both factors are row-major along the rank). Slot 0 of the pool is all zeros (the
 base model). The PEFT scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) is
-folded into B when an adapter is copied into its slot. Ranks below r_max are
+folded into B when the store reads an adapter. Ranks below r_max are
 zero-padded; `plan.rank` (the batch's largest) and the segments' per-run and per-group
 ranks let a backend skip padding rows.
 
@@ -17,7 +17,7 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
 - `lora_delta_loop`: the definition itself; slow, used by tests.
 - `lora_delta_gather`: copies each token's A and B, two batched matmuls.
 - `lora_delta_grouped`: a pair of matmuls per distinct slot over that slot's tokens.
-- `lora_delta_segmented` (the default off the CPU): each long run of one slot's tokens
+- `lora_delta_segmented` (the default except for fp32 on the CPU with the C kernel): each long run of one slot's tokens
   (a prefill chunk) gets a pair of matmuls on views, at its adapter's rank; the other
   tokens (decodes) are grouped by slot into a padded [slots, tokens, in] block per rank
   bucket (`rank_bucket`), and each block gets two batched matmuls that read the weights

@@ -38,6 +38,7 @@ import math
 import os
 import re
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,11 +289,58 @@ class AdapterStore:
         links) outside the root; InvalidArgument for a malformed name;
         AlreadyExists when something is already there.
         """
-        folder = self.resolve(name)
-        _check_name(name)
+        folder = self.resolve(name)  # checks the name as a relative path
         if os.path.lexists(self.root / name) or os.path.lexists(folder):
             raise AlreadyExists(f"{name!r} already exists under the adapter root; choose a new name")
         return folder
+
+    def staging_folder(self, name: str) -> Path:
+        """A new hidden folder at the top of the root (``scan`` skips it) to write the
+        adapter ``name`` into before ``place`` renames it into place."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=self.root, prefix=f".new-{name.replace('/', '-')}-"))
+
+    def place(self, staged: Path, name: str) -> Path:
+        """Rename a ``staging_folder`` to root/name, making its parent folders, and return
+        its path. Every folder on the way is opened from the root's without following
+        links, so a link swapped in since ``new_folder`` checked the name is refused
+        (PermissionDenied), never written through; AlreadyExists when root/name exists."""
+        _check_relpath(name)
+        *parents, last = name.split("/")
+        nofollow = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
+        fds = [os.open(self.root, nofollow)]
+        try:
+            for part in parents:
+                try:
+                    os.mkdir(part, dir_fd=fds[-1])
+                except FileExistsError:
+                    pass
+                try:
+                    fds.append(os.open(part, nofollow, dir_fd=fds[-1]))
+                except OSError as err:  # ELOOP (a link) or ENOTDIR
+                    raise PermissionDenied(f"cannot write {name!r}: {part!r} is not a folder "
+                                           f"under the adapter root ({err.strerror})") from None
+            try:
+                os.stat(last, dir_fd=fds[-1], follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                raise AlreadyExists(f"{name!r} already exists under the adapter root; choose a new name")
+            try:
+                os.rename(staged.name, last, src_dir_fd=fds[0], dst_dir_fd=fds[-1])
+            except OSError as err:  # EXDEV: a parent folder is another file system's mount
+                raise FailedPrecondition(f"cannot move the new adapter into {name!r}: "
+                                         f"{err.strerror}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return self.root / name
+
+    def file_size(self, folder: Path, filename: str, shown: str) -> int:
+        """Bytes of folder/filename, refusing anything that resolves outside the root."""
+        real = Path(os.path.realpath(folder / filename))
+        self._ensure_inside(real, shown)
+        return real.stat().st_size
 
     def _read_weights(self, folder: Path, relpath: str) -> bytes:
         if not os.path.lexists(folder / WEIGHTS_FILE):

@@ -69,8 +69,8 @@ def load_hf_model(path: str, quantize: str, dtype: torch.dtype, device: torch.de
     """The Hugging Face model at `path` in `dtype` on `device`, its linears quantized by
     bitsandbytes as `quantize` says (the benchmark's baselines load theirs with this too)."""
     quant = quantization_config(quantize, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, quantization_config=quant,
+    model = AutoModelForCausalLM.from_pretrained(  # safetensors only: never a pickle
+        path, dtype=dtype, quantization_config=quant, use_safetensors=True,
         device_map={"": device} if quant is not None else None, **kwargs)
     if quant is None:
         return model.to(device)
