@@ -280,8 +280,10 @@ def test_bgmv_refuses_what_it_would_read_out_of_bounds():
     x, y = torch.randn(2, 16), torch.zeros(2, 16)
     with pytest.raises(ValueError, match="within the pool"):
         delta(y, x, A, B, _plan(torch.tensor([1, 3]), [0, 8, 8, 8]))  # slot 3 of 3
-    with pytest.raises(ValueError, match="matching shapes"):
+    with pytest.raises(ValueError, match=r"y \[T, out\]"):
         delta(torch.zeros(2, 8), x, A, B, _plan(torch.tensor([1, 2]), [0, 8, 8]))  # y: [T, 8]
+    with pytest.raises(ValueError, match=r"x \[T, in\]"):
+        delta(y, torch.randn(2, 8), A, B, _plan(torch.tensor([1, 2]), [0, 8, 8]))  # x: [T, 8]
     with pytest.raises(ValueError, match="fp32"):
         delta(y.double(), x.double(), A.double(), B.double(), _plan(torch.tensor([1, 2]), [0, 8, 8]))
     plan = _plan(torch.tensor([1, 2]), [0, 8, 8])
