@@ -48,8 +48,9 @@ class LoraLinear(nn.Module):
             return y
         if y.dtype != self.dtype:  # a quantized base layer may return another dtype
             y = y.to(self.dtype)
-        plan.delta(y.view(-1, self.out_features),
-                   x.reshape(-1, self.in_features).to(self.dtype),
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        plan.delta(y.view(-1, self.out_features), x.reshape(-1, self.in_features),
                    self.lora_A, self.lora_B, plan)
         return y
 

@@ -265,11 +265,13 @@ class LoraPlan:
         it: None when no adapter of the step does (the layer adds nothing), the plan
         itself when all of them do, else a plan whose other tokens use slot 0 (built
         once per step for each such set of slots; q/k/v usually share one)."""
+        if not self.used_slots:
+            return None
+        if self.used_slots <= active:  # (no new set: the common case, checked first)
+            return self
         subset = self.used_slots & active
         if not subset:
             return None
-        if subset == self.used_slots:
-            return self
         narrowed = self._narrowed.get(subset)
         if narrowed is None:
             host = self._host_slots
