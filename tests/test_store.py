@@ -439,9 +439,10 @@ def opened(monkeypatch):
     paths: list[str] = []
     real_open = os.open
 
-    def recording_open(path, *args, **kwargs):
-        paths.append(os.path.realpath(path))
-        return real_open(path, *args, **kwargs)
+    def recording_open(path, *args, dir_fd=None, **kwargs):
+        folder = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else ""
+        paths.append(os.path.realpath(os.path.join(folder, path)))
+        return real_open(path, *args, dir_fd=dir_fd, **kwargs)
 
     monkeypatch.setattr(os, "open", recording_open)
     return paths
@@ -470,8 +471,9 @@ def test_symlinks_out_of_root_refused_before_open(plain, root, module_shapes, tm
         with pytest.raises(PermissionDenied, match="outside the adapter root"):
             store.read("x", relpath, module_shapes)
     real_root = str(root.resolve())
-    assert opened, "the in-root config files should have been opened"
-    assert all(path.startswith(real_root + os.sep) for path in opened), opened
+    assert any(path.endswith("adapter_config.json") for path in opened), \
+        "the in-root config files should have been opened"
+    assert all(path == real_root or path.startswith(real_root + os.sep) for path in opened), opened
 
 
 def test_symlinks_inside_root_are_followed(plain, root, module_shapes):
@@ -529,20 +531,24 @@ def test_weights_dataclass_is_frozen(plain, root, module_shapes):
     assert " modules=" not in repr(weights)
 
 
-def test_link_swapped_in_after_the_check_is_still_refused(plain, root, module_shapes, tmp_path, monkeypatch):
+def test_link_swapped_in_after_the_check_is_still_refused(plain, root, module_shapes, tmp_path,
+                                                          monkeypatch, opened):
     """Simulate the race (a link appears between realpath and open) by making realpath
-    blind to links: O_NOFOLLOW catches a file link, the /proc/self/fd check a folder link."""
+    blind to links: every component is opened without following links, so neither a file
+    link nor a folder link is followed, and nothing outside the root is opened."""
     outside = _outside_adapter(plain, tmp_path)
     (root / "team").symlink_to(outside)
     files = copy_plain(plain, root, "files")
     (files / "adapter_config.json").unlink()
     (files / "adapter_config.json").symlink_to(outside / "adapter" / "adapter_config.json")
     store = AdapterStore(str(root), 8)
+    real_root = str(root.resolve())
     monkeypatch.setattr(os.path, "realpath", os.path.abspath)
     with pytest.raises(PermissionDenied, match="cannot open"):  # ELOOP from O_NOFOLLOW
         store.read("x", "files", module_shapes)
-    with pytest.raises(PermissionDenied, match="outside the adapter root"):  # /proc/self/fd check
-        store.read("x", "team/adapter", module_shapes)
+    with pytest.raises(PermissionDenied, match="'team' is not a folder under the adapter root"):
+        store.read("x", "team/adapter", module_shapes)  # ELOOP/ENOTDIR opening team/
+    assert all(path == real_root or path.startswith(real_root + os.sep) for path in opened), opened
 
 
 def test_place_moves_a_staged_folder_into_new_parents(plain, root, module_shapes):

@@ -14,10 +14,11 @@ What this module guarantees:
 * Confinement. A path is checked as text (no absolute paths, no ``..``) and
   then resolved with ``os.path.realpath`` (which reads links but opens no
   file); a folder or file whose real location is outside the root is refused
-  before it is opened. Files are opened with ``O_NOFOLLOW`` on the resolved
-  path and, where ``/proc`` exists, the opened descriptor is checked again, so
-  a link swapped in between the check and the open is refused before a byte
-  is read.
+  before it is opened. The resolved path is then opened one folder at a time
+  from the root's descriptor, every component with ``O_NOFOLLOW``, so a link
+  swapped in between the check and the open is refused, never followed; where
+  ``/proc`` exists, the opened descriptor is checked once more. A merge's new
+  folder is renamed into place the same way (``place``).
 * No pickle. Only ``adapter_model.safetensors`` is parsed, from bytes, with
   ``safetensors.torch.load``; ``torch.load`` is never called.
 * Exact serving or refusal. Anything that would make our ``B @ (A @ x)``
@@ -39,6 +40,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +64,10 @@ _COMPONENT_RE = re.compile(r"[A-Za-z0-9._-]+")
 _LORA_KEY_RE = re.compile(
     r"base_model\.model\.(?P<module>.+)\.(?P<factor>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight"
 )
+# folders and files under the root are opened one component at a time, links not followed
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_FILE_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0))
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CONVERT_HINT = (
     "only safetensors are loaded; convert with: python -c \"import torch, safetensors.torch as s; "
@@ -179,17 +185,47 @@ class AdapterStore:
                 "copy the adapter into the root instead of linking to it"
             )
 
+    def _open_folder(self, parts: Sequence[str], shown: str, create: bool = False) -> int:
+        """fd of the folder root/parts[0]/parts[1]/..., each opened from the one before
+        it without following a link (and made first when `create`): a link swapped in
+        after a path was checked is refused (PermissionDenied), never followed."""
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            for part in parts:
+                if create:
+                    try:
+                        os.mkdir(part, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                try:
+                    inner = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    raise NotFound(f"{shown!r} does not exist") from None
+                except OSError as err:  # ELOOP (a link) or ENOTDIR
+                    raise PermissionDenied(f"cannot open {shown!r}: {part!r} is not a folder "
+                                           f"under the adapter root ({err.strerror})") from None
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _read_file(self, folder: Path, filename: str, shown: str) -> bytes:
-        """All bytes of folder/filename, refusing anything that resolves outside the root."""
+        """All bytes of folder/filename, refusing anything that resolves outside the root:
+        the resolved path is checked, then opened one folder at a time (_open_folder)."""
         real = Path(os.path.realpath(folder / filename))
         self._ensure_inside(real, shown)
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        *parents, last = real.relative_to(self.root).parts
+        parent = self._open_folder(parents, shown)
         try:
-            fd = os.open(real, flags | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(last, _FILE_FLAGS, dir_fd=parent)
         except FileNotFoundError:
             raise NotFound(f"{shown!r} does not exist") from None
         except OSError as err:  # ELOOP: a link was swapped in after the check
             raise PermissionDenied(f"cannot open {shown!r}: {err.strerror}") from None
+        finally:
+            os.close(parent)
         try:
             self._check_opened(fd, shown)
             with open(fd, "rb", closefd=False) as file:
@@ -307,33 +343,26 @@ class AdapterStore:
         (PermissionDenied), never written through; AlreadyExists when root/name exists."""
         _check_relpath(name)
         *parents, last = name.split("/")
-        nofollow = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
-        fds = [os.open(self.root, nofollow)]
+        root = self._open_folder([], name)
         try:
-            for part in parents:
+            parent = self._open_folder(parents, name, create=True)
+            try:
                 try:
-                    os.mkdir(part, dir_fd=fds[-1])
-                except FileExistsError:
+                    os.stat(last, dir_fd=parent, follow_symlinks=False)
+                except FileNotFoundError:
                     pass
+                else:
+                    raise AlreadyExists(f"{name!r} already exists under the adapter root; "
+                                        "choose a new name")
                 try:
-                    fds.append(os.open(part, nofollow, dir_fd=fds[-1]))
-                except OSError as err:  # ELOOP (a link) or ENOTDIR
-                    raise PermissionDenied(f"cannot write {name!r}: {part!r} is not a folder "
-                                           f"under the adapter root ({err.strerror})") from None
-            try:
-                os.stat(last, dir_fd=fds[-1], follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-            else:
-                raise AlreadyExists(f"{name!r} already exists under the adapter root; choose a new name")
-            try:
-                os.rename(staged.name, last, src_dir_fd=fds[0], dst_dir_fd=fds[-1])
-            except OSError as err:  # EXDEV: a parent folder is another file system's mount
-                raise FailedPrecondition(f"cannot move the new adapter into {name!r}: "
-                                         f"{err.strerror}") from None
+                    os.rename(staged.name, last, src_dir_fd=root, dst_dir_fd=parent)
+                except OSError as err:  # EXDEV: a parent folder is another file system's mount
+                    raise FailedPrecondition(f"cannot move the new adapter into {name!r}: "
+                                             f"{err.strerror}") from None
+            finally:
+                os.close(parent)
         finally:
-            for fd in fds:
-                os.close(fd)
+            os.close(root)
         return self.root / name
 
     def file_size(self, folder: Path, filename: str, shown: str) -> int:
