@@ -44,10 +44,13 @@ def load_peft_model(base_dir: str | Path, adapter_dirs: dict[str, Path],
     from peft import PeftModel
 
     names = list(adapter_dirs)
+    # the adapters stay in the files' dtype (the model's): PEFT's default upcasts bf16
+    # adapters to fp32, which would slow the baseline on a GPU
     model = PeftModel.from_pretrained(load_hf_model(base_dir, **base_options),
-                                      adapter_dirs[names[0]], adapter_name=names[0])
+                                      adapter_dirs[names[0]], adapter_name=names[0],
+                                      autocast_adapter_dtype=False)
     for name in names[1:]:
-        model.load_adapter(adapter_dirs[name], adapter_name=name)
+        model.load_adapter(adapter_dirs[name], adapter_name=name, autocast_adapter_dtype=False)
     return model.eval()
 
 

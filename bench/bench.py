@@ -84,13 +84,16 @@ def engine_variants(backends: list[str], dtypes: list[str]) -> list[tuple[str, s
 
 
 def in_rounds(fns: dict[tuple, Callable[[], dict]], repeat: int) -> dict[tuple, list[dict]]:
-    """Each fn once untimed, then `repeat` rounds of all of them; key -> its runs by round."""
+    """Each fn once untimed, then `repeat` rounds of all of them; key -> its runs by round.
+    Each timed run is printed as it ends (a run cut short still shows what it measured)."""
     for fn in fns.values():
         fn()
     runs = {key: [] for key in fns}
-    for _ in range(repeat):
+    for i in range(repeat):
         for key, fn in fns.items():
             runs[key].append(fn())
+            print(f"  round {i + 1}/{repeat}: {key[0]} N={key[1]} "
+                  f"{runs[key][-1]['tok_per_s']:.1f} tok/s", flush=True)
     return runs
 
 
@@ -202,6 +205,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, backend, lora_dtype in engine_variants(args.lora_backend, args.lora_dtype)}
     engine = engines["loraplex"]
     results = []
+    def write_json() -> None:  # after each workload, so a run cut short keeps the first
+        if not args.out:
+            return
+        meta = dict(machine=platform.machine(), processor=platform.processor(),
+                    cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
+                    device=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else str(device)),
+                    shape=args.shape, quantize=args.quantize, dtype=str(dtype),
+                    lora_backend=args.lora_backend,
+                    lora_kernel={system: e.runner.lora_delta.__name__  # what "auto" chose
+                                 for system, e in engines.items()},
+                    lora_dtype={system: str(e.loaded.lora_dtype) for system, e in engines.items()},
+                    decode_attention="sdpa" if engine.runner.decode_kernel is None else "cpu",
+                    num_requests=args.num_requests, rank=args.rank, targets=args.targets,
+                    repeat=args.repeat,
+                    load_avg=os.getloadavg(), date=time.strftime("%Y-%m-%d"))
+        args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+
     try:
         for outputs, new_tokens in WORKLOADS.items():
             def work(n: int) -> list[BenchRequest]:
@@ -217,26 +238,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 results.append(summarize(system, n, outputs, r, runs))
                 print(f"{system:24s} N={n:<4d} {outputs:7s} {results[-1]['tok_per_s']:8.1f} tok/s "
                       f"(rounds: {results[-1]['rounds']})", flush=True)
+            write_json()
     finally:
         for e in engines.values():
             e.stop()
 
     print_table(results)
-    meta = dict(machine=platform.machine(), processor=platform.processor(),
-                cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
-                device=(torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else str(device)),
-                shape=args.shape, quantize=args.quantize, dtype=str(dtype),
-                lora_backend=args.lora_backend,
-                lora_kernel={system: e.runner.lora_delta.__name__  # what "auto" chose
-                             for system, e in engines.items()},
-                lora_dtype={system: str(e.loaded.lora_dtype) for system, e in engines.items()},
-                decode_attention="sdpa" if engine.runner.decode_kernel is None else "cpu",
-                num_requests=args.num_requests, rank=args.rank, targets=args.targets,
-                repeat=args.repeat,
-                load_avg=os.getloadavg(), date=time.strftime("%Y-%m-%d"))
-    if args.out:
-        args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
     return results
 
 

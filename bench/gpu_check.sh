@@ -2,12 +2,12 @@
 # Everything a lent GPU should show, in one device call of under 600 s (../shared/GPU.md):
 #   1. the versions there (torch, CUDA device, transformers, peft, bitsandbytes);
 #   2. the Triton LoRA kernel tests, on CUDA this time;
-#   3. the benchmark on a Llama-3-8B-shaped model in NF4, N = 0, 1, 8, 32 (`segmented`;
+#   3. the benchmark on a Llama-3-8B-shaped model in NF4, N = 0, 1, 8, 32, one round (`segmented`;
 #      LORA_BACKENDS="segmented triton" adds a second engine in the same rounds, but each
 #      engine loads the 8B model and its 32 adapters: likely too long for one call).
 # Not timed yet on a GPU: building the model, the NF4 loads (HF, PEFT with 32 adapters,
-# each engine) come first; each workload's lines (equal, then varied) are printed
-# (bench.txt) when its rounds end, so a run cut by the timeout keeps what it finished.
+# each engine) come first; every timed run is printed as it ends (bench.txt) and the JSON
+# is written after each workload, so a run cut by the timeout keeps what it finished.
 # Results go to $OUT (the device tool brings that folder back), else bench/results/gpu-run.
 #
 # On the device (carry [".whl"], the bitsandbytes wheel as GPU.md downloads it):
@@ -42,13 +42,20 @@ for name in ("transformers", "peft", "bitsandbytes", "triton"):
 EOF
 
 # compiled kernels on the GPU (TRITON_INTERPRET=1, the tests' own default, runs them on the CPU)
-TRITON_INTERPRET=${TRITON_INTERPRET:-0} timeout 60 "$py" -m pytest -q -x -p no:cacheprovider \
-  tests/test_triton_ops.py 2>&1 \
+TRITON_INTERPRET=${TRITON_INTERPRET:-0} timeout 180 "$py" -m pytest -q -p no:cacheprovider \
+  --durations=5 tests/test_triton_ops.py 2>&1 \
   | tail -n 25 | tee "$out/triton-tests.txt"
+
+# the bf16 model is 16 GB: /dev/shm when it has room, else the disk
+work=/dev/shm/loraplex-bench
+if [ "$(df --output=avail -k /dev/shm 2> /dev/null | tail -n 1)" -lt 40000000 ] 2> /dev/null; then
+  work=/tmp/loraplex-bench
+fi
+df -h /dev/shm /tmp 2>&1 | tee -a "$out/env.txt"
 
 # shellcheck disable=SC2086  # $backends is a list of words
 timeout "${BENCH_TIMEOUT:-480}" "$py" -m bench.bench --shape "$shape" --quantize "$quantize" \
-  --kv-cache-memory 2GiB --adapters 0 1 8 32 --repeat "${REPEAT:-2}" --lora-backend $backends \
-  --workdir /dev/shm/loraplex-bench --out "$out/bench-$shape-$quantize.json" 2>&1 \
+  --kv-cache-memory 2GiB --adapters 0 1 8 32 --repeat "${REPEAT:-1}" --lora-backend $backends \
+  --workdir "$work" --out "$out/bench-$shape-$quantize.json" 2>&1 \
   | grep -v "Loading weights" | tee "$out/bench.txt"
 echo "bench exit status: ${PIPESTATUS[0]}" | tee -a "$out/bench.txt"

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache,
+from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, sdpa,
                                       choose_decode_attention, group_decodes, paged_attention)
 
 H, KVH, D_HEAD, BS, NUM_BLOCKS = 8, 2, 16, 4, 64  # GQA: 4 query heads per kv head
@@ -103,3 +103,21 @@ def test_decode_attention_choice():
     assert choose_decode_attention("auto", torch.device("cpu"), torch.bfloat16) is None
     with pytest.raises(ValueError, match="fp32 on the CPU"):
         choose_decode_attention("cpu", torch.device("cuda"), torch.float32)
+
+
+@pytest.mark.parametrize("queries", [1, 5])  # a decode, a prefill chunk
+def test_sdpa_with_kv_repeated_per_head_equals_grouped_query_sdpa(queries):
+    """The CUDA form (K/V repeated to every query head, so a masked call can use a fast
+    kernel) computes what enable_gqa does: checked here on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, queries, 16, generator=g)  # [N, H, q, d]
+    k, v = (torch.randn(3, 2, 20, 16, generator=g) for _ in range(2))  # [N, KVH, L, d]
+    mask = torch.rand(3, 1, queries, 20, generator=g) > 0.3
+    mask[..., 0] = True  # every row sees a position
+    grouped = sdpa(q, k, v, mask, None, gqa=True, expand_kv=False)
+    repeated = sdpa(q, k, v, mask, None, gqa=True, expand_kv=True)
+    torch.testing.assert_close(repeated, grouped, rtol=1e-5, atol=1e-6)
+    head = 5  # query head 5 reads K/V head 5 // 4 = 1
+    alone = torch.nn.functional.scaled_dot_product_attention(
+        q[:, head:head + 1], k[:, 1:2], v[:, 1:2], attn_mask=mask)
+    torch.testing.assert_close(repeated[:, head:head + 1], alone, rtol=1e-5, atol=1e-6)

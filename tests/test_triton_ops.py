@@ -154,7 +154,9 @@ def test_reads_no_weight_row_past_the_rank():
 
 @pytest.mark.parametrize("dtype, tolerance", [
     (torch.bfloat16, dict(rtol=1.6e-2, atol=2e-2)),  # one rounding of y to bf16
-    (torch.float16, dict(rtol=2e-3, atol=2e-3)),
+    # y rounded to fp16, and on CUDA h enters the expand dot as TF32 (10 mantissa bits, as
+    # fp16's): two roundings (the interpreter's exact fp32 h stays within 2e-3)
+    (torch.float16, dict(rtol=4e-3, atol=4e-3)),
 ])
 @pytest.mark.parametrize("pattern", ["mixed", "prefill"])
 def test_half_precision(pattern, dtype, tolerance):

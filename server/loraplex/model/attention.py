@@ -226,10 +226,9 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         kd, vd = b.cache.gather(layer, group.blocks.view(-1))  # [D * Bmax * bs, KVH, d] each
         kd = kd.view(D, -1, *kd.shape[1:]).transpose(1, 2)  # [D, KVH, Bmax * bs, d]
         vd = vd.view(D, -1, *vd.shape[1:]).transpose(1, 2)
-        od = F.scaled_dot_product_attention(
-            qd.transpose(0, 1).unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),  # [D, H, 1, d]
-            attn_mask=group.mask(b.cache.block_size, sliding_window), scale=scaling,
-            enable_gqa=gqa).squeeze(2)  # [D, H, d]
+        od = sdpa(qd.transpose(0, 1).unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),  # [D, H, 1, d]
+                  group.mask(b.cache.block_size, sliding_window), scaling, gqa,
+                  expand_kv=q.is_cuda).squeeze(2)  # [D, H, d]
         if group.rows is None:
             out[:D] = od
         else:
@@ -239,11 +238,23 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         kp, vp = b.cache.gather(layer, seq.blocks)  # [blocks * bs, KVH, d] each
         kp = kp[:seq.context].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, d]
         vp = vp[:seq.context].transpose(0, 1).unsqueeze(0)
-        op = F.scaled_dot_product_attention(qp, kp.to(q.dtype), vp.to(q.dtype),
-                                            attn_mask=b.prefill_mask(i, sliding_window),
-                                            scale=scaling, enable_gqa=gqa)  # [1, H, q, d]
+        op = sdpa(qp, kp.to(q.dtype), vp.to(q.dtype), b.prefill_mask(i, sliding_window),
+                  scaling, gqa, expand_kv=q.is_cuda)  # [1, H, q, d]
         out[seq.start:seq.start + seq.length] = op[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+         scale: float | None, gqa: bool, expand_kv: bool) -> torch.Tensor:
+    """q: [N, H, q, d], k/v: [N, KVH, L, d], mask: broadcastable to [N, H, q, L] (bool) ->
+    [N, H, q, d]. With `expand_kv` (on CUDA) grouped-query K/V are repeated to every query
+    head first: with a mask, enable_gqa leaves only SDPA's slow math kernel there
+    (transformers does the same, see its use_gqa_in_sdpa)."""
+    if gqa and expand_kv:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [N, H, L, d]
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def register_attention() -> None:

@@ -71,8 +71,8 @@ class ModelRunner:
         # Sampling rows follow the caller's batch order, not the packed order.
         sample_idx = [last_row[id(item)] for item in batch if item.samples]
 
-        if self.decode_kernel is None:
-            groups = group_decodes([len(t) for t in decode_tables])
+        if self.decode_kernel is None and device.type == "cpu":  # (on a GPU a call costs
+            groups = group_decodes([len(t) for t in decode_tables])  # more than padding)
         else:
             groups = [list(range(len(decode_tables)))] if decode_tables else []
         attn = AttentionBatch(

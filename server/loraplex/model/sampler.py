@@ -44,6 +44,8 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, seen: list[int],
         return int(torch.argmax(logits))
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
     probs = logits.softmax(-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)  # a seed's (CPU) generator draws on its device
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
