@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should show, in one device call of under 600 s (../shared/GPU.md):
 #   1. the versions there (torch, CUDA device, transformers, peft, bitsandbytes);
-#   2. the Triton LoRA kernel tests, on CUDA this time;
+#   2. the Triton LoRA kernel tests, on CUDA this time, and the fp32 fidelity tests (the
+#      engine on CUDA, served tokens against PEFT's on the CPU);
 #   3. the benchmark on a Llama-3-8B-shaped model in NF4, N = 0, 1, 8, 32, one round (`segmented`;
 #      LORA_BACKENDS="segmented triton" adds a second engine in the same rounds, but each
 #      engine loads the 8B model and its 32 adapters: likely too long for one call).
@@ -45,6 +46,11 @@ EOF
 TRITON_INTERPRET=${TRITON_INTERPRET:-0} timeout 180 "$py" -m pytest -q -p no:cacheprovider \
   --durations=5 tests/test_triton_ops.py 2>&1 \
   | tail -n 25 | tee "$out/triton-tests.txt"
+
+# served tokens against PEFT's on the same weights: the engine on CUDA in fp32, the
+# reference (tests/peft_reference.py) on the CPU; every request of a mixed batch must match
+timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_fidelity.py \
+  -k mixed_batch_equals_peft_alone_fp32 2>&1 | tail -n 15 | tee "$out/fidelity-tests.txt"
 
 # the bf16 model is 16 GB: /dev/shm when it has room, else the disk
 work=/dev/shm/loraplex-bench

@@ -15,7 +15,8 @@ def build_engine(base_dir, adapter_root, quantize="none", **engine_kwargs) -> En
                     kv_cache_memory=16 * 2**20, block_size=8, max_batch_tokens=256,
                     prefill_chunk=32, max_num_seqs=64)
     defaults.update(engine_kwargs)
-    engine = Engine.build(ModelConfig(path=str(base_dir), quantize=quantize),
+    # fp32 everywhere, as the reference: "auto" would be bf16 on a CUDA machine
+    engine = Engine.build(ModelConfig(path=str(base_dir), quantize=quantize, dtype="float32"),
                           EngineConfig(**defaults), str(adapter_root))
     engine.start()
     return engine
