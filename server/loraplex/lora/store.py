@@ -373,7 +373,12 @@ class AdapterStore:
 
     def _read_weights(self, folder: Path, relpath: str) -> bytes:
         if not os.path.lexists(folder / WEIGHTS_FILE):
-            pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+            # (folder: resolved inside the root) listed through a descriptor, no link followed
+            fd = self._open_folder(folder.relative_to(self.root).parts, relpath)
+            try:
+                pickles = sorted(n for n in os.listdir(fd) if n.endswith(PICKLE_SUFFIXES))
+            finally:
+                os.close(fd)
             if pickles:
                 raise FailedPrecondition(f"{relpath!r} holds {', '.join(pickles)}: {_CONVERT_HINT}")
             raise NotFound(f"{relpath!r} has no {WEIGHTS_FILE}")
