@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, backend, lora_dtype in engine_variants(args.lora_backend, args.lora_dtype)}
     engine = engines["loraplex"]
     results = []
+
     def write_json() -> None:  # after each workload, so a run cut short keeps the first
         if not args.out:
             return

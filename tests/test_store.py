@@ -448,6 +448,10 @@ def opened(monkeypatch):
     return paths
 
 
+def _inside(path: str, real_root: str) -> bool:
+    return path == real_root or path.startswith(real_root + os.sep)
+
+
 def _outside_adapter(plain, tmp_path) -> Path:
     outside = tmp_path / "outside"
     shutil.copytree(plain[0], outside / "adapter")
@@ -473,7 +477,7 @@ def test_symlinks_out_of_root_refused_before_open(plain, root, module_shapes, tm
     real_root = str(root.resolve())
     assert any(path.endswith("adapter_config.json") for path in opened), \
         "the in-root config files should have been opened"
-    assert all(path == real_root or path.startswith(real_root + os.sep) for path in opened), opened
+    assert all(_inside(path, real_root) for path in opened), opened
 
 
 def test_symlinks_inside_root_are_followed(plain, root, module_shapes):
@@ -548,7 +552,7 @@ def test_link_swapped_in_after_the_check_is_still_refused(plain, root, module_sh
         store.read("x", "files", module_shapes)
     with pytest.raises(PermissionDenied, match="'team' is not a folder under the adapter root"):
         store.read("x", "team/adapter", module_shapes)  # ELOOP/ENOTDIR opening team/
-    assert all(path == real_root or path.startswith(real_root + os.sep) for path in opened), opened
+    assert all(_inside(path, real_root) for path in opened), opened
 
 
 def test_place_moves_a_staged_folder_into_new_parents(plain, root, module_shapes):

@@ -9,7 +9,8 @@ Every `serve` option can come from, in order of precedence:
   3. a config file (TOML or JSON)   max_queue = 8   (--config FILE or LORAPLEX_CONFIG)
   4. the default shown by --help
 They are read once, here, into a `loraplex.config.Config`; no other option comes
-from the environment (OMP_NUM_THREADS, XDG_CACHE_HOME and CC are read when used). Config-file keys are the flag names with '_' or '-'; `preload` is a
+from the environment (OMP_NUM_THREADS, XDG_CACHE_HOME and CC are read when used).
+Config-file keys are the flag names with '_' or '-'; `preload` is a
 list of "name=path" strings or a table {name = "path"}; the environment form of a
 repeatable flag is a comma-separated list (LORAPLEX_PRELOAD="sql=sql,chat=chat/v2").
 """

@@ -17,10 +17,10 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
 - `lora_delta_loop`: the definition itself; slow, used by tests.
 - `lora_delta_gather`: copies each token's A and B, two batched matmuls.
 - `lora_delta_grouped`: a pair of matmuls per distinct slot over that slot's tokens.
-- `lora_delta_segmented` (the default except for fp32 on the CPU with the C kernel): each long run of one slot's tokens
-  (a prefill chunk) gets a pair of matmuls on views, at its adapter's rank; the other
-  tokens (decodes) are grouped by slot into a padded [slots, tokens, in] block per rank
-  bucket (`rank_bucket`), and each block gets two batched matmuls that read the weights
+- `lora_delta_segmented` (the default except for fp32 on the CPU with the C kernel):
+  each long run of one slot's tokens (a prefill chunk) gets a pair of matmuls on views,
+  at its adapter's rank; the other tokens (decodes) are grouped by slot into a padded
+  [slots, tokens, in] block per rank bucket (`rank_bucket`), and each block gets two batched matmuls that read the weights
   of its slots (in place when those slots are consecutive, else a copy of just them).
   The layout is built once per step, see `Segments`.
 - `bgmv_backend(lib)` (the default for fp32 on the CPU): runs of BGMV_MIN_RUN tokens or

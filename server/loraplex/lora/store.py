@@ -343,26 +343,22 @@ class AdapterStore:
         (PermissionDenied), never written through; AlreadyExists when root/name exists."""
         _check_relpath(name)
         *parents, last = name.split("/")
-        root = self._open_folder([], name)
+        parent = self._open_folder(parents, name, create=True)
         try:
-            parent = self._open_folder(parents, name, create=True)
             try:
-                try:
-                    os.stat(last, dir_fd=parent, follow_symlinks=False)
-                except FileNotFoundError:
-                    pass
-                else:
-                    raise AlreadyExists(f"{name!r} already exists under the adapter root; "
-                                        "choose a new name")
-                try:
-                    os.rename(staged.name, last, src_dir_fd=root, dst_dir_fd=parent)
-                except OSError as err:  # EXDEV: a parent folder is another file system's mount
-                    raise FailedPrecondition(f"cannot move the new adapter into {name!r}: "
-                                             f"{err.strerror}") from None
-            finally:
-                os.close(parent)
+                os.stat(last, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                raise AlreadyExists(f"{name!r} already exists under the adapter root; "
+                                    "choose a new name")
+            try:  # (staged: made by staging_folder right under the real root)
+                os.rename(staged, last, dst_dir_fd=parent)
+            except OSError as err:  # EXDEV: a parent folder is another file system's mount
+                raise FailedPrecondition(f"cannot move the new adapter into {name!r}: "
+                                         f"{err.strerror}") from None
         finally:
-            os.close(root)
+            os.close(parent)
         return self.root / name
 
     def file_size(self, folder: Path, filename: str, shown: str) -> int:
