@@ -20,9 +20,10 @@ from conftest_api import (ADMIN_TOKEN, GENERATE_TOKEN, MAX_LEN, RunningServer,  
 from loraplex import errors
 from loraplex.api.errors import status_of
 from loraplex.api.servicers import _deadline
+from loraplex.engine.request import GenerationRequest, SamplingParams
 from loraplex_client import (AsyncClient, Client, DeadlineExceeded, FailedPrecondition,
-                             InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
-                             Unauthenticated, Unavailable)
+                             Internal, InvalidArgument, NotFound, PermissionDenied,
+                             ResourceExhausted, Unauthenticated, Unavailable)
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from models import VOCAB_SIZE
@@ -642,3 +643,101 @@ def test_calls_around_shutdown_end_ok_or_unavailable(assets):
             r[1] == "OK" for r in results) + 1, (served, round_)
     print(f"\ncalls around shutdown, 8 rounds: {dict(totals)}")
     assert totals["OK"] > 50 and totals["UNAVAILABLE"] > 0, totals
+
+
+def _break_steps(engine, entered: threading.Event | None = None):
+    """Make every engine step raise, as a bug or a CUDA error would (with `entered`: set
+    it, then raise only once another request has been accepted); returns the undo."""
+    real = engine.runner.run
+
+    def broken(batch):
+        if entered is not None:
+            entered.set()
+            deadline = time.monotonic() + 30
+            while engine._inbox.qsize() == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+    engine.runner.run = broken
+    return lambda: setattr(engine.runner, "run", real)
+
+
+def test_failed_steps_answer_internal_and_enough_in_a_row_stop_the_server(assets):
+    """A step that raises ends its requests with INTERNAL and the server keeps serving; a
+    step that succeeds resets the count; max_step_failures in a row and the server stops
+    itself (`serve` would exit 1 for its supervisor to restart it)."""
+    s = RunningServer(make_config(assets, preload=(), max_step_failures=2)).start()
+    try:
+        engine = s.server.engine
+        with Client(s.target, timeout=60) as c:
+            repair = _break_steps(engine)
+            with pytest.raises(Internal, match="internal engine error .*retrying"):
+                c.generate(PROMPT, max_new_tokens=3)
+            repair()
+            assert c.generate(PROMPT, max_new_tokens=3).completion_tokens == 3
+            _break_steps(engine)
+            with pytest.raises(Internal, match="internal engine error"):
+                c.generate(PROMPT, max_new_tokens=3)
+            assert c.health() == "SERVING"  # one failure in a row: still serving
+            assert s.metric("loraplex_engine_step_failures_total") == 2
+            assert s.metric("loraplex_requests_total", adapter="", status="INTERNAL",
+                            **UNROUTED) == 2
+            with pytest.raises(Internal, match="internal engine error"):
+                c.generate(PROMPT, max_new_tokens=3)  # the second in a row
+        s._thread.join(60)  # the server shut itself down
+        assert not s._thread.is_alive() and s.server.engine_failed
+        assert "2 in a row, the last RuntimeError" in engine.failure
+        assert _wait_refused(s.server.port)
+    finally:
+        s.stop()
+
+
+def test_requests_waiting_when_the_engine_fails_end_with_an_error(assets):
+    """The first request's step fails the engine while a second request is accepted but
+    not yet in the batch: that one ends with the engine's failure (not lost, not hung); a
+    request submitted afterwards is refused with UNAVAILABLE."""
+    s = RunningServer(make_config(assets, preload=(), max_step_failures=1)).start()
+    try:
+        engine, entered = s.server.engine, threading.Event()
+        _break_steps(engine, entered)
+
+        async def both():
+            async with AsyncClient(s.target, timeout=60) as c:
+                first = asyncio.ensure_future(c.generate(PROMPT, max_new_tokens=3))
+                await asyncio.to_thread(entered.wait, 30)  # its step has begun
+                second = asyncio.ensure_future(c.generate(PROMPT, max_new_tokens=3))
+                return await asyncio.gather(first, second, return_exceptions=True)
+        errs = asyncio.run(both())
+        assert all(isinstance(e, Internal) for e in errs), errs
+        in_batch, waiting = sorted(str(e) for e in errs)  # "INTERNAL: internal..." < "...: the"
+        assert "internal engine error" in in_batch
+        assert "the engine has failed" in waiting and "retry on another replica" in waiting
+        with pytest.raises(errors.Unavailable, match="the engine has failed.*retry on another"):
+            engine.submit(GenerationRequest(prompt_ids=[5, 6], sampling=SamplingParams()))
+    finally:
+        s.stop()
+
+
+def test_serve_returns_exit_status_1_when_the_engine_fails(assets):
+    """`loraplex serve`'s path: run_until_signal (on this, the main thread, as signal
+    handlers need) returns 1 once the engine has failed, with no signal sent."""
+    from loraplex.server import LoraplexServer
+
+    server = LoraplexServer(make_config(assets, preload=(), max_step_failures=1))
+    answers = []
+
+    def break_and_call():
+        deadline = time.monotonic() + 120
+        while server.engine is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _break_steps(server.engine)
+        with Client(f"127.0.0.1:{server.port}", timeout=60) as c:
+            try:
+                c.generate(PROMPT, max_new_tokens=2)
+            except Exception as exc:  # noqa: BLE001  (checked below, on the test's thread)
+                answers.append(exc)
+
+    caller = threading.Thread(target=break_and_call, daemon=True)
+    caller.start()
+    assert asyncio.run(asyncio.wait_for(server.run_until_signal(), 180)) == 1
+    caller.join(10)
+    assert len(answers) == 1 and isinstance(answers[0], Internal), answers

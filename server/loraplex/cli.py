@@ -110,6 +110,9 @@ OPTIONS: tuple[Option, ...] = (
     _o("threads", "engine", "threads", int,
        "torch threads of the step loop on CPU (0: OMP_NUM_THREADS if set, else one per CPU "
        "the process may use, cgroup quota included); other threads use one"),
+    _o("max-step-failures", "engine", "max_step_failures", int,
+       "consecutive failed engine steps after which the server stops serving and exits "
+       "(status 1) for its supervisor to restart it"),
     _o("host", "server", "host", str, "address to listen on"),
     _o("port", "server", "port", int, "gRPC port (0: any free port)"),
     _o("metrics-port", "server", "metrics_port", int,
@@ -345,8 +348,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from loraplex.server import serve
 
-    serve(config)
-    return 0
+    return serve(config)
 
 
 def main(argv: list[str] | None = None) -> int:

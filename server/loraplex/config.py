@@ -68,11 +68,12 @@ class EngineConfig:
     lora_backend: str = "auto"
     attention_backend: str = "auto"  # decode attention: "auto" (CPU kernel for fp32 on CPU), "sdpa", "cpu"
     threads: int = 0  # torch threads of the step loop on CPU (0: OMP_NUM_THREADS, else one per CPU)
+    max_step_failures: int = 3  # consecutive failed steps after which the engine gives up
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_num_seqs", "prefill_chunk", "kv_cache_memory",
                      "block_size", "max_gpu_adapters", "max_cpu_adapters", "max_lora_rank",
-                     "max_queue"):
+                     "max_queue", "max_step_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:

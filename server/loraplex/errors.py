@@ -36,7 +36,11 @@ class PermissionDenied(LoraplexError):
 
 
 class Unavailable(LoraplexError):
-    """The engine is shutting down or not started."""
+    """The engine is shutting down, not started, or has failed; retry on another replica."""
+
+
+class Internal(LoraplexError):
+    """The server failed while running a request: a bug in the server, not in the request."""
 
 
 class DeadlineExceeded(LoraplexError):

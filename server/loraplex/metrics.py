@@ -68,6 +68,9 @@ class Metrics:
         self.preemptions = Counter("loraplex_preemptions",
                                    "Sequences preempted for KV space (recomputed later).",
                                    registry=r)
+        self.step_failures = Counter(
+            "loraplex_engine_step_failures",
+            "Engine steps that raised (their requests ended with INTERNAL).", registry=r)
         self.adapter_cache_hits = Counter(
             "loraplex_adapter_cache_hits", "Admissions whose adapter was already in a GPU slot.",
             registry=r)

@@ -24,6 +24,10 @@
    engine stops and the metrics endpoint closes. grpc core itself drops
    (CANCELLED) a stream that reaches it in the instant of the stop, before any
    handler.
+4. If `max_step_failures` engine steps fail in a row (a bug, or a CUDA error,
+   which poisons the process), the engine ends every request with an error and
+   refuses new ones, and the server shuts down as in 3. `serve` then returns
+   exit status 1, for the supervisor to restart the replica.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ class LoraplexServer:
         self.state = StateStore(config.server.data_dir) if config.server.data_dir else None
         self.generation: GenerationServicer | None = None
         self._save_task: asyncio.Task | None = None
+        self.engine_failed = False  # the engine gave up; the server shuts itself down
+        self._failure_shutdown: asyncio.Task | None = None
 
     def _ready_engine(self):
         if self.engine is None:
@@ -149,7 +155,8 @@ class LoraplexServer:
             log.info("Prometheus metrics on http://%s/metrics",
                      _address(s.host, self.metrics_port))
         engine = await asyncio.to_thread(self._engine_factory, self.config, self.metrics)
-        engine.start()
+        loop = asyncio.get_running_loop()
+        engine.start(on_failure=lambda _reason: loop.call_soon_threadsafe(self._engine_failed))
         for name, path in s.preload:
             info = await asyncio.to_thread(engine.adapters.load, name, path or None)
             log.info("preloaded adapter %s@%s from %s", info.name, info.version, info.path)
@@ -161,6 +168,15 @@ class LoraplexServer:
         await self.routes.restored(holds)
         await self._set_health(_SERVING)
         log.info("serving %s", getattr(engine, "model_name", self.config.model.path))
+
+    def _engine_failed(self) -> None:
+        """The engine gave up (engine.failure says why): stop serving, so that probes and
+        proxies see NOT_SERVING and `serve` exits with status 1 for its supervisor (systemd,
+        Docker, Kubernetes) to restart it. During start, the warm-up fails start() instead."""
+        self.engine_failed = True
+        if self.engine is not None and not self.shutting_down.is_set():
+            log.error("stopping: %s", self.engine.failure)
+            self._failure_shutdown = asyncio.ensure_future(self.shutdown())
 
     async def _warm_up(self, engine, adapters: list[str]) -> None:
         """One one-token request per adapter, so the first real request pays no
@@ -301,18 +317,24 @@ class LoraplexServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    async def run_until_signal(self) -> None:
-        """start(), then shutdown() on SIGTERM or SIGINT."""
+    async def run_until_signal(self) -> int:
+        """start(), then shutdown() on SIGTERM or SIGINT, or when the engine has failed.
+        Returns the exit status: 1 if the engine failed, else 0."""
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        signalled = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signalled.set)
         try:
             await self.start()
-            await stop.wait()
+            waits = [asyncio.ensure_future(e.wait()) for e in (signalled, self._stopped)]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
         finally:
             await self.shutdown()
+        return 1 if self.engine_failed else 0
 
 
-def serve(config: Config) -> None:
-    asyncio.run(LoraplexServer(config).run_until_signal())
+def serve(config: Config) -> int:
+    """Run a server until a signal (exit status 0) or an engine failure (1)."""
+    return asyncio.run(LoraplexServer(config).run_until_signal())

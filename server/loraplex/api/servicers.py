@@ -1,7 +1,8 @@
 """grpc.aio servicers of loraplex.v1: protobuf in, domain call, protobuf out.
 
 Every domain error becomes its status code through `api.errors.status_of`; any
-other exception is a bug and answers INTERNAL (logged with its traceback).
+other exception is a bug and answers INTERNAL (logged with its traceback; a failed
+engine step was logged by the engine and answers `Internal`'s message).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from loraplex.api.convert import (adapter_info_to_pb, adapter_label,
 from loraplex.api.errors import status_of
 from loraplex.api.routes import ShadowMirror, seed_for_shadow
 from loraplex.engine.request import FinishReason, RequestOutput
-from loraplex.errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition,
+from loraplex.errors import (AlreadyExists, Cancelled, DeadlineExceeded, Internal,
                              InvalidArgument, LoraplexError, NotFound)
 from loraplex.metrics import Metrics
 from loraplex.routing import Router
@@ -49,7 +50,7 @@ def _raise_unless_success(out: RequestOutput) -> None:
     if out.finish_reason is FinishReason.DEADLINE:
         raise DeadlineExceeded(out.error or "the request's deadline passed")
     if out.finish_reason is FinishReason.ERROR:
-        raise FailedPrecondition(out.error or "the server could not finish the request")
+        raise Internal(out.error or "the server failed while running the request")
 
 
 class _Call:
@@ -94,7 +95,7 @@ class _Call:
             self.interrupted()
             raise exc
         self.code = status_of(exc)
-        if self.code is grpc.StatusCode.INTERNAL:
+        if self.code is grpc.StatusCode.INTERNAL and not isinstance(exc, Internal):
             log.exception("bug while serving a request", exc_info=exc)
             self.end()
             await self.context.abort(self.code, f"internal error: {type(exc).__name__}")

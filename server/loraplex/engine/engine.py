@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from dataclasses import replace
+from typing import Callable
 
 import torch
 
@@ -110,6 +111,8 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._on_failure: Callable[[str], None] | None = None
+        self.failure: str | None = None  # "the engine has failed: why" (see _fail); set once
         self.steps = 0
         self._preemptions_seen = 0
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # engine thread only
@@ -127,9 +130,12 @@ class Engine:
 
     # ---- lifecycle ---------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, on_failure: Callable[[str], None] | None = None) -> None:
+        """Start the step loop. `on_failure(reason)` is called on the engine thread if
+        `max_step_failures` steps fail in a row (the engine then refuses all requests)."""
         if self._thread is None:
             self._stopping = False
+            self._on_failure = on_failure
             self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
             self._thread.start()
 
@@ -145,6 +151,8 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate a request and return its stream (queued once iterated, after its
         adapter is acquired); raises LoraplexError naming what to fix."""
+        if self.failure is not None:
+            raise Unavailable(f"{self.failure}; this replica is stopping, retry on another")
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running; retry on another replica")
         self.validate(request)
@@ -199,8 +207,11 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         use_threads(self.threads)
+        failed_steps = 0  # in a row
         while not self._stopping:
             self._drain_inbox()
+            if self.failure is not None:  # requests accepted before the failure end at once
+                self._finish_all(FinishReason.ERROR, f"{self.failure}; retry on another replica")
             self._expire_deadlines()
             if not self.scheduler.has_work():
                 self._flush_outputs()
@@ -209,15 +220,37 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception:  # a bug, not bad input: fail the batch, keep serving
-                log.exception("engine step failed; finishing its requests with an error")
+                failed_steps = 0
+            except Exception as exc:  # a bug, not bad input: fail the batch, keep serving
+                failed_steps += 1
+                self.metrics.step_failures.inc()
+                log.exception("engine step failed (%d in a row); finishing its requests with "
+                              "an error", failed_steps)
                 for seq in [s for s in self._seqs.values() if s not in self.scheduler.waiting]:
-                    self._finish(seq, FinishReason.ERROR, "internal engine error")
+                    self._finish(seq, FinishReason.ERROR,
+                                 "internal engine error (a server bug, logged; retrying the "
+                                 "request may succeed)")
+                if failed_steps >= self.cfg.max_step_failures:
+                    self._fail(f"the engine has failed: its steps raised, {failed_steps} in a "
+                               f"row, the last {type(exc).__name__}")
             self._flush_outputs()
         self._drain_inbox()
-        for seq in list(self._seqs.values()):
-            self._finish(seq, FinishReason.CANCELLED, "the server is shutting down")
+        self._finish_all(FinishReason.CANCELLED, "the server is shutting down")
         self._flush_outputs()
+
+    def _fail(self, reason: str) -> None:
+        """Give up: every request, waiting ones too, ends with an error, new ones are
+        refused (UNAVAILABLE), and `on_failure` tells the server to stop serving. A CUDA
+        error poisons the process's context, so no later step could succeed."""
+        self.failure = reason
+        log.error("%s; it refuses every request from now on", reason)
+        self._finish_all(FinishReason.ERROR, f"{reason}; retry on another replica")
+        if self._on_failure is not None:
+            self._on_failure(reason)
+
+    def _finish_all(self, reason: FinishReason, error: str) -> None:
+        for seq in list(self._seqs.values()):
+            self._finish(seq, reason, error)
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
