@@ -156,7 +156,7 @@ class LoraplexServer:
                      _address(s.host, self.metrics_port))
         engine = await asyncio.to_thread(self._engine_factory, self.config, self.metrics)
         loop = asyncio.get_running_loop()
-        engine.start(on_failure=lambda _reason: loop.call_soon_threadsafe(self._engine_failed))
+        engine.start(on_failure=lambda: loop.call_soon_threadsafe(self._engine_failed))
         for name, path in s.preload:
             info = await asyncio.to_thread(engine.adapters.load, name, path or None)
             log.info("preloaded adapter %s@%s from %s", info.name, info.version, info.path)

@@ -111,7 +111,7 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._on_failure: Callable[[str], None] | None = None
+        self._on_failure: Callable[[], None] | None = None
         self.failure: str | None = None  # "the engine has failed: why" (see _fail); set once
         self.steps = 0
         self._preemptions_seen = 0
@@ -130,9 +130,10 @@ class Engine:
 
     # ---- lifecycle ---------------------------------------------------------------
 
-    def start(self, on_failure: Callable[[str], None] | None = None) -> None:
-        """Start the step loop. `on_failure(reason)` is called on the engine thread if
-        `max_step_failures` steps fail in a row (the engine then refuses all requests)."""
+    def start(self, on_failure: Callable[[], None] | None = None) -> None:
+        """Start the step loop. `on_failure()` is called on the engine thread if
+        `max_step_failures` steps fail in a row (`failure` then says why, and the engine
+        refuses all requests)."""
         if self._thread is None:
             self._stopping = False
             self._on_failure = on_failure
@@ -246,7 +247,7 @@ class Engine:
         log.error("%s; it refuses every request from now on", reason)
         self._finish_all(FinishReason.ERROR, f"{reason}; retry on another replica")
         if self._on_failure is not None:
-            self._on_failure(reason)
+            self._on_failure()
 
     def _finish_all(self, reason: FinishReason, error: str) -> None:
         for seq in list(self._seqs.values()):
