@@ -39,7 +39,9 @@ class LoraLinear(nn.Module):
             "lora_A", torch.zeros(num_slots, max_rank, in_features, **pool), persistent=False)
         self.register_buffer(  # [S, r_max, out]: B transposed, so a slot's rows are contiguous
             "lora_B", torch.zeros(num_slots, max_rank, out_features, **pool), persistent=False)
-        self.active_slots: set[int] = set()  # slots whose adapter targets this layer
+        # slots whose adapter targets this layer; replaced, never changed in place, so that
+        # the step's plan can keep its answer per set (LoraPlan.for_layer)
+        self.active_slots: frozenset[int] = frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         y = self.base_layer(x)  # [..., out]
@@ -60,9 +62,9 @@ class LoraLinear(nn.Module):
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         if A is None:
-            self.active_slots.discard(slot)
+            self.active_slots = self.active_slots - {slot}
             return
-        self.active_slots.add(slot)
+        self.active_slots = self.active_slots | {slot}
         r = A.shape[0]
         self.lora_A[slot, :r].copy_(A)
         self.lora_B[slot, :r].copy_(B.T)

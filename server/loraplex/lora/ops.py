@@ -40,6 +40,7 @@ backends get `with_pool_dtype` around them.
 from __future__ import annotations
 
 import ctypes
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -55,13 +56,16 @@ from loraplex import cpu_kernels
 MIN_RUN = 8
 
 
-def slot_runs(slots: torch.Tensor) -> list[tuple[int, int, int]]:
-    """slots: [T] (CPU) -> (start, stop, slot) of every maximal run of one slot, base included."""
-    if slots.numel() == 0:
-        return []
-    bounds = ((slots[1:] != slots[:-1]).nonzero().squeeze(1) + 1).tolist()
-    starts, stops = [0] + bounds, bounds + [slots.numel()]
-    return list(zip(starts, stops, slots[starts].tolist()))
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Each token's slot -> (start, stop, slot) of every maximal run of one slot, base
+    included. (A list, not a tensor: a decode step has tens of tokens, and a Python loop
+    over them costs a tenth of the torch ops that would find the same bounds.)"""
+    runs, start = [], 0
+    for slot, run in itertools.groupby(slots):
+        stop = start + len(list(run))
+        runs.append((start, stop, slot))
+        start = stop
+    return runs
 
 
 # Reading the weights of the slots in use in place needs them consecutive. When requests
@@ -170,17 +174,20 @@ class Segments:
               min_run: int = MIN_RUN, groups: bool = True) -> Segments | None:
         """slots: [T] (CPU); slot_ranks[s]: the rank of slot s's adapter. None when no
         token uses an adapter."""
+        values = slots.tolist()
         runs = tuple((start, stop, slot, slot_ranks[slot])
-                     for start, stop, slot in slot_runs(slots)
+                     for start, stop, slot in slot_runs(values)
                      if slot > 0 and stop - start >= min_run)
-        rest = slots.clone()
+        rest = slots.clone() if runs else slots  # [T]
         for start, stop, _, _ in runs:
             rest[start:stop] = 0
-        tokens = (rest > 0).nonzero().squeeze(1)  # [n]
-        if tokens.numel() == 0:
+        in_runs = sum(stop - start for start, stop, _, _ in runs)
+        rest_tokens = len(values) - values.count(0) - in_runs
+        if rest_tokens == 0:
             return cls(runs, (), rest, 0) if runs else None
         if not groups:
-            return cls(runs, (), rest, tokens.numel())
+            return cls(runs, (), rest, rest_tokens)
+        tokens = rest.nonzero().squeeze(1)  # [n]
         tok_slots = rest[tokens]
         by_bucket: dict[int, list[int]] = {}
         for slot in torch.unique(tok_slots).tolist():
@@ -213,10 +220,11 @@ class LoraPlan:
     # layer inputs are never modified in place between the projections that read them.
     _grouped_inputs: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict)  # group index -> (key of x, x, grouped x)
-    _host_slots: torch.Tensor | None = None  # slots, on the CPU
+    _host_slots: list[int] = field(default_factory=list)  # slots, as a list
     _slot_ranks: Sequence[int] = ()
     _rank_table: torch.Tensor | None = None  # see rank_table
     _narrowed: dict[frozenset[int], LoraPlan] = field(default_factory=dict)  # see for_layer
+    _for_active: dict[frozenset[int], LoraPlan | None] = field(default_factory=dict)  # ditto
 
     def grouped_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """x: [T, in] -> [U, W, in], the tokens of segments.groups[i] laid out by slot."""
@@ -240,7 +248,8 @@ class LoraPlan:
                    device: torch.device) -> None:
         """slots: [T] (CPU) each token's slot, 0 = no adapter; slot_ranks[s]: the rank of
         the adapter in slot s."""
-        self.used_slots = frozenset(torch.unique(slots).tolist()) - {0}
+        host = slots.tolist()
+        self.used_slots = frozenset(host) - {0}
         self.max_slot = max(self.used_slots, default=0)
         self.rank = max((slot_ranks[s] for s in self.used_slots), default=0)
         min_run = getattr(delta, "min_run", MIN_RUN)  # a backend may want other runs,
@@ -248,9 +257,10 @@ class LoraPlan:
         self.segments = (Segments.build(slots, slot_ranks, min_run, groups).to(device)
                          if self.used_slots else None)
         self.slots, self.delta = slots.to(device), delta
-        self._host_slots, self._slot_ranks = slots, slot_ranks
+        self._host_slots, self._slot_ranks = host, slot_ranks
         self._grouped_inputs = {}
         self._narrowed = {}
+        self._for_active = {}
         self._rank_table = None
 
     def rank_table(self) -> torch.Tensor:
@@ -260,27 +270,35 @@ class LoraPlan:
                                             device=self.slots.device)
         return self._rank_table
 
-    def for_layer(self, active: set[int]) -> LoraPlan | None:
+    def for_layer(self, active: frozenset[int]) -> LoraPlan | None:
         """This step's plan for a layer whose `active` slots hold an adapter that targets
         it: None when no adapter of the step does (the layer adds nothing), the plan
-        itself when all of them do, else a plan whose other tokens use slot 0 (built
-        once per step for each such set of slots; q/k/v usually share one)."""
+        itself when all of them do, else a plan whose other tokens use slot 0. Kept per
+        `active` for the step: the layers of one module kind usually hold the same set,
+        whose hash Python keeps, so most calls are one dict lookup."""
         if not self.used_slots:
             return None
-        if self.used_slots <= active:  # (no new set: the common case, checked first)
+        plan = self._for_active.get(active, _UNSET)
+        if plan is _UNSET:
+            plan = self._for_active[active] = self._narrow(active)
+        return plan
+
+    def _narrow(self, active: frozenset[int]) -> LoraPlan | None:
+        if self.used_slots <= active:
             return self
         subset = self.used_slots & active
         if not subset:
             return None
-        narrowed = self._narrowed.get(subset)
+        narrowed = self._narrowed.get(subset)  # (sets that differ outside this step's slots)
         if narrowed is None:
-            host = self._host_slots
-            keep = torch.isin(host, torch.tensor(sorted(subset), dtype=host.dtype))
             narrowed = LoraPlan()
-            narrowed.start_step(torch.where(keep, host, 0), self._slot_ranks, self.delta,
-                                self.slots.device)
+            narrowed.start_step(torch.tensor([s if s in subset else 0 for s in self._host_slots]),
+                                self._slot_ranks, self.delta, self.slots.device)
             self._narrowed[subset] = narrowed
         return narrowed
+
+
+_UNSET = object()  # LoraPlan.for_layer: no answer kept yet (None is one)
 
 
 def lora_delta_loop(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
