@@ -65,7 +65,7 @@ def _left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def _static_batches(model, requests: list[BenchRequest], batch_size: int, with_adapters: bool) -> dict:
     """Run requests in arrival order, batch_size at a time; time only the generate calls."""
-    seconds, useful = 0.0, 0
+    seconds, useful, outputs = 0.0, 0, []
     for start in range(0, len(requests), batch_size):
         batch = requests[start:start + batch_size]
         input_ids, attention_mask = _left_pad([r.prompt_ids for r in batch])
@@ -84,7 +84,9 @@ def _static_batches(model, requests: list[BenchRequest], batch_size: int, with_a
         seconds += time.perf_counter() - t0
         assert out.shape[1] == input_ids.shape[1] + longest
         useful += sum(r.max_new_tokens for r in batch)
-    return dict(tokens=useful, seconds=seconds, tok_per_s=useful / seconds)
+        width = input_ids.shape[1]
+        outputs += [out[i, width:width + r.max_new_tokens].tolist() for i, r in enumerate(batch)]
+    return dict(tokens=useful, seconds=seconds, tok_per_s=useful / seconds, outputs=outputs)
 
 
 def peft_static_batch(model, requests: list[BenchRequest], batch_size: int = 32) -> dict:

@@ -10,7 +10,9 @@ Variants, each on equal (32 new tokens) and varied (8..64) output lengths:
   HF PEFT mixed-batch generate(adapter_names=...) on the same requests (N = 1, 8, 32);
   transformers generate, no adapter (static batching).
 Every request makes exactly its max_new_tokens (EOS ignored); only those useful tokens
-are counted.
+are counted. Decoding is greedy everywhere, and each loraplex row also reports how many
+of its requests got the same tokens as from PEFT (from HF generate for N=0): a check of
+fidelity at the benchmark's shape and quantization, where the tests use tiny models.
 
 Timing: every variant runs once untimed (loading, warm-up), then all of them run in
 --repeat rounds (A B C ..., A B C ...). A shared CPU's speed drifts by +-20% within
@@ -68,7 +70,8 @@ def run_engine(engine: Engine, work: list[BenchRequest]) -> dict:
         raise RuntimeError(f"{len(failed)} of {len(outs)} requests failed: {failed[0]}")
     tokens = sum(len(o.token_ids) for o in outs)
     assert tokens == sum(r.max_new_tokens for r in work)
-    return dict(tokens=tokens, seconds=seconds, tok_per_s=tokens / seconds)
+    return dict(tokens=tokens, seconds=seconds, tok_per_s=tokens / seconds,
+                outputs=[list(o.token_ids) for o in outs])
 
 
 def engine_variants(backends: list[str], dtypes: list[str]) -> list[tuple[str, str, str]]:
@@ -104,16 +107,32 @@ def paired_ratio(runs: list[dict], ref: list[dict] | None) -> float | None:
     return statistics.median(a["tok_per_s"] / b["tok_per_s"] for a, b in zip(runs, ref))
 
 
+def agreement(served: list[list[int]], reference: list[list[int]]) -> dict:
+    """Greedy tokens against the reference's for the same requests: the share of requests
+    whose tokens are all equal, and the share of tokens before each request's first
+    difference (the rest follow a different prefix, so they are not compared)."""
+    def prefix(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return dict(same_requests=sum(a == b for a, b in zip(served, reference)) / len(served),
+                same_tokens=(sum(prefix(a, b) for a, b in zip(served, reference))
+                             / sum(len(b) for b in reference)))
+
+
 def summarize(system: str, n: int, outputs: str, runs: list[dict], by_key: dict) -> dict:
     """One variant's row: its median tok/s and its paired ratios to loraplex N=0, to PEFT
-    with the same N (for loraplex) and to HF generate."""
+    with the same N (for loraplex) and to HF generate; for loraplex, its tokens against
+    the same requests' from PEFT (N > 0) or HF generate (N = 0)."""
     tps = [r["tok_per_s"] for r in runs]
-    return dict(system=system, adapters=n, outputs=outputs, tok_per_s=statistics.median(tps),
-                rounds=[round(t, 1) for t in tps], tokens=runs[0]["tokens"],
-                vs_loraplex_n0=paired_ratio(runs, by_key.get(("loraplex", 0))),
-                vs_peft=(paired_ratio(runs, by_key.get(("peft", n)))
-                         if system.startswith("loraplex") else None),
-                vs_hf=paired_ratio(runs, by_key.get(("hf", 0))))
+    row = dict(system=system, adapters=n, outputs=outputs, tok_per_s=statistics.median(tps),
+               rounds=[round(t, 1) for t in tps], tokens=runs[0]["tokens"],
+               vs_loraplex_n0=paired_ratio(runs, by_key.get(("loraplex", 0))),
+               vs_peft=(paired_ratio(runs, by_key.get(("peft", n)))
+                        if system.startswith("loraplex") else None),
+               vs_hf=paired_ratio(runs, by_key.get(("hf", 0))))
+    reference = by_key.get(("peft", n) if n else ("hf", 0))
+    if system.startswith("loraplex") and reference:
+        row["vs_reference_tokens"] = agreement(runs[0]["outputs"], reference[0]["outputs"])
+    return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -237,7 +256,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             runs = in_rounds(fns, args.repeat)
             for (system, n), r in runs.items():
                 results.append(summarize(system, n, outputs, r, runs))
-                print(f"{system:24s} N={n:<4d} {outputs:7s} {results[-1]['tok_per_s']:8.1f} tok/s "
+                print(f"{system:28s} N={n:<4d} {outputs:7s} {results[-1]['tok_per_s']:8.1f} tok/s "
                       f"(rounds: {results[-1]['rounds']})", flush=True)
             write_json()
     finally:
@@ -252,13 +271,19 @@ def print_table(results: list[dict]) -> None:
     def ratio(value: float | None, width: int) -> str:
         return f"{value:{width}.2f}x" if value is not None else " " * (width + 1)
 
-    print("\nmedian tok/s, and ratios taken within each round (median over rounds)")
-    print(f"outputs  {'system':24s}   N     tok/s   vs loraplex N=0   vs PEFT same N   "
-          "vs HF generate")
+    def same(r: dict) -> str:
+        agree = r.get("vs_reference_tokens")
+        return (f"{agree['same_requests']:8.0%} {agree['same_tokens']:7.0%}" if agree
+                else "")
+
+    print("\nmedian tok/s, and ratios taken within each round (median over rounds); greedy "
+          "tokens equal to PEFT's (HF generate's for N=0): share of requests, of tokens")
+    print(f"outputs  {'system':28s}   N     tok/s   vs loraplex N=0   vs PEFT same N   "
+          "vs HF generate   same tokens")
     for r in results:
-        print(f"{r['outputs']:8s} {r['system']:24s} {r['adapters']:4d} {r['tok_per_s']:8.1f} "
+        print(f"{r['outputs']:8s} {r['system']:28s} {r['adapters']:4d} {r['tok_per_s']:8.1f} "
               f"{ratio(r['vs_loraplex_n0'], 15)}  {ratio(r['vs_peft'], 13)} "
-              f"{ratio(r['vs_hf'], 14)}")
+              f"{ratio(r['vs_hf'], 14)}  {same(r)}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,11 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path):
         bf16 = rows[("loraplex-auto-bfloat16", 1, outputs)]
         assert bf16["vs_loraplex_n0"] > 0 and bf16["vs_peft"] > 0
         assert rows[("loraplex", 0, outputs)]["vs_loraplex_n0"] == 1.0
+        # fp32 everywhere: the served greedy tokens are PEFT's (HF generate's for N=0)
+        for n in (0, 1):
+            assert rows[("loraplex", n, outputs)]["vs_reference_tokens"] == {
+                "same_requests": 1.0, "same_tokens": 1.0}
+        assert 0 <= bf16["vs_reference_tokens"]["same_tokens"] <= 1
     # every request made exactly its max_new_tokens (4 x 32 in the equal workload)
     assert rows[("loraplex", 1, "equal")]["tokens"] == 4 * 32
     adapters = tmp_path / "work" / "adapters-small-float32-qv+all-r4+16"
