@@ -155,6 +155,11 @@ ROWS: list[tuple[str, list[dict]]] = [
             "{{instance}}")], "short",
             description="Sequences preempted for KV space; sustained > 0 means the KV cache "
                         "(--kv-cache-memory) is too small for the load."),
+        panel("Failed engine steps / s", [q(
+            f"sum by (instance) (rate(loraplex_engine_step_failures_total{{{INST}}}{RI}))",
+            "{{instance}}")], "short",
+            description="Steps that raised (a server bug; their requests ended INTERNAL). "
+                        "--max-step-failures in a row and the replica exits to be restarted."),
     ]),
     ("Adapters", [
         panel("Adapters resident by tier", [q(
