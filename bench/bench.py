@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     device=(torch.cuda.get_device_name(device) if device.type == "cuda"
                             else str(device)),
                     shape=args.shape, quantize=args.quantize, dtype=str(dtype),
-                    lora_backend=args.lora_backend,
+                    lora_backend=args.lora_backend, lora_dtype_options=args.lora_dtype,
                     lora_kernel={system: e.runner.lora_delta.__name__  # what "auto" chose
                                  for system, e in engines.items()},
                     lora_dtype={system: str(e.loaded.lora_dtype) for system, e in engines.items()},

@@ -60,3 +60,9 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path):
         (4, ["q_proj", "v_proj"]),
         (16, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])]
     assert "vs loraplex N=0" in proc.stdout  # the printed table
+    table = subprocess.run([sys.executable, "-m", "bench.table", str(out)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert len(table.splitlines()) == 2 + len(data["results"])  # header, rule, one per row
+    assert ("| equal | loraplex, `--lora-backend segmented`, `--lora-dtype bfloat16` | 2 | "
+            in table)
+    assert "| varied | loraplex | 1 | " in table and "| 100% (100%) |" in table
