@@ -121,3 +121,18 @@ def test_sdpa_with_kv_repeated_per_head_equals_grouped_query_sdpa(queries):
     alone = torch.nn.functional.scaled_dot_product_attention(
         q[:, head:head + 1], k[:, 1:2], v[:, 1:2], attn_mask=mask)
     torch.testing.assert_close(repeated[:, head:head + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("expand_kv", [False, True])
+def test_sdpa_without_a_mask_is_causal(expand_kv):
+    """A prefill with no cached prefix passes no mask (SDPA's own causal mask, faster):
+    the same as the explicit lower-triangular mask of prefill_mask."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 8, 12, 16, generator=g)  # [1, H, q, d]
+    k, v = (torch.randn(1, 2, 12, 16, generator=g) for _ in range(2))  # [1, KVH, q, d]
+    tril = torch.ones(12, 12, dtype=torch.bool).tril()
+    causal = sdpa(q, k, v, None, None, gqa=True, expand_kv=expand_kv)
+    torch.testing.assert_close(causal, sdpa(q, k, v, tril, None, gqa=True, expand_kv=False),
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(causal, sdpa(q, k, v, torch.ones_like(tril), None, gqa=True,
+                                           expand_kv=False), atol=1e-3)  # the mask matters

@@ -238,23 +238,29 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         kp, vp = b.cache.gather(layer, seq.blocks)  # [blocks * bs, KVH, d] each
         kp = kp[:seq.context].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, d]
         vp = vp[:seq.context].transpose(0, 1).unsqueeze(0)
-        op = sdpa(qp, kp.to(q.dtype), vp.to(q.dtype), b.prefill_mask(i, sliding_window),
-                  scaling, gqa, expand_kv=q.is_cuda)  # [1, H, q, d]
+        # no cached prefix and no window cut: SDPA's own causal mask (it skips the masked
+        # half: 2x faster on a 2048-token CPU prefill, and flash attention on CUDA)
+        causal = seq.context == seq.length and (not sliding_window or seq.length <= sliding_window)
+        op = sdpa(qp, kp.to(q.dtype), vp.to(q.dtype),
+                  None if causal else b.prefill_mask(i, sliding_window), scaling, gqa,
+                  expand_kv=q.is_cuda)  # [1, H, q, d]
         out[seq.start:seq.start + seq.length] = op[0].transpose(0, 1)
     return out.unsqueeze(0), None
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
          scale: float | None, gqa: bool, expand_kv: bool) -> torch.Tensor:
-    """q: [N, H, q, d], k/v: [N, KVH, L, d], mask: broadcastable to [N, H, q, L] (bool) ->
-    [N, H, q, d]. With `expand_kv` (on CUDA) grouped-query K/V are repeated to every query
-    head first: with a mask, enable_gqa leaves only SDPA's slow math kernel there
-    (transformers does the same, see its use_gqa_in_sdpa)."""
+    """q: [N, H, q, d], k/v: [N, KVH, L, d], mask: broadcastable to [N, H, q, L] (bool), or
+    None for a causal mask (q == L) -> [N, H, q, d]. With `expand_kv` (on CUDA)
+    grouped-query K/V are repeated to every query head first: with a mask, enable_gqa
+    leaves only SDPA's slow math kernel there (transformers does the same, see its
+    use_gqa_in_sdpa)."""
     if gqa and expand_kv:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [N, H, L, d]
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         gqa = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          scale=scale, enable_gqa=gqa)
 
 
 def register_attention() -> None:
