@@ -645,9 +645,9 @@ def test_calls_around_shutdown_end_ok_or_unavailable(assets):
     assert totals["OK"] > 50 and totals["UNAVAILABLE"] > 0, totals
 
 
-def _break_steps(engine, entered: threading.Event | None = None):
-    """Make every engine step raise, as a bug or a CUDA error would (with `entered`: set
-    it, then raise only once another request has been accepted); returns the undo."""
+def _break_steps(engine, entered: threading.Event | None = None, error=RuntimeError):
+    """Make every engine step raise `error`, as a bug would (with `entered`: set it, then
+    raise only once another request has been accepted); returns the undo."""
     real = engine.runner.run
 
     def broken(batch):
@@ -656,7 +656,7 @@ def _break_steps(engine, entered: threading.Event | None = None):
             deadline = time.monotonic() + 30
             while engine._inbox.qsize() == 0 and time.monotonic() < deadline:
                 time.sleep(0.005)
-        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        raise error("injected")
     engine.runner.run = broken
     return lambda: setattr(engine.runner, "run", real)
 
@@ -691,10 +691,11 @@ def test_failed_steps_answer_internal_and_enough_in_a_row_stop_the_server(assets
         s.stop()
 
 
-def test_requests_waiting_when_the_engine_fails_end_with_an_error(assets):
+def test_requests_waiting_when_the_engine_fails_end_unavailable(assets):
     """The first request's step fails the engine while a second request is accepted but
-    not yet in the batch: that one ends with the engine's failure (not lost, not hung); a
-    request submitted afterwards is refused with UNAVAILABLE."""
+    not yet in the batch: the first ends INTERNAL, the second, which never ran, ends
+    UNAVAILABLE with the engine's failure (not lost, not hung; safe to retry elsewhere,
+    and not held against a canary); a request submitted afterwards is refused."""
     s = RunningServer(make_config(assets, preload=(), max_step_failures=1)).start()
     try:
         engine, entered = s.server.engine, threading.Event()
@@ -706,11 +707,10 @@ def test_requests_waiting_when_the_engine_fails_end_with_an_error(assets):
                 await asyncio.to_thread(entered.wait, 30)  # its step has begun
                 second = asyncio.ensure_future(c.generate(PROMPT, max_new_tokens=3))
                 return await asyncio.gather(first, second, return_exceptions=True)
-        errs = asyncio.run(both())
-        assert all(isinstance(e, Internal) for e in errs), errs
-        in_batch, waiting = sorted(str(e) for e in errs)  # "INTERNAL: internal..." < "...: the"
-        assert "internal engine error" in in_batch
-        assert "the engine has failed" in waiting and "retry on another replica" in waiting
+        in_batch, waiting = asyncio.run(both())
+        assert isinstance(in_batch, Internal) and "internal engine error" in str(in_batch)
+        assert isinstance(waiting, Unavailable), waiting
+        assert "the engine has failed" in str(waiting) and "retry on another" in str(waiting)
         with pytest.raises(errors.Unavailable, match="the engine has failed.*retry on another"):
             engine.submit(GenerationRequest(prompt_ids=[5, 6], sampling=SamplingParams()))
     finally:
@@ -741,3 +741,37 @@ def test_serve_returns_exit_status_1_when_the_engine_fails(assets):
     assert asyncio.run(asyncio.wait_for(server.run_until_signal(), 180)) == 1
     caller.join(10)
     assert len(answers) == 1 and isinstance(answers[0], Internal), answers
+
+
+def test_a_cuda_error_fails_the_engine_at_once(assets):
+    """torch.AcceleratorError (a CUDA error: illegal access, device-side assert) poisons
+    the process: the first one stops the server, whatever max_step_failures says."""
+    s = RunningServer(make_config(assets, preload=(), max_step_failures=100)).start()
+    try:
+        _break_steps(s.server.engine, error=torch.AcceleratorError)
+        with Client(s.target, timeout=60) as c, pytest.raises(Internal):
+            c.generate(PROMPT, max_new_tokens=3)
+        s._thread.join(60)
+        assert not s._thread.is_alive() and s.server.engine_failed
+        assert "1 in a row, the last AcceleratorError" in s.server.engine.failure
+    finally:
+        s.stop()
+
+
+def test_an_error_outside_a_step_fails_the_engine_and_answers_every_request(assets):
+    """The loop's own bookkeeping raising (here the deadline check, once a request is in)
+    cannot leave a request unanswered: the engine fails, the request ends UNAVAILABLE."""
+    s = RunningServer(make_config(assets, preload=())).start()
+    try:
+        engine = s.server.engine
+
+        def broken():
+            if engine._seqs:
+                raise RuntimeError("injected")
+        engine._expire_deadlines = broken
+        with Client(s.target, timeout=60) as c, pytest.raises(Unavailable, match="loop raised"):
+            c.generate(PROMPT, max_new_tokens=3)
+        s._thread.join(60)
+        assert not s._thread.is_alive() and s.server.engine_failed
+    finally:
+        s.stop()

@@ -213,20 +213,25 @@ class LoraplexServer:
             if self.generation is not None and self.generation.shadows is not None:
                 await self.generation.shadows.drain(min(grace, 5.0))
         finally:
-            if stopping is not None:
-                # One stop call only: grpc ends it when the last call ends, or cancels
-                # what is left at the grace deadline. (A second, shorter stop while
-                # the first is pending crashed grpcio 1.85's aio server in CI.)
-                await stopping
-            if self.engine is not None and self.state is not None:
-                await self.save_state()
-            if self.engine is not None:
-                await asyncio.to_thread(self.engine.stop)
-            if self._metrics_httpd is not None:
-                self._metrics_httpd.shutdown()
-                self._metrics_httpd.server_close()
-            self._stopped.set()
-            log.info("stopped")
+            try:
+                if stopping is not None:
+                    # One stop call only: grpc ends it when the last call ends, or cancels
+                    # what is left at the grace deadline. (A second, shorter stop while
+                    # the first is pending crashed grpcio 1.85's aio server in CI.)
+                    await stopping
+                if self.engine is not None and self.state is not None:
+                    try:
+                        await self.save_state()
+                    except Exception:  # noqa: BLE001  (e.g. a full disk: stop all the same)
+                        log.exception("could not save the state to %s", self.state.path)
+                if self.engine is not None:
+                    await asyncio.to_thread(self.engine.stop)
+                if self._metrics_httpd is not None:
+                    self._metrics_httpd.shutdown()
+                    self._metrics_httpd.server_close()
+            finally:  # whatever raised above, wait_stopped and run_until_signal return
+                self._stopped.set()
+                log.info("stopped")
 
     # ---- persistence (--data-dir) -------------------------------------------------
 

@@ -22,7 +22,7 @@ from loraplex.api.errors import status_of
 from loraplex.api.routes import ShadowMirror, seed_for_shadow
 from loraplex.engine.request import FinishReason, RequestOutput
 from loraplex.errors import (AlreadyExists, Cancelled, DeadlineExceeded, Internal,
-                             InvalidArgument, LoraplexError, NotFound)
+                             InvalidArgument, LoraplexError, NotFound, Unavailable)
 from loraplex.metrics import Metrics
 from loraplex.routing import Router
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
@@ -51,6 +51,8 @@ def _raise_unless_success(out: RequestOutput) -> None:
         raise DeadlineExceeded(out.error or "the request's deadline passed")
     if out.finish_reason is FinishReason.ERROR:
         raise Internal(out.error or "the server failed while running the request")
+    if out.finish_reason is FinishReason.UNAVAILABLE:
+        raise Unavailable(out.error or "the engine failed; retry on another replica")
 
 
 class _Call:

@@ -112,6 +112,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._on_failure: Callable[[], None] | None = None
+        self._batch: list[ScheduledSeq] | None = None  # the step's, once scheduled
         self.failure: str | None = None  # "the engine has failed: why" (see _fail); set once
         self.steps = 0
         self._preemptions_seen = 0
@@ -210,55 +211,82 @@ class Engine:
         use_threads(self.threads)
         failed_steps = 0  # in a row
         while not self._stopping:
-            self._drain_inbox()
-            if self.failure is not None:  # requests accepted before the failure end at once
-                self._finish_all(FinishReason.ERROR, f"{self.failure}; retry on another replica")
-            self._expire_deadlines()
-            if not self.scheduler.has_work():
-                self._flush_outputs()
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
             try:
-                self.step()
-                failed_steps = 0
-            except Exception as exc:  # a bug, not bad input: fail the batch, keep serving
-                failed_steps += 1
-                self.metrics.step_failures.inc()
-                log.exception("engine step failed (%d in a row); finishing its requests with "
-                              "an error", failed_steps)
-                for seq in [s for s in self._seqs.values() if s not in self.scheduler.waiting]:
-                    self._finish(seq, FinishReason.ERROR,
-                                 "internal engine error (a server bug, logged; retrying the "
-                                 "request may succeed)")
-                if failed_steps >= self.cfg.max_step_failures:
-                    self._fail(f"the engine has failed: its steps raised, {failed_steps} in a "
-                               f"row, the last {type(exc).__name__}")
+                failed_steps = self._turn(failed_steps)
+            except Exception as exc:  # raised outside a step (its bookkeeping): give up
+                log.exception("the engine loop raised outside a step")
+                if self.failure is None:
+                    self._fail(f"the engine has failed: its loop raised {type(exc).__name__}")
             self._flush_outputs()
         self._drain_inbox()
+        if self.failure is not None:
+            self._finish_all(FinishReason.UNAVAILABLE, f"{self.failure}; retry on another replica")
         self._finish_all(FinishReason.CANCELLED, "the server is shutting down")
         self._flush_outputs()
 
+    def _turn(self, failed_steps: int) -> int:
+        """One pass of the loop: new requests and cancellations in, one step; returns the
+        steps failed in a row since."""
+        self._drain_inbox()
+        if self.failure is not None:  # requests accepted before the failure end at once
+            self._finish_all(FinishReason.UNAVAILABLE, f"{self.failure}; retry on another replica")
+        self._expire_deadlines()
+        if not self.scheduler.has_work():
+            self._flush_outputs()
+            self._wake.wait(0.5)
+            self._wake.clear()
+            return failed_steps
+        self._batch = None
+        try:
+            return 0 if self.step() else failed_steps
+        except Exception as exc:  # a bug, not bad input: fail the batch, keep serving
+            failed_steps += 1
+            self.metrics.step_failures.inc()
+            log.exception("engine step failed (%d in a row); finishing its requests with an "
+                          "error", failed_steps)
+            in_step = ([s for s in self._seqs.values() if s not in self.scheduler.waiting]
+                       if self._batch is None else [item.seq for item in self._batch])
+            for seq in in_step:
+                if seq.request_id in self._seqs:  # (not finished by the step already)
+                    self._finish(seq, FinishReason.ERROR, "internal engine error (a server "
+                                 "bug, logged; retrying the request may succeed)")
+            # a CUDA error (illegal access, device-side assert) poisons the context for good
+            sticky = isinstance(exc, getattr(torch, "AcceleratorError", ()))
+            if sticky or failed_steps >= self.cfg.max_step_failures:
+                self._fail(f"the engine has failed: its steps raised, {failed_steps} in a "
+                           f"row, the last {type(exc).__name__}")
+            return failed_steps
+
     def _fail(self, reason: str) -> None:
-        """Give up: every request, waiting ones too, ends with an error, new ones are
-        refused (UNAVAILABLE), and `on_failure` tells the server to stop serving. A CUDA
-        error poisons the process's context, so no later step could succeed."""
+        """Give up: every request ends, new ones are refused (UNAVAILABLE), and
+        `on_failure` tells the server to stop serving. Requests that made no token yet
+        end UNAVAILABLE (retry elsewhere), the others with an error (INTERNAL)."""
         self.failure = reason
         log.error("%s; it refuses every request from now on", reason)
-        self._finish_all(FinishReason.ERROR, f"{reason}; retry on another replica")
+        for seq in list(self._seqs.values()):
+            try:
+                self._finish(seq, FinishReason.ERROR if seq.output_ids else
+                             FinishReason.UNAVAILABLE, f"{reason}; retry on another replica")
+            except Exception:  # noqa: BLE001  (its output is sent; the others must be too)
+                log.exception("could not release request %s", seq.request_id)
         if self._on_failure is not None:
-            self._on_failure()
+            try:
+                self._on_failure()
+            except Exception:  # noqa: BLE001  (e.g. the server's event loop is closed)
+                log.exception("on_failure raised")
 
     def _finish_all(self, reason: FinishReason, error: str) -> None:
         for seq in list(self._seqs.values()):
             self._finish(seq, reason, error)
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One forward pass over the scheduled batch; False when nothing could run."""
         batch = self.scheduler.schedule()
         if not batch:
             self._wake.wait(0.01)  # waiting only for a slot or blocks held by nobody running
             self._wake.clear()
-            return
+            return False
+        self._batch = batch  # for the failure handler
         self._record_batch(batch)
         sampling = [item.seq for item in batch if item.samples]
         logits = self.runner.run(batch)  # [len(sampling), vocab]
@@ -279,6 +307,7 @@ class Engine:
         self.steps += 1
         self.metrics.preemptions.inc(self.scheduler.num_preemptions - self._preemptions_seen)
         self._preemptions_seen = self.scheduler.num_preemptions
+        return True
 
     def _record_batch(self, batch: list[ScheduledSeq]) -> None:
         now = time.monotonic()
@@ -318,20 +347,26 @@ class Engine:
             reason = FinishReason.LENGTH
         if reason is not None and not hit_stop:
             text += seq.stops.flush()
-        if reason is not None:  # free everything before the caller hears it finished
-            self._release(seq, reason)
-        self._send(seq, RequestOutput(
+        out = RequestOutput(
             request_id=seq.request_id, token_ids=(token,), text=text, adapter=label,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-            logprobs=(logprob,) if logprob is not None else (), finish_reason=reason))
+            logprobs=(logprob,) if logprob is not None else (), finish_reason=reason)
+        try:
+            if reason is not None:  # free everything before the caller hears it finished
+                self._release(seq, reason)
+        finally:  # (sent even if the release raises: the caller must hear the end)
+            self._send(seq, out)
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str = "") -> None:
-        """End a sequence early (cancel, deadline, shutdown, failure) and tell its caller."""
-        self._release(seq, reason)
-        self._send(seq, RequestOutput(
-            request_id=seq.request_id, token_ids=(), text="", adapter=seq.adapter_label,
-            prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-            finish_reason=reason, error=error))
+        """End a sequence early (cancel, deadline, shutdown, failure) and tell its caller
+        (also when the release raises)."""
+        try:
+            self._release(seq, reason)
+        finally:
+            self._send(seq, RequestOutput(
+                request_id=seq.request_id, token_ids=(), text="", adapter=seq.adapter_label,
+                prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
+                finish_reason=reason, error=error))
 
     def _send(self, seq: Sequence, out: RequestOutput) -> None:
         """Queue an output for its caller; `_flush_outputs` hands them over once per step."""
@@ -348,8 +383,8 @@ class Engine:
                 pass
 
     def _release(self, seq: Sequence, reason: FinishReason) -> None:
+        self._seqs.pop(seq.request_id, None)  # first: a sequence is finished once, whatever
         self.scheduler.finish(seq)
-        self._seqs.pop(seq.request_id, None)
         if seq.adapter is not None:
             self.cache.release(seq.adapter, served=reason in (FinishReason.STOP, FinishReason.LENGTH))
         self.metrics.e2e_latency.labels(*seq.metric_labels).observe(time.monotonic() - seq.arrival)

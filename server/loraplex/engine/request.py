@@ -18,6 +18,7 @@ class FinishReason(enum.Enum):
     CANCELLED = "cancelled"  # the caller went away
     DEADLINE = "deadline"  # the request's deadline passed
     ERROR = "error"  # an internal engine error (a failed step); see RequestOutput.error
+    UNAVAILABLE = "unavailable"  # the engine failed before it made a token: retry elsewhere
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class RequestOutput:
     completion_tokens: int  # total so far
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
-    error: str = ""  # set with FinishReason.ERROR
+    error: str = ""  # why, with FinishReason.ERROR or UNAVAILABLE
 
     @property
     def finished(self) -> bool:
