@@ -21,6 +21,8 @@ def system_name(system: str, meta: dict) -> str:
                                        ("--lora-dtype", meta.get("lora_dtype_options", [])))
              if len(values) > 1]
     _, *options = system.split("-")
+    if len(options) != len(flags):  # a file without lora_dtype_options: as it is named
+        return system
     return ", ".join(["loraplex"] + [f"`{f} {o}`" for f, o in zip(flags, options)])
 
 

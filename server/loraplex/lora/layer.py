@@ -58,7 +58,9 @@ class LoraLinear(nn.Module):
 
     def set_slot(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
         """Write one adapter's A [r, in] and scaled B [out, r] into `slot` (None clears it),
-        rounded to the pool's dtype."""
+        rounded to the pool's dtype. The cache fills a slot on the engine thread before a
+        step and clears one (on any thread) only when no request holds it, so a running
+        step never reads a slot that changes, nor an active set that changes for it."""
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         if A is None:

@@ -246,8 +246,8 @@ class LoraPlan:
 
     def start_step(self, slots: torch.Tensor, slot_ranks: Sequence[int], delta: Callable,
                    device: torch.device) -> None:
-        """slots: [T] (CPU) each token's slot, 0 = no adapter; slot_ranks[s]: the rank of
-        the adapter in slot s."""
+        """slots: [T] (CPU) each token's slot, 0 = no adapter, kept (not copied) and never
+        to be changed afterwards; slot_ranks[s]: the rank of the adapter in slot s."""
         host = slots.tolist()
         self.used_slots = frozenset(host) - {0}
         self.max_slot = max(self.used_slots, default=0)
