@@ -10,6 +10,7 @@
 # each engine) come first; every timed run is printed as it ends (bench.txt) and the JSON
 # is written after each workload, so a run cut by the timeout keeps what it finished.
 # Results go to $OUT (the device tool brings that folder back), else bench/results/gpu-run.
+# BUDGET (570 s) bounds the whole script: the bench's timeout is what the tests leave of it.
 #
 # On the device (carry [".whl"], the bitsandbytes wheel as GPU.md downloads it):
 #   bash bench/gpu_check.sh
@@ -17,6 +18,7 @@
 #   SHAPE=small LORA_BACKENDS="auto segmented" QUANTIZE=none TRITON_INTERPRET=1 \
 #     PYTHON=.venv/bin/python bash bench/gpu_check.sh
 set -uo pipefail
+budget=${BUDGET:-570}  # seconds for the whole script: the bench gets what the tests leave
 out=${OUT:-bench/results/gpu-run}
 shape=${SHAPE:-llama3-8b}
 backends=${LORA_BACKENDS:-segmented}
@@ -59,8 +61,10 @@ if [ "$(df --output=avail -k /dev/shm 2> /dev/null | tail -n 1)" -lt 40000000 ] 
 fi
 df -h /dev/shm /tmp 2>&1 | tee -a "$out/env.txt"
 
+left=$((budget - SECONDS))
+echo "bench timeout: ${BENCH_TIMEOUT:-$left} s" | tee -a "$out/env.txt"
 # shellcheck disable=SC2086  # $backends is a list of words
-timeout "${BENCH_TIMEOUT:-480}" "$py" -m bench.bench --shape "$shape" --quantize "$quantize" \
+timeout "${BENCH_TIMEOUT:-$left}" "$py" -m bench.bench --shape "$shape" --quantize "$quantize" \
   --kv-cache-memory 2GiB --adapters 0 1 8 32 --repeat "${REPEAT:-1}" --lora-backend $backends \
   --workdir "$work" --out "$out/bench-$shape-$quantize.json" 2>&1 \
   | grep -v "Loading weights" | tee "$out/bench.txt"
