@@ -775,3 +775,25 @@ def test_an_error_outside_a_step_fails_the_engine_and_answers_every_request(asse
         assert not s._thread.is_alive() and s.server.engine_failed
     finally:
         s.stop()
+
+
+def test_a_hung_step_stops_the_server(assets):
+    """A step that never returns (a hung GPU) cannot be interrupted: after step_timeout
+    the server stops serving and shuts down (serve would exit 1), leaving the thread."""
+    s = RunningServer(make_config(assets, preload=(), step_timeout=1.0)).start()
+    release = threading.Event()
+    try:
+        engine = s.server.engine
+
+        def hung(batch):
+            release.wait(60)
+            raise RuntimeError("released by the test")
+        engine.runner.run = hung
+        with Client(s.target, timeout=60) as c, pytest.raises(Unavailable):
+            c.generate(PROMPT, max_new_tokens=3)  # cancelled at the end of the grace period
+        s._thread.join(60)
+        assert not s._thread.is_alive() and s.server.engine_failed
+        assert engine.busy_for() > 1.0  # the step is still running
+    finally:
+        release.set()
+        s.stop()

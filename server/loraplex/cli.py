@@ -113,6 +113,9 @@ OPTIONS: tuple[Option, ...] = (
     _o("max-step-failures", "engine", "max_step_failures", int,
        "consecutive failed engine steps after which the server stops serving and exits "
        "(status 1) for its supervisor to restart it"),
+    _o("step-timeout", "engine", "step_timeout", float,
+       "seconds one engine step may run (a hung GPU) before the server stops serving and "
+       "exits (status 1); 0: no limit"),
     _o("host", "server", "host", str, "address to listen on"),
     _o("port", "server", "port", int, "gRPC port (0: any free port)"),
     _o("metrics-port", "server", "metrics_port", int,

@@ -69,6 +69,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # decode attention: "auto" (CPU kernel for fp32 on CPU), "sdpa", "cpu"
     threads: int = 0  # torch threads of the step loop on CPU (0: OMP_NUM_THREADS, else one per CPU)
     max_step_failures: int = 3  # consecutive failed steps after which the engine gives up
+    step_timeout: float = 300.0  # seconds one step may take before the server gives up (0: never)
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_num_seqs", "prefill_chunk", "kv_cache_memory",
@@ -76,6 +77,8 @@ class EngineConfig:
                      "max_queue", "max_step_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.step_timeout < 0:
+            raise ValueError(f"step_timeout must be >= 0, got {self.step_timeout}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.prefill_chunk > self.max_batch_tokens:

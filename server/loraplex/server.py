@@ -24,10 +24,11 @@
    engine stops and the metrics endpoint closes. grpc core itself drops
    (CANCELLED) a stream that reaches it in the instant of the stop, before any
    handler.
-4. If `max_step_failures` engine steps fail in a row (a bug, or a CUDA error,
-   which poisons the process), the engine ends every request with an error and
-   refuses new ones, and the server shuts down as in 3. `serve` then returns
-   exit status 1, for the supervisor to restart the replica.
+4. If `max_step_failures` engine steps fail in a row (a bug; a CUDA error, which
+   poisons the process, at once), the engine ends every request with an error and
+   refuses new ones, and the server shuts down as in 3; so it does when one step
+   runs longer than `step_timeout` (a hung GPU). `serve` then returns exit status
+   1, for the supervisor to restart the replica.
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ class LoraplexServer:
         self.state = StateStore(config.server.data_dir) if config.server.data_dir else None
         self.generation: GenerationServicer | None = None
         self._save_task: asyncio.Task | None = None
-        self.engine_failed = False  # the engine gave up; the server shuts itself down
+        self.engine_failed = False  # the engine gave up or hung; the server shuts itself down
         self._failure_shutdown: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
 
     def _ready_engine(self):
         if self.engine is None:
@@ -165,6 +167,9 @@ class LoraplexServer:
             holds = await asyncio.to_thread(self._restore, engine)
         await self._warm_up(engine, [""] + [name for name, _ in s.preload])
         self.engine = engine
+        if self.config.engine.step_timeout:
+            self._watchdog = asyncio.ensure_future(
+                self._watch_steps(engine, self.config.engine.step_timeout))
         await self.routes.restored(holds)
         await self._set_health(_SERVING)
         log.info("serving %s", getattr(engine, "model_name", self.config.model.path))
@@ -177,6 +182,18 @@ class LoraplexServer:
         if self.engine is not None and not self.shutting_down.is_set():
             log.error("stopping: %s", self.engine.failure)
             self._failure_shutdown = asyncio.ensure_future(self.shutdown())
+
+    async def _watch_steps(self, engine, timeout: float) -> None:
+        """Stop serving (as `_engine_failed`) once one engine step has run `timeout` seconds:
+        a hung GPU never returns, and the engine thread cannot be interrupted."""
+        while not self.shutting_down.is_set():
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            busy = engine.busy_for()
+            if busy > timeout and not self.shutting_down.is_set():
+                log.error("an engine step has run for %.0f s (--step-timeout %g s): the engine "
+                          "is hung; stopping", busy, timeout)
+                self.engine_failed = True
+                await self.shutdown()
 
     async def _warm_up(self, engine, adapters: list[str]) -> None:
         """One one-token request per adapter, so the first real request pays no
@@ -225,11 +242,17 @@ class LoraplexServer:
                     except Exception:  # noqa: BLE001  (e.g. a full disk: stop all the same)
                         log.exception("could not save the state to %s", self.state.path)
                 if self.engine is not None:
-                    await asyncio.to_thread(self.engine.stop)
+                    # a failed engine's loop only idles: waiting longer means a hung step
+                    wait = 2.0 if self.engine_failed else 30.0
+                    if not await asyncio.to_thread(self.engine.stop, wait):
+                        log.error("the engine thread did not stop within %g s (a hung step); "
+                                  "exiting without it", wait)
                 if self._metrics_httpd is not None:
                     self._metrics_httpd.shutdown()
                     self._metrics_httpd.server_close()
             finally:  # whatever raised above, wait_stopped and run_until_signal return
+                if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+                    self._watchdog.cancel()
                 self._stopped.set()
                 log.info("stopped")
 

@@ -114,6 +114,7 @@ class Engine:
         self._on_failure: Callable[[], None] | None = None
         self._batch: list[ScheduledSeq] | None = None  # the step's, once scheduled
         self.failure: str | None = None  # "the engine has failed: why" (see _fail); set once
+        self._turn_started: float | None = None  # monotonic; None between turns (see busy_for)
         self.steps = 0
         self._preemptions_seen = 0
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # engine thread only
@@ -141,12 +142,23 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop the step loop; False if it did not end within `timeout` (a hung step: the
+        thread is a daemon, so the process can still exit)."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
             self._thread = None
+        return True
+
+    def busy_for(self) -> float:
+        """Seconds the current pass of the step loop has run (0 between passes); read from
+        any thread, to tell a hung step (a GPU that never returns) from a slow one."""
+        started = self._turn_started
+        return 0.0 if started is None else time.monotonic() - started
 
     # ---- submission (event loop) -------------------------------------------------
 
@@ -211,6 +223,7 @@ class Engine:
         use_threads(self.threads)
         failed_steps = 0  # in a row
         while not self._stopping:
+            self._turn_started = time.monotonic()
             try:
                 failed_steps = self._turn(failed_steps)
             except Exception as exc:  # raised outside a step (its bookkeeping): give up
@@ -218,6 +231,7 @@ class Engine:
                 if self.failure is None:
                     self._fail(f"the engine has failed: its loop raised {type(exc).__name__}")
             self._flush_outputs()
+            self._turn_started = None
         self._drain_inbox()
         if self.failure is not None:
             self._finish_all(FinishReason.UNAVAILABLE, f"{self.failure}; retry on another replica")
