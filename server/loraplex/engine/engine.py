@@ -133,9 +133,9 @@ class Engine:
     # ---- lifecycle ---------------------------------------------------------------
 
     def start(self, on_failure: Callable[[], None] | None = None) -> None:
-        """Start the step loop. `on_failure()` is called on the engine thread if
-        `max_step_failures` steps fail in a row (`failure` then says why, and the engine
-        refuses all requests)."""
+        """Start the step loop. `on_failure()` is called on the engine thread when the
+        engine gives up (`max_step_failures` failed steps in a row, a CUDA error, the loop
+        itself raising): `failure` then says why, and every request is refused."""
         if self._thread is None:
             self._stopping = False
             self._on_failure = on_failure
