@@ -72,6 +72,8 @@ def test_json_config_file_from_env_and_preload_forms(tmp_path):
     (["--model", "m"], {"LORAPLEX_QUANTIZE": "nf8"}, None, "LORAPLEX_QUANTIZE"),
     (["--model", "m", "--max-num-seqs", "4096"], {}, None, "max_num_seqs"),
     (["--model", "m"], {}, "lora_dtype = 'int4'", "lora_dtype: must be one of"),
+    (["--model", "m", "--step-timeout", "0.5"], {}, None, "step_timeout must be 0"),
+    (["--model", "m", "--step-timeout", "nan"], {}, None, "step_timeout must be 0"),
 ])
 def test_bad_configuration_names_its_source(tmp_path, argv, env, file_text, words):
     if file_text is not None:

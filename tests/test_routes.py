@@ -451,3 +451,37 @@ def test_an_adapter_may_not_take_a_routes_alias(served, client):
                 call()
     finally:
         client.delete_route("taken")
+
+
+@pytest.mark.parametrize("reason, held", [("unavailable", False), ("cancelled", False),
+                                          ("deadline", False), ("error", True)])
+def test_a_shadow_ended_by_the_replica_is_not_held_against_its_candidate(reason, held):
+    """A shadow request that never got to answer (the engine failed before it ran, a
+    shutdown, a deadline) is skipped; one that failed while running counts as the
+    candidate's error, as the guard needs."""
+    from loraplex.api.routes import ShadowMirror
+    from loraplex.engine.request import FinishReason, RequestOutput
+    from loraplex.metrics import Metrics
+    from loraplex.routing import Decision
+
+    router = Router(random.Random(0))
+    router.set_route("r", [Target("a@1", 100)], shadow=Shadow("b@2", 1.0),
+                     guard=Guard(max_error_rate=0.5, window=2))
+    mirror = ShadowMirror(router, Metrics())
+
+    async def ended():
+        yield RequestOutput("s", (), "", "b@2", 3, 0, finish_reason=FinishReason(reason),
+                            error="why")
+
+    async def main():
+        primary = asyncio.get_running_loop().create_future()
+        primary.set_result(([5, 6], 0.1))
+        await mirror._run(ended(), Decision("r", "a@1", "b@2"), primary)
+    asyncio.run(main())
+    errors = sum(c.candidate_errors for c in router.comparisons("r"))
+    assert errors == (1 if held else 0)
+    outcome = "error" if held else "skipped"
+    samples = {s.labels["outcome"]: s.value for m in mirror.metrics.registry.collect()
+               if m.name == "loraplex_shadow_requests" for s in m.samples
+               if s.name.endswith("_total")}
+    assert samples == {outcome: 1.0}

@@ -77,8 +77,9 @@ class EngineConfig:
                      "max_queue", "max_step_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.step_timeout < 0:
-            raise ValueError(f"step_timeout must be >= 0, got {self.step_timeout}")
+        if not (self.step_timeout == 0 or 1 <= self.step_timeout < float("inf")):
+            raise ValueError(f"step_timeout must be 0 (no limit) or at least 1 s, got "
+                             f"{self.step_timeout}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.prefill_chunk > self.max_batch_tokens:

@@ -100,6 +100,7 @@ class LoraplexServer:
         self.engine_failed = False  # the engine gave up or hung; the server shuts itself down
         self._failure_shutdown: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
+        self.engine_hung = False  # its thread did not stop: run_until_signal exits hard
 
     def _ready_engine(self):
         if self.engine is None:
@@ -247,6 +248,7 @@ class LoraplexServer:
                     if not await asyncio.to_thread(self.engine.stop, wait):
                         log.error("the engine thread did not stop within %g s (a hung step); "
                                   "exiting without it", wait)
+                        self.engine_failed = self.engine_hung = True
                 if self._metrics_httpd is not None:
                     self._metrics_httpd.shutdown()
                     self._metrics_httpd.server_close()
@@ -360,6 +362,9 @@ class LoraplexServer:
                 w.cancel()
         finally:
             await self.shutdown()
+        if self.engine_hung:  # threads stuck on the device could block a normal exit
+            logging.shutdown()
+            os._exit(1)
         return 1 if self.engine_failed else 0
 
 

@@ -80,6 +80,13 @@ def guard_from_pb(req: pb.SetRouteRequest) -> Guard | None:
 
 # ---------------------------------------------------------------- shadow traffic
 
+# Shadow requests that ended so for reasons outside the candidate: a shutdown, a deadline,
+# an engine that failed before they ran. Not held against it (like the primary path's
+# _NOT_THE_VERSIONS_FAULT in api.servicers).
+_NOT_THE_CANDIDATES_FAULT = (FinishReason.CANCELLED, FinishReason.DEADLINE,
+                             FinishReason.UNAVAILABLE)
+
+
 class ShadowMirror:
     """Runs shadow requests as fire-and-forget tasks and compares each with its primary.
 
@@ -123,6 +130,9 @@ class ShadowMirror:
         tokens = None
         try:
             out = await collect(stream)
+            if out.finish_reason in _NOT_THE_CANDIDATES_FAULT:  # the replica's, not its own
+                self.metrics.shadow_requests.labels(*self._pair(decision), "skipped").inc()
+                return
             if out.finish_reason in (FinishReason.LENGTH, FinishReason.STOP):
                 tokens = list(out.token_ids)
         except LoraplexError as exc:

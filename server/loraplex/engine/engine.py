@@ -114,7 +114,7 @@ class Engine:
         self._on_failure: Callable[[], None] | None = None
         self._batch: list[ScheduledSeq] | None = None  # the step's, once scheduled
         self.failure: str | None = None  # "the engine has failed: why" (see _fail); set once
-        self._turn_started: float | None = None  # monotonic; None between turns (see busy_for)
+        self._step_started: float | None = None  # monotonic; None between steps (busy_for)
         self.steps = 0
         self._preemptions_seen = 0
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # engine thread only
@@ -155,9 +155,9 @@ class Engine:
         return True
 
     def busy_for(self) -> float:
-        """Seconds the current pass of the step loop has run (0 between passes); read from
-        any thread, to tell a hung step (a GPU that never returns) from a slow one."""
-        started = self._turn_started
+        """Seconds the current step has run (0 between steps); read from any thread, to
+        tell a hung step (a GPU that never returns) from a slow one."""
+        started = self._step_started
         return 0.0 if started is None else time.monotonic() - started
 
     # ---- submission (event loop) -------------------------------------------------
@@ -223,15 +223,15 @@ class Engine:
         use_threads(self.threads)
         failed_steps = 0  # in a row
         while not self._stopping:
-            self._turn_started = time.monotonic()
             try:
                 failed_steps = self._turn(failed_steps)
             except Exception as exc:  # raised outside a step (its bookkeeping): give up
                 log.exception("the engine loop raised outside a step")
                 if self.failure is None:
                     self._fail(f"the engine has failed: its loop raised {type(exc).__name__}")
+                else:  # (no hot loop of tracebacks while the server stops)
+                    self._wake.wait(0.5)
             self._flush_outputs()
-            self._turn_started = None
         self._drain_inbox()
         if self.failure is not None:
             self._finish_all(FinishReason.UNAVAILABLE, f"{self.failure}; retry on another replica")
@@ -251,6 +251,7 @@ class Engine:
             self._wake.clear()
             return failed_steps
         self._batch = None
+        self._step_started = time.monotonic()
         try:
             return 0 if self.step() else failed_steps
         except Exception as exc:  # a bug, not bad input: fail the batch, keep serving
@@ -270,6 +271,8 @@ class Engine:
                 self._fail(f"the engine has failed: its steps raised, {failed_steps} in a "
                            f"row, the last {type(exc).__name__}")
             return failed_steps
+        finally:
+            self._step_started = None
 
     def _fail(self, reason: str) -> None:
         """Give up: every request ends, new ones are refused (UNAVAILABLE), and
