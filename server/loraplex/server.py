@@ -12,8 +12,8 @@
 2. The engine is built (in a thread), adapters given with --preload are loaded,
    then, with --data-dir, the adapters and routes saved there are restored
    (an adapter whose files changed since is refused, with a log line), and a
-   one-token warm-up request runs through the base model and each preloaded
-   adapter. Only then are "" and the services SERVING.
+   two-token warm-up request (a prefill, a decode) runs through the base model
+   and each preloaded adapter. Only then are "" and the services SERVING.
 3. On SIGTERM/SIGINT: health NOT_SERVING (for watchers), and grpc's graceful
    stop starts at once: the port closes (new connections refused, which nginx
    fails over to another replica), open connections get GOAWAY (new streams go
@@ -197,12 +197,14 @@ class LoraplexServer:
                 await self.shutdown()
 
     async def _warm_up(self, engine, adapters: list[str]) -> None:
-        """One one-token request per adapter, so the first real request pays no
-        first-call costs and a broken model or adapter fails the start."""
+        """One two-token request per adapter (a prefill step, a decode step), so the first
+        real request pays no first-call costs (a kernel's compile among them, which then
+        runs before the step watchdog starts) and a broken model or adapter fails the
+        start."""
         ids = list(engine.tokenizer.encode("Hello")) or [0]
         for adapter in adapters:
             req = GenerationRequest(prompt_ids=ids, adapter=adapter,
-                                    sampling=SamplingParams(max_new_tokens=1, ignore_eos=True))
+                                    sampling=SamplingParams(max_new_tokens=2, ignore_eos=True))
             async for out in engine.submit(req):
                 if out.finished and out.error:
                     raise RuntimeError(f"warm-up of adapter {adapter!r} failed: {out.error}")
