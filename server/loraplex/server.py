@@ -159,7 +159,8 @@ class LoraplexServer:
                      _address(s.host, self.metrics_port))
         engine = await asyncio.to_thread(self._engine_factory, self.config, self.metrics)
         loop = asyncio.get_running_loop()
-        engine.start(on_failure=lambda: loop.call_soon_threadsafe(self._engine_failed))
+        engine.start(on_failure=lambda: loop.call_soon_threadsafe(
+            lambda: self._stop_on_failure(engine.failure)))
         for name, path in s.preload:
             info = await asyncio.to_thread(engine.adapters.load, name, path or None)
             log.info("preloaded adapter %s@%s from %s", info.name, info.version, info.path)
@@ -175,26 +176,24 @@ class LoraplexServer:
         await self._set_health(_SERVING)
         log.info("serving %s", getattr(engine, "model_name", self.config.model.path))
 
-    def _engine_failed(self) -> None:
-        """The engine gave up (engine.failure says why): stop serving, so that probes and
-        proxies see NOT_SERVING and `serve` exits with status 1 for its supervisor (systemd,
-        Docker, Kubernetes) to restart it. During start, the warm-up fails start() instead."""
+    def _stop_on_failure(self, why: str) -> None:
+        """The engine gave up or hung: stop serving, so that probes and proxies see
+        NOT_SERVING and `serve` exits with status 1 for its supervisor (systemd, Docker,
+        Kubernetes) to restart it. During start, the warm-up fails start() instead."""
         self.engine_failed = True
         if self.engine is not None and not self.shutting_down.is_set():
-            log.error("stopping: %s", self.engine.failure)
+            log.error("stopping: %s", why)
             self._failure_shutdown = asyncio.ensure_future(self.shutdown())
 
     async def _watch_steps(self, engine, timeout: float) -> None:
-        """Stop serving (as `_engine_failed`) once one engine step has run `timeout` seconds:
-        a hung GPU never returns, and the engine thread cannot be interrupted."""
+        """`_stop_on_failure` once one engine step has run `timeout` seconds: a hung GPU
+        never returns, and the engine thread cannot be interrupted."""
         while not self.shutting_down.is_set():
             await asyncio.sleep(min(timeout / 4, 5.0))
             busy = engine.busy_for()
-            if busy > timeout and not self.shutting_down.is_set():
-                log.error("an engine step has run for %.0f s (--step-timeout %g s): the engine "
-                          "is hung; stopping", busy, timeout)
-                self.engine_failed = True
-                await self.shutdown()
+            if busy > timeout:
+                self._stop_on_failure(f"an engine step has run for {busy:.0f} s "
+                                      f"(--step-timeout {timeout:g} s): the engine is hung")
 
     async def _warm_up(self, engine, adapters: list[str]) -> None:
         """One two-token request per adapter (a prefill step, a decode step), so the first

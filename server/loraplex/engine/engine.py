@@ -234,8 +234,9 @@ class Engine:
             self._flush_outputs()
         self._drain_inbox()
         if self.failure is not None:
-            self._finish_all(FinishReason.UNAVAILABLE, f"{self.failure}; retry on another replica")
-        self._finish_all(FinishReason.CANCELLED, "the server is shutting down")
+            self._refuse_all()
+        for seq in list(self._seqs.values()):
+            self._finish(seq, FinishReason.CANCELLED, "the server is shutting down")
         self._flush_outputs()
 
     def _turn(self, failed_steps: int) -> int:
@@ -243,7 +244,7 @@ class Engine:
         steps failed in a row since."""
         self._drain_inbox()
         if self.failure is not None:  # requests accepted before the failure end at once
-            self._finish_all(FinishReason.UNAVAILABLE, f"{self.failure}; retry on another replica")
+            self._refuse_all()
         self._expire_deadlines()
         if not self.scheduler.has_work():
             self._flush_outputs()
@@ -275,26 +276,24 @@ class Engine:
             self._step_started = None
 
     def _fail(self, reason: str) -> None:
-        """Give up: every request ends, new ones are refused (UNAVAILABLE), and
-        `on_failure` tells the server to stop serving. Requests that made no token yet
-        end UNAVAILABLE (retry elsewhere), the others with an error (INTERNAL)."""
+        """Give up: `on_failure` tells the server to stop serving, and every request ends
+        (`_refuse_all`), now and at each later pass (if one release raises here, the loop
+        catches it and the next pass ends the rest)."""
         self.failure = reason
         log.error("%s; it refuses every request from now on", reason)
-        for seq in list(self._seqs.values()):
-            try:
-                self._finish(seq, FinishReason.ERROR if seq.output_ids else
-                             FinishReason.UNAVAILABLE, f"{reason}; retry on another replica")
-            except Exception:  # noqa: BLE001  (its output is sent; the others must be too)
-                log.exception("could not release request %s", seq.request_id)
         if self._on_failure is not None:
             try:
                 self._on_failure()
             except Exception:  # noqa: BLE001  (e.g. the server's event loop is closed)
                 log.exception("on_failure raised")
+        self._refuse_all()
 
-    def _finish_all(self, reason: FinishReason, error: str) -> None:
+    def _refuse_all(self) -> None:
+        """After a failure: requests that made no token end UNAVAILABLE (retry elsewhere),
+        the others with an error (INTERNAL)."""
         for seq in list(self._seqs.values()):
-            self._finish(seq, reason, error)
+            self._finish(seq, FinishReason.ERROR if seq.output_ids else FinishReason.UNAVAILABLE,
+                         f"{self.failure}; retry on another replica")
 
     def step(self) -> bool:
         """One forward pass over the scheduled batch; False when nothing could run."""
