@@ -274,6 +274,32 @@ def test_bgmv_long_runs_and_tiles():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_in,d_out", [(37, 29), (64, 48), (8, 16)])
+def test_bgmv_tiles_of_every_shape(pool_dtype, d_in, d_out):
+    """The kernel's code paths against the loop: one token alone (a decode) and tiles of 2
+    to 8 tokens (register blocks of token pairs, and a single one left over), ranks that
+    are and are not multiples of the 4-row blocks, and widths with and without a tail
+    past the vector blocks (37 inputs: 4 x 8 + 5; 29 outputs: 16 + 13)."""
+    if not HAS_CC:
+        pytest.skip("no C compiler on PATH")
+    ranks = [1, 3, 4, 5, 16]
+    A, B = _pool(len(ranks) + 1, 16, d_in, d_out, ranks, seed=7)
+    A, B = A.to(pool_dtype), B.to(pool_dtype)
+    # runs of 1 to 11 tokens of each slot (11 = a tile of 8 and one of 3), base tokens between
+    slots = torch.tensor([s for n in range(1, 12) for s in [1 + n % 5] * n + [0]])
+    x = torch.randn(slots.numel(), d_in, generator=torch.Generator().manual_seed(8))
+    plan = LoraPlan()
+    delta = choose_backend("bgmv", torch.device("cpu"), torch.float32, pool_dtype)
+    plan.start_step(slots, [0] + ranks, delta, torch.device("cpu"))
+    assert not plan.segments.runs  # every token in the kernel
+    ref = torch.ones(slots.numel(), d_out)
+    got = ref.clone()
+    lora_delta_loop(ref, x, A.float(), B.float(), plan)
+    delta(got, x, A, B, plan)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_bgmv_refuses_what_it_would_read_out_of_bounds():
     A, B = _pool(3, 8, 16, 16, [8, 8])
     delta = _backend("bgmv")

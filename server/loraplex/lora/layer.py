@@ -23,22 +23,33 @@ from torch import nn
 from loraplex.lora.ops import LoraPlan
 
 
+def pool_size(num_slots: int, max_rank: int, in_features: int, out_features: int) -> int:
+    """Values in one layer's slot pool, A and B."""
+    return num_slots * max_rank * (in_features + out_features)
+
+
 class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
                  num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-                 plan: LoraPlan, lora_dtype: torch.dtype | None = None):
-        """dtype: the activations'; lora_dtype: the slot pool's (default: dtype)."""
+                 plan: LoraPlan, lora_dtype: torch.dtype | None = None,
+                 storage: torch.Tensor | None = None):
+        """dtype: the activations'; lora_dtype: the slot pool's (default: dtype). storage:
+        zeros of lora_dtype to hold the pool, pool_size(...) of them (default: new ones)."""
         super().__init__()
         self.base_layer = base_layer
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype
         self.plan = plan
-        pool = dict(dtype=lora_dtype or dtype, device=device)
+        size = pool_size(num_slots, max_rank, in_features, out_features)
+        if storage is None:
+            storage = torch.zeros(size, dtype=lora_dtype or dtype, device=device)
+        assert storage.shape == (size,), "storage: pool_size(...) values"
+        a_size = num_slots * max_rank * in_features
         self.register_buffer(  # [S, r_max, in]
-            "lora_A", torch.zeros(num_slots, max_rank, in_features, **pool), persistent=False)
+            "lora_A", storage[:a_size].view(num_slots, max_rank, in_features), persistent=False)
         self.register_buffer(  # [S, r_max, out]: B transposed, so a slot's rows are contiguous
-            "lora_B", torch.zeros(num_slots, max_rank, out_features, **pool), persistent=False)
+            "lora_B", storage[a_size:].view(num_slots, max_rank, out_features), persistent=False)
         # slots whose adapter targets this layer; replaced, never changed in place, so that
         # the step's plan can keep its answer per set (LoraPlan.for_layer)
         self.active_slots: frozenset[int] = frozenset()

@@ -17,6 +17,7 @@ length, in one call.
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from loraplex import cpu_kernels
+from loraplex import cpu_kernels, hugepages
 
 ATTENTION_NAME = "loraplex_paged"
 
@@ -44,8 +45,12 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
         shape = (num_blocks * block_size, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        def zeros() -> torch.Tensor:  # on the CPU, on huge pages (loraplex.hugepages)
+            if device.type != "cpu":
+                return torch.zeros(shape, dtype=dtype, device=device)
+            return hugepages.zeros(math.prod(shape), dtype).view(shape)
+        self.k = [zeros() for _ in range(num_layers)]
+        self.v = [zeros() for _ in range(num_layers)]
         row = block_size * kv_heads * head_dim
         self._scratch = [torch.empty(0, row, dtype=dtype, device=device)
                          for _ in range(2)]  # [blocks, block_size * KVH * d]: keys, values

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from loraplex import hugepages
 from loraplex.config import ModelConfig
-from loraplex.lora.layer import LoraLinear
+from loraplex.lora.layer import LoraLinear, pool_size
 from loraplex.lora.ops import LoraPlan
 from loraplex.model.cpu_linear import PackedLinear, can_pack
 from loraplex.model.attention import ATTENTION_NAME, register_attention
@@ -155,12 +156,16 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     output_layer = model.get_output_embeddings()
     targets = [(name, module) for name, module in model.named_modules()
                if _linear_shape(module) and module is not output_layer and ".layers." in name]
+    sizes = [pool_size(num_slots, max_rank, *_linear_shape(module)) for _, module in targets]
+    storage = None
+    if device.type == "cpu":  # every layer's pool in one buffer on huge pages (hugepages.py)
+        storage = hugepages.zeros(sum(sizes), lora_dtype or dtype).split(sizes)
     wrapped = {}
-    for name, module in targets:
+    for i, (name, module) in enumerate(targets):
         in_f, out_f = _linear_shape(module)
         parent_name, _, child = name.rpartition(".")
         layer = LoraLinear(module, in_f, out_f, num_slots, max_rank, dtype, device, lora_plan,
-                           lora_dtype)
+                           lora_dtype, storage[i] if storage else None)
         setattr(model.get_submodule(parent_name), child, layer)
         wrapped[name] = layer
     if not wrapped:
