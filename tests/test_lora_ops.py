@@ -257,17 +257,17 @@ def test_triton_backend_is_refused_off_cuda(tiny_models, adapter_root):
 
 
 def test_bgmv_long_runs_and_tiles():
-    """The kernel's tiles (8 tokens of one slot at a time, a shorter last one) and a run
-    long enough for the matmul pair, beside scattered tokens, against the loop."""
-    from loraplex.lora.ops import BGMV_MIN_RUN
+    """The kernel's tiles (8 tokens of one slot at a time, a shorter last one), a long
+    prefill chunk among them (in the kernel too: no matmul pairs), beside scattered
+    tokens, against the loop."""
     ranks = [3, 16, 64]
     A, B = _pool(4, 64, 40, 24, ranks, seed=3)
-    slots = torch.tensor([2, 1, 3] + [1] * 13 + [0, 3] + [2] * (BGMV_MIN_RUN + 5) + [3, 3])
+    slots = torch.tensor([2, 1, 3] + [1] * 13 + [0, 3] + [2] * 2053 + [3, 3])
     x = torch.randn(slots.numel(), 40, generator=torch.Generator().manual_seed(4))
     plan = LoraPlan()
     delta = _backend("bgmv")
     plan.start_step(slots, [0] + ranks, delta, torch.device("cpu"))
-    assert [run[:3] for run in plan.segments.runs] == [(18, 18 + BGMV_MIN_RUN + 5, 2)]
+    assert plan.segments.runs == () and plan.segments.rest_tokens == slots.numel() - 1
     ref, got = torch.ones(slots.numel(), 24), torch.ones(slots.numel(), 24)
     lora_delta_loop(ref, x, A, B, plan)
     delta(got, x, A, B, plan)
@@ -326,12 +326,11 @@ def test_bf16_pool_under_fp32_activations(backend):
     noise, long runs included); the torch backends compute in bf16 beside y and add to it."""
     if backend == "bgmv" and not HAS_CC:
         pytest.skip("no C compiler on PATH")
-    from loraplex.lora.ops import BGMV_MIN_RUN
     ranks = [3, 16, 64]
     A, B = _pool(4, 64, 40, 24, ranks, seed=5)
     A, B = A.bfloat16(), B.bfloat16()
-    # decodes, tiles of one slot, and (for bgmv) a run long enough for its matmul pair
-    slots = torch.tensor([2, 1, 3] + [1] * 13 + [0, 3] + [2] * (BGMV_MIN_RUN + 5) + [3, 3])
+    # decodes, tiles of one slot, and a run long enough for the torch backends' matmul pair
+    slots = torch.tensor([2, 1, 3] + [1] * 13 + [0, 3] + [2] * 261 + [3, 3])
     x = torch.randn(slots.numel(), 40, generator=torch.Generator().manual_seed(6))  # fp32
     delta = choose_backend(backend, torch.device("cpu"), torch.float32, torch.bfloat16)
     plan = LoraPlan()
@@ -341,7 +340,7 @@ def test_bf16_pool_under_fp32_activations(backend):
     delta(got, x, A, B, plan)
     assert got.dtype == torch.float32
     if backend == "bgmv":
-        assert plan.segments.runs and plan.segments.groups == ()  # it reads `rest` alone
+        assert plan.segments.runs == () and plan.segments.groups == ()  # `rest` alone
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     else:  # x and the sums rounded to bf16 (|delta| up to ~200 here)
         torch.testing.assert_close(got, ref, rtol=2e-2, atol=1.0)

@@ -23,9 +23,9 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
   [slots, tokens, in] block per rank bucket (`rank_bucket`), and each block gets two batched matmuls that read the weights
   of its slots (in place when those slots are consecutive, else a copy of just them).
   The layout is built once per step, see `Segments`.
-- `bgmv_backend(lib)` (the default for fp32 on the CPU): runs of BGMV_MIN_RUN tokens or
-  more as in `segmented`, every other token through a C kernel (cpu_kernels.c) that reads
-  each token's slot in place at its own rank, from an fp32 or a bf16 pool.
+- `bgmv_backend(lib)` (the default for fp32 on the CPU): every adapter token through a C
+  kernel (cpu_kernels.c) that reads each token's slot in place at its own rank, from an
+  fp32 or a bf16 pool; a run of one slot's tokens (a prefill chunk) 8 tokens at a time.
 - `lora_delta_triton` (triton_ops.py, CUDA, opt-in): the segmented layout in Triton.
 
 A backend may carry `min_run`, the shortest run it wants as a matmul pair (default
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -356,18 +357,18 @@ def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: t
                      out if group.unpadded else out.index_select(0, group.rows))
 
 
-# The CPU kernel takes a run of one adapter's tokens 8 at a time, reading each row of its
-# weights once per 8 tokens; a matmul pair does better only on long runs. Prefill steps,
-# same process: 32 prompts of 16-64 tokens, +77 ms over no adapters with every prompt a
-# matmul pair, +56 ms all in the kernel; 4 of 256 tokens about even (+41 / +37 ms); one of
-# 1024 tokens +6.5 ms as a matmul pair, +26 ms in the kernel.
-BGMV_MIN_RUN = 256
+# The CPU kernel takes a run of one adapter's tokens 8 at a time, in register blocks,
+# reading each row of its weights once per 8 tokens; it beats a matmul pair on runs of any
+# length. Prefill steps of one prompt with an all-linear rank-16 adapter, same process,
+# over no adapter: 300 tokens +8.5 ms as a matmul pair, +4.1 ms in the kernel; 1000 tokens
+# +22.7 / +18.1 ms; 2000 tokens +64.9 / +63.1 ms on a 732 ms step.
+NO_RUNS = sys.maxsize  # the kernel's min_run: no token is left to a matmul pair
 
 
 def bgmv_backend(lib: ctypes.CDLL) -> Callable:
-    """The `bgmv` backend on a loaded CPU kernel (loraplex.cpu_kernels): runs of at
-    least BGMV_MIN_RUN tokens as in `segmented`, every other token by the kernel, straight
-    from the slot pool (no grouping, no gathered weights, each slot at its own rank). fp32
+    """The `bgmv` backend on a loaded CPU kernel (loraplex.cpu_kernels): every adapter
+    token by the kernel, straight from the slot pool (no grouping, no gathered weights,
+    each slot at its own rank). fp32
     x and y, a pool of fp32 or bf16, on the CPU; x, y and the pool contiguous (as
     LoraLinear's are)."""
     kernels = {torch.float32: lib.lora_bgmv, torch.bfloat16: lib.lora_bgmv_bf16}
@@ -393,24 +394,25 @@ def bgmv_backend(lib: ctypes.CDLL) -> Callable:
     def lora_delta_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                         plan: LoraPlan) -> None:
         seg = plan.segments
-        if seg is None:
+        if seg is None:  # no adapter token in the step
             return
-        add_runs(y, x, A, B, plan)
-        if seg.rest_tokens:  # tokens outside the runs
-            _, _, kernel, n_in, a, a_slot, b, b_slot, n_out, n_slots = pool_args(A, B)
-            x, ranks, T = x.contiguous(), plan.rank_table(), x.shape[0]
-            # the kernel trusts its pointers: check what it will read
-            if not (x.dtype == y.dtype == torch.float32 and y.is_contiguous()
-                    and x.shape[1] == n_in and y.shape == (T, n_out)
-                    and seg.rest.dtype == torch.int64 and seg.rest.is_contiguous()
-                    and seg.rest.numel() == T and plan.max_slot < min(n_slots, ranks.numel())):
-                raise ValueError("the CPU LoRA kernel takes contiguous fp32 x [T, in] and y "
-                                 "[T, out], T int64 slots, all within the pool and the rank table")
-            if kernel(x.data_ptr(), n_in, a, a_slot, b, b_slot, n_out, seg.rest.data_ptr(),
-                      ranks.data_ptr(), T, y.data_ptr()):
-                raise MemoryError("the CPU LoRA kernel could not allocate its tile list")
+        add_runs(y, x, A, B, plan)  # none in a plan built for this backend (NO_RUNS)
+        if not seg.rest_tokens:
+            return
+        _, _, kernel, n_in, a, a_slot, b, b_slot, n_out, n_slots = pool_args(A, B)
+        x, ranks, T = x.contiguous(), plan.rank_table(), x.shape[0]
+        # the kernel trusts its pointers: check what it will read
+        if not (x.dtype == y.dtype == torch.float32 and y.is_contiguous()
+                and x.shape[1] == n_in and y.shape == (T, n_out)
+                and seg.rest.dtype == torch.int64 and seg.rest.is_contiguous()
+                and seg.rest.numel() == T and plan.max_slot < min(n_slots, ranks.numel())):
+            raise ValueError("the CPU LoRA kernel takes contiguous fp32 x [T, in] and y "
+                             "[T, out], T int64 slots, all within the pool and the rank table")
+        if kernel(x.data_ptr(), n_in, a, a_slot, b, b_slot, n_out, seg.rest.data_ptr(),
+                  ranks.data_ptr(), T, y.data_ptr()):
+            raise MemoryError("the CPU LoRA kernel could not allocate its tile list")
 
-    lora_delta_bgmv.min_run = BGMV_MIN_RUN  # read by LoraPlan.start_step
+    lora_delta_bgmv.min_run = NO_RUNS  # read by LoraPlan.start_step
     lora_delta_bgmv.groups = False
     return lora_delta_bgmv
 
