@@ -16,6 +16,7 @@ from conftest_api import assets, server  # noqa: F401
 from loraplex.cli import ConfigError, build_config, build_parser, main
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex_client import Client
+from loraplex_client.errors import LoraplexError
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None):
@@ -165,6 +166,52 @@ def test_serve_subprocess_serves_and_stops_on_sigterm(assets, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# `python -c` of this: `loraplex serve` whose steps raise for requests of 7 new tokens
+# (as a bug in the model code would), everything else real
+_SERVE_WITH_BROKEN_STEPS = """
+import sys
+import loraplex.model.runner as runner
+real = runner.ModelRunner.run
+def run(self, batch):
+    if any(s.seq.request.sampling.max_new_tokens == 7 for s in batch):
+        raise RuntimeError("injected")
+    return real(self, batch)
+runner.ModelRunner.run = run
+from loraplex.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_serve_subprocess_exits_1_when_its_engine_fails(assets):
+    """A supervisor (Kubernetes, Compose, systemd) restarts what exits non-zero: after
+    --max-step-failures failed steps in a row, `loraplex serve` answers the request, stops
+    serving and exits 1 (not 0, as on SIGTERM)."""
+    env = {**os.environ, "LORAPLEX_MODEL": str(assets.model), "LORAPLEX_DEVICE": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVE_WITH_BROKEN_STEPS, "serve", "--port", "0",
+         "--metrics-port", "0", "--adapter-root", str(assets.adapter_root),
+         "--kv-cache-memory", "32MiB", "--max-step-failures", "1", "--grace-period", "5"],
+        stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        port = None
+        for line in proc.stderr:
+            if m := re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+            if "serving" in line:
+                break
+        assert port, "no listening line in the log"
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            assert c.generate("hi", max_new_tokens=3).completion_tokens == 3  # steps work
+            with pytest.raises(LoraplexError) as failed:
+                c.generate("hi", max_new_tokens=7)
+        assert failed.value.code.name == "INTERNAL"  # its step raised (see test_api)
+        assert proc.wait(60) == 1
+        assert "injected" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
