@@ -142,6 +142,18 @@ def test_cli_reports_server_errors_with_exit_status_1(server):
     assert proc.returncode == 1 and proc.stderr.startswith("error: PERMISSION_DENIED:")
 
 
+def _port_once_serving(proc: subprocess.Popen) -> int:
+    """The gRPC port a `loraplex serve` process logs, read from its stderr until it serves."""
+    port = None
+    for line in proc.stderr:  # the log says where it listens, then when it serves
+        if m := re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", line):
+            port = int(m.group(1))
+        if "serving" in line:
+            break
+    assert port, "no listening line in the log"
+    return port
+
+
 def test_serve_subprocess_serves_and_stops_on_sigterm(assets, tmp_path):
     """`loraplex serve` for real: config from env + file + flags, SERVING, SIGTERM -> exit 0."""
     (tmp_path / "c.toml").write_text(f'adapter_root = "{assets.adapter_root}"\n'
@@ -153,13 +165,7 @@ def test_serve_subprocess_serves_and_stops_on_sigterm(assets, tmp_path):
          "--kv-cache-memory", "32MiB", "--grace-period", "5"],
         stderr=subprocess.PIPE, text=True, env=env)
     try:
-        port = None
-        for line in proc.stderr:  # the log says where it listens, then when it serves
-            if m := re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-            if "serving" in line:
-                break
-        assert port, "no listening line in the log"
+        port = _port_once_serving(proc)
         with Client(f"127.0.0.1:{port}", timeout=30) as c:
             assert c.health() == "SERVING"
             assert c.generate("hi", adapter="beta", max_new_tokens=3).completion_tokens == 3
@@ -198,13 +204,7 @@ def test_serve_subprocess_exits_1_when_its_engine_fails(assets):
          "--kv-cache-memory", "32MiB", "--max-step-failures", "1", "--grace-period", "5"],
         stderr=subprocess.PIPE, text=True, env=env)
     try:
-        port = None
-        for line in proc.stderr:
-            if m := re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-            if "serving" in line:
-                break
-        assert port, "no listening line in the log"
+        port = _port_once_serving(proc)
         with Client(f"127.0.0.1:{port}", timeout=30) as c:
             assert c.generate("hi", max_new_tokens=3).completion_tokens == 3  # steps work
             with pytest.raises(LoraplexError) as failed:
