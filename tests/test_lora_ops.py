@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loraplex import cpu_kernels
-from loraplex.lora.layer import LoraLinear
+from loraplex.lora.layer import LoraLinear, pool_size, slot_pool
 from loraplex.lora.ops import (BACKENDS, MIN_RUN, LoraPlan, Segments, bgmv_backend,
                                choose_backend, lora_delta_grouped, lora_delta_loop,
                                lora_delta_segmented)
@@ -26,10 +26,17 @@ def _backend(name: str):
     return bgmv_backend(lib)
 
 
-def _pool(slots: int, r_max: int, d_in: int, d_out: int, ranks: list[int], seed: int = 0):
+def _pool(slots: int, r_max: int, d_in: int, d_out: int, ranks: list[int], seed: int = 0,
+          dtype: torch.dtype = torch.float32, separate: bool = False):
+    """A slot pool laid out as LoraLinear's (each slot's A rows then its B rows), or as two
+    contiguous tensors (`separate`); values drawn in fp32, rounded to `dtype`."""
     g = torch.Generator().manual_seed(seed)
-    A = torch.zeros(slots, r_max, d_in)  # [S, r_max, in]
-    B = torch.zeros(slots, r_max, d_out)  # [S, r_max, out]
+    if separate:
+        A = torch.zeros(slots, r_max, d_in, dtype=dtype)  # [S, r_max, in]
+        B = torch.zeros(slots, r_max, d_out, dtype=dtype)  # [S, r_max, out]
+    else:
+        storage = torch.zeros(pool_size(slots, r_max, d_in, d_out), dtype=dtype)
+        A, B = slot_pool(storage, slots, r_max, d_in, d_out)
     for s, r in enumerate(ranks, start=1):  # slot 0 stays zero
         A[s, :r] = torch.randn(r, d_in, generator=g)
         B[s, :r] = torch.randn(r, d_out, generator=g)
@@ -274,18 +281,22 @@ def test_bgmv_long_runs_and_tiles():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("separate", [False, True], ids=["slot_blocks", "separate"])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("d_in,d_out", [(37, 29), (64, 48), (8, 16)])
-def test_bgmv_tiles_of_every_shape(pool_dtype, d_in, d_out):
+@pytest.mark.parametrize("d_in,d_out", [(37, 29), (64, 48), (8, 16), (300, 520)])
+def test_bgmv_tiles_of_every_shape(pool_dtype, d_in, d_out, separate):
     """The kernel's code paths against the loop: one token alone (a decode) and tiles of 2
     to 8 tokens (register blocks of token pairs, and a single one left over), ranks that
     are and are not multiples of the 4-row blocks, and widths with and without a tail
-    past the vector blocks (37 inputs: 4 x 8 + 5; 29 outputs: 16 + 13)."""
+    past the vector blocks (37 inputs: 4 x 8 + 5; 29 outputs: 16 + 13; 300 and 520: a
+    bf16 token's prefetches run past its slot into the next one's), on LoraLinear's pool
+    and on separate A and B."""
     if not HAS_CC:
         pytest.skip("no C compiler on PATH")
     ranks = [1, 3, 4, 5, 16]
-    A, B = _pool(len(ranks) + 1, 16, d_in, d_out, ranks, seed=7)
-    A, B = A.to(pool_dtype), B.to(pool_dtype)
+    A, B = _pool(len(ranks) + 1, 16, d_in, d_out, ranks, seed=7, dtype=pool_dtype,
+                 separate=separate)
+    assert A.is_contiguous() == separate
     # runs of 1 to 11 tokens of each slot (11 = a tile of 8 and one of 3), base tokens between
     slots = torch.tensor([s for n in range(1, 12) for s in [1 + n % 5] * n + [0]])
     x = torch.randn(slots.numel(), d_in, generator=torch.Generator().manual_seed(8))
@@ -327,8 +338,7 @@ def test_bf16_pool_under_fp32_activations(backend):
     if backend == "bgmv" and not HAS_CC:
         pytest.skip("no C compiler on PATH")
     ranks = [3, 16, 64]
-    A, B = _pool(4, 64, 40, 24, ranks, seed=5)
-    A, B = A.bfloat16(), B.bfloat16()
+    A, B = _pool(4, 64, 40, 24, ranks, seed=5, dtype=torch.bfloat16)
     # decodes, tiles of one slot, and a run long enough for the torch backends' matmul pair
     slots = torch.tensor([2, 1, 3] + [1] * 13 + [0, 3] + [2] * 261 + [3, 3])
     x = torch.randn(slots.numel(), 40, generator=torch.Generator().manual_seed(6))  # fp32

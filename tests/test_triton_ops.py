@@ -17,7 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from loraplex.config import LORA_BACKENDS  # noqa: E402
-from loraplex.lora.layer import LoraLinear  # noqa: E402
+from loraplex.lora.layer import LoraLinear, pool_size, slot_pool  # noqa: E402
 from loraplex.lora.ops import (MIN_RUN, LoraPlan, Segments, choose_backend, lora_delta_loop,  # noqa: E402
                                lora_delta_segmented)
 from loraplex.lora import triton_ops  # noqa: E402
@@ -35,9 +35,11 @@ RANKS = [1, 4, 16, 8, 12]  # slots 1..5; slot 0 stays zero
 
 
 def _pool(ranks: list[int], d_in: int = D_IN, seed: int = 0):
+    """As LoraLinear's pool: each slot's A rows then its B rows (slot_pool)."""
     g = torch.Generator().manual_seed(seed)
-    A = torch.zeros(len(ranks) + 1, R_MAX, d_in)  # [S, r_max, in]
-    B = torch.zeros(len(ranks) + 1, R_MAX, D_OUT)  # [S, r_max, out]
+    slots = len(ranks) + 1
+    A, B = slot_pool(torch.zeros(pool_size(slots, R_MAX, d_in, D_OUT)), slots, R_MAX, d_in,
+                     D_OUT)  # [S, r_max, in], [S, r_max, out]
     for s, r in enumerate(ranks, start=1):
         A[s, :r] = torch.randn(r, d_in, generator=g)
         B[s, :r] = torch.randn(r, D_OUT, generator=g)

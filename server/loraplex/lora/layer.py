@@ -6,6 +6,8 @@ next to it:
 
     A: [slots, r_max, in]    B: [slots, r_max, out]   (slot 0 stays zero = no adapter)
 
+(one block of memory per slot, its A rows then its B rows: `slot_pool`).
+
 `LoraPlan` (loraplex.lora.ops) carries what a step needs: which slot each token
 uses, the largest rank in the batch, the tokens grouped by slot, the backend.
 The runner fills it once per step on the one object all wrapped layers share;
@@ -28,6 +30,21 @@ def pool_size(num_slots: int, max_rank: int, in_features: int, out_features: int
     return num_slots * max_rank * (in_features + out_features)
 
 
+def slot_pool(storage: torch.Tensor, num_slots: int, max_rank: int, in_features: int,
+              out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [S, r_max, in] and B [S, r_max, out] (B transposed: a slot's rows are contiguous)
+    as views of `storage` (pool_size(...) values), slot by slot: slot s's A rows, then its
+    B rows, then slot s + 1's. A decode step reads each of its tokens' slots whole, in slot
+    order, so one slot is one stream of memory and slots side by side one longer stream.
+    The CPU kernel alone read 32 tokens' adapters (all linear layers, rank 16) in 4.4 ms
+    laid out so against 4.8 ms from separate A and B pools (fp32), 2.1 against 2.4 ms
+    (bf16); in whole decode steps the difference was inside the noise (+-1 ms)."""
+    blocks = storage.view(num_slots, max_rank * (in_features + out_features))
+    a_size = max_rank * in_features
+    return (blocks[:, :a_size].unflatten(1, (max_rank, in_features)),
+            blocks[:, a_size:].unflatten(1, (max_rank, out_features)))
+
+
 class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int,
                  num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device,
@@ -45,11 +62,9 @@ class LoraLinear(nn.Module):
         if storage is None:
             storage = torch.zeros(size, dtype=lora_dtype or dtype, device=device)
         assert storage.shape == (size,), "storage: pool_size(...) values"
-        a_size = num_slots * max_rank * in_features
-        self.register_buffer(  # [S, r_max, in]
-            "lora_A", storage[:a_size].view(num_slots, max_rank, in_features), persistent=False)
-        self.register_buffer(  # [S, r_max, out]: B transposed, so a slot's rows are contiguous
-            "lora_B", storage[a_size:].view(num_slots, max_rank, out_features), persistent=False)
+        A, B = slot_pool(storage, num_slots, max_rank, in_features, out_features)
+        self.register_buffer("lora_A", A, persistent=False)  # [S, r_max, in]
+        self.register_buffer("lora_B", B, persistent=False)  # [S, r_max, out]
         # slots whose adapter targets this layer; replaced, never changed in place, so that
         # the step's plan can keep its answer per set (LoraPlan.for_layer)
         self.active_slots: frozenset[int] = frozenset()

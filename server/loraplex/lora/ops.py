@@ -365,12 +365,17 @@ def lora_delta_segmented(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: t
 NO_RUNS = sys.maxsize  # the kernel's min_run: no token is left to a matmul pair
 
 
+def rows_contiguous(W: torch.Tensor) -> bool:
+    """W [S, r, n]: each slot's r rows one contiguous block (slots at any stride)."""
+    return W.stride(2) == 1 and W.stride(1) == W.shape[2] and W.stride(0) >= W.shape[1] * W.shape[2]
+
+
 def bgmv_backend(lib: ctypes.CDLL) -> Callable:
     """The `bgmv` backend on a loaded CPU kernel (loraplex.cpu_kernels): every adapter
     token by the kernel, straight from the slot pool (no grouping, no gathered weights,
     each slot at its own rank). fp32
-    x and y, a pool of fp32 or bf16, on the CPU; x, y and the pool contiguous (as
-    LoraLinear's are)."""
+    x and y, a pool of fp32 or bf16, on the CPU; x and y contiguous, and each slot's rows
+    of A and of B (as in LoraLinear's `slot_pool`)."""
     kernels = {torch.float32: lib.lora_bgmv, torch.bfloat16: lib.lora_bgmv_bf16}
     # A layer's pool is allocated once and only ever written in place: what the kernel
     # needs of it is checked and kept the first time it is seen (about half the Python
@@ -382,10 +387,11 @@ def bgmv_backend(lib: ctypes.CDLL) -> Callable:
         entry = pools.get(id(A))
         if entry is None or entry[0] is not A or entry[1] is not B:
             kernel = kernels.get(A.dtype)
-            if not (kernel is not None and B.dtype == A.dtype and A.is_contiguous()
-                    and B.is_contiguous() and A.shape[:2] == B.shape[:2]):
-                raise ValueError("the CPU LoRA kernel takes a contiguous slot pool of fp32 or "
-                                 "bf16, A [S, r_max, in] and B [S, r_max, out]")
+            if not (kernel is not None and B.dtype == A.dtype and A.shape[:2] == B.shape[:2]
+                    and rows_contiguous(A) and rows_contiguous(B)):
+                raise ValueError("the CPU LoRA kernel takes a slot pool of fp32 or bf16, A "
+                                 "[S, r_max, in] and B [S, r_max, out], each slot's rows "
+                                 "contiguous")
             entry = (A, B, kernel, A.shape[2], A.data_ptr(), A.stride(0), B.data_ptr(),
                      B.stride(0), B.shape[2], A.shape[0])
             pools[id(A)] = entry
