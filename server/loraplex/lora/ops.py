@@ -367,7 +367,8 @@ NO_RUNS = sys.maxsize  # the kernel's min_run: no token is left to a matmul pair
 
 def rows_contiguous(W: torch.Tensor) -> bool:
     """W [S, r, n]: each slot's r rows one contiguous block (slots at any stride)."""
-    return W.stride(2) == 1 and W.stride(1) == W.shape[2] and W.stride(0) >= W.shape[1] * W.shape[2]
+    rows, width = W.shape[1], W.shape[2]
+    return W.stride(2) == 1 and W.stride(1) == width and W.stride(0) >= rows * width
 
 
 def bgmv_backend(lib: ctypes.CDLL) -> Callable:
