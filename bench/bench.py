@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import itertools
 import json
 import os
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             return
         meta = dict(machine=platform.machine(), processor=platform.processor(),
                     cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
+                    **{lib: importlib.metadata.version(lib)  # (their kernels set the figures too)
+                       for lib in ("transformers", "peft", "bitsandbytes")},
                     device=(torch.cuda.get_device_name(device) if device.type == "cuda"
                             else str(device)),
                     shape=args.shape, quantize=args.quantize, dtype=str(dtype),

@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bitsandbytes
+import peft
+import transformers
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -34,6 +38,9 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path):
                                   "loraplex-segmented-bfloat16": "torch.bfloat16"}
     assert meta["lora_kernel"]["loraplex"] == "lora_delta_bgmv"  # what auto chose on the CPU
     assert meta["lora_kernel"]["loraplex-segmented-auto"] == "lora_delta_segmented"
+    # the libraries whose kernels ran are recorded
+    assert (meta["transformers"], meta["peft"], meta["bitsandbytes"]) == (
+        transformers.__version__, peft.__version__, bitsandbytes.__version__)
     rows = {(r["system"], r["adapters"], r["outputs"]): r for r in data["results"]}
     for outputs in ("equal", "varied"):
         assert set(k for k in rows if k[2] == outputs) == {
