@@ -87,6 +87,23 @@ def engine_variants(backends: list[str], dtypes: list[str]) -> list[tuple[str, s
     return variants
 
 
+def cpu_model() -> str:
+    """The CPU, as precisely as the OS tells: "AMD EPYC (AuthenticAMD family 25 model 1)" from
+    /proc/cpuinfo (hosts that share a model name differ in their vector units), else
+    platform.processor()."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor()
+    fields = {}  # "cpu family\t: 25" -> {"cpu family": "25"}
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    name, vendor, family, model = (fields.get(k, "?") for k in
+                                   ("model name", "vendor_id", "cpu family", "model"))
+    return f"{name} ({vendor} family {family} model {model})"
+
+
 def in_rounds(fns: dict[tuple, Callable[[], dict]], repeat: int) -> dict[tuple, list[dict]]:
     """Each fn once untimed, then `repeat` rounds of all of them; key -> its runs by round.
     Each timed run is printed as it ends (a run cut short still shows what it measured)."""
@@ -229,7 +246,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def write_json() -> None:  # after each workload, so a run cut short keeps the first
         if not args.out:
             return
-        meta = dict(machine=platform.machine(), processor=platform.processor(),
+        meta = dict(machine=platform.machine(), processor=cpu_model(),
+                    cpu_capability=torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512..
                     cpus=os.cpu_count(), threads=args.threads, torch=torch.__version__,
                     **{lib: importlib.metadata.version(lib)  # (their kernels set the figures too)
                        for lib in ("transformers", "peft", "bitsandbytes")},

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import bitsandbytes
 import peft
+import torch
 import transformers
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +39,8 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path):
                                   "loraplex-segmented-bfloat16": "torch.bfloat16"}
     assert meta["lora_kernel"]["loraplex"] == "lora_delta_bgmv"  # what auto chose on the CPU
     assert meta["lora_kernel"]["loraplex-segmented-auto"] == "lora_delta_segmented"
-    # the libraries whose kernels ran are recorded
+    # the CPU and the libraries whose kernels ran are recorded
+    assert meta["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert (meta["transformers"], meta["peft"], meta["bitsandbytes"]) == (
         transformers.__version__, peft.__version__, bitsandbytes.__version__)
     rows = {(r["system"], r["adapters"], r["outputs"]): r for r in data["results"]}
