@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from loraplex.config import ModelConfig
+from loraplex.config import EngineConfig, ModelConfig
 from loraplex.model.cpu_linear import PackedLinear, can_pack
 from loraplex.model.loader import load_model
 
@@ -24,6 +25,10 @@ def test_packed_linear_computes_the_linear(bias):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+BF16_PACKS = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT
+
+
+@pytest.mark.skipif(not BF16_PACKS, reason="oneDNN packs no bf16 weight on this CPU")
 def test_packed_linear_bf16():
     linear = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
@@ -35,8 +40,36 @@ def test_packed_linear_bf16():
 def test_only_plain_cpu_linears_are_packed():
     assert can_pack(nn.Linear(8, 8))
     assert not can_pack(nn.Linear(8, 8).half())  # oneDNN packs fp32 and bf16 only
-    assert not can_pack(bnb.nn.Linear4bit(8, 8))
-    assert not can_pack(nn.Conv1d(8, 8, 1))
+    assert can_pack(nn.Linear(8, 8).to(torch.bfloat16)) == BF16_PACKS  # bf16: where it can
+
+
+def test_a_bf16_cpu_model_is_served_on_any_cpu(tiny_models, adapter_root):
+    """bf16 linears are packed only where oneDNN can (on an AVX2-only CPU packing them
+    raised, and the load with it); served, the model's log-probabilities are HF's in bf16."""
+    from engine_helpers import greedy, run_all
+    from loraplex.engine.engine import Engine
+    from loraplex.engine.request import GenerationRequest
+
+    engine = Engine.build(ModelConfig(path=str(tiny_models["llama"]), dtype="bfloat16"),
+                          EngineConfig(max_gpu_adapters=2, max_lora_rank=16,
+                                       kv_cache_memory=4 * 2**20, block_size=8),
+                          str(adapter_root))
+    bases = {type(layer.base_layer) for layer in engine.loaded.lora_layers.values()}
+    assert bases == ({PackedLinear} if BF16_PACKS else {nn.Linear})
+    engine.start()
+    prompt = list(range(4, 20))
+    try:
+        out, = run_all(engine, [GenerationRequest(prompt, greedy(6, logprobs=True))])
+    finally:
+        engine.stop()
+    assert len(out.token_ids) == 6
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + list(out.token_ids)])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(  # [6]
+        1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    served = torch.tensor([lp.logprob for lp in out.logprobs])  # [6]
+    torch.testing.assert_close(served, expected, rtol=0, atol=0.1)
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])

@@ -17,13 +17,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
-
-
 def can_pack(module: nn.Module) -> bool:
-    """A plain nn.Linear (not a bitsandbytes subclass) on the CPU, in a dtype oneDNN packs."""
-    return (type(module) is nn.Linear and module.weight.device.type == "cpu"
-            and module.weight.dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available())
+    """A plain nn.Linear (not a bitsandbytes subclass) on the CPU, in a dtype oneDNN packs
+    here: fp32, or bf16 where the CPU has AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT (oneDNN
+    refuses bf16 elsewhere, e.g. on an AVX2-only Zen 3; such a layer stays a plain linear)."""
+    if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+        return False
+    dtype = module.weight.dtype
+    return torch.backends.mkldnn.is_available() and (
+        dtype == torch.float32
+        or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 class PackedLinear(nn.Module):
