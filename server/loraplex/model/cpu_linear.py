@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+
 def can_pack(module: nn.Module) -> bool:
     """A plain nn.Linear (not a bitsandbytes subclass) on the CPU, in a dtype oneDNN packs
     here: fp32, or bf16 where the CPU has AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT (oneDNN
