@@ -41,6 +41,8 @@ def test_only_plain_cpu_linears_are_packed():
     assert can_pack(nn.Linear(8, 8))
     assert not can_pack(nn.Linear(8, 8).half())  # oneDNN packs fp32 and bf16 only
     assert can_pack(nn.Linear(8, 8).to(torch.bfloat16)) == BF16_PACKS  # bf16: where it can
+    assert not can_pack(bnb.nn.Linear4bit(8, 8))
+    assert not can_pack(nn.Conv1d(8, 8, 1))
 
 
 def test_a_bf16_cpu_model_is_served_on_any_cpu(tiny_models, adapter_root):
