@@ -10,6 +10,8 @@ from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, sdpa
                                       choose_decode_attention, group_decodes, paged_attention)
 
 H, KVH, D_HEAD, BS, NUM_BLOCKS = 8, 2, 16, 4, 64  # GQA: 4 query heads per kv head
+SMALL = SimpleNamespace(heads=H, kv_heads=KVH, head_dim=D_HEAD, block_size=BS,
+                        num_blocks=NUM_BLOCKS)
 HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
 
 
@@ -21,16 +23,19 @@ def _kernel():
     return kernel
 
 
-def _setup(lens: list[int], seed: int = 0):
+def _setup(lens: list[int], seed: int = 0, shape: SimpleNamespace = SMALL):
     """A cache with random keys/values, each sequence on shuffled blocks; the new tokens'
     query/key/value [1, heads, D, d] (their position: len - 1)."""
     g = torch.Generator().manual_seed(seed)
-    cache = KVCache(1, NUM_BLOCKS, BS, KVH, D_HEAD, torch.float32, torch.device("cpu"))
+    bs, n_blocks = shape.block_size, shape.num_blocks
+    cache = KVCache(1, n_blocks, bs, shape.kv_heads, shape.head_dim, torch.float32,
+                    torch.device("cpu"))
     cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
     cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
-    free = torch.randperm(NUM_BLOCKS - 1, generator=g).add(1).tolist()  # block 0 stays unused
-    tables = [[free.pop() for _ in range(-(-n // BS))] for n in lens]
-    new = [torch.randn(1, heads, len(lens), D_HEAD, generator=g) for heads in (H, KVH, KVH)]
+    free = torch.randperm(n_blocks - 1, generator=g).add(1).tolist()  # block 0 stays unused
+    tables = [[free.pop() for _ in range(-(-n // bs))] for n in lens]
+    new = [torch.randn(1, heads, len(lens), shape.head_dim, generator=g)
+           for heads in (shape.heads, shape.kv_heads, shape.kv_heads)]
     return cache, tables, new
 
 
@@ -45,17 +50,18 @@ def _groups(groups: list[list[int]], tables, lens) -> list[DecodeGroup]:
     return out
 
 
-def _reference(cache, tables, lens, q, window):
+def _reference(cache, tables, lens, q, window, shape: SimpleNamespace = SMALL):
     """The definition, one sequence and head at a time, on the cache after the write."""
-    out = torch.empty(len(lens), H, D_HEAD)
+    heads, bs, rep = shape.heads, shape.block_size, shape.heads // shape.kv_heads
+    out = torch.empty(len(lens), heads, shape.head_dim)
     for i, n in enumerate(lens):
-        slots = torch.tensor([tables[i][p // BS] * BS + p % BS for p in range(n)])
+        slots = torch.tensor([tables[i][p // bs] * bs + p % bs for p in range(n)])
         lo = max(0, n - window) if window else 0
-        for h in range(H):
-            k = cache.k[0][slots[lo:], h // (H // KVH)]  # [ctx, d]
-            v = cache.v[0][slots[lo:], h // (H // KVH)]
-            w = torch.softmax(k @ q[0, h, i] * D_HEAD ** -0.5, dim=0)
-            out[i, h] = w @ v
+        for h in range(heads):
+            k = cache.k[0][slots[lo:], h // rep]  # [ctx, d]
+            v = cache.v[0][slots[lo:], h // rep]
+            w = torch.softmax(k.double() @ q[0, h, i].double() * shape.head_dim ** -0.5, dim=0)
+            out[i, h] = (w @ v.double()).float()  # (in fp64: the peaked cases stay exact)
     return out
 
 
@@ -76,6 +82,29 @@ def test_decode_attention_matches_definition(backend, window):
     out, _ = paged_attention(SimpleNamespace(layer_idx=0), q, k, v, None,
                              sliding_window=window, attn_batch=batch)  # [1, D, H, d]
     torch.testing.assert_close(out[0], _reference(cache, tables, lens, q, window),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 21])
+@pytest.mark.parametrize("num_decodes", [1, 5, 32])
+def test_decode_kernel_on_full_blocks(num_decodes, window):
+    """The kernel's other paths: blocks of 16 (its exp runs 8 positions at a time, the rest
+    one by one), contexts of many blocks (each next one fetched ahead), few decodes (their
+    kv heads split over several work items), and a peaked softmax (exponents far below
+    -87, where the kernel's exp stops)."""
+    kernel = _kernel()
+    shape = SimpleNamespace(heads=8, kv_heads=4, head_dim=64, block_size=16, num_blocks=256)
+    lens = ([100, 17, 1, 16, 23, 61, 33, 8] + [40 + 7 * i for i in range(24)])[:num_decodes]
+    cache, tables, (q, k, v) = _setup(lens, seed=3, shape=shape)
+    q[0, :, -1] *= 30  # the last decode: softmax weights from 1 down to about e^-190
+    slot_mapping = torch.tensor([tables[i][(n - 1) // 16] * 16 + (n - 1) % 16
+                                 for i, n in enumerate(lens)])
+    batch = AttentionBatch(cache=cache, slot_mapping=slot_mapping,
+                           decode_groups=_groups([list(range(len(lens)))], tables, lens),
+                           prefills=[], decode_kernel=kernel)
+    out, _ = paged_attention(SimpleNamespace(layer_idx=0), q, k, v, None,
+                             sliding_window=window, attn_batch=batch)  # [1, D, H, d]
+    torch.testing.assert_close(out[0], _reference(cache, tables, lens, q, window, shape),
                                rtol=1e-5, atol=1e-5)
 
 
