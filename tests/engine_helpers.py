@@ -10,13 +10,14 @@ from loraplex.engine.engine import Engine, collect
 from loraplex.engine.request import GenerationRequest, RequestOutput, SamplingParams
 
 
-def build_engine(base_dir, adapter_root, quantize="none", **engine_kwargs) -> Engine:
+def build_engine(base_dir, adapter_root, quantize="none", dtype="float32",
+                 **engine_kwargs) -> Engine:
     defaults = dict(max_gpu_adapters=24, max_cpu_adapters=32, max_lora_rank=64,
                     kv_cache_memory=16 * 2**20, block_size=8, max_batch_tokens=256,
                     prefill_chunk=32, max_num_seqs=64)
     defaults.update(engine_kwargs)
-    # fp32 everywhere, as the reference: "auto" would be bf16 on a CUDA machine
-    engine = Engine.build(ModelConfig(path=str(base_dir), quantize=quantize, dtype="float32"),
+    # fp32 by default, as the reference: "auto" would be bf16 on a CUDA machine
+    engine = Engine.build(ModelConfig(path=str(base_dir), quantize=quantize, dtype=dtype),
                           EngineConfig(**defaults), str(adapter_root))
     engine.start()
     return engine

@@ -45,11 +45,13 @@ def quantization_config(quantize: str) -> BitsAndBytesConfig | None:
     raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
 
 
-def load_base(base_dir: str | Path, quantize: str = "none") -> torch.nn.Module:
-    """The base model exactly as the reference uses it (fp32 compute, eval mode, CPU)."""
+def load_base(base_dir: str | Path, quantize: str = "none",
+              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The base model exactly as the reference uses it (fp32 compute unless `dtype` says
+    otherwise, eval mode, CPU)."""
     qconfig = quantization_config(quantize)
     kwargs = {"quantization_config": qconfig, "device_map": "cpu"} if qconfig else {}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, **kwargs)
     # generate() fills an unset eos_token_id from the model's generation_config; clear it
     # there too, or generation would stop at EOS.
     model.generation_config.eos_token_id = None

@@ -28,6 +28,11 @@ LOGPROB_TOLERANCE = {"none": 1e-4, "nf4": 5e-2, "fp4": 5e-2, "int8": 5e-2}
 # mantissa), the sums in fp32. Measured: 1.04e-2, every request with PEFT's greedy choice
 # at every step (these random test adapters move the logits far more than trained ones).
 BF16_POOL_TOLERANCE = 5e-2
+# A bf16 base: HF's own bf16 forward and ours differ by up to 4.0e-2 without an adapter
+# (summation orders, rounded at every op). With adapters from an fp32 pool, as PEFT keeps
+# them: 4.7e-2, every request with PEFT's greedy choices; from a bf16 pool (the default
+# for a bf16 model): 1.2e-1, 21 of 24 requests.
+BF16_BASE_TOLERANCE = {"float32": 1e-1, "auto": 2.5e-1}
 
 
 def mixed_plan(adapter_names, prompts, num_base=4):
@@ -83,14 +88,14 @@ def test_mixed_batch_equals_peft_alone_fp32(arch, backend, tiny_models, adapters
     assert not mismatches, f"{len(mismatches)}/{len(plan)} differ from PEFT: {mismatches[:3]}"
 
 
-def peft_alone(base_dir, adapter_dir, quantize, prompt, served):
+def peft_alone(base_dir, adapter_dir, quantize, prompt, served, dtype=torch.float32):
     """A freshly loaded quantized base + PEFT with that one adapter, the request alone,
     teacher-forced on the served tokens: (its greedy choice at each step, logprobs of the
     served tokens). Fresh per adapter on purpose: on CPUs with AVX512-BF16, bitsandbytes
     switches a Linear4bit to a packed bf16 kernel at its first eval forward and back when
     its state_dict is read (as PEFT's load_adapter does), so one base reused across
     adapters drifts by ~3e-2 in logprobs against itself."""
-    model = load_base(base_dir, quantize)
+    model = load_base(base_dir, quantize, dtype)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     with torch.no_grad():
@@ -128,3 +133,36 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, tiny_models, adapte
               "choice at every step")
     assert worst <= (LOGPROB_TOLERANCE[quantize] if lora_dtype == "auto" else BF16_POOL_TOLERANCE)
     assert same_choice >= len(plan) - 1  # a near-tie may flip one argmax under int8
+
+
+@pytest.mark.parametrize("lora_dtype", ["auto", "float32"])
+def test_bf16_base_logprobs_close_to_peft(lora_dtype, tiny_models, adapters, prompts, capsys):
+    """A bf16 model on the CPU, every adapter in one mixed batch (the LoRA kernel sums each
+    token's delta in fp32, from a bf16 pool by default): against PEFT on the same bf16 base,
+    which keeps the adapters in fp32; the requests without an adapter against HF in bf16,
+    the floor of what bf16 allows."""
+    arch = "llama"
+    names = sorted(adapters[arch])
+    engine = build_engine(tiny_models[arch], adapters[arch][names[0]].parent, dtype="bfloat16",
+                          lora_dtype=lora_dtype)
+    try:
+        plan = mixed_plan(names, prompts)
+        outs = serve(engine, plan, logprobs=True)
+    finally:
+        engine.stop()
+    worst = {"adapter": 0.0, "base": 0.0}
+    same_choice = 0
+    for (name, prompt), out in zip(plan, outs):
+        served = list(out.token_ids)
+        choices, ref_lps = peft_alone(tiny_models[arch], adapters[arch][name] if name else None,
+                                      "none", prompt, served, dtype=torch.bfloat16)
+        same_choice += choices == served
+        kind = "adapter" if name else "base"
+        worst[kind] = max(worst[kind], *(abs(o.logprob - r) for o, r in zip(out.logprobs, ref_lps)))
+    with capsys.disabled():
+        print(f"\n[bf16 base, lora {lora_dtype}] max |logprob - PEFT| = {worst['adapter']:.2e} "
+              f"with an adapter, {worst['base']:.2e} without; {same_choice}/{len(plan)} "
+              "requests with PEFT's greedy choice at every step")
+    assert worst["base"] <= BF16_BASE_TOLERANCE["float32"]
+    assert worst["adapter"] <= BF16_BASE_TOLERANCE[lora_dtype]
+    assert same_choice >= len(plan) - (1 if lora_dtype == "float32" else 6)

@@ -232,12 +232,15 @@ def test_layer_sees_only_the_adapters_that_target_it():
 def test_backend_choice():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert choose_backend("auto", cuda, torch.bfloat16) is lora_delta_segmented
-    assert choose_backend("auto", cpu, torch.bfloat16) is lora_delta_segmented  # kernel: fp32
+    assert choose_backend("auto", cpu, torch.float16) is lora_delta_segmented  # kernel: fp32, bf16
     assert choose_backend("grouped") is lora_delta_grouped
-    with pytest.raises(ValueError, match="fp32 on the CPU"):
+    with pytest.raises(ValueError, match="fp32 or bf16 on the CPU"):
         choose_backend("bgmv", cuda, torch.float32)
+    with pytest.raises(ValueError, match="fp32 or bf16 on the CPU"):
+        choose_backend("bgmv", cpu, torch.float16, torch.float32)  # fp16 activations
     if HAS_CC:
-        assert choose_backend("auto", cpu, torch.float32).__name__ == "lora_delta_bgmv"
+        for dtype in (torch.float32, torch.bfloat16):
+            assert choose_backend("auto", cpu, dtype).__name__ == "lora_delta_bgmv"
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler on PATH")
@@ -309,6 +312,37 @@ def test_bgmv_tiles_of_every_shape(pool_dtype, d_in, d_out, separate):
     lora_delta_loop(ref, x, A.float(), B.float(), plan)
     delta(got, x, A, B, plan)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float32])
+def test_bgmv_bf16_activations(pool_dtype):
+    """A bf16 model on the CPU: the kernel sums every adapter token's delta in fp32 (a
+    prefill chunk too) and rounds each row of y once; its fp32 copies stop at the last
+    adapter token, and rows it does not update stay as they were, inside the copies or not."""
+    if not HAS_CC:
+        pytest.skip("no C compiler on PATH")
+    ranks = [3, 16, 8]
+    A, B = _pool(4, 16, 40, 24, ranks, seed=9, dtype=pool_dtype)
+    A, B = A * 0.2, B * 0.2  # (copies: still each slot's rows contiguous)
+    g = torch.Generator().manual_seed(10)
+    delta = choose_backend("bgmv", torch.device("cpu"), torch.bfloat16, pool_dtype)
+    for slots, stop in (([2, 1, 3, 0, 3] + [2] * 20 + [0, 0], 25),  # decodes, a chunk, base
+                        ([1, 1, 0, 2] + [3] * 12 + [1] * 3, 19)):  # ... a short chunk last
+        slots = torch.tensor(slots)
+        plan = LoraPlan()
+        plan.start_step(slots, [0] + ranks, delta, torch.device("cpu"))
+        assert plan.segments.runs == () and plan.segments.rest_stop == stop
+        x = torch.randn(slots.numel(), 40, generator=g).to(torch.bfloat16)
+        y = torch.randn(slots.numel(), 24, generator=g).to(torch.bfloat16)
+        exact = y.float().clone()
+        lora_delta_loop(exact, x.float(), A.float(), B.float(), plan)  # [T, 24]
+        got = y.clone()
+        delta(got, x, A, B, plan)
+        assert got.dtype == torch.bfloat16
+        # one rounding of the fp32 sums (at most half a bf16 step: 2^-9 relative)
+        torch.testing.assert_close(got, exact.to(torch.bfloat16), rtol=2 ** -8, atol=1e-3)
+        assert torch.equal(got[slots == 0], y[slots == 0])
+        assert (got[slots > 0] != y[slots > 0]).float().mean() > 0.9  # the deltas count
 
 
 def test_bgmv_refuses_what_it_would_read_out_of_bounds():

@@ -84,13 +84,16 @@ def load(folder: Path | None = None) -> ctypes.CDLL | None:
     return _loaded[folder]
 
 
-def load_for(device_type: str, dtype_name: str, required_by: str = "") -> ctypes.CDLL | None:
-    """The library for a model in `dtype_name` on `device_type`: None unless that is
-    "float32" on "cpu" and the kernels build here. `required_by` (an option that named the
-    kernels explicitly, e.g. "lora_backend 'bgmv'") turns None into a ValueError."""
-    lib = load() if device_type == "cpu" and dtype_name == "float32" else None
+def load_for(device_type: str, dtype_name: str, required_by: str = "",
+             takes: tuple[str, ...] = ("float32",)) -> ctypes.CDLL | None:
+    """The library for a model in `dtype_name` on `device_type`: None unless that is one of
+    the dtypes the caller's kernel `takes` on "cpu" and the kernels build here. `required_by`
+    (an option that named the kernels explicitly, e.g. "lora_backend 'bgmv'") turns None
+    into a ValueError."""
+    lib = load() if device_type == "cpu" and dtype_name in takes else None
     if lib is None and required_by:
-        raise ValueError(f"{required_by} needs fp32 on the CPU and a C compiler (see the "
+        wants = " or ".join({"float32": "fp32", "bfloat16": "bf16"}.get(t, t) for t in takes)
+        raise ValueError(f"{required_by} needs {wants} on the CPU and a C compiler (see the "
                          f"log); the model is {dtype_name} on {device_type}: use 'auto'")
     return lib
 

@@ -17,15 +17,17 @@ Backends, all `fn(y, x, A, B, plan)` with the step's `LoraPlan`:
 - `lora_delta_loop`: the definition itself; slow, used by tests.
 - `lora_delta_gather`: copies each token's A and B, two batched matmuls.
 - `lora_delta_grouped`: a pair of matmuls per distinct slot over that slot's tokens.
-- `lora_delta_segmented` (the default except for fp32 on the CPU with the C kernel):
+- `lora_delta_segmented` (the default except for fp32 and bf16 on the CPU with the C
+  kernel):
   each long run of one slot's tokens (a prefill chunk) gets a pair of matmuls on views,
   at its adapter's rank; the other tokens (decodes) are grouped by slot into a padded
   [slots, tokens, in] block per rank bucket (`rank_bucket`), and each block gets two batched matmuls that read the weights
   of its slots (in place when those slots are consecutive, else a copy of just them).
   The layout is built once per step, see `Segments`.
-- `bgmv_backend(lib)` (the default for fp32 on the CPU): every adapter token through a C
-  kernel (cpu_kernels.c) that reads each token's slot in place at its own rank, from an
-  fp32 or a bf16 pool; a run of one slot's tokens (a prefill chunk) 8 tokens at a time.
+- `bgmv_backend(lib, dtype)` (the default for fp32 and bf16 on the CPU): every adapter
+  token through a C kernel (cpu_kernels.c) that reads each token's slot in place at its
+  own rank, from an fp32 or a bf16 pool; a run of one slot's tokens (a prefill chunk) 8
+  tokens at a time; bf16 activations through fp32 copies.
 - `lora_delta_triton` (triton_ops.py, CUDA, opt-in): the segmented layout in Triton.
 
 A backend may carry `min_run`, the shortest run it wants as a matmul pair (default
@@ -169,6 +171,7 @@ class Segments:
     groups: tuple[Group, ...]
     rest: torch.Tensor  # [T] each token's slot, 0 inside the runs: what the groups hold
     rest_tokens: int  # adapter tokens outside the runs
+    rest_stop: int  # 1 + the last of them (0: none); the decodes come first in a batch
 
     @classmethod
     def build(cls, slots: torch.Tensor, slot_ranks: Sequence[int],
@@ -185,10 +188,11 @@ class Segments:
         in_runs = sum(stop - start for start, stop, _, _ in runs)
         rest_tokens = len(values) - values.count(0) - in_runs
         if rest_tokens == 0:
-            return cls(runs, (), rest, 0) if runs else None
-        if not groups:
-            return cls(runs, (), rest, rest_tokens)
+            return cls(runs, (), rest, 0, 0) if runs else None
         tokens = rest.nonzero().squeeze(1)  # [n]
+        rest_stop = int(tokens[-1]) + 1
+        if not groups:
+            return cls(runs, (), rest, rest_tokens, rest_stop)
         tok_slots = rest[tokens]
         by_bucket: dict[int, list[int]] = {}
         for slot in torch.unique(tok_slots).tolist():
@@ -199,11 +203,11 @@ class Segments:
             mine = torch.isin(tok_slots, torch.tensor(members))  # [n]
             layout.append(Group.build(tokens[mine], tok_slots[mine], slots.numel(),
                                       max(slot_ranks[s] for s in members)))
-        return cls(runs, tuple(layout), rest, tokens.numel())
+        return cls(runs, tuple(layout), rest, tokens.numel(), rest_stop)
 
     def to(self, device: torch.device) -> Segments:
         return Segments(self.runs, tuple(g.to(device) for g in self.groups),
-                        self.rest.to(device), self.rest_tokens)
+                        self.rest.to(device), self.rest_tokens, self.rest_stop)
 
 
 @dataclass
@@ -371,12 +375,20 @@ def rows_contiguous(W: torch.Tensor) -> bool:
     return W.stride(2) == 1 and W.stride(1) == width and W.stride(0) >= rows * width
 
 
-def bgmv_backend(lib: ctypes.CDLL) -> Callable:
-    """The `bgmv` backend on a loaded CPU kernel (loraplex.cpu_kernels): every adapter
-    token by the kernel, straight from the slot pool (no grouping, no gathered weights,
-    each slot at its own rank). fp32
-    x and y, a pool of fp32 or bf16, on the CPU; x and y contiguous, and each slot's rows
-    of A and of B (as in LoraLinear's `slot_pool`)."""
+def bgmv_backend(lib: ctypes.CDLL, dtype: torch.dtype = torch.float32) -> Callable:
+    """The `bgmv` backend on a loaded CPU kernel (loraplex.cpu_kernels), for activations of
+    `dtype`, fp32 or bf16, on the CPU, and a pool of fp32 or bf16; x and y contiguous, and
+    each slot's rows of A and of B (as in LoraLinear's `slot_pool`).
+
+    Every adapter token goes through the kernel, straight from the slot pool (no grouping,
+    no gathered weights, each slot at its own rank). The kernel sums in fp32; with bf16
+    activations it takes fp32 copies of x's and y's rows up to the last adapter token, and
+    y's rows are rounded once, as the sums are copied back (PEFT's arithmetic, which keeps
+    a bf16 model's adapters in fp32). Measured on the bench model in bf16, 32 adapters, in
+    one process: prefill chunks as bf16 matmul pairs instead took longer (prefill 198 against
+    164 ms: 32 adapters' chunks are ~1300 small matmuls a step) and strayed further from PEFT."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the CPU LoRA kernel takes fp32 or bf16 activations, not {dtype}")
     kernels = {torch.float32: lib.lora_bgmv, torch.bfloat16: lib.lora_bgmv_bf16}
     # A layer's pool is allocated once and only ever written in place: what the kernel
     # needs of it is checked and kept the first time it is seen (about half the Python
@@ -407,17 +419,24 @@ def bgmv_backend(lib: ctypes.CDLL) -> Callable:
         if not seg.rest_tokens:
             return
         _, _, kernel, n_in, a, a_slot, b, b_slot, n_out, n_slots = pool_args(A, B)
-        x, ranks, T = x.contiguous(), plan.rank_table(), x.shape[0]
+        ranks, rest = plan.rank_table(), seg.rest
         # the kernel trusts its pointers: check what it will read
-        if not (x.dtype == y.dtype == torch.float32 and y.is_contiguous()
-                and x.shape[1] == n_in and y.shape == (T, n_out)
-                and seg.rest.dtype == torch.int64 and seg.rest.is_contiguous()
-                and seg.rest.numel() == T and plan.max_slot < min(n_slots, ranks.numel())):
-            raise ValueError("the CPU LoRA kernel takes contiguous fp32 x [T, in] and y "
+        if not (x.dtype == y.dtype == dtype and y.is_contiguous() and x.dim() == 2
+                and x.shape[1] == n_in and y.shape == (x.shape[0], n_out)
+                and rest.dtype == torch.int64 and rest.is_contiguous()
+                and rest.numel() == x.shape[0] and plan.max_slot < min(n_slots, ranks.numel())):
+            raise ValueError(f"the CPU LoRA kernel takes contiguous {dtype} x [T, in] and y "
                              "[T, out], T int64 slots, all within the pool and the rank table")
-        if kernel(x.data_ptr(), n_in, a, a_slot, b, b_slot, n_out, seg.rest.data_ptr(),
-                  ranks.data_ptr(), T, y.data_ptr()):
+        if dtype == torch.float32:
+            x, y_sums, T = x.contiguous(), y, x.shape[0]
+        else:  # fp32 copies of the rows up to the last adapter token (see above)
+            T = seg.rest_stop
+            x, y_sums = x[:T].float(), y[:T].float()  # [T, in], [T, out]
+        if kernel(x.data_ptr(), n_in, a, a_slot, b, b_slot, n_out, rest.data_ptr(),
+                  ranks.data_ptr(), T, y_sums.data_ptr()):
             raise MemoryError("the CPU LoRA kernel could not allocate its tile list")
+        if y_sums is not y:
+            y[:T].copy_(y_sums)
 
     lora_delta_bgmv.min_run = NO_RUNS  # read by LoraPlan.start_step
     lora_delta_bgmv.groups = False
@@ -452,8 +471,8 @@ def choose_backend(name: str, device: torch.device = torch.device("cpu"),
                    pool_dtype: torch.dtype | None = None) -> Callable:
     """`name` from EngineConfig.lora_backend, for activations of `dtype` on `device` and a
     slot pool of `pool_dtype` (default: `dtype`). "auto": the CPU kernel (`bgmv`) for fp32
-    activations on the CPU with an fp32 or bf16 pool, when it can be built here, else
-    `segmented`; "bgmv" raises ValueError where it cannot run. (The runner refuses "triton"
+    or bf16 activations on the CPU with an fp32 or bf16 pool, when it can be built here,
+    else `segmented`; "bgmv" raises ValueError where it cannot run. (The runner refuses "triton"
     off CUDA; the tests run it on the CPU in Triton's interpreter.)"""
     pool_dtype = pool_dtype or dtype
     if name in ("auto", "bgmv"):
@@ -462,9 +481,10 @@ def choose_backend(name: str, device: torch.device = torch.device("cpu"),
         if required_by and not kernel_reads_pool:
             raise ValueError(f"{required_by} reads float32 or bfloat16 adapter weights, not "
                              f"{pool_dtype}: use 'auto' or another lora_dtype")
-        lib = cpu_kernels.load_for(device.type, str(dtype).removeprefix("torch."), required_by)
+        lib = cpu_kernels.load_for(device.type, str(dtype).removeprefix("torch."), required_by,
+                                   takes=("float32", "bfloat16"))
         if lib is not None and kernel_reads_pool:
-            return bgmv_backend(lib)
+            return bgmv_backend(lib, dtype)
         name = "segmented"
     if name == "triton":  # opt-in; imported here so triton stays optional
         from loraplex.lora.triton_ops import lora_delta_triton
