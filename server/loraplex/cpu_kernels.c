@@ -322,6 +322,80 @@ static int64_t head_groups(int64_t D, int64_t KVH, int64_t threads) {
   return KVH;
 }
 
+/* One work item of paged_decode_attention: sequence i, kv heads kv0 .. kv0 + gk - 1 and
+ * their query heads. Called inside the exported functions' parallel loops (see bgmv_tile). */
+INLINE void attend_item(const float *q, const void *k, const void *v, const int64_t *tables,
+                        int64_t nb, const int64_t *lens, int64_t i, int64_t kv0, int64_t gk,
+                        int64_t H, int64_t KVH, int64_t d, int64_t bs, float scale,
+                        int64_t window, float *out, int bf16) {
+  const int64_t size = bf16 ? 2 : 4; /* bytes per cached value */
+  const int64_t rep = H / KVH, nh = gk * rep, row = KVH * d, h0 = kv0 * rep, len = lens[i];
+  const float *qi = q + (i * H + h0) * d; /* this item's query heads: [nh, d] */
+  const int64_t lo = window > 0 && len > window ? len - window : 0;
+  float m[nh], l[nh], acc[nh * d], s[nh * bs]; /* per head: running max, sum, sum of w v */
+  int64_t kvo[nh]; /* offset of query head h's kv head in a row of this item */
+  for (int64_t h = 0; h < nh; h++) kvo[h] = (h / rep) * d;
+  for (int64_t h = 0; h < nh; h++) m[h] = -INFINITY, l[h] = 0.f;
+  for (int64_t e = 0; e < nh * d; e++) acc[e] = 0.f;
+  for (int64_t b0 = lo - lo % bs; b0 < len; b0 += bs) { /* block b0 / bs */
+    const int64_t first = tables[i * nb + b0 / bs] * bs - b0; /* slot of position 0 */
+    const int64_t p0 = b0 > lo ? b0 : lo, n = (b0 + bs < len ? b0 + bs : len) - p0;
+    /* [n, row] of keys and values from position p0 on, at this item's first head */
+    const char *kb = (const char *)k + ((first + p0) * row + kv0 * d) * size;
+    const char *vb = (const char *)v + ((first + p0) * row + kv0 * d) * size;
+    /* the next block's rows, this item's heads (NULL: this is the last block) */
+    const int64_t next = b0 + bs < len ? tables[i * nb + b0 / bs + 1] * bs * row : -1;
+    const char *kn = next < 0 ? NULL : (const char *)k + (next + kv0 * d) * size;
+    const char *vn = next < 0 ? NULL : (const char *)v + (next + kv0 * d) * size;
+    for (int64_t u = 0; u < n; u++) {
+      if (kn != NULL) /* a 64-byte line at a time, into L2 */
+        for (int64_t c = 0; c < gk * d * size; c += 64)
+          __builtin_prefetch(kn + u * row * size + c, 0, 2);
+      for (int64_t h = 0; h < nh; h++) {
+        const char *kr = kb + (u * row + kvo[h]) * size;
+        const float *qh = qi + h * d;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t e = 0; e < d; e++) dot += qh[e] * weight(kr, e, bf16);
+        s[h * bs + u] = dot * scale;
+      }
+    }
+    for (int64_t h = 0; h < nh; h++) {
+      float mb = m[h];
+      for (int64_t u = 0; u < n; u++) mb = s[h * bs + u] > mb ? s[h * bs + u] : mb;
+      const float corr = expf(m[h] - mb); /* 0 on the first block (m = -inf) */
+      l[h] *= corr;
+#pragma omp simd
+      for (int64_t e = 0; e < d; e++) acc[h * d + e] *= corr;
+      float *sh = s + h * bs;
+      int64_t u = 0;
+      for (; u + VW <= n; u += VW) {
+        const vf w = exp_neg(loadv(sh + u) - mb);
+        memcpy(sh + u, &w, sizeof w);
+      }
+      for (; u < n; u++) sh[u] = expf(sh[u] - mb);
+      m[h] = mb;
+    }
+    for (int64_t u = 0; u < n; u++) {
+      if (vn != NULL)
+        for (int64_t c = 0; c < gk * d * size; c += 64)
+          __builtin_prefetch(vn + u * row * size + c, 0, 2);
+      for (int64_t h = 0; h < nh; h++) {
+        const float w = s[h * bs + u];
+        const char *vr = vb + (u * row + kvo[h]) * size;
+        float *ah = acc + h * d;
+        l[h] += w;
+#pragma omp simd
+        for (int64_t e = 0; e < d; e++) ah[e] += w * weight(vr, e, bf16);
+      }
+    }
+  }
+  for (int64_t h = 0; h < nh; h++) {
+    float *o = out + (i * H + h0 + h) * d;
+    for (int64_t e = 0; e < d; e++) o[e] = acc[h * d + e] / l[h];
+  }
+}
+
 /* out[i][h] = softmax(scale * K[ctx] q[i][h]) V[ctx] over positions lo .. len[i] - 1 of
  * sequence i (lo = len[i] - window with a sliding window, else 0), grouped-query heads
  * h -> h / (H / KVH). q, out: [D, H, d]; k, v: [slots, KVH, d], slot = block * bs + offset;
@@ -341,70 +415,23 @@ void paged_decode_attention(const float *q, const float *k, const float *v,
                             const int64_t *tables, int64_t nb, const int64_t *lens, int64_t D,
                             int64_t H, int64_t KVH, int64_t d, int64_t bs, float scale,
                             int64_t window, float *out) {
-  const int64_t rep = H / KVH, G = head_groups(D, KVH, omp_get_max_threads());
-  const int64_t gk = KVH / G, nh = gk * rep, row = KVH * d; /* kv heads, q heads per item */
+  const int64_t G = head_groups(D, KVH, omp_get_max_threads()), gk = KVH / G;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < D; i++)
-    for (int64_t g = 0; g < G; g++) {
-      const int64_t h0 = g * nh, kv0 = g * gk, len = lens[i];
-      const float *qi = q + (i * H + h0) * d; /* this item's query heads: [nh, d] */
-      const int64_t lo = window > 0 && len > window ? len - window : 0;
-      float m[nh], l[nh], acc[nh * d], s[nh * bs]; /* per head: running max, sum, sum of w v */
-      int64_t kvo[nh]; /* offset of query head h's kv head in a row of this item */
-      for (int64_t h = 0; h < nh; h++) kvo[h] = (h / rep) * d;
-      for (int64_t h = 0; h < nh; h++) m[h] = -INFINITY, l[h] = 0.f;
-      for (int64_t e = 0; e < nh * d; e++) acc[e] = 0.f;
-      for (int64_t b0 = lo - lo % bs; b0 < len; b0 += bs) { /* block b0 / bs */
-        const int64_t first = tables[i * nb + b0 / bs] * bs - b0; /* slot of position 0 */
-        const int64_t p0 = b0 > lo ? b0 : lo, n = (b0 + bs < len ? b0 + bs : len) - p0;
-        const float *kb = k + (first + p0) * row + kv0 * d; /* [n, row]: this item's heads */
-        const float *vb = v + (first + p0) * row + kv0 * d;
-        /* the next block's rows, this item's heads (NULL: this is the last block) */
-        const int64_t next = b0 + bs < len ? tables[i * nb + b0 / bs + 1] * bs * row : -1;
-        const float *kn = next < 0 ? NULL : k + next + kv0 * d;
-        const float *vn = next < 0 ? NULL : v + next + kv0 * d;
-        for (int64_t u = 0; u < n; u++) {
-          if (kn != NULL) /* a 64-byte line at a time, into L2 */
-            for (int64_t c = 0; c < gk * d; c += 16) __builtin_prefetch(kn + u * row + c, 0, 2);
-          for (int64_t h = 0; h < nh; h++) {
-            const float *kr = kb + u * row + kvo[h], *qh = qi + h * d;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t e = 0; e < d; e++) dot += qh[e] * kr[e];
-            s[h * bs + u] = dot * scale;
-          }
-        }
-        for (int64_t h = 0; h < nh; h++) {
-          float mb = m[h];
-          for (int64_t u = 0; u < n; u++) mb = s[h * bs + u] > mb ? s[h * bs + u] : mb;
-          const float corr = expf(m[h] - mb); /* 0 on the first block (m = -inf) */
-          l[h] *= corr;
-#pragma omp simd
-          for (int64_t e = 0; e < d; e++) acc[h * d + e] *= corr;
-          float *sh = s + h * bs;
-          int64_t u = 0;
-          for (; u + VW <= n; u += VW) {
-            const vf w = exp_neg(loadv(sh + u) - mb);
-            memcpy(sh + u, &w, sizeof w);
-          }
-          for (; u < n; u++) sh[u] = expf(sh[u] - mb);
-          m[h] = mb;
-        }
-        for (int64_t u = 0; u < n; u++) {
-          if (vn != NULL)
-            for (int64_t c = 0; c < gk * d; c += 16) __builtin_prefetch(vn + u * row + c, 0, 2);
-          for (int64_t h = 0; h < nh; h++) {
-            const float w = s[h * bs + u], *vr = vb + u * row + kvo[h];
-            float *ah = acc + h * d;
-            l[h] += w;
-#pragma omp simd
-            for (int64_t e = 0; e < d; e++) ah[e] += w * vr[e];
-          }
-        }
-      }
-      for (int64_t h = 0; h < nh; h++) {
-        float *o = out + (i * H + h0 + h) * d;
-        for (int64_t e = 0; e < d; e++) o[e] = acc[h * d + e] / l[h];
-      }
-    }
+    for (int64_t g = 0; g < G; g++)
+      attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, bs, scale, window, out, 0);
+}
+
+/* paged_decode_attention on a bf16 cache (k, v as uint16 bit patterns); q, out and the
+ * sums stay fp32. */
+CLONES
+void paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v,
+                                 const int64_t *tables, int64_t nb, const int64_t *lens,
+                                 int64_t D, int64_t H, int64_t KVH, int64_t d, int64_t bs,
+                                 float scale, int64_t window, float *out) {
+  const int64_t G = head_groups(D, KVH, omp_get_max_threads()), gk = KVH / G;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+  for (int64_t i = 0; i < D; i++)
+    for (int64_t g = 0; g < G; g++)
+      attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, bs, scale, window, out, 1);
 }

@@ -77,9 +77,10 @@ def load(folder: Path | None = None) -> ctypes.CDLL | None:
             for bgmv in (lib.lora_bgmv, lib.lora_bgmv_bf16):
                 bgmv.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p]
                 bgmv.restype = ctypes.c_int
-            lib.paged_decode_attention.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64,
-                                                   i64, ctypes.c_float, i64, p]
-            lib.paged_decode_attention.restype = None
+            for attend in (lib.paged_decode_attention, lib.paged_decode_attention_bf16):
+                attend.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64,
+                                   ctypes.c_float, i64, p]
+                attend.restype = None
         _loaded[folder] = lib
     return _loaded[folder]
 

@@ -9,7 +9,7 @@ values into the cache and attends each sequence to its own cached context.
 Sequences with one new token (decodes) are attended together in padded SDPA
 calls, in groups of similar context length (`group_decodes`), so that one long
 context does not pad every other decode to its length; each sequence with several
-new tokens (a prefill chunk) gets its own call. For fp32 on the CPU, a C kernel
+new tokens (a prefill chunk) gets its own call. For fp32 or bf16 on the CPU, a C kernel
 (`decode_kernel`) attends every decode in place in the cache instead, each to its own
 length, in one call.
 """
@@ -143,36 +143,45 @@ class PrefillSeq:
 
 def decode_kernel(lib: ctypes.CDLL) -> Callable:
     """Decode attention by the CPU kernel (loraplex.cpu_kernels): each sequence attends to
-    its own context in place in the paged cache, so one group holds every decode."""
-    kernel = lib.paged_decode_attention
+    its own context in place in the paged cache, so one group holds every decode. A cache
+    of fp32 or bf16; the kernel takes the queries and sums in fp32 (a bf16 model's queries
+    and outputs go through fp32 copies, D x H x d values a layer)."""
+    kernels = {torch.float32: lib.paged_decode_attention,
+               torch.bfloat16: lib.paged_decode_attention_bf16}
 
     def attend(q: torch.Tensor, cache: KVCache, layer: int, group: DecodeGroup,
                scale: float, window: int | None, out: torch.Tensor) -> None:
-        """q: [D, H, d] -> out: [D, H, d] (both contiguous fp32)."""
+        """q: [D, H, d] -> out: [D, H, d] (both contiguous, of the cache's dtype)."""
         k, v = cache.k[layer], cache.v[layer]  # [slots, KVH, d]
         (D, H, d), bs, blocks, lens = q.shape, cache.block_size, group.blocks, group.lens
         # the kernel trusts its pointers: check what it will read
         if not (q.is_contiguous() and out.is_contiguous() and out.shape == q.shape
-                and q.dtype == out.dtype == k.dtype == v.dtype == torch.float32
+                and q.dtype == out.dtype == k.dtype == v.dtype and k.dtype in kernels
                 and k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
                 and k.shape[2] == d and H % k.shape[1] == 0 and lens.numel() == D
                 and group.fits(k.shape[0] // bs, bs)):
             raise ValueError("the CPU decode-attention kernel got inconsistent inputs")
-        kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(), blocks.shape[1],
-               lens.data_ptr(), D, H, k.shape[1], d, bs, scale, window or 0, out.data_ptr())
+        q32 = q.float()  # (q itself when fp32)
+        out32 = out if out.dtype == torch.float32 else torch.empty_like(q32)
+        kernels[k.dtype](q32.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(),
+                         blocks.shape[1], lens.data_ptr(), D, H, k.shape[1], d, bs, scale,
+                         window or 0, out32.data_ptr())
+        if out32 is not out:
+            out.copy_(out32)
 
     return attend
 
 
 def choose_decode_attention(name: str, device: torch.device, dtype: torch.dtype
                             ) -> Callable | None:
-    """`name` from EngineConfig.attention_backend: the CPU kernel ("auto" for fp32 on the
-    CPU where it can be built, or "cpu", which raises ValueError where it cannot run), or
-    None: SDPA over the gathered blocks."""
+    """`name` from EngineConfig.attention_backend, for a cache of `dtype`: the CPU kernel
+    ("auto" for fp32 or bf16 on the CPU where it can be built, or "cpu", which raises
+    ValueError where it cannot run), or None: SDPA over the gathered blocks."""
     if name == "sdpa":
         return None
     lib = cpu_kernels.load_for(device.type, str(dtype).removeprefix("torch."),
-                               "attention_backend 'cpu'" if name == "cpu" else "")
+                               "attention_backend 'cpu'" if name == "cpu" else "",
+                               takes=("float32", "bfloat16"))
     return None if lib is None else decode_kernel(lib)
 
 
