@@ -105,7 +105,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("lora-backend", "engine", "lora_backend", str, "LoRA delta kernels",
        choices=LORA_BACKENDS),
     _o("attention-backend", "engine", "attention_backend", str,
-       "decode attention (auto: loraplex's C kernel for fp32 on CPU, else SDPA)",
+       "decode attention (auto: loraplex's C kernel for fp32 and bf16 on CPU, else SDPA)",
        choices=ATTENTION_BACKENDS),
     _o("threads", "engine", "threads", int,
        "torch threads of the step loop on CPU (0: OMP_NUM_THREADS if set, else one per CPU "

@@ -171,7 +171,7 @@ class Segments:
     groups: tuple[Group, ...]
     rest: torch.Tensor  # [T] each token's slot, 0 inside the runs: what the groups hold
     rest_tokens: int  # adapter tokens outside the runs
-    rest_stop: int  # 1 + the last of them (0: none); the decodes come first in a batch
+    rest_stop: int  # 1 + the index of the last of them (0: none)
 
     @classmethod
     def build(cls, slots: torch.Tensor, slot_ranks: Sequence[int],
