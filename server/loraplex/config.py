@@ -66,7 +66,7 @@ class EngineConfig:
     lora_dtype: str = "auto"  # adapter weights in their slots: auto = the model's dtype
     max_queue: int = 1024  # waiting requests before RESOURCE_EXHAUSTED
     lora_backend: str = "auto"
-    attention_backend: str = "auto"  # decode: "auto" (CPU kernel for fp32, bf16 on CPU), "sdpa", "cpu"
+    attention_backend: str = "auto"  # decode: "auto" (the CPU kernel for fp32, bf16), "sdpa", "cpu"
     threads: int = 0  # torch threads of the step loop on CPU (0: OMP_NUM_THREADS, else one per CPU)
     max_step_failures: int = 3  # consecutive failed steps after which the engine gives up
     step_timeout: float = 300.0  # seconds one step may take before the server gives up (0: never)
