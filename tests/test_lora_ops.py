@@ -316,9 +316,10 @@ def test_bgmv_tiles_of_every_shape(pool_dtype, d_in, d_out, separate):
 
 @pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float32])
 def test_bgmv_bf16_activations(pool_dtype):
-    """A bf16 model on the CPU: the kernel sums every adapter token's delta in fp32 (a
-    prefill chunk too) and rounds each row of y once; its fp32 copies stop at the last
-    adapter token, and rows it does not update stay as they were, inside the copies or not."""
+    """A bf16 model on the CPU: the kernel reads x's and y's bf16 rows itself, sums every
+    adapter token's delta in fp32 (a prefill chunk too), and rounds each row of y once:
+    bit for bit the fp32 kernel's sums on the same values, rounded; rows of the base model
+    stay as they were."""
     if not HAS_CC:
         pytest.skip("no C compiler on PATH")
     ranks = [3, 16, 8]
@@ -326,23 +327,66 @@ def test_bgmv_bf16_activations(pool_dtype):
     A, B = A * 0.2, B * 0.2  # (copies: still each slot's rows contiguous)
     g = torch.Generator().manual_seed(10)
     delta = choose_backend("bgmv", torch.device("cpu"), torch.bfloat16, pool_dtype)
-    for slots, stop in (([2, 1, 3, 0, 3] + [2] * 20 + [0, 0], 25),  # decodes, a chunk, base
-                        ([1, 1, 0, 2] + [3] * 12 + [1] * 3, 19)):  # ... a short chunk last
+    in_fp32 = choose_backend("bgmv", torch.device("cpu"), torch.float32, pool_dtype)
+    for slots in ([2, 1, 3, 0, 3] + [2] * 20 + [0, 0],  # decodes, a chunk, base tokens last
+                  [1, 1, 0, 2] + [3] * 12 + [1] * 3):  # ... a short chunk last
         slots = torch.tensor(slots)
         plan = LoraPlan()
         plan.start_step(slots, [0] + ranks, delta, torch.device("cpu"))
-        assert plan.segments.runs == () and plan.segments.rest_stop == stop
+        assert plan.segments.runs == ()
         x = torch.randn(slots.numel(), 40, generator=g).to(torch.bfloat16)
         y = torch.randn(slots.numel(), 24, generator=g).to(torch.bfloat16)
-        exact = y.float().clone()
-        lora_delta_loop(exact, x.float(), A.float(), B.float(), plan)  # [T, 24]
+        sums = y.float()
+        in_fp32(sums, x.float(), A, B, plan)  # [T, 24]
+        exact = y.float()
+        lora_delta_loop(exact, x.float(), A.float(), B.float(), plan)
+        torch.testing.assert_close(sums, exact, rtol=1e-5, atol=1e-5)
         got = y.clone()
         delta(got, x, A, B, plan)
         assert got.dtype == torch.bfloat16
-        # one rounding of the fp32 sums (at most half a bf16 step: 2^-9 relative)
-        torch.testing.assert_close(got, exact.to(torch.bfloat16), rtol=2 ** -8, atol=1e-3)
+        assert torch.equal(got, sums.to(torch.bfloat16))
         assert torch.equal(got[slots == 0], y[slots == 0])
         assert (got[slots > 0] != y[slots > 0]).float().mean() > 0.9  # the deltas count
+
+
+@pytest.mark.parametrize("slots", [[1, 1, 1, 1], [1, 2, 1, 2]], ids=["tile", "tokens"])
+def test_bgmv_rounds_bf16_rows_as_torch_does(slots):
+    """y's bf16 rows: the fp32 sum rounded to nearest, ties to even, NaN and infinities
+    kept, as torch's .to(bfloat16) (bit for bit, but for NaN's bits, which torch's own
+    conversions do not agree on). Rank 1 with A = e_0 makes the delta x[t, 0] * B[0], and
+    x[t, 0] = y[t] gives y(1 + B): 1 + 2^-8 is a tie (down to even 1), 1 + 3 * 2^-8 one
+    up to even 1 + 2^-6, 1 - 2^-9 and 1 - 3 * 2^-9 ties below 1, one just off a tie; the
+    same at y = 2^-3, 4 and -1. bf16's largest + 1e36 rounds to inf; a NaN whose low bits
+    would carry into the sign stays NaN. 21 columns: the rows as one tile (4 x 21 values:
+    vector blocks and a tail of 4, in row 3) and as tokens alone (a tail of 5 a row)."""
+    if not HAS_CC:
+        pytest.skip("no C compiler on PATH")
+    A, B = _pool(3, 1, 8, 21, [1, 1], seed=0)
+    A.zero_(), B.zero_()
+    A[1:, 0, 0] = 1.0
+    tie = 2.0 ** -8
+    ties = [tie, 3 * tie, tie * (1 + 2 ** -10), -tie / 2, -3 * tie / 2, -tie / 2]
+    B[1:, 0] = torch.tensor([ties[c % len(ties)] for c in range(21)])
+    B[1:, 0, 7:10] = torch.tensor([1e36, 0.0, 0.0])
+    B[1:, 0, 8] = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)  # NaN
+    rows = torch.tensor([1.0, 2 ** -3, 4.0, -1.0])
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    x[:, 0] = rows
+    y = rows[:, None].expand(4, 21).to(torch.bfloat16).clone()
+    y[:, 7] = torch.finfo(torch.bfloat16).max
+    y[:, 9] = float("inf")
+    delta = choose_backend("bgmv", torch.device("cpu"), torch.bfloat16, torch.float32)
+    plan = LoraPlan()
+    plan.start_step(torch.tensor(slots), [0, 1, 1], delta, torch.device("cpu"))
+    got = y.clone()
+    delta(got, x, A, B, plan)
+    want = (y.float() + x.float()[:, :1] * B[1, 0]).to(torch.bfloat16)  # [4, 21]
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan) and nan[:, 8].all()
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    assert got[0, 0] == 1.0 and got[0, 1] == 1 + 2 ** -6 and got[0, 7] == float("inf")
+    assert got[0, 3] == 1.0 and got[0, 4] == 1 - 2 ** -7  # ties below 1
+    assert got[3, 18] == -1.0 and got[3, 19] == -(1 + 2 ** -6)  # in either tail
 
 
 def test_bgmv_refuses_what_it_would_read_out_of_bounds():

@@ -1,7 +1,7 @@
-/* loraplex's CPU kernels, fp32 (adapter weights may be bf16), built and loaded by cpu_kernels.py. Both read the data
- * where it lives (the adapters' slot pool, the paged KV cache) instead of gathering copies
- * for torch ops, and run on torch's OpenMP threads (libgomp is shared with torch, which
- * loads it first).
+/* loraplex's CPU kernels, built and loaded by cpu_kernels.py: sums in fp32, on fp32 or bf16
+ * weights, activations and KV cache. Both read the data where it lives (the adapters' slot
+ * pool, the paged KV cache) instead of gathering copies for torch ops, and run on torch's
+ * OpenMP threads (libgomp is shared with torch, which loads it first).
  *
  * lora_bgmv: the LoRA delta of tokens that each use their own adapter (a BGMV, batched
  * gather matrix-vector, as Punica's on GPUs). For every token t with s = slots[t] > 0 and
@@ -19,7 +19,8 @@
  * slot (a prefill chunk) are bound by the multiply-adds instead: they go in tiles of up to 8,
  * in register blocks (vectors of 8 floats: 71 GFLOP/s on one core of the bench machine
  * against 32 for the dot products a token alone uses). lora_bgmv_bf16 reads a pool of bf16
- * weights (EngineConfig.lora_dtype): half the bytes, sums still in fp32.
+ * weights (EngineConfig.lora_dtype): half the bytes, sums still in fp32. Either takes x and
+ * y in bf16 (a bf16 model) as well: each tile's rows widened to fp32, y's rounded back once.
  *
  * paged_decode_attention: one new token per sequence attends to its context in the paged
  * cache, each sequence to its own length (no padding to the longest, no gathered copy).
@@ -223,70 +224,135 @@ INLINE void bgmv_token(const char *a, const char *b, const char *next, int64_t r
   }
 }
 
+/* n bf16 values (bit patterns) -> floats, exactly. */
+INLINE void widen(const uint16_t *h, int64_t n, float *f) {
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) {
+    const vf w = weights(h, i, 1);
+    memcpy(f + i, &w, sizeof w);
+  }
+  for (; i < n; i++) f[i] = weight(h, i, 1);
+}
+
+/* n floats -> bf16 bit patterns, rounded to nearest even, NaN to 0x7FC0 (torch's
+ * conversion). */
+INLINE void narrow(const float *f, int64_t n, uint16_t *h) {
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) {
+    vu bits;
+    memcpy(&bits, f + i, sizeof bits);
+    const vf v = loadv(f + i);
+    const vu nan = (vu)(v != v); /* all ones where NaN */
+    const vu r = ((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16 & ~nan) | (0x7FC0u & nan);
+    const vh out = {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
+    memcpy(h + i, &out, sizeof out);
+  }
+  for (; i < n; i++) {
+    uint32_t bits;
+    memcpy(&bits, f + i, sizeof bits);
+    h[i] = f[i] != f[i] ? 0x7FC0 : (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
 /* One tile's delta. Called inside the exported functions' parallel loops, so it is
- * compiled into each of their target clones (a parallel loop of its own would not be). */
+ * compiled into each of their target clones (a parallel loop of its own would not be).
+ * x and y are fp32, or bf16 when act_bf16: the tile's rows are then widened into
+ * `scratch` (TILE * (in + out) floats of this thread's own), the delta is added there, and
+ * y's rows are rounded back once. */
 INLINE void bgmv_tile(
-    const float *x, int64_t in, const void *A, int64_t a_slot, const void *B, int64_t b_slot,
+    const void *x, int64_t in, const void *A, int64_t a_slot, const void *B, int64_t b_slot,
     int64_t out, const int64_t *slots, const int32_t *ranks, const int64_t *starts, int64_t i,
-    int64_t T, float *y, int bf16) {
+    int64_t T, void *y, float *scratch, int bf16, int act_bf16) {
   const int64_t t0 = starts[i], m = starts[i + 1] - t0, s = slots[t0];
   if (s <= 0) return; /* the base model: no delta */
   const int64_t r = ranks[s], size = bf16 ? 2 : 4; /* bytes per weight */
   if (r <= 0) return;
   const char *a = (const char *)A + s * a_slot * size; /* A[s]: [r_max, in] */
   const char *b = (const char *)B + s * b_slot * size; /* B[s]: [r_max, out] */
-  const float *xt = x + t0 * in;                       /* the tile's inputs: [m, in] */
-  float *yt = y + t0 * out;                            /* its outputs: [m, out] */
+  const float *xt = (const float *)x + t0 * in;        /* the tile's inputs: [m, in] */
+  float *yt = (float *)y + t0 * out;                   /* its outputs: [m, out] */
+  if (act_bf16) {
+    widen((const uint16_t *)x + t0 * in, m * in, scratch);
+    widen((const uint16_t *)y + t0 * out, m * out, scratch + TILE * in);
+    xt = scratch, yt = scratch + TILE * in;
+  }
   if (m == 1) {
     const int64_t t1 = starts[i + 1], s1 = t1 < T ? slots[t1] : 0;
     const char *next = s1 > 0 ? (const char *)A + s1 * a_slot * size : NULL;
     bgmv_token(a, b, next, r, xt, in, yt, out, bf16);
-    return;
+  } else { /* several tokens (a prefill chunk) are bound by the multiply-adds */
+    float h[TILE * r]; /* h[u * r + j]: the tile's shrunk inputs, u < m */
+    for (int64_t j0 = 0; j0 < r; j0 += 4) {
+      int64_t u = 0;
+      for (; u + 2 <= m; u += 2) shrink2(a, in * size, r, j0, xt, in, u, h, bf16);
+      if (u < m) shrink1(a, in * size, r, j0, xt, in, u, h, bf16);
+    }
+    for (int64_t j0 = 0; j0 < r;) {
+      const int full = j0 + 4 <= r;
+      int64_t u = 0;
+      for (; u + 2 <= m; u += 2)
+        full ? expand4x2(b, out * size, r, j0, h, u, yt, out, bf16)
+             : expand1x2(b, out * size, r, j0, h, u, yt, out, bf16);
+      if (u < m)
+        full ? expand4x1(b, out * size, r, j0, h, u, yt, out, bf16)
+             : expand1x1(b, out * size, r, j0, h, u, yt, out, bf16);
+      j0 += full ? 4 : 1;
+    }
   }
-  float h[TILE * r]; /* h[u * r + j]: the tile's shrunk inputs, u < m */
-  /* Several tokens (a prefill chunk) are bound by the multiply-adds: register blocks. */
-  for (int64_t j0 = 0; j0 < r; j0 += 4) {
-    int64_t u = 0;
-    for (; u + 2 <= m; u += 2) shrink2(a, in * size, r, j0, xt, in, u, h, bf16);
-    if (u < m) shrink1(a, in * size, r, j0, xt, in, u, h, bf16);
-  }
-  for (int64_t j0 = 0; j0 < r;) {
-    const int full = j0 + 4 <= r;
-    int64_t u = 0;
-    for (; u + 2 <= m; u += 2)
-      full ? expand4x2(b, out * size, r, j0, h, u, yt, out, bf16)
-           : expand1x2(b, out * size, r, j0, h, u, yt, out, bf16);
-    if (u < m)
-      full ? expand4x1(b, out * size, r, j0, h, u, yt, out, bf16)
-           : expand1x1(b, out * size, r, j0, h, u, yt, out, bf16);
-    j0 += full ? 4 : 1;
-  }
+  if (act_bf16) narrow(yt, m * out, (uint16_t *)y + t0 * out);
 }
 
+/* The tile list, and act_bf16's scratch; 0, or -1 when out of memory. */
+static int bgmv_setup(const int64_t *slots, int64_t T, int64_t in, int64_t out,
+                      int64_t act_bf16, int64_t **starts, int64_t *n, float **scratch) {
+  *scratch = NULL;
+  *starts = tile_starts(slots, T, n);
+  if (*starts == NULL) return -1;
+  if (act_bf16) {
+    *scratch = malloc(omp_get_max_threads() * TILE * (in + out) * sizeof(float));
+    if (*scratch == NULL) {
+      free(*starts);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+/* x: [T, in] and y: [T, out] of floats, or of bf16 values (uint16 bit patterns) when
+ * act_bf16 is nonzero: y's rows of adapter tokens are then rounded once, after the whole
+ * delta is summed in fp32. */
 CLONES
-int lora_bgmv(const float *x, int64_t in, const float *A, int64_t a_slot,
-              const float *B, int64_t b_slot, int64_t out, const int64_t *slots,
-              const int32_t *ranks, int64_t T, float *y) {
-  int64_t n, *starts = tile_starts(slots, T, &n);
-  if (starts == NULL) return -1;
+int lora_bgmv(const void *x, int64_t in, const float *A, int64_t a_slot, const float *B,
+              int64_t b_slot, int64_t out, const int64_t *slots, const int32_t *ranks,
+              int64_t T, void *y, int64_t act_bf16) {
+  int64_t n, *starts;
+  float *scratch;
+  if (bgmv_setup(slots, T, in, out, act_bf16, &starts, &n, &scratch)) return -1;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; i++)
-    bgmv_tile(x, in, A, a_slot, B, b_slot, out, slots, ranks, starts, i, T, y, 0);
+    bgmv_tile(x, in, A, a_slot, B, b_slot, out, slots, ranks, starts, i, T, y,
+              act_bf16 ? scratch + omp_get_thread_num() * TILE * (in + out) : NULL, 0,
+              act_bf16 != 0);
+  free(scratch);
   free(starts);
   return 0;
 }
 
 /* lora_bgmv with the pool in bf16 (A and B as uint16 bit patterns): half the bytes to
- * read; x, y and the sums stay fp32. */
+ * read; the sums stay fp32. */
 CLONES
-int lora_bgmv_bf16(const float *x, int64_t in, const uint16_t *A, int64_t a_slot,
+int lora_bgmv_bf16(const void *x, int64_t in, const uint16_t *A, int64_t a_slot,
                    const uint16_t *B, int64_t b_slot, int64_t out, const int64_t *slots,
-                   const int32_t *ranks, int64_t T, float *y) {
-  int64_t n, *starts = tile_starts(slots, T, &n);
-  if (starts == NULL) return -1;
+                   const int32_t *ranks, int64_t T, void *y, int64_t act_bf16) {
+  int64_t n, *starts;
+  float *scratch;
+  if (bgmv_setup(slots, T, in, out, act_bf16, &starts, &n, &scratch)) return -1;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; i++)
-    bgmv_tile(x, in, A, a_slot, B, b_slot, out, slots, ranks, starts, i, T, y, 1);
+    bgmv_tile(x, in, A, a_slot, B, b_slot, out, slots, ranks, starts, i, T, y,
+              act_bf16 ? scratch + omp_get_thread_num() * TILE * (in + out) : NULL, 1,
+              act_bf16 != 0);
+  free(scratch);
   free(starts);
   return 0;
 }

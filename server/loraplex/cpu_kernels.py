@@ -75,7 +75,7 @@ def load(folder: Path | None = None) -> ctypes.CDLL | None:
         else:
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             for bgmv in (lib.lora_bgmv, lib.lora_bgmv_bf16):
-                bgmv.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p]
+                bgmv.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p, i64]
                 bgmv.restype = ctypes.c_int
             for attend in (lib.paged_decode_attention, lib.paged_decode_attention_bf16):
                 attend.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64,
