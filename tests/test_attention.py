@@ -24,12 +24,14 @@ def _kernel():
 
 
 def _setup(lens: list[int], seed: int = 0, shape: SimpleNamespace = SMALL,
-           dtype: torch.dtype = torch.float32):
-    """A cache of `dtype` with random keys/values, each sequence on shuffled blocks; the new
-    tokens' query/key/value [1, heads, D, d] (their position: len - 1)."""
+           dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None):
+    """A cache of `kv_dtype` (default: `dtype`) with random keys/values, each sequence on
+    shuffled blocks; the new tokens' query/key/value [1, heads, D, d] in `dtype` (their
+    position: len - 1)."""
     g = torch.Generator().manual_seed(seed)
     bs, n_blocks = shape.block_size, shape.num_blocks
-    cache = KVCache(1, n_blocks, bs, shape.kv_heads, shape.head_dim, dtype, torch.device("cpu"))
+    cache = KVCache(1, n_blocks, bs, shape.kv_heads, shape.head_dim, kv_dtype or dtype,
+                    torch.device("cpu"))
     cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
     cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
     free = torch.randperm(n_blocks - 1, generator=g).add(1).tolist()  # block 0 stays unused
@@ -85,19 +87,22 @@ def test_decode_attention_matches_definition(backend, window):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.bfloat16),
+                                            (torch.float32, torch.bfloat16),
+                                            (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("window", [None, 21])
 @pytest.mark.parametrize("num_decodes", [1, 5, 32])
-def test_decode_kernel_on_full_blocks(num_decodes, window, dtype):
+def test_decode_kernel_on_full_blocks(num_decodes, window, dtype, kv_dtype):
     """The kernel's other paths: blocks of 16 (its exp runs 8 positions at a time, the rest
     one by one), contexts of many blocks (each next one fetched ahead), few decodes (their
     kv heads split over several work items), a peaked softmax (exponents far below -87,
-    where the kernel's exp stops), and a bf16 cache (a bf16 model: queries and outputs
-    rounded to bf16, the sums in fp32)."""
+    where the kernel's exp stops), a bf16 model (queries and outputs rounded to bf16, the
+    sums in fp32), and a cache of the other dtype (--kv-cache-dtype)."""
     kernel = _kernel()
     shape = SimpleNamespace(heads=8, kv_heads=4, head_dim=64, block_size=16, num_blocks=256)
     lens = ([100, 17, 1, 16, 23, 61, 33, 8] + [40 + 7 * i for i in range(24)])[:num_decodes]
-    cache, tables, (q, k, v) = _setup(lens, seed=3, shape=shape, dtype=dtype)
+    cache, tables, (q, k, v) = _setup(lens, seed=3, shape=shape, dtype=dtype, kv_dtype=kv_dtype)
     q[0, :, -1] *= 30  # the last decode: softmax weights from 1 down to about e^-190
     slot_mapping = torch.tensor([tables[i][(n - 1) // 16] * 16 + (n - 1) % 16
                                  for i, n in enumerate(lens)])
@@ -107,7 +112,8 @@ def test_decode_kernel_on_full_blocks(num_decodes, window, dtype):
     out, _ = paged_attention(SimpleNamespace(layer_idx=0), q, k, v, None,
                              sliding_window=window, attn_batch=batch)  # [1, D, H, d]
     assert out.dtype == dtype
-    expected = _reference(cache, tables, lens, q, window, shape)  # from the same bf16 values
+    assert cache.k[0].dtype == kv_dtype  # the new keys were rounded to the cache's dtype
+    expected = _reference(cache, tables, lens, q, window, shape)  # from the cached values
     if dtype == torch.float32:
         torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
     else:  # fp32 sums, the output rounded once: within one bf16 step of the exact value's
@@ -130,8 +136,11 @@ def test_decode_kernel_refuses_inconsistent_inputs():
         kernel(qd, cache, 0, past_the_end, 0.25, None, out)
     with pytest.raises(ValueError, match="inconsistent"):
         kernel(qd.double(), cache, 0, group, 0.25, None, out.double())
-    with pytest.raises(ValueError, match="inconsistent"):  # a bf16 query on an fp32 cache
-        kernel(qd.bfloat16(), cache, 0, group, 0.25, None, out.bfloat16())
+    with pytest.raises(ValueError, match="inconsistent"):  # a bf16 query, an fp32 output
+        kernel(qd.bfloat16(), cache, 0, group, 0.25, None, out)
+    with pytest.raises(ValueError, match="inconsistent"):  # an fp16 query
+        kernel(qd.half(), cache, 0, group, 0.25, None, out.half())
+    kernel(qd.bfloat16(), cache, 0, group, 0.25, None, out.bfloat16())  # a bf16 model: fine
 
 
 def test_decode_attention_choice():
@@ -142,6 +151,15 @@ def test_decode_attention_choice():
         assert choose_decode_attention("auto", torch.device("cpu"), torch.bfloat16) is not None
     with pytest.raises(ValueError, match="fp32 or bf16 on the CPU"):
         choose_decode_attention("cpu", torch.device("cuda"), torch.float32)
+    # --kv-cache-dtype: the kernel takes a cache of either dtype under a model of either
+    cpu = torch.device("cpu")
+    assert choose_decode_attention("auto", cpu, torch.float16, torch.float32) is None
+    assert choose_decode_attention("auto", cpu, torch.float32, torch.float16) is None
+    with pytest.raises(ValueError, match="float32 with a float16 KV cache on cpu"):
+        choose_decode_attention("cpu", cpu, torch.float32, torch.float16)
+    if HAS_CC:
+        assert choose_decode_attention("auto", cpu, torch.float32, torch.bfloat16) is not None
+        assert choose_decode_attention("auto", cpu, torch.bfloat16, torch.float32) is not None
 
 
 @pytest.mark.parametrize("queries", [1, 5])  # a decode, a prefill chunk

@@ -34,11 +34,12 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path):
     env = {"LORAPLEX_MAX_QUEUE": "22", "LORAPLEX_MAX_NUM_SEQS": "24", "LORAPLEX_PORT": "",
            "LORAPLEX_ADMIN_TOKEN": "from-env"}
     config, level = parse(["--config", str(cfg_file), "--max-queue", "33",
-                           "--quantize", "nf4"], env)
+                           "--quantize", "nf4", "--kv-cache-dtype", "bfloat16"], env)
     assert config.engine.max_queue == 33  # flag beats env and file
     assert config.engine.max_num_seqs == 24  # env beats file
     assert config.server.port == 7000  # file (an empty env var counts as unset)
     assert config.engine.kv_cache_memory == 2**30
+    assert config.engine.kv_cache_dtype == "bfloat16" and config.engine.lora_dtype == "auto"
     assert config.model.path == "/models/from-file" and config.model.quantize == "nf4"
     assert config.server.preload == (("a", "a"), ("b", "sub/b"))
     assert config.server.admin_token == "from-env"
@@ -73,6 +74,7 @@ def test_json_config_file_from_env_and_preload_forms(tmp_path):
     (["--model", "m"], {"LORAPLEX_QUANTIZE": "nf8"}, None, "LORAPLEX_QUANTIZE"),
     (["--model", "m", "--max-num-seqs", "4096"], {}, None, "max_num_seqs"),
     (["--model", "m"], {}, "lora_dtype = 'int4'", "lora_dtype: must be one of"),
+    (["--model", "m"], {"LORAPLEX_KV_CACHE_DTYPE": "fp8"}, None, "LORAPLEX_KV_CACHE_DTYPE"),
     (["--model", "m", "--step-timeout", "0.5"], {}, None, "step_timeout must be 0"),
     (["--model", "m", "--step-timeout", "nan"], {}, None, "step_timeout must be 0"),
 ])

@@ -90,6 +90,10 @@ OPTIONS: tuple[Option, ...] = (
        "longest slice of one prompt prefilled in one step"),
     _o("kv-cache-memory", "engine", "kv_cache_memory", parse_size,
        "memory of the paged KV cache, e.g. 512MiB, 2GiB", metavar="SIZE"),
+    _o("kv-cache-dtype", "engine", "kv_cache_dtype", str,
+       "dtype of the cached keys and values (auto: the model's; bfloat16 under an fp32 "
+       "model holds twice the tokens in the same memory, at bf16 rounding of K and V)",
+       choices=DTYPE_CHOICES),
     _o("block-size", "engine", "block_size", int, "tokens per KV-cache block"),
     _o("max-gpu-adapters", "engine", "max_gpu_adapters", int,
        "adapter slots next to the base model"),

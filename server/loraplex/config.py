@@ -59,6 +59,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in one forward pass
     prefill_chunk: int = 512  # longest slice of one prompt prefilled in one step
     kv_cache_memory: int = 256 * 2**20  # bytes for the paged KV cache
+    kv_cache_dtype: str = "auto"  # of the cached keys and values: auto = the model's dtype
     block_size: int = 16  # tokens per KV block
     max_gpu_adapters: int = 16  # adapter slots next to the base model
     max_cpu_adapters: int = 64  # adapters kept in host memory (LRU)
@@ -92,6 +93,9 @@ class EngineConfig:
             raise ValueError(f"lora_backend must be one of {LORA_BACKENDS}")
         if self.lora_dtype not in DTYPE_CHOICES:
             raise ValueError(f"lora_dtype must be one of {DTYPE_CHOICES}, got {self.lora_dtype!r}")
+        if self.kv_cache_dtype not in DTYPE_CHOICES:
+            raise ValueError(f"kv_cache_dtype must be one of {DTYPE_CHOICES}, got "
+                             f"{self.kv_cache_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}")
 

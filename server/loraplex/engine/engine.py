@@ -38,7 +38,7 @@ from loraplex.lora.cache import AdapterCache, AdapterVersion
 from loraplex.lora.store import AdapterStore
 from loraplex.metrics import Metrics
 from loraplex.model.attention import KVCache
-from loraplex.model.loader import LoadedModel, load_model
+from loraplex.model.loader import LoadedModel, load_model, resolve_dtype
 from loraplex.model.runner import ModelRunner
 from loraplex.model import sampler
 
@@ -89,14 +89,16 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         self.model_name = loaded.name
+        kv_dtype = (loaded.dtype if cfg.kv_cache_dtype == "auto"
+                    else resolve_dtype(cfg.kv_cache_dtype, loaded.device))
         block_bytes = KVCache.bytes_per_block(loaded.num_layers, cfg.block_size, loaded.kv_heads,
-                                              loaded.head_dim, loaded.dtype)
+                                              loaded.head_dim, kv_dtype)
         num_blocks = cfg.kv_cache_memory // block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {cfg.kv_cache_memory} B holds no block of "
                              f"{block_bytes} B; raise --kv-cache-memory")
         self.kv_cache = KVCache(loaded.num_layers, num_blocks, cfg.block_size, loaded.kv_heads,
-                                loaded.head_dim, loaded.dtype, loaded.device)
+                                loaded.head_dim, kv_dtype, loaded.device)
         self.blocks = BlockAllocator(num_blocks, cfg.block_size)
         self.cache = AdapterCache(AdapterStore(adapter_root, cfg.max_lora_rank),
                                   loaded.lora_layers, cfg.max_gpu_adapters, cfg.max_cpu_adapters,

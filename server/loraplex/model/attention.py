@@ -144,19 +144,20 @@ class PrefillSeq:
 def decode_kernel(lib: ctypes.CDLL) -> Callable:
     """Decode attention by the CPU kernel (loraplex.cpu_kernels): each sequence attends to
     its own context in place in the paged cache, so one group holds every decode. A cache
-    of fp32 or bf16; the kernel takes the queries and sums in fp32 (a bf16 model's queries
-    and outputs go through fp32 copies, D x H x d values a layer)."""
+    of fp32 or bf16, under a model of either (--kv-cache-dtype); the kernel takes the
+    queries and sums in fp32 (a bf16 model's queries and outputs go through fp32 copies,
+    D x H x d values a layer)."""
     kernels = {torch.float32: lib.paged_decode_attention,
                torch.bfloat16: lib.paged_decode_attention_bf16}
 
     def attend(q: torch.Tensor, cache: KVCache, layer: int, group: DecodeGroup,
                scale: float, window: int | None, out: torch.Tensor) -> None:
-        """q: [D, H, d] -> out: [D, H, d] (both contiguous, of the cache's dtype)."""
+        """q: [D, H, d] -> out: [D, H, d] (both contiguous, of the model's dtype)."""
         k, v = cache.k[layer], cache.v[layer]  # [slots, KVH, d]
         (D, H, d), bs, blocks, lens = q.shape, cache.block_size, group.blocks, group.lens
         # the kernel trusts its pointers: check what it will read
         if not (q.is_contiguous() and out.is_contiguous() and out.shape == q.shape
-                and q.dtype == out.dtype == k.dtype == v.dtype and k.dtype in kernels
+                and q.dtype == out.dtype in kernels and k.dtype == v.dtype and k.dtype in kernels
                 and k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
                 and k.shape[2] == d and H % k.shape[1] == 0 and lens.numel() == D
                 and group.fits(k.shape[0] // bs, bs)):
@@ -172,16 +173,19 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
     return attend
 
 
-def choose_decode_attention(name: str, device: torch.device, dtype: torch.dtype
-                            ) -> Callable | None:
-    """`name` from EngineConfig.attention_backend, for a cache of `dtype`: the CPU kernel
-    ("auto" for fp32 or bf16 on the CPU where it can be built, or "cpu", which raises
-    ValueError where it cannot run), or None: SDPA over the gathered blocks."""
+def choose_decode_attention(name: str, device: torch.device, dtype: torch.dtype,
+                            kv_dtype: torch.dtype | None = None) -> Callable | None:
+    """`name` from EngineConfig.attention_backend, for a model of `dtype` and a cache of
+    `kv_dtype` (default: the same): the CPU kernel ("auto" where both are fp32 or bf16 on
+    the CPU and it can be built, or "cpu", which raises ValueError where it cannot run), or
+    None: SDPA over the gathered blocks."""
     if name == "sdpa":
         return None
-    lib = cpu_kernels.load_for(device.type, str(dtype).removeprefix("torch."),
-                               "attention_backend 'cpu'" if name == "cpu" else "",
-                               takes=("float32", "bfloat16"))
+    model, cache = (str(d).removeprefix("torch.") for d in (dtype, kv_dtype or dtype))
+    takes = ("float32", "bfloat16")
+    lib = cpu_kernels.load_for(device.type, model if cache == model or cache in takes
+                               else f"{model} with a {cache} KV cache",
+                               "attention_backend 'cpu'" if name == "cpu" else "", takes)
     return None if lib is None else decode_kernel(lib)
 
 

@@ -31,7 +31,7 @@ class ModelRunner:
                                          loaded.lora_dtype)
         # the CPU kernel attends each decode to its own length: one group holds them all
         self.decode_kernel = choose_decode_attention(attention_backend, loaded.device,
-                                                     kv_cache.k[0].dtype)
+                                                     loaded.dtype, kv_cache.k[0].dtype)
         self.slot_ranks = slot_ranks  # rank of the adapter in each slot (0 = empty), kept by the cache
 
     def _cache_slots(self, block_table: list[int], start: int, end: int) -> list[int]:
