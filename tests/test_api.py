@@ -213,6 +213,34 @@ def test_stop_token_ids_and_seeded_sampling(client):
     assert sampled[0] == sampled[1]
 
 
+def test_min_tokens_holds_back_stop_tokens_and_strings(client):
+    greedy = client.generate(PROMPT, max_new_tokens=10, ignore_eos=True)
+    stop = greedy.token_ids[1]
+    r = client.generate(PROMPT, max_new_tokens=10, ignore_eos=True, stop_token_ids=[stop],
+                        min_tokens=6)
+    assert len(r.token_ids) >= 6 and stop not in r.token_ids[:6]  # banned for the first 6
+    assert r.finish_reason == "length" or r.token_ids[-1] == stop
+    # a stop string is not looked for before min_tokens (it bans no token: same tokens)
+    word = greedy.text[1:3]
+    cut = client.generate(PROMPT, max_new_tokens=10, ignore_eos=True, stop=[word])
+    assert cut.finish_reason == "stop" and len(cut.token_ids) < 10
+    whole = client.generate(PROMPT, max_new_tokens=10, ignore_eos=True, stop=[word],
+                            min_tokens=10)
+    assert (whole.token_ids, whole.text, whole.finish_reason) == (greedy.token_ids, greedy.text,
+                                                                  "length")
+
+
+def test_presence_and_frequency_penalties_change_greedy_choices(client):
+    """Greedy output of a small random model repeats itself; a strong frequency penalty
+    makes every token differ from those before it (a count of 1 costs 2 logits) or not."""
+    plain = client.generate(PROMPT, max_new_tokens=12, ignore_eos=True).token_ids
+    assert len(set(plain)) < len(plain)  # the premise: it repeats
+    for penalty in ("frequency_penalty", "presence_penalty"):
+        pushed = client.generate(PROMPT, max_new_tokens=12, ignore_eos=True,
+                                 **{penalty: 2.0}).token_ids
+        assert pushed != plain and len(set(pushed)) > len(set(plain)), penalty
+
+
 def test_async_client_stream_and_early_close(server):
     async def run():
         async with AsyncClient(server.target, timeout=60) as c:
@@ -284,6 +312,12 @@ BAD_REQUESTS = {
     "prompt too long": (pb.GenerateRequest(prompt="a" * MAX_LEN), "context"),
     "completion too long": (pb.GenerateRequest(prompt="a", max_new_tokens=MAX_LEN), "context"),
     "too many top_logprobs": (pb.GenerateRequest(prompt="a", top_logprobs=21), "top_logprobs"),
+    "presence_penalty 3": (pb.GenerateRequest(prompt="a", presence_penalty=3), "presence_penalty"),
+    "frequency_penalty -3": (pb.GenerateRequest(prompt="a", frequency_penalty=-3),
+                             "frequency_penalty"),
+    "min_p above 1": (pb.GenerateRequest(prompt="a", min_p=1.5), "min_p"),
+    "min_tokens over max_new_tokens": (pb.GenerateRequest(prompt="a", max_new_tokens=4,
+                                                          min_tokens=5), "min_tokens"),
     "stop token outside vocab": (pb.GenerateRequest(prompt="a", stop_token_ids=[VOCAB_SIZE]),
                                  "stop_token_ids"),
     "bad adapter ref": (pb.GenerateRequest(prompt="a", adapter="a@b@c"), "adapter"),

@@ -122,6 +122,18 @@ def test_cli_generate_json_and_stream_match_the_client(server):
     streamed = loraplex("generate", "--target", server.target, "--adapter", "alpha",
                         "--max-new-tokens", "6", "--ignore-eos", "Hello")
     assert streamed.stdout == expected.text + "\n"
+    # the newer sampling flags reach the server (a bad value comes back INVALID_ARGUMENT)
+    with Client(server.target) as c:
+        expected = c.generate("Hello", max_new_tokens=6, ignore_eos=True, frequency_penalty=1.5,
+                              presence_penalty=0.5, min_tokens=6, temperature=0.7, min_p=0.1,
+                              seed=3)
+    out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "6",
+                   "--ignore-eos", "--frequency-penalty", "1.5", "--presence-penalty", "0.5",
+                   "--min-tokens", "6", "--temperature", "0.7", "--min-p", "0.1", "--seed", "3",
+                   "Hello")
+    assert tuple(json.loads(out.stdout)["token_ids"]) == expected.token_ids
+    proc = loraplex("generate", "--target", server.target, "--min-p", "2", "Hello", check=False)
+    assert proc.returncode != 0 and "min_p" in proc.stderr
 
 
 def test_cli_adapters_list_json_and_table(server):

@@ -6,11 +6,16 @@ from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.request import SamplingParams
 from loraplex.engine.stops import StopStringFilter
 from loraplex.model import sampler
+from loraplex.model.sampler import RowContext
+
+
+def _row(generator=None, output=(), banned=()) -> RowContext:
+    return RowContext([], list(output), tuple(banned), generator)
 
 
 def test_greedy_rows_take_argmax():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]])
-    assert sampler.sample(logits, [SamplingParams()] * 2, [[], []], [None, None]) == [1, 0]
+    assert sampler.sample(logits, [SamplingParams()] * 2, [_row(), _row()]) == [1, 0]
 
 
 def test_seed_makes_sampling_reproducible_and_independent_of_batch():
@@ -18,7 +23,7 @@ def test_seed_makes_sampling_reproducible_and_independent_of_batch():
     params = SamplingParams(temperature=1.0, seed=7)
     def draw(rows):
         gens = [torch.Generator().manual_seed(7) for _ in rows]
-        return [sampler.sample(logits[rows], [params] * len(rows), [[]] * len(rows), gens)
+        return [sampler.sample(logits[rows], [params] * len(rows), [_row(g) for g in gens])
                 for _ in range(5)]
     alone = [steps[0] for steps in draw([2])]
     batched = [steps[1] for steps in draw([0, 2, 3])]
@@ -30,7 +35,7 @@ def test_top_k_and_top_p_restrict_the_choice():
     seen = set()
     for seed in range(200):
         g = torch.Generator().manual_seed(seed)
-        seen.update(sampler.sample(logits, [SamplingParams(temperature=5.0, top_k=2)], [[]], [g]))
+        seen.update(sampler.sample(logits, [SamplingParams(temperature=5.0, top_k=2)], [_row(g)]))
     assert seen == {0, 1}
     filtered = sampler.filter_top_k_top_p(torch.tensor([2.0, 1.0, 0.0, -1.0]), 0, 0.7)
     # probabilities ~ .64 .24 .09 .03: the smallest prefix reaching 0.7 is the first two
@@ -43,7 +48,41 @@ def test_repetition_penalty_follows_hf():
     assert out.tolist() == [1.0, -4.0, 1.0]
     # greedy with a strong penalty avoids the repeated token
     p = SamplingParams(repetition_penalty=10.0)
-    assert sampler.sample(torch.tensor([[2.0, 1.5]]), [p], [[0]], [None]) == [1]
+    assert sampler.sample(torch.tensor([[2.0, 1.5]]), [p], [RowContext([0], [])]) == [1]
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    """logit[t] - frequency * count(t) - presence * (count(t) > 0), over the output only."""
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = sampler.apply_presence_frequency(logits, [3, 3, 1, 3], presence=0.5, frequency=0.25)
+    assert out.tolist() == [1.0, 2.0 - 0.25 - 0.5, 3.0, 4.0 - 0.75 - 0.5]
+    # greedy too, and a negative penalty encourages: the prompt does not count
+    p = SamplingParams(frequency_penalty=2.0)
+    assert sampler.sample(torch.tensor([[3.0, 2.0]]), [p], [RowContext([1], [0])]) == [1]
+    p = SamplingParams(presence_penalty=-2.0)
+    assert sampler.sample(torch.tensor([[3.0, 2.0]]), [p], [RowContext([0], [1])]) == [1]
+
+
+def test_min_p_keeps_tokens_near_the_likeliest():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = torch.isfinite(sampler.filter_min_p(logits, 0.2)).tolist()  # cut at 0.1
+    assert kept == [True, True, True, False]
+    seen = set()
+    for seed in range(200):
+        p = SamplingParams(temperature=1.0, min_p=0.5)  # cut at 0.25: the first two
+        seen.update(sampler.sample(logits[None], [p], [_row(torch.Generator().manual_seed(seed))]))
+    assert seen == {0, 1}
+
+
+def test_banned_tokens_are_never_chosen():
+    """Before min_tokens the engine bans EOS and the stop ids: greedy and sampled rows."""
+    logits = torch.tensor([[5.0, 4.0, 0.0]])
+    assert sampler.sample(logits, [SamplingParams()], [_row(banned=[0])]) == [1]
+    assert sampler.sample(logits, [SamplingParams()], [_row()]) == [0]
+    for seed in range(50):
+        g = torch.Generator().manual_seed(seed)
+        assert sampler.sample(logits, [SamplingParams(temperature=2.0)],
+                              [_row(g, banned=[0, 1])]) == [2]
 
 
 def test_logprobs_are_raw_log_softmax():
@@ -79,3 +118,9 @@ def test_stop_string_across_pieces_is_cut_and_held_back():
     assert g.feed("an E") == ("an ", False)
     assert g.feed("Xtra") == ("EXtra", False)  # not a stop after all: released
     assert g.feed("E") == ("", False) and g.flush() == "E"
+
+
+def test_stop_string_before_min_tokens_is_let_through_but_one_ending_after_is_caught():
+    f = StopStringFilter(("END",))
+    assert f.feed("a END b E", armed=False) == ("a END b ", False)  # its start held back
+    assert f.feed("ND!", armed=True) == ("", True)

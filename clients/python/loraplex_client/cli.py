@@ -31,6 +31,7 @@ import time
 
 from loraplex_client.client import Client
 from loraplex_client.errors import LoraplexError
+from loraplex_client.types import SAMPLING_FIELDS
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -73,7 +74,12 @@ def add_commands(subparsers) -> None:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+    g.add_argument("--min-tokens", type=int, default=None,
+                   help="no EOS, stop token or stop string before this many tokens")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--stop-token-ids", type=_csv(int), default=None, metavar="ID,ID")
     g.add_argument("--ignore-eos", action="store_true", default=None)
@@ -162,13 +168,9 @@ def _asdict(x) -> dict:
     return dataclasses.asdict(x)
 
 
-_SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty",
-                  "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs")
-
-
 def _generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    sampling = {k: getattr(args, k) for k in _SAMPLING_ARGS if getattr(args, k) is not None}
+    sampling = {k: getattr(args, k) for k in SAMPLING_FIELDS if getattr(args, k) is not None}
     sampling["routing_key"] = args.routing_key
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -117,8 +117,9 @@ class Client(_Base):
     def generate(self, prompt: str | None = None, *, input_ids: Sequence[int] | None = None,
                  messages=None, adapter: str = "", timeout: float | None = None,
                  **sampling) -> Result:
-        """Whole completion. sampling: max_new_tokens, temperature, top_p, top_k, seed,
-        repetition_penalty, stop, stop_token_ids, ignore_eos, logprobs, top_logprobs."""
+        """Whole completion. sampling: max_new_tokens, temperature, top_p, top_k, min_p,
+        seed, repetition_penalty, presence_penalty, frequency_penalty, min_tokens, stop,
+        stop_token_ids, ignore_eos, logprobs, top_logprobs (see loraplex.proto)."""
         req = build_generate_request(prompt, input_ids=input_ids, messages=messages,
                                      adapter=adapter, **sampling)
         return result_from_pb(self._call(self._gen.Generate, req, adapter, timeout))

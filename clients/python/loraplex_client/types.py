@@ -106,9 +106,9 @@ def adapter_from_pb(msg: pb.AdapterInfo) -> AdapterInfo:
         load_time_s=(msg.load_time.ToNanoseconds() / 1e9) if msg.HasField("load_time") else None)
 
 
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed",
-                   "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "logprobs",
-                   "top_logprobs")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+                   "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens",
+                   "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs")
 
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapter: str = "",

@@ -44,6 +44,10 @@ def sampling_from_pb(req: pb.GenerateRequest) -> SamplingParams:
         seed=int(req.seed) if req.HasField("seed") else None,
         repetition_penalty=(float(req.repetition_penalty) if req.HasField("repetition_penalty")
                             else d.repetition_penalty),
+        presence_penalty=float(req.presence_penalty),
+        frequency_penalty=float(req.frequency_penalty),
+        min_p=float(req.min_p),
+        min_tokens=int(req.min_tokens),
         stop=tuple(req.stop),
         stop_token_ids=tuple(int(t) for t in req.stop_token_ids),
         ignore_eos=bool(req.ignore_eos),

@@ -311,10 +311,9 @@ class Engine:
         self.scheduler.postprocess(batch)
         if sampling:
             tokens = sampler.sample(logits, [s.request.sampling for s in sampling],
-                                    [s.prompt_ids + s.output_ids  # only the penalty reads it
-                                     if s.request.sampling.repetition_penalty != 1.0 else []
-                                     for s in sampling],
-                                    [s.generator for s in sampling])
+                                    [sampler.RowContext(s.prompt_ids, s.output_ids,
+                                                        self._banned(s), s.generator)
+                                     for s in sampling])
             want = [s.request.sampling.logprobs or s.request.sampling.top_logprobs > 0
                     for s in sampling]
             logprobs = (sampler.token_logprobs(logits, tokens,
@@ -343,6 +342,14 @@ class Engine:
         self.metrics.batch_tokens.observe(sum(item.num_new for item in batch))
         self.metrics.batch_adapters.observe(len(adapters - {""}))
 
+    def _banned(self, seq: Sequence) -> tuple[int, ...]:
+        """The ids seq may not produce next: before min_tokens, what would stop it."""
+        params = seq.request.sampling
+        if len(seq.output_ids) >= params.min_tokens:
+            return ()
+        eos = () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
+        return params.stop_token_ids + eos
+
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         now = time.monotonic()
         label, labels = seq.adapter_label, seq.metric_labels
@@ -356,7 +363,8 @@ class Engine:
         seq.output_ids.append(token)
         seq.token_metrics[1].inc()
         params = seq.request.sampling
-        text, hit_stop = seq.stops.feed(seq.detokenizer.add(token))
+        text, hit_stop = seq.stops.feed(seq.detokenizer.add(token),
+                                        armed=len(seq.output_ids) >= params.min_tokens)
         reason = None
         if hit_stop or token in params.stop_token_ids or (
                 not params.ignore_eos and token in self.loaded.eos_token_ids):

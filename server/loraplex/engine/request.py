@@ -31,6 +31,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = no limit
     seed: int | None = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # subtracted from the logit of every token in the output
+    frequency_penalty: float = 0.0  # times the token's count in the output, subtracted
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest one (0 = off)
+    min_tokens: int = 0  # no EOS nor stop token / string before this many new tokens
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -50,6 +54,14 @@ class SamplingParams:
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise InvalidArgument(
                 f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidArgument(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidArgument(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidArgument(f"min_tokens must be in [0, max_new_tokens = "
+                                  f"{self.max_new_tokens}], got {self.min_tokens}")
         if not 0 <= self.top_logprobs <= 20:
             raise InvalidArgument(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):

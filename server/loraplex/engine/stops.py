@@ -8,13 +8,15 @@ class StopStringFilter:
         self.stops = stops
         self.pending = ""  # text produced but not yet released
 
-    def feed(self, text: str) -> tuple[str, bool]:
+    def feed(self, text: str, armed: bool = True) -> tuple[str, bool]:
         """Add new text; return (text safe to release now, whether a stop string was hit).
-        On a hit, the released text ends right before the stop string."""
+        On a hit, the released text ends right before the stop string. Not `armed`
+        (before min_tokens), stop strings are let through; a start of one is still held
+        back, so one that ends once armed is caught."""
         if not self.stops:
             return text, False
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0] if armed else []
         if hits:
             released, self.pending = self.pending[:min(hits)], ""
             return released, True

@@ -1,16 +1,29 @@
 """Pick each sequence's next token from its logits, with its own sampling parameters.
 
-Greedy rows are decided together with one argmax; sampled rows go one by one
-(repetition penalty, temperature, top-k, top-p, then a draw from the request's
-own generator, so a seed makes a request reproducible whatever else is batched
-with it). Log-probabilities are those of the model's raw distribution.
+Greedy rows with nothing to adjust are decided together with one argmax; the others go
+one by one: the penalties (repetition, presence, frequency) and the tokens banned until
+min_tokens, then for sampled rows temperature, top-k, top-p, min-p and a draw from the
+request's own generator, so a seed makes a request reproducible whatever else is
+batched with it. Log-probabilities are those of the model's raw distribution.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from loraplex.engine.request import SamplingParams, TokenLogprob
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What a row's sampling reads besides its logits."""
+
+    prompt: list[int]  # (read by the repetition penalty only)
+    output: list[int]  # the tokens generated so far
+    banned: tuple[int, ...] = ()  # ids this step may not produce (EOS, stops before min_tokens)
+    generator: torch.Generator | None = None  # the request's, when it has a seed
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
@@ -20,6 +33,21 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: flo
     logits = logits.clone()
     logits[idx] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
+
+
+def apply_presence_frequency(logits: torch.Tensor, output: list[int], presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's semantics, over the output only: logits: [V] -> logits - frequency * count
+    - presence * (count > 0), count: each token's occurrences in `output`."""
+    counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=logits.device),
+                            minlength=logits.shape[-1]).to(logits.dtype)  # [V]
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """logits: [V] -> the same with tokens less likely than min_p x the likeliest at -inf."""
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -35,28 +63,43 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample_one(logits: torch.Tensor, params: SamplingParams, seen: list[int],
-               generator: torch.Generator | None) -> int:
+def adjusts(params: SamplingParams, row: RowContext) -> bool:
+    """Whether the row's logits change before its choice (else greedy is a plain argmax)."""
+    return bool(params.temperature != 0.0 or params.repetition_penalty != 1.0
+                or params.presence_penalty or params.frequency_penalty or row.banned)
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> int:
     """logits: [V] float32 -> token id."""
-    if params.repetition_penalty != 1.0 and seen:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, row.prompt + row.output,
+                                          params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and row.output:
+        logits = apply_presence_frequency(logits, row.output, params.presence_penalty,
+                                          params.frequency_penalty)
+    if row.banned:
+        logits = logits.index_fill(0, torch.tensor(row.banned, device=logits.device),
+                                   float("-inf"))
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    if params.min_p:
+        logits = filter_min_p(logits, params.min_p)
     probs = logits.softmax(-1)
+    generator = row.generator
     if generator is not None and generator.device != probs.device:
         probs = probs.to(generator.device)  # a seed's (CPU) generator draws on its device
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
-           generators: list[torch.Generator | None]) -> list[int]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], rows: list[RowContext]
+           ) -> list[int]:
     """logits: [N, V] -> one token id per row."""
     logits = logits.float()
     tokens = torch.argmax(logits, dim=-1).tolist()  # greedy for every row, then fix the others
-    for i, p in enumerate(params):
-        if p.temperature != 0.0 or p.repetition_penalty != 1.0:
-            tokens[i] = sample_one(logits[i], p, seen[i], generators[i])
+    for i, (p, row) in enumerate(zip(params, rows)):
+        if adjusts(p, row):
+            tokens[i] = sample_one(logits[i], p, row)
     return tokens
 
 
