@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--kv-cache-memory", type=parse_size, default=512 * 2**20)
     parser.add_argument("--kv-cache-dtype", default="auto", choices=DTYPE_CHOICES,
                         help="as `loraplex serve --kv-cache-dtype` (every engine)")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="as `loraplex serve --prefix-caching on`; off by default, since "
+                             "every round sends the same prompts again")
     parser.add_argument("--lora-backend", nargs="+", default=["auto"], choices=LORA_BACKENDS,
                         help="as `loraplex serve --lora-backend`; several values: see --lora-dtype")
     parser.add_argument("--lora-dtype", nargs="+", default=["auto"], choices=DTYPE_CHOICES,
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ModelConfig(path=str(base_dir), **base_options),
             EngineConfig(max_batch_tokens=4096, max_num_seqs=args.num_requests,
                          prefill_chunk=2048, kv_cache_memory=args.kv_cache_memory,
-                         kv_cache_dtype=args.kv_cache_dtype,
+                         kv_cache_dtype=args.kv_cache_dtype, prefix_caching=args.prefix_caching,
                          max_gpu_adapters=min(args.num_requests, max(max(args.adapters), 1)),
                          max_cpu_adapters=max(args.adapters + [args.num_requests]),
                          max_lora_rank=max(args.rank), lora_backend=backend,
@@ -263,6 +266,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     lora_dtype={system: str(e.loaded.lora_dtype) for system, e in engines.items()},
                     decode_attention="sdpa" if engine.runner.decode_kernel is None else "cpu",
                     kv_cache_dtype=str(engine.kv_cache.k[0].dtype),
+                    prefix_caching=args.prefix_caching,
                     num_requests=args.num_requests, rank=args.rank, targets=args.targets,
                     repeat=args.repeat,
                     load_avg=os.getloadavg(), date=time.strftime("%Y-%m-%d"))

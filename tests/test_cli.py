@@ -29,7 +29,7 @@ def parse(argv: list[str], env: dict[str, str] | None = None):
 def test_precedence_flag_over_env_over_file_over_default(tmp_path):
     cfg_file = tmp_path / "loraplex.toml"
     cfg_file.write_text('model = "/models/from-file"\nmax_queue = 11\nmax_num_seqs = 12\n'
-                        'port = 7000\nkv_cache_memory = "1GiB"\n'
+                        'port = 7000\nkv_cache_memory = "1GiB"\nprefix_caching = false\n'
                         'preload = ["a=a", "b=sub/b"]\n')
     env = {"LORAPLEX_MAX_QUEUE": "22", "LORAPLEX_MAX_NUM_SEQS": "24", "LORAPLEX_PORT": "",
            "LORAPLEX_ADMIN_TOKEN": "from-env"}
@@ -40,6 +40,9 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path):
     assert config.server.port == 7000  # file (an empty env var counts as unset)
     assert config.engine.kv_cache_memory == 2**30
     assert config.engine.kv_cache_dtype == "bfloat16" and config.engine.lora_dtype == "auto"
+    assert config.engine.prefix_caching is False  # a TOML boolean
+    assert parse(["--model", "m"])[0].engine.prefix_caching is True
+    assert parse(["--model", "m"], {"LORAPLEX_PREFIX_CACHING": "off"})[0].engine.prefix_caching is False
     assert config.model.path == "/models/from-file" and config.model.quantize == "nf4"
     assert config.server.preload == (("a", "a"), ("b", "sub/b"))
     assert config.server.admin_token == "from-env"
@@ -75,6 +78,7 @@ def test_json_config_file_from_env_and_preload_forms(tmp_path):
     (["--model", "m", "--max-num-seqs", "4096"], {}, None, "max_num_seqs"),
     (["--model", "m"], {}, "lora_dtype = 'int4'", "lora_dtype: must be one of"),
     (["--model", "m"], {"LORAPLEX_KV_CACHE_DTYPE": "fp8"}, None, "LORAPLEX_KV_CACHE_DTYPE"),
+    (["--model", "m", "--prefix-caching", "maybe"], {}, None, "expected on or off"),
     (["--model", "m", "--step-timeout", "0.5"], {}, None, "step_timeout must be 0"),
     (["--model", "m", "--step-timeout", "nan"], {}, None, "step_timeout must be 0"),
 ])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loraplex.engine.kv_cache import BlockAllocator, blocks_needed
+from loraplex.engine.kv_cache import BlockAllocator, block_key, blocks_needed
 
 
 def test_blocks_needed():
@@ -83,3 +83,57 @@ def test_decodes_are_grouped_by_context_length():
     groups = group_decodes([5, 40, 41, 6, 90, 7])
     assert sorted(i for g in groups for i in g) == list(range(6))  # every decode, once
     assert all(g == sorted(g) for g in groups)
+
+
+def test_remembered_blocks_are_shared_and_forgotten_tail_first():
+    alloc = BlockAllocator(num_blocks=4, block_size=2)
+    keys = [block_key(b"", "a@1", [1, 2])]
+    keys.append(block_key(keys[0], "a@1", [3, 4]))
+    table: list[int] = []
+    alloc.grow(table, 4)  # blocks 0, 1
+    for block, key in zip(table, keys):
+        alloc.remember(block, key)
+    shared = alloc.cached_prefix(keys)
+    assert shared == table and alloc.num_free == 2  # held twice, nothing freed
+    alloc.free(shared)
+    assert alloc.num_free == 2  # still held by `table`
+    alloc.free(table)
+    assert alloc.num_free == 4 and alloc.num_remembered == 2  # idle, still findable
+    other: list[int] = []
+    alloc.grow(other, 6)  # the 2 never-used blocks first, then the idle tail (block 1)
+    assert sorted(other) == [1, 2, 3] and alloc.num_remembered == 1
+    assert alloc.cached_prefix(keys) == [0]  # the prefix outlived its tail
+    assert alloc.num_free == 0
+    # a key names the tokens, what came before them and the adapter version
+    assert block_key(b"", "a@2", [1, 2]) != keys[0] != block_key(b"", "a@1", [1, 3])
+    assert block_key(keys[0], "a@1", [1, 2]) != keys[0]
+
+
+def test_a_key_already_remembered_keeps_its_block():
+    alloc = BlockAllocator(num_blocks=2, block_size=2)
+    key = block_key(b"", "", [7, 8])
+    first, second = [], []
+    alloc.grow(first, 2)
+    alloc.grow(second, 2)
+    alloc.remember(first[0], key)
+    alloc.remember(second[0], key)  # computed the same prefix in the same step
+    alloc.free(second)
+    assert alloc.num_remembered == 1 and alloc.cached_prefix([key]) == first
+
+
+def test_a_failed_step_forgets_what_it_was_to_fill():
+    alloc = BlockAllocator(num_blocks=3, block_size=2)
+    old_key, new_key = block_key(b"", "", [1, 2]), block_key(b"", "", [3, 4])
+    table: list[int] = []
+    alloc.grow(table, 2)
+    alloc.remember(table[0], old_key)
+    alloc.settle()  # that step ran
+    alloc.grow(table, 4)
+    alloc.remember(table[1], new_key)
+    found: list[int] = alloc.cached_prefix([new_key])  # found in the same step...
+    assert found == [table[1]]
+    alloc.forget_unsettled()  # ...which then raised
+    assert alloc.cached_prefix([new_key]) == [] and alloc.num_remembered == 1
+    alloc.free(found)
+    alloc.free(table)
+    assert alloc.num_free == 3 and alloc.cached_prefix([old_key]) == [0]

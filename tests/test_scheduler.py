@@ -2,6 +2,7 @@
 cancellation. Uses the real block allocator and the real adapter cache over real
 PEFT-format adapter folders."""
 
+import itertools
 import json
 
 import pytest
@@ -47,8 +48,14 @@ def cache(tmp_path):
                         metrics=Metrics())
 
 
-def make_seq(n_prompt, adapter=None):
-    return Sequence(request=GenerationRequest(list(range(1, n_prompt + 1))), adapter=adapter,
+_PROMPTS = itertools.count()
+
+
+def make_seq(n_prompt, adapter=None, prompt=None):
+    """A sequence with a prompt of its own (no prefix shared with another), unless given."""
+    first = 1000 * next(_PROMPTS)
+    prompt = prompt or list(range(first, first + n_prompt))
+    return Sequence(request=GenerationRequest(prompt), adapter=adapter,
                     detokenizer=IncrementalDetokenizer(None, []), stops=StopStringFilter(()),
                     sink=None)
 
@@ -92,8 +99,10 @@ def test_admission_waits_for_kv_blocks_and_never_fails(cache):
     assert run_step(sched) == {id(b): 10}
 
 
-def test_preempts_newest_when_decodes_run_out_of_blocks(cache):
-    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4)
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preempts_newest_when_decodes_run_out_of_blocks(cache, prefix_caching):
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4,
+                       prefix_caching=prefix_caching)
     blocks = BlockAllocator(4, 4)
     sched = Scheduler(cfg, blocks, cache)
     old, new = make_seq(8), make_seq(8)
@@ -107,7 +116,10 @@ def test_preempts_newest_when_decodes_run_out_of_blocks(cache):
     assert sched.waiting[0] is new and sched.num_preemptions == 1
     assert new.output_ids == [0]  # its generated token is kept and recomputed later
     sched.finish(old)
-    assert run_step(sched) == {id(new): 9}  # recompute prompt + generated token
+    if not prefix_caching:
+        assert run_step(sched) == {id(new): 9}  # recompute prompt + generated token
+    else:  # old took new's last block (freed last, forgotten first); its first is found
+        assert run_step(sched) == {id(new): 5} and new.num_cached == 0  # (only at admission)
 
 
 def test_adapter_slots_bound_the_batch_and_nobody_starves(cache):
@@ -232,3 +244,20 @@ def test_waiting_adapter_is_not_starved_by_a_stream_of_resident_ones(cache):
             break
     assert starving.status is Status.RUNNING, "a2 never got a slot"
     assert step <= 1
+
+
+def test_sequences_admitted_together_share_a_prefix_in_that_step(cache):
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4)
+    blocks = BlockAllocator(16, 4)
+    sched = Scheduler(cfg, blocks, cache)
+    system = list(range(500, 508))  # 2 full blocks
+    first, second = make_seq(0, prompt=system + [1, 2]), make_seq(0, prompt=system + [3])
+    other = make_seq(0, adapter=cache.acquire("a0"), prompt=system + [3])
+    for seq in (first, second, other):
+        sched.add(seq)
+    assert run_step(sched) == {id(first): 10, id(second): 1, id(other): 9}
+    assert second.block_table[:2] == first.block_table[:2]  # shared, found in this step
+    assert second.num_cached == 8 and other.num_cached == 0  # another adapter: nothing
+    assert blocks.num_free == 16 - 3 - 1 - 3
+    sched.finish(first)
+    assert blocks.num_free == 16 - 3 - 1 - 3 + 1  # only its own last block came back

@@ -31,7 +31,7 @@ from typing import Any
 
 from loraplex.config import (ATTENTION_BACKENDS, DTYPE_CHOICES, LORA_BACKENDS,
                              QUANTIZE_CHOICES, Config, EngineConfig, ModelConfig,
-                             ServerConfig, parse_size)
+                             ServerConfig, parse_size, parse_switch)
 
 ENV_PREFIX = "LORAPLEX_"
 
@@ -95,6 +95,9 @@ OPTIONS: tuple[Option, ...] = (
        "model holds twice the tokens in the same memory, at bf16 rounding of K and V)",
        choices=DTYPE_CHOICES),
     _o("block-size", "engine", "block_size", int, "tokens per KV-cache block"),
+    _o("prefix-caching", "engine", "prefix_caching", parse_switch,
+       "share the KV-cache blocks of prompts that start alike (same adapter version), "
+       "computing only what follows", metavar="on|off"),
     _o("max-gpu-adapters", "engine", "max_gpu_adapters", int,
        "adapter slots next to the base model"),
     _o("max-cpu-adapters", "engine", "max_cpu_adapters", int,
@@ -157,6 +160,8 @@ def _fmt_default(opt: Option) -> str:
         return f"{d // 2**20}MiB"
     if opt.repeatable:
         return ",".join("=".join(x) for x in d) or "none"
+    if isinstance(d, bool):
+        return "on" if d else "off"
     return repr(d) if d == "" else str(d)
 
 
@@ -187,6 +192,8 @@ def _parse_value(opt: Option, raw: Any, source: str) -> Any:
             elif not isinstance(raw, (list, tuple)):
                 raise ValueError(f"expected a list of NAME=PATH, got {raw!r}")
             return tuple(opt.parse(str(x)) for x in raw)
+        if isinstance(raw, bool) and opt.parse is parse_switch:  # a TOML or JSON boolean
+            return raw
         if isinstance(raw, bool) or isinstance(raw, (list, dict)):
             raise ValueError(f"expected a single value, got {raw!r}")
         value = opt.parse(raw if isinstance(raw, str) else str(raw))

@@ -32,6 +32,17 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def parse_switch(text: str | bool) -> bool:
+    """'on', 'true', 'yes', '1' -> True; 'off', 'false', 'no', '0' -> False."""
+    if isinstance(text, bool):
+        return text
+    value = {"on": True, "true": True, "yes": True, "1": True,
+             "off": False, "false": False, "no": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"expected on or off, got {text!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which base model to load and how to hold it."""
@@ -61,6 +72,7 @@ class EngineConfig:
     kv_cache_memory: int = 256 * 2**20  # bytes for the paged KV cache
     kv_cache_dtype: str = "auto"  # of the cached keys and values: auto = the model's dtype
     block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True  # share the KV blocks of equal prefixes (same adapter version)
     max_gpu_adapters: int = 16  # adapter slots next to the base model
     max_cpu_adapters: int = 64  # adapters kept in host memory (LRU)
     max_lora_rank: int = 64

@@ -48,7 +48,7 @@ class Metrics:
         self.generated_tokens = Counter(
             "loraplex_generated_tokens", "Tokens produced, by adapter.", AV, registry=r)
         self.prompt_tokens = Counter(
-            "loraplex_prompt_tokens", "Prompt tokens prefilled, by adapter.", AV,
+            "loraplex_prompt_tokens", "Prompt tokens of admitted requests (cached ones too), by adapter.", AV,
             registry=r)
         self.running = Gauge("loraplex_running_requests", "Requests in the running batch.",
                              registry=r)
@@ -65,6 +65,10 @@ class Metrics:
             buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.kv_cache_usage = Gauge("loraplex_kv_cache_usage_ratio",
                                     "Fraction of KV-cache blocks in use.", registry=r)
+        self.prefix_cache_hit_tokens = Counter(
+            "loraplex_prefix_cache_hit_tokens",
+            "Prompt tokens whose keys and values were found in the prefix cache, not computed.",
+            registry=r)
         self.preemptions = Counter("loraplex_preemptions",
                                    "Sequences preempted for KV space (recomputed later).",
                                    registry=r)

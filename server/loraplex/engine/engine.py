@@ -258,6 +258,7 @@ class Engine:
         try:
             return 0 if self.step() else failed_steps
         except Exception as exc:  # a bug, not bad input: fail the batch, keep serving
+            self.scheduler.abandon_step()
             failed_steps += 1
             self.metrics.step_failures.inc()
             log.exception("engine step failed (%d in a row); finishing its requests with an "
@@ -332,9 +333,11 @@ class Engine:
         for item in batch:
             seq = item.seq
             adapters.add(seq.adapter_label)
-            if seq.num_computed == 0 and not seq.output_ids:
+            if not seq.first_scheduled:
+                seq.first_scheduled = True
                 self.metrics.queue_time.labels(*seq.metric_labels).observe(now - seq.arrival)
                 self.metrics.prompt_tokens.labels(*seq.metric_labels).inc(len(seq.prompt_ids))
+                self.metrics.prefix_cache_hit_tokens.inc(seq.num_cached)
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_cache_usage.set(self.blocks.usage())

@@ -8,6 +8,13 @@ allow. A batch is formed only when every adapter in it holds a slot, so the
 model never runs out of slots. When the KV cache is full, the newest running
 sequence is preempted: its blocks are freed and it is recomputed later.
 
+With prefix caching (EngineConfig.prefix_caching), a sequence being admitted first takes
+the cached blocks of its longest known prefix (same tokens, same adapter version; see
+kv_cache) and computes only the rest; each block a step is to fill is remembered as the
+step is scheduled, so a sequence admitted after it in the same step finds it. The last
+known token is always computed, never found: it yields the logits the next token is
+drawn from, and no shared block is ever written.
+
 Shadow sequences (mirrored canary traffic, `GenerationRequest.shadow`) yield to
 real work: they are admitted only when no real request is left waiting, and a
 running shadow is the first victim when the KV cache runs out.
@@ -63,6 +70,7 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed, self.cfg.prefill_chunk, budget)
             if not self._reserve(seq, num_new):
                 continue  # seq itself was preempted
+            self._remember(seq, num_new)
             batch.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         batch += self._admit(budget)
@@ -98,8 +106,11 @@ class Scheduler:
             if seq.shadow and real_waits:
                 skipped.append(seq)
                 continue
+            if self.cfg.prefix_caching:
+                self._take_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed, self.cfg.prefill_chunk, budget)
-            if not self.blocks.can_grow(seq.block_table, num_new):
+            if not self.blocks.can_grow(seq.block_table, seq.num_computed + num_new):
+                self._drop_blocks(seq)
                 self.waiting.appendleft(seq)
                 break
             if seq.adapter is not None and (seq.adapter is draining or
@@ -108,16 +119,44 @@ class Scheduler:
                     draining = self.slots.slot_to_drain()
                 slot_blocked = True
                 real_waits = real_waits or not seq.shadow
+                self._drop_blocks(seq)
                 skipped.append(seq)
                 continue
             seq.lora_slot = self.slots.pin(seq.adapter) if seq.adapter is not None else 0
-            self.blocks.grow(seq.block_table, num_new)
+            self.blocks.grow(seq.block_table, seq.num_computed + num_new)
+            self._remember(seq, num_new)
+            if seq.num_cached is None:  # its first admission (not a recompute)
+                seq.num_cached = seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return admitted
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        """Start a waiting seq (which holds no block) on the cached blocks of its prefix."""
+        bs = self.blocks.block_size
+        usable = (seq.num_tokens - 1) // bs  # full blocks before the last known token's
+        found = self.blocks.cached_prefix(seq.block_keys(usable, bs)[:usable])
+        seq.block_table.extend(found)
+        seq.num_computed = len(found) * bs
+
+    def _remember(self, seq: Sequence, num_new: int) -> None:
+        """Remember the blocks that this step's num_new tokens of seq fill."""
+        if not self.cfg.prefix_caching:
+            return
+        bs = self.blocks.block_size
+        first, filled = seq.num_computed // bs, (seq.num_computed + num_new) // bs
+        if filled > first:  # (a decode mostly fills none)
+            keys = seq.block_keys(filled, bs)
+            for i in range(first, filled):
+                self.blocks.remember(seq.block_table[i], keys[i])
+
+    def _drop_blocks(self, seq: Sequence) -> None:
+        """Undo _take_cached_prefix for a seq that waits on (what it found stays cached)."""
+        self.blocks.free(seq.block_table)
+        seq.num_computed = 0
 
     def _may_pin(self, adapter, slot_blocked: bool) -> bool:
         """An adapter already in a slot may always join; a new one only when no earlier
@@ -142,6 +181,11 @@ class Scheduler:
         """Account the tokens just computed (the engine appends sampled tokens)."""
         for item in batch:
             item.seq.num_computed += item.num_new
+        self.blocks.settle()
+
+    def abandon_step(self) -> None:
+        """The step raised: its blocks may hold anything, so none is found again."""
+        self.blocks.forget_unsettled()
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence wherever it is and free everything it holds."""

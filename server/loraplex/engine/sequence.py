@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.kv_cache import block_key
 from loraplex.engine.stops import StopStringFilter
 from loraplex.engine.request import GenerationRequest
 
@@ -38,6 +39,9 @@ class Sequence:
     # (inter-token latency, generated tokens) metric children of its labels, looked up at its
     # first token: labels() takes a lock and a dict lookup, twice per token otherwise
     token_metrics: tuple | None = None
+    first_scheduled: bool = False  # set once it first ran (its queue time is recorded)
+    num_cached: int | None = None  # prompt tokens found in the prefix cache at admission
+    _block_keys: list[bytes] = field(default_factory=list)  # of its first full blocks
 
     @property
     def request_id(self) -> str:
@@ -63,6 +67,16 @@ class Sequence:
         if start >= len(prompt):  # decodes: no copy of the whole sequence
             return self.output_ids[start - len(prompt):end - len(prompt)]
         return (prompt + self.output_ids)[start:end]
+
+    def block_keys(self, num_blocks: int, block_size: int) -> list[bytes]:
+        """Prefix-cache keys (kv_cache.block_key) of its full blocks, at least the first
+        `num_blocks` (the list it keeps: not to be changed)."""
+        keys = self._block_keys
+        while len(keys) < num_blocks:
+            start = len(keys) * block_size
+            keys.append(block_key(keys[-1] if keys else b"", self.adapter_label,
+                                  self.token_ids(start, start + block_size)))
+        return keys
 
     @property
     def adapter_label(self) -> str:
