@@ -75,3 +75,19 @@ def test_bench_runs_every_variant_and_writes_json(tmp_path):
     assert ("| equal | loraplex, `--lora-backend segmented`, `--lora-dtype bfloat16` | 2 | "
             in table)
     assert "| varied | loraplex | 1 | " in table and "| 100% (100%) |" in table
+
+
+def test_option_ab_runs_each_value_for_each_n(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.option_ab", "--shape", "small", "--option",
+         "prefix_caching", "off", "on", "--system-prompt", "40", "--new-tokens", "2",
+         "--repeat", "1", "--workdir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("N=")]
+    assert [(r[0], r[1]) for r in rows] == [(f"N={n}", f"prefix_caching={v}")
+                                            for n in (0, 1, 32) for v in ("off", "on")]
+    assert all(r[-3] == "1.00x" for r in rows[::2])  # the first value against itself
+    bad = subprocess.run([sys.executable, "-m", "bench.option_ab", "--option", "nope", "1", "2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "EngineConfig field" in bad.stderr
