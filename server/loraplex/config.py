@@ -32,10 +32,8 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
-def parse_switch(text: str | bool) -> bool:
+def parse_switch(text: str) -> bool:
     """'on', 'true', 'yes', '1' -> True; 'off', 'false', 'no', '0' -> False."""
-    if isinstance(text, bool):
-        return text
     value = {"on": True, "true": True, "yes": True, "1": True,
              "off": False, "false": False, "no": False, "0": False}.get(text.strip().lower())
     if value is None:

@@ -48,7 +48,8 @@ class Metrics:
         self.generated_tokens = Counter(
             "loraplex_generated_tokens", "Tokens produced, by adapter.", AV, registry=r)
         self.prompt_tokens = Counter(
-            "loraplex_prompt_tokens", "Prompt tokens of admitted requests (cached ones too), by adapter.", AV,
+            "loraplex_prompt_tokens",
+            "Prompt tokens of admitted requests (cached ones too), by adapter.", AV,
             registry=r)
         self.running = Gauge("loraplex_running_requests", "Requests in the running batch.",
                              registry=r)

@@ -183,8 +183,11 @@ def choose_decode_attention(name: str, device: torch.device, dtype: torch.dtype,
         return None
     model, cache = (str(d).removeprefix("torch.") for d in (dtype, kv_dtype or dtype))
     takes = ("float32", "bfloat16")
-    lib = cpu_kernels.load_for(device.type, model if cache == model or cache in takes
-                               else f"{model} with a {cache} KV cache",
+    # the model's dtype decides, once the cache's is one the kernel takes (else a name
+    # outside `takes` that says why)
+    described = (model if cache in takes or cache == model
+                 else f"{model} with a {cache} KV cache")
+    lib = cpu_kernels.load_for(device.type, described,
                                "attention_backend 'cpu'" if name == "cpu" else "", takes)
     return None if lib is None else decode_kernel(lib)
 
