@@ -45,14 +45,15 @@ def run_staggered(engine: Engine, first: list[GenerationRequest], later: list[Ge
         outs = {}
 
         async def consume(i, stream):
-            tokens, last, lps = [], None, []
+            tokens, last, lps, prompt_lps = [], None, [], []
             async for out in stream:
                 tokens.extend(out.token_ids)
                 lps.extend(out.logprobs)
+                prompt_lps.extend(out.prompt_logprobs)
                 last = out
                 if i == 0 and len(tokens) >= after_tokens:
                     started.set()
-            outs[i] = (tokens, last, lps)
+            outs[i] = (tokens, last, lps, prompt_lps)
 
         tasks = [asyncio.create_task(consume(i, s)) for i, s in enumerate(streams)]
         await started.wait()
@@ -60,7 +61,8 @@ def run_staggered(engine: Engine, first: list[GenerationRequest], later: list[Ge
         late = [engine.submit(r) for r in later]
         tasks += [asyncio.create_task(consume(len(first) + i, s)) for i, s in enumerate(late)]
         await asyncio.gather(*tasks)
-        results = [replace(outs[i][1], token_ids=tuple(outs[i][0]), logprobs=tuple(outs[i][2]))
+        results = [replace(outs[i][1], token_ids=tuple(outs[i][0]), logprobs=tuple(outs[i][2]),
+                           prompt_logprobs=tuple(outs[i][3]))
                    for i in range(len(tasks))]
         return results, steps_at_join
     return asyncio.run(main())

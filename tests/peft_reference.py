@@ -19,6 +19,7 @@ activated with set_adapter, so a test over 20 adapters loads the base once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from pathlib import Path
@@ -129,6 +130,23 @@ class PeftReference:
         return new_ids.tolist(), logprobs.tolist()
 
     @torch.no_grad()
+    def prompt_logprobs(self, adapter_dir: str | Path | None, prompt_ids: list[int]) -> torch.Tensor:
+        """[len(prompt_ids) - 1, vocab]: row i = log_softmax of the raw logits after prompt
+        tokens 0..i, one forward pass of the prompt alone (it scores token i + 1)."""
+        input_ids = torch.tensor([prompt_ids])  # [1, P]
+        if adapter_dir is None:
+            model = self.base if self.model is None else self.model
+            context = (contextlib.nullcontext() if self.model is None
+                       else self.model.disable_adapter())
+        else:
+            name = self.adapter_name(adapter_dir)  # loads it (and creates self.model) if new
+            self.model.set_adapter(name)
+            model, context = self.model, contextlib.nullcontext()
+        with context:
+            logits = model(input_ids=input_ids).logits[0].float()  # [P, vocab]
+        return logits[:-1].log_softmax(-1)
+
+    @torch.no_grad()
     def mixed_batch_greedy(self, adapter_dirs: list[str | Path | None], prompts: list[list[int]],
                            max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
         """PEFT's own mixed-adapter batching: one left-padded generate() with adapter_names.
@@ -163,6 +181,14 @@ class PeftReference:
 def _reference(base_dir: Path, quantize: str) -> PeftReference:
     """The per-process cache of loaded references, keyed by (resolved base dir, quantize)."""
     return PeftReference(base_dir, quantize)
+
+
+def peft_prompt_logprobs(base_dir: str | Path, adapter_dir: str | Path | None,
+                         prompt_ids: list[int], quantize: str = "none") -> torch.Tensor:
+    """PEFT's log-probabilities over the prompt: [len(prompt_ids) - 1, vocab] (see
+    PeftReference.prompt_logprobs)."""
+    return _reference(Path(base_dir).resolve(), quantize).prompt_logprobs(adapter_dir,
+                                                                          list(prompt_ids))
 
 
 def peft_greedy(base_dir: str | Path, adapter_dir: str | Path | None, prompt_ids: list[int],

@@ -202,6 +202,24 @@ def test_logprobs_and_top_alternatives(client):
     assert client.generate(PROMPT, max_new_tokens=2).logprobs == ()
 
 
+def test_prompt_logprobs_unary_and_streamed(client):
+    """One score per prompt token after the first, in the answer and in a stream's first
+    message only; the same values both ways; the prompt is still answered as without."""
+    ids = [7, 30, 41, 52, 63, 74, 85]
+    plain = client.generate(input_ids=ids, adapter="alpha", max_new_tokens=4, ignore_eos=True)
+    r = client.generate(input_ids=ids, adapter="alpha", max_new_tokens=4, ignore_eos=True,
+                        prompt_logprobs=2)
+    assert r.token_ids == plain.token_ids and plain.prompt_logprobs == ()
+    assert [lp.token_id for lp in r.prompt_logprobs] == ids[1:]
+    for lp in r.prompt_logprobs:
+        assert lp.logprob <= 0 and len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1]
+        assert lp.top[0][1] >= lp.logprob  # the likeliest is at least as likely
+    chunks = list(client.stream(input_ids=ids, adapter="alpha", max_new_tokens=4,
+                                ignore_eos=True, prompt_logprobs=2))
+    assert chunks[0].prompt_logprobs == r.prompt_logprobs  # (fp32: the same arithmetic)
+    assert all(c.prompt_logprobs == () for c in chunks[1:]) and len(chunks) > 1
+
+
 def test_stop_token_ids_and_seeded_sampling(client):
     greedy = client.generate(PROMPT, max_new_tokens=10, ignore_eos=True).token_ids
     stop = greedy[4]
@@ -312,6 +330,8 @@ BAD_REQUESTS = {
     "prompt too long": (pb.GenerateRequest(prompt="a" * MAX_LEN), "context"),
     "completion too long": (pb.GenerateRequest(prompt="a", max_new_tokens=MAX_LEN), "context"),
     "too many top_logprobs": (pb.GenerateRequest(prompt="a", top_logprobs=21), "top_logprobs"),
+    "too many prompt_logprobs": (pb.GenerateRequest(prompt="a", prompt_logprobs=21),
+                                 "prompt_logprobs"),
     "presence_penalty 3": (pb.GenerateRequest(prompt="a", presence_penalty=3), "presence_penalty"),
     "frequency_penalty -3": (pb.GenerateRequest(prompt="a", frequency_penalty=-3),
                              "frequency_penalty"),

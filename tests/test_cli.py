@@ -136,6 +136,10 @@ def test_cli_generate_json_and_stream_match_the_client(server):
                    "--min-tokens", "6", "--temperature", "0.7", "--min-p", "0.1", "--seed", "3",
                    "Hello")
     assert tuple(json.loads(out.stdout)["token_ids"]) == expected.token_ids
+    out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "2",
+                   "--prompt-logprobs", "1", "Hello")
+    scores = json.loads(out.stdout)["prompt_logprobs"]
+    assert len(scores) == 4 and all(len(s["top"]) == 1 for s in scores)
     proc = loraplex("generate", "--target", server.target, "--min-p", "2", "Hello", check=False)
     assert proc.returncode != 0 and "min_p" in proc.stderr
 

@@ -85,6 +85,9 @@ def add_commands(subparsers) -> None:
     g.add_argument("--ignore-eos", action="store_true", default=None)
     g.add_argument("--logprobs", action="store_true", default=None)
     g.add_argument("--top-logprobs", type=int, default=None)
+    g.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                   help="score the prompt: each prompt token's logprob and N alternatives "
+                        "(printed with --json)")
     g.add_argument("--no-stream", action="store_true", help="one unary call instead of a stream")
     g.set_defaults(func=_generate)
 

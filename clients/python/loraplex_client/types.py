@@ -37,6 +37,8 @@ class Chunk:
     logprobs: tuple[TokenLogprob, ...] = ()
     request_id: str = ""
     route: str = ""  # the route (alias) that chose `adapter`; "" when none
+    # with prompt_logprobs: one per prompt token after the first (in a stream: the first chunk)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Result:
     logprobs: tuple[TokenLogprob, ...] = ()
     request_id: str = ""
     route: str = ""  # the route (alias) that chose `adapter`; "" when none
+    # with prompt_logprobs: one per prompt token after the first (in a stream: the first chunk)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 
@@ -76,16 +80,17 @@ class AdapterInfo:
         return f"{self.name}@{self.version}"
 
 
-def _logprobs(msg) -> tuple[TokenLogprob, ...]:
+def _logprobs(entries) -> tuple[TokenLogprob, ...]:
     return tuple(TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
-                 for lp in msg.logprobs)
+                 for lp in entries)
 
 
 def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
     return Chunk(text=msg.text, token_ids=tuple(msg.token_ids),
                  finish_reason=_FINISH.get(msg.finish_reason), prompt_tokens=msg.prompt_tokens,
                  completion_tokens=msg.completion_tokens, adapter=msg.adapter,
-                 logprobs=_logprobs(msg), request_id=msg.request_id, route=msg.route)
+                 logprobs=_logprobs(msg.logprobs), request_id=msg.request_id, route=msg.route,
+                 prompt_logprobs=_logprobs(msg.prompt_logprobs))
 
 
 def result_from_pb(msg: pb.GenerateResponse) -> Result:
@@ -93,7 +98,7 @@ def result_from_pb(msg: pb.GenerateResponse) -> Result:
     return Result(text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
                   prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
                   adapter=c.adapter, logprobs=c.logprobs, request_id=c.request_id,
-                  route=c.route)
+                  route=c.route, prompt_logprobs=c.prompt_logprobs)
 
 
 def adapter_from_pb(msg: pb.AdapterInfo) -> AdapterInfo:
@@ -108,7 +113,8 @@ def adapter_from_pb(msg: pb.AdapterInfo) -> AdapterInfo:
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                    "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens",
-                   "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs")
+                   "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs",
+                   "prompt_logprobs")
 
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapter: str = "",

@@ -53,6 +53,7 @@ def sampling_from_pb(req: pb.GenerateRequest) -> SamplingParams:
         ignore_eos=bool(req.ignore_eos),
         logprobs=bool(req.logprobs or req.top_logprobs),
         top_logprobs=int(req.top_logprobs),
+        prompt_logprobs=int(req.prompt_logprobs) if req.HasField("prompt_logprobs") else None,
     )
 
 
@@ -118,10 +119,14 @@ def response_from_outputs(outputs: list[RequestOutput]) -> pb.GenerateResponse:
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
         adapter=last.adapter, request_id=last.request_id)
     for o in outputs:
-        for lp in o.logprobs:
-            resp.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
-                              top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
+        resp.logprobs.extend(_logprob_to_pb(lp) for lp in o.logprobs)
+        resp.prompt_logprobs.extend(_logprob_to_pb(lp) for lp in o.prompt_logprobs)
     return resp
+
+
+def _logprob_to_pb(lp) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
 
 
 def adapter_info_to_pb(info) -> pb.AdapterInfo:

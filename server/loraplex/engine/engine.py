@@ -2,7 +2,7 @@
 
     batch = scheduler.schedule()
     logits = runner.run(batch)
-    scheduler.postprocess(batch); then sample, append, finish
+    scheduler.postprocess(batch); then score prompts, sample, append, finish
 
 Callers submit from the event loop and get a `RequestStream`; the step thread
 hands each step's outputs back with `loop.call_soon_threadsafe`. Cancellations
@@ -308,9 +308,15 @@ class Engine:
         self._batch = batch  # for the failure handler
         self._record_batch(batch)
         sampling = [item.seq for item in batch if item.samples]
-        logits = self.runner.run(batch)  # [len(sampling), vocab]
+        scoring = [(item.seq, item.scored_positions) for item in batch if item.scored_positions]
+        step_logits = self.runner.run(batch)
         self.scheduler.postprocess(batch)
+        for (seq, positions), scores in zip(scoring, step_logits.scored):
+            targets = seq.prompt_ids[positions.start + 1:positions.stop + 1]
+            seq.prompt_scores += sampler.token_logprobs(
+                scores, targets, [seq.request.sampling.prompt_logprobs] * len(targets))
         if sampling:
+            logits = step_logits.sampled  # [len(sampling), vocab]
             tokens = sampler.sample(logits, [s.request.sampling for s in sampling],
                                     [sampler.RowContext(s.prompt_ids, s.output_ids,
                                                         self._banned(s), s.generator)
@@ -379,7 +385,9 @@ class Engine:
         out = RequestOutput(
             request_id=seq.request_id, token_ids=(token,), text=text, adapter=label,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-            logprobs=(logprob,) if logprob is not None else (), finish_reason=reason)
+            logprobs=(logprob,) if logprob is not None else (),
+            prompt_logprobs=tuple(seq.prompt_scores) if len(seq.output_ids) == 1 else (),
+            finish_reason=reason)
         try:
             if reason is not None:  # free everything before the caller hears it finished
                 self._release(seq, reason)
@@ -519,11 +527,13 @@ def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
 
 async def collect(stream: RequestStream) -> RequestOutput:
     """Run a stream to the end and fold its deltas into one RequestOutput."""
-    tokens, text, logprobs, last = [], [], [], None
+    tokens, text, logprobs, prompt_logprobs, last = [], [], [], [], None
     async for out in stream:
         tokens.extend(out.token_ids)
         text.append(out.text)
         logprobs.extend(out.logprobs)
+        prompt_logprobs.extend(out.prompt_logprobs)
         last = out
-    return replace(last, token_ids=tuple(tokens), text="".join(text), logprobs=tuple(logprobs))
+    return replace(last, token_ids=tuple(tokens), text="".join(text), logprobs=tuple(logprobs),
+                   prompt_logprobs=tuple(prompt_logprobs))
 

@@ -40,6 +40,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # log-probability of each chosen token
     top_logprobs: int = 0  # and of this many most likely alternatives
+    # log-probability of each prompt token after the first, given those before it, with
+    # this many most likely alternatives (None = off; 0 = the prompt token's alone)
+    prompt_logprobs: int | None = None
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidArgument naming the field to fix."""
@@ -64,6 +67,9 @@ class SamplingParams:
                                   f"{self.max_new_tokens}], got {self.min_tokens}")
         if not 0 <= self.top_logprobs <= 20:
             raise InvalidArgument(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidArgument(
+                f"prompt_logprobs must be in [0, 20] when set, got {self.prompt_logprobs}")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise InvalidArgument("stop takes at most 16 non-empty strings of at most 256 chars")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
@@ -101,6 +107,8 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int  # total so far
     logprobs: tuple[TokenLogprob, ...] = ()
+    # with the first token, when asked for: one per prompt token after the first
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
     error: str = ""  # why, with FinishReason.ERROR or UNAVAILABLE
 

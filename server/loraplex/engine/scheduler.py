@@ -13,7 +13,8 @@ the cached blocks of its longest known prefix (same tokens, same adapter version
 kv_cache) and computes only the rest; each block a step is to fill is remembered as the
 step is scheduled, so a sequence admitted after it in the same step finds it. The last
 known token is always computed, never found: it yields the logits the next token is
-drawn from, and no shared block is ever written.
+drawn from, and no shared block is ever written. A sequence that asked for prompt
+logprobs computes its whole prompt (found blocks would give no logits to score it with).
 
 Shadow sequences (mirrored canary traffic, `GenerationRequest.shadow`) yield to
 real work: they are admitted only when no real request is left waiting, and a
@@ -106,7 +107,7 @@ class Scheduler:
             if seq.shadow and real_waits:
                 skipped.append(seq)
                 continue
-            if self.cfg.prefix_caching:
+            if self.cfg.prefix_caching and not seq.scores_prompt:
                 self._take_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed, self.cfg.prefill_chunk, budget)
             if not self.blocks.can_grow(seq.block_table, seq.num_computed + num_new):

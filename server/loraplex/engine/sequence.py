@@ -12,7 +12,7 @@ import torch
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.kv_cache import block_key
 from loraplex.engine.stops import StopStringFilter
-from loraplex.engine.request import GenerationRequest
+from loraplex.engine.request import GenerationRequest, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -42,6 +42,9 @@ class Sequence:
     first_scheduled: bool = False  # set once it first ran (its queue time is recorded)
     num_cached: int | None = None  # prompt tokens found in the prefix cache at admission
     _block_keys: list[bytes] = field(default_factory=list)  # of its first full blocks
+    # with SamplingParams.prompt_logprobs: [i] scores prompt token i + 1 (kept through a
+    # recompute, which scores only what is missing)
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -79,6 +82,13 @@ class Sequence:
         return keys
 
     @property
+    def scores_prompt(self) -> bool:
+        """True while prompt logprobs were asked for and some are still missing (then its
+        prompt is computed in full, not found in the prefix cache)."""
+        return (self.request.sampling.prompt_logprobs is not None
+                and len(self.prompt_scores) < len(self.request.prompt_ids) - 1)
+
+    @property
     def adapter_label(self) -> str:
         return self.adapter.key if self.adapter is not None else ""
 
@@ -99,3 +109,13 @@ class ScheduledSeq:
     def samples(self) -> bool:
         """True when this step computes the sequence's last known token."""
         return self.seq.num_computed + self.num_new == self.seq.num_tokens
+
+    @property
+    def scored_positions(self) -> range:
+        """Positions computed in this step whose logits score a prompt token not scored yet
+        (position p scores token p + 1); empty unless the sequence scores its prompt."""
+        seq = self.seq
+        if not seq.scores_prompt:
+            return range(0)
+        start = max(seq.num_computed, len(seq.prompt_scores))
+        return range(start, min(seq.num_computed + self.num_new, len(seq.prompt_ids) - 1))

@@ -3,10 +3,12 @@
 The batch is packed into one row: decodes (one new token each) first, then the
 prefill chunks. Every token carries its position, its KV-cache slot and its
 sequence's LoRA slot. Logits are computed only where a sequence samples
-(the last token of a finished prefill, or a decode).
+(the last token of a finished prefill, or a decode) or scores its prompt.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +18,12 @@ from loraplex.lora.ops import choose_backend
 from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, PrefillSeq,
                                        choose_decode_attention, group_decodes)
 from loraplex.model.loader import LoadedModel
+
+
+@dataclass
+class StepLogits:
+    sampled: torch.Tensor  # [sequences whose `samples` is True, vocab], in batch order
+    scored: list[torch.Tensor]  # per item with `scored_positions`, in batch order: [len, vocab]
 
 
 class ModelRunner:
@@ -40,9 +48,9 @@ class ModelRunner:
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """Run one forward pass; returns logits [num sampling seqs, vocab] in batch order
-        of the sequences whose `samples` is True."""
+    def run(self, batch: list[ScheduledSeq]) -> StepLogits:
+        """Run one forward pass; returns the logits of the sampling sequences and of the
+        prompt positions being scored."""
         # Decodes first, each group sorted by adapter slot: then a slot's tokens usually
         # sit side by side and the LoRA kernels read them in place (see Segments).
         decodes = sorted((s for s in batch if s.num_new == 1), key=lambda s: s.seq.lora_slot)
@@ -51,7 +59,7 @@ class ModelRunner:
         device = self.loaded.device
 
         ids, positions, lora_slots, slot_mapping = [], [], [], []
-        prefill_seqs, decode_tables, decode_lens, last_row, offset = [], [], [], {}, 0
+        prefill_seqs, decode_tables, decode_lens, first_row, offset = [], [], [], {}, 0
         for item in ordered:
             seq, start = item.seq, item.seq.num_computed
             end = start + item.num_new
@@ -66,10 +74,17 @@ class ModelRunner:
             else:
                 decode_tables.append(table)
                 decode_lens.append(end)
+            first_row[id(item)] = offset
             offset += item.num_new
-            last_row[id(item)] = offset - 1
-        # Sampling rows follow the caller's batch order, not the packed order.
-        sample_idx = [last_row[id(item)] for item in batch if item.samples]
+        # Kept rows follow the caller's batch order, not the packed order.
+        keep = [first_row[id(item)] + item.num_new - 1 for item in batch if item.samples]
+        num_sampled, scored_sizes = len(keep), []
+        for item in batch:
+            scored = item.scored_positions
+            if scored:
+                row = first_row[id(item)] - item.seq.num_computed
+                keep.extend(range(row + scored.start, row + scored.stop))
+                scored_sizes.append(len(scored))
 
         if self.decode_kernel is None and device.type == "cpu":  # (on a GPU a call costs
             groups = group_decodes([len(t) for t in decode_tables])  # more than padding)
@@ -83,10 +98,12 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
         out = self.loaded.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                logits_to_keep=torch.tensor(sample_idx, dtype=torch.long,
+                                logits_to_keep=torch.tensor(keep, dtype=torch.long,
                                                             device=device),
                                 attn_batch=attn)
-        return out.logits[0]  # [N, vocab]
+        logits = out.logits[0]  # [len(keep), vocab]
+        return StepLogits(logits[:num_sampled],
+                          list(logits[num_sampled:].split(scored_sizes)) if scored_sizes else [])
 
     def _decode_group(self, rows: list[int], tables: list[list[int]],
                       lens: list[int]) -> DecodeGroup:

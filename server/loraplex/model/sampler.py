@@ -106,11 +106,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], rows: list[RowCon
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[TokenLogprob]:
     """logits: [N, V]; raw log-softmax of each chosen token and of the `top[i]` most likely."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
-    out = []
-    for i, tok in enumerate(tokens):
-        alternatives = ()
-        if top[i]:
-            values, ids = torch.topk(logp[i], top[i])
-            alternatives = tuple(zip(ids.tolist(), values.tolist()))
-        out.append(TokenLogprob(tok, float(logp[i, tok]), alternatives))
-    return out
+    index = torch.tensor(tokens, dtype=torch.long, device=logp.device).unsqueeze(1)  # [N, 1]
+    chosen = logp.gather(1, index).squeeze(1).tolist()  # [N]
+    k = max(top, default=0)
+    if k:
+        values, ids = torch.topk(logp, k)  # [N, k] each
+        values, ids = values.tolist(), ids.tolist()
+    else:
+        values = ids = [[]] * len(tokens)
+    return [TokenLogprob(tok, lp, tuple(zip(i[:n], v[:n])))
+            for tok, lp, n, i, v in zip(tokens, chosen, top, ids, values)]
