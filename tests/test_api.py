@@ -220,6 +220,23 @@ def test_prompt_logprobs_unary_and_streamed(client):
     assert all(c.prompt_logprobs == () for c in chunks[1:]) and len(chunks) > 1
 
 
+def test_logit_bias_and_allowed_token_ids_steer_the_output(client):
+    """A +100 bias makes greedy repeat one token; allowed ids bound a sampled output; the
+    logprobs stay the model's own (the forced token is not the likeliest)."""
+    plain = client.generate(PROMPT, max_new_tokens=6, ignore_eos=True, logprobs=True,
+                            top_logprobs=1)
+    forced = next(t for t in range(40, 80) if t not in plain.token_ids)
+    r = client.generate(PROMPT, max_new_tokens=6, ignore_eos=True, logit_bias={forced: 100},
+                        logprobs=True, top_logprobs=1)
+    assert r.token_ids == (forced,) * 6
+    assert r.logprobs[0].top == plain.logprobs[0].top  # raw: the same distribution
+    assert r.logprobs[0].logprob < r.logprobs[0].top[0][1]
+    labels = (41, 57, 63)
+    sampled = client.generate(PROMPT, max_new_tokens=12, ignore_eos=True, temperature=1.5,
+                              seed=3, allowed_token_ids=labels)
+    assert set(sampled.token_ids) <= set(labels) and len(sampled.token_ids) == 12
+
+
 def test_stop_token_ids_and_seeded_sampling(client):
     greedy = client.generate(PROMPT, max_new_tokens=10, ignore_eos=True).token_ids
     stop = greedy[4]
@@ -340,6 +357,18 @@ BAD_REQUESTS = {
                                                           min_tokens=5), "min_tokens"),
     "stop token outside vocab": (pb.GenerateRequest(prompt="a", stop_token_ids=[VOCAB_SIZE]),
                                  "stop_token_ids"),
+    "logit bias above 100": (pb.GenerateRequest(prompt="a", logit_bias={5: 101.0}),
+                             "logit_bias"),
+    "logit bias outside vocab": (pb.GenerateRequest(prompt="a", logit_bias={VOCAB_SIZE: 1.0}),
+                                 "logit_bias"),
+    "too many logit biases": (pb.GenerateRequest(prompt="a",
+                                                 logit_bias={i: 1.0 for i in range(1025)}),
+                              "at most 1024"),
+    "allowed id outside vocab": (pb.GenerateRequest(prompt="a", allowed_token_ids=[VOCAB_SIZE]),
+                                 "allowed_token_ids"),
+    "only banned ids allowed": (pb.GenerateRequest(prompt="a", allowed_token_ids=[9],
+                                                   stop_token_ids=[9], min_tokens=1),
+                                "allowed_token_ids"),
     "bad adapter ref": (pb.GenerateRequest(prompt="a", adapter="a@b@c"), "adapter"),
 }
 

@@ -140,6 +140,15 @@ def test_cli_generate_json_and_stream_match_the_client(server):
                    "--prompt-logprobs", "1", "Hello")
     scores = json.loads(out.stdout)["prompt_logprobs"]
     assert len(scores) == 4 and all(len(s["top"]) == 1 for s in scores)
+    out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "3",
+                   "--ignore-eos", "--logit-bias", "50=100", "--logit-bias", "51=-5", "Hello")
+    assert json.loads(out.stdout)["token_ids"] == [50, 50, 50]
+    out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "3",
+                   "--ignore-eos", "--allowed-token-ids", "60,61", "Hello")
+    assert set(json.loads(out.stdout)["token_ids"]) <= {60, 61}
+    proc = loraplex("generate", "--target", server.target, "--logit-bias", "x=1", "Hello",
+                    check=False)
+    assert proc.returncode != 0 and "ID=BIAS" in proc.stderr
     proc = loraplex("generate", "--target", server.target, "--min-p", "2", "Hello", check=False)
     assert proc.returncode != 0 and "min_p" in proc.stderr
 

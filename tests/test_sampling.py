@@ -85,6 +85,24 @@ def test_banned_tokens_are_never_chosen():
                               [_row(g, banned=[0, 1])]) == [2]
 
 
+def test_logit_bias_and_allowed_ids_follow_their_definitions():
+    """logit_bias adds to the named logits (greedy too); allowed_token_ids leaves every
+    other id at -inf, for greedy and sampled rows alike, and bans still apply inside."""
+    logits = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    assert sampler.apply_logit_bias(logits, ((0, 2.5), (2, -1.0))).tolist() == [3.5, 2.0, 2.0, 0.5]
+    assert sampler.keep_only(logits, (3, 1)).tolist() == [float("-inf"), 2.0, float("-inf"), 0.5]
+    biased = SamplingParams(logit_bias=((0, 2.5),))
+    assert sampler.sample(logits[None], [biased], [_row()]) == [0]
+    allowed = SamplingParams(allowed_token_ids=(0, 3))
+    assert sampler.sample(logits[None], [allowed], [_row()]) == [0]
+    assert sampler.sample(logits[None], [allowed], [_row(banned=[0])]) == [3]
+    seen = set()
+    for seed in range(100):
+        p = SamplingParams(temperature=3.0, allowed_token_ids=(1, 3))
+        seen.update(sampler.sample(logits[None], [p], [_row(torch.Generator().manual_seed(seed))]))
+    assert seen == {1, 3}
+
+
 def test_logprobs_are_raw_log_softmax():
     logits = torch.tensor([[1.0, 2.0, 3.0]])
     [lp] = sampler.token_logprobs(logits, [1], [2])

@@ -82,6 +82,10 @@ def add_commands(subparsers) -> None:
                    help="no EOS, stop token or stop string before this many tokens")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--stop-token-ids", type=_csv(int), default=None, metavar="ID,ID")
+    g.add_argument("--logit-bias", type=_bias, action="append", default=None, metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit (repeatable)")
+    g.add_argument("--allowed-token-ids", type=_csv(int), default=None, metavar="ID,ID",
+                   help="produce only these token ids")
     g.add_argument("--ignore-eos", action="store_true", default=None)
     g.add_argument("--logprobs", action="store_true", default=None)
     g.add_argument("--top-logprobs", type=int, default=None)
@@ -261,6 +265,15 @@ def _merge(args) -> int:
             combination_type=args.combination_type, density=args.density,
             majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
             seed=args.seed)])
+
+
+def _bias(text: str) -> tuple[int, float]:
+    token, _, value = text.partition("=")
+    try:
+        return int(token), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS (e.g. 50256=-100), got {text!r}"
+                                         ) from None
 
 
 def _weighted(text: str) -> tuple[str, float]:

@@ -50,6 +50,8 @@ def sampling_from_pb(req: pb.GenerateRequest) -> SamplingParams:
         min_tokens=int(req.min_tokens),
         stop=tuple(req.stop),
         stop_token_ids=tuple(int(t) for t in req.stop_token_ids),
+        logit_bias=tuple(sorted((int(t), float(b)) for t, b in req.logit_bias.items())),
+        allowed_token_ids=tuple(int(t) for t in req.allowed_token_ids),
         ignore_eos=bool(req.ignore_eos),
         logprobs=bool(req.logprobs or req.top_logprobs),
         top_logprobs=int(req.top_logprobs),

@@ -188,6 +188,12 @@ class Engine:
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
         request.sampling.validate(vocab)
+        params = request.sampling
+        if params.allowed_token_ids and params.min_tokens and set(params.allowed_token_ids) <= (
+                set(params.stop_token_ids) | (set() if params.ignore_eos
+                                              else set(self.loaded.eos_token_ids))):
+            raise InvalidArgument("every allowed_token_ids is a stop or EOS token, which "
+                                  "min_tokens bans: allow another token or drop min_tokens")
         limit = self.max_model_len
         if len(ids) >= limit:
             raise InvalidArgument(f"the prompt has {len(ids)} tokens; the model's context is "

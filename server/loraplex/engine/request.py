@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from loraplex.errors import InvalidArgument
 
 
+MAX_LOGIT_BIAS = 1024  # tokens per request
+
+
 class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens reached
     STOP = "stop"  # EOS, a stop token id or a stop string
@@ -37,6 +40,8 @@ class SamplingParams:
     min_tokens: int = 0  # no EOS nor stop token / string before this many new tokens
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's
+    allowed_token_ids: tuple[int, ...] = ()  # when set, the only ids it may produce
     ignore_eos: bool = False
     logprobs: bool = False  # log-probability of each chosen token
     top_logprobs: int = 0  # and of this many most likely alternatives
@@ -72,9 +77,19 @@ class SamplingParams:
                 f"prompt_logprobs must be in [0, 20] when set, got {self.prompt_logprobs}")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise InvalidArgument("stop takes at most 16 non-empty strings of at most 256 chars")
-        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidArgument(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got "
+                                  f"{len(self.logit_bias)}")
+        for name, ids in (("stop_token_ids", self.stop_token_ids),
+                          ("logit_bias", [t for t, _ in self.logit_bias]),
+                          ("allowed_token_ids", self.allowed_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise InvalidArgument(
+                    f"{name} {bad[:8]} are outside the vocabulary [0, {vocab_size})")
+        bad = [t for t, b in self.logit_bias if not -100.0 <= b <= 100.0]
         if bad:
-            raise InvalidArgument(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+            raise InvalidArgument(f"logit_bias values must be in [-100, 100]; tokens {bad[:8]}")
 
 
 @dataclass

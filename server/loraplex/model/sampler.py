@@ -1,8 +1,8 @@
 """Pick each sequence's next token from its logits, with its own sampling parameters.
 
 Greedy rows with nothing to adjust are decided together with one argmax; the others go
-one by one: the penalties (repetition, presence, frequency) and the tokens banned until
-min_tokens, then for sampled rows temperature, top-k, top-p, min-p and a draw from the
+one by one: the penalties (repetition, presence, frequency), the logit bias, the allowed
+ids and the tokens banned until min_tokens, then for sampled rows temperature, top-k, top-p, min-p and a draw from the
 request's own generator, so a seed makes a request reproducible whatever else is
 batched with it. Log-probabilities are those of the model's raw distribution.
 """
@@ -44,6 +44,19 @@ def apply_presence_frequency(logits: torch.Tensor, output: list[int], presence: 
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """logits: [V] -> the same with each (token id, bias) added to its token's logit."""
+    ids, values = zip(*bias)
+    return logits.index_add(0, torch.tensor(ids, device=logits.device),
+                            torch.tensor(values, dtype=logits.dtype, device=logits.device))
+
+
+def keep_only(logits: torch.Tensor, allowed: tuple[int, ...]) -> torch.Tensor:
+    """logits: [V] -> -inf everywhere but at the `allowed` ids."""
+    idx = torch.tensor(allowed, device=logits.device)
+    return torch.full_like(logits, float("-inf")).index_copy(0, idx, logits[idx])
+
+
 def filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     """logits: [V] -> the same with tokens less likely than min_p x the likeliest at -inf."""
     probs = logits.softmax(-1)
@@ -66,7 +79,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 def adjusts(params: SamplingParams, row: RowContext) -> bool:
     """Whether the row's logits change before its choice (else greedy is a plain argmax)."""
     return bool(params.temperature != 0.0 or params.repetition_penalty != 1.0
-                or params.presence_penalty or params.frequency_penalty or row.banned)
+                or params.presence_penalty or params.frequency_penalty or params.logit_bias
+                or params.allowed_token_ids or row.banned)
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> int:
@@ -77,6 +91,10 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) ->
     if (params.presence_penalty or params.frequency_penalty) and row.output:
         logits = apply_presence_frequency(logits, row.output, params.presence_penalty,
                                           params.frequency_penalty)
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
+    if params.allowed_token_ids:
+        logits = keep_only(logits, params.allowed_token_ids)
     if row.banned:
         logits = logits.index_fill(0, torch.tensor(row.banned, device=logits.device),
                                    float("-inf"))
