@@ -3,7 +3,8 @@
 #   1. the versions there (torch, CUDA device, transformers, peft, bitsandbytes);
 #   2. the Triton LoRA kernel tests, on CUDA this time, and the fp32 fidelity tests (the
 #      engine on CUDA, served tokens against PEFT's on the CPU);
-#   3. the benchmark on a Llama-3-8B-shaped model in NF4, N = 0, 1, 8, 32, one round (`segmented`;
+#   3. the benchmark on a Llama-3-8B-shaped model in NF4, N = 0, 1, 32 (ADAPTERS="0 1 8 32"
+#      adds N = 8, if the time allows), one round (`segmented`;
 #      LORA_BACKENDS="segmented triton" adds a second engine in the same rounds, but each
 #      engine loads the 8B model and its 32 adapters: likely too long for one call).
 # Not timed yet on a GPU: building the model, the NF4 loads (HF, PEFT with 32 adapters,
@@ -23,7 +24,9 @@ out=${OUT:-bench/results/gpu-run}
 shape=${SHAPE:-llama3-8b}
 backends=${LORA_BACKENDS:-segmented}
 quantize=${QUANTIZE:-nf4}
+adapters=${ADAPTERS:-0 1 32}
 py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1  # what a timeout cuts short is still in the files
 mkdir -p "$out"
 
 if compgen -G ".whl/*.whl" > /dev/null; then  # packages the device image lacks
@@ -43,6 +46,11 @@ for name in ("transformers", "peft", "bitsandbytes", "triton"):
     except ImportError as exc:
         print(name, "MISSING:", exc)
 EOF
+if [ "$quantize" != none ] && ! "$py" -c "import bitsandbytes" 2> /dev/null; then
+  echo "bitsandbytes is missing: carry [\".whl\"] with its wheel (../shared/GPU.md)" \
+    | tee -a "$out/env.txt"
+  exit 1
+fi
 
 # compiled kernels on the GPU (TRITON_INTERPRET=1, the tests' own default, runs them on the CPU)
 TRITON_INTERPRET=${TRITON_INTERPRET:-0} timeout 180 "$py" -m pytest -q -p no:cacheprovider \
@@ -63,9 +71,9 @@ df -h /dev/shm /tmp 2>&1 | tee -a "$out/env.txt"
 
 left=$((budget - SECONDS))
 echo "bench timeout: ${BENCH_TIMEOUT:-$left} s" | tee -a "$out/env.txt"
-# shellcheck disable=SC2086  # $backends is a list of words
+# shellcheck disable=SC2086  # $adapters and $backends are lists of words
 timeout "${BENCH_TIMEOUT:-$left}" "$py" -m bench.bench --shape "$shape" --quantize "$quantize" \
-  --kv-cache-memory 2GiB --adapters 0 1 8 32 --repeat "${REPEAT:-1}" --lora-backend $backends \
+  --kv-cache-memory 2GiB --adapters $adapters --repeat "${REPEAT:-1}" --lora-backend $backends \
   --workdir "$work" --out "$out/bench-$shape-$quantize.json" 2>&1 \
-  | grep -v "Loading weights" | tee "$out/bench.txt"
+  | grep --line-buffered -v "Loading weights" | tee "$out/bench.txt"
 echo "bench exit status: ${PIPESTATUS[0]}" | tee -a "$out/bench.txt"

@@ -162,22 +162,24 @@ def test_decode_attention_choice():
         assert choose_decode_attention("auto", cpu, torch.bfloat16, torch.float32) is not None
 
 
-@pytest.mark.parametrize("queries", [1, 5])  # a decode, a prefill chunk
-def test_sdpa_with_kv_repeated_per_head_equals_grouped_query_sdpa(queries):
-    """The CUDA form (K/V repeated to every query head, so a masked call can use a fast
-    kernel) computes what enable_gqa does: checked here on the CPU."""
+@pytest.mark.parametrize("expand_kv", [False, True])  # the CPU's form, CUDA's
+@pytest.mark.parametrize("queries", [1, 5])  # a decode (query heads folded), a prefill chunk
+def test_grouped_query_sdpa_equals_each_head_attending_alone(queries, expand_kv):
+    """Every form of sdpa (query heads folded into rows for a decode, K/V repeated per head
+    or enable_gqa for a chunk) computes, for each query head h, plain attention over K/V
+    head h // 4 (HF's repeat_kv order), checked on the CPU."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 8, queries, 16, generator=g)  # [N, H, q, d]
     k, v = (torch.randn(3, 2, 20, 16, generator=g) for _ in range(2))  # [N, KVH, L, d]
     mask = torch.rand(3, 1, queries, 20, generator=g) > 0.3
     mask[..., 0] = True  # every row sees a position
-    grouped = sdpa(q, k, v, mask, None, gqa=True, expand_kv=False)
-    repeated = sdpa(q, k, v, mask, None, gqa=True, expand_kv=True)
-    torch.testing.assert_close(repeated, grouped, rtol=1e-5, atol=1e-6)
-    head = 5  # query head 5 reads K/V head 5 // 4 = 1
-    alone = torch.nn.functional.scaled_dot_product_attention(
-        q[:, head:head + 1], k[:, 1:2], v[:, 1:2], attn_mask=mask)
-    torch.testing.assert_close(repeated[:, head:head + 1], alone, rtol=1e-5, atol=1e-6)
+    got = sdpa(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, mask, None,
+               expand_kv=expand_kv)  # (a strided q, as the decode path passes)
+    for head in range(8):
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            q[:, head:head + 1], k[:, head // 4:head // 4 + 1], v[:, head // 4:head // 4 + 1],
+            attn_mask=mask)
+        torch.testing.assert_close(got[:, head:head + 1], alone, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("expand_kv", [False, True])
@@ -188,8 +190,8 @@ def test_sdpa_without_a_mask_is_causal(expand_kv):
     q = torch.randn(1, 8, 12, 16, generator=g)  # [1, H, q, d]
     k, v = (torch.randn(1, 2, 12, 16, generator=g) for _ in range(2))  # [1, KVH, q, d]
     tril = torch.ones(12, 12, dtype=torch.bool).tril()
-    causal = sdpa(q, k, v, None, None, gqa=True, expand_kv=expand_kv)
-    torch.testing.assert_close(causal, sdpa(q, k, v, tril, None, gqa=True, expand_kv=False),
+    causal = sdpa(q, k, v, None, None, expand_kv=expand_kv)
+    torch.testing.assert_close(causal, sdpa(q, k, v, tril, None, expand_kv=False),
                                rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(causal, sdpa(q, k, v, torch.ones_like(tril), None, gqa=True,
+    assert not torch.allclose(causal, sdpa(q, k, v, torch.ones_like(tril), None,
                                            expand_kv=False), atol=1e-3)  # the mask matters

@@ -74,7 +74,8 @@ def _check(slots: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tenso
     x, A, B = (t.to(dtype) for t in (x, A, B))
     base = torch.randn(x.shape[0], D_OUT, generator=torch.Generator().manual_seed(2)).to(dtype)
     expected = base.float().clone()
-    lora_delta_loop(expected, x.float(), A.float(), B.float(), _plan(slots, rank))
+    lora_delta_loop(expected, x.float().cpu(), A.float().cpu(), B.float().cpu(),
+                    _plan(slots, rank))
     y = base.to(DEVICE, copy=True)
     lora_delta_triton(y, x.to(DEVICE), A.to(DEVICE), B.to(DEVICE), _plan(slots, rank, min_run))
     y = y.cpu()
@@ -142,8 +143,9 @@ def test_reads_no_weight_row_past_the_rank():
     after the pool, hold NaN; one NaN read into a product would reach y."""
     r_max, rank, slots_n = 4, 3, 3
     g = torch.Generator().manual_seed(8)
-    A_mem = torch.full((slots_n + 1, r_max, D_IN), float("nan"))
-    B_mem = torch.full((slots_n + 1, r_max, D_OUT), float("nan"))
+    # on DEVICE already, so that the kernels get these views (a copy would drop what follows)
+    A_mem = torch.full((slots_n + 1, r_max, D_IN), float("nan"), device=DEVICE)
+    B_mem = torch.full((slots_n + 1, r_max, D_OUT), float("nan"), device=DEVICE)
     A, B = A_mem[:slots_n], B_mem[:slots_n]  # [S, r_max, in], [S, r_max, out]; NaN after them
     A[0], B[0] = 0, 0
     A[1:, :rank] = torch.randn(slots_n - 1, rank, D_IN, generator=g)

@@ -94,5 +94,9 @@ class LoraLinear(nn.Module):
             return
         self.active_slots = self.active_slots | {slot}
         r = A.shape[0]
-        self.lora_A[slot, :r].copy_(A)
-        self.lora_B[slot, :r].copy_(B.T)
+        # to the pool's device first, as they are: from pinned host memory (the cache pins
+        # on CUDA) an asynchronous copy; then rounded there. (A blocking copy_ that also
+        # converts would convert on the CPU, into unpinned memory, and copy from that.)
+        device = self.lora_A.device
+        self.lora_A[slot, :r].copy_(A.to(device, non_blocking=True))
+        self.lora_B[slot, :r].copy_(B.to(device, non_blocking=True).T)

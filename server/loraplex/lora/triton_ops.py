@@ -35,6 +35,8 @@ keeps the interpreter exact: it does not support tl.dot on bfloat16.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -124,19 +126,21 @@ def lora_delta_triton(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torc
     T, d_in = x.shape
     d_out = y.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    for group in seg.groups:  # one pair of launches per rank bucket
-        rank, used, width = group.rank, group.used.numel(), group.width
-        block_t = min(MAX_BLOCK_T, max(MIN_DOT, triton.next_power_of_2(width)))  # decodes: 16
-        block_r = max(MIN_DOT, triton.next_power_of_2(rank))
-        h = torch.empty(T, rank, dtype=torch.float32, device=x.device)  # [T, rank]
-        blocks = triton.cdiv(width, block_t)
-        _shrink_kernel[(blocks, used)](
-            x, A, h, group.used, group.gather_index, T, width, d_in, rank,
-            *x.stride(), *A.stride(), *h.stride(),
-            PRECISION=precision, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
-            num_warps=NUM_WARPS)
-        _expand_kernel[(blocks, used, triton.cdiv(d_out, BLOCK_N))](
-            h, B, y, group.used, group.gather_index, T, width, d_out, rank,
-            *h.stride(), *B.stride(), *y.stride(),
-            PRECISION=precision, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
-            num_warps=NUM_WARPS)
+    # launches go to the current CUDA device: make it x's (a CPU tensor: TRITON_INTERPRET=1)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        for group in seg.groups:  # one pair of launches per rank bucket
+            rank, used, width = group.rank, group.used.numel(), group.width
+            block_t = min(MAX_BLOCK_T, max(MIN_DOT, triton.next_power_of_2(width)))  # decodes: 16
+            block_r = max(MIN_DOT, triton.next_power_of_2(rank))
+            h = torch.empty(T, rank, dtype=torch.float32, device=x.device)  # [T, rank]
+            blocks = triton.cdiv(width, block_t)
+            _shrink_kernel[(blocks, used)](
+                x, A, h, group.used, group.gather_index, T, width, d_in, rank,
+                *x.stride(), *A.stride(), *h.stride(),
+                PRECISION=precision, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
+                num_warps=NUM_WARPS)
+            _expand_kernel[(blocks, used, triton.cdiv(d_out, BLOCK_N))](
+                h, B, y, group.used, group.gather_index, T, width, d_out, rank,
+                *h.stride(), *B.stride(), *y.stride(),
+                PRECISION=precision, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
+                num_warps=NUM_WARPS)

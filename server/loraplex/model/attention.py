@@ -232,7 +232,6 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 
     q = query[0]  # [H, T, d]
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, d]
-    gqa = q.shape[0] != k_cache.shape[1]
     for group in b.decode_groups:
         D = group.blocks.shape[0]
         qd = q[:, :D] if group.rows is None else q.index_select(1, group.rows)  # [H, D, d]
@@ -248,7 +247,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         kd = kd.view(D, -1, *kd.shape[1:]).transpose(1, 2)  # [D, KVH, Bmax * bs, d]
         vd = vd.view(D, -1, *vd.shape[1:]).transpose(1, 2)
         od = sdpa(qd.transpose(0, 1).unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),  # [D, H, 1, d]
-                  group.mask(b.cache.block_size, sliding_window), scaling, gqa,
+                  group.mask(b.cache.block_size, sliding_window), scaling,
                   expand_kv=q.is_cuda).squeeze(2)  # [D, H, d]
         if group.rows is None:
             out[:D] = od
@@ -263,22 +262,36 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         # half: 2x faster on a 2048-token CPU prefill, and flash attention on CUDA)
         causal = seq.context == seq.length and (not sliding_window or seq.length <= sliding_window)
         op = sdpa(qp, kp.to(q.dtype), vp.to(q.dtype),
-                  None if causal else b.prefill_mask(i, sliding_window), scaling, gqa,
+                  None if causal else b.prefill_mask(i, sliding_window), scaling,
                   expand_kv=q.is_cuda)  # [1, H, q, d]
         out[seq.start:seq.start + seq.length] = op[0].transpose(0, 1)
     return out.unsqueeze(0), None
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-         scale: float | None, gqa: bool, expand_kv: bool) -> torch.Tensor:
-    """q: [N, H, q, d], k/v: [N, KVH, L, d], mask: broadcastable to [N, H, q, L] (bool), or
-    None for a causal mask (q == L) -> [N, H, q, d]. With `expand_kv` (on CUDA)
-    grouped-query K/V are repeated to every query head first: with a mask, enable_gqa
-    leaves only SDPA's slow math kernel there (transformers does the same, see its
-    use_gqa_in_sdpa)."""
-    if gqa and expand_kv:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [N, H, L, d]
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+         scale: float | None, expand_kv: bool) -> torch.Tensor:
+    """q: [N, H, q, d], k/v: [N, KVH, L, d] (query head h reads K/V head h // (H / KVH)),
+    mask: broadcastable to [N, 1, q, L] (bool), or None for a causal mask (q == L)
+    -> [N, H, q, d].
+
+    Grouped-query K/V are not copied per head for a decode (q == 1): the query heads of
+    each K/V head become its query rows, [N, KVH, H / KVH, d], which was the fastest form
+    on the CPU (32 decodes over 1,024 positions, fp32: 1.4 ms; enable_gqa 2.4 ms; K/V
+    repeated per head 43 ms). A masked prefill chunk repeats K/V per head with `expand_kv`
+    (on CUDA, where enable_gqa with a mask leaves only SDPA's slow math kernel, as
+    transformers' use_gqa_in_sdpa says), else passes enable_gqa (faster than folding on the
+    CPU: 3.3 ms against 4.8 ms for 256 queries over 1,024 positions); with no mask,
+    enable_gqa everywhere (flash attention takes it on CUDA)."""
+    N, H, Q, d = q.shape
+    kv_heads = k.shape[1]
+    gqa = H != kv_heads
+    if gqa and Q == 1 and mask is not None:
+        out = F.scaled_dot_product_attention(q.reshape(N, kv_heads, H // kv_heads, d), k, v,
+                                             attn_mask=mask, scale=scale)  # [N, KVH, H/KVH, d]
+        return out.view(N, H, 1, d)
+    if gqa and expand_kv and mask is not None:
+        k = k.repeat_interleave(H // kv_heads, dim=1)  # [N, H, L, d]
+        v = v.repeat_interleave(H // kv_heads, dim=1)
         gqa = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           scale=scale, enable_gqa=gqa)

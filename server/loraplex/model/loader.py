@@ -70,12 +70,11 @@ def load_hf_model(path: str, quantize: str, dtype: torch.dtype, device: torch.de
     """The Hugging Face model at `path` in `dtype` on `device`, its linears quantized by
     bitsandbytes as `quantize` says (the benchmark's baselines load theirs with this too)."""
     quant = quantization_config(quantize, dtype)
+    # straight to `device` (no round trip of a 16 GB bf16 model through host memory)
     model = AutoModelForCausalLM.from_pretrained(  # safetensors only: never a pickle
         path, dtype=dtype, quantization_config=quant, use_safetensors=True,
-        device_map={"": device} if quant is not None else None, **kwargs)
-    if quant is None:
-        return model.to(device)
-    if device.type == "cpu":
+        device_map={"": device}, **kwargs)
+    if quant is not None and device.type == "cpu":
         _keep_unpackable_4bit_unpacked(model)
     return model
 
