@@ -229,6 +229,18 @@ def test_layer_sees_only_the_adapters_that_target_it():
     assert torch.equal(step([2, 2, 1]), expected_base) and len(calls) == 2
 
 
+def test_the_layers_plans_are_made_before_the_forward(monkeypatch):
+    """start_step makes the narrowed plans of the active sets it is given, so that the
+    forward pass makes none (on a GPU, one made there would wait for the queued kernels)."""
+    plan = LoraPlan()
+    both, two = frozenset({1, 2}), frozenset({2, 3})
+    plan.start_step(torch.tensor([1, 2, 2, 0]), _uniform(4, 3), lora_delta_segmented,
+                    torch.device("cpu"), [both, two])
+    monkeypatch.setattr(LoraPlan, "_narrow", lambda self, active: pytest.fail("made late"))
+    assert plan.for_layer(both) is plan  # every adapter of the step targets it
+    assert plan.for_layer(two).slots.tolist() == [0, 2, 2, 0]  # slot 1's token: base model
+
+
 def test_backend_choice():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert choose_backend("auto", cuda, torch.bfloat16) is lora_delta_segmented

@@ -45,7 +45,7 @@ import ctypes
 import itertools
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -250,9 +250,12 @@ class LoraPlan:
         return x_pad
 
     def start_step(self, slots: torch.Tensor, slot_ranks: Sequence[int], delta: Callable,
-                   device: torch.device) -> None:
+                   device: torch.device, active_sets: Iterable[frozenset[int]] = ()) -> None:
         """slots: [T] (CPU) each token's slot, 0 = no adapter, kept (not copied) and never
-        to be changed afterwards; slot_ranks[s]: the rank of the adapter in slot s."""
+        to be changed afterwards; slot_ranks[s]: the rank of the adapter in slot s;
+        active_sets: the wrapped layers' `active_slots`, whose plans (for_layer) are made
+        now rather than inside the forward pass, where on a GPU a narrowed plan's copies
+        to the device would wait for every kernel queued before them."""
         host = slots.tolist()
         self.used_slots = frozenset(host) - {0}
         self.max_slot = max(self.used_slots, default=0)
@@ -267,6 +270,8 @@ class LoraPlan:
         self._narrowed = {}
         self._for_active = {}
         self._rank_table = None
+        for active in active_sets:
+            self.for_layer(active)
 
     def rank_table(self) -> torch.Tensor:
         """[S] int32 on the plan's device: the rank of each slot's adapter (0 = empty)."""

@@ -118,5 +118,7 @@ class ModelRunner:
                            lens=torch.tensor([lens[i] for i in rows], device=device))
 
     def _set_lora(self, lora_slots: list[int]) -> None:
+        layers = self.loaded.lora_layers.values()
         self.loaded.lora_plan.start_step(torch.tensor(lora_slots, dtype=torch.long),  # [T]
-                                         self.slot_ranks, self.lora_delta, self.loaded.device)
+                                         self.slot_ranks, self.lora_delta, self.loaded.device,
+                                         {layer.active_slots for layer in layers})
