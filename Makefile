@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 50051
 METRICS_PORT ?= 9400
 
-.PHONY: install tools serve test bench proto clean
+.PHONY: install tools serve test bench gpu-wheels proto clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,12 @@ tools:
 bench: install
 	mkdir -p bench/results
 	$(PY) -m bench.bench --out bench/results/latest.json
+
+# What a lent GPU machine lacks (../shared/GPU.md), as wheels in .whl/ (git-ignored): run
+# the device call with carry [".whl"]; bench/gpu_check.sh installs them there.
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
 
 proto: install
 	PYTHON=$(PY) bash clients/python/generate_protos.sh

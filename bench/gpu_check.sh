@@ -13,7 +13,8 @@
 # Results go to $OUT (the device tool brings that folder back), else bench/results/gpu-run.
 # BUDGET (570 s) bounds the whole script: the bench's timeout is what the tests leave of it.
 #
-# On the device (carry [".whl"], the bitsandbytes wheel as GPU.md downloads it):
+# Here first: `make gpu-wheels` (the bitsandbytes wheel into .whl/); then on the device,
+# with carry [".whl"]:
 #   bash bench/gpu_check.sh
 # A dry run of the same steps here, on the CPU and the tiny model (figures mean nothing):
 #   SHAPE=small LORA_BACKENDS="auto segmented" QUANTIZE=none TRITON_INTERPRET=1 \
