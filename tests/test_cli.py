@@ -246,3 +246,14 @@ def test_serve_subprocess_exits_1_when_its_engine_fails(assets):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_priority_flag_reaches_the_engine_request():
+    from loraplex.api.convert import generation_request_from_pb
+    from loraplex_client.types import build_generate_request
+
+    args = build_parser().parse_args(["generate", "--priority", "-3", "hi"])
+    req = build_generate_request(input_ids=[5, 6], priority=args.priority)
+    assert req.priority == -3
+    assert generation_request_from_pb(req, None, None, 64).priority == -3
+    assert build_parser().parse_args(["generate", "hi"]).priority == 0

@@ -51,11 +51,11 @@ def cache(tmp_path):
 _PROMPTS = itertools.count()
 
 
-def make_seq(n_prompt, adapter=None, prompt=None):
+def make_seq(n_prompt, adapter=None, prompt=None, priority=0):
     """A sequence with a prompt of its own (no prefix shared with another), unless given."""
     first = 1000 * next(_PROMPTS)
     prompt = prompt or list(range(first, first + n_prompt))
-    return Sequence(request=GenerationRequest(prompt), adapter=adapter,
+    return Sequence(request=GenerationRequest(prompt, priority=priority), adapter=adapter,
                     detokenizer=IncrementalDetokenizer(None, []), stops=StopStringFilter(()),
                     sink=None)
 
@@ -216,6 +216,35 @@ def test_victim_is_the_newest_shadow_not_yet_scheduled_this_step(cache):
     assert sched._victim(real2) is real2  # the shadow already joined this step's batch
     sched.running = [real1, real2]
     assert sched._victim(real1) is real2  # no shadow: the newest, as before
+
+
+def test_waiting_sequences_are_admitted_by_priority_then_arrival(cache):
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4)
+    sched = Scheduler(cfg, BlockAllocator(2, 4), cache)  # room for one 8-token prompt
+    low, first, second = make_seq(8, priority=5), make_seq(8, priority=-1), make_seq(8, priority=-1)
+    for seq in (low, first, second):
+        sched.add(seq)
+    assert run_step(sched) == {id(first): 8}
+    sched.finish(first)
+    assert run_step(sched) == {id(second): 8}  # same priority: arrival order
+    sched.finish(second)
+    assert run_step(sched) == {id(low): 8}
+
+
+def test_the_lowest_priority_is_preempted_first_even_when_older(cache):
+    """low (priority 1) is admitted before high (0), yet runs after it, so when the cache
+    is full and high must grow, low is the one preempted (the newest would be high)."""
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=8, block_size=4)
+    blocks = BlockAllocator(5, 4)
+    sched = Scheduler(cfg, blocks, cache)
+    low, high = make_seq(8, priority=1), make_seq(8)
+    sched.add(low)
+    assert run_step(sched) == {id(low): 8}
+    sched.add(high)
+    assert run_step(sched) == {id(low): 1, id(high): 8} and blocks.num_free == 0  # 3 + 2
+    assert sched.running == [high, low]  # priority order, whatever the admission order
+    assert run_step(sched) == {id(high): 1}  # high needs a 3rd block: low gives its own
+    assert low.status is Status.WAITING and sched.num_preemptions == 1
 
 
 def test_waiting_adapter_is_not_starved_by_a_stream_of_resident_ones(cache):

@@ -66,6 +66,8 @@ def add_commands(subparsers) -> None:
     g.add_argument("--adapter", default="", help='"name", "name@version"; "" = base model')
     g.add_argument("--routing-key", default="",
                    help="sticky key (user or session id) when --adapter names a route")
+    g.add_argument("--priority", type=int, default=0,
+                   help="lower is served first (default 0)")
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message through the chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
@@ -179,6 +181,7 @@ def _generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = {k: getattr(args, k) for k in SAMPLING_FIELDS if getattr(args, k) is not None}
     sampling["routing_key"] = args.routing_key
+    sampling["priority"] = args.priority
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})

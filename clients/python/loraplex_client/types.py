@@ -118,7 +118,8 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "
 
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapter: str = "",
-                           routing_key: str = "", **sampling) -> pb.GenerateRequest:
+                           routing_key: str = "", priority: int = 0,
+                           **sampling) -> pb.GenerateRequest:
     """A GenerateRequest from Python values. Give exactly one of prompt, input_ids, messages
     (messages: a list of {"role", "content"} dicts or (role, content) pairs)."""
     unknown = set(sampling) - set(SAMPLING_FIELDS)
@@ -127,7 +128,8 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapte
     given = [x is not None for x in (prompt, input_ids, messages)]
     if sum(given) != 1:
         raise TypeError("give exactly one of prompt, input_ids, messages")
-    req = pb.GenerateRequest(adapter=adapter or "", routing_key=routing_key or "")
+    req = pb.GenerateRequest(adapter=adapter or "", routing_key=routing_key or "",
+                             priority=int(priority))
     if prompt is not None:
         req.prompt = prompt
     elif input_ids is not None:

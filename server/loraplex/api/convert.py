@@ -107,7 +107,7 @@ def generation_request_from_pb(req: pb.GenerateRequest, tokenizer, deadline: flo
         room = max(1, max_model_len - len(ids))
         sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room))
     return GenerationRequest(prompt_ids=ids, sampling=sampling, adapter=req.adapter,
-                             deadline=deadline)
+                             deadline=deadline, priority=int(req.priority))
 
 
 def response_from_outputs(outputs: list[RequestOutput]) -> pb.GenerateResponse:

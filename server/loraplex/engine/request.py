@@ -102,6 +102,7 @@ class GenerationRequest:
     request_id: str = ""  # filled by the engine when empty
     deadline: float | None = None  # time.monotonic() value after which it is dropped
     shadow: bool = False  # mirrored canary traffic: admitted only when no real request waits
+    priority: int = 0  # lower is served first (vLLM's order); ties by arrival
 
 
 @dataclass(frozen=True)

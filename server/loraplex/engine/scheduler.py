@@ -4,9 +4,10 @@ Iteration-level batching with one token budget per step (as vLLM v1):
 running sequences go first, oldest first (a decode needs one token, an
 unfinished prefill its next chunk); then waiting sequences are admitted in
 arrival order while the budget, the sequence limit, KV blocks and adapter slots
-allow. A batch is formed only when every adapter in it holds a slot, so the
-model never runs out of slots. When the KV cache is full, the newest running
-sequence is preempted: its blocks are freed and it is recomputed later.
+allow (both orders by priority first, see below). A batch is formed only when every
+adapter in it holds a slot, so the model never runs out of slots. When the KV cache
+is full, the newest running sequence is preempted: its blocks are freed and it is
+recomputed later.
 
 With prefix caching (EngineConfig.prefix_caching), a sequence being admitted first takes
 the cached blocks of its longest known prefix (same tokens, same adapter version; see
@@ -15,6 +16,11 @@ step is scheduled, so a sequence admitted after it in the same step finds it. Th
 known token is always computed, never found: it yields the logits the next token is
 drawn from, and no shared block is ever written. A sequence that asked for prompt
 logprobs computes its whole prompt (found blocks would give no logits to score it with).
+
+Priorities (`GenerationRequest.priority`, lower first): sequences wait in priority order,
+arrival order within one, and run in priority order, admission order within one; so a
+sequence that must be preempted to let another grow is one of the lowest priority, the
+newest among them. A running sequence is never preempted to admit a waiting one.
 
 Shadow sequences (mirrored canary traffic, `GenerationRequest.shadow`) yield to
 real work: they are admitted only when no real request is left waiting, and a
@@ -90,7 +96,8 @@ class Scheduler:
 
     def _victim(self, seq: Sequence) -> Sequence:
         """Whom to preempt so that seq can grow: the newest running shadow not yet
-        scheduled in this step (those after seq), else the newest running sequence."""
+        scheduled in this step (those after seq), else the last running sequence (of the
+        lowest priority, the newest among them: see _start_running)."""
         later = self.running[self.running.index(seq):]
         return next((s for s in reversed(later) if s.shadow), later[-1])
 
@@ -100,8 +107,9 @@ class Scheduler:
         draining = None  # ...nor join the slot it will get, so that slot empties (no starvation)
         real_waits = False  # a real request stays waiting: no shadow may be admitted
         skipped: list[Sequence] = []
-        # real requests first (stable), so a shadow is only reached when none is left
-        self.waiting = deque(sorted(self.waiting, key=lambda s: s.shadow))
+        # real requests first, by priority (stable: arrival order within one), so a shadow
+        # is only reached when none is left
+        self.waiting = deque(sorted(self.waiting, key=lambda s: (s.shadow, s.priority)))
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting.popleft()
             if seq.shadow and real_waits:
@@ -128,12 +136,21 @@ class Scheduler:
             self._remember(seq, num_new)
             if seq.num_cached is None:  # its first admission (not a recompute)
                 seq.num_cached = seq.num_computed
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+            self._start_running(seq)
             admitted.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return admitted
+
+    def _start_running(self, seq: Sequence) -> None:
+        """Put seq in `running` after every sequence of its priority or a higher one (a
+        lower value), before those of a lower one: running stays in priority order,
+        admission order within one, which is the order schedule() serves it in."""
+        i = len(self.running)
+        while i and self.running[i - 1].priority > seq.priority:
+            i -= 1
+        self.running.insert(i, seq)
+        seq.status = Status.RUNNING
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
         """Start a waiting seq (which holds no block) on the cached blocks of its prefix."""

@@ -59,6 +59,10 @@ class Sequence:
         return self.request.shadow
 
     @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
     def num_tokens(self) -> int:
         return len(self.request.prompt_ids) + len(self.output_ids)
 
