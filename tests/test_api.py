@@ -26,7 +26,7 @@ from loraplex_client import (AsyncClient, Client, DeadlineExceeded, FailedPrecon
                              ResourceExhausted, Unauthenticated, Unavailable)
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
-from models import VOCAB_SIZE
+from models import EOS_ID, VOCAB_SIZE
 
 PROMPT = "Hello, world"
 LONG = dict(max_new_tokens=16000, ignore_eos=True)  # ~40 s on the tiny model: tests cancel it long before
@@ -218,6 +218,11 @@ def test_prompt_logprobs_unary_and_streamed(client):
                                 ignore_eos=True, prompt_logprobs=2))
     assert chunks[0].prompt_logprobs == r.prompt_logprobs  # (fp32: the same arithmetic)
     assert all(c.prompt_logprobs == () for c in chunks[1:]) and len(chunks) > 1
+    alone = client.generate(input_ids=ids, adapter="alpha", max_new_tokens=1,
+                            prompt_logprobs=0)  # 0 is on: the prompt tokens' alone
+    assert [(lp.token_id, lp.top) for lp in alone.prompt_logprobs] == [(t, ()) for t in ids[1:]]
+    assert [lp.logprob for lp in alone.prompt_logprobs] == pytest.approx(
+        [lp.logprob for lp in r.prompt_logprobs], abs=1e-5)
 
 
 def test_logit_bias_and_allowed_token_ids_steer_the_output(client):
@@ -231,6 +236,12 @@ def test_logit_bias_and_allowed_token_ids_steer_the_output(client):
     assert r.token_ids == (forced,) * 6
     assert r.logprobs[0].top == plain.logprobs[0].top  # raw: the same distribution
     assert r.logprobs[0].logprob < r.logprobs[0].top[0][1]
+    # accepted: min_tokens bans nothing allowed here (EOS ignored; no min_tokens; 60 left)
+    for allowed, extra in (((EOS_ID,), dict(min_tokens=1)), ((59,), dict(stop_token_ids=[59])),
+                           ((59, 60), dict(stop_token_ids=[59], min_tokens=1))):
+        got = client.generate(PROMPT, max_new_tokens=3, ignore_eos=True,
+                              allowed_token_ids=allowed, **extra)
+        assert got.token_ids[0] == allowed[-1], allowed
     labels = (41, 57, 63)
     sampled = client.generate(PROMPT, max_new_tokens=12, ignore_eos=True, temperature=1.5,
                               seed=3, allowed_token_ids=labels)

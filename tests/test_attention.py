@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from loraplex.model import attention
 from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, sdpa,
                                       choose_decode_attention, group_decodes, paged_attention)
 
@@ -173,13 +174,37 @@ def test_grouped_query_sdpa_equals_each_head_attending_alone(queries, expand_kv)
     k, v = (torch.randn(3, 2, 20, 16, generator=g) for _ in range(2))  # [N, KVH, L, d]
     mask = torch.rand(3, 1, queries, 20, generator=g) > 0.3
     mask[..., 0] = True  # every row sees a position
-    got = sdpa(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, mask, None,
-               expand_kv=expand_kv)  # (a strided q, as the decode path passes)
+    got = sdpa(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, mask, 0.05,
+               expand_kv=expand_kv)  # (a strided q, as the decode path passes; a scale of its own)
     for head in range(8):
         alone = torch.nn.functional.scaled_dot_product_attention(
             q[:, head:head + 1], k[:, head // 4:head // 4 + 1], v[:, head // 4:head // 4 + 1],
-            attn_mask=mask)
+            attn_mask=mask, scale=0.05)
         torch.testing.assert_close(got[:, head:head + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_calls_the_form_each_case_wants(monkeypatch):
+    """The same numbers either way (above), so the forms are checked here: a masked decode
+    folds its query heads ([N, KVH, H / KVH, d], K/V unexpanded); an unmasked prefill passes
+    enable_gqa, K/V unexpanded (flash takes it on CUDA); a masked prefill with expand_kv
+    repeats K/V per head and does not also pass enable_gqa (that leaves only SDPA's math
+    kernel on CUDA)."""
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append((tuple(q.shape), k.shape[1], bool(kwargs.get("enable_gqa"))))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    k, v = torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    sdpa(torch.randn(3, 8, 1, 16), k, v, torch.ones(3, 1, 1, 20, dtype=torch.bool), None,
+         expand_kv=True)
+    assert calls[-1] == ((3, 2, 4, 16), 2, False)
+    q, k, v = torch.randn(1, 8, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    sdpa(q, k, v, None, None, expand_kv=True)
+    assert calls[-1] == ((1, 8, 5, 16), 2, True)
+    sdpa(q, k, v, torch.ones(5, 5, dtype=torch.bool).tril(), None, expand_kv=True)
+    assert calls[-1] == ((1, 8, 5, 16), 8, False)
 
 
 @pytest.mark.parametrize("expand_kv", [False, True])

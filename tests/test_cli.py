@@ -248,12 +248,34 @@ def test_serve_subprocess_exits_1_when_its_engine_fails(assets):
             proc.kill()
 
 
-def test_priority_flag_reaches_the_engine_request():
-    from loraplex.api.convert import generation_request_from_pb
-    from loraplex_client.types import build_generate_request
+def test_generate_flags_reach_the_request(monkeypatch):
+    """--priority and a negative --logit-bias travel from the command line into the
+    client call and the GenerateRequest, and the priority into the engine's request."""
+    from loraplex.api.convert import generation_request_from_pb, sampling_from_pb
+    from loraplex_client import cli as client_cli
+    from loraplex_client.types import Result, build_generate_request
 
-    args = build_parser().parse_args(["generate", "--priority", "-3", "hi"])
-    req = build_generate_request(input_ids=[5, 6], priority=args.priority)
-    assert req.priority == -3
+    seen = {}
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def generate(self, *args, **kwargs):
+            seen.update(kwargs)
+            return Result("", (), "length", 1, 0, "")
+
+    monkeypatch.setattr(client_cli, "Client", Recorder)
+    assert client_cli.main(["generate", "--target", "x:1", "--no-stream", "--priority", "-3",
+                            "--logit-bias", "5=-2.5", "hi"]) == 0
+    assert seen["priority"] == -3 and seen["logit_bias"] == [(5, -2.5)]
+    req = build_generate_request(input_ids=[5, 6], priority=seen["priority"],
+                                 logit_bias=seen["logit_bias"])
     assert generation_request_from_pb(req, None, None, 64).priority == -3
-    assert build_parser().parse_args(["generate", "hi"]).priority == 0
+    assert sampling_from_pb(req).logit_bias == ((5, -2.5),)

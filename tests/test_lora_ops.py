@@ -1,6 +1,7 @@
 """Every LoRA delta backend against the loop that defines it (loraplex.lora.ops)."""
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -239,6 +240,24 @@ def test_the_layers_plans_are_made_before_the_forward(monkeypatch):
     monkeypatch.setattr(LoraPlan, "_narrow", lambda self, active: pytest.fail("made late"))
     assert plan.for_layer(both) is plan  # every adapter of the step targets it
     assert plan.for_layer(two).slots.tolist() == [0, 2, 2, 0]  # slot 1's token: base model
+
+
+def test_the_runner_hands_the_layers_active_sets_to_the_plan():
+    """What makes the eager plans above happen in serving: each step, the runner gives
+    start_step the distinct active sets of the model's wrapped layers."""
+    from loraplex.model.runner import ModelRunner
+
+    seen = {}
+    sets = [frozenset({1}), frozenset({1, 2}), frozenset({1})]
+    plan = SimpleNamespace(start_step=lambda slots, ranks, delta, device, active_sets=():
+                           seen.update(sets=set(active_sets)))
+    runner = SimpleNamespace(slot_ranks=[0, 4, 4], lora_delta=lora_delta_segmented,
+                             loaded=SimpleNamespace(
+                                 lora_plan=plan, device=torch.device("cpu"),
+                                 lora_layers={i: SimpleNamespace(active_slots=s)
+                                              for i, s in enumerate(sets)}))
+    ModelRunner._set_lora(runner, [1, 2, 0])
+    assert seen["sets"] == {frozenset({1}), frozenset({1, 2})}
 
 
 def test_backend_choice():

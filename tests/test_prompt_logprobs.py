@@ -86,6 +86,24 @@ def test_a_scored_prompt_is_computed_in_full_and_still_shared(tiny_models, adapt
     assert_matches_peft(scored, tiny_models[arch], adapters[arch][a], prompt)
 
 
+def test_scores_go_to_their_own_sequence_whatever_the_packed_order(tiny_models, adapters):
+    """An adapter's request, then a base-model one, scored in one step: the runner packs
+    slot 0 first, so the scored rows come in another order than the batch's."""
+    arch = "llama"
+    a = sorted(adapters[arch])[0]
+    first, second = make_prompts(2, min_len=12, max_len=20, seed=21)
+    requests = [GenerationRequest(first, greedy(2, prompt_logprobs=TOP), adapter=a),
+                GenerationRequest(second, greedy(2, prompt_logprobs=TOP))]
+    engine = build_engine(tiny_models[arch], adapters[arch][a].parent)
+    try:
+        run_all(engine, [GenerationRequest([5, 6], greedy(1), adapter=a)])  # a resident:
+        outs = run_all(engine, requests)  # both admitted in the same step
+    finally:
+        engine.stop()
+    assert_matches_peft(outs[0], tiny_models[arch], adapters[arch][a], first)
+    assert_matches_peft(outs[1], tiny_models[arch], None, second)
+
+
 def test_preempted_requests_score_their_prompts_once(tiny_models, adapters):
     """Six scored requests of 30-40 prompt tokens need 36 blocks of 8 when done; the cache
     holds 12, so requests are preempted and recomputed: each prompt is still scored
@@ -125,7 +143,9 @@ def test_scored_positions_skip_what_a_recompute_already_scored():
     assert scheduled(0, 4).scored_positions == range(0, 4)
     assert scheduled(4, 6, scored=4).scored_positions == range(4, 9)
     assert scheduled(0, 10, scored=6).scored_positions == range(6, 9)  # a recompute
-    assert scheduled(0, 10, scored=9).scored_positions == range(0)
+    done = scheduled(0, 10, scored=9)
+    assert done.scored_positions == range(0)
+    assert not done.seq.scores_prompt  # so a recompute may take the prefix cache again
     assert scheduled(0, 10, prompt_logprobs=None).scored_positions == range(0)
     decode = scheduled(10, 1, scored=9)
     decode.seq.output_ids.append(5)

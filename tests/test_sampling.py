@@ -1,10 +1,12 @@
 """Sampler, incremental detokenizer and stop strings."""
 
+import pytest
 import torch
 
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.request import SamplingParams
 from loraplex.engine.stops import StopStringFilter
+from loraplex.errors import InvalidArgument
 from loraplex.model import sampler
 from loraplex.model.sampler import RowContext
 
@@ -96,11 +98,22 @@ def test_logit_bias_and_allowed_ids_follow_their_definitions():
     allowed = SamplingParams(allowed_token_ids=(0, 3))
     assert sampler.sample(logits[None], [allowed], [_row()]) == [0]
     assert sampler.sample(logits[None], [allowed], [_row(banned=[0])]) == [3]
+    # after the penalties: 2 / 2 = 1 (a seen token's positive logit halved) + 0.8 > 1.6
+    p = SamplingParams(repetition_penalty=2.0, logit_bias=((0, 0.8),))
+    assert sampler.sample(torch.tensor([[2.0, 1.6]]), [p], [RowContext([0], [])]) == [0]
     seen = set()
     for seed in range(100):
         p = SamplingParams(temperature=3.0, allowed_token_ids=(1, 3))
         seen.update(sampler.sample(logits[None], [p], [_row(torch.Generator().manual_seed(seed))]))
     assert seen == {1, 3}
+
+
+def test_logit_bias_bounds_are_inclusive():
+    SamplingParams(logit_bias=tuple((i, 1.0) for i in range(1024))).validate(2048)
+    SamplingParams(logit_bias=((5, -100.0), (6, 100.0))).validate(10)
+    for bad in (((5, -100.5),), ((5, 100.5),), tuple((i, 1.0) for i in range(1025))):
+        with pytest.raises(InvalidArgument, match="logit_bias"):
+            SamplingParams(logit_bias=bad).validate(2048)
 
 
 def test_logprobs_are_raw_log_softmax():
@@ -109,6 +122,8 @@ def test_logprobs_are_raw_log_softmax():
     ref = torch.log_softmax(logits[0], -1)
     assert abs(lp.logprob - ref[1].item()) < 1e-6
     assert [t for t, _ in lp.top] == [2, 1]
+    mixed = sampler.token_logprobs(torch.randn(2, 10), [0, 1], [3, 0])  # per row
+    assert len(mixed[0].top) == 3 and mixed[1].top == ()
 
 
 class _ByteTokenizer:

@@ -229,6 +229,12 @@ def test_waiting_sequences_are_admitted_by_priority_then_arrival(cache):
     assert run_step(sched) == {id(second): 8}  # same priority: arrival order
     sched.finish(second)
     assert run_step(sched) == {id(low): 8}
+    real, shadow = make_seq(8), make_shadow(8)  # a shadow of a priority -1 request
+    shadow.request.priority = -1
+    sched.finish(low)
+    sched.add(shadow)
+    sched.add(real)
+    assert run_step(sched) == {id(real): 8}  # real work first, whatever the priorities
 
 
 def test_the_lowest_priority_is_preempted_first_even_when_older(cache):
