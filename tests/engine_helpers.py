@@ -53,6 +53,8 @@ def run_staggered(engine: Engine, first: list[GenerationRequest], later: list[Ge
                 last = out
                 if i == 0 and len(tokens) >= after_tokens:
                     started.set()
+            if i == 0:  # (also when it ended early, e.g. with an error: no hang)
+                started.set()
             outs[i] = (tokens, last, lps, prompt_lps)
 
         tasks = [asyncio.create_task(consume(i, s)) for i, s in enumerate(streams)]
