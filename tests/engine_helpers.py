@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import torch
+
 from loraplex.config import EngineConfig, ModelConfig
 from loraplex.engine.engine import Engine, collect
 from loraplex.engine.request import GenerationRequest, RequestOutput, SamplingParams
+from loraplex.model.attention import KVCache
 
 
 def build_engine(base_dir, adapter_root, quantize="none", dtype="float32",
@@ -21,6 +24,12 @@ def build_engine(base_dir, adapter_root, quantize="none", dtype="float32",
                           EngineConfig(**defaults), str(adapter_root))
     engine.start()
     return engine
+
+
+def tiny_llama_blocks(num_blocks: int, block_size: int) -> int:
+    """The kv_cache_memory that holds exactly `num_blocks` KV blocks of the tiny llama
+    (tests/models.py: 2 layers, 2 KV heads of 16, fp32)."""
+    return num_blocks * KVCache.bytes_per_block(2, block_size, 2, 16, torch.float32)
 
 
 def greedy(max_new_tokens: int, **kwargs) -> SamplingParams:

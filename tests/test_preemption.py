@@ -6,11 +6,8 @@ has produced). A preempted request must still stream exactly what it streams alo
 nothing twice.
 """
 
-import torch
-
-from engine_helpers import build_engine, run_all
+from engine_helpers import build_engine, run_all, tiny_llama_blocks
 from loraplex.engine.request import FinishReason, GenerationRequest, SamplingParams
-from loraplex.model.attention import KVCache
 from peft_reference import peft_greedy
 
 MAX_NEW = 24
@@ -31,9 +28,8 @@ def test_preempted_requests_stream_what_they_stream_alone(tiny_models, adapters,
                     else SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True,
                                         temperature=0.9, top_p=0.95, seed=100 + i))
         requests.append(GenerationRequest(prompts[i + 2], sampling, adapter=adapter))
-    block_bytes = KVCache.bytes_per_block(2, BLOCK, 2, 16, torch.float32)  # the tiny llama's
     tight = build_engine(tiny_models["llama"], adapter_root / "llama", block_size=BLOCK,
-                         kv_cache_memory=16 * block_bytes)
+                         kv_cache_memory=tiny_llama_blocks(16, BLOCK))
     try:
         assert tight.blocks.num_blocks == 16
         served = run_all(tight, requests)

@@ -8,10 +8,9 @@ preemption.
 
 import torch
 
-from engine_helpers import build_engine, greedy, run_all, run_staggered
+from engine_helpers import build_engine, greedy, run_all, run_staggered, tiny_llama_blocks
 from loraplex.engine.request import GenerationRequest, SamplingParams, TokenLogprob
 from loraplex.engine.sequence import ScheduledSeq, Sequence
-from loraplex.model.attention import KVCache
 from models import make_prompts
 from peft_reference import peft_prompt_logprobs
 from test_prefix_cache import hit_tokens
@@ -111,9 +110,8 @@ def test_preempted_requests_score_their_prompts_once(tiny_models, adapters):
     arch = "llama"
     names = sorted(adapters[arch])[:6]
     prompts = make_prompts(6, min_len=30, max_len=40, seed=13)
-    block_bytes = KVCache.bytes_per_block(2, 8, 2, 16, torch.float32)  # the tiny llama's
     engine = build_engine(tiny_models[arch], adapters[arch][names[0]].parent, block_size=8,
-                          kv_cache_memory=12 * block_bytes)
+                          kv_cache_memory=tiny_llama_blocks(12, 8))
     requests = [GenerationRequest(p, greedy(12, prompt_logprobs=TOP), adapter=n)
                 for p, n in zip(prompts, names)]
     try:

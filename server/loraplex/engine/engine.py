@@ -27,7 +27,7 @@ from loraplex.config import EngineConfig, ModelConfig
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.kv_cache import BlockAllocator, blocks_needed
 from loraplex.engine.request import (FinishReason, GenerationRequest, RequestOutput,
-                                     TokenLogprob)
+                                     SamplingParams, TokenLogprob)
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import ScheduledSeq, Sequence, Status
 from loraplex.engine.stops import StopStringFilter
@@ -189,9 +189,8 @@ class Engine:
             raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
         request.sampling.validate(vocab)
         params = request.sampling
-        if params.allowed_token_ids and params.min_tokens and set(params.allowed_token_ids) <= (
-                set(params.stop_token_ids) | (set() if params.ignore_eos
-                                              else set(self.loaded.eos_token_ids))):
+        if (params.allowed_token_ids and params.min_tokens
+                and set(params.allowed_token_ids) <= set(self._stop_ids(params))):
             raise InvalidArgument("every allowed_token_ids is a stop or EOS token, which "
                                   "min_tokens bans: allow another token or drop min_tokens")
         limit = self.max_model_len
@@ -357,13 +356,15 @@ class Engine:
         self.metrics.batch_tokens.observe(sum(item.num_new for item in batch))
         self.metrics.batch_adapters.observe(len(adapters - {""}))
 
+    def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
+        """The token ids that end an output: the stop ids, and EOS unless ignored."""
+        eos = () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
+        return params.stop_token_ids + eos
+
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
         """The ids seq may not produce next: before min_tokens, what would stop it."""
         params = seq.request.sampling
-        if len(seq.output_ids) >= params.min_tokens:
-            return ()
-        eos = () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
-        return params.stop_token_ids + eos
+        return () if len(seq.output_ids) >= params.min_tokens else self._stop_ids(params)
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         now = time.monotonic()

@@ -2,9 +2,9 @@
 
 Greedy rows with nothing to adjust are decided together with one argmax; the others go
 one by one: the penalties (repetition, presence, frequency), the logit bias, the allowed
-ids and the tokens banned until min_tokens, then for sampled rows temperature, top-k, top-p, min-p and a draw from the
-request's own generator, so a seed makes a request reproducible whatever else is
-batched with it. Log-probabilities are those of the model's raw distribution.
+ids and the tokens banned until min_tokens, then for sampled rows temperature, top-k,
+top-p, min-p and a draw from the request's own generator, so a seed makes a request
+reproducible whatever else is batched with it. Log-probabilities are those of the model's raw distribution.
 """
 
 from __future__ import annotations
