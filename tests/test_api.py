@@ -248,6 +248,19 @@ def test_logit_bias_and_allowed_token_ids_steer_the_output(client):
     assert set(sampled.token_ids) <= set(labels) and len(sampled.token_ids) == 12
 
 
+def test_guided_choice_and_regex_shape_the_output(client):
+    """The text is one of the choices / a full match of the regex, in a unary answer and in
+    a stream; it ends (STOP) once nothing can extend the match."""
+    choices = ["red", "green", "blue sky"]
+    r = client.generate(PROMPT, max_new_tokens=20, guided_choice=choices)
+    assert r.text in choices and r.finish_reason == "stop"
+    pattern = r"\d{3}-[a-z]{2,4}!"
+    chunks = list(client.stream(PROMPT, max_new_tokens=20, guided_regex=pattern,
+                                temperature=1.0, seed=5))
+    text = "".join(c.text for c in chunks)
+    assert re.fullmatch(pattern, text) and chunks[-1].finish_reason == "stop", text
+
+
 def test_stop_token_ids_and_seeded_sampling(client):
     greedy = client.generate(PROMPT, max_new_tokens=10, ignore_eos=True).token_ids
     stop = greedy[4]
@@ -381,6 +394,14 @@ BAD_REQUESTS = {
                                                    stop_token_ids=[9], min_tokens=1),
                                 "allowed_token_ids"),
     "bad adapter ref": (pb.GenerateRequest(prompt="a", adapter="a@b@c"), "adapter"),
+    "regex with a lookahead": (pb.GenerateRequest(prompt="a", guided_regex="a(?=b)"),
+                               "lookaround"),
+    "regex unbalanced": (pb.GenerateRequest(prompt="a", guided_regex="(ab"), "missing ')'"),
+    "regex and choice": (pb.GenerateRequest(prompt="a", guided_regex="a", guided_choice=["b"]),
+                         "at most one of guided_regex, guided_choice"),
+    "choice and allowed ids": (pb.GenerateRequest(prompt="a", guided_choice=["b"],
+                                                  allowed_token_ids=[5]), "allowed_token_ids"),
+    "empty choice": (pb.GenerateRequest(prompt="a", guided_choice=["b", ""]), "non-empty"),
 }
 
 

@@ -146,6 +146,12 @@ def test_cli_generate_json_and_stream_match_the_client(server):
     out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "3",
                    "--ignore-eos", "--allowed-token-ids", "60,61", "Hello")
     assert set(json.loads(out.stdout)["token_ids"]) <= {60, 61}
+    out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "9",
+                   "--choice", "yes", "--choice", "no way", "Hello")
+    assert json.loads(out.stdout)["text"] in ("yes", "no way")
+    out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "9",
+                   "--regex", "[0-9]{4}", "Hello")
+    assert re.fullmatch("[0-9]{4}", json.loads(out.stdout)["text"])
     proc = loraplex("generate", "--target", server.target, "--logit-bias", "x=1", "Hello",
                     check=False)
     assert proc.returncode != 0 and "ID=BIAS" in proc.stderr

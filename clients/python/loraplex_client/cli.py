@@ -88,6 +88,11 @@ def add_commands(subparsers) -> None:
                    help="add BIAS (-100..100) to token ID's logit (repeatable)")
     g.add_argument("--allowed-token-ids", type=_csv(int), default=None, metavar="ID,ID",
                    help="produce only these token ids")
+    g.add_argument("--regex", dest="guided_regex", default=None, metavar="PATTERN",
+                   help="guided decoding: the output fully matches PATTERN (Python syntax)")
+    g.add_argument("--choice", dest="guided_choice", action="append", default=None,
+                   metavar="TEXT", help="guided decoding: the output is one of these "
+                   "(repeatable)")
     g.add_argument("--ignore-eos", action="store_true", default=None)
     g.add_argument("--logprobs", action="store_true", default=None)
     g.add_argument("--top-logprobs", type=int, default=None)

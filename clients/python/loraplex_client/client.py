@@ -120,8 +120,9 @@ class Client(_Base):
         """Whole completion. sampling: max_new_tokens, temperature, top_p, top_k, min_p,
         seed, repetition_penalty, presence_penalty, frequency_penalty, min_tokens, stop,
         stop_token_ids, ignore_eos, logprobs, top_logprobs, prompt_logprobs, logit_bias
-        ({token id: bias}), allowed_token_ids; also routing_key and priority (lower is
-        served first); see loraplex.proto."""
+        ({token id: bias}), allowed_token_ids, guided_regex (the output fully matches it),
+        guided_choice (the output is one of these strings); also routing_key and priority
+        (lower is served first); see loraplex.proto."""
         req = build_generate_request(prompt, input_ids=input_ids, messages=messages,
                                      adapter=adapter, **sampling)
         return result_from_pb(self._call(self._gen.Generate, req, adapter, timeout))

@@ -114,7 +114,8 @@ def adapter_from_pb(msg: pb.AdapterInfo) -> AdapterInfo:
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                    "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens",
                    "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs",
-                   "prompt_logprobs", "logit_bias", "allowed_token_ids")
+                   "prompt_logprobs", "logit_bias", "allowed_token_ids", "guided_regex",
+                   "guided_choice")
 
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapter: str = "",
@@ -143,7 +144,7 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapte
     for name, value in sampling.items():
         if value is None:
             continue
-        if name in ("stop", "stop_token_ids", "allowed_token_ids"):
+        if name in ("stop", "stop_token_ids", "allowed_token_ids", "guided_choice"):
             getattr(req, name).extend([value] if isinstance(value, str) else value)
         elif name == "logit_bias":  # {token id: bias}
             req.logit_bias.update({int(t): float(b) for t, b in dict(value).items()})

@@ -56,6 +56,8 @@ def sampling_from_pb(req: pb.GenerateRequest) -> SamplingParams:
         logprobs=bool(req.logprobs or req.top_logprobs),
         top_logprobs=int(req.top_logprobs),
         prompt_logprobs=int(req.prompt_logprobs) if req.HasField("prompt_logprobs") else None,
+        guided_regex=req.guided_regex,
+        guided_choice=tuple(req.guided_choice),
     )
 
 

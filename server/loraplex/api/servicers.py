@@ -53,6 +53,8 @@ def _raise_unless_success(out: RequestOutput) -> None:
         raise Internal(out.error or "the server failed while running the request")
     if out.finish_reason is FinishReason.UNAVAILABLE:
         raise Unavailable(out.error or "the engine failed; retry on another replica")
+    if out.finish_reason is FinishReason.INVALID:
+        raise InvalidArgument(out.error)
 
 
 class _Call:

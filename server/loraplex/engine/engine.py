@@ -24,7 +24,9 @@ from typing import Callable
 import torch
 
 from loraplex.config import EngineConfig, ModelConfig
+from loraplex.engine.byte_regex import GuideTooLarge
 from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.guide import GuideCache
 from loraplex.engine.kv_cache import BlockAllocator, blocks_needed
 from loraplex.engine.request import (FinishReason, GenerationRequest, RequestOutput,
                                      SamplingParams, TokenLogprob)
@@ -104,6 +106,7 @@ class Engine:
                                   loaded.lora_layers, cfg.max_gpu_adapters, cfg.max_cpu_adapters,
                                   self.metrics, base_model=loaded.name)
         self.adapters = AdapterManager(self.cache)
+        self.guides = GuideCache(self.tokenizer, loaded.vocab_size)
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
         self.runner = ModelRunner(loaded, self.kv_cache, cfg.block_size, cfg.lora_backend,
                                   self.cache.slot_ranks, cfg.attention_backend)
@@ -189,6 +192,8 @@ class Engine:
             raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
         request.sampling.validate(vocab)
         params = request.sampling
+        if params.guide_pattern:
+            self.guides.get(params.guide_pattern)  # raises InvalidArgument if it won't compile
         if (params.allowed_token_ids and params.min_tokens
                 and set(params.allowed_token_ids) <= set(self._stop_ids(params))):
             raise InvalidArgument("every allowed_token_ids is a stop or EOS token, which "
@@ -216,6 +221,9 @@ class Engine:
                        stops=StopStringFilter(request.sampling.stop))
         if seed is not None:
             seq.generator = torch.Generator().manual_seed(seed)
+        if request.sampling.guide_pattern:
+            seq.guide = self.guides.get(request.sampling.guide_pattern)
+            seq.guide_state = seq.guide.start
         self._inbox.put(seq)
         self._wake.set()
 
@@ -320,12 +328,17 @@ class Engine:
             targets = seq.prompt_ids[positions.start + 1:positions.stop + 1]
             seq.prompt_scores += sampler.token_logprobs(
                 scores, targets, [seq.request.sampling.prompt_logprobs] * len(targets))
+        logits = step_logits.sampled  # [len(sampling), vocab]
+        masks = [self._guide_mask(s) for s in sampling]  # (ends the guided rows stuck)
+        if any(s.status is Status.FINISHED for s in sampling):
+            kept = [i for i, s in enumerate(sampling) if s.status is not Status.FINISHED]
+            sampling, masks, logits = [sampling[i] for i in kept], [masks[i] for i in kept], \
+                logits[kept]
         if sampling:
-            logits = step_logits.sampled  # [len(sampling), vocab]
             tokens = sampler.sample(logits, [s.request.sampling for s in sampling],
                                     [sampler.RowContext(s.prompt_ids, s.output_ids,
-                                                        self._banned(s), s.generator)
-                                     for s in sampling])
+                                                        self._banned(s), s.generator, mask)
+                                     for s, mask in zip(sampling, masks)])
             want = [s.request.sampling.logprobs or s.request.sampling.top_logprobs > 0
                     for s in sampling]
             logprobs = (sampler.token_logprobs(logits, tokens,
@@ -366,6 +379,25 @@ class Engine:
         params = seq.request.sampling
         return () if len(seq.output_ids) >= params.min_tokens else self._stop_ids(params)
 
+    def _guide_mask(self, seq: Sequence) -> torch.Tensor | None:
+        """[vocab] bool: the tokens a guided sequence may produce next (None unguided). A
+        guide that cannot go on ends its sequence (INVALID) and returns None."""
+        if seq.guide is None:
+            return None
+        params = seq.request.sampling
+        eos = () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
+        try:
+            mask = seq.guide.mask(seq.guide_state, eos)
+        except GuideTooLarge as exc:
+            self._finish(seq, FinishReason.INVALID, f"guided decoding stopped: {exc}; "
+                         f"simplify the pattern")
+            return None
+        if not mask.any():
+            self._finish(seq, FinishReason.INVALID, "guided decoding stopped: no token of the "
+                         "vocabulary continues the output toward a match of the pattern")
+            return None
+        return mask
+
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         now = time.monotonic()
         label, labels = seq.adapter_label, seq.metric_labels
@@ -381,9 +413,12 @@ class Engine:
         params = seq.request.sampling
         text, hit_stop = seq.stops.feed(seq.detokenizer.add(token),
                                         armed=len(seq.output_ids) >= params.min_tokens)
+        if seq.guide is not None:
+            seq.guide_state = seq.guide.advance(seq.guide_state, token)
         reason = None
         if hit_stop or token in params.stop_token_ids or (
-                not params.ignore_eos and token in self.loaded.eos_token_ids):
+                not params.ignore_eos and token in self.loaded.eos_token_ids) or (
+                seq.guide is not None and seq.guide.is_final(seq.guide_state)):
             reason = FinishReason.STOP
         elif len(seq.output_ids) >= params.max_new_tokens:
             reason = FinishReason.LENGTH

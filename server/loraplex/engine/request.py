@@ -9,10 +9,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from loraplex.engine.byte_regex import choice_pattern
 from loraplex.errors import InvalidArgument
 
 
 MAX_LOGIT_BIAS = 1024  # tokens per request
+MAX_GUIDED_REGEX = 16_384  # characters
+MAX_GUIDED_CHOICES = 256  # strings, each at most MAX_GUIDED_CHOICE characters
+MAX_GUIDED_CHOICE = 1024
 
 
 class FinishReason(enum.Enum):
@@ -22,6 +26,7 @@ class FinishReason(enum.Enum):
     DEADLINE = "deadline"  # the request's deadline passed
     ERROR = "error"  # an internal engine error (a failed step); see RequestOutput.error
     UNAVAILABLE = "unavailable"  # the engine failed before it made a token: retry elsewhere
+    INVALID = "invalid"  # it cannot go on as asked (its guide outgrew its limits); see error
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,17 @@ class SamplingParams:
     # log-probability of each prompt token after the first, given those before it, with
     # this many most likely alternatives (None = off; 0 = the prompt token's alone)
     prompt_logprobs: int | None = None
+    # guided decoding (engine.guide): the output fully matches this pattern, or is one of
+    # these strings; at most one of the two (and not with allowed_token_ids)
+    guided_regex: str = ""
+    guided_choice: tuple[str, ...] = ()
+
+    @property
+    def guide_pattern(self) -> str | None:
+        """The regular expression the output must match, if guided."""
+        if self.guided_choice:
+            return choice_pattern(self.guided_choice)
+        return self.guided_regex or None
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidArgument naming the field to fix."""
@@ -90,6 +106,16 @@ class SamplingParams:
         bad = [t for t, b in self.logit_bias if not -100.0 <= b <= 100.0]
         if bad:
             raise InvalidArgument(f"logit_bias values must be in [-100, 100]; tokens {bad[:8]}")
+        constraints = [name for name in ("guided_regex", "guided_choice", "allowed_token_ids")
+                       if getattr(self, name)]
+        if len(constraints) > 1:
+            raise InvalidArgument(f"set at most one of {', '.join(constraints)}")
+        if len(self.guided_regex) > MAX_GUIDED_REGEX:
+            raise InvalidArgument(f"guided_regex is longer than {MAX_GUIDED_REGEX} characters")
+        if (len(self.guided_choice) > MAX_GUIDED_CHOICES
+                or any(not c or len(c) > MAX_GUIDED_CHOICE for c in self.guided_choice)):
+            raise InvalidArgument(f"guided_choice takes at most {MAX_GUIDED_CHOICES} non-empty "
+                                  f"strings of at most {MAX_GUIDED_CHOICE} characters")
 
 
 @dataclass
@@ -126,7 +152,7 @@ class RequestOutput:
     # with the first token, when asked for: one per prompt token after the first
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
-    error: str = ""  # why, with FinishReason.ERROR or UNAVAILABLE
+    error: str = ""  # why, with FinishReason.ERROR, UNAVAILABLE or INVALID
 
     @property
     def finished(self) -> bool:

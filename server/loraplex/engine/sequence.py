@@ -45,6 +45,8 @@ class Sequence:
     # with SamplingParams.prompt_logprobs: [i] scores prompt token i + 1 (kept through a
     # recompute, which scores only what is missing)
     prompt_scores: list[TokenLogprob] = field(default_factory=list)
+    guide: Any = None  # engine.guide.Guide of a guided request
+    guide_state: int = 0  # its automaton's state after the output so far
 
     @property
     def request_id(self) -> str:

@@ -2,10 +2,10 @@
 
 Greedy rows with nothing to adjust are decided together with one argmax; the others go
 one by one: the penalties (repetition, presence, frequency), the logit bias, the allowed
-ids and the tokens banned until min_tokens, then for sampled rows temperature, top-k,
-top-p, min-p and a draw from the request's own generator, so a seed makes a request
-reproducible whatever else is batched with it. Log-probabilities are those of the model's raw distribution.
-"""
+ids or the guide's mask and the tokens banned until min_tokens, then for sampled rows
+temperature, top-k, top-p, min-p and a draw from the request's own generator, so a seed
+makes a request reproducible whatever else is batched with it. Log-probabilities are
+those of the model's raw distribution."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class RowContext:
     output: list[int]  # the tokens generated so far
     banned: tuple[int, ...] = ()  # ids this step may not produce (EOS, stops before min_tokens)
     generator: torch.Generator | None = None  # the request's, when it has a seed
+    mask: torch.Tensor | None = None  # [V] bool, guided decoding's: True = may be produced
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
@@ -80,7 +81,7 @@ def adjusts(params: SamplingParams, row: RowContext) -> bool:
     """Whether the row's logits change before its choice (else greedy is a plain argmax)."""
     return bool(params.temperature != 0.0 or params.repetition_penalty != 1.0
                 or params.presence_penalty or params.frequency_penalty or params.logit_bias
-                or params.allowed_token_ids or row.banned)
+                or params.allowed_token_ids or row.banned or row.mask is not None)
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> int:
@@ -95,9 +96,14 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) ->
         logits = apply_logit_bias(logits, params.logit_bias)
     if params.allowed_token_ids:
         logits = keep_only(logits, params.allowed_token_ids)
+    if row.mask is not None:
+        logits = logits.masked_fill(~row.mask.to(logits.device), float("-inf"))
     if row.banned:
+        unbanned = logits
         logits = logits.index_fill(0, torch.tensor(row.banned, device=logits.device),
                                    float("-inf"))
+        if row.mask is not None and not torch.isfinite(logits).any():
+            logits = unbanned  # a guide whose only ways on are stop tokens wins over min_tokens
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)

@@ -1,0 +1,152 @@
+"""Guided decoding's token masks (engine.guide) on three kinds of tokenizer.
+
+The bytes read for each token must be what decoding adds to a text, for byte-level BPE
+(GPT-2 style, with merges), SentencePiece-style BPE ("▁" and <0xNN> byte fallback) and
+the one-byte-per-token test tokenizer; a state's mask must allow exactly the tokens whose
+bytes keep the automaton alive, found here token by token.
+"""
+
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from loraplex.engine.byte_regex import DEAD, compile_regex
+from loraplex.engine.guide import Guide, GuideCache, Vocabulary, token_bytes
+from loraplex.errors import InvalidArgument
+from models import VOCAB_SIZE, char_tokenizer
+
+CORPUS = ["the cat sat on the mat", "naïve café über straße", "中文 日本語 한국어",
+          '{"name": "Ada", "age": 36, "tags": ["x", "y"]}', "emoji 😀 and 🎉 tokens",
+          "def f(x):\n    return x * 2\n"] * 40
+EOS = 2
+
+
+def byte_bpe() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with merges (GPT-2 / Llama 3 style), trained here."""
+    tok = Tokenizer(tk_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def sentencepiece_bpe() -> PreTrainedTokenizerFast:
+    """SentencePiece-style BPE (Llama 2 / Mistral): "▁" for spaces, <0xNN> byte fallback."""
+    specials = ["<unk>", "<s>", "</s>"]
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + list("▁abcdefghijklmnopqrstuvwxyz")
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("a", "t"), ("▁c", "at"), ("▁", "c")]
+    pieces += ["".join(m) for m in merges]
+    vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+    tok = Tokenizer(tk_models.BPE(vocab=vocab, merges=merges, unk_token="<unk>",
+                                  byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    for s in specials:
+        tok.add_special_tokens([s])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+TOKENIZERS = {"char": char_tokenizer, "byte_bpe": byte_bpe, "sentencepiece": sentencepiece_bpe}
+
+
+@pytest.mark.parametrize("kind", TOKENIZERS)
+def test_token_bytes_are_what_decoding_adds(kind):
+    tokenizer = TOKENIZERS[kind]()
+    size = len(tokenizer)
+    spelled = token_bytes(tokenizer, size)
+    special = set(tokenizer.all_special_ids)
+    assert not special & set(spelled)
+    context = tokenizer.encode("the", add_special_tokens=False)
+    before = tokenizer.decode(context)
+    checked = 0
+    for i, data in spelled.items():
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            continue  # part of a character: decoding alone shows U+FFFD
+        assert tokenizer.decode(context + [i])[len(before):] == text, (i, data)
+        checked += 1
+    assert checked > 0.4 * len(spelled)
+    assert len(spelled) == size - len(special)  # every ordinary token is read
+    if kind == "sentencepiece":
+        assert spelled[tokenizer.convert_tokens_to_ids("<0xC3>")] == b"\xc3"
+        assert spelled[tokenizer.convert_tokens_to_ids("▁the")] == b" the"
+
+
+@pytest.mark.parametrize("kind", TOKENIZERS)
+@pytest.mark.parametrize("pattern,walks", [
+    (r'\{"name": "[^"]{0,12}", "age": [0-9]{1,3}\}', ['{"name": "Ada", "age": 36}', '{"na']),
+    (r"(café|naïve|中文|😀)+( |!)", ["café中文", "😀😀 "]),
+    (r"(the|cat|sat|on)( (the|cat|sat|on))*", ["the cat", "on the mat"]),
+])
+def test_masks_allow_exactly_the_tokens_that_keep_a_match_possible(kind, pattern, walks):
+    tokenizer = TOKENIZERS[kind]()
+    vocab = Vocabulary.of(tokenizer, len(tokenizer) + 3)  # (ids past the tokenizer: padding)
+    guide = Guide(compile_regex(pattern), lambda: vocab)
+    dfa = guide.dfa
+    states = {dfa.start}
+    for text in walks:
+        data = text.encode()
+        for n in range(1, len(data) + 1):
+            state = dfa.walk(dfa.start, data[:n])
+            if state != DEAD:
+                states.add(state)
+    assert len(states) > 3
+    for state in sorted(states):
+        mask = guide.mask(state, (EOS,))
+        assert mask.shape == (vocab.size,) and mask.dtype == torch.bool
+        want = torch.zeros(vocab.size, dtype=torch.bool)
+        for i, data in vocab.by_id.items():
+            want[i] = dfa.walk(state, data) != DEAD
+        want[EOS] = dfa.accepting[state]
+        assert torch.equal(mask, want), state
+        assert torch.equal(guide.mask(state, (EOS,)), want)  # (kept: the same again)
+        assert mask.any()
+
+
+def test_advance_follows_each_tokens_bytes_and_final_states_end():
+    tokenizer = byte_bpe()
+    cache = GuideCache(tokenizer, len(tokenizer))
+    guide = cache.get(r"(yes|no)!")
+    assert cache.get(r"(yes|no)!") is guide
+    ids = tokenizer.encode("yes!", add_special_tokens=False)
+    state = guide.start
+    for i in ids:
+        assert not guide.is_final(state)
+        assert guide.mask(state, ())[i]
+        state = guide.advance(state, i)
+    assert guide.is_final(state)
+    assert guide.advance(state, EOS) == state  # special tokens add no bytes
+    assert guide.is_final(DEAD)
+    with pytest.raises(InvalidArgument, match="lookaround"):
+        cache.get(r"(?=a)")
+
+
+def test_a_mask_is_the_walk_over_the_whole_vocabulary_for_random_states():
+    """The sorted walk's prefix sharing and subtree skips against one walk per token, on a
+    pattern whose states allow many shapes of token."""
+    tokenizer = byte_bpe()
+    vocab = Vocabulary.of(tokenizer, len(tokenizer))
+    guide = Guide(compile_regex(r"([a-m ]|é|中)*[n-z]{2}\.?"), lambda: vocab)
+    rng = random.Random(0)
+    alphabet = list("abcmnz é中.")
+    for _ in range(30):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        state = guide.dfa.walk(guide.start, text.encode())
+        if state == DEAD:
+            continue
+        mask = guide.mask(state, ())
+        for i, data in vocab.by_id.items():
+            assert bool(mask[i]) == (guide.dfa.walk(state, data) != DEAD), (text, data)
+
+
+def test_the_test_vocabulary_is_the_models():
+    assert len(char_tokenizer()) == VOCAB_SIZE
