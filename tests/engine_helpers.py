@@ -54,9 +54,10 @@ def run_staggered(engine: Engine, first: list[GenerationRequest], later: list[Ge
         outs = {}
 
         async def consume(i, stream):
-            tokens, last, lps, prompt_lps = [], None, [], []
+            tokens, last, lps, prompt_lps, text = [], None, [], [], []
             async for out in stream:
                 tokens.extend(out.token_ids)
+                text.append(out.text)
                 lps.extend(out.logprobs)
                 prompt_lps.extend(out.prompt_logprobs)
                 last = out
@@ -64,7 +65,7 @@ def run_staggered(engine: Engine, first: list[GenerationRequest], later: list[Ge
                     started.set()
             if i == 0:  # (also when it ended early, e.g. with an error: no hang)
                 started.set()
-            outs[i] = (tokens, last, lps, prompt_lps)
+            outs[i] = (tokens, last, lps, prompt_lps, "".join(text))
 
         tasks = [asyncio.create_task(consume(i, s)) for i, s in enumerate(streams)]
         await started.wait()
@@ -73,7 +74,7 @@ def run_staggered(engine: Engine, first: list[GenerationRequest], later: list[Ge
         tasks += [asyncio.create_task(consume(len(first) + i, s)) for i, s in enumerate(late)]
         await asyncio.gather(*tasks)
         results = [replace(outs[i][1], token_ids=tuple(outs[i][0]), logprobs=tuple(outs[i][2]),
-                           prompt_logprobs=tuple(outs[i][3]))
+                           prompt_logprobs=tuple(outs[i][3]), text=outs[i][4])
                    for i in range(len(tasks))]
         return results, steps_at_join
     return asyncio.run(main())
