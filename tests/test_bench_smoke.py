@@ -91,3 +91,17 @@ def test_option_ab_runs_each_value_for_each_n(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bench.option_ab", "--option", "nope", "1", "2"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "EngineConfig field" in bad.stderr
+
+
+def test_guided_bench_runs_and_reports():
+    """`python -m bench.guided` on the demo tokenizer and the small model: every pattern's
+    mask row (its two walks agree, or it raises) and the serving ratio."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.guided", "--shape", "small",
+         "--tokenizer", str(REPO / "demo" / "assets" / "model")],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for name in ("json", "choice", "date", "free text"):
+        assert any(line.startswith(name) for line in lines), proc.stdout
+    assert any(line.startswith("serving, 4 adapters") and "ratio" in line for line in lines)

@@ -131,8 +131,8 @@ def test_advance_follows_each_tokens_bytes_and_final_states_end():
 
 
 def test_a_mask_is_the_walk_over_the_whole_vocabulary_for_random_states():
-    """The sorted walk's prefix sharing and subtree skips against one walk per token, on a
-    pattern whose states allow many shapes of token."""
+    """The all-tokens-at-once table walk against one walk per token, on a pattern whose
+    states allow many shapes of token (the table grows as the walks find states)."""
     tokenizer = byte_bpe()
     vocab = Vocabulary.of(tokenizer, len(tokenizer))
     guide = Guide(compile_regex(r"([a-m ]|é|中)*[n-z]{2}\.?"), lambda: vocab)

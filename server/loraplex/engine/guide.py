@@ -9,15 +9,14 @@ a regular expression (or is one of a list of choices).
     guide.is_final(state)                 # a full match nothing can extend: the output ends
 
 A token is allowed when its bytes take the pattern's byte automaton (byte_regex) to a
-live state; EOS is allowed once the output is a full match. Masks are found by walking
-the vocabulary sorted by bytes, so tokens that share a prefix share its walk and a dead
-prefix skips every token under it, then kept per automaton state, bit-packed.
+live state; EOS is allowed once the output is a full match. A state's mask is found by
+walking every token at once through the automaton as a table (numpy, one byte position
+at a time, dead tokens dropped), then kept per state, bit-packed.
 Everything but `get` runs on the engine thread.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import re
 import threading
@@ -97,18 +96,24 @@ def _gpt2_byte_chars() -> list[str]:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """The ordinary tokens sorted by their bytes."""
+    """The ordinary tokens as a byte matrix, shortest first, for walking them together."""
 
     size: int  # the model's vocabulary (mask length)
-    tokens: list[bytes]  # sorted
-    ids: list[int]  # ids[i] is the token spelled tokens[i]
+    ids: np.ndarray  # [T] int64: token ids, by length
+    lengths: np.ndarray  # [T] int64: their byte lengths, nondecreasing
+    columns: np.ndarray  # [max length, T] uint8: columns[j, i] = byte j of token i (or 0)
     by_id: dict[int, bytes]
 
     @classmethod
     def of(cls, tokenizer, vocab_size: int) -> Vocabulary:
         by_id = token_bytes(tokenizer, vocab_size)
-        ordered = sorted(by_id.items(), key=lambda item: item[1])
-        return cls(vocab_size, [b for _, b in ordered], [i for i, _ in ordered], by_id)
+        ordered = sorted(by_id.items(), key=lambda item: len(item[1]))
+        lengths = np.array([len(b) for _, b in ordered], dtype=np.int64)
+        columns = np.zeros((int(lengths.max(initial=0)), len(ordered)), dtype=np.uint8)
+        for i, (_, data) in enumerate(ordered):
+            columns[:len(data), i] = np.frombuffer(data, dtype=np.uint8)
+        return cls(vocab_size, np.array([i for i, _ in ordered], dtype=np.int64), lengths,
+                   columns, by_id)
 
 
 # ---- one pattern -------------------------------------------------------------------
@@ -118,6 +123,8 @@ class Guide:
         self.dfa = dfa
         self._vocabulary = vocabulary  # () -> Vocabulary, built at first use
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()  # state -> packed bits
+        self._rows = np.full((0, 256), DEAD, dtype=np.int64)  # the automaton as a table
+        self._built = np.zeros(0, dtype=bool)  # [state]: whether its row is in _rows
 
     @property
     def start(self) -> int:
@@ -148,41 +155,39 @@ class Guide:
         return mask
 
     def _find_mask(self, state: int) -> np.ndarray:
+        """Every token walked at once, one byte position at a time: the tokens still alive
+        step through the automaton's table together, those that die drop out, those that
+        end are allowed."""
         vocab = self._vocabulary()
-        tokens, row = vocab.tokens, self.dfa.row
         bits = np.zeros(vocab.size, dtype=bool)
-        walked = [state]  # walked[d]: the state after the first d bytes of `prev`
-        prev = b""
-        i = 0
-        while i < len(tokens):
-            tok = tokens[i]
-            d = 0
-            limit = min(len(prev), len(tok), len(walked) - 1)
-            while d < limit and prev[d] == tok[d]:
-                d += 1
-            del walked[d + 1:]
-            at = walked[-1]
-            while d < len(tok):
-                at = row(at)[tok[d]]
-                if at == DEAD:
-                    break
-                walked.append(at)
-                d += 1
-            if at != DEAD:
-                bits[vocab.ids[i]] = True
-                prev = tok
-                i += 1
-            else:  # no token starting with tok[:d + 1] can be allowed: skip them all
-                prev = tok[:d]
-                i = bisect.bisect_left(tokens, _successor(tok[:d + 1]), i + 1) \
-                    if tok[:d + 1].strip(b"\xff") else len(tokens)
+        alive = np.arange(len(vocab.ids))  # [A] indices of the tokens not dead yet
+        at = np.full(len(alive), state, dtype=np.int64)  # [A] their automaton states
+        for j in range(vocab.columns.shape[0] + 1):
+            ended = vocab.lengths[alive] == j  # (shortest first: a prefix of `alive`)
+            bits[vocab.ids[alive[ended]]] = True
+            alive, at = alive[~ended], at[~ended]
+            if not len(alive):
+                break
+            at = self._table(at)[at, vocab.columns[j, alive]]  # [A] next states
+            live = at != DEAD
+            alive, at = alive[live], at[live]
         return np.packbits(bits)
 
-
-def _successor(prefix: bytes) -> bytes:
-    """The smallest byte string greater than every string starting with `prefix`."""
-    head = prefix.rstrip(b"\xff")
-    return head[:-1] + bytes([head[-1] + 1])
+    def _table(self, states: np.ndarray) -> np.ndarray:
+        """[>= dfa.num_states, 256] int64: the automaton's transitions, with the rows of
+        `states` built."""
+        if self._rows.shape[0] < self.dfa.num_states:
+            grown = np.full((2 * self.dfa.num_states, 256), DEAD, dtype=np.int64)
+            grown[:self._rows.shape[0]] = self._rows
+            self._rows = grown
+            self._built = np.concatenate([self._built, np.zeros(len(grown) - len(self._built),
+                                                                dtype=bool)])
+        missing = states[~self._built[states]]
+        for state in np.unique(missing).tolist():
+            row = self.dfa.row(state)  # (may add states: the next call grows the table)
+            self._rows[state] = row
+            self._built[state] = True
+        return self._rows
 
 
 class GuideCache:
