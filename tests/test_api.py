@@ -4,6 +4,7 @@ engine, real Prometheus endpoint). Fixtures: conftest_api.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
@@ -259,6 +260,11 @@ def test_guided_choice_and_regex_shape_the_output(client):
                                 temperature=1.0, seed=5))
     text = "".join(c.text for c in chunks)
     assert re.fullmatch(pattern, text) and chunks[-1].finish_reason == "stop", text
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"enum": [1, 2, 3]}}, "required": ["ok"]}
+    r = client.generate(PROMPT, max_new_tokens=30, guided_json=schema)  # (a dict is sent as JSON)
+    doc = json.loads(r.text)
+    assert isinstance(doc["ok"], bool) and doc.get("n", 1) in (1, 2, 3)
 
 
 def test_stop_token_ids_and_seeded_sampling(client):
@@ -402,6 +408,11 @@ BAD_REQUESTS = {
     "choice and allowed ids": (pb.GenerateRequest(prompt="a", guided_choice=["b"],
                                                   allowed_token_ids=[5]), "allowed_token_ids"),
     "empty choice": (pb.GenerateRequest(prompt="a", guided_choice=["b", ""]), "non-empty"),
+    "schema with a minimum": (pb.GenerateRequest(
+        prompt="a", guided_json='{"type": "integer", "minimum": 0}'), "unsupported keywords"),
+    "schema not JSON": (pb.GenerateRequest(prompt="a", guided_json="{type"), "not valid JSON"),
+    "schema and regex": (pb.GenerateRequest(prompt="a", guided_json='{"type": "null"}',
+                                            guided_regex="a"), "at most one of"),
 }
 
 

@@ -114,7 +114,7 @@ def loraplex(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_cli_generate_json_and_stream_match_the_client(server):
+def test_cli_generate_json_and_stream_match_the_client(server, tmp_path):
     with Client(server.target) as c:
         expected = c.generate("Hello", adapter="alpha", max_new_tokens=6, ignore_eos=True)
     out = loraplex("generate", "--target", server.target, "--json", "--adapter", "alpha",
@@ -152,6 +152,16 @@ def test_cli_generate_json_and_stream_match_the_client(server):
     out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "9",
                    "--regex", "[0-9]{4}", "Hello")
     assert re.fullmatch("[0-9]{4}", json.loads(out.stdout)["text"])
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "array", "items": {"type": "boolean"}, "minItems": 2, '
+                      '"maxItems": 3}')
+    out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "40",
+                   "--json-schema", f"@{schema}", "Hello")
+    doc = json.loads(json.loads(out.stdout)["text"])
+    assert len(doc) in (2, 3) and all(isinstance(x, bool) for x in doc)
+    proc = loraplex("generate", "--target", server.target, "--json-schema", "@/nonexistent",
+                    "Hello", check=False)
+    assert proc.returncode != 0 and "cannot read /nonexistent" in proc.stderr
     proc = loraplex("generate", "--target", server.target, "--logit-bias", "x=1", "Hello",
                     check=False)
     assert proc.returncode != 0 and "ID=BIAS" in proc.stderr

@@ -93,6 +93,10 @@ def add_commands(subparsers) -> None:
     g.add_argument("--choice", dest="guided_choice", action="append", default=None,
                    metavar="TEXT", help="guided decoding: the output is one of these "
                    "(repeatable)")
+    g.add_argument("--json-schema", dest="guided_json", type=_text_or_file, default=None,
+                   metavar="SCHEMA",
+                   help="guided decoding: the output is JSON this JSON schema allows "
+                        "(the schema's text, or @FILE)")
     g.add_argument("--ignore-eos", action="store_true", default=None)
     g.add_argument("--logprobs", action="store_true", default=None)
     g.add_argument("--top-logprobs", type=int, default=None)
@@ -273,6 +277,17 @@ def _merge(args) -> int:
             combination_type=args.combination_type, density=args.density,
             majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
             seed=args.seed)])
+
+
+def _text_or_file(text: str) -> str:
+    """The text itself, or the contents of FILE for "@FILE"."""
+    if not text.startswith("@"):
+        return text
+    try:
+        with open(text[1:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {exc.strerror}") from None
 
 
 def _bias(text: str) -> tuple[int, float]:

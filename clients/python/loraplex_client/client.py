@@ -121,7 +121,8 @@ class Client(_Base):
         seed, repetition_penalty, presence_penalty, frequency_penalty, min_tokens, stop,
         stop_token_ids, ignore_eos, logprobs, top_logprobs, prompt_logprobs, logit_bias
         ({token id: bias}), allowed_token_ids, guided_regex (the output fully matches it),
-        guided_choice (the output is one of these strings); also routing_key and priority
+        guided_choice (the output is one of these strings), guided_json (a JSON schema,
+        as a dict or its text: the output is JSON it allows); also routing_key and priority
         (lower is served first); see loraplex.proto."""
         req = build_generate_request(prompt, input_ids=input_ids, messages=messages,
                                      adapter=adapter, **sampling)

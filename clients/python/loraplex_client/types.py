@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
@@ -115,7 +117,7 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "
                    "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens",
                    "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs",
                    "prompt_logprobs", "logit_bias", "allowed_token_ids", "guided_regex",
-                   "guided_choice")
+                   "guided_choice", "guided_json")
 
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapter: str = "",
@@ -146,6 +148,8 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapte
             continue
         if name in ("stop", "stop_token_ids", "allowed_token_ids", "guided_choice"):
             getattr(req, name).extend([value] if isinstance(value, str) else value)
+        elif name == "guided_json" and not isinstance(value, str):  # a schema as a dict
+            req.guided_json = json.dumps(value)
         elif name == "logit_bias":  # {token id: bias}
             req.logit_bias.update({int(t): float(b) for t, b in dict(value).items()})
         else:

@@ -58,6 +58,7 @@ def sampling_from_pb(req: pb.GenerateRequest) -> SamplingParams:
         prompt_logprobs=int(req.prompt_logprobs) if req.HasField("prompt_logprobs") else None,
         guided_regex=req.guided_regex,
         guided_choice=tuple(req.guided_choice),
+        guided_json=req.guided_json,
     )
 
 

@@ -10,11 +10,12 @@ import enum
 from dataclasses import dataclass, field
 
 from loraplex.engine.byte_regex import choice_pattern
+from loraplex.engine.json_schema import schema_to_regex
 from loraplex.errors import InvalidArgument
 
 
 MAX_LOGIT_BIAS = 1024  # tokens per request
-MAX_GUIDED_REGEX = 16_384  # characters
+MAX_GUIDED_REGEX = 16_384  # characters of a guided_regex or guided_json
 MAX_GUIDED_CHOICES = 256  # strings, each at most MAX_GUIDED_CHOICE characters
 MAX_GUIDED_CHOICE = 1024
 
@@ -53,16 +54,21 @@ class SamplingParams:
     # log-probability of each prompt token after the first, given those before it, with
     # this many most likely alternatives (None = off; 0 = the prompt token's alone)
     prompt_logprobs: int | None = None
-    # guided decoding (engine.guide): the output fully matches this pattern, or is one of
-    # these strings; at most one of the two (and not with allowed_token_ids)
+    # guided decoding (engine.guide): the output fully matches this pattern, is one of
+    # these strings, or is JSON that this JSON schema allows; at most one of the three
+    # (and not with allowed_token_ids)
     guided_regex: str = ""
     guided_choice: tuple[str, ...] = ()
+    guided_json: str = ""
 
     @property
     def guide_pattern(self) -> str | None:
-        """The regular expression the output must match, if guided."""
+        """The regular expression the output must match, if guided (InvalidArgument for a
+        schema it cannot be made from)."""
         if self.guided_choice:
             return choice_pattern(self.guided_choice)
+        if self.guided_json:
+            return schema_to_regex(self.guided_json)
         return self.guided_regex or None
 
     def validate(self, vocab_size: int) -> None:
@@ -106,12 +112,13 @@ class SamplingParams:
         bad = [t for t, b in self.logit_bias if not -100.0 <= b <= 100.0]
         if bad:
             raise InvalidArgument(f"logit_bias values must be in [-100, 100]; tokens {bad[:8]}")
-        constraints = [name for name in ("guided_regex", "guided_choice", "allowed_token_ids")
-                       if getattr(self, name)]
+        constraints = [name for name in ("guided_regex", "guided_choice", "guided_json",
+                                         "allowed_token_ids") if getattr(self, name)]
         if len(constraints) > 1:
             raise InvalidArgument(f"set at most one of {', '.join(constraints)}")
-        if len(self.guided_regex) > MAX_GUIDED_REGEX:
-            raise InvalidArgument(f"guided_regex is longer than {MAX_GUIDED_REGEX} characters")
+        for name in ("guided_regex", "guided_json"):
+            if len(getattr(self, name)) > MAX_GUIDED_REGEX:
+                raise InvalidArgument(f"{name} is longer than {MAX_GUIDED_REGEX} characters")
         if (len(self.guided_choice) > MAX_GUIDED_CHOICES
                 or any(not c or len(c) > MAX_GUIDED_CHOICE for c in self.guided_choice)):
             raise InvalidArgument(f"guided_choice takes at most {MAX_GUIDED_CHOICES} non-empty "

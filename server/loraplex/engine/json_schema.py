@@ -1,0 +1,184 @@
+"""A JSON schema as the regular expression of the JSON texts it allows (guided_json).
+
+    schema_to_regex({"type": "object", "properties": {"name": {"type": "string"},
+                     "age": {"type": "integer"}}, "required": ["name"]})
+    # -> matches {"name": "Ada", "age": 36} and {"name": "Ada"}
+
+The text is compact JSON with an optional single space after each ':' and ',' (no
+newlines: a model cannot pad the output with whitespace forever). Object properties
+come in the schema's order, required ones always, the others when the model chooses.
+Covered: type (one or a list), enum, const, anyOf / oneOf, $ref into $defs /
+definitions (not recursive), string (minLength, maxLength, pattern, format date /
+time / date-time / uuid), integer and number (no bounds), boolean, null, array (items,
+minItems, maxItems), object (properties, required). Anything else that constrains the
+text raises InvalidArgument naming it; annotations (title, description, ...) are
+ignored. JSON with unbounded nesting is not a regular language, so an object needs its
+properties and an array its items.
+"""
+
+from __future__ import annotations
+
+import json
+
+from loraplex.engine.byte_regex import escape
+from loraplex.errors import InvalidArgument
+
+MAX_DEPTH = 16  # nested schemas ($refs included)
+SPACE = "[ ]?"
+_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'  # one JSON string character
+_TYPES = {
+    "integer": r"-?(?:0|[1-9][0-9]*)",
+    "number": r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?",
+    "boolean": "(?:true|false)",
+    "null": "null",
+}
+_FORMATS = {
+    "date": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
+    "time": r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-][0-9]{2}:[0-9]{2})?",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+}
+_FORMATS["date-time"] = f"{_FORMATS['date']}T{_FORMATS['time']}"
+_ANNOTATIONS = {"title", "description", "examples", "default", "$schema", "$id", "$comment",
+                "$defs", "definitions", "additionalProperties", "deprecated", "readOnly",
+                "writeOnly"}
+_HANDLED = {"type", "enum", "const", "anyOf", "oneOf", "$ref", "properties", "required",
+            "items", "minItems", "maxItems", "minLength", "maxLength", "pattern", "format"}
+
+
+def schema_to_regex(schema_text: str) -> str:
+    """The pattern of the JSON texts `schema_text` (a JSON schema) allows; raises
+    InvalidArgument saying what to fix."""
+    try:
+        schema = json.loads(schema_text)
+    except ValueError as exc:
+        raise InvalidArgument(f"guided_json is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise InvalidArgument("guided_json must be a JSON schema object")
+    return _Converter(schema).regex(schema, "#", 0)
+
+
+class _Converter:
+    def __init__(self, root: dict):
+        self.root = root
+
+    def error(self, where: str, what: str) -> InvalidArgument:
+        return InvalidArgument(f"guided_json: {what} at {where}")
+
+    def regex(self, schema, where: str, depth: int) -> str:
+        if depth > MAX_DEPTH:
+            raise self.error(where, f"schemas nested more than {MAX_DEPTH} deep (a recursive "
+                             f"$ref?)")
+        if schema is True or schema == {}:
+            raise self.error(where, "a schema that allows any JSON (unbounded nesting is not "
+                             "a regular language): give its type")
+        if not isinstance(schema, dict):
+            raise self.error(where, "a schema that is not an object")
+        unknown = set(schema) - _HANDLED - _ANNOTATIONS
+        if unknown:
+            raise self.error(where, f"unsupported keywords {sorted(unknown)}")
+        if "$ref" in schema:
+            return self.regex(self.resolve(schema["$ref"], where), schema["$ref"], depth + 1)
+        if "const" in schema:
+            return escape(json.dumps(schema["const"], ensure_ascii=False))
+        if "enum" in schema:
+            if not isinstance(schema["enum"], list) or not schema["enum"]:
+                raise self.error(where, "enum must be a non-empty list")
+            return _alternation(escape(json.dumps(v, ensure_ascii=False)) for v in schema["enum"])
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                options = schema[key]
+                if not isinstance(options, list) or not options:
+                    raise self.error(where, f"{key} must be a non-empty list")
+                return _alternation(self.regex(s, f"{where}/{key}/{i}", depth + 1)
+                                    for i, s in enumerate(options))
+        kind = schema.get("type")
+        if kind is None:
+            kind = ("object" if "properties" in schema else "array" if "items" in schema
+                    else "string" if {"pattern", "format", "minLength", "maxLength"} & set(schema)
+                    else None)
+            if kind is None:
+                raise self.error(where, "a schema with no type")
+        if isinstance(kind, list):
+            return _alternation(self.regex({**schema, "type": k}, where, depth + 1) for k in kind)
+        if kind in _TYPES:
+            return _TYPES[kind]
+        if kind == "string":
+            return self.string(schema, where)
+        if kind == "array":
+            return self.array(schema, where, depth)
+        if kind == "object":
+            return self.object(schema, where, depth)
+        raise self.error(where, f"unknown type {kind!r}")
+
+    def resolve(self, ref, where: str) -> dict:
+        for prefix in ("#/$defs/", "#/definitions/"):
+            if isinstance(ref, str) and ref.startswith(prefix):
+                found = self.root.get(prefix[2:-1], {}).get(ref[len(prefix):])
+                if found is not None:
+                    return found
+        raise self.error(where, f"$ref {ref!r} is not one of this schema's $defs")
+
+    def string(self, schema: dict, where: str) -> str:
+        if "pattern" in schema:
+            pattern = schema["pattern"]
+            if not isinstance(pattern, str):
+                raise self.error(where, "pattern must be a string")
+            return f'"(?:{pattern.removeprefix("^").removesuffix("$")})"'
+        if "format" in schema:
+            if schema["format"] not in _FORMATS:
+                raise self.error(where, f"string format {schema['format']!r} (supported: "
+                                 f"{', '.join(sorted(_FORMATS))})")
+            return f'"{_FORMATS[schema["format"]]}"'
+        lo, hi = _bounds(schema, "minLength", "maxLength", self.error, where)
+        return f'"{_CHAR}{_repeat(lo, hi)}"'
+
+    def array(self, schema: dict, where: str, depth: int) -> str:
+        if "items" not in schema:
+            raise self.error(where, "an array with no items schema")
+        item = self.regex(schema["items"], f"{where}/items", depth + 1)
+        lo, hi = _bounds(schema, "minItems", "maxItems", self.error, where)
+        more = f"(?:,{SPACE}{item}){_repeat(max(lo - 1, 0), None if hi is None else hi - 1)}"
+        body = f"{item}{more}"
+        if hi == 0:
+            return r"\[\]"
+        return rf"\[(?:{body})\]" if lo else rf"\[(?:{body})?\]"
+
+    def object(self, schema: dict, where: str, depth: int) -> str:
+        properties = schema.get("properties")
+        if not isinstance(properties, dict) or not properties:
+            raise self.error(where, "an object with no properties (free-form objects are "
+                             "not a regular language): list them")
+        required = set(schema.get("required", []))
+        missing = required - set(properties)
+        if missing:
+            raise self.error(where, f"required {sorted(missing)} not in properties")
+        parts = [(f'{escape(json.dumps(name, ensure_ascii=False))}:{SPACE}'
+                  f'{self.regex(sub, f"{where}/properties/{name}", depth + 1)}', name in required)
+                 for name, sub in properties.items()]
+        # the first property present is the first required one or an optional one before it
+        options = []
+        for first, (text, needed) in enumerate(parts):
+            rest = "".join(f",{SPACE}{t}" if r else f"(?:,{SPACE}{t})?"
+                           for t, r in parts[first + 1:])
+            options.append(text + rest)
+            if needed:
+                break
+        body = _alternation(options)
+        return rf"\{{{SPACE}(?:{body}){SPACE}\}}" if required else \
+            rf"\{{{SPACE}(?:{body})?{SPACE}\}}"
+
+
+def _alternation(options) -> str:
+    return "(?:" + "|".join(options) + ")"
+
+
+def _repeat(lo: int, hi: int | None) -> str:
+    return f"{{{lo},}}" if hi is None else f"{{{lo},{hi}}}"
+
+
+def _bounds(schema: dict, low: str, high: str, error, where: str) -> tuple[int, int | None]:
+    lo, hi = schema.get(low, 0), schema.get(high)
+    if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int)
+                                                                 or hi < lo)):
+        raise error(where, f"{low} / {high} must be integers with 0 <= {low} <= {high}")
+    return lo, hi

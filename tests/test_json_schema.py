@@ -1,0 +1,144 @@
+"""JSON schemas as regular expressions (engine.json_schema, guided_json).
+
+Documents the schema allows must match, in json.dumps' spacing and compact, and those
+it does not allow must not; served with sampling, every output parses and is allowed.
+"""
+
+import json
+import re
+
+import pytest
+
+from engine_helpers import build_engine, run_all
+from loraplex.engine.byte_regex import compile_regex
+from loraplex.engine.json_schema import schema_to_regex
+from loraplex.engine.request import FinishReason, GenerationRequest, SamplingParams
+from loraplex.errors import InvalidArgument
+from models import make_prompts
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 8},
+        "age": {"type": "integer"},
+        "email": {"type": ["string", "null"], "format": "uuid"},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "ç"]}, "maxItems": 2},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "ok"],
+}
+CASES = {
+    "person": (PERSON, [
+        ({"name": "Ada", "ok": True}, True),
+        ({"name": "Ada", "age": -3, "ok": False}, True),
+        ({"name": "Ada", "age": 7, "tags": ["ç", "a"], "ok": True}, True),
+        ({"name": "Ada", "email": None, "ok": True}, True),
+        ({"name": "Ada", "email": "123e4567-e89b-12d3-a456-426614174000", "ok": True}, True),
+        ({"name": "Ada \"q\"", "ok": True}, True),
+        ({"name": "", "ok": True}, False),  # minLength
+        ({"name": "Adalovelace", "ok": True}, False),  # maxLength
+        ({"name": "Ada"}, False),  # ok is required
+        ({"ok": True, "name": "Ada"}, False),  # properties in the schema's order
+        ({"name": "Ada", "age": 1.5, "ok": True}, False),
+        ({"name": "Ada", "tags": ["a", "b", "a"], "ok": True}, False),  # maxItems
+        ({"name": "Ada", "tags": ["c"], "ok": True}, False),
+        ({"name": "Ada", "email": "x", "ok": True}, False),
+    ]),
+    "refs and unions": ({
+        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "number"},
+                                                             "y": {"type": "number"}},
+                            "required": ["x", "y"]}},
+        "type": "object",
+        "properties": {"at": {"$ref": "#/$defs/point"},
+                       "kind": {"anyOf": [{"const": "dot"}, {"type": "integer"}]},
+                       "when": {"type": "string", "format": "date-time"},
+                       "path": {"type": "array", "items": {"$ref": "#/$defs/point"},
+                                "minItems": 1}},
+        "required": ["at"],
+    }, [
+        ({"at": {"x": 1, "y": -2.5e3}}, True),
+        ({"at": {"x": 0, "y": 0}, "kind": "dot"}, True),
+        ({"at": {"x": 0, "y": 0}, "kind": 12}, True),
+        ({"at": {"x": 0, "y": 0}, "when": "2026-12-03T14:05:00Z"}, True),
+        ({"at": {"x": 0, "y": 0}, "path": [{"x": 1, "y": 2}, {"x": 3, "y": 4}]}, True),
+        ({"at": {"x": 0}}, False),
+        ({"at": {"x": 0, "y": 0}, "kind": "line"}, False),
+        ({"at": {"x": 0, "y": 0}, "path": []}, False),
+        ({"at": {"x": 0, "y": 0}, "when": "2026-13-03T14:05:00Z"}, False),
+        ({"at": {"x": 0, "y": 0}, "kind": 1.5}, False),
+    ]),
+    "all optional": ({"type": "object", "properties": {"a": {"type": "null"},
+                                                       "b": {"type": "string",
+                                                             "pattern": "^[0-9]{3}$"}}}, [
+        ({}, True), ({"a": None}, True), ({"b": "123"}, True), ({"a": None, "b": "007"}, True),
+        ({"b": "12"}, False), ({"b": "1234"}, False), ({"b": 123}, False),
+    ]),
+    "top-level array": ({"type": "array", "items": {"type": "integer"}, "minItems": 2,
+                         "maxItems": 3}, [
+        ([1, 2], True), ([1, 2, 3], True), ([1], False), ([1, 2, 3, 4], False), ([], False),
+    ]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_schema_regex_matches_exactly_the_allowed_documents(case):
+    schema, docs = CASES[case]
+    dfa = compile_regex(schema_to_regex(json.dumps(schema)))
+    for doc, allowed in docs:
+        for text in (json.dumps(doc, ensure_ascii=False),
+                     json.dumps(doc, ensure_ascii=False, separators=(",", ":"))):
+            assert dfa.matches(text.encode()) == allowed, (case, text)
+
+
+@pytest.mark.parametrize("schema,says", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON schema object"),
+    ('{"type": "object"}', "an object with no properties"),
+    ('{"type": "array"}', "an array with no items"),
+    ("{}", "allows any JSON"),
+    ('{"type": "integer", "minimum": 3}', "unsupported keywords ['minimum']"),
+    ('{"type": "string", "format": "email"}', "string format 'email'"),
+    ('{"$ref": "#/$defs/nope"}', "not one of this schema's $defs"),
+    ('{"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}},'
+     ' "$ref": "#/$defs/n"}', "nested more than 16 deep"),
+    ('{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["b"]}',
+     "required ['b'] not in properties"),
+    ('{"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 2}',
+     "minItems / maxItems"),
+    ('{"type": "date"}', "unknown type 'date'"),
+])
+def test_schemas_that_cannot_be_used_say_why(schema, says):
+    with pytest.raises(InvalidArgument, match=re.escape(says)):
+        schema_to_regex(schema)
+
+
+def test_sampled_guided_json_parses_and_is_allowed(tiny_models, adapters):
+    """Sampled at temperature 1 from a random model, every output is a document of the
+    schema (the model would rather write noise)."""
+    schema = {"type": "object", "properties": {
+        "id": {"type": "integer"}, "label": {"enum": ["cat", "dog"]},
+        "score": {"type": "number"}, "note": {"type": "string", "maxLength": 6}},
+        "required": ["id", "label"]}
+    arch = "llama"
+    names = sorted(adapters[arch])[:3]
+    prompts = make_prompts(6, min_len=4, max_len=20, seed=31)
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=96, temperature=1.0,
+                                                    seed=i, guided_json=json.dumps(schema)),
+                                  adapter=names[i % 3] if i % 4 else "")
+                for i, p in enumerate(prompts)]
+    engine = build_engine(tiny_models[arch], adapters[arch][names[0]].parent)
+    try:
+        outs = run_all(engine, requests)
+    finally:
+        engine.stop()
+    finished = 0
+    for out in outs:
+        if out.finish_reason is FinishReason.LENGTH:  # (a long number may run out of tokens)
+            continue
+        finished += 1
+        doc = json.loads(out.text)
+        assert isinstance(doc["id"], int) and doc["label"] in ("cat", "dog")
+        assert set(doc) <= set(schema["properties"])
+        assert isinstance(doc.get("score", 0.0), (int, float))
+        assert len(doc.get("note", "")) <= 6
+    assert finished >= 3
