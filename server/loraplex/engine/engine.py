@@ -369,10 +369,13 @@ class Engine:
         self.metrics.batch_tokens.observe(sum(item.num_new for item in batch))
         self.metrics.batch_adapters.observe(len(adapters - {""}))
 
+    def _eos_ids(self, params: SamplingParams) -> tuple[int, ...]:
+        """The model's EOS ids, unless the request ignores EOS."""
+        return () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
+
     def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
         """The token ids that end an output: the stop ids, and EOS unless ignored."""
-        eos = () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
-        return params.stop_token_ids + eos
+        return params.stop_token_ids + self._eos_ids(params)
 
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
         """The ids seq may not produce next: before min_tokens, what would stop it."""
@@ -384,10 +387,8 @@ class Engine:
         guide that cannot go on ends its sequence (INVALID) and returns None."""
         if seq.guide is None:
             return None
-        params = seq.request.sampling
-        eos = () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
         try:
-            mask = seq.guide.mask(seq.guide_state, eos)
+            mask = seq.guide.mask(seq.guide_state, self._eos_ids(seq.request.sampling))
         except GuideTooLarge as exc:
             self._finish(seq, FinishReason.INVALID, f"guided decoding stopped: {exc}; "
                          f"simplify the pattern")

@@ -123,7 +123,7 @@ class Guide:
         self.dfa = dfa
         self._vocabulary = vocabulary  # () -> Vocabulary, built at first use
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()  # state -> packed bits
-        self._rows = np.full((0, 256), DEAD, dtype=np.int64)  # the automaton as a table
+        self._rows = np.full((0, 256), DEAD, dtype=np.int32)  # the automaton as a table
         self._built = np.zeros(0, dtype=bool)  # [state]: whether its row is in _rows
 
     @property
@@ -161,7 +161,7 @@ class Guide:
         vocab = self._vocabulary()
         bits = np.zeros(vocab.size, dtype=bool)
         alive = np.arange(len(vocab.ids))  # [A] indices of the tokens not dead yet
-        at = np.full(len(alive), state, dtype=np.int64)  # [A] their automaton states
+        at = np.full(len(alive), state, dtype=np.int32)  # [A] their automaton states
         for j in range(vocab.columns.shape[0] + 1):
             ended = vocab.lengths[alive] == j  # (shortest first: a prefix of `alive`)
             bits[vocab.ids[alive[ended]]] = True
@@ -174,10 +174,10 @@ class Guide:
         return np.packbits(bits)
 
     def _table(self, states: np.ndarray) -> np.ndarray:
-        """[>= dfa.num_states, 256] int64: the automaton's transitions, with the rows of
+        """[>= dfa.num_states, 256] int32: the automaton's transitions, with the rows of
         `states` built."""
         if self._rows.shape[0] < self.dfa.num_states:
-            grown = np.full((2 * self.dfa.num_states, 256), DEAD, dtype=np.int64)
+            grown = np.full((2 * self.dfa.num_states, 256), DEAD, dtype=np.int32)
             grown[:self._rows.shape[0]] = self._rows
             self._rows = grown
             self._built = np.concatenate([self._built, np.zeros(len(grown) - len(self._built),
