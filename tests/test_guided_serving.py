@@ -117,25 +117,31 @@ def test_a_finished_match_ends_even_before_min_tokens(tiny_models, adapters):
     finally:
         engine.stop()
     assert [out.text for out in outs] == ["ab", "ab"]
+    assert all(list(out.token_ids) == tokenizer.encode("ab") for out in outs)  # nothing else
     assert all(out.finish_reason is FinishReason.STOP for out in outs)
 
 
 def test_a_guide_past_its_limits_ends_only_its_request(tiny_models, adapters, monkeypatch):
-    """A pattern whose automaton outgrows its state limit ends INVALID with a message that
-    says what to fix; the requests batched with it go on."""
+    """A pattern whose automaton outgrows its state limit, or that the vocabulary cannot
+    spell, ends INVALID with a message that says what to fix; the requests batched with
+    it go on."""
     monkeypatch.setattr("loraplex.engine.byte_regex.MAX_DFA_STATES", 12)
     arch = "llama"
     prompt = make_prompts(2, min_len=5, max_len=5, seed=24)[0]
     requests = [GenerationRequest(prompt, guided(r"[a-z]*a[a-z]{5}")),
                 GenerationRequest(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True)),
-                GenerationRequest(prompt, guided(("yes", "no")))]
+                GenerationRequest(prompt, guided(("yes", "no"))),
+                # the test tokenizer has no token for the bytes 0x1c-0x1f
+                GenerationRequest(prompt, guided(("ok\x1c",)))]
     engine = build_engine(tiny_models[arch], next(iter(adapters[arch].values())).parent)
     try:
-        bad, plain, fine = run_all(engine, requests)
+        bad, plain, fine, unspellable = run_all(engine, requests)
     finally:
         engine.stop()
     assert bad.finish_reason is FinishReason.INVALID
     assert "simplify the pattern" in bad.error and "12 states" in bad.error
+    assert unspellable.finish_reason is FinishReason.INVALID and unspellable.text == "ok"
+    assert "no token of the vocabulary continues" in unspellable.error
     assert len(plain.token_ids) == 6 and plain.finish_reason is FinishReason.LENGTH
     assert fine.text in ("yes", "no") and fine.finish_reason is FinishReason.STOP
 
