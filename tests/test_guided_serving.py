@@ -99,6 +99,10 @@ def test_sampled_guided_output_matches_and_its_seed_repeats(tiny_models, adapter
         engine.stop()
     assert all(out.text in LANGUAGES[spec] for out in outs)
     assert outs[0].token_ids == outs[3].token_ids
+    steps = next(s.value for m in engine.metrics.registry.collect()
+                 if m.name == "loraplex_guide_mask_seconds" for s in m.samples
+                 if s.name.endswith("_count"))
+    assert steps == max(len(out.token_ids) for out in outs)  # one per step with a guide
     assert len({out.text for out in outs}) > 1
 
 

@@ -329,7 +329,10 @@ class Engine:
             seq.prompt_scores += sampler.token_logprobs(
                 scores, targets, [seq.request.sampling.prompt_logprobs] * len(targets))
         logits = step_logits.sampled  # [len(sampling), vocab]
+        started = time.perf_counter()
         masks = [self._guide_mask(s) for s in sampling]  # (ends the guided rows stuck)
+        if any(s.guide is not None for s in sampling):
+            self.metrics.guide_mask_time.observe(time.perf_counter() - started)
         if any(s.status is Status.FINISHED for s in sampling):
             kept = [i for i, s in enumerate(sampling) if s.status is not Status.FINISHED]
             sampling, masks, logits = [sampling[i] for i in kept], [masks[i] for i in kept], \
