@@ -39,7 +39,7 @@ PATTERNS = [
     r"[\d\s.]*",
     r"a+?b??c*?",
 ]
-ALPHABET_EXTRA = ["é", "ü", "中", "😀", "\n", " ", "\\", '"', "-", "."]
+ALPHABET_EXTRA = ["é", "ü", "中", "😀", "\n", " ", "\\", '"', "-", ".", "\v", "\f", "\x00"]
 
 
 def _alphabet(pattern: str) -> list[str]:
@@ -151,3 +151,30 @@ def test_an_automaton_past_its_state_limit_raises(monkeypatch):
     walk = bytes(rng.choice(b"ab") for _ in range(200))
     with pytest.raises(GuideTooLarge):
         dfa.walk(dfa.start, walk)
+
+
+def _m(pattern: str, text: str) -> bool:
+    return compile_regex(pattern).matches(text.encode())
+
+
+def test_edges_of_classes_escapes_and_anchors():
+    """Cases the differential samples can miss (each once seen to slip through a mutant)."""
+    assert _m(r"\s", "\v") and _m(r"\s", "\f") and not _m(r"\S", "\v")
+    assert _m(r"[^a]", "\x00") and _m(r".", "\x00") and _m(r"\W", "\x00")  # U+0000 counts
+    assert _m(r"[a-zb-c]+", "xyz") and _m(r"[a-mc-d]", "k")  # overlapping ranges merge
+    assert _m(r"a|[\uD000-\uD800]", "a")  # a range ending on a surrogate
+    assert utf8_sequences(0xD000, 0xD800) == utf8_sequences(0xD000, 0xD7FF)
+    assert _m(r"a$|b", "a") and _m(r"(a$)", "a")  # '$' at the end of a branch
+    assert _m(r"[a-]", "-") and _m(r"[a-]", "a") and not _m(r"[a-]", "b")
+    assert _m(r"a\0", "a\x00")
+    for pattern, says in ((r"\xZZ", "hex digits"), (r"\U00110000", "U+10FFFF")):
+        with pytest.raises(InvalidArgument, match=re.escape(says)):
+            compile_regex(pattern)
+
+
+def test_states_that_cannot_reach_a_match_are_dead():
+    """An empty class makes its branch a dead end: trimmed, so its prefix is DEAD at once
+    (a mask would otherwise allow tokens that lead nowhere)."""
+    dfa = compile_regex(r"ac[^\x00-\U0010FFFF]|ab")
+    assert dfa.walk(dfa.start, b"ac") == DEAD
+    assert dfa.walk(dfa.start, b"a") != DEAD and dfa.matches(b"ab")

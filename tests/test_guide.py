@@ -10,7 +10,8 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, trainers
+from tokenizers import (AddedToken, Tokenizer, decoders, models as tk_models, pre_tokenizers,
+                        trainers)
 from transformers import PreTrainedTokenizerFast
 
 from loraplex.engine.byte_regex import DEAD, compile_regex
@@ -150,3 +151,41 @@ def test_a_mask_is_the_walk_over_the_whole_vocabulary_for_random_states():
 
 def test_the_test_vocabulary_is_the_models():
     assert len(char_tokenizer()) == VOCAB_SIZE
+
+
+def test_token_bytes_leave_out_added_specials_and_ids_past_the_model():
+    tokenizer = char_tokenizer()
+    tokenizer.add_tokens([AddedToken("<tool>", special=True)])
+    assert tokenizer.convert_tokens_to_ids("<tool>") not in token_bytes(tokenizer, len(tokenizer))
+    assert max(token_bytes(tokenizer, VOCAB_SIZE - 1)) < VOCAB_SIZE - 1
+
+
+def test_byte_pieces_are_literal_without_a_byte_fallback_decoder():
+    pieces = ["<unk>", "<s>", "</s>", "<0x41>", "▁", "a", "b"]
+    tok = Tokenizer(tk_models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[],
+                                  unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    assert tokenizer.decode([3]) == "<0x41>"
+    assert token_bytes(tokenizer, len(tokenizer))[3] == b"<0x41>"
+
+
+def test_masks_and_guides_are_kept_most_recently_used(monkeypatch):
+    monkeypatch.setattr("loraplex.engine.guide.MAX_MASKS", 2)
+    monkeypatch.setattr("loraplex.engine.guide.MAX_GUIDES", 2)
+    tokenizer = char_tokenizer()
+    cache = GuideCache(tokenizer, len(tokenizer))
+    guide = cache.get("abc")
+    s0 = guide.start
+    s1 = guide.advance(s0, tokenizer.convert_tokens_to_ids("a"))
+    s2 = guide.advance(s1, tokenizer.convert_tokens_to_ids("b"))
+    for state in (s0, s1, s0, s2):
+        guide.mask(state, ())
+    assert list(guide._masks) == [s0, s2]
+    first = cache.get("a")
+    cache.get("b")
+    cache.get("a")
+    cache.get("c")
+    assert list(cache._guides) == ["a", "c"] and cache.get("a") is first  # "b" went

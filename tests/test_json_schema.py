@@ -142,3 +142,33 @@ def test_sampled_guided_json_parses_and_is_allowed(tiny_models, adapters):
         assert isinstance(doc.get("score", 0.0), (int, float))
         assert len(doc.get("note", "")) <= 6
     assert finished >= 3
+
+
+def _allows(schema, doc) -> bool:
+    dfa = compile_regex(schema_to_regex(json.dumps(schema)))
+    return dfa.matches(json.dumps(doc, ensure_ascii=False).encode())
+
+
+def test_edges_of_values_refs_and_bounds():
+    """Cases the documents above can miss (each once seen to slip through a mutant)."""
+    assert _allows({"type": "array", "items": {"type": "integer"}, "maxItems": 0}, [])
+    assert schema_to_regex('{"type": "array", "items": {"type": "integer"}, "maxItems": 0}') \
+        == r"\[\]"
+    enum = {"enum": ["a.b", "x*"]}  # regex characters in values are literal
+    assert _allows(enum, "a.b") and _allows(enum, "x*")
+    assert not _allows(enum, "axb") and not _allows(enum, "xxx")
+    assert _allows({"const": "café"}, "café")
+    assert _allows({"type": "string"}, "\x01")  # written "\u0001"
+    assert not compile_regex(schema_to_regex('{"type": "string"}')).matches(b'"\x1f"')
+    assert _allows({"type": "number"}, 1e-05)
+    assert _allows({"type": "string", "minLength": 2, "maxLength": 2}, "ab")
+    assert _allows({"properties": {"a": {"type": "null"}}}, {"a": None})  # object inferred
+    assert _allows({"definitions": {"p": {"type": "integer"}}, "type": "object",
+                    "properties": {"x": {"$ref": "#/definitions/p"}}, "required": ["x"]},
+                   {"x": 3})
+    deep = {"type": "integer"}
+    for _ in range(16):  # exactly the depth limit (each level writes its items twice, so
+        deep = {"type": "array", "items": deep}  # the automaton would be too large)
+    assert schema_to_regex(json.dumps(deep)).count("-?(?:0|[1-9][0-9]*)") == 2 ** 16
+    deep = {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}
+    assert _allows(deep, [[1, 2], [], [3]])

@@ -393,14 +393,25 @@ class Engine:
         try:
             mask = seq.guide.mask(seq.guide_state, self._eos_ids(seq.request.sampling))
         except GuideTooLarge as exc:
-            self._finish(seq, FinishReason.INVALID, f"guided decoding stopped: {exc}; "
-                         f"simplify the pattern")
+            self._finish(seq, FinishReason.INVALID, _too_large(exc))
             return None
         if not mask.any():
             self._finish(seq, FinishReason.INVALID, "guided decoding stopped: no token of the "
                          "vocabulary continues the output toward a match of the pattern")
             return None
         return mask
+
+    @staticmethod
+    def _advance_guide(seq: Sequence, token: int) -> tuple[bool, str]:
+        """Move a guided sequence's automaton past `token`: (whether its output is now a
+        match nothing can extend, why the guide cannot go on or "")."""
+        if seq.guide is None:
+            return False, ""
+        try:
+            seq.guide_state = seq.guide.advance(seq.guide_state, token)
+            return seq.guide.is_final(seq.guide_state), ""
+        except GuideTooLarge as exc:
+            return False, _too_large(exc)
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         now = time.monotonic()
@@ -417,12 +428,12 @@ class Engine:
         params = seq.request.sampling
         text, hit_stop = seq.stops.feed(seq.detokenizer.add(token),
                                         armed=len(seq.output_ids) >= params.min_tokens)
-        if seq.guide is not None:
-            seq.guide_state = seq.guide.advance(seq.guide_state, token)
+        matched, error = self._advance_guide(seq, token)
         reason = None
-        if hit_stop or token in params.stop_token_ids or (
-                not params.ignore_eos and token in self.loaded.eos_token_ids) or (
-                seq.guide is not None and seq.guide.is_final(seq.guide_state)):
+        if error:
+            reason = FinishReason.INVALID
+        elif hit_stop or matched or token in params.stop_token_ids or (
+                not params.ignore_eos and token in self.loaded.eos_token_ids):
             reason = FinishReason.STOP
         elif len(seq.output_ids) >= params.max_new_tokens:
             reason = FinishReason.LENGTH
@@ -433,7 +444,7 @@ class Engine:
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
             logprobs=(logprob,) if logprob is not None else (),
             prompt_logprobs=tuple(seq.prompt_scores) if len(seq.output_ids) == 1 else (),
-            finish_reason=reason)
+            finish_reason=reason, error=error)
         try:
             if reason is not None:  # free everything before the caller hears it finished
                 self._release(seq, reason)
@@ -564,6 +575,10 @@ class RequestStream:
         self._done = True
         if self._started:
             self._engine._abort(self.request_id)
+
+
+def _too_large(exc: GuideTooLarge) -> str:
+    return f"guided decoding stopped: {exc}; simplify the pattern"
 
 
 def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:

@@ -137,10 +137,10 @@ class _Converter:
             raise self.error(where, "an array with no items schema")
         item = self.regex(schema["items"], f"{where}/items", depth + 1)
         lo, hi = _bounds(schema, "minItems", "maxItems", self.error, where)
-        more = f"(?:,{SPACE}{item}){_repeat(max(lo - 1, 0), None if hi is None else hi - 1)}"
-        body = f"{item}{more}"
         if hi == 0:
             return r"\[\]"
+        more = f"(?:,{SPACE}{item}){_repeat(max(lo - 1, 0), None if hi is None else hi - 1)}"
+        body = f"{item}{more}"
         return rf"\[(?:{body})\]" if lo else rf"\[(?:{body})?\]"
 
     def object(self, schema: dict, where: str, depth: int) -> str:
