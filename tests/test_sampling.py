@@ -157,3 +157,22 @@ def test_stop_string_before_min_tokens_is_let_through_but_one_ending_after_is_ca
     f = StopStringFilter(("END",))
     assert f.feed("a END b E", armed=False) == ("a END b ", False)  # its start held back
     assert f.feed("ND!", armed=True) == ("", True)
+
+
+def test_masked_greedy_rows_batched_equal_each_row_alone():
+    """Greedy rows with only a guide's mask are decided in one masked argmax: the same
+    tokens as one by one, beside rows adjusted otherwise and plain ones."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen)
+    masks = [torch.rand(50, generator=gen) < 0.2 for _ in range(6)]
+    rows = [_row(), sampler.RowContext([], [], mask=masks[1]),
+            sampler.RowContext([], [], mask=masks[2]),
+            sampler.RowContext([], [], banned=(int(masks[3].nonzero()[0]),), mask=masks[3]),
+            sampler.RowContext([], [7], mask=masks[4]), sampler.RowContext([], [], mask=masks[5])]
+    params = [SamplingParams(), SamplingParams(), SamplingParams(), SamplingParams(),
+              SamplingParams(repetition_penalty=1.5), SamplingParams()]
+    got = sampler.sample(logits, params, rows)
+    want = [int(logits[0].argmax())] + [sampler.sample_one(logits[i], params[i], rows[i])
+                                        for i in range(1, 6)]
+    assert got == want
+    assert all(bool(masks[i][got[i]]) for i in range(1, 6))

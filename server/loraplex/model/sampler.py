@@ -1,15 +1,16 @@
 """Pick each sequence's next token from its logits, with its own sampling parameters.
 
-Greedy rows with nothing to adjust are decided together with one argmax; the others go
-one by one: the penalties (repetition, presence, frequency), the logit bias, the allowed
-ids or the guide's mask and the tokens banned until min_tokens, then for sampled rows
+Greedy rows with nothing to adjust are decided together with one argmax, and greedy rows
+whose only adjustment is a guide's mask with one masked argmax. The others go one by
+one: the penalties (repetition, presence, frequency), the logit bias, the allowed ids or
+the guide's mask and the tokens banned until min_tokens, then for sampled rows
 temperature, top-k, top-p, min-p and a draw from the request's own generator, so a seed
 makes a request reproducible whatever else is batched with it. Log-probabilities are
 those of the model's raw distribution."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -121,8 +122,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], rows: list[RowCon
     """logits: [N, V] -> one token id per row."""
     logits = logits.float()
     tokens = torch.argmax(logits, dim=-1).tolist()  # greedy for every row, then fix the others
+    # greedy rows whose only adjustment is a guide's mask: one masked argmax for them all
+    masked = [i for i, (p, row) in enumerate(zip(params, rows))
+              if row.mask is not None and not adjusts(p, replace(row, mask=None))]
+    if masked:
+        masks = torch.stack([rows[i].mask for i in masked]).to(logits.device)  # [M, V]
+        picked = logits[masked].masked_fill(~masks, float("-inf")).argmax(-1)  # [M]
+        for i, token in zip(masked, picked.tolist()):
+            tokens[i] = token
+    done = set(masked)
     for i, (p, row) in enumerate(zip(params, rows)):
-        if adjusts(p, row):
+        if adjusts(p, row) and i not in done:
             tokens[i] = sample_one(logits[i], p, row)
     return tokens
 
