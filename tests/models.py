@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from loraplex.engine.guide import gpt2_byte_chars
 from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -81,7 +82,7 @@ def char_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     library, so AutoTokenizer.from_pretrained loads it offline. Ids past 259 (bigger vocabs)
     are filler tokens "<extra_N>" that text never produces.
     """
-    gpt2_bytes = _gpt2_byte_chars()
+    gpt2_bytes = gpt2_byte_chars()
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {tok: i for i, tok in enumerate(specials)}
     for i in range(FIRST_TEXT_ID, vocab_size):
@@ -98,20 +99,6 @@ def char_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         padding_side="left",
     )
-
-
-def _gpt2_byte_chars() -> list[str]:
-    """GPT-2's printable stand-in character for each byte 0..255 (bytes_to_unicode)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
 
 
 def _init_weights(model: torch.nn.Module, std: float, logit_std: float) -> None:

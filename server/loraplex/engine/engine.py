@@ -107,6 +107,7 @@ class Engine:
                                   self.metrics, base_model=loaded.name)
         self.adapters = AdapterManager(self.cache)
         self.guides = GuideCache(self.tokenizer, loaded.vocab_size)
+        self._eos = tuple(sorted(loaded.eos_token_ids))
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
         self.runner = ModelRunner(loaded, self.kv_cache, cfg.block_size, cfg.lora_backend,
                                   self.cache.slot_ranks, cfg.attention_backend)
@@ -192,8 +193,8 @@ class Engine:
             raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
         request.sampling.validate(vocab)
         params = request.sampling
-        if params.guide_pattern:
-            self.guides.get(params.guide_pattern)  # raises InvalidArgument if it won't compile
+        if params.guide_pattern:  # (InvalidArgument for a pattern that does not compile)
+            self.guides.get(params.guide_pattern)
         if (params.allowed_token_ids and params.min_tokens
                 and set(params.allowed_token_ids) <= set(self._stop_ids(params))):
             raise InvalidArgument("every allowed_token_ids is a stop or EOS token, which "
@@ -221,8 +222,9 @@ class Engine:
                        stops=StopStringFilter(request.sampling.stop))
         if seed is not None:
             seq.generator = torch.Generator().manual_seed(seed)
-        if request.sampling.guide_pattern:
-            seq.guide = self.guides.get(request.sampling.guide_pattern)
+        pattern = request.sampling.guide_pattern
+        if pattern:
+            seq.guide = self.guides.get(pattern)
             seq.guide_state = seq.guide.start
         self._inbox.put(seq)
         self._wake.set()
@@ -329,14 +331,15 @@ class Engine:
             seq.prompt_scores += sampler.token_logprobs(
                 scores, targets, [seq.request.sampling.prompt_logprobs] * len(targets))
         logits = step_logits.sampled  # [len(sampling), vocab]
-        started = time.perf_counter()
-        masks = [self._guide_mask(s) for s in sampling]  # (ends the guided rows stuck)
+        masks = [None] * len(sampling)
         if any(s.guide is not None for s in sampling):
+            started = time.perf_counter()
+            masks = [self._guide_mask(s) for s in sampling]  # (ends the guided rows stuck)
             self.metrics.guide_mask_time.observe(time.perf_counter() - started)
-        if any(s.status is Status.FINISHED for s in sampling):
             kept = [i for i, s in enumerate(sampling) if s.status is not Status.FINISHED]
-            sampling, masks, logits = [sampling[i] for i in kept], [masks[i] for i in kept], \
-                logits[kept]
+            if len(kept) < len(sampling):
+                sampling, masks, logits = [sampling[i] for i in kept], \
+                    [masks[i] for i in kept], logits[kept]
         if sampling:
             tokens = sampler.sample(logits, [s.request.sampling for s in sampling],
                                     [sampler.RowContext(s.prompt_ids, s.output_ids,
@@ -374,7 +377,7 @@ class Engine:
 
     def _eos_ids(self, params: SamplingParams) -> tuple[int, ...]:
         """The model's EOS ids, unless the request ignores EOS."""
-        return () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
+        return () if params.ignore_eos else self._eos
 
     def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
         """The token ids that end an output: the stop ids, and EOS unless ignored."""

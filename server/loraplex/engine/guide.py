@@ -48,7 +48,7 @@ def token_bytes(tokenizer, vocab_size: int) -> dict[int, bytes]:
     kinds = _decoder_kinds(decoder)
     byte_level = "ByteLevel" in kinds
     metaspace = "Metaspace" in kinds or "Replace:▁" in kinds
-    unbyte = {c: b for b, c in enumerate(_gpt2_byte_chars())}
+    unbyte = {c: b for b, c in enumerate(gpt2_byte_chars())}
     special = set(tokenizer.all_special_ids)
     special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
     out = {}
@@ -80,7 +80,7 @@ def _decoder_kinds(decoder: dict | None) -> set[str]:
     return {decoder["type"]}
 
 
-def _gpt2_byte_chars() -> list[str]:
+def gpt2_byte_chars() -> list[str]:
     """GPT-2's printable stand-in character for each byte 0..255 (bytes_to_unicode)."""
     printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) \
         | set(range(ord("®"), ord("ÿ") + 1))

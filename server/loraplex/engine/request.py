@@ -7,6 +7,7 @@ never sees protobuf.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 from loraplex.engine.byte_regex import choice_pattern
@@ -61,10 +62,10 @@ class SamplingParams:
     guided_choice: tuple[str, ...] = ()
     guided_json: str = ""
 
-    @property
+    @functools.cached_property
     def guide_pattern(self) -> str | None:
         """The regular expression the output must match, if guided (InvalidArgument for a
-        schema it cannot be made from)."""
+        schema it cannot be made from); made once per request."""
         if self.guided_choice:
             return choice_pattern(self.guided_choice)
         if self.guided_json:

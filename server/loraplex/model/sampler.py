@@ -10,7 +10,7 @@ those of the model's raw distribution."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -80,9 +80,13 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 def adjusts(params: SamplingParams, row: RowContext) -> bool:
     """Whether the row's logits change before its choice (else greedy is a plain argmax)."""
+    return row.mask is not None or adjusts_besides_mask(params, row)
+
+
+def adjusts_besides_mask(params: SamplingParams, row: RowContext) -> bool:
     return bool(params.temperature != 0.0 or params.repetition_penalty != 1.0
                 or params.presence_penalty or params.frequency_penalty or params.logit_bias
-                or params.allowed_token_ids or row.banned or row.mask is not None)
+                or params.allowed_token_ids or row.banned)
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> int:
@@ -124,7 +128,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], rows: list[RowCon
     tokens = torch.argmax(logits, dim=-1).tolist()  # greedy for every row, then fix the others
     # greedy rows whose only adjustment is a guide's mask: one masked argmax for them all
     masked = [i for i, (p, row) in enumerate(zip(params, rows))
-              if row.mask is not None and not adjusts(p, replace(row, mask=None))]
+              if row.mask is not None and not adjusts_besides_mask(p, row)]
     if masked:
         masks = torch.stack([rows[i].mask for i in masked]).to(logits.device)  # [M, V]
         picked = logits[masked].masked_fill(~masks, float("-inf")).argmax(-1)  # [M]
