@@ -278,6 +278,48 @@ def test_stop_token_ids_and_seeded_sampling(client):
     assert sampled[0] == sampled[1]
 
 
+def test_n_completions_unary_and_streamed(client):
+    """n = 3 seeded: completion i is the single request with seed + i, in the unary
+    answer's completions (completion 0's also on top) and in a stream whose messages
+    interleave by index, each completion ending once; prompt logprobs come once."""
+    args = dict(adapter="alpha", max_new_tokens=8, ignore_eos=True, temperature=1.0,
+                logprobs=True)
+    alone = [client.generate(PROMPT, seed=77 + i, **args) for i in range(3)]
+    r = client.generate(PROMPT, seed=77, n=3, prompt_logprobs=1, **args)
+    assert [c.index for c in r.completions] == [0, 1, 2]
+    assert [c.token_ids for c in r.completions] == [a.token_ids for a in alone]
+    assert [c.text for c in r.completions] == [a.text for a in alone]
+    assert [c.finish_reason for c in r.completions] == ["length"] * 3
+    assert [c.completion_tokens for c in r.completions] == [8] * 3
+    assert [[lp.token_id for lp in c.logprobs] for c in r.completions] == [
+        list(a.token_ids) for a in alone]
+    assert (r.text, r.token_ids, r.logprobs) == (alone[0].text, alone[0].token_ids,
+                                                 r.completions[0].logprobs)
+    assert r.prompt_tokens == alone[0].prompt_tokens and len(r.prompt_logprobs) == \
+        r.prompt_tokens - 1
+    assert r.adapter == refs(client)["alpha"]
+    chunks = list(client.stream(PROMPT, seed=77, n=3, prompt_logprobs=1, **args))
+    assert len({c.request_id for c in chunks}) == 1 and chunks[0].request_id
+    assert sorted(c.index for c in chunks[:3]) == [0, 1, 2]  # interleaved, step by step
+    for i, a in enumerate(alone):
+        mine = [c for c in chunks if c.index == i]
+        assert tuple(t for c in mine for t in c.token_ids) == a.token_ids
+        assert [c.finish_reason for c in mine] == [None] * 7 + ["length"]
+    assert [len(c.prompt_logprobs) for c in chunks if c.prompt_logprobs] == [
+        r.prompt_tokens - 1]
+    one = client.generate(PROMPT, seed=77, **args)  # n = 1: one completion, the top fields
+    assert [(c.index, c.token_ids) for c in one.completions] == [(0, alone[0].token_ids)]
+
+
+def test_n_completions_error_ends_the_call(client):
+    """The completions' error (a guide the vocabulary cannot spell ends them INVALID) ends
+    the call, INVALID_ARGUMENT, and every completion lets go of its adapter."""
+    with pytest.raises(InvalidArgument, match="no token of the vocabulary continues"):
+        # the test tokenizer has no token for the bytes 0x1c-0x1f
+        client.generate(PROMPT, adapter="beta", n=2, guided_regex="\x1c+", max_new_tokens=4)
+    assert wait_in_use(client, "beta", 0) == 0
+
+
 def test_min_tokens_holds_back_stop_tokens_and_strings(client):
     greedy = client.generate(PROMPT, max_new_tokens=10, ignore_eos=True)
     stop = greedy.token_ids[1]
@@ -413,6 +455,7 @@ BAD_REQUESTS = {
     "schema not JSON": (pb.GenerateRequest(prompt="a", guided_json="{type"), "not valid JSON"),
     "schema and regex": (pb.GenerateRequest(prompt="a", guided_json='{"type": "null"}',
                                             guided_regex="a"), "at most one of"),
+    "n above 32": (pb.GenerateRequest(prompt="a", n=33), "n must be in [1, 32]"),
 }
 
 

@@ -159,6 +159,13 @@ def test_cli_generate_json_and_stream_match_the_client(server, tmp_path):
                    "--json-schema", f"@{schema}", "Hello")
     doc = json.loads(json.loads(out.stdout)["text"])
     assert len(doc) in (2, 3) and all(isinstance(x, bool) for x in doc)
+    with Client(server.target) as c:
+        expected = c.generate("Hello", max_new_tokens=5, ignore_eos=True, temperature=1.0,
+                              seed=9, n=2)
+    out = loraplex("generate", "--target", server.target, "--max-new-tokens", "5",
+                   "--ignore-eos", "--temperature", "1", "--seed", "9", "-n", "2", "Hello")
+    assert out.stdout == "".join(f"[{c.index}] {c.text}\n" for c in expected.completions)
+    assert len(expected.completions) == 2
     proc = loraplex("generate", "--target", server.target, "--json-schema", "@/nonexistent",
                     "Hello", check=False)
     assert proc.returncode != 0 and "cannot read /nonexistent" in proc.stderr

@@ -263,6 +263,21 @@ def test_shadow_latency_is_reported_and_comparisons_are_right(served, client, ca
         client.delete_route(alias)
 
 
+def test_a_shadow_of_n_completions_is_compared_with_completion_0(served, client):
+    """A sampled request for 3 completions is mirrored once, with completion 0's seed, to a
+    candidate with the same weights: every comparison is an exact match."""
+    r = served.refs
+    client.set_route("sampled", {r["alpha"]: 1}, shadow=(r["alpha-copy"], 1.0))
+    for _ in range(4):
+        out = client.generate("Hello there", adapter="sampled", max_new_tokens=12,
+                              ignore_eos=True, temperature=1.0, n=3)
+        assert len({c.token_ids for c in out.completions}) > 1  # seeds s, s + 1, s + 2
+    drain_shadows(served)
+    comparisons = client.get_route("sampled").comparisons
+    assert [(c.compared, c.exact_match_rate) for c in comparisons] == [(4, 1.0)]
+    client.delete_route("sampled")
+
+
 def test_guard_trips_on_a_broken_candidate_and_leaves_a_record(served, client):
     r = served.refs
     client.set_route("guarded", {r["alpha"]: 90, r["gamma"]: 10}, shadow=(r["gamma"], 1.0),

@@ -5,10 +5,11 @@ from loraplex_client.errors import (AlreadyExists, Cancelled, DeadlineExceeded, 
                                     Internal, InvalidArgument, LoraplexError, NotFound,
                                     PermissionDenied, ResourceExhausted, Unauthenticated,
                                     Unavailable, Unimplemented)
-from loraplex_client.types import (AdapterInfo, Chunk, GuardTrip, Result, RouteInfo,
-                                   ShadowComparison, TokenLogprob)
+from loraplex_client.types import (AdapterInfo, Chunk, Completion, GuardTrip, Result,
+                                   RouteInfo, ShadowComparison, TokenLogprob)
 
-__all__ = ["AsyncClient", "Client", "GenerateStream", "AdapterInfo", "Chunk", "Result",
-           "TokenLogprob", "RouteInfo", "ShadowComparison", "GuardTrip", "LoraplexError", "AlreadyExists", "Cancelled", "DeadlineExceeded",
+__all__ = ["AsyncClient", "Client", "GenerateStream", "AdapterInfo", "Chunk", "Completion",
+           "Result", "TokenLogprob", "RouteInfo", "ShadowComparison", "GuardTrip",
+           "LoraplexError", "AlreadyExists", "Cancelled", "DeadlineExceeded",
            "FailedPrecondition", "Internal", "InvalidArgument", "NotFound", "PermissionDenied",
            "ResourceExhausted", "Unauthenticated", "Unavailable", "Unimplemented"]

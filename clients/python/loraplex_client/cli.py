@@ -103,6 +103,9 @@ def add_commands(subparsers) -> None:
     g.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
                    help="score the prompt: each prompt token's logprob and N alternatives "
                         "(printed with --json)")
+    g.add_argument("-n", "--n", type=int, default=None, metavar="N",
+                   help="N completions of the prompt (one unary call, each printed after "
+                        "its [index])")
     g.add_argument("--no-stream", action="store_true", help="one unary call instead of a stream")
     g.set_defaults(func=_generate)
 
@@ -198,10 +201,13 @@ def _generate(args) -> int:
     else:
         inputs = dict(prompt=prompt)
     with _client(args) as client:
-        if args.json or args.no_stream:
+        if args.json or args.no_stream or (args.n or 1) > 1:
             result = client.generate(**inputs, adapter=args.adapter, **sampling)
             if args.json:
                 _print_json(_asdict(result))
+            elif len(result.completions) > 1:
+                for c in result.completions:
+                    print(f"[{c.index}] {c.text}")
             else:
                 print(result.text)
             return 0

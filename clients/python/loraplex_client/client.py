@@ -122,8 +122,9 @@ class Client(_Base):
         stop_token_ids, ignore_eos, logprobs, top_logprobs, prompt_logprobs, logit_bias
         ({token id: bias}), allowed_token_ids, guided_regex (the output fully matches it),
         guided_choice (the output is one of these strings), guided_json (a JSON schema,
-        as a dict or its text: the output is JSON it allows); also routing_key and priority
-        (lower is served first); see loraplex.proto."""
+        as a dict or its text: the output is JSON it allows), n (completions of the prompt:
+        all in Result.completions, completion 0's also on top); also routing_key and
+        priority (lower is served first); see loraplex.proto."""
         req = build_generate_request(prompt, input_ids=input_ids, messages=messages,
                                      adapter=adapter, **sampling)
         return result_from_pb(self._call(self._gen.Generate, req, adapter, timeout))
@@ -131,7 +132,8 @@ class Client(_Base):
     def stream(self, prompt: str | None = None, *, input_ids: Sequence[int] | None = None,
                messages=None, adapter: str = "", timeout: float | None = None,
                **sampling) -> GenerateStream:
-        """Like generate, but yields `Chunk`s as tokens are produced."""
+        """Like generate, but yields `Chunk`s as tokens are produced (with n > 1, the
+        completions' chunks interleave; `Chunk.index` tells them apart)."""
         req = build_generate_request(prompt, input_ids=input_ids, messages=messages,
                                      adapter=adapter, **sampling)
         call = self._gen.GenerateStream(req, metadata=self._metadata(adapter),

@@ -41,6 +41,19 @@ class Chunk:
     route: str = ""  # the route (alias) that chose `adapter`; "" when none
     # with prompt_logprobs: one per prompt token after the first (in a stream: the first chunk)
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0  # which of the request's n completions this chunk is about
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One of the n completions of a request (Result.completions)."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,8 @@ class Result:
     route: str = ""  # the route (alias) that chose `adapter`; "" when none
     # with prompt_logprobs: one per prompt token after the first (in a stream: the first chunk)
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
-
+    # every completion, in index order (one with n = 1); the fields above are completion 0's
+    completions: tuple[Completion, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,15 +106,22 @@ def chunk_from_pb(msg: pb.GenerateResponse) -> Chunk:
                  finish_reason=_FINISH.get(msg.finish_reason), prompt_tokens=msg.prompt_tokens,
                  completion_tokens=msg.completion_tokens, adapter=msg.adapter,
                  logprobs=_logprobs(msg.logprobs), request_id=msg.request_id, route=msg.route,
-                 prompt_logprobs=_logprobs(msg.prompt_logprobs))
+                 prompt_logprobs=_logprobs(msg.prompt_logprobs), index=msg.index)
 
 
 def result_from_pb(msg: pb.GenerateResponse) -> Result:
     c = chunk_from_pb(msg)
+    completions = tuple(
+        Completion(index=m.index, text=m.text, token_ids=tuple(m.token_ids),
+                   finish_reason=_FINISH.get(m.finish_reason),
+                   completion_tokens=m.completion_tokens, logprobs=_logprobs(m.logprobs))
+        for m in msg.completions) or (
+        Completion(index=0, text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
+                   completion_tokens=c.completion_tokens, logprobs=c.logprobs),)
     return Result(text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
                   prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
                   adapter=c.adapter, logprobs=c.logprobs, request_id=c.request_id,
-                  route=c.route, prompt_logprobs=c.prompt_logprobs)
+                  route=c.route, prompt_logprobs=c.prompt_logprobs, completions=completions)
 
 
 def adapter_from_pb(msg: pb.AdapterInfo) -> AdapterInfo:
@@ -117,7 +138,7 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "
                    "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens",
                    "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs",
                    "prompt_logprobs", "logit_bias", "allowed_token_ids", "guided_regex",
-                   "guided_choice", "guided_json")
+                   "guided_choice", "guided_json", "n")
 
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapter: str = "",

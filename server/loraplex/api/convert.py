@@ -110,7 +110,7 @@ def generation_request_from_pb(req: pb.GenerateRequest, tokenizer, deadline: flo
         room = max(1, max_model_len - len(ids))
         sampling = dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room))
     return GenerationRequest(prompt_ids=ids, sampling=sampling, adapter=req.adapter,
-                             deadline=deadline, priority=int(req.priority))
+                             deadline=deadline, priority=int(req.priority), n=int(req.n) or 1)
 
 
 def response_from_outputs(outputs: list[RequestOutput]) -> pb.GenerateResponse:
@@ -122,10 +122,27 @@ def response_from_outputs(outputs: list[RequestOutput]) -> pb.GenerateResponse:
         token_ids=[t for o in outputs for t in o.token_ids],
         finish_reason=FINISH_TO_PB[last.finish_reason],
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-        adapter=last.adapter, request_id=last.request_id)
+        adapter=last.adapter, request_id=last.request_id, index=last.index)
     for o in outputs:
         resp.logprobs.extend(_logprob_to_pb(lp) for lp in o.logprobs)
         resp.prompt_logprobs.extend(_logprob_to_pb(lp) for lp in o.prompt_logprobs)
+    return resp
+
+
+def response_from_completions(outputs: list[RequestOutput], n: int) -> pb.GenerateResponse:
+    """The answer of Generate: the deltas of `outputs` (a whole request's, of n completions)
+    folded per completion; with n > 1, all in `completions` and completion 0's on top."""
+    per: list[list[RequestOutput]] = [[] for _ in range(n)]
+    for o in outputs:
+        per[o.index].append(o)
+    resp = response_from_outputs(per[0])
+    if n > 1:
+        for index, outs in enumerate(per):
+            one = response_from_outputs(outs)
+            resp.completions.append(pb.Completion(
+                index=index, text=one.text, token_ids=one.token_ids,
+                finish_reason=one.finish_reason, completion_tokens=one.completion_tokens,
+                logprobs=one.logprobs))
     return resp
 
 

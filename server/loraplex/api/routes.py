@@ -111,7 +111,8 @@ class ShadowMirror:
         if len(self._tasks) >= self.max_in_flight:
             self.metrics.shadow_requests.labels(*self._pair(decision), "skipped").inc()
             return None
-        shadow = replace(request, adapter=decision.shadow_ref, request_id="", shadow=True)
+        # one completion, compared with the primary's completion 0 (same seed)
+        shadow = replace(request, adapter=decision.shadow_ref, request_id="", shadow=True, n=1)
         try:
             stream = engine.submit(shadow)
         except LoraplexError:  # e.g. the queue is full: real work first

@@ -17,7 +17,7 @@ import grpc
 
 from loraplex.api.convert import (adapter_info_to_pb, adapter_label,
                                   generation_request_from_pb, merge_args_from_pb,
-                                  response_from_outputs)
+                                  response_from_completions, response_from_outputs)
 from loraplex.api.errors import status_of
 from loraplex.api.routes import ShadowMirror, seed_for_shadow
 from loraplex.engine.request import FinishReason, RequestOutput
@@ -77,6 +77,12 @@ class _Call:
         self.start = time.monotonic()
         self.tokens: list[int] = []
         self.finished = False  # ended with LENGTH or STOP
+
+    def observe(self, out: RequestOutput) -> None:
+        """An output of the call: completion 0's tokens stand for the call (the route's
+        guard divides the latency by them; its shadow is compared with them)."""
+        if out.index == 0:
+            self.tokens.extend(out.token_ids)
 
     def routed(self, decision) -> None:
         self.label, self.route = decision.ref, decision.route
@@ -171,10 +177,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             stream = self._submit(request, context, call)
             async for out in stream:
                 outputs.append(out)
-                call.tokens.extend(out.token_ids)
-            _raise_unless_success(outputs[-1])
+                call.observe(out)
+                if out.finished:
+                    _raise_unless_success(out)
             call.finished = True
-            resp = response_from_outputs(outputs)
+            resp = response_from_completions(outputs, stream.request.n)
             resp.route = call.route
             return resp
         except asyncio.CancelledError:
@@ -183,33 +190,32 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except Exception as exc:
             await call.fail(exc)
         finally:
-            if stream is not None and not (outputs and outputs[-1].finished):
-                stream.cancel()
+            if stream is not None:
+                stream.cancel()  # (no-op once it has finished)
             call.end()
 
     async def GenerateStream(self, request, context):
         # context.write (not `yield`) so that a cancellation lands inside this
         # coroutine, where the finally below cancels the engine request at once.
-        call, stream, last = _Call(context, request.adapter, self._done), None, None
+        call, stream = _Call(context, request.adapter, self._done), None
         try:
             stream = self._submit(request, context, call)
             async for out in stream:
-                last = out
-                call.tokens.extend(out.token_ids)
+                call.observe(out)
                 if out.finished:
                     _raise_unless_success(out)
-                    call.finished = True
                 resp = response_from_outputs([out])
                 resp.route = call.route
                 await context.write(resp)
+            call.finished = True
         except asyncio.CancelledError:
             call.interrupted()
             raise
         except Exception as exc:
             await call.fail(exc)
         finally:
-            if stream is not None and not (last is not None and last.finished):
-                stream.cancel()
+            if stream is not None:
+                stream.cancel()  # (no-op once it has finished)
             call.end()
 
 

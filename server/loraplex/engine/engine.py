@@ -28,8 +28,8 @@ from loraplex.engine.byte_regex import GuideTooLarge
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.guide import GuideCache
 from loraplex.engine.kv_cache import BlockAllocator, blocks_needed
-from loraplex.engine.request import (FinishReason, GenerationRequest, RequestOutput,
-                                     SamplingParams, TokenLogprob)
+from loraplex.engine.request import (MAX_COMPLETIONS, FinishReason, GenerationRequest,
+                                     RequestOutput, SamplingParams, TokenLogprob)
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import ScheduledSeq, Sequence, Status
 from loraplex.engine.stops import StopStringFilter
@@ -111,9 +111,10 @@ class Engine:
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
         self.runner = ModelRunner(loaded, self.kv_cache, cfg.block_size, cfg.lora_backend,
                                   self.cache.slot_ranks, cfg.attention_backend)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # Sequence to add | str id to abort
+        # a request's Sequences (tuple) to add | Sequence.keys (list) to cancel
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._seqs: dict[str, Sequence] = {}  # engine thread only
+        self._seqs: dict[tuple[str, int], Sequence] = {}  # by Sequence.key; engine thread only
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -170,15 +171,17 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate a request and return its stream (queued once iterated, after its
-        adapter is acquired); raises LoraplexError naming what to fix."""
+        adapter is acquired; with n > 1, one sequence per completion); raises
+        LoraplexError naming what to fix."""
         if self.failure is not None:
             raise Unavailable(f"{self.failure}; this replica is stopping, retry on another")
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running; retry on another replica")
         self.validate(request)
         waiting = len(self.scheduler.waiting) + self._inbox.qsize()
-        if waiting >= self.cfg.max_queue:
-            raise ResourceExhausted(f"{waiting} requests are already waiting (limit "
+        if waiting + request.n > self.cfg.max_queue:
+            adds = f" and this request adds {request.n}" if request.n > 1 else ""
+            raise ResourceExhausted(f"{waiting} requests are already waiting{adds} (limit "
                                     f"{self.cfg.max_queue}); retry later")
         if not request.request_id:
             request = replace(request, request_id=f"req-{next(self._ids)}")
@@ -191,6 +194,8 @@ class Engine:
         vocab = self.loaded.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
+        if not 1 <= request.n <= MAX_COMPLETIONS:
+            raise InvalidArgument(f"n must be in [1, {MAX_COMPLETIONS}], got {request.n}")
         request.sampling.validate(vocab)
         params = request.sampling
         if params.guide_pattern:  # (InvalidArgument for a pattern that does not compile)
@@ -214,23 +219,30 @@ class Engine:
                 f"{total} tokens need more KV cache than the server has "
                 f"({self.blocks.num_blocks * self.cfg.block_size} tokens); lower max_new_tokens")
 
-    def _enqueue(self, request: GenerationRequest, adapter: AdapterVersion | None,
+    def _enqueue(self, request: GenerationRequest, adapters: list[AdapterVersion | None],
                  sink: RequestStream) -> None:
-        seed = request.sampling.seed
-        seq = Sequence(request=request, adapter=adapter, sink=sink,
-                       detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_ids),
-                       stops=StopStringFilter(request.sampling.stop))
-        if seed is not None:
-            seq.generator = torch.Generator().manual_seed(seed)
-        pattern = request.sampling.guide_pattern
-        if pattern:
-            seq.guide = self.guides.get(pattern)
-            seq.guide_state = seq.guide.start
-        self._inbox.put(seq)
+        """Queue the request's n sequences, one per completion, each holding its adapter
+        (`adapters[i]`), as one inbox item: they join the same step, where the first to
+        compute the prompt's full blocks shares them with the others (prefix caching)."""
+        seqs = []
+        for index, adapter in enumerate(adapters):
+            one = replace(request, sampling=request.sampling.for_completion(index))
+            seq = Sequence(request=one, adapter=adapter, sink=sink, index=index,
+                           detokenizer=IncrementalDetokenizer(self.tokenizer, one.prompt_ids),
+                           stops=StopStringFilter(one.sampling.stop))
+            if one.sampling.seed is not None:
+                seq.generator = torch.Generator().manual_seed(one.sampling.seed)
+            pattern = one.sampling.guide_pattern
+            if pattern:
+                seq.guide = self.guides.get(pattern)
+                seq.guide_state = seq.guide.start
+            seqs.append(seq)
+        self._inbox.put(tuple(seqs))
         self._wake.set()
 
-    def _abort(self, request_id: str) -> None:
-        self._inbox.put(request_id)
+    def _abort(self, request_id: str, n: int) -> None:
+        """Cancel the n sequences of a request (those not finished yet)."""
+        self._inbox.put([(request_id, index) for index in range(n)])
         self._wake.set()
 
     # ---- the step loop (engine thread) -------------------------------------------
@@ -281,7 +293,7 @@ class Engine:
             in_step = ([s for s in self._seqs.values() if s not in self.scheduler.waiting]
                        if self._batch is None else [item.seq for item in self._batch])
             for seq in in_step:
-                if seq.request_id in self._seqs:  # (not finished by the step already)
+                if seq.key in self._seqs:  # (not finished by the step already)
                     self._finish(seq, FinishReason.ERROR, "internal engine error (a server "
                                  "bug, logged; retrying the request may succeed)")
             # a CUDA error (illegal access, device-side assert) poisons the context for good
@@ -447,7 +459,7 @@ class Engine:
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
             logprobs=(logprob,) if logprob is not None else (),
             prompt_logprobs=tuple(seq.prompt_scores) if len(seq.output_ids) == 1 else (),
-            finish_reason=reason, error=error)
+            finish_reason=reason, error=error, index=seq.index)
         try:
             if reason is not None:  # free everything before the caller hears it finished
                 self._release(seq, reason)
@@ -463,7 +475,7 @@ class Engine:
             self._send(seq, RequestOutput(
                 request_id=seq.request_id, token_ids=(), text="", adapter=seq.adapter_label,
                 prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                finish_reason=reason, error=error))
+                finish_reason=reason, error=error, index=seq.index))
 
     def _send(self, seq: Sequence, out: RequestOutput) -> None:
         """Queue an output for its caller; `_flush_outputs` hands them over once per step."""
@@ -480,7 +492,7 @@ class Engine:
                 pass
 
     def _release(self, seq: Sequence, reason: FinishReason) -> None:
-        self._seqs.pop(seq.request_id, None)  # first: a sequence is finished once, whatever
+        self._seqs.pop(seq.key, None)  # first: a sequence is finished once, whatever
         self.scheduler.finish(seq)
         if seq.adapter is not None:
             self.cache.release(seq.adapter, served=reason in (FinishReason.STOP, FinishReason.LENGTH))
@@ -494,13 +506,15 @@ class Engine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, Sequence):
-                self._seqs[item.request_id] = item
-                self.scheduler.add(item)
-            else:
-                seq = self._seqs.get(item)
-                if seq is not None and seq.status is not Status.FINISHED:
-                    self._finish(seq, FinishReason.CANCELLED)
+            if isinstance(item, tuple):  # a request's sequences
+                for seq in item:
+                    self._seqs[seq.key] = seq
+                    self.scheduler.add(seq)
+            else:  # keys of sequences to cancel
+                for key in item:
+                    seq = self._seqs.get(key)
+                    if seq is not None and seq.status is not Status.FINISHED:
+                        self._finish(seq, FinishReason.CANCELLED)
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
@@ -511,7 +525,9 @@ class Engine:
 
 class RequestStream:
     """Async iterator over one request's outputs. Iterating starts the request: its adapter
-    is resolved (and loaded from disk if needed) off the event loop, then it is queued."""
+    is resolved (and loaded from disk if needed) off the event loop, then it is queued. With
+    n > 1 the outputs of its n completions interleave, told apart by RequestOutput.index;
+    the stream ends once all have finished."""
 
     def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
         self._engine = engine
@@ -533,18 +549,21 @@ class RequestStream:
             raise RuntimeError("a RequestStream can be iterated once")
         self._started = True
         adapter = await self._acquire_adapter()
+        n = self.request.n
+        if adapter is not None and n > 1:  # each completion holds it
+            self._engine.cache.hold_more(adapter, n - 1)
         if self._done:  # cancelled while its adapter was loading
-            if adapter is not None:
+            for _ in range(n if adapter is not None else 0):
                 self._engine.cache.release(adapter, served=False)
             return
-        self._engine._enqueue(self.request, adapter, self)
-        while True:
+        self._engine._enqueue(self.request, [adapter] * n, self)
+        running = n
+        while running:
             out = await self._queue.get()
             if out.finished:
-                self._done = True
+                running -= 1
+                self._done = not running
             yield out
-            if out.finished:
-                return
 
     async def _acquire_adapter(self) -> AdapterVersion | None:
         if not self.request.adapter:
@@ -577,7 +596,7 @@ class RequestStream:
             return
         self._done = True
         if self._started:
-            self._engine._abort(self.request_id)
+            self._engine._abort(self.request_id, self.request.n)
 
 
 def _too_large(exc: GuideTooLarge) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loraplex.engine.byte_regex import choice_pattern
 from loraplex.engine.json_schema import schema_to_regex
@@ -19,6 +19,7 @@ MAX_LOGIT_BIAS = 1024  # tokens per request
 MAX_GUIDED_REGEX = 16_384  # characters of a guided_regex or guided_json
 MAX_GUIDED_CHOICES = 256  # strings, each at most MAX_GUIDED_CHOICE characters
 MAX_GUIDED_CHOICE = 1024
+MAX_COMPLETIONS = 32  # n of one request
 
 
 class FinishReason(enum.Enum):
@@ -71,6 +72,19 @@ class SamplingParams:
         if self.guided_json:
             return schema_to_regex(self.guided_json)
         return self.guided_regex or None
+
+    def for_completion(self, i: int) -> SamplingParams:
+        """These params for completion i of a request's n. It draws from seed + i (when
+        seeded), so each is reproducible and they differ; only completion 0 scores the
+        prompt (prompt_logprobs), so the others may take the prompt's KV blocks from the
+        prefix cache, where completion 0 puts them in the same step."""
+        if i == 0:
+            return self
+        params = replace(self, seed=None if self.seed is None else (self.seed + i) % 2**64,
+                         prompt_logprobs=None)
+        if "guide_pattern" in self.__dict__:  # made once per request, not per completion
+            params.__dict__["guide_pattern"] = self.guide_pattern
+        return params
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidArgument naming the field to fix."""
@@ -137,6 +151,7 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() value after which it is dropped
     shadow: bool = False  # mirrored canary traffic: admitted only when no real request waits
     priority: int = 0  # lower is served first (vLLM's order); ties by arrival
+    n: int = 1  # completions of the prompt, each its own sequence (see for_completion)
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,7 @@ class RequestOutput:
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
     error: str = ""  # why, with FinishReason.ERROR, UNAVAILABLE or INVALID
+    index: int = 0  # which of the request's n completions this output belongs to
 
     @property
     def finished(self) -> bool:

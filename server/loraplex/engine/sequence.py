@@ -28,6 +28,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stops: StopStringFilter
     sink: Any  # the caller's RequestStream: outputs go to sink.deliver on sink.loop
+    index: int = 0  # which of its request's n completions it computes
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the KV cache
     block_table: list[int] = field(default_factory=list)
@@ -51,6 +52,11 @@ class Sequence:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Unique among the engine's sequences: a request's completions share its id."""
+        return self.request_id, self.index
 
     @property
     def prompt_ids(self) -> list[int]:

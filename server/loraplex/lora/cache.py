@@ -131,6 +131,12 @@ class AdapterCache:
                 return self._hold(av)
         return None
 
+    def hold_more(self, av: AdapterVersion, count: int) -> None:
+        """`count` more holds of a version the caller holds already (each of a request's n
+        completions holds its adapter, and releases it when it finishes)."""
+        with self._lock:
+            av.refs += count
+
     def acquire(self, ref: str) -> AdapterVersion:
         """Resolve 'name' or 'name@version', loading it from disk if needed, and hold it
         for one request. May read from disk: call it off the event loop."""

@@ -1,0 +1,151 @@
+"""n completions of one request (GenerationRequest.n): each is its own sequence, equal to
+the single request it stands for, and with prefix caching they compute the prompt once."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+
+from engine_helpers import build_engine, greedy, run_all
+from loraplex.engine.request import FinishReason, GenerationRequest, SamplingParams
+from loraplex.errors import InvalidArgument, NotFound, ResourceExhausted
+from models import make_prompts
+from peft_reference import peft_greedy
+
+BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models, adapters):
+    engine = build_engine(tiny_models["llama"], next(iter(adapters["llama"].values())).parent,
+                          block_size=BLOCK)
+    yield engine
+    engine.stop()
+
+
+def hit_tokens(engine) -> float:
+    return next(s.value for m in engine.metrics.registry.collect()
+                if m.name == "loraplex_prefix_cache_hit_tokens" for s in m.samples
+                if s.name.endswith("_total"))
+
+
+def run_outputs(engine, request: GenerationRequest) -> list:
+    """Every output of one request's stream, in order."""
+    async def main():
+        return [out async for out in engine.submit(request)]
+    return asyncio.run(main())
+
+
+def fold(outputs, n: int) -> list[dict]:
+    """Per completion index: its tokens, text, logprobs, prompt logprobs and finish reason."""
+    per = [dict(tokens=[], text="", logprobs=[], prompt_logprobs=[], finish=[])
+           for _ in range(n)]
+    for out in outputs:
+        c = per[out.index]
+        c["tokens"] += out.token_ids
+        c["text"] += out.text
+        c["logprobs"] += out.logprobs
+        c["prompt_logprobs"] += out.prompt_logprobs
+        if out.finished:
+            c["finish"].append(out.finish_reason)
+    return per
+
+
+def test_seeded_completions_equal_single_requests_with_seed_plus_index(engine, adapters):
+    """4 sampled completions of a 27-token prompt (3 full blocks of 8, then 3 tokens): each is
+    the request alone with seed + i, and completions 1-3 find the 3 full blocks that
+    completion 0 computes in the same step."""
+    name = sorted(adapters["llama"])[0]
+    prompt = make_prompts(2, min_len=27, max_len=27, seed=11)[0]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=123,
+                            ignore_eos=True, logprobs=True)
+    before = hit_tokens(engine)
+    outputs = run_outputs(engine, GenerationRequest(prompt, params, adapter=name, n=4,
+                                                    request_id="many"))
+    assert hit_tokens(engine) - before == 3 * 3 * BLOCK
+    assert {o.request_id for o in outputs} == {"many"}
+    per = fold(outputs, 4)
+    assert [c["finish"] for c in per] == [[FinishReason.LENGTH]] * 4
+    alone = run_all(engine, [GenerationRequest(prompt, replace(params, seed=123 + i),
+                                               adapter=name) for i in range(4)])
+    for i, (c, one) in enumerate(zip(per, alone)):
+        assert c["tokens"] == list(one.token_ids), i
+        assert c["text"] == one.text
+        assert [lp.token_id for lp in c["logprobs"]] == c["tokens"]
+        assert [lp.logprob for lp in c["logprobs"]] == pytest.approx(
+            [lp.logprob for lp in one.logprobs], abs=1e-5)
+    assert len({tuple(c["tokens"]) for c in per}) > 1  # different seeds, different samples
+
+
+def test_greedy_completions_are_peft_greedy_and_outputs_interleave(engine, tiny_models, adapters):
+    """Greedy completions are all PEFT's greedy answer; their outputs come step by step,
+    interleaved, not one completion after another."""
+    name = sorted(adapters["llama"])[1]
+    prompt = make_prompts(2, min_len=9, max_len=9, seed=12)[0]
+    outputs = run_outputs(engine, GenerationRequest(prompt, greedy(8), adapter=name, n=3))
+    tokens, _ = peft_greedy(tiny_models["llama"], adapters["llama"][name], prompt, 8)
+    assert [c["tokens"] for c in fold(outputs, 3)] == [tokens] * 3
+    assert sorted(o.index for o in outputs[:3]) == [0, 1, 2]  # the first step's outputs
+
+
+def test_prompt_logprobs_come_once_unseeded_completions_differ(engine):
+    prompt = make_prompts(2, min_len=10, max_len=10, seed=13)[0]
+    params = SamplingParams(max_new_tokens=10, temperature=1.5, ignore_eos=True,
+                            prompt_logprobs=2)
+    per = fold(run_outputs(engine, GenerationRequest(prompt, params, n=3)), 3)
+    assert len(per[0]["prompt_logprobs"]) == len(prompt) - 1
+    assert [len(c["prompt_logprobs"]) for c in per[1:]] == [0, 0]
+    assert all(len(c["tokens"]) == 10 for c in per)
+    assert len({tuple(c["tokens"]) for c in per}) > 1
+
+
+def test_cancelling_ends_and_frees_every_completion(engine, adapters):
+    """Cancelling the stream once its 4 completions have started ends each of them
+    CANCELLED, and gives back their KV blocks and adapter holds."""
+    name = sorted(adapters["llama"])[2]
+    free = engine.blocks.num_free
+
+    async def main():
+        stream = engine.submit(GenerationRequest([5, 6, 7, 8, 9], greedy(240), adapter=name,
+                                                 n=4))
+        seen, ends = set(), {}
+        async for out in stream:
+            seen.add(out.index)
+            if len(seen) == 4 and not ends:
+                stream.cancel()
+            if out.finished:
+                ends[out.index] = (out.finish_reason, out.completion_tokens)
+        return ends
+
+    ends = asyncio.run(main())
+    assert sorted(ends) == [0, 1, 2, 3]
+    assert {reason for reason, _ in ends.values()} == {FinishReason.CANCELLED}
+    assert max(tokens for _, tokens in ends.values()) < 240
+    assert engine.blocks.num_free == free
+    assert [i.in_use for i in engine.adapters.list() if i.name == name] == [0]
+    assert not engine._seqs
+
+
+def test_bad_n_and_a_full_queue_are_refused(tiny_models, adapters):
+    engine = build_engine(tiny_models["llama"], next(iter(adapters["llama"].values())).parent,
+                          max_queue=3)
+    try:
+        async def submit(n, adapter=""):
+            return engine.submit(GenerationRequest([5, 6], greedy(2), adapter=adapter, n=n))
+
+        for n in (0, 33):
+            with pytest.raises(InvalidArgument, match=r"n must be in \[1, 32\]"):
+                asyncio.run(submit(n))
+        with pytest.raises(ResourceExhausted, match="this request adds 4"):
+            asyncio.run(submit(4))
+
+        async def unknown():  # an error of its completions' adapter ends the stream
+            return [o async for o in await submit(3, adapter="nope")]
+        with pytest.raises(NotFound):
+            asyncio.run(unknown())
+        per = fold(run_outputs(engine, GenerationRequest([5, 6], greedy(2), n=3)), 3)
+        assert [len(c["tokens"]) for c in per] == [2, 2, 2]  # the queue is free again
+    finally:
+        engine.stop()
