@@ -7,7 +7,7 @@ in one process, on the bench model (not a test).
 Workload: --prompts prompts of --prompt-len tokens, each for its own adapter (all linear
 layers, rank 16), each asking for --n sampled completions (temperature 1, top_p 0.95) of
 --new-tokens tokens, drawn anew each round. Systems, each timed from submission to the last
-token, --repeat rounds after one untimed:
+token, --repeat rounds after one untimed, each round starting with the next system:
 
   loraplex n             one request per prompt with n completions (prefix caching on)
   loraplex n, no cache   the same, --prefix-caching off: each completion computes its prompt
@@ -52,7 +52,7 @@ def run_loraplex(engine: Engine, prompts: list[list[int]], names: list[str], n: 
     """Seconds until every completion is done: one request of n per prompt, or (`split`) n
     requests of one."""
     async def drain(stream) -> int:
-        return sum(len(out.token_ids) async for out in stream)
+        return sum([len(out.token_ids) async for out in stream])
 
     async def main() -> float:
         requests = [GenerationRequest(p, sampling(new_tokens), adapter=a, n=1 if split else n)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             prompts = [[rnd.randrange(3, vocab) for _ in range(args.prompt_len)]
                        for _ in range(args.prompts)]
             run = (args.prompts, args.n, args.new_tokens)
-            for system in SYSTEMS:
+            for system in SYSTEMS[r % 4:] + SYSTEMS[:r % 4]:  # each round starts elsewhere
                 cached.stop()  # one step loop at a time, none beside the baseline
                 uncached.stop()
                 if system == "HF PEFT":

@@ -105,3 +105,19 @@ def test_guided_bench_runs_and_reports():
     for name in ("json", "choice", "date", "free text"):
         assert any(line.startswith(name) for line in lines), proc.stdout
     assert any(line.startswith("serving, 4 adapters") and "ratio" in line for line in lines)
+
+
+def test_completions_bench_runs_and_reports():
+    """`python -m bench.completions` on the small model: a row per system, with ratios."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.completions", "--shape", "small", "--repeat", "1",
+         "--prompts", "2", "--n", "3", "--prompt-len", "24", "--new-tokens", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 prompts of 24 tokens x n = 3 completions of 4 tokens (24 tokens a round)" \
+        in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows] == [
+        "loraplex n", "loraplex n, no cache", "loraplex n x 1", "HF PEFT"]
+    cells = [r.strip("| ").split(" | ") for r in rows]  # system, tok/s, vs PEFT, vs n
+    assert cells[3][2] == "1.00x" and cells[0][3] == "1.00x"
