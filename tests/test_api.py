@@ -267,6 +267,28 @@ def test_guided_choice_and_regex_shape_the_output(client):
     assert isinstance(doc["ok"], bool) and doc.get("n", 1) in (1, 2, 3)
 
 
+def test_guides_compile_off_the_event_loop(server, client, monkeypatch):
+    """A guide is compiled on a worker thread before the request reaches the engine (a big
+    schema takes hundreds of ms of Python, which would stall every stream on the loop)."""
+    guides = server.server.engine.guides
+    compiled_on = []
+    real_get = guides.get
+
+    def get(pattern):
+        compiled_on.append(threading.current_thread())
+        return real_get(pattern)
+
+    monkeypatch.setattr(guides, "get", get)
+    out = client.generate(PROMPT, max_new_tokens=8, guided_regex="[a-z]{3}z")
+    assert len(out.text) == 4 and out.text.endswith("z")
+    loop_thread = server._thread
+    assert compiled_on[0] is not loop_thread  # prepared on a worker
+    assert all(t is loop_thread for t in compiled_on[1:])  # then found by validate & enqueue
+    assert len(compiled_on) == 3
+    with pytest.raises(InvalidArgument, match="missing '\\)'"):  # the worker's error
+        client.generate(PROMPT, guided_regex="(ab")
+
+
 def test_stop_token_ids_and_seeded_sampling(client):
     greedy = client.generate(PROMPT, max_new_tokens=10, ignore_eos=True).token_ids
     stop = greedy[4]

@@ -140,10 +140,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self._router = router
         self.shadows = ShadowMirror(router, metrics) if router is not None else None
 
-    def _submit(self, request: pb.GenerateRequest, context, call: _Call):
+    async def _submit(self, request: pb.GenerateRequest, context, call: _Call):
         engine = self._get_engine()
         greq = generation_request_from_pb(request, engine.tokenizer, _deadline(context),
                                           engine.max_model_len)
+        if request.guided_regex or request.guided_choice or request.guided_json:
+            # compiling a guide is Python for up to hundreds of ms: not on the event loop
+            await asyncio.to_thread(engine.prepare_guide, greq.sampling)
         decision = (self._router.resolve(request.adapter, request.routing_key)
                     if self._router is not None and request.adapter else None)
         if decision is None:
@@ -174,7 +177,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request, context):
         call, stream, outputs = _Call(context, request.adapter, self._done), None, []
         try:
-            stream = self._submit(request, context, call)
+            stream = await self._submit(request, context, call)
             async for out in stream:
                 outputs.append(out)
                 call.observe(out)
@@ -199,7 +202,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # coroutine, where the finally below cancels the engine request at once.
         call, stream = _Call(context, request.adapter, self._done), None
         try:
-            stream = self._submit(request, context, call)
+            stream = await self._submit(request, context, call)
             async for out in stream:
                 call.observe(out)
                 if out.finished:

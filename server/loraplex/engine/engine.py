@@ -187,6 +187,14 @@ class Engine:
             request = replace(request, request_id=f"req-{next(self._ids)}")
         return RequestStream(self, request, asyncio.get_running_loop())
 
+    def prepare_guide(self, params: SamplingParams) -> None:
+        """Check `params` and compile its guide, if any, so that `submit` finds it compiled.
+        A big pattern or schema takes up to hundreds of ms of Python: call this off the
+        event loop, before `submit` (raises InvalidArgument as `submit` would)."""
+        params.validate(self.loaded.vocab_size)
+        if params.guide_pattern:
+            self.guides.get(params.guide_pattern)
+
     def validate(self, request: GenerationRequest) -> None:
         ids = request.prompt_ids
         if not ids:
