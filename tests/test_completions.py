@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from engine_helpers import build_engine, greedy, run_all
+from engine_helpers import build_engine, greedy, run_all, tiny_llama_blocks
 from loraplex.engine.request import FinishReason, GenerationRequest, SamplingParams
 from loraplex.errors import InvalidArgument, NotFound, ResourceExhausted
 from models import make_prompts
@@ -149,3 +149,44 @@ def test_bad_n_and_a_full_queue_are_refused(tiny_models, adapters):
         assert [len(c["tokens"]) for c in per] == [2, 2, 2]  # the queue is free again
     finally:
         engine.stop()
+
+
+def test_completions_survive_preemption_with_shared_prompt_blocks(tiny_models, adapters):
+    """2 requests of n = 4 seeded completions whose 16-token prompts (2 blocks of 8; each
+    request's completions share the first, the second holds the last prompt token, which
+    each computes) grow to 40 tokens: 8 sequences need about 40 blocks, the cache holds 16. Completions are preempted and recomputed (finding their prompt's
+    blocks again), and each still serves what it serves alone with seed + i."""
+    names = sorted(adapters["llama"])[3:5]
+    prompts = make_prompts(3, min_len=16, max_len=16, seed=14)[:2]
+    params = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=40,
+                            ignore_eos=True)
+    requests = [GenerationRequest(p, params, adapter=a, n=4) for p, a in zip(prompts, names)]
+    root = next(iter(adapters["llama"].values())).parent
+    tight = build_engine(tiny_models["llama"], root, block_size=BLOCK,
+                         kv_cache_memory=tiny_llama_blocks(16, BLOCK))
+    try:
+        async def main():
+            return await asyncio.gather(*[
+                _collect_all(tight.submit(r)) for r in requests])
+        served = asyncio.run(main())
+        preemptions = tight.scheduler.num_preemptions
+        assert tight.blocks.num_free == 16 and not tight._seqs
+    finally:
+        tight.stop()
+    assert preemptions >= 2
+    roomy = build_engine(tiny_models["llama"], root, block_size=BLOCK)
+    try:
+        alone = [run_all(roomy, [GenerationRequest(p, replace(params, seed=40 + i),
+                                                   adapter=a)])[0]
+                 for p, a in zip(prompts, names) for i in range(4)]
+    finally:
+        roomy.stop()
+    got = [c for per in served for c in fold(per, 4)]
+    for k, (c, one) in enumerate(zip(got, alone)):
+        assert c["finish"] == [FinishReason.LENGTH], k
+        assert c["tokens"] == list(one.token_ids), k
+        assert c["text"] == one.text, k
+
+
+async def _collect_all(stream) -> list:
+    return [out async for out in stream]
