@@ -110,7 +110,8 @@ def test_reflection_lists_and_describes_the_services(server):
         assert {"loraplex.v1.Generation", "loraplex.v1.Adapters", "grpc.health.v1.Health"} <= services
         pool = DescriptorPool(db)
         gen = pool.FindServiceByName("loraplex.v1.Generation")
-        assert [m.name for m in gen.methods] == ["Generate", "GenerateStream"]
+        assert [m.name for m in gen.methods] == ["Generate", "GenerateStream", "Tokenize",
+                                                 "Detokenize"]
         assert gen.methods_by_name["GenerateStream"].server_streaming
         adm = pool.FindServiceByName("loraplex.v1.Adapters")
         assert {m.name for m in adm.methods} == {"ListAdapters", "LoadAdapter", "UnloadAdapter",
@@ -189,6 +190,32 @@ def test_input_ids_and_chat_messages(client, assets):
                             adapter="beta", max_new_tokens=8, ignore_eos=True)
     assert chat.prompt_tokens == len(rendered)
     assert chat.token_ids == plain.token_ids
+
+
+def test_tokenize_and_detokenize_are_what_generate_sees_and_writes(server, client, assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.model)
+    tokens = client.tokenize(PROMPT)
+    assert tokens.token_ids == tuple(tok.encode(PROMPT)) and tokens.max_model_len == MAX_LEN
+    out = client.generate(PROMPT, adapter="alpha", max_new_tokens=12, ignore_eos=True)
+    assert out.prompt_tokens == len(tokens.token_ids)
+    assert client.detokenize(out.token_ids) == out.text
+    messages = [("system", "be brief"), ("user", "hi")]
+    chat = client.tokenize(messages=messages).token_ids
+    assert len(chat) == client.generate(messages=messages, max_new_tokens=1).prompt_tokens
+    assert chat == tuple(tok.encode("<system>be brief\n<user>hi\n<assistant>",
+                                    add_special_tokens=False))
+    assert client.detokenize([]) == ""
+    with pytest.raises(InvalidArgument, match=r"outside the vocabulary \[0, "):
+        client.detokenize([5, VOCAB_SIZE])
+    with pytest.raises(InvalidArgument, match="prompt is empty"):
+        client.tokenize("")
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GenerationStub(channel).Tokenize(pb.TokenizeRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "set one of prompt, messages"
 
 
 def test_logprobs_and_top_alternatives(client):
@@ -679,11 +706,14 @@ def test_tls_and_bearer_tokens(guarded_server):
             list(anon.stream("a", max_new_tokens=2))
         with pytest.raises(Unauthenticated):
             anon.list_adapters()
+        with pytest.raises(Unauthenticated):
+            anon.tokenize("a")
     with _guarded(guarded_server, token="wrong") as wrong:
         with pytest.raises(PermissionDenied):
             wrong.generate("a", max_new_tokens=2)
     with _guarded(guarded_server, token=GENERATE_TOKEN) as gen:
         assert gen.generate("a", adapter="alpha", max_new_tokens=3).completion_tokens == 3
+        assert gen.detokenize(gen.tokenize("ab").token_ids) == "ab"
         with pytest.raises(PermissionDenied):  # the generate token is not an admin token
             gen.list_adapters()
     with _guarded(guarded_server, token=ADMIN_TOKEN) as admin:

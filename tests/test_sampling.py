@@ -140,6 +140,19 @@ def test_detokenizer_never_splits_a_character():
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert pieces[-1] == "b" and pieces[-2] == "😀"  # the emoji came out whole, at its last byte
+    assert detok.flush() == ""
+
+
+def test_detokenizer_flush_gives_a_character_cut_short():
+    """An output that ends inside a character: the pieces held it back, the flush gives it
+    as U+FFFD, so they add up to the whole output decoded."""
+    data = "a€😀".encode()[:-2]  # the emoji's last 2 bytes never come
+    detok = IncrementalDetokenizer(_ByteTokenizer(), list(b"x"))
+    pieces = [detok.add(b) for b in data]
+    assert "".join(pieces) == "a€"
+    tail = detok.flush()
+    assert "".join(pieces) + tail == data.decode(errors="replace") and tail.startswith("\ufffd")
+    assert detok.flush() == ""
 
 
 def test_stop_string_across_pieces_is_cut_and_held_back():

@@ -6,10 +6,10 @@ from loraplex_client.errors import (AlreadyExists, Cancelled, DeadlineExceeded, 
                                     PermissionDenied, ResourceExhausted, Unauthenticated,
                                     Unavailable, Unimplemented)
 from loraplex_client.types import (AdapterInfo, Chunk, Completion, GuardTrip, Result,
-                                   RouteInfo, ShadowComparison, TokenLogprob)
+                                   RouteInfo, ShadowComparison, TokenLogprob, Tokens)
 
 __all__ = ["AsyncClient", "Client", "GenerateStream", "AdapterInfo", "Chunk", "Completion",
-           "Result", "TokenLogprob", "RouteInfo", "ShadowComparison", "GuardTrip",
+           "Result", "TokenLogprob", "Tokens", "RouteInfo", "ShadowComparison", "GuardTrip",
            "LoraplexError", "AlreadyExists", "Cancelled", "DeadlineExceeded",
            "FailedPrecondition", "Internal", "InvalidArgument", "NotFound", "PermissionDenied",
            "ResourceExhausted", "Unauthenticated", "Unavailable", "Unimplemented"]

@@ -164,6 +164,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("adapter", nargs="?", default="", help="the candidate (default: the only one)")
     p.set_defaults(func=_route_action)
 
+    t = subparsers.add_parser("tokenize", parents=[common], help="token ids of a prompt",
+                              description="Print the token ids Generate sees for a prompt.")
+    t.add_argument("prompt", help='prompt text ("-" reads stdin)')
+    t.add_argument("--chat", action="store_true",
+                   help="the prompt as one user message through the chat template")
+    t.add_argument("--system", default=None, help="system message (with --chat)")
+    t.set_defaults(func=_tokenize)
+
     h = subparsers.add_parser("health", parents=[common], help="health status")
     h.add_argument("service", nargs="?", default="", help='e.g. loraplex.v1.Generation')
     h.set_defaults(func=_health)
@@ -189,17 +197,34 @@ def _asdict(x) -> dict:
     return dataclasses.asdict(x)
 
 
-def _generate(args) -> int:
+def _inputs(args) -> dict:
+    """prompt=... or, with --chat, messages=[...] from the command line."""
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not args.chat:
+        return dict(prompt=prompt)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": prompt})
+    return dict(messages=messages)
+
+
+def _tokenize(args) -> int:
+    with _client(args) as c:
+        tokens = c.tokenize(**_inputs(args))
+    if args.json:
+        _print_json(_asdict(tokens))
+    else:
+        print(" ".join(map(str, tokens.token_ids)))
+        if sys.stderr.isatty():
+            print(f"[{len(tokens.token_ids)} tokens; context {tokens.max_model_len}]",
+                  file=sys.stderr)
+    return 0
+
+
+def _generate(args) -> int:
     sampling = {k: getattr(args, k) for k in SAMPLING_FIELDS if getattr(args, k) is not None}
     sampling["routing_key"] = args.routing_key
     sampling["priority"] = args.priority
-    if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": prompt})
-        inputs = dict(messages=messages)
-    else:
-        inputs = dict(prompt=prompt)
+    inputs = _inputs(args)
     with _client(args) as client:
         if args.json or args.no_stream or (args.n or 1) > 1:
             result = client.generate(**inputs, adapter=args.adapter, **sampling)

@@ -20,9 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.errors import from_rpc_error
-from loraplex_client.types import (AdapterInfo, Chunk, Result, RouteInfo, adapter_from_pb,
-                                   build_generate_request, build_set_route_request,
-                                   chunk_from_pb, result_from_pb, route_from_pb)
+from loraplex_client.types import (AdapterInfo, Chunk, Result, RouteInfo, Tokens,
+                                   adapter_from_pb, build_generate_request,
+                                   build_set_route_request, build_tokenize_request,
+                                   chunk_from_pb, result_from_pb, route_from_pb, tokens_from_pb)
 
 ADAPTER_HEADER = "x-loraplex-adapter"
 
@@ -139,6 +140,19 @@ class Client(_Base):
         call = self._gen.GenerateStream(req, metadata=self._metadata(adapter),
                                         timeout=self._timeout if timeout is None else timeout)
         return GenerateStream(call)
+
+    def tokenize(self, prompt: str | None = None, *, messages=None,
+                 timeout: float | None = None) -> Tokens:
+        """The token ids Generate would see for this prompt (with the tokenizer's special
+        tokens) or these chat messages (through the chat template)."""
+        return tokens_from_pb(self._call(self._gen.Tokenize,
+                                         build_tokenize_request(prompt, messages=messages), "",
+                                         timeout))
+
+    def detokenize(self, token_ids: Sequence[int], timeout: float | None = None) -> str:
+        """The text of these token ids, as Generate writes it (special tokens left out)."""
+        req = pb.TokenIds(ids=[int(t) for t in token_ids])
+        return self._call(self._gen.Detokenize, req, "", timeout).text
 
     def list_adapters(self, name: str = "", timeout: float | None = None) -> list[AdapterInfo]:
         resp = self._call(self._adm.ListAdapters, pb.ListAdaptersRequest(name=name), name, timeout)
@@ -259,6 +273,15 @@ class AsyncClient(_Base):
             raise from_rpc_error(err) from None
         finally:
             call.cancel()
+
+    async def tokenize(self, prompt: str | None = None, *, messages=None,
+                       timeout: float | None = None) -> Tokens:
+        return tokens_from_pb(await self._call(
+            self._gen.Tokenize, build_tokenize_request(prompt, messages=messages), "", timeout))
+
+    async def detokenize(self, token_ids: Sequence[int], timeout: float | None = None) -> str:
+        req = pb.TokenIds(ids=[int(t) for t in token_ids])
+        return (await self._call(self._gen.Detokenize, req, "", timeout)).text
 
     async def list_adapters(self, name: str = "", timeout: float | None = None) -> list[AdapterInfo]:
         resp = await self._call(self._adm.ListAdapters, pb.ListAdaptersRequest(name=name), name,

@@ -159,11 +159,7 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapte
     elif input_ids is not None:
         req.input_ids.ids.extend(int(i) for i in input_ids)
     else:
-        turns = []
-        for m in messages:
-            role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
-            turns.append(pb.ChatMessage(role=role, content=content))
-        req.messages.messages.extend(turns)
+        req.messages.messages.extend(_chat_messages(messages))
     for name, value in sampling.items():
         if value is None:
             continue
@@ -176,6 +172,37 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapte
         else:
             setattr(req, name, value)
     return req
+
+
+def _chat_messages(messages) -> list[pb.ChatMessage]:
+    """{"role", "content"} dicts or (role, content) pairs -> ChatMessages."""
+    turns = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
+        turns.append(pb.ChatMessage(role=role, content=content))
+    return turns
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """An input as Generate sees it (Client.tokenize)."""
+
+    token_ids: tuple[int, ...]
+    max_model_len: int  # the most tokens a prompt plus its completion may hold
+
+
+def build_tokenize_request(prompt=None, *, messages=None) -> pb.TokenizeRequest:
+    if (prompt is None) == (messages is None):
+        raise TypeError("give exactly one of prompt, messages")
+    if prompt is not None:
+        return pb.TokenizeRequest(prompt=prompt)
+    req = pb.TokenizeRequest()
+    req.messages.messages.extend(_chat_messages(messages))
+    return req
+
+
+def tokens_from_pb(msg: pb.TokenizeResponse) -> Tokens:
+    return Tokens(token_ids=tuple(msg.token_ids), max_model_len=msg.max_model_len)
 
 
 @dataclass(frozen=True)

@@ -62,12 +62,13 @@ def sampling_from_pb(req: pb.GenerateRequest) -> SamplingParams:
     )
 
 
-def prompt_ids_from_pb(req: pb.GenerateRequest, tokenizer) -> list[int]:
+def prompt_ids_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest, tokenizer) -> list[int]:
     """Token ids of the request's input (prompt text, ids, or chat messages). The engine
     checks the ids against the vocabulary and the context length."""
     which = req.WhichOneof("input")
     if which is None:
-        raise InvalidArgument("set one of prompt, input_ids, messages")
+        choices = [f.name for f in req.DESCRIPTOR.oneofs_by_name["input"].fields]
+        raise InvalidArgument(f"set one of {', '.join(choices)}")
     if which == "prompt":
         if not req.prompt:
             raise InvalidArgument("prompt is empty")
@@ -81,6 +82,14 @@ def prompt_ids_from_pb(req: pb.GenerateRequest, tokenizer) -> list[int]:
     if not ids:
         raise InvalidArgument(f"{which} is empty")
     return list(ids)
+
+
+def token_ids_from_pb(msg: pb.TokenIds, vocab_size: int) -> list[int]:
+    ids = list(msg.ids)
+    bad = [t for t in ids if t >= vocab_size]
+    if bad:
+        raise InvalidArgument(f"token ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
+    return ids
 
 
 def _render_chat(messages, tokenizer) -> list[int]:

@@ -17,7 +17,8 @@ import grpc
 
 from loraplex.api.convert import (adapter_info_to_pb, adapter_label,
                                   generation_request_from_pb, merge_args_from_pb,
-                                  response_from_completions, response_from_outputs)
+                                  prompt_ids_from_pb, response_from_completions,
+                                  response_from_outputs, token_ids_from_pb)
 from loraplex.api.errors import status_of
 from loraplex.api.routes import ShadowMirror, seed_for_shadow
 from loraplex.engine.request import FinishReason, RequestOutput
@@ -220,6 +221,24 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if stream is not None:
                 stream.cancel()  # (no-op once it has finished)
             call.end()
+
+
+    async def Tokenize(self, request, context):
+        try:
+            engine = self._get_engine()
+            ids = prompt_ids_from_pb(request, engine.tokenizer)
+        except LoraplexError as exc:
+            await context.abort(status_of(exc), str(exc))
+        return pb.TokenizeResponse(token_ids=ids, max_model_len=engine.max_model_len)
+
+    async def Detokenize(self, request, context):
+        try:
+            engine = self._get_engine()
+            ids = token_ids_from_pb(request, engine.loaded.vocab_size)
+        except LoraplexError as exc:
+            await context.abort(status_of(exc), str(exc))
+        # as Generate writes its text (IncrementalDetokenizer)
+        return pb.DetokenizeResponse(text=engine.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def _need(value: str, field: str) -> str:

@@ -26,3 +26,12 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
         return full[len(prefix):]
+
+    def flush(self) -> str:
+        """The text held back at the end of the output: a character whose last bytes never
+        came, as U+FFFD (so that all the pieces add up to the decoded output)."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset],
+                                       skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):] if len(full) > len(prefix) else ""

@@ -460,8 +460,8 @@ class Engine:
             reason = FinishReason.STOP
         elif len(seq.output_ids) >= params.max_new_tokens:
             reason = FinishReason.LENGTH
-        if reason is not None and not hit_stop:
-            text += seq.stops.flush()
+        if reason is not None and not hit_stop:  # what the stop filter, then the
+            text += seq.stops.flush() + seq.detokenizer.flush()  # detokenizer held back
         out = RequestOutput(
             request_id=seq.request_id, token_ids=(token,), text=text, adapter=label,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),

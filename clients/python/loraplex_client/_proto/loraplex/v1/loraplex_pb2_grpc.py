@@ -48,6 +48,16 @@ class GenerationStub:
                 request_serializer=loraplex_dot_v1_dot_loraplex__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/loraplex.v1.Generation/Tokenize',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/loraplex.v1.Generation/Detokenize',
+                request_serializer=loraplex_dot_v1_dot_loraplex__pb2.TokenIds.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_loraplex__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -73,6 +83,21 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The token ids of an input as Generate sees it (a prompt with the tokenizer's special
+        tokens, or chat messages through the chat template), and the model's context.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """The text of token ids, as Generate would write them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -85,6 +110,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.GenerateRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_loraplex__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.TokenizeRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=loraplex_dot_v1_dot_loraplex__pb2.TokenIds.FromString,
+                    response_serializer=loraplex_dot_v1_dot_loraplex__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -145,6 +180,60 @@ class Generation:
             '/loraplex.v1.Generation/GenerateStream',
             loraplex_dot_v1_dot_loraplex__pb2.GenerateRequest.SerializeToString,
             loraplex_dot_v1_dot_loraplex__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Generation/Tokenize',
+            loraplex_dot_v1_dot_loraplex__pb2.TokenizeRequest.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Generation/Detokenize',
+            loraplex_dot_v1_dot_loraplex__pb2.TokenIds.SerializeToString,
+            loraplex_dot_v1_dot_loraplex__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
