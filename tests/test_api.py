@@ -499,8 +499,8 @@ BAD_REQUESTS = {
     "choice and allowed ids": (pb.GenerateRequest(prompt="a", guided_choice=["b"],
                                                   allowed_token_ids=[5]), "allowed_token_ids"),
     "empty choice": (pb.GenerateRequest(prompt="a", guided_choice=["b", ""]), "non-empty"),
-    "schema with a minimum": (pb.GenerateRequest(
-        prompt="a", guided_json='{"type": "integer", "minimum": 0}'), "unsupported keywords"),
+    "schema with a multipleOf": (pb.GenerateRequest(
+        prompt="a", guided_json='{"type": "integer", "multipleOf": 2}'), "unsupported keywords"),
     "schema not JSON": (pb.GenerateRequest(prompt="a", guided_json="{type"), "not valid JSON"),
     "schema and regex": (pb.GenerateRequest(prompt="a", guided_json='{"type": "null"}',
                                             guided_regex="a"), "at most one of"),

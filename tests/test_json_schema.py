@@ -96,7 +96,12 @@ def test_schema_regex_matches_exactly_the_allowed_documents(case):
     ('{"type": "object"}', "an object with no properties"),
     ('{"type": "array"}', "an array with no items"),
     ("{}", "allows any JSON"),
-    ('{"type": "integer", "minimum": 3}', "unsupported keywords ['minimum']"),
+    ('{"type": "number", "minimum": 3}', "minimum on a number"),
+    ('{"type": "integer", "minimum": 3, "exclusiveMaximum": 3.0, "maximum": 9}',
+     "bounds that no integer meets"),
+    ('{"type": "integer", "maximum": "9"}', "maximum must be a finite number"),
+    ('{"type": "integer", "minimum": true}', "minimum must be a finite number"),
+    ('{"type": "integer", "multipleOf": 2}', "unsupported keywords ['multipleOf']"),
     ('{"type": "string", "format": "email"}', "string format 'email'"),
     ('{"$ref": "#/$defs/nope"}', "not one of this schema's $defs"),
     ('{"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}},'
@@ -116,7 +121,8 @@ def test_sampled_guided_json_parses_and_is_allowed(tiny_models, adapters):
     """Sampled at temperature 1 from a random model, every output is a document of the
     schema (the model would rather write noise)."""
     schema = {"type": "object", "properties": {
-        "id": {"type": "integer"}, "label": {"enum": ["cat", "dog"]},
+        "id": {"type": "integer", "minimum": -20, "exclusiveMaximum": 300},
+        "label": {"enum": ["cat", "dog"]},
         "score": {"type": "number"}, "note": {"type": "string", "maxLength": 6}},
         "required": ["id", "label"]}
     arch = "llama"
@@ -137,7 +143,8 @@ def test_sampled_guided_json_parses_and_is_allowed(tiny_models, adapters):
             continue
         finished += 1
         doc = json.loads(out.text)
-        assert isinstance(doc["id"], int) and doc["label"] in ("cat", "dog")
+        assert isinstance(doc["id"], int) and -20 <= doc["id"] < 300
+        assert doc["label"] in ("cat", "dog")
         assert set(doc) <= set(schema["properties"])
         assert isinstance(doc.get("score", 0.0), (int, float))
         assert len(doc.get("note", "")) <= 6
@@ -172,3 +179,41 @@ def test_edges_of_values_refs_and_bounds():
     assert schema_to_regex(json.dumps(deep)).count("-?(?:0|[1-9][0-9]*)") == 2 ** 16
     deep = {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}
     assert _allows(deep, [[1, 2], [], [3]])
+
+
+@pytest.mark.parametrize("lo,hi", [
+    (0, None), (None, 0), (1, None), (10, None), (99, None), (100, None),
+    (-5, 5), (-1200, -3), (7, 7), (0, 0), (-100, None), (None, -10), (None, -1), (13, 987),
+    (100, 1000), (-999, -100), (5, 99_999), (-1_000_000, 1_000_000)])
+def test_integer_bounds_match_exactly_the_integers_between(lo, hi):
+    """Against the bounds themselves, over -1200..1200 and around every power of ten up to
+    10^7; never a leading zero or -0. Through the serving automaton for the cases with an
+    upper bound (the others: Python's re, the pattern being Python syntax)."""
+    schema = {"type": "integer"}
+    if lo is not None:
+        schema["minimum"] = lo
+    if hi is not None:
+        schema["maximum"] = hi
+    pattern = schema_to_regex(json.dumps(schema))
+    automaton = compile_regex(pattern)
+    values = list(range(-1200, 1200)) + [s * 10 ** k + d for s in (1, -1) for k in range(1, 8)
+                                          for d in (-1, 0, 1)]
+    for x in values:
+        inside = (lo is None or x >= lo) and (hi is None or x <= hi)
+        assert (re.fullmatch(pattern, str(x)) is not None) == inside, (x, pattern)
+        assert automaton.matches(str(x).encode()) == inside, (x, pattern)
+    for text in ("-0", "01", "00", "-01", "007", "", "-", "+1", "1.0"):
+        assert not re.fullmatch(pattern, text) and not automaton.matches(text.encode()), text
+
+
+def test_exclusive_and_fractional_integer_bounds():
+    """exclusiveMinimum / exclusiveMaximum leave the bound out; fractional bounds round
+    inwards; several bounds meet in the narrowest."""
+    def allowed(**bounds):
+        pattern = schema_to_regex(json.dumps({"type": "integer", **bounds}))
+        return [x for x in range(-30, 30) if re.fullmatch(pattern, str(x))]
+    assert allowed(exclusiveMinimum=3, exclusiveMaximum=7) == [4, 5, 6]
+    assert allowed(minimum=2.5, maximum=5.5) == [3, 4, 5]
+    assert allowed(exclusiveMinimum=2.5, exclusiveMaximum=5.5) == [3, 4, 5]
+    assert allowed(minimum=-3, exclusiveMinimum=0, maximum=9, exclusiveMaximum=4) == [1, 2, 3]
+    assert allowed(minimum=-2.0, maximum=-2.0) == [-2]

@@ -9,8 +9,9 @@ newlines: a model cannot pad the output with whitespace forever). Object propert
 come in the schema's order, required ones always, the others when the model chooses.
 Covered: type (one or a list), enum, const, anyOf / oneOf, $ref into $defs /
 definitions (not recursive), string (minLength, maxLength, pattern, format date /
-time / date-time / uuid), integer and number (no bounds), boolean, null, array (items,
-minItems, maxItems), object (properties, required). Anything else that constrains the
+time / date-time / uuid), integer (minimum, maximum, exclusiveMinimum, exclusiveMaximum),
+number (no bounds), boolean, null, array (items, minItems, maxItems), object
+(properties, required). Anything else that constrains the
 text raises InvalidArgument naming it; annotations (title, description, ...) are
 ignored. JSON with unbounded nesting is not a regular language, so an object needs its
 properties and an array its items.
@@ -19,6 +20,7 @@ properties and an array its items.
 from __future__ import annotations
 
 import json
+import math
 
 from loraplex.engine.byte_regex import escape
 from loraplex.errors import InvalidArgument
@@ -41,8 +43,10 @@ _FORMATS["date-time"] = f"{_FORMATS['date']}T{_FORMATS['time']}"
 _ANNOTATIONS = {"title", "description", "examples", "default", "$schema", "$id", "$comment",
                 "$defs", "definitions", "additionalProperties", "deprecated", "readOnly",
                 "writeOnly"}
+_NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _HANDLED = {"type", "enum", "const", "anyOf", "oneOf", "$ref", "properties", "required",
-            "items", "minItems", "maxItems", "minLength", "maxLength", "pattern", "format"}
+            "items", "minItems", "maxItems", "minLength", "maxLength", "pattern", "format",
+            *_NUMERIC_BOUNDS}
 
 
 def schema_to_regex(schema_text: str) -> str:
@@ -100,6 +104,12 @@ class _Converter:
                 raise self.error(where, "a schema with no type")
         if isinstance(kind, list):
             return _alternation(self.regex({**schema, "type": k}, where, depth + 1) for k in kind)
+        bounded = [k for k in _NUMERIC_BOUNDS if k in schema]
+        if kind == "integer" and bounded:
+            return self.integer(schema, where)
+        if kind == "number" and bounded:
+            raise self.error(where, f"{bounded[0]} on a number (bounds are supported on "
+                             "integers only): use type integer, or a string pattern")
         if kind in _TYPES:
             return _TYPES[kind]
         if kind == "string":
@@ -131,6 +141,31 @@ class _Converter:
             return f'"{_FORMATS[schema["format"]]}"'
         lo, hi = _bounds(schema, "minLength", "maxLength", self.error, where)
         return f'"{_CHAR}{_repeat(lo, hi)}"'
+
+    def integer(self, schema: dict, where: str) -> str:
+        lo = hi = None
+        for key in _NUMERIC_BOUNDS:
+            if key not in schema:
+                continue
+            value = schema[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    value != value or abs(value) == float("inf"):
+                raise self.error(where, f"{key} must be a finite number")
+            if key == "minimum":
+                bound, is_low = math.ceil(value), True
+            elif key == "exclusiveMinimum":
+                bound, is_low = math.floor(value) + 1, True
+            elif key == "maximum":
+                bound, is_low = math.floor(value), False
+            else:
+                bound, is_low = math.ceil(value) - 1, False
+            if is_low:
+                lo = bound if lo is None else max(lo, bound)
+            else:
+                hi = bound if hi is None else min(hi, bound)
+        if lo is not None and hi is not None and lo > hi:
+            raise self.error(where, "bounds that no integer meets")
+        return _alternation(integer_range(lo, hi))
 
     def array(self, schema: dict, where: str, depth: int) -> str:
         if "items" not in schema:
@@ -166,6 +201,55 @@ class _Converter:
         body = _alternation(options)
         return rf"\{{{SPACE}(?:{body}){SPACE}\}}" if required else \
             rf"\{{{SPACE}(?:{body})?{SPACE}\}}"
+
+
+def integer_range(lo: int | None, hi: int | None) -> list[str]:
+    """Patterns whose union matches the JSON integers in [lo, hi] (None = unbounded):
+    no leading zeros, no -0."""
+    parts = []
+    if hi is None or hi >= 0:  # 0 and up
+        parts += _magnitudes(max(lo or 0, 0), hi)
+    if lo is None or lo < 0:  # below 0: "-" and a magnitude
+        low = 1 if hi is None or hi >= 0 else -hi
+        parts += ["-" + p for p in _magnitudes(low, None if lo is None else -lo)]
+    return parts
+
+
+def _magnitudes(a: int, b: int | None) -> list[str]:
+    """Patterns of the decimal numbers in [a, b] (b None = unbounded), 0 <= a, a <= b."""
+    parts = []
+    while b is None or a <= b:
+        digits = len(str(a))
+        top = 10 ** digits - 1
+        if b is None and a == 10 ** (digits - 1) and digits > 1:  # all longer numbers too
+            return parts + [f"[1-9][0-9]{{{digits - 1},}}"]
+        end = top if b is None else min(b, top)
+        parts += _same_width(str(a), str(end))
+        a = end + 1
+    return parts
+
+
+def _same_width(lo: str, hi: str) -> list[str]:
+    """Patterns of the digit strings from lo to hi, both of the same length."""
+    if lo == hi:
+        return [lo]
+    if len(lo) == 1:
+        return [f"[{lo}-{hi}]"]
+    if lo[0] == hi[0]:
+        return [lo[0] + p for p in _same_width(lo[1:], hi[1:])]
+    rest = len(lo) - 1
+    parts, first, last = [], int(lo[0]), int(hi[0])
+    if lo[1:] != "0" * rest:  # lo's first digit only partly
+        parts += [lo[0] + p for p in _same_width(lo[1:], "9" * rest)]
+        first += 1
+    tail = []
+    if hi[1:] != "9" * rest:
+        tail = [hi[0] + p for p in _same_width("0" * rest, hi[1:])]
+        last -= 1
+    if first <= last:
+        digit = str(first) if first == last else f"[{first}-{last}]"
+        parts.append(f"{digit}[0-9]{{{rest}}}")
+    return parts + tail
 
 
 def _alternation(options) -> str:
