@@ -12,7 +12,7 @@ import re
 import pytest
 
 from loraplex.engine.byte_regex import (DEAD, GuideTooLarge, choice_pattern, compile_regex,
-                                        utf8_sequences)
+                                        utf8_sequences, without_chars)
 from loraplex.errors import InvalidArgument
 
 PATTERNS = [
@@ -63,6 +63,36 @@ def test_full_matches_are_pythons(pattern):
         matched += want
         assert dfa.matches(text.encode()) == want, (pattern, text)
     assert matched > 0, pattern  # (the samples exercise both answers)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_without_chars_matches_the_strings_free_of_them(pattern):
+    """without_chars(p, banned) matches what p matches, less the strings holding a banned
+    character: checked against Python's re on p, through re and the automaton."""
+    banned = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x61, 0x61)]  # JSON's and 'a'
+    restricted = without_chars(pattern, banned)
+    ours, theirs = re.compile(restricted), re.compile(pattern, re.ASCII)
+    try:
+        dfa = compile_regex(restricted)
+    except InvalidArgument as exc:  # e.g. a{2,}b* without 'a'
+        assert "matches no string" in str(exc)
+        dfa = None
+    rng = random.Random(pattern)
+    alphabet = _alphabet(pattern)
+    samples = ["", "yes42", "no", "b", "bb", "12.34", '"x"', "c\\c", "x\ty", "bc"] + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))) for _ in range(2000)]
+    for text in samples:
+        want = theirs.fullmatch(text) is not None and not any(
+            lo <= ord(c) <= hi for c in text for lo, hi in banned)
+        assert (ours.fullmatch(text) is not None) == want, (pattern, text, restricted)
+        assert (dfa is not None and dfa.matches(text.encode())) == want, (pattern, text)
+
+
+def test_without_chars_may_leave_nothing():
+    with pytest.raises(InvalidArgument, match="matches no string"):
+        compile_regex(without_chars("a", [(0x61, 0x61)]))
+    dfa = compile_regex(without_chars("a|b", [(0x61, 0x61)]))
+    assert dfa.matches(b"b") and not dfa.matches(b"a")
 
 
 @pytest.mark.parametrize("pattern,alphabet,length", [

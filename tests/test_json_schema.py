@@ -165,6 +165,11 @@ def test_edges_of_values_refs_and_bounds():
     assert _allows(enum, "a.b") and _allows(enum, "x*")
     assert not _allows(enum, "axb") and not _allows(enum, "xxx")
     assert _allows({"const": "café"}, "café")
+    # a pattern that allows what JSON escapes: those characters are left out of it, so
+    # the text between the quotes is always the value as it is
+    quoted = {"type": "string", "pattern": '^[a-z"\\\\\n]{1,4}$'}
+    assert _allows(quoted, "ab") and not _allows(quoted, 'a"') and not _allows(quoted, "a\n")
+    assert not compile_regex(schema_to_regex(json.dumps(quoted))).matches(b'"a"b"')
     assert _allows({"type": "string"}, "\x01")  # written "\u0001"
     assert not compile_regex(schema_to_regex('{"type": "string"}')).matches(b'"\x1f"')
     assert _allows({"type": "number"}, 1e-05)

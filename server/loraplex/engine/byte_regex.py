@@ -68,6 +68,30 @@ def compile_regex(pattern: str) -> ByteDFA:
     return ByteDFA(nfa.trimmed(start, accept), start, accept)
 
 
+def without_chars(pattern: str, banned: list[tuple[int, int]]) -> str:
+    """`pattern` with the code points in `banned` (inclusive ranges) taken out of every
+    class and literal: it matches the strings `pattern` matches that hold none of them
+    (a JSON schema's pattern inside a JSON string, say, without what JSON escapes)."""
+    return _unparse(_Parser(pattern).parse(), _normalize(banned))
+
+
+def _unparse(node, banned) -> str:
+    """The pattern of a parse tree, each class less `banned`."""
+    kind = node[0]
+    if kind == "set":
+        kept = _complement(_normalize(_complement(node[1]) + banned))  # node's set - banned
+        if not kept:
+            return "[^\\x00-\\U0010ffff]"  # matches nothing
+        return "[" + "".join(f"\\U{lo:08x}" if lo == hi else f"\\U{lo:08x}-\\U{hi:08x}"
+                             for lo, hi in kept) + "]"
+    if kind == "cat":
+        return "(?:" + "".join(_unparse(n, banned) for n in node[1]) + ")"
+    if kind == "alt":
+        return "(?:" + "|".join(_unparse(n, banned) for n in node[1]) + ")"
+    _, child, lo, hi = node
+    return f"(?:{_unparse(child, banned)}){{{lo},{'' if hi is None else hi}}}"
+
+
 # ---- code point sets ---------------------------------------------------------------
 
 def _normalize(ranges) -> list[tuple[int, int]]:

@@ -8,7 +8,8 @@ The text is compact JSON with an optional single space after each ':' and ',' (n
 newlines: a model cannot pad the output with whitespace forever). Object properties
 come in the schema's order, required ones always, the others when the model chooses.
 Covered: type (one or a list), enum, const, anyOf / oneOf, $ref into $defs /
-definitions (not recursive), string (minLength, maxLength, pattern, format date /
+definitions (not recursive), string (minLength, maxLength, pattern: less the
+characters JSON escapes, format date /
 time / date-time / uuid), integer (minimum, maximum, exclusiveMinimum, exclusiveMaximum),
 number (no bounds), boolean, null, array (items, minItems, maxItems), object
 (properties, required). Anything else that constrains the
@@ -22,11 +23,12 @@ from __future__ import annotations
 import json
 import math
 
-from loraplex.engine.byte_regex import escape
+from loraplex.engine.byte_regex import escape, without_chars
 from loraplex.errors import InvalidArgument
 
 MAX_DEPTH = 16  # nested schemas ($refs included)
 SPACE = "[ ]?"
+_JSON_ESCAPED = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]  # control characters, quote, backslash
 _CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'  # one JSON string character
 _TYPES = {
     "integer": r"-?(?:0|[1-9][0-9]*)",
@@ -133,7 +135,8 @@ class _Converter:
             pattern = schema["pattern"]
             if not isinstance(pattern, str):
                 raise self.error(where, "pattern must be a string")
-            return f'"(?:{pattern.removeprefix("^").removesuffix("$")})"'
+            # (what JSON escapes left out: the text between the quotes is the value as is)
+            return f'"{without_chars(pattern, _JSON_ESCAPED)}"'
         if "format" in schema:
             if schema["format"] not in _FORMATS:
                 raise self.error(where, f"string format {schema['format']!r} (supported: "
