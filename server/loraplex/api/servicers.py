@@ -222,7 +222,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 stream.cancel()  # (no-op once it has finished)
             call.end()
 
-
     async def Tokenize(self, request, context):
         try:
             engine = self._get_engine()
