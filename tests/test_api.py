@@ -386,6 +386,20 @@ def test_min_tokens_holds_back_stop_tokens_and_strings(client):
                                                                   "length")
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string(client):
+    greedy = client.generate(PROMPT, max_new_tokens=12, ignore_eos=True)
+    word = greedy.text[3:5]
+    start = greedy.text.index(word)
+    args = dict(max_new_tokens=12, ignore_eos=True, stop=[word])
+    left_out = client.generate(PROMPT, **args)
+    kept = client.generate(PROMPT, include_stop_str_in_output=True, **args)
+    assert left_out.text == greedy.text[:start]
+    assert kept.text == greedy.text[:start + len(word)] and kept.finish_reason == "stop"
+    assert kept.token_ids == left_out.token_ids
+    streamed = list(client.stream(PROMPT, include_stop_str_in_output=True, **args))
+    assert "".join(c.text for c in streamed) == kept.text
+
+
 def test_presence_and_frequency_penalties_change_greedy_choices(client):
     """Greedy output of a small random model repeats itself; a strong frequency penalty
     makes every token differ from those before it (a count of 1 costs 2 logits) or not."""

@@ -155,6 +155,18 @@ def test_detokenizer_flush_gives_a_character_cut_short():
     assert detok.flush() == ""
 
 
+def test_included_stop_string_ends_the_text():
+    """include_stop: the text ends right after the stop string (the earliest, the longest of
+    those starting there), what follows it dropped; held back as without."""
+    f = StopStringFilter(("END", "EN", "xy"), include_stop=True)
+    assert f.feed("ab E") == ("ab ", False)
+    assert f.feed("NDzz xy") == ("END", True)  # "EN" and "END" start together: the longer
+    g = StopStringFilter(("xy", "ab"), include_stop=True)
+    assert g.feed("1 ab 2 xy") == ("1 ab", True)  # the earliest, not the first listed
+    h = StopStringFilter(("END",), include_stop=True)
+    assert h.feed("END", armed=False) == ("END", False)  # before min_tokens: let through
+
+
 def test_stop_string_across_pieces_is_cut_and_held_back():
     f = StopStringFilter(("END",))
     assert f.feed("hello E") == ("hello ", False)  # "E" may start "END": held back

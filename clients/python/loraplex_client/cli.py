@@ -83,6 +83,8 @@ def add_commands(subparsers) -> None:
     g.add_argument("--min-tokens", type=int, default=None,
                    help="no EOS, stop token or stop string before this many tokens")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--include-stop", dest="include_stop_str_in_output", action="store_true",
+                   default=None, help="end the text with the stop string that ended it")
     g.add_argument("--stop-token-ids", type=_csv(int), default=None, metavar="ID,ID")
     g.add_argument("--logit-bias", type=_bias, action="append", default=None, metavar="ID=BIAS",
                    help="add BIAS (-100..100) to token ID's logit (repeatable)")

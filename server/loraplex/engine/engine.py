@@ -237,7 +237,8 @@ class Engine:
             one = replace(request, sampling=request.sampling.for_completion(index))
             seq = Sequence(request=one, adapter=adapter, sink=sink, index=index,
                            detokenizer=IncrementalDetokenizer(self.tokenizer, one.prompt_ids),
-                           stops=StopStringFilter(one.sampling.stop))
+                           stops=StopStringFilter(one.sampling.stop,
+                                                  one.sampling.include_stop_str_in_output))
             if one.sampling.seed is not None:
                 seq.generator = torch.Generator().manual_seed(one.sampling.seed)
             pattern = one.sampling.guide_pattern

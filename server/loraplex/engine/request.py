@@ -47,6 +47,7 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest one (0 = off)
     min_tokens: int = 0  # no EOS nor stop token / string before this many new tokens
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False  # the stop string that ended it ends the text
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's
     allowed_token_ids: tuple[int, ...] = ()  # when set, the only ids it may produce

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 
 class StopStringFilter:
-    def __init__(self, stops: tuple[str, ...]):
+    def __init__(self, stops: tuple[str, ...], include_stop: bool = False):
         self.stops = stops
+        self.include_stop = include_stop  # a hit releases the stop string too
         self.pending = ""  # text produced but not yet released
 
     def feed(self, text: str, armed: bool = True) -> tuple[str, bool]:
         """Add new text; return (text safe to release now, whether a stop string was hit).
-        On a hit, the released text ends right before the stop string. Not `armed`
+        On a hit, the released text ends right before the stop string (`include_stop`:
+        right after it; the earliest one, the longest of those starting there). Not `armed`
         (before min_tokens), stop strings are let through; a start of one is still held
         back, so one that ends once armed is caught."""
         if not self.stops:
             return text, False
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0] if armed else []
+        hits = [(i, -len(s)) for i, s in ((self.pending.find(s), s) for s in self.stops)
+                if i >= 0] if armed else []
         if hits:
-            released, self.pending = self.pending[:min(hits)], ""
+            start, minus_len = min(hits)
+            end = start - minus_len if self.include_stop else start
+            released, self.pending = self.pending[:end], ""
             return released, True
         keep = max((self._partial(s) for s in self.stops), default=0)
         released = self.pending[:len(self.pending) - keep]
