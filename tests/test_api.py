@@ -386,6 +386,24 @@ def test_min_tokens_holds_back_stop_tokens_and_strings(client):
                                                                   "length")
 
 
+def test_truncate_prompt_tokens_keeps_the_inputs_end(client, assets):
+    """The answer is that of the input's last N tokens sent as input_ids; a chat keeps its
+    end (the assistant's turn); 0 is INVALID_ARGUMENT; N above the length changes nothing."""
+    ids = client.tokenize(PROMPT).token_ids
+    args = dict(adapter="alpha", max_new_tokens=6, ignore_eos=True)
+    cut = client.generate(PROMPT, truncate_prompt_tokens=4, **args)
+    assert cut.prompt_tokens == 4
+    assert cut.token_ids == client.generate(input_ids=ids[-4:], **args).token_ids
+    assert client.generate(PROMPT, truncate_prompt_tokens=999, **args).token_ids == \
+        client.generate(PROMPT, **args).token_ids
+    messages = [("system", "be brief"), ("user", "hi")]
+    chat = client.tokenize(messages=messages).token_ids
+    r = client.generate(messages=messages, truncate_prompt_tokens=5, **args)
+    assert r.token_ids == client.generate(input_ids=chat[-5:], **args).token_ids
+    with pytest.raises(InvalidArgument, match="truncate_prompt_tokens must be >= 1"):
+        client.generate(PROMPT, truncate_prompt_tokens=0, **args)
+
+
 def test_include_stop_str_in_output_keeps_the_stop_string(client):
     greedy = client.generate(PROMPT, max_new_tokens=12, ignore_eos=True)
     word = greedy.text[3:5]

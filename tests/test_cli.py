@@ -297,7 +297,8 @@ def test_generate_flags_reach_the_request(monkeypatch):
     monkeypatch.setattr(client_cli, "Client", Recorder)
     assert client_cli.main(["generate", "--target", "x:1", "--no-stream", "--priority", "-3",
                             "--logit-bias", "5=-2.5", "--stop", "##", "--include-stop",
-                            "hi"]) == 0
+                            "--truncate-prompt-tokens", "7", "hi"]) == 0
+    assert seen["truncate_prompt_tokens"] == 7
     assert seen["priority"] == -3 and seen["logit_bias"] == [(5, -2.5)]
     assert seen["include_stop_str_in_output"] is True and seen["stop"] == ["##"]
     assert sampling_from_pb(build_generate_request(

@@ -71,6 +71,8 @@ def add_commands(subparsers) -> None:
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message through the chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--truncate-prompt-tokens", type=int, default=None, metavar="N",
+                   help="keep only the input's last N tokens")
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=None)
@@ -226,6 +228,7 @@ def _generate(args) -> int:
     sampling = {k: getattr(args, k) for k in SAMPLING_FIELDS if getattr(args, k) is not None}
     sampling["routing_key"] = args.routing_key
     sampling["priority"] = args.priority
+    sampling["truncate_prompt_tokens"] = args.truncate_prompt_tokens
     inputs = _inputs(args)
     with _client(args) as client:
         if args.json or args.no_stream or (args.n or 1) > 1:

@@ -124,8 +124,9 @@ class Client(_Base):
         ({token id: bias}), allowed_token_ids, guided_regex (the output fully matches it),
         guided_choice (the output is one of these strings), guided_json (a JSON schema,
         as a dict or its text: the output is JSON it allows), n (completions of the prompt:
-        all in Result.completions, completion 0's also on top); also routing_key and
-        priority (lower is served first); see loraplex.proto."""
+        all in Result.completions, completion 0's also on top); also routing_key,
+        priority (lower is served first) and truncate_prompt_tokens (keep the input's last
+        this many tokens); see loraplex.proto."""
         req = build_generate_request(prompt, input_ids=input_ids, messages=messages,
                                      adapter=adapter, **sampling)
         return result_from_pb(self._call(self._gen.Generate, req, adapter, timeout))

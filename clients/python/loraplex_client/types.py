@@ -143,6 +143,7 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapter: str = "",
                            routing_key: str = "", priority: int = 0,
+                           truncate_prompt_tokens: int | None = None,
                            **sampling) -> pb.GenerateRequest:
     """A GenerateRequest from Python values. Give exactly one of prompt, input_ids, messages
     (messages: a list of {"role", "content"} dicts or (role, content) pairs)."""
@@ -154,6 +155,8 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapte
         raise TypeError("give exactly one of prompt, input_ids, messages")
     req = pb.GenerateRequest(adapter=adapter or "", routing_key=routing_key or "",
                              priority=int(priority))
+    if truncate_prompt_tokens is not None:
+        req.truncate_prompt_tokens = int(truncate_prompt_tokens)
     if prompt is not None:
         req.prompt = prompt
     elif input_ids is not None:

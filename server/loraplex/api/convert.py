@@ -115,6 +115,10 @@ def generation_request_from_pb(req: pb.GenerateRequest, tokenizer, deadline: flo
                                max_model_len: int) -> GenerationRequest:
     """An unset max_new_tokens means the default, capped to what the context leaves."""
     ids = prompt_ids_from_pb(req, tokenizer)
+    if req.HasField("truncate_prompt_tokens"):
+        if req.truncate_prompt_tokens < 1:
+            raise InvalidArgument("truncate_prompt_tokens must be >= 1 when set")
+        ids = ids[-req.truncate_prompt_tokens:]
     sampling = sampling_from_pb(req)
     if not req.HasField("max_new_tokens"):
         room = max(1, max_model_len - len(ids))
