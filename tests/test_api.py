@@ -1055,3 +1055,19 @@ def test_a_hung_step_stops_the_server(assets):
     finally:
         release.set()
         s.stop()
+
+
+def test_detokenize_skips_special_tokens(client):
+    assert client.detokenize([EOS_ID]) == ""
+
+
+def test_tokenize_takes_one_input(client):
+    from loraplex_client.types import build_tokenize_request
+    with pytest.raises(TypeError):
+        build_tokenize_request("hi", messages=[("user", "hi")])
+
+
+def test_text_held_by_the_stop_filter_comes_before_a_cut_character(client):
+    r = client.generate(PROMPT, guided_regex="E€", stop=["E€x"], max_new_tokens=2)
+    assert r.finish_reason == "length" and r.text == "E\ufffd"
+    assert client.detokenize(r.token_ids) == r.text

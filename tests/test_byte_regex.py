@@ -208,3 +208,8 @@ def test_states_that_cannot_reach_a_match_are_dead():
     dfa = compile_regex(r"ac[^\x00-\U0010FFFF]|ab")
     assert dfa.walk(dfa.start, b"ac") == DEAD
     assert dfa.walk(dfa.start, b"a") != DEAD and dfa.matches(b"ab")
+
+
+def test_without_chars_keeps_a_zero_repeat():
+    restricted = without_chars("ab{0}c", [(0x22, 0x22)])
+    assert re.fullmatch(restricted, "ac") and not re.fullmatch(restricted, "abc")

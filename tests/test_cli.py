@@ -308,3 +308,10 @@ def test_generate_flags_reach_the_request(monkeypatch):
                                  logit_bias=seen["logit_bias"])
     assert generation_request_from_pb(req, None, None, 64).priority == -3
     assert sampling_from_pb(req).logit_bias == ((5, -2.5),)
+
+
+def test_cli_tokenize_prints_the_ids(server):
+    with Client(server.target) as c:
+        ids = c.tokenize("Hello").token_ids
+    out = loraplex("tokenize", "--target", server.target, "Hello")
+    assert out.stdout == " ".join(map(str, ids)) + "\n"

@@ -4,12 +4,16 @@ the single request it stands for, and with prefix caching they compute the promp
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from engine_helpers import build_engine, greedy, run_all, tiny_llama_blocks
-from loraplex.engine.request import FinishReason, GenerationRequest, SamplingParams
+from loraplex.engine.engine import RequestStream
+from loraplex.engine.request import (FinishReason, GenerationRequest, RequestOutput,
+                                     SamplingParams)
 from loraplex.errors import InvalidArgument, NotFound, ResourceExhausted
 from models import make_prompts
 from peft_reference import peft_greedy
@@ -129,8 +133,10 @@ def test_cancelling_ends_and_frees_every_completion(engine, adapters):
 
 
 def test_bad_n_and_a_full_queue_are_refused(tiny_models, adapters):
+    """n outside 1..32, or above what the queue holds at all, is INVALID_ARGUMENT (retrying
+    cannot help); n that does not fit beside the requests waiting is RESOURCE_EXHAUSTED."""
     engine = build_engine(tiny_models["llama"], next(iter(adapters["llama"].values())).parent,
-                          max_queue=3)
+                          max_queue=3, max_num_seqs=1)
     try:
         async def submit(n, adapter=""):
             return engine.submit(GenerationRequest([5, 6], greedy(2), adapter=adapter, n=n))
@@ -138,8 +144,29 @@ def test_bad_n_and_a_full_queue_are_refused(tiny_models, adapters):
         for n in (0, 33):
             with pytest.raises(InvalidArgument, match=r"n must be in \[1, 32\]"):
                 asyncio.run(submit(n))
-        with pytest.raises(ResourceExhausted, match="this request adds 4"):
+        with pytest.raises(InvalidArgument, match="n = 4 is more than the queue holds"):
             asyncio.run(submit(4))
+
+        async def beside_a_waiting_one():
+            running = engine.submit(GenerationRequest([5, 6], greedy(200)))
+            waiting = engine.submit(GenerationRequest([5, 7], greedy(2)))
+            first = running.__aiter__()
+            await first.__anext__()  # it runs, and holds the only sequence of a batch
+            second = asyncio.ensure_future(waiting.__aiter__().__anext__())
+            await asyncio.sleep(0.05)  # queued: it waits for the first
+            try:
+                await submit(3)
+            finally:
+                running.cancel()
+                waiting.cancel()
+                second.cancel()
+        with pytest.raises(ResourceExhausted,
+                           match="1 requests are already waiting and this request adds 3"):
+            asyncio.run(beside_a_waiting_one())
+        for _ in range(500):  # until the engine has ended both
+            if not engine._seqs:
+                break
+            time.sleep(0.01)
 
         async def unknown():  # an error of its completions' adapter ends the stream
             return [o async for o in await submit(3, adapter="nope")]
@@ -190,3 +217,56 @@ def test_completions_survive_preemption_with_shared_prompt_blocks(tiny_models, a
 
 async def _collect_all(stream) -> list:
     return [out async for out in stream]
+
+
+def test_cancel_before_iterating_lets_go_of_every_hold(engine, adapters):
+    name = sorted(adapters["llama"])[5]
+
+    async def main():
+        stream = engine.submit(GenerationRequest([5, 6], greedy(2), adapter=name, n=3))
+        stream.cancel()  # before it starts: it acquires its adapter (3 holds), then lets go
+        return [out async for out in stream]
+
+    assert asyncio.run(main()) == []
+    assert [i.in_use for i in engine.adapters.list() if i.name == name] == [0]
+
+
+def test_a_stream_stays_cancellable_until_its_last_completion_ends():
+    aborted = []
+    stub = SimpleNamespace(cache=SimpleNamespace(hold_more=lambda av, k: None),
+                           _enqueue=lambda request, adapters, sink: None,
+                           _abort=lambda rid, n: aborted.append((rid, n)))
+
+    async def main():
+        stream = RequestStream(stub, GenerationRequest([1], n=2, request_id="r"),
+                               asyncio.get_running_loop())
+        it = stream.__aiter__()
+        stream.deliver(RequestOutput("r", (1,), "a", "", 1, 1,
+                                     finish_reason=FinishReason.LENGTH, index=0))
+        await it.__anext__()  # completion 0 ended, completion 1 still runs
+        stream.cancel()
+
+    asyncio.run(main())
+    assert aborted == [("r", 2)]
+
+
+def test_n_32_is_accepted(engine):
+    per = fold(run_outputs(engine, GenerationRequest([5, 6], greedy(1), n=32)), 32)
+    assert [len(c["tokens"]) for c in per] == [1] * 32
+
+
+def test_seed_plus_index_wraps_at_2_64():
+    assert SamplingParams(seed=2**64 - 1).for_completion(2).seed == 1
+
+
+def test_completions_share_the_guide_pattern_made_once():
+    params = SamplingParams(guided_json='{"type": "boolean"}')
+    pattern = params.guide_pattern
+    assert params.for_completion(1).__dict__.get("guide_pattern") is pattern
+
+
+def test_every_guided_completion_follows_the_guide(engine):
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5,
+                            guided_choice=("yes", "no way"))
+    per = fold(run_outputs(engine, GenerationRequest([5, 6, 7], params, n=3)), 3)
+    assert all(c["text"] in ("yes", "no way") for c in per), per

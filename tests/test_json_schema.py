@@ -222,3 +222,17 @@ def test_exclusive_and_fractional_integer_bounds():
     assert allowed(exclusiveMinimum=2.5, exclusiveMaximum=5.5) == [3, 4, 5]
     assert allowed(minimum=-3, exclusiveMinimum=0, maximum=9, exclusiveMaximum=4) == [1, 2, 3]
     assert allowed(minimum=-2.0, maximum=-2.0) == [-2]
+
+
+@pytest.mark.parametrize("schema", ['{"type": "integer", "minimum": NaN}',
+                                    '{"type": "integer", "exclusiveMaximum": -Infinity}'])
+def test_non_finite_bounds_are_invalid_argument(schema):
+    with pytest.raises(InvalidArgument, match="must be a finite number"):
+        schema_to_regex(schema)
+
+
+def test_a_pattern_loses_control_characters():
+    pattern = schema_to_regex(json.dumps({"type": "string", "pattern": "[\\x00-\\x7f]*"}))
+    assert re.fullmatch(pattern, '"a b"')
+    for text in ('"a\tb"', '"a\nb"', '"\x00"', '"\x1f"'):
+        assert not re.fullmatch(pattern, text), repr(text)

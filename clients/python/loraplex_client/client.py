@@ -151,7 +151,8 @@ class Client(_Base):
                                          timeout))
 
     def detokenize(self, token_ids: Sequence[int], timeout: float | None = None) -> str:
-        """The text of these token ids, as Generate writes it (special tokens left out)."""
+        """The text of these token ids, decoded on their own (special tokens left out; a
+        SentencePiece tokenizer may drop a leading space that Generate's text has)."""
         req = pb.TokenIds(ids=[int(t) for t in token_ids])
         return self._call(self._gen.Detokenize, req, "", timeout).text
 

@@ -236,7 +236,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             ids = token_ids_from_pb(request, engine.loaded.vocab_size)
         except LoraplexError as exc:
             await context.abort(status_of(exc), str(exc))
-        # as Generate writes its text (IncrementalDetokenizer)
+        # (Generate decodes after the prompt's last tokens: see the .proto)
         return pb.DetokenizeResponse(text=engine.tokenizer.decode(ids, skip_special_tokens=True))
 
 

@@ -113,6 +113,8 @@ class Engine:
                                   self.cache.slot_ranks, cfg.attention_backend)
         # a request's Sequences (tuple) to add | Sequence.keys (list) to cancel
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox_seqs = 0  # sequences in the inbox (for the queue limit), under its lock
+        self._inbox_lock = threading.Lock()
         self._wake = threading.Event()
         self._seqs: dict[tuple[str, int], Sequence] = {}  # by Sequence.key; engine thread only
         self._ids = itertools.count()
@@ -178,7 +180,10 @@ class Engine:
         if self._thread is None or self._stopping:
             raise Unavailable("the engine is not running; retry on another replica")
         self.validate(request)
-        waiting = len(self.scheduler.waiting) + self._inbox.qsize()
+        if request.n > self.cfg.max_queue:  # (no retry would fit it)
+            raise InvalidArgument(f"n = {request.n} is more than the queue holds "
+                                  f"({self.cfg.max_queue} requests); lower n")
+        waiting = len(self.scheduler.waiting) + self._inbox_seqs
         if waiting + request.n > self.cfg.max_queue:
             adds = f" and this request adds {request.n}" if request.n > 1 else ""
             raise ResourceExhausted(f"{waiting} requests are already waiting{adds} (limit "
@@ -246,6 +251,8 @@ class Engine:
                 seq.guide = self.guides.get(pattern)
                 seq.guide_state = seq.guide.start
             seqs.append(seq)
+        with self._inbox_lock:
+            self._inbox_seqs += len(seqs)
         self._inbox.put(tuple(seqs))
         self._wake.set()
 
@@ -516,6 +523,8 @@ class Engine:
             except queue.Empty:
                 return
             if isinstance(item, tuple):  # a request's sequences
+                with self._inbox_lock:
+                    self._inbox_seqs -= len(item)
                 for seq in item:
                     self._seqs[seq.key] = seq
                     self.scheduler.add(seq)
