@@ -33,7 +33,7 @@ import torch
 from transformers import GenerationConfig
 
 from bench.baselines import load_peft_model
-from bench.workload import SHAPES, bench_adapter_names, build_bench_adapters, build_bench_model
+from bench.workload import SHAPES, bench_adapter_names, prepare_fp32_bench
 from loraplex.config import EngineConfig, ModelConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.request import GenerationRequest, SamplingParams
@@ -93,16 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     use_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-n-"))
-    base = workdir / f"base-{args.shape}-float32"
-    adapters = workdir / f"adapters-{args.shape}-float32-all-r16"  # (bench.bench's names)
+    base, adapters = prepare_fp32_bench(workdir, args.shape, args.prompts, args.threads)
     names = bench_adapter_names(args.prompts)
-
-    def prepare() -> None:  # (the model is drawn on a thread that exits: see bench.bench)
-        if not (base / "config.json").exists():
-            build_bench_model(base, shape=args.shape, dtype=torch.float32)
-        if not (adapters / names[-1]).exists():
-            build_bench_adapters(base, adapters, args.prompts)
-    run_in_fresh_thread(prepare, args.threads, "n-prepare")
     common = dict(max_batch_tokens=4096, max_num_seqs=64, prefill_chunk=2048,
                   kv_cache_memory=2**30, max_gpu_adapters=32, max_cpu_adapters=32,
                   max_lora_rank=16, threads=args.threads)

@@ -21,14 +21,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import torch
-
 from bench.bench import run_engine
-from bench.workload import (SHAPES, BenchRequest, bench_adapter_names, build_bench_adapters,
-                            build_bench_model)
+from bench.workload import (SHAPES, BenchRequest, bench_adapter_names,
+                            prepare_fp32_bench)
 from loraplex.config import EngineConfig, ModelConfig, parse_switch
 from loraplex.engine.engine import Engine
-from loraplex.engine.threads import run_in_fresh_thread, use_threads
+from loraplex.engine.threads import use_threads
 
 ADAPTERS = (0, 1, 32)
 
@@ -68,15 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     values = [parse_value(fields[name], t) for t in texts]
     use_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-ab-"))
-    base = workdir / f"base-{args.shape}-float32"
-    adapters = workdir / f"adapters-{args.shape}-float32-all-r16"  # (bench.bench's names)
-
-    def prepare() -> None:  # (the model is drawn on a thread that exits: see bench.bench)
-        if not (base / "config.json").exists():
-            build_bench_model(base, shape=args.shape, dtype=torch.float32)
-        if not (adapters / bench_adapter_names(max(ADAPTERS))[-1]).exists():
-            build_bench_adapters(base, adapters, max(ADAPTERS))
-    run_in_fresh_thread(prepare, args.threads, "ab-prepare")
+    base, adapters = prepare_fp32_bench(workdir, args.shape, max(ADAPTERS), args.threads)
     common = dict(max_batch_tokens=4096, max_num_seqs=32, prefill_chunk=2048,
                   kv_cache_memory=2**30, max_gpu_adapters=32, max_cpu_adapters=32,
                   max_lora_rank=16, threads=args.threads, prefix_caching=False)

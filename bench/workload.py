@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
+from loraplex.engine.threads import run_in_fresh_thread
 from tests.models import ALL_LINEAR, ATTN, QV, build_base
 
 # hidden 512, 6 layers, 8 heads (no GQA), MLP 1376, vocab 8000, untied head:
@@ -145,3 +146,21 @@ def make_workload(num_requests: int = 32, prompt_len: tuple[int, int] = (16, 64)
     adapter_of = {req: (names[k % len(names)] if names else None) for k, req in enumerate(order)}
     requests = [BenchRequest(prompt, n_new, adapter_of[i]) for i, (prompt, n_new) in enumerate(shapes)]
     return requests
+
+
+def prepare_fp32_bench(workdir: Path, shape: str, num_adapters: int,
+                       threads: int) -> tuple[Path, Path]:
+    """(model dir, adapter root): the fp32 bench model of `shape` and `num_adapters`
+    all-linear rank-16 adapters under `workdir`, in bench.bench's folders (a --workdir is
+    shared with it), each built unless there already; drawn on a thread that exits (its
+    OpenMP pool would slow the engine's: see bench.bench)."""
+    base = workdir / f"base-{shape}-float32"
+    adapters = workdir / f"adapters-{shape}-float32-all-r16"
+
+    def prepare() -> None:
+        if not (base / "config.json").exists():
+            build_bench_model(base, shape=shape, dtype=torch.float32)
+        if not (adapters / bench_adapter_names(num_adapters)[-1]).exists():
+            build_bench_adapters(base, adapters, num_adapters)
+    run_in_fresh_thread(prepare, threads, "bench-prepare")
+    return base, adapters

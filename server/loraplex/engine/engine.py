@@ -571,8 +571,9 @@ class RequestStream:
         if adapter is not None and n > 1:  # each completion holds it
             self._engine.cache.hold_more(adapter, n - 1)
         if self._done:  # cancelled while its adapter was loading
-            for _ in range(n if adapter is not None else 0):
-                self._engine.cache.release(adapter, served=False)
+            if adapter is not None:
+                for _ in range(n):
+                    self._engine.cache.release(adapter, served=False)
             return
         self._engine._enqueue(self.request, [adapter] * n, self)
         running = n
