@@ -288,8 +288,10 @@ def build_adapters(base_dir: str | Path, root_dir: str | Path,
 def make_prompts(n: int = 24, min_len: int = 3, max_len: int = 40, seed: int = 0) -> list[list[int]]:
     """n prompts of text ids (no special tokens), lengths spread over [min_len, max_len].
 
-    The first two are exactly min_len and max_len long, so both ends are always covered.
+    The first two are exactly min_len and max_len long, so both ends are always covered
+    (n = 1 gives one of min_len).
     """
     gen = torch.Generator().manual_seed(seed)
-    lengths = [min_len, max_len] + torch.randint(min_len, max_len + 1, (n - 2,), generator=gen).tolist()
+    random = torch.randint(min_len, max_len + 1, (max(n - 2, 0),), generator=gen).tolist()
+    lengths = [min_len, max_len] + random
     return [torch.randint(FIRST_TEXT_ID, VOCAB_SIZE, (length,), generator=gen).tolist() for length in lengths[:n]]
