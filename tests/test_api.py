@@ -301,9 +301,9 @@ def test_guides_compile_off_the_event_loop(server, client, monkeypatch):
     compiled_on = []
     real_get = guides.get
 
-    def get(pattern):
+    def get(key):
         compiled_on.append(threading.current_thread())
-        return real_get(pattern)
+        return real_get(key)
 
     monkeypatch.setattr(guides, "get", get)
     out = client.generate(PROMPT, max_new_tokens=8, guided_regex="[a-z]{3}z")

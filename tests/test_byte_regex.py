@@ -11,8 +11,9 @@ import re
 
 import pytest
 
-from loraplex.engine.byte_regex import (DEAD, GuideTooLarge, choice_pattern, compile_regex,
-                                        utf8_sequences, without_chars)
+from loraplex.engine.byte_regex import (DEAD, GuideTooLarge, compile_regex, compile_tree, parse,
+                                        to_pattern, utf8_sequences, without_chars)
+from loraplex.engine.guide import guide_tree
 from loraplex.errors import InvalidArgument
 
 PATTERNS = [
@@ -70,7 +71,7 @@ def test_without_chars_matches_the_strings_free_of_them(pattern):
     """without_chars(p, banned) matches what p matches, less the strings holding a banned
     character: checked against Python's re on p, through re and the automaton."""
     banned = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x61, 0x61)]  # JSON's and 'a'
-    restricted = without_chars(pattern, banned)
+    restricted = to_pattern(without_chars(parse(pattern), banned))
     ours, theirs = re.compile(restricted), re.compile(pattern, re.ASCII)
     try:
         dfa = compile_regex(restricted)
@@ -90,8 +91,8 @@ def test_without_chars_matches_the_strings_free_of_them(pattern):
 
 def test_without_chars_may_leave_nothing():
     with pytest.raises(InvalidArgument, match="matches no string"):
-        compile_regex(without_chars("a", [(0x61, 0x61)]))
-    dfa = compile_regex(without_chars("a|b", [(0x61, 0x61)]))
+        compile_tree(without_chars(parse("a"), [(0x61, 0x61)]))
+    dfa = compile_tree(without_chars(parse("a|b"), [(0x61, 0x61)]))
     assert dfa.matches(b"b") and not dfa.matches(b"a")
 
 
@@ -122,7 +123,7 @@ def test_live_prefixes_are_those_of_the_language(pattern, alphabet, length):
 
 def test_choices_match_exactly_their_strings():
     choices = ("a.b", "a*", "(x|y)", "ok?", "中文", "back\\slash")
-    dfa = compile_regex(choice_pattern(choices))
+    dfa = compile_tree(guide_tree(("choice", choices)))
     for c in choices:
         assert dfa.matches(c.encode()), c
     for other in ("axb", "a", "aa", "x", "ok", "o", "中", "backslash"):
@@ -211,5 +212,5 @@ def test_states_that_cannot_reach_a_match_are_dead():
 
 
 def test_without_chars_keeps_a_zero_repeat():
-    restricted = without_chars("ab{0}c", [(0x22, 0x22)])
+    restricted = to_pattern(without_chars(parse("ab{0}c"), [(0x22, 0x22)]))
     assert re.fullmatch(restricted, "ac") and not re.fullmatch(restricted, "abc")

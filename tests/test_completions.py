@@ -259,12 +259,6 @@ def test_seed_plus_index_wraps_at_2_64():
     assert SamplingParams(seed=2**64 - 1).for_completion(2).seed == 1
 
 
-def test_completions_share_the_guide_pattern_made_once():
-    params = SamplingParams(guided_json='{"type": "boolean"}')
-    pattern = params.guide_pattern
-    assert params.for_completion(1).__dict__.get("guide_pattern") is pattern
-
-
 def test_every_guided_completion_follows_the_guide(engine):
     params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5,
                             guided_choice=("yes", "no way"))

@@ -116,8 +116,8 @@ def test_masks_allow_exactly_the_tokens_that_keep_a_match_possible(kind, pattern
 def test_advance_follows_each_tokens_bytes_and_final_states_end():
     tokenizer = byte_bpe()
     cache = GuideCache(tokenizer, len(tokenizer))
-    guide = cache.get(r"(yes|no)!")
-    assert cache.get(r"(yes|no)!") is guide
+    guide = cache.get(("regex", r"(yes|no)!"))
+    assert cache.get(("regex", r"(yes|no)!")) is guide
     ids = tokenizer.encode("yes!", add_special_tokens=False)
     state = guide.start
     for i in ids:
@@ -128,7 +128,7 @@ def test_advance_follows_each_tokens_bytes_and_final_states_end():
     assert guide.advance(state, EOS) == state  # special tokens add no bytes
     assert guide.is_final(DEAD)
     with pytest.raises(InvalidArgument, match="lookaround"):
-        cache.get(r"(?=a)")
+        cache.get(("regex", r"(?=a)"))
 
 
 def test_a_mask_is_the_walk_over_the_whole_vocabulary_for_random_states():
@@ -177,15 +177,15 @@ def test_masks_and_guides_are_kept_most_recently_used(monkeypatch):
     monkeypatch.setattr("loraplex.engine.guide.MAX_GUIDES", 2)
     tokenizer = char_tokenizer()
     cache = GuideCache(tokenizer, len(tokenizer))
-    guide = cache.get("abc")
+    guide = cache.get(("regex", "abc"))
     s0 = guide.start
     s1 = guide.advance(s0, tokenizer.convert_tokens_to_ids("a"))
     s2 = guide.advance(s1, tokenizer.convert_tokens_to_ids("b"))
     for state in (s0, s1, s0, s2):
         guide.mask(state, ())
     assert list(guide._masks) == [s0, s2]
-    first = cache.get("a")
-    cache.get("b")
-    cache.get("a")
-    cache.get("c")
-    assert list(cache._guides) == ["a", "c"] and cache.get("a") is first  # "b" went
+    first = cache.get(("regex", "a"))
+    cache.get(("regex", "b"))
+    cache.get(("regex", "a"))
+    cache.get(("regex", "c"))
+    assert [source for _, source in cache._guides] == ["a", "c"] and cache.get(("regex", "a")) is first  # "b" went

@@ -71,7 +71,7 @@ def test_guided_requests_in_a_mixed_batch_match_constrained_peft(tiny_models, ad
     ended_by_eos = 0
     for request, out in zip(requests, outs):
         params = request.sampling
-        if params.guide_pattern is None:
+        if params.guide is None:
             assert len(out.token_ids) == 8
             continue
         spec = params.guided_choice or params.guided_regex

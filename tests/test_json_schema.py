@@ -10,8 +10,8 @@ import re
 import pytest
 
 from engine_helpers import build_engine, run_all
-from loraplex.engine.byte_regex import compile_regex
-from loraplex.engine.json_schema import schema_to_regex
+from loraplex.engine.byte_regex import compile_tree, to_pattern
+from loraplex.engine.json_schema import schema_to_tree
 from loraplex.engine.request import FinishReason, GenerationRequest, SamplingParams
 from loraplex.errors import InvalidArgument
 from models import make_prompts
@@ -80,10 +80,15 @@ CASES = {
 }
 
 
+def _pattern(schema_text: str) -> str:
+    """The schema's language as a pattern in Python's syntax (for re)."""
+    return to_pattern(schema_to_tree(schema_text))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_schema_regex_matches_exactly_the_allowed_documents(case):
     schema, docs = CASES[case]
-    dfa = compile_regex(schema_to_regex(json.dumps(schema)))
+    dfa = compile_tree(schema_to_tree(json.dumps(schema)))
     for doc, allowed in docs:
         for text in (json.dumps(doc, ensure_ascii=False),
                      json.dumps(doc, ensure_ascii=False, separators=(",", ":"))):
@@ -114,7 +119,7 @@ def test_schema_regex_matches_exactly_the_allowed_documents(case):
 ])
 def test_schemas_that_cannot_be_used_say_why(schema, says):
     with pytest.raises(InvalidArgument, match=re.escape(says)):
-        schema_to_regex(schema)
+        schema_to_tree(schema)
 
 
 def test_sampled_guided_json_parses_and_is_allowed(tiny_models, adapters):
@@ -152,15 +157,14 @@ def test_sampled_guided_json_parses_and_is_allowed(tiny_models, adapters):
 
 
 def _allows(schema, doc) -> bool:
-    dfa = compile_regex(schema_to_regex(json.dumps(schema)))
+    dfa = compile_tree(schema_to_tree(json.dumps(schema)))
     return dfa.matches(json.dumps(doc, ensure_ascii=False).encode())
 
 
 def test_edges_of_values_refs_and_bounds():
     """Cases the documents above can miss (each once seen to slip through a mutant)."""
     assert _allows({"type": "array", "items": {"type": "integer"}, "maxItems": 0}, [])
-    assert schema_to_regex('{"type": "array", "items": {"type": "integer"}, "maxItems": 0}') \
-        == r"\[\]"
+    assert not _allows({"type": "array", "items": {"type": "integer"}, "maxItems": 0}, [1])
     enum = {"enum": ["a.b", "x*"]}  # regex characters in values are literal
     assert _allows(enum, "a.b") and _allows(enum, "x*")
     assert not _allows(enum, "axb") and not _allows(enum, "xxx")
@@ -169,19 +173,15 @@ def test_edges_of_values_refs_and_bounds():
     # the text between the quotes is always the value as it is
     quoted = {"type": "string", "pattern": '^[a-z"\\\\\n]{1,4}$'}
     assert _allows(quoted, "ab") and not _allows(quoted, 'a"') and not _allows(quoted, "a\n")
-    assert not compile_regex(schema_to_regex(json.dumps(quoted))).matches(b'"a"b"')
+    assert not compile_tree(schema_to_tree(json.dumps(quoted))).matches(b'"a"b"')
     assert _allows({"type": "string"}, "\x01")  # written "\u0001"
-    assert not compile_regex(schema_to_regex('{"type": "string"}')).matches(b'"\x1f"')
+    assert not compile_tree(schema_to_tree('{"type": "string"}')).matches(b'"\x1f"')
     assert _allows({"type": "number"}, 1e-05)
     assert _allows({"type": "string", "minLength": 2, "maxLength": 2}, "ab")
     assert _allows({"properties": {"a": {"type": "null"}}}, {"a": None})  # object inferred
     assert _allows({"definitions": {"p": {"type": "integer"}}, "type": "object",
                     "properties": {"x": {"$ref": "#/definitions/p"}}, "required": ["x"]},
                    {"x": 3})
-    deep = {"type": "integer"}
-    for _ in range(16):  # exactly the depth limit (each level writes its items twice, so
-        deep = {"type": "array", "items": deep}  # the automaton would be too large)
-    assert schema_to_regex(json.dumps(deep)).count("-?(?:0|[1-9][0-9]*)") == 2 ** 16
     deep = {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}
     assert _allows(deep, [[1, 2], [], [3]])
 
@@ -199,8 +199,8 @@ def test_integer_bounds_match_exactly_the_integers_between(lo, hi):
         schema["minimum"] = lo
     if hi is not None:
         schema["maximum"] = hi
-    pattern = schema_to_regex(json.dumps(schema))
-    automaton = compile_regex(pattern)
+    tree = schema_to_tree(json.dumps(schema))
+    pattern, automaton = to_pattern(tree), compile_tree(tree)
     values = list(range(-1200, 1200)) + [s * 10 ** k + d for s in (1, -1) for k in range(1, 8)
                                           for d in (-1, 0, 1)]
     for x in values:
@@ -215,7 +215,7 @@ def test_exclusive_and_fractional_integer_bounds():
     """exclusiveMinimum / exclusiveMaximum leave the bound out; fractional bounds round
     inwards; several bounds meet in the narrowest."""
     def allowed(**bounds):
-        pattern = schema_to_regex(json.dumps({"type": "integer", **bounds}))
+        pattern = _pattern(json.dumps({"type": "integer", **bounds}))
         return [x for x in range(-30, 30) if re.fullmatch(pattern, str(x))]
     assert allowed(exclusiveMinimum=3, exclusiveMaximum=7) == [4, 5, 6]
     assert allowed(minimum=2.5, maximum=5.5) == [3, 4, 5]
@@ -228,11 +228,75 @@ def test_exclusive_and_fractional_integer_bounds():
                                     '{"type": "integer", "exclusiveMaximum": -Infinity}'])
 def test_non_finite_bounds_are_invalid_argument(schema):
     with pytest.raises(InvalidArgument, match="must be a finite number"):
-        schema_to_regex(schema)
+        schema_to_tree(schema)
 
 
 def test_a_pattern_loses_control_characters():
-    pattern = schema_to_regex(json.dumps({"type": "string", "pattern": "[\\x00-\\x7f]*"}))
+    pattern = _pattern(json.dumps({"type": "string", "pattern": "[\\x00-\\x7f]*"}))
     assert re.fullmatch(pattern, '"a b"')
     for text in ('"a\tb"', '"a\nb"', '"\x00"', '"\x1f"'):
         assert not re.fullmatch(pattern, text), repr(text)
+
+
+def _object(n: int, value: dict, required=()) -> dict:
+    return {"type": "object", "properties": {f"p{i}": value for i in range(n)},
+            "required": list(required)}
+
+
+@pytest.mark.parametrize("required", [(), ("p0",), ("p2",), ("p1", "p3"), ("p0", "p1", "p2",
+                                                                           "p3")])
+def test_object_properties_are_any_ordered_subset_holding_the_required(required):
+    """The automaton (each property built once) against Python's re on the pattern (each
+    written once per way it can come first), over every subset of the properties in
+    order, out of order and repeated."""
+    schema = _object(4, {"type": "integer", "minimum": 0, "maximum": 9}, required)
+    tree = schema_to_tree(json.dumps(schema))
+    automaton, pattern = compile_tree(tree), re.compile(to_pattern(tree))
+    names = [f"p{i}" for i in range(4)]
+    docs = [[names[i] for i in range(4) if mask >> i & 1] for mask in range(16)]
+    docs += [["p1", "p0"], ["p3", "p2", "p1", "p0"], ["p0", "p0"], ["p2", "p2", "p3"]]
+    allowed = 0
+    for keys in docs:
+        for sep in (", ", ","):
+            text = "{" + sep.join(f'"{k}": 5' for k in keys) + "}"
+            want = keys == sorted(set(keys)) and set(required) <= set(keys)
+            allowed += want
+            assert (pattern.fullmatch(text) is not None) == want, text
+            assert automaton.matches(text.encode()) == want, text
+    assert not automaton.matches(b"{,}") and not automaton.matches(b'{"p0": 5,}')
+    assert allowed == 2 * 2 ** (4 - len(required))
+
+
+@pytest.mark.parametrize("lo,hi", [(0, None), (1, None), (3, None), (0, 1), (2, 4), (0, 0),
+                                   (3, 3)])
+def test_array_items_are_between_min_and_max(lo, hi):
+    schema = {"type": "array", "items": {"enum": ["a", "bc"]}, "minItems": lo}
+    if hi is not None:
+        schema["maxItems"] = hi
+    tree = schema_to_tree(json.dumps(schema))
+    automaton, pattern = compile_tree(tree), re.compile(to_pattern(tree))
+    for count in range(7):
+        for sep in (", ", ","):
+            text = "[" + sep.join('"bc"' if k % 2 else '"a"' for k in range(count)) + "]"
+            want = lo <= count and (hi is None or count <= hi)
+            assert (pattern.fullmatch(text) is not None) == want, text
+            assert automaton.matches(text.encode()) == want, text
+    assert not automaton.matches(b'["a",]') and not automaton.matches(b'[,"a"]')
+
+
+def test_the_automaton_grows_linearly_with_optional_properties():
+    """As a pattern, n optional properties are written n(n+1)/2 times, and 60 of them (or
+    objects of 10 in an object of 10) passed the automaton's state limit; built from the
+    tree, each property is built once."""
+    def states(schema) -> int:
+        return len(compile_tree(schema_to_tree(json.dumps(schema)))._nfa.eps)
+    string = {"type": "string"}
+    assert states(_object(60, string)) <= 2.05 * states(_object(30, string))
+    nested = _object(10, _object(10, string))
+    assert states(nested) <= 11 * states(_object(10, string))
+    doc = {"p3": {"p0": "x", "p9": "y"}, "p7": {}}
+    assert compile_tree(schema_to_tree(json.dumps(nested))).matches(json.dumps(doc).encode())
+    deep = {"type": "integer"}
+    for _ in range(16):  # exactly the depth limit; each level builds its items once
+        deep = {"type": "array", "items": deep}
+    assert states(deep) < 16 * states({"type": "array", "items": {"type": "integer"}})

@@ -18,6 +18,21 @@ with ASCII classes: literals and escapes, `.` (any character but newline), class
 `* + ? {n} {n,} {n,m}` (a lazy `?` after one is accepted: it matches the same strings).
 Backreferences, lookaround, `\\b` and inline flags raise InvalidArgument: no finite
 automaton has them.
+
+A parsed pattern is a tree of tuples, which json_schema also builds directly:
+
+    ("set", ranges)                     one code point in ranges (sorted, disjoint, inclusive)
+    ("cat", [tree, ...])                each in turn
+    ("alt", [tree, ...])                any one
+    ("rep", tree, lo, hi)               lo to hi of it (hi None: no limit)
+    ("list", item, sep, lo, hi)         lo to hi items, sep between two (a JSON array)
+    ("subset", [(tree, required), ...], sep)
+                                        some of the parts in their order, every required one
+                                        among them, sep between two (a JSON object)
+
+The last two have no regex syntax: written as a pattern (`to_pattern`) they repeat their
+parts, a subset of n optional parts n(n+1)/2 times, which nests multiplicatively; the NFA
+builds every part of them once.
 """
 
 from __future__ import annotations
@@ -48,48 +63,74 @@ class GuideTooLarge(Exception):
     """The pattern's automaton outgrew MAX_DFA_STATES while a request was being served."""
 
 
-def escape(text: str) -> str:
-    """A pattern matching `text` literally (every ASCII character but letters, digits and
-    _ escaped)."""
-    return "".join("\\" + c if c.isascii() and not (c.isalnum() or c == "_") else c
-                   for c in text)
+def parse(pattern: str):
+    """The tree of `pattern`; raises InvalidArgument saying what to fix."""
+    return _Parser(pattern).parse()
 
 
-def choice_pattern(choices) -> str:
-    """The pattern matching exactly one of `choices`."""
-    return "|".join(escape(c) for c in choices)
+def literal(text: str):
+    """The tree matching `text` exactly."""
+    return ("cat", [("set", [(ord(c), ord(c))]) for c in text])
 
 
 def compile_regex(pattern: str) -> ByteDFA:
     """Parse and build `pattern`; raises InvalidArgument saying what to fix."""
-    tree = _Parser(pattern).parse()
+    return compile_tree(parse(pattern))
+
+
+def compile_tree(tree) -> ByteDFA:
+    """Build a tree (see above); raises InvalidArgument when it matches nothing or is too
+    large."""
     nfa = _NFA()
     start, accept = nfa.build(tree)
     return ByteDFA(nfa.trimmed(start, accept), start, accept)
 
 
-def without_chars(pattern: str, banned: list[tuple[int, int]]) -> str:
-    """`pattern` with the code points in `banned` (inclusive ranges) taken out of every
-    class and literal: it matches the strings `pattern` matches that hold none of them
+def without_chars(tree, banned: list[tuple[int, int]]):
+    """A parsed pattern with the code points in `banned` (inclusive ranges) taken out of
+    every class and literal: it matches the strings `tree` matches that hold none of them
     (a JSON schema's pattern inside a JSON string, say, without what JSON escapes)."""
-    return _unparse(_Parser(pattern).parse(), _normalize(banned))
+    kind = tree[0]
+    if kind == "set":  # the set less banned
+        return ("set", _complement(_normalize(_complement(tree[1]) + banned)))
+    if kind == "rep":
+        return ("rep", without_chars(tree[1], banned), *tree[2:])
+    return (kind, [without_chars(n, banned) for n in tree[1]])  # "cat", "alt"
 
 
-def _unparse(node, banned) -> str:
-    """The pattern of a parse tree, each class less `banned`."""
-    kind = node[0]
+def to_pattern(tree) -> str:
+    """A pattern in Python's syntax matching what `tree` matches (for re; see above)."""
+    kind = tree[0]
     if kind == "set":
-        kept = _complement(_normalize(_complement(node[1]) + banned))  # node's set - banned
-        if not kept:
+        if not tree[1]:
             return "[^\\x00-\\U0010ffff]"  # matches nothing
         return "[" + "".join(f"\\U{lo:08x}" if lo == hi else f"\\U{lo:08x}-\\U{hi:08x}"
-                             for lo, hi in kept) + "]"
+                             for lo, hi in tree[1]) + "]"
     if kind == "cat":
-        return "(?:" + "".join(_unparse(n, banned) for n in node[1]) + ")"
+        return "(?:" + "".join(to_pattern(n) for n in tree[1]) + ")"
     if kind == "alt":
-        return "(?:" + "|".join(_unparse(n, banned) for n in node[1]) + ")"
-    _, child, lo, hi = node
-    return f"(?:{_unparse(child, banned)}){{{lo},{'' if hi is None else hi}}}"
+        return "(?:" + "|".join(to_pattern(n) for n in tree[1]) + ")"
+    if kind == "rep":
+        _, child, lo, hi = tree
+        return f"(?:{to_pattern(child)}){{{lo},{'' if hi is None else hi}}}"
+    if kind == "list":
+        _, item, sep, lo, hi = tree
+        if hi == 0:
+            return "(?:)"
+        one, more = to_pattern(item), f"(?:{to_pattern(sep)}{to_pattern(item)})"
+        body = f"{one}{more}{{{max(lo - 1, 0)},{'' if hi is None else hi - 1}}}"
+        return f"(?:{body})" if lo else f"(?:{body})?"
+    _, parts, sep = tree  # "subset": the alternatives of which part comes first
+    texts = [(to_pattern(n), required) for n, required in parts]
+    options = []
+    for first, (text, required) in enumerate(texts):
+        rest = "".join(f"(?:{to_pattern(sep)}{t})" + ("" if r else "?")
+                       for t, r in texts[first + 1:])
+        options.append(text + rest)
+        if required:
+            break
+    body = "(?:" + "|".join(options) + ")"
+    return body if any(r for _, r in texts) else f"(?:{body})?"
 
 
 # ---- code point sets ---------------------------------------------------------------
@@ -334,8 +375,9 @@ class _NFA:
 
     def state(self) -> int:
         if len(self.eps) >= MAX_NFA_STATES:
-            raise InvalidArgument(f"guided regex: the pattern needs more than {MAX_NFA_STATES} "
-                                  f"automaton states; lower its repeat counts")
+            raise InvalidArgument(f"guided decoding: the pattern or schema needs more than "
+                                  f"{MAX_NFA_STATES} automaton states; lower its repeat counts "
+                                  f"({{n,m}}, maxLength, maxItems) or make it smaller")
         self.eps.append([])
         self.edges.append([])
         return len(self.eps) - 1
@@ -367,6 +409,10 @@ class _NFA:
                 self.eps[start].append(s)
                 self.eps[e].append(end)
             return start, end
+        if kind == "list":
+            return self.list(*node[1:])
+        if kind == "subset":
+            return self.subset(*node[1:])
         _, inner, lo, hi = node  # "rep"
         start = end = self.state()
         for _ in range(lo):
@@ -387,6 +433,52 @@ class _NFA:
             self.eps[end] += [s, tail]
             self.eps[e].append(tail)
             end = tail
+        return start, end
+
+    def list(self, item, sep, lo: int, hi: int | None) -> tuple[int, int]:
+        """lo..hi items, sep between two: hi copies of the item, or max(lo, 1) when
+        unbounded, the last one looped back to through sep."""
+        start, end = self.state(), self.state()
+        if lo == 0:
+            self.eps[start].append(end)
+        at = start
+        for j in range(1, (max(lo, 1) if hi is None else hi) + 1):
+            if j > 1:
+                sep_s, sep_e = self.build(sep)
+                self.eps[at].append(sep_s)
+                at = sep_e
+            item_s, item_e = self.build(item)
+            self.eps[at].append(item_s)
+            at = item_e
+            if j >= lo:
+                self.eps[at].append(end)
+        if hi is None:
+            sep_s, sep_e = self.build(sep)
+            self.eps[at].append(sep_s)
+            self.eps[sep_e].append(item_s)
+        return start, end
+
+    def subset(self, parts, sep) -> tuple[int, int]:
+        """Each part built once, between two chains of states: `none[i]` before part i
+        with no part written yet, `some[i]` with one written (so part i needs sep first).
+        A part leads to some[i + 1]; an optional one may be skipped from either chain."""
+        none = start = self.state()
+        some = self.state()
+        for part, required in parts:
+            s, e = self.build(part)
+            sep_s, sep_e = self.build(sep)
+            self.eps[none].append(s)
+            self.eps[some].append(sep_s)
+            self.eps[sep_e].append(s)
+            next_none, next_some = self.state(), self.state()
+            self.eps[e].append(next_some)
+            if not required:
+                self.eps[none].append(next_none)
+                self.eps[some].append(next_some)
+            none, some = next_none, next_some
+        end = self.state()
+        self.eps[none].append(end)
+        self.eps[some].append(end)
         return start, end
 
     def trimmed(self, start: int, accept: int) -> _NFA:

@@ -197,8 +197,8 @@ class Engine:
         A big pattern or schema takes up to hundreds of ms of Python: call this off the
         event loop, before `submit` (raises InvalidArgument as `submit` would)."""
         params.validate(self.loaded.vocab_size)
-        if params.guide_pattern:
-            self.guides.get(params.guide_pattern)
+        if params.guide:
+            self.guides.get(params.guide)
 
     def validate(self, request: GenerationRequest) -> None:
         ids = request.prompt_ids
@@ -211,8 +211,8 @@ class Engine:
             raise InvalidArgument(f"n must be in [1, {MAX_COMPLETIONS}], got {request.n}")
         request.sampling.validate(vocab)
         params = request.sampling
-        if params.guide_pattern:  # (InvalidArgument for a pattern that does not compile)
-            self.guides.get(params.guide_pattern)
+        if params.guide:  # (InvalidArgument for a pattern or schema that does not compile)
+            self.guides.get(params.guide)
         if (params.allowed_token_ids and params.min_tokens
                 and set(params.allowed_token_ids) <= set(self._stop_ids(params))):
             raise InvalidArgument("every allowed_token_ids is a stop or EOS token, which "
@@ -237,6 +237,8 @@ class Engine:
         """Queue the request's n sequences, one per completion, each holding its adapter
         (`adapters[i]`), as one inbox item: they join the same step, where the first to
         compute the prompt's full blocks shares them with the others (prefix caching)."""
+        key = request.sampling.guide
+        guide = self.guides.get(key) if key else None  # (one for the n completions)
         seqs = []
         for index, adapter in enumerate(adapters):
             one = replace(request, sampling=request.sampling.for_completion(index))
@@ -246,10 +248,8 @@ class Engine:
                                                   one.sampling.include_stop_str_in_output))
             if one.sampling.seed is not None:
                 seq.generator = torch.Generator().manual_seed(one.sampling.seed)
-            pattern = one.sampling.guide_pattern
-            if pattern:
-                seq.guide = self.guides.get(pattern)
-                seq.guide_state = seq.guide.start
+            if guide is not None:
+                seq.guide, seq.guide_state = guide, guide.start
             seqs.append(seq)
         with self._inbox_lock:
             self._inbox_seqs += len(seqs)

@@ -1,8 +1,9 @@
 """Guided decoding: which tokens a request may produce next, so that its output matches
-a regular expression (or is one of a list of choices).
+a regular expression, is one of a list of choices, or is JSON a schema allows.
 
     guides = GuideCache(tokenizer, vocab_size)
-    guide = guides.get(pattern)           # compiled once per pattern (LRU), any thread
+    guide = guides.get(("regex", pattern))  # compiled once per key (LRU), any thread;
+                                          # also ("choice", strings), ("json", schema)
     state = guide.start
     mask = guide.mask(state, eos_ids)     # [vocab] bool: True = keeps a full match possible
     state = guide.advance(state, token)
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loraplex.engine.byte_regex import DEAD, ByteDFA, compile_regex
+from loraplex.engine.byte_regex import DEAD, ByteDFA, compile_tree, literal, parse
+from loraplex.engine.json_schema import schema_to_tree
 
 MAX_GUIDES = 16  # compiled patterns kept
 MAX_MASKS = 1024  # masks kept per pattern (16 KiB each for a 128k vocabulary)
@@ -190,27 +192,39 @@ class Guide:
         return self._rows
 
 
+def guide_tree(key: tuple[str, str | tuple[str, ...]]):
+    """The byte_regex tree of a guide's key (SamplingParams.guide); raises
+    InvalidArgument for a pattern or schema that cannot be used."""
+    kind, source = key
+    if kind == "choice":
+        return ("alt", [literal(choice) for choice in source])
+    if kind == "json":
+        return schema_to_tree(source)
+    return parse(source)
+
+
 class GuideCache:
-    """Compiled patterns, most recently used kept. `get` may run on any thread (the
-    request's validation); the vocabulary is built at the first mask, on the engine's."""
+    """Compiled guides by key (SamplingParams.guide), most recently used kept. `get` may
+    run on any thread (the request's validation); the vocabulary is built at the first
+    mask, on the engine's."""
 
     def __init__(self, tokenizer, vocab_size: int):
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._vocab: Vocabulary | None = None
-        self._guides: OrderedDict[str, Guide] = OrderedDict()
+        self._guides: OrderedDict[tuple, Guide] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, pattern: str) -> Guide:
-        """The guide of `pattern`; raises InvalidArgument when it does not compile."""
+    def get(self, key: tuple[str, str | tuple[str, ...]]) -> Guide:
+        """The guide of `key`; raises InvalidArgument when it does not compile."""
         with self._lock:
-            guide = self._guides.get(pattern)
+            guide = self._guides.get(key)
             if guide is not None:
-                self._guides.move_to_end(pattern)
+                self._guides.move_to_end(key)
                 return guide
-        guide = Guide(compile_regex(pattern), self.vocabulary)
+        guide = Guide(compile_tree(guide_tree(key)), self.vocabulary)
         with self._lock:
-            guide = self._guides.setdefault(pattern, guide)
+            guide = self._guides.setdefault(key, guide)
             if len(self._guides) > MAX_GUIDES:
                 self._guides.popitem(last=False)
         return guide

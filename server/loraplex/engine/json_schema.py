@@ -1,8 +1,8 @@
-"""A JSON schema as the regular expression of the JSON texts it allows (guided_json).
+"""A JSON schema as the regular language of the JSON texts it allows (guided_json).
 
-    schema_to_regex({"type": "object", "properties": {"name": {"type": "string"},
-                     "age": {"type": "integer"}}, "required": ["name"]})
-    # -> matches {"name": "Ada", "age": 36} and {"name": "Ada"}
+    tree = schema_to_tree('{"type": "object", "properties": {"name": {"type": "string"},'
+                          ' "age": {"type": "integer"}}, "required": ["name"]}')
+    compile_tree(tree)  # (byte_regex) matches {"name": "Ada", "age": 36} and {"name": "Ada"}
 
 The text is compact JSON with an optional single space after each ':' and ',' (no
 newlines: a model cannot pad the output with whitespace forever). Object properties
@@ -16,18 +16,26 @@ number (no bounds), boolean, null, array (items, minItems, maxItems), object
 text raises InvalidArgument naming it; annotations (title, description, ...) are
 ignored. JSON with unbounded nesting is not a regular language, so an object needs its
 properties and an array its items.
+
+The result is a byte_regex tree, not a pattern: an object's properties are a "subset"
+node and an array's items a "list" node, which the automaton builds with each property
+and item once (as a pattern, n optional properties are written n(n+1)/2 times, and
+nested objects multiply that).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
-from loraplex.engine.byte_regex import escape, without_chars
+from loraplex.engine.byte_regex import MAX_REPEAT, literal, parse, without_chars
 from loraplex.errors import InvalidArgument
 
 MAX_DEPTH = 16  # nested schemas ($refs included)
-SPACE = "[ ]?"
+_QUOTE = literal('"')
+_SPACE = ("rep", literal(" "), 0, 1)
+_COMMA = ("cat", [literal(","), _SPACE])  # between items and between properties
 _JSON_ESCAPED = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]  # control characters, quote, backslash
 _CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'  # one JSON string character
 _TYPES = {
@@ -51,8 +59,8 @@ _HANDLED = {"type", "enum", "const", "anyOf", "oneOf", "$ref", "properties", "re
             *_NUMERIC_BOUNDS}
 
 
-def schema_to_regex(schema_text: str) -> str:
-    """The pattern of the JSON texts `schema_text` (a JSON schema) allows; raises
+def schema_to_tree(schema_text: str):
+    """The byte_regex tree of the JSON texts `schema_text` (a JSON schema) allows; raises
     InvalidArgument saying what to fix."""
     try:
         schema = json.loads(schema_text)
@@ -60,7 +68,7 @@ def schema_to_regex(schema_text: str) -> str:
         raise InvalidArgument(f"guided_json is not valid JSON: {exc}") from None
     if not isinstance(schema, dict):
         raise InvalidArgument("guided_json must be a JSON schema object")
-    return _Converter(schema).regex(schema, "#", 0)
+    return _Converter(schema).tree(schema, "#", 0)
 
 
 class _Converter:
@@ -70,7 +78,7 @@ class _Converter:
     def error(self, where: str, what: str) -> InvalidArgument:
         return InvalidArgument(f"guided_json: {what} at {where}")
 
-    def regex(self, schema, where: str, depth: int) -> str:
+    def tree(self, schema, where: str, depth: int):
         if depth > MAX_DEPTH:
             raise self.error(where, f"schemas nested more than {MAX_DEPTH} deep (a recursive "
                              f"$ref?)")
@@ -83,20 +91,20 @@ class _Converter:
         if unknown:
             raise self.error(where, f"unsupported keywords {sorted(unknown)}")
         if "$ref" in schema:
-            return self.regex(self.resolve(schema["$ref"], where), schema["$ref"], depth + 1)
+            return self.tree(self.resolve(schema["$ref"], where), schema["$ref"], depth + 1)
         if "const" in schema:
-            return escape(json.dumps(schema["const"], ensure_ascii=False))
+            return _json(schema["const"])
         if "enum" in schema:
             if not isinstance(schema["enum"], list) or not schema["enum"]:
                 raise self.error(where, "enum must be a non-empty list")
-            return _alternation(escape(json.dumps(v, ensure_ascii=False)) for v in schema["enum"])
+            return ("alt", [_json(v) for v in schema["enum"]])
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 options = schema[key]
                 if not isinstance(options, list) or not options:
                     raise self.error(where, f"{key} must be a non-empty list")
-                return _alternation(self.regex(s, f"{where}/{key}/{i}", depth + 1)
-                                    for i, s in enumerate(options))
+                return ("alt", [self.tree(s, f"{where}/{key}/{i}", depth + 1)
+                                for i, s in enumerate(options)])
         kind = schema.get("type")
         if kind is None:
             kind = ("object" if "properties" in schema else "array" if "items" in schema
@@ -105,7 +113,7 @@ class _Converter:
             if kind is None:
                 raise self.error(where, "a schema with no type")
         if isinstance(kind, list):
-            return _alternation(self.regex({**schema, "type": k}, where, depth + 1) for k in kind)
+            return ("alt", [self.tree({**schema, "type": k}, where, depth + 1) for k in kind])
         bounded = [k for k in _NUMERIC_BOUNDS if k in schema]
         if kind == "integer" and bounded:
             return self.integer(schema, where)
@@ -113,7 +121,7 @@ class _Converter:
             raise self.error(where, f"{bounded[0]} on a number (bounds are supported on "
                              "integers only): use type integer, or a string pattern")
         if kind in _TYPES:
-            return _TYPES[kind]
+            return _parsed(_TYPES[kind])
         if kind == "string":
             return self.string(schema, where)
         if kind == "array":
@@ -130,22 +138,22 @@ class _Converter:
                     return found
         raise self.error(where, f"$ref {ref!r} is not one of this schema's $defs")
 
-    def string(self, schema: dict, where: str) -> str:
+    def string(self, schema: dict, where: str):
         if "pattern" in schema:
             pattern = schema["pattern"]
             if not isinstance(pattern, str):
                 raise self.error(where, "pattern must be a string")
             # (what JSON escapes left out: the text between the quotes is the value as is)
-            return f'"{without_chars(pattern, _JSON_ESCAPED)}"'
+            return ("cat", [_QUOTE, without_chars(parse(pattern), _JSON_ESCAPED), _QUOTE])
         if "format" in schema:
             if schema["format"] not in _FORMATS:
                 raise self.error(where, f"string format {schema['format']!r} (supported: "
                                  f"{', '.join(sorted(_FORMATS))})")
-            return f'"{_FORMATS[schema["format"]]}"'
+            return _parsed(f'"{_FORMATS[schema["format"]]}"')
         lo, hi = _bounds(schema, "minLength", "maxLength", self.error, where)
-        return f'"{_CHAR}{_repeat(lo, hi)}"'
+        return ("cat", [_QUOTE, ("rep", _parsed(_CHAR), lo, hi), _QUOTE])
 
-    def integer(self, schema: dict, where: str) -> str:
+    def integer(self, schema: dict, where: str):
         lo = hi = None
         for key in _NUMERIC_BOUNDS:
             if key not in schema:
@@ -168,20 +176,16 @@ class _Converter:
                 hi = bound if hi is None else min(hi, bound)
         if lo is not None and hi is not None and lo > hi:
             raise self.error(where, "bounds that no integer meets")
-        return _alternation(integer_range(lo, hi))
+        return parse("|".join(integer_range(lo, hi)))
 
-    def array(self, schema: dict, where: str, depth: int) -> str:
+    def array(self, schema: dict, where: str, depth: int):
         if "items" not in schema:
             raise self.error(where, "an array with no items schema")
-        item = self.regex(schema["items"], f"{where}/items", depth + 1)
+        item = self.tree(schema["items"], f"{where}/items", depth + 1)
         lo, hi = _bounds(schema, "minItems", "maxItems", self.error, where)
-        if hi == 0:
-            return r"\[\]"
-        more = f"(?:,{SPACE}{item}){_repeat(max(lo - 1, 0), None if hi is None else hi - 1)}"
-        body = f"{item}{more}"
-        return rf"\[(?:{body})\]" if lo else rf"\[(?:{body})?\]"
+        return ("cat", [literal("["), ("list", item, _COMMA, lo, hi), literal("]")])
 
-    def object(self, schema: dict, where: str, depth: int) -> str:
+    def object(self, schema: dict, where: str, depth: int):
         properties = schema.get("properties")
         if not isinstance(properties, dict) or not properties:
             raise self.error(where, "an object with no properties (free-form objects are "
@@ -190,20 +194,11 @@ class _Converter:
         missing = required - set(properties)
         if missing:
             raise self.error(where, f"required {sorted(missing)} not in properties")
-        parts = [(f'{escape(json.dumps(name, ensure_ascii=False))}:{SPACE}'
-                  f'{self.regex(sub, f"{where}/properties/{name}", depth + 1)}', name in required)
+        parts = [(("cat", [_json(name), literal(":"), _SPACE,
+                           self.tree(sub, f"{where}/properties/{name}", depth + 1)]),
+                  name in required)
                  for name, sub in properties.items()]
-        # the first property present is the first required one or an optional one before it
-        options = []
-        for first, (text, needed) in enumerate(parts):
-            rest = "".join(f",{SPACE}{t}" if r else f"(?:,{SPACE}{t})?"
-                           for t, r in parts[first + 1:])
-            options.append(text + rest)
-            if needed:
-                break
-        body = _alternation(options)
-        return rf"\{{{SPACE}(?:{body}){SPACE}\}}" if required else \
-            rf"\{{{SPACE}(?:{body})?{SPACE}\}}"
+        return ("cat", [literal("{"), _SPACE, ("subset", parts, _COMMA), _SPACE, literal("}")])
 
 
 def integer_range(lo: int | None, hi: int | None) -> list[str]:
@@ -255,12 +250,14 @@ def _same_width(lo: str, hi: str) -> list[str]:
     return parts + tail
 
 
-def _alternation(options) -> str:
-    return "(?:" + "|".join(options) + ")"
+@functools.cache
+def _parsed(pattern: str):
+    return parse(pattern)
 
 
-def _repeat(lo: int, hi: int | None) -> str:
-    return f"{{{lo},}}" if hi is None else f"{{{lo},{hi}}}"
+def _json(value):
+    """The tree of `value` written as JSON."""
+    return literal(json.dumps(value, ensure_ascii=False))
 
 
 def _bounds(schema: dict, low: str, high: str, error, where: str) -> tuple[int, int | None]:
@@ -268,4 +265,6 @@ def _bounds(schema: dict, low: str, high: str, error, where: str) -> tuple[int, 
     if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int)
                                                                  or hi < lo)):
         raise error(where, f"{low} / {high} must be integers with 0 <= {low} <= {high}")
+    if max(lo, hi or 0) > MAX_REPEAT:
+        raise error(where, f"{low} / {high} above {MAX_REPEAT}")
     return lo, hi

@@ -7,11 +7,8 @@ never sees protobuf.
 from __future__ import annotations
 
 import enum
-import functools
 from dataclasses import dataclass, field, replace
 
-from loraplex.engine.byte_regex import choice_pattern
-from loraplex.engine.json_schema import schema_to_regex
 from loraplex.errors import InvalidArgument
 
 
@@ -64,15 +61,16 @@ class SamplingParams:
     guided_choice: tuple[str, ...] = ()
     guided_json: str = ""
 
-    @functools.cached_property
-    def guide_pattern(self) -> str | None:
-        """The regular expression the output must match, if guided (InvalidArgument for a
-        schema it cannot be made from); made once per request."""
+    @property
+    def guide(self) -> tuple[str, str | tuple[str, ...]] | None:
+        """What guides the output, as the key its compiled guide is cached under
+        (engine.guide.GuideCache): ("regex", pattern), ("choice", choices) or ("json",
+        schema); None when unguided."""
         if self.guided_choice:
-            return choice_pattern(self.guided_choice)
+            return ("choice", self.guided_choice)
         if self.guided_json:
-            return schema_to_regex(self.guided_json)
-        return self.guided_regex or None
+            return ("json", self.guided_json)
+        return ("regex", self.guided_regex) if self.guided_regex else None
 
     def for_completion(self, i: int) -> SamplingParams:
         """These params for completion i of a request's n. It draws from seed + i (when
@@ -81,11 +79,8 @@ class SamplingParams:
         prefix cache, where completion 0 puts them in the same step."""
         if i == 0:
             return self
-        params = replace(self, seed=None if self.seed is None else (self.seed + i) % 2**64,
-                         prompt_logprobs=None)
-        if "guide_pattern" in self.__dict__:  # made once per request, not per completion
-            params.__dict__["guide_pattern"] = self.guide_pattern
-        return params
+        return replace(self, seed=None if self.seed is None else (self.seed + i) % 2**64,
+                       prompt_logprobs=None)
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidArgument naming the field to fix."""
