@@ -13,7 +13,7 @@ import pytest
 
 from loraplex.engine.byte_regex import (DEAD, GuideTooLarge, compile_regex, compile_tree, parse,
                                         to_pattern, utf8_sequences, without_chars)
-from loraplex.engine.guide import guide_tree
+from loraplex.engine.guide_compiler import guide_tree
 from loraplex.errors import InvalidArgument
 
 PATTERNS = [

@@ -27,6 +27,7 @@ from loraplex.config import EngineConfig, ModelConfig
 from loraplex.engine.byte_regex import GuideTooLarge
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.guide import GuideCache
+from loraplex.engine.guide_compiler import ProcessCompiler
 from loraplex.engine.kv_cache import BlockAllocator, blocks_needed
 from loraplex.engine.request import (MAX_COMPLETIONS, FinishReason, GenerationRequest,
                                      RequestOutput, SamplingParams, TokenLogprob)
@@ -106,7 +107,8 @@ class Engine:
                                   loaded.lora_layers, cfg.max_gpu_adapters, cfg.max_cpu_adapters,
                                   self.metrics, base_model=loaded.name)
         self.adapters = AdapterManager(self.cache)
-        self.guides = GuideCache(self.tokenizer, loaded.vocab_size)
+        self._guide_compiler = ProcessCompiler()  # (off the GIL of the step loop)
+        self.guides = GuideCache(self.tokenizer, loaded.vocab_size, self._guide_compiler)
         self._eos = tuple(sorted(loaded.eos_token_ids))
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
         self.runner = ModelRunner(loaded, self.kv_cache, cfg.block_size, cfg.lora_backend,
@@ -156,6 +158,7 @@ class Engine:
         thread is a daemon, so the process can still exit)."""
         self._stopping = True
         self._wake.set()
+        self._guide_compiler.close()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -194,8 +197,8 @@ class Engine:
 
     def prepare_guide(self, params: SamplingParams) -> None:
         """Check `params` and compile its guide, if any, so that `submit` finds it compiled.
-        A big pattern or schema takes up to hundreds of ms of Python: call this off the
-        event loop, before `submit` (raises InvalidArgument as `submit` would)."""
+        It waits for the compile in a child process (tens of ms for a big schema): call this
+        off the event loop, before `submit` (raises InvalidArgument as `submit` would)."""
         params.validate(self.loaded.vocab_size)
         if params.guide:
             self.guides.get(params.guide)

@@ -22,13 +22,14 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from loraplex.engine.byte_regex import DEAD, ByteDFA, compile_tree, literal, parse
-from loraplex.engine.json_schema import schema_to_tree
+from loraplex.engine.byte_regex import DEAD, ByteDFA
+from loraplex.engine.guide_compiler import compile_guide
 
 MAX_GUIDES = 16  # compiled patterns kept
 MAX_MASKS = 1024  # masks kept per pattern (16 KiB each for a 128k vocabulary)
@@ -192,24 +193,16 @@ class Guide:
         return self._rows
 
 
-def guide_tree(key: tuple[str, str | tuple[str, ...]]):
-    """The byte_regex tree of a guide's key (SamplingParams.guide); raises
-    InvalidArgument for a pattern or schema that cannot be used."""
-    kind, source = key
-    if kind == "choice":
-        return ("alt", [literal(choice) for choice in source])
-    if kind == "json":
-        return schema_to_tree(source)
-    return parse(source)
-
-
 class GuideCache:
     """Compiled guides by key (SamplingParams.guide), most recently used kept. `get` may
     run on any thread (the request's validation); the vocabulary is built at the first
-    mask, on the engine's."""
+    mask, on the engine's. `compile` turns a key into its automaton (in this thread by
+    default; the engine's compiles in a child process: guide_compiler)."""
 
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int,
+                 compile: Callable[[tuple], ByteDFA] = compile_guide):
         self._tokenizer = tokenizer
+        self._compile = compile
         self._vocab_size = vocab_size
         self._vocab: Vocabulary | None = None
         self._guides: OrderedDict[tuple, Guide] = OrderedDict()
@@ -222,7 +215,7 @@ class GuideCache:
             if guide is not None:
                 self._guides.move_to_end(key)
                 return guide
-        guide = Guide(compile_tree(guide_tree(key)), self.vocabulary)
+        guide = Guide(self._compile(key), self.vocabulary)
         with self._lock:
             guide = self._guides.setdefault(key, guide)
             if len(self._guides) > MAX_GUIDES:
