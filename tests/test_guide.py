@@ -91,7 +91,7 @@ def test_token_bytes_are_what_decoding_adds(kind):
 def test_masks_allow_exactly_the_tokens_that_keep_a_match_possible(kind, pattern, walks):
     tokenizer = TOKENIZERS[kind]()
     vocab = Vocabulary.of(tokenizer, len(tokenizer) + 3)  # (ids past the tokenizer: padding)
-    guide = Guide(compile_regex(pattern), lambda: vocab)
+    guide = Guide(compile_regex(pattern), vocab)
     dfa = guide.dfa
     states = {dfa.start}
     for text in walks:
@@ -115,7 +115,7 @@ def test_masks_allow_exactly_the_tokens_that_keep_a_match_possible(kind, pattern
 
 def test_advance_follows_each_tokens_bytes_and_final_states_end():
     tokenizer = byte_bpe()
-    cache = GuideCache(tokenizer, len(tokenizer))
+    cache = GuideCache(Vocabulary.of(tokenizer, len(tokenizer)))
     guide = cache.get(("regex", r"(yes|no)!"))
     assert cache.get(("regex", r"(yes|no)!")) is guide
     ids = tokenizer.encode("yes!", add_special_tokens=False)
@@ -136,7 +136,7 @@ def test_a_mask_is_the_walk_over_the_whole_vocabulary_for_random_states():
     states allow many shapes of token (the table grows as the walks find states)."""
     tokenizer = byte_bpe()
     vocab = Vocabulary.of(tokenizer, len(tokenizer))
-    guide = Guide(compile_regex(r"([a-m ]|é|中)*[n-z]{2}\.?"), lambda: vocab)
+    guide = Guide(compile_regex(r"([a-m ]|é|中)*[n-z]{2}\.?"), vocab)
     rng = random.Random(0)
     alphabet = list("abcmnz é中.")
     for _ in range(30):
@@ -176,7 +176,7 @@ def test_masks_and_guides_are_kept_most_recently_used(monkeypatch):
     monkeypatch.setattr("loraplex.engine.guide.MAX_MASKS", 2)
     monkeypatch.setattr("loraplex.engine.guide.MAX_GUIDES", 2)
     tokenizer = char_tokenizer()
-    cache = GuideCache(tokenizer, len(tokenizer))
+    cache = GuideCache(Vocabulary.of(tokenizer, len(tokenizer)))
     guide = cache.get(("regex", "abc"))
     s0 = guide.start
     s1 = guide.advance(s0, tokenizer.convert_tokens_to_ids("a"))

@@ -427,13 +427,16 @@ class _NFA:
             self.eps[end].append(tail)
             self.eps[e].append(tail)
             return start, tail
-        for _ in range(hi - lo):  # then up to hi - lo more, each optional
+        # then up to hi - lo more, nested, as (x(x(x)?)?)?: leaving the repetition after
+        # k copies goes to its end, not on through the copies after k (x?x?x? would keep
+        # all of them in every state of the DFA: [^\n]{0,200} made 200-state sets)
+        finish = self.state()
+        for _ in range(hi - lo):
             s, e = self.build(inner)
-            tail = self.state()
-            self.eps[end] += [s, tail]
-            self.eps[e].append(tail)
-            end = tail
-        return start, end
+            self.eps[end] += [s, finish]
+            end = e
+        self.eps[end].append(finish)
+        return start, finish
 
     def list(self, item, sep, lo: int, hi: int | None) -> tuple[int, int]:
         """lo..hi items, sep between two: hi copies of the item, or max(lo, 1) when
