@@ -8,9 +8,11 @@
    served: each state's first mask in order on a new guide, which builds the lazy
    automaton's rows as the tokens' walks reach them. Then, rows built, each mask again
    twice: by loraplex's walk of every token at once through the automaton's table
-   (engine.guide) and by the plain way, one automaton walk per token. Prints the mean
-   and worst ms per state of each, the ratio of the last two, and the cost of a mask
-   found before (kept, unpacked). The default tokenizer is a byte-level BPE of --vocab tokens trained
+   (engine.guide, over the trie of the tokens' bytes) and by the plain way, one automaton
+   walk per token. Prints the mean and worst ms per state of each, the ratio of the last
+   two, and the cost of a mask found before (kept, unpacked); all of it for both of
+   loraplex's walks: the C loop (cpu_kernels' trie_walk, what the engine uses) and numpy
+   one trie level at a time (its fallback without a C compiler). The default tokenizer is a byte-level BPE of --vocab tokens trained
    here on the Python sources of this interpreter's site-packages (no download; ~30 s).
 2. Serving. The bench model, 32 requests over --adapters distinct adapters, 32 new
    tokens each: unguided, then each one guided by a pattern of exactly 32 characters
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 from bench.workload import SHAPES, build_bench_adapters, build_bench_model, make_workload
+from loraplex import cpu_kernels
 from loraplex.config import EngineConfig, ModelConfig
 from loraplex.engine.byte_regex import DEAD
 from loraplex.engine.engine import Engine, collect
@@ -87,38 +90,45 @@ def bench_masks(tokenizer) -> None:
     vocab = Vocabulary.of(tokenizer, len(tokenizer))
     print(f"vocabulary: {len(vocab.by_id)} tokens read as bytes in "
           f"{time.perf_counter() - t:.2f} s (once per server)")
-    print(f"{'pattern':<10} {'states':>6} {'first ms':>12} {'table walk ms':>16} "
+    walks = {"C": cpu_kernels.load(), "numpy": None}  # (the engine's, and its fallback)
+    if walks["C"] is None:
+        del walks["C"]
+        print("no C compiler here: the numpy walk only")
+    print(f"{'pattern':<10} {'walk':<6} {'states':>6} {'first ms':>12} {'table walk ms':>16} "
           f"{'per-token ms':>14} {'ratio':>6} {'kept ms':>8} {'allowed':>9}")
     for name, (key, sample) in PATTERNS.items():
-        guide = Guide(compile_guide(key), vocab)
-        dfa = guide.dfa
-        data = sample.encode()
-        states = list(dict.fromkeys(dfa.walk(dfa.start, data[:n]) for n in range(len(data))))
-        assert DEAD not in states
-        first = []
-        for state in states:  # as served: the automaton's rows built as the walks reach them
-            t = time.perf_counter()
-            guide.mask(state, ())
-            first.append(time.perf_counter() - t)
-        ours, plain, kept, allowed = [], [], [], []
-        for state in states:
-            guide._masks.clear()
-            t = time.perf_counter()
-            mask = guide.mask(state, ())
-            ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            want = [dfa.walk(state, b) != DEAD for b in vocab.by_id.values()]
-            plain.append(time.perf_counter() - t)
-            assert sum(want) == int(mask.sum())
-            t = time.perf_counter()
-            guide.mask(state, ())
-            kept.append(time.perf_counter() - t)
-            allowed.append(int(mask.sum()))
-        print(f"{name:<10} {len(states):>6} {1e3 * statistics.mean(first):>6.1f} / "
-              f"{1e3 * max(first):<4.0f} {1e3 * statistics.mean(ours):>8.1f} / "
-              f"{1e3 * max(ours):<5.0f} {1e3 * statistics.mean(plain):>7.1f} / "
-              f"{1e3 * max(plain):<4.0f} {sum(plain) / sum(ours):>5.1f}x "
-              f"{1e3 * statistics.mean(kept):>8.2f} {statistics.mean(allowed):>9.0f}")
+        plain: list[float] = []  # one walk per token, timed once per pattern
+        for walk, kernels in walks.items():
+            guide = Guide(compile_guide(key), vocab, kernels)
+            dfa = guide.dfa
+            data = sample.encode()
+            states = list(dict.fromkeys(dfa.walk(dfa.start, data[:n]) for n in range(len(data))))
+            assert DEAD not in states
+            first = []
+            for state in states:  # as served: the automaton's rows built as the walks reach them
+                t = time.perf_counter()
+                guide.mask(state, ())
+                first.append(time.perf_counter() - t)
+            ours, kept, allowed = [], [], []
+            for i, state in enumerate(states):
+                guide._masks.clear()
+                t = time.perf_counter()
+                mask = guide.mask(state, ())
+                ours.append(time.perf_counter() - t)
+                if len(plain) == i:
+                    t = time.perf_counter()
+                    want = [dfa.walk(state, b) != DEAD for b in vocab.by_id.values()]
+                    plain.append(time.perf_counter() - t)
+                    assert sum(want) == int(mask.sum())
+                t = time.perf_counter()
+                guide.mask(state, ())
+                kept.append(time.perf_counter() - t)
+                allowed.append(int(mask.sum()))
+            print(f"{name:<10} {walk:<6} {len(states):>6} {1e3 * statistics.mean(first):>6.2f} / "
+                  f"{1e3 * max(first):<4.1f} {1e3 * statistics.mean(ours):>8.2f} / "
+                  f"{1e3 * max(ours):<5.1f} {1e3 * statistics.mean(plain):>7.1f} / "
+                  f"{1e3 * max(plain):<4.0f} {sum(plain) / sum(ours):>5.0f}x "
+                  f"{1e3 * statistics.mean(kept):>8.2f} {statistics.mean(allowed):>9.0f}")
 
 
 def run_round(engine: Engine, work, pattern: str | None) -> float:

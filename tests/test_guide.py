@@ -14,6 +14,7 @@ from tokenizers import (AddedToken, Tokenizer, decoders, models as tk_models, pr
                         trainers)
 from transformers import PreTrainedTokenizerFast
 
+from loraplex import cpu_kernels
 from loraplex.engine.byte_regex import DEAD, compile_regex
 from loraplex.engine.guide import Guide, GuideCache, Vocabulary, token_bytes
 from loraplex.errors import InvalidArgument
@@ -23,6 +24,16 @@ CORPUS = ["the cat sat on the mat", "naïve café über straße", "中文 日本
           '{"name": "Ada", "age": 36, "tags": ["x", "y"]}', "emoji 😀 and 🎉 tokens",
           "def f(x):\n    return x * 2\n"] * 40
 EOS = 2
+
+
+@pytest.fixture(params=["numpy", "c"])
+def kernels(request):
+    """The two walks of a mask: numpy level by level, or cpu_kernels' trie_walk."""
+    if request.param == "numpy":
+        return None
+    lib = cpu_kernels.load()
+    assert lib is not None, "the CPU kernels did not build (see the log)"
+    return lib
 
 
 def byte_bpe() -> PreTrainedTokenizerFast:
@@ -88,10 +99,11 @@ def test_token_bytes_are_what_decoding_adds(kind):
     (r"(café|naïve|中文|😀)+( |!)", ["café中文", "😀😀 "]),
     (r"(the|cat|sat|on)( (the|cat|sat|on))*", ["the cat", "on the mat"]),
 ])
-def test_masks_allow_exactly_the_tokens_that_keep_a_match_possible(kind, pattern, walks):
+def test_masks_allow_exactly_the_tokens_that_keep_a_match_possible(kind, pattern, walks,
+                                                                   kernels):
     tokenizer = TOKENIZERS[kind]()
     vocab = Vocabulary.of(tokenizer, len(tokenizer) + 3)  # (ids past the tokenizer: padding)
-    guide = Guide(compile_regex(pattern), vocab)
+    guide = Guide(compile_regex(pattern), vocab, kernels)
     dfa = guide.dfa
     states = {dfa.start}
     for text in walks:
@@ -131,12 +143,12 @@ def test_advance_follows_each_tokens_bytes_and_final_states_end():
         cache.get(("regex", r"(?=a)"))
 
 
-def test_a_mask_is_the_walk_over_the_whole_vocabulary_for_random_states():
+def test_a_mask_is_the_walk_over_the_whole_vocabulary_for_random_states(kernels):
     """The all-tokens-at-once table walk against one walk per token, on a pattern whose
     states allow many shapes of token (the table grows as the walks find states)."""
     tokenizer = byte_bpe()
     vocab = Vocabulary.of(tokenizer, len(tokenizer))
-    guide = Guide(compile_regex(r"([a-m ]|é|中)*[n-z]{2}\.?"), vocab)
+    guide = Guide(compile_regex(r"([a-m ]|é|中)*[n-z]{2}\.?"), vocab, kernels)
     rng = random.Random(0)
     alphabet = list("abcmnz é中.")
     for _ in range(30):
@@ -189,3 +201,22 @@ def test_masks_and_guides_are_kept_most_recently_used(monkeypatch):
     cache.get(("regex", "a"))
     cache.get(("regex", "c"))
     assert [source for _, source in cache._guides] == ["a", "c"] and cache.get(("regex", "a")) is first  # "b" went
+
+
+@pytest.mark.parametrize("pattern", [r"[^\n]{0,40}\n", r'\{"a": "[^"]{0,8}"(, "b": [0-9]{1,4})?\}',
+                                     r"(ab|cd|é)*[a-d]{3}"])
+def test_the_c_walk_agrees_with_numpy_while_the_automaton_grows(pattern):
+    """The first mask of a fresh guide builds its rows as it walks: the C loop stops at each
+    state without a row, and the rows it makes add states past the table, which grows."""
+    tokenizer = byte_bpe()
+    vocab = Vocabulary.of(tokenizer, len(tokenizer))
+    lib = cpu_kernels.load()
+    assert lib is not None
+    by_c, by_numpy = Guide(compile_regex(pattern), vocab, lib), Guide(compile_regex(pattern), vocab)
+    masks = by_c.mask(by_c.start, ()), by_numpy.mask(by_numpy.start, ())
+    assert torch.equal(*masks) and 0 < int(masks[0].sum()) < vocab.size
+    assert by_c.dfa.num_states == by_numpy.dfa.num_states > 2  # (the table began with 2 rows)
+    for text in ['{"a": "xé', "abcd", "x" * 30]:  # (each automaton numbers its own states)
+        states = [g.dfa.walk(g.start, text.encode()) for g in (by_c, by_numpy)]
+        if DEAD not in states:
+            assert torch.equal(by_c.mask(states[0], (EOS,)), by_numpy.mask(states[1], (EOS,)))

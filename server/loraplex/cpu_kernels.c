@@ -24,6 +24,9 @@
  *
  * paged_decode_attention: one new token per sequence attends to its context in the paged
  * cache, each sequence to its own length (no padding to the longest, no gathered copy).
+ *
+ * trie_walk: guided decoding's walk of every token of the vocabulary through a pattern's
+ * byte automaton at once (engine/guide.py), over the trie of the tokens' bytes.
  */
 #include <math.h>
 #include <omp.h>
@@ -500,4 +503,28 @@ void paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16
   for (int64_t i = 0; i < D; i++)
     for (int64_t g = 0; g < G; g++)
       attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, bs, scale, window, out, 1);
+}
+
+/* trie_walk: the automaton state after each prefix of a trie of byte strings, listed so that
+ * a prefix comes after its parent (prefix 0 is the empty one):
+ *
+ *     at[i] = rows[at[parent[i]] * 256 + byte[i]], DEAD (-1) where the parent's is DEAD
+ *
+ * rows: [states, 256], built[state] whether that state's row is filled in. at[0..from) is
+ * given. Returns the first prefix whose parent's state has no row yet (the caller builds the
+ * row, then calls again from there), or n once every prefix has its state. One thread: a
+ * 128k-token vocabulary is ~410,000 prefixes, a lookup each from L1/L2. */
+int64_t trie_walk(const int32_t *rows, const uint8_t *built, const int64_t *parent,
+                  const int64_t *byte, int32_t *at, int64_t from, int64_t n) {
+  for (int64_t i = from; i < n; i++) {
+    const int32_t s = at[parent[i]];
+    if (s < 0) {
+      at[i] = -1;
+    } else if (!built[s]) {
+      return i;
+    } else {
+      at[i] = rows[(int64_t)s * 256 + byte[i]];
+    }
+  }
+  return n;
 }

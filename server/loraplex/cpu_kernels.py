@@ -1,11 +1,13 @@
 """Build and load loraplex's CPU kernels (cpu_kernels.c) with the system C compiler and ctypes.
 
-The first engine on the CPU that needs the kernels compiles them (a few tenths of a second)
-into $XDG_CACHE_HOME/loraplex, else ~/.cache/loraplex; later ones load the cached library.
+The first engine that needs the kernels compiles them (a few tenths of a second) into
+$XDG_CACHE_HOME/loraplex, else ~/.cache/loraplex; later ones load the cached library. (Every
+engine loads them, whatever its device: guided decoding's masks are found on the CPU.)
 The file name carries a hash of the source and flags, so a changed kernel is rebuilt, never
 confused with an old one. Without a compiler, `load` returns None and the engine uses
-torch ops (the `segmented` LoRA backend, SDPA attention). The CPU image builds the
-library in a build stage (`python cpu_kernels.py FOLDER`) and ships it in its cache folder.
+torch ops (the `segmented` LoRA backend, SDPA attention) and numpy (the masks). The CPU
+image builds the library in a build stage (`python cpu_kernels.py FOLDER`) and ships it in
+its cache folder.
 
 Only the standard library is used here, so the image's build stage needs no torch.
 """
@@ -69,7 +71,7 @@ def load(folder: Path | None = None) -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(build(folder)))
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
-            log.warning("CPU kernels unavailable (%s); using torch ops instead",
+            log.warning("CPU kernels unavailable (%s); using torch and numpy ops instead",
                         str(detail).strip()[:500])
             lib = None
         else:
@@ -81,6 +83,8 @@ def load(folder: Path | None = None) -> ctypes.CDLL | None:
                 attend.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64,
                                    ctypes.c_float, i64, p]
                 attend.restype = None
+            lib.trie_walk.argtypes = [p, p, p, p, p, i64, i64]
+            lib.trie_walk.restype = i64
         _loaded[folder] = lib
     return _loaded[folder]
 

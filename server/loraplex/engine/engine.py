@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from loraplex import cpu_kernels
 from loraplex.config import EngineConfig, ModelConfig
 from loraplex.engine.byte_regex import GuideTooLarge
 from loraplex.engine.detokenizer import IncrementalDetokenizer
@@ -110,7 +111,7 @@ class Engine:
         self._guide_compiler = ProcessCompiler()  # (off the GIL of the step loop)
         # (the tokens as bytes, read now: 1.4 s for 128k tokens, not in a served step)
         self.guides = GuideCache(Vocabulary.of(self.tokenizer, loaded.vocab_size),
-                                 self._guide_compiler)
+                                 self._guide_compiler, cpu_kernels.load())
         self._eos = tuple(sorted(loaded.eos_token_ids))
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
         self.runner = ModelRunner(loaded, self.kv_cache, cfg.block_size, cfg.lora_backend,

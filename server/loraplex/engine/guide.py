@@ -11,14 +11,15 @@ a regular expression, is one of a list of choices, or is JSON a schema allows.
 
 A token is allowed when its bytes take the pattern's byte automaton (byte_regex) to a
 live state; EOS is allowed once the output is a full match. A state's mask is found by
-walking every token at once through the automaton as a table (numpy, over the trie of
-the tokens' bytes one level at a time, so a prefix tokens share is walked once), then kept
-per state, bit-packed.
+walking every token at once through the automaton as a table, over the trie of the
+tokens' bytes so that a prefix tokens share is walked once (a C loop, cpu_kernels'
+trie_walk, else numpy one level at a time), then kept per state, bit-packed.
 Everything but `get` runs on the engine thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import threading
@@ -100,46 +101,51 @@ def gpt2_byte_chars() -> list[str]:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """The ordinary tokens as a trie of their bytes, one level per byte position, for
-    walking them all at once: a prefix that tokens share is walked once. Level d holds
-    the distinct (d + 1)-byte prefixes: prefix i is prefix parents[d][i] of level d - 1
-    (level -1 is the empty prefix, 0) followed by byte bytes[d][i]."""
+    """The ordinary tokens as a trie of their bytes, for walking them all at once: a prefix
+    that tokens share is walked once. Prefixes are listed level by level (all of one byte,
+    then of two, ...); prefix i is prefix parents[i] followed by byte bytes[i], and prefix 0
+    is the empty one."""
 
     size: int  # the model's vocabulary (mask length)
-    # (all intp: numpy indexes with no conversion; 410,000 prefixes at 128k tokens)
-    parents: list[np.ndarray]  # [levels] of [N_d]
-    bytes: list[np.ndarray]  # [levels] of [N_d]
-    ends: list[tuple[np.ndarray, np.ndarray]]  # [levels] of (token ids of d + 1 bytes,
-    #                                             their prefixes in level d), [E_d] each
+    # (intp: numpy indexes with them as they are; ~410,000 prefixes at 128k tokens)
+    parents: np.ndarray  # [P] intp (parents[0] unused)
+    bytes: np.ndarray  # [P] intp (bytes[0] unused)
+    levels: list[tuple[int, int]]  # (start, stop) of the prefixes of d + 1 bytes, by d
+    token_ids: np.ndarray  # [E] int64: the ordinary tokens
+    token_prefixes: np.ndarray  # [E] intp: the prefix that is each one's bytes
     by_id: dict[int, bytes]
 
     @classmethod
     def of(cls, tokenizer, vocab_size: int) -> Vocabulary:
         by_id = token_bytes(tokenizer, vocab_size)
-        levels: list[dict[tuple[int, int], int]] = []  # (parent, byte) -> index
-        ends: list[list[tuple[int, int]]] = []  # (token id, index)
+        levels: list[dict[tuple[int, int], int]] = []  # by d: (parent, byte) -> index in d
+        ends = []  # (token id, level, index in level)
         for token, data in by_id.items():
             parent = 0
             for d, byte in enumerate(data):
                 if d == len(levels):
                     levels.append({})
-                    ends.append([])
                 parent = levels[d].setdefault((parent, byte), len(levels[d]))
-            ends[len(data) - 1].append((token, parent))
-        return cls(vocab_size,
-                   [np.array([p for p, _ in level], dtype=np.intp) for level in levels],
-                   [np.array([b for _, b in level], dtype=np.intp) for level in levels],
-                   [(np.array([t for t, _ in e], dtype=np.int64),
-                     np.array([i for _, i in e], dtype=np.intp)) for e in ends],
-                   by_id)
+            ends.append((token, len(data) - 1, parent))
+        starts = np.cumsum([1] + [len(level) for level in levels])  # [levels + 1]
+        parents, bytes_ = [np.zeros(1, dtype=np.intp)], [np.zeros(1, dtype=np.intp)]
+        for d, level in enumerate(levels):
+            above = starts[d - 1] if d else 0  # (where the parents' level starts)
+            parents.append(np.array([p for p, _ in level], dtype=np.intp) + above)
+            bytes_.append(np.array([b for _, b in level], dtype=np.intp))
+        return cls(vocab_size, np.concatenate(parents), np.concatenate(bytes_),
+                   [(int(starts[d]), int(starts[d + 1])) for d in range(len(levels))],
+                   np.array([t for t, _, _ in ends], dtype=np.int64),
+                   np.array([starts[d] + i for _, d, i in ends], dtype=np.intp), by_id)
 
 
 # ---- one pattern -------------------------------------------------------------------
 
 class Guide:
-    def __init__(self, dfa: ByteDFA, vocabulary: Vocabulary):
+    def __init__(self, dfa: ByteDFA, vocabulary: Vocabulary, kernels: ctypes.CDLL | None = None):
         self.dfa = dfa
         self._vocabulary = vocabulary
+        self._kernels = kernels  # loraplex.cpu_kernels (trie_walk), else numpy
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()  # state -> packed bits
         self._rows = np.full((0, 256), DEAD, dtype=np.int32)  # the automaton as a table
         self._built = np.zeros(0, dtype=bool)  # [state]: whether its row is in _rows
@@ -173,48 +179,73 @@ class Guide:
         return mask
 
     def _find_mask(self, state: int) -> np.ndarray:
-        """Every token walked at once, one trie level at a time: each prefix takes the
-        state of its parent through the automaton's table by its byte, and a token is
-        allowed when its last prefix's state is live."""
+        """Every token walked at once: each prefix of the trie takes its parent's state
+        through the automaton's table by its byte, and a token is allowed when the state
+        after its bytes is live."""
         vocab = self._vocabulary
+        at = np.empty(len(vocab.parents), dtype=np.int32)  # [P] the state after each prefix
+        at[0] = state
+        if self._kernels is not None:
+            self._walk_kernel(at)
+        else:
+            self._walk_levels(at)
         bits = np.zeros(vocab.size, dtype=bool)
-        at = np.array([state], dtype=np.int32)  # [N_d] the state after each prefix
-        for parents, column, (tokens, ends) in zip(vocab.parents, vocab.bytes, vocab.ends):
-            before = at[parents]  # [N_d] (a DEAD one, -1, reads the table's last row,
-            at = self._table(before)[before, column]  # which is always all DEAD)
-            bits[tokens] = at[ends] != DEAD
-            if not (at != DEAD).any():
-                break
+        bits[vocab.token_ids] = at[vocab.token_prefixes] != DEAD
         return np.packbits(bits)
+
+    def _walk_kernel(self, at: np.ndarray) -> None:
+        """All prefixes in one C loop, which stops at a state whose row is not built yet."""
+        vocab, i = self._vocabulary, 1
+        while i < len(at):
+            rows = self._table(at[vocab.parents[i:i + 1]])
+            i = self._kernels.trie_walk(rows.ctypes.data, self._built.ctypes.data,
+                                        vocab.parents.ctypes.data, vocab.bytes.ctypes.data,
+                                        at.ctypes.data, i, len(at))
+
+    def _walk_levels(self, at: np.ndarray) -> None:
+        """One level of the trie per numpy pass; a DEAD parent (-1) reads the table's last
+        row, which is always all DEAD."""
+        vocab = self._vocabulary
+        for start, stop in vocab.levels:
+            before = at[vocab.parents[start:stop]]  # [N_d]
+            at[start:stop] = self._table(before)[before, vocab.bytes[start:stop]]
+            if not (at[start:stop] != DEAD).any():
+                at[stop:] = DEAD
+                break
 
     def _table(self, states: np.ndarray) -> np.ndarray:
         """[> dfa.num_states, 256] int32: the automaton's transitions, with the rows of
         `states` (DEAD among them) built; the last row is never a state's, so all DEAD."""
+        self._grow()
+        missing = states[(states != DEAD) & ~self._built[states]]
+        if missing.size:  # (most levels need no new row: skip np.unique's fixed cost)
+            for state in np.unique(missing).tolist():
+                self._rows[state] = self.dfa.row(state)
+                self._built[state] = True
+            self._grow()  # (a row may have added states)
+        return self._rows
+
+    def _grow(self) -> None:
         if self._rows.shape[0] <= self.dfa.num_states:
             grown = np.full((2 * self.dfa.num_states, 256), DEAD, dtype=np.int32)
             grown[:self._rows.shape[0]] = self._rows
             self._rows = grown
             self._built = np.concatenate([self._built, np.zeros(len(grown) - len(self._built),
                                                                 dtype=bool)])
-        missing = states[(states != DEAD) & ~self._built[states]]
-        if missing.size:  # (most levels need no new row: skip np.unique's fixed cost)
-            for state in np.unique(missing).tolist():
-                row = self.dfa.row(state)  # (may add states: the next call grows the table)
-                self._rows[state] = row
-                self._built[state] = True
-        return self._rows
 
 
 class GuideCache:
     """Compiled guides by key (SamplingParams.guide), most recently used kept; `get` may
     run on any thread (the request's validation). `compile` turns a key into its
     automaton (in this thread by default; the engine's compiles in a child process:
-    guide_compiler)."""
+    guide_compiler). `kernels` (loraplex.cpu_kernels.load()) walks the masks in C."""
 
     def __init__(self, vocabulary: Vocabulary,
-                 compile: Callable[[tuple], ByteDFA] = compile_guide):
+                 compile: Callable[[tuple], ByteDFA] = compile_guide,
+                 kernels: ctypes.CDLL | None = None):
         self.vocabulary = vocabulary
         self._compile = compile
+        self._kernels = kernels
         self._guides: OrderedDict[tuple, Guide] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -225,7 +256,7 @@ class GuideCache:
             if guide is not None:
                 self._guides.move_to_end(key)
                 return guide
-        guide = Guide(self._compile(key), self.vocabulary)
+        guide = Guide(self._compile(key), self.vocabulary, self._kernels)
         with self._lock:
             guide = self._guides.setdefault(key, guide)
             if len(self._guides) > MAX_GUIDES:
