@@ -342,6 +342,19 @@ def test_unload_frees_the_slot_and_the_cpu_tensors(make_engine, base, root, prom
     assert list(out.token_ids) == expected(base, root / "r4_mlp", prompts[1], 4)
 
 
+def test_another_base_is_warned_about_once_per_adapter(make_engine, prompts, caplog):
+    """An adapter trained on another spelling of the base (a hub id, served from /models)
+    is warned about at its first read, not at every read after an eviction."""
+    engine = make_engine(max_gpu_adapters=1, max_cpu_adapters=1)
+    engine.cache.base_model = "/models"
+    with caplog.at_level(logging.WARNING, logger="loraplex.lora.cache"):
+        sequentially(engine, ["many/m000", "many/m001", "many/m000"], prompts[0])
+    assert evictions(engine, "cpu") == 2  # (m000 was read twice)
+    warned = [r.getMessage() for r in caplog.records if "was trained on" in r.getMessage()]
+    assert len(warned) == 2 and "adapter many/m000 was trained on" in warned[0], warned
+    assert "served on '/models'" in warned[1] and "many/m001" in warned[1]
+
+
 def test_cpu_eviction_drops_the_tensors_and_keeps_the_metadata(make_engine, prompts):
     engine = make_engine(max_gpu_adapters=1, max_cpu_adapters=1)
     sequentially(engine, ["many/m000"], prompts[0])

@@ -722,6 +722,8 @@ def test_metrics_count_served_requests_and_tokens(server, client):
     assert key("loraplex_e2e_latency_seconds_count", **label) == e2e + 2
     assert key("loraplex_requests_total", adapter="", **UNROUTED, status="INVALID_ARGUMENT") == bad + 1
     assert key("loraplex_requests_total", adapter="_invalid", **UNROUTED, status="NOT_FOUND") == unknown + 1
+    # the gauges as the last request left them, not as the step before it ended
+    assert key("loraplex_running_requests") == 0 and key("loraplex_kv_cache_usage_ratio") == 0
 
 
 # ---------------------------------------------------------------- TLS, auth, overload

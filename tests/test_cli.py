@@ -315,3 +315,23 @@ def test_cli_tokenize_prints_the_ids(server):
         ids = c.tokenize("Hello").token_ids
     out = loraplex("tokenize", "--target", server.target, "Hello")
     assert out.stdout == " ".join(map(str, ids)) + "\n"
+
+
+def test_values_no_request_field_can_hold_are_refused_naming_the_field(capsys):
+    """Negative counts and token ids stop in the client with the field's name (protobuf's
+    own ValueError says only "Value out of range: -1"), and the CLI stops them at parsing."""
+    from loraplex_client import cli as client_cli
+    from loraplex_client.types import build_generate_request
+
+    for kw, words in [({"max_new_tokens": -1}, "max_new_tokens=-1 cannot be sent: "
+                                               "max_new_tokens takes whole numbers from 0 to"),
+                      ({"stop_token_ids": [3, -1]}, "stop_token_ids=[3, -1] cannot be sent"),
+                      ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens takes whole"),
+                      ({"temperature": "hot"}, "temperature='hot' cannot be sent")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            build_generate_request("hi", **kw)
+    for argv in (["--max-new-tokens", "-1"], ["--stop-token-ids", "3,-1"], ["-n", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            client_cli.main(["generate", "--target", "x:1", *argv, "hi"])
+        assert exit_.value.code == 2
+        assert "expected a whole number >= 0" in capsys.readouterr().err

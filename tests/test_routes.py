@@ -468,6 +468,28 @@ def test_an_adapter_may_not_take_a_routes_alias(served, client):
         client.delete_route("taken")
 
 
+def test_an_adapter_a_route_names_cannot_be_unloaded_until_the_route_lets_go(served, client):
+    """A route holds the versions it names: an unload would drain until the route changed,
+    refusing the adapter's requests all the while. It is refused at once instead."""
+    client.set_route("pinned", {served.refs["alpha"]: 1}, shadow=(served.refs["gamma"], 0.5))
+    try:
+        for name in ("alpha", "gamma"):
+            with pytest.raises(FailedPrecondition, match="named by route.s. pinned"):
+                client.unload_adapter(name, drain=True, timeout=5)
+        ok = client.generate("Hi", adapter="alpha", max_new_tokens=1)  # still served
+        assert ok.adapter == served.refs["alpha"]
+        client.set_route("pinned", {served.refs["alpha"]: 1})  # gamma stays in the history
+        with pytest.raises(FailedPrecondition, match="roll back to"):
+            client.unload_adapter("gamma")
+    finally:
+        client.delete_route("pinned")
+    client.unload_adapter("gamma", drain=True, timeout=30)  # nothing holds it now
+    try:
+        assert [a for a in client.list_adapters() if a.name == "gamma" and a.tier != "disk"] == []
+    finally:
+        client.load_adapter("gamma", "gamma")
+
+
 @pytest.mark.parametrize("reason, held", [("unavailable", False), ("cancelled", False),
                                           ("deadline", False), ("error", True)])
 def test_a_shadow_ended_by_the_replica_is_not_held_against_its_candidate(reason, held):

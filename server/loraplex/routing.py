@@ -280,6 +280,13 @@ class Router:
         with self._lock:
             return alias in self._routes
 
+    def naming(self, name: str) -> list[str]:
+        """The aliases of the routes that name any version of adapter `name` (a target,
+        the shadow or a version to roll back to), sorted."""
+        with self._lock:
+            return sorted(alias for alias, route in self._routes.items()
+                          if any(split_ref(ref)[0] == name for ref in route.refs()))
+
     def list(self) -> list[Route]:
         with self._lock:
             return [self._routes[a] for a in sorted(self._routes)]

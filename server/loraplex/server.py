@@ -123,7 +123,7 @@ class LoraplexServer:
         pb_grpc.add_GenerationServicer_to_server(self.generation, server)
         pb_grpc.add_AdaptersServicer_to_server(
             AdaptersServicer(self._ready_engine, on_change=self.save_state,
-                             is_route=self.router.is_route), server)
+                             router=self.router), server)
         self.routes = RoutesServicer(self.router, self._ready_engine, self.metrics,
                                      persist=self.save_state)
         pb_grpc.add_RoutesServicer_to_server(self.routes, server)

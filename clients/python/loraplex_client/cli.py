@@ -71,26 +71,26 @@ def add_commands(subparsers) -> None:
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message through the chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
-    g.add_argument("--truncate-prompt-tokens", type=int, default=None, metavar="N",
+    g.add_argument("--truncate-prompt-tokens", type=_whole, default=None, metavar="N",
                    help="keep only the input's last N tokens")
-    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=_whole, default=None)
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-k", type=_whole, default=None)
+    g.add_argument("--seed", type=_whole, default=None)
     g.add_argument("--min-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--presence-penalty", type=float, default=None)
     g.add_argument("--frequency-penalty", type=float, default=None)
-    g.add_argument("--min-tokens", type=int, default=None,
+    g.add_argument("--min-tokens", type=_whole, default=None,
                    help="no EOS, stop token or stop string before this many tokens")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--include-stop", dest="include_stop_str_in_output", action="store_true",
                    default=None, help="end the text with the stop string that ended it")
-    g.add_argument("--stop-token-ids", type=_csv(int), default=None, metavar="ID,ID")
+    g.add_argument("--stop-token-ids", type=_csv(_whole), default=None, metavar="ID,ID")
     g.add_argument("--logit-bias", type=_bias, action="append", default=None, metavar="ID=BIAS",
                    help="add BIAS (-100..100) to token ID's logit (repeatable)")
-    g.add_argument("--allowed-token-ids", type=_csv(int), default=None, metavar="ID,ID",
+    g.add_argument("--allowed-token-ids", type=_csv(_whole), default=None, metavar="ID,ID",
                    help="produce only these token ids")
     g.add_argument("--regex", dest="guided_regex", default=None, metavar="PATTERN",
                    help="guided decoding: the output fully matches PATTERN (Python syntax)")
@@ -103,11 +103,11 @@ def add_commands(subparsers) -> None:
                         "(the schema's text, or @FILE)")
     g.add_argument("--ignore-eos", action="store_true", default=None)
     g.add_argument("--logprobs", action="store_true", default=None)
-    g.add_argument("--top-logprobs", type=int, default=None)
-    g.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+    g.add_argument("--top-logprobs", type=_whole, default=None)
+    g.add_argument("--prompt-logprobs", type=_whole, default=None, metavar="N",
                    help="score the prompt: each prompt token's logprob and N alternatives "
                         "(printed with --json)")
-    g.add_argument("-n", "--n", type=int, default=None, metavar="N",
+    g.add_argument("-n", "--n", type=_whole, default=None, metavar="N",
                    help="N completions of the prompt (one unary call, each printed after "
                         "its [index])")
     g.add_argument("--no-stream", action="store_true", help="one unary call instead of a stream")
@@ -313,6 +313,17 @@ def _merge(args) -> int:
             combination_type=args.combination_type, density=args.density,
             majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
             seed=args.seed)])
+
+
+def _whole(text: str) -> int:
+    """A count or token id: a whole number >= 0 (the request's unsigned fields)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def _text_or_file(text: str) -> str:

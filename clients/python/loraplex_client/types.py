@@ -153,28 +153,39 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapte
     given = [x is not None for x in (prompt, input_ids, messages)]
     if sum(given) != 1:
         raise TypeError("give exactly one of prompt, input_ids, messages")
-    req = pb.GenerateRequest(adapter=adapter or "", routing_key=routing_key or "",
-                             priority=int(priority))
-    if truncate_prompt_tokens is not None:
-        req.truncate_prompt_tokens = int(truncate_prompt_tokens)
+    req = pb.GenerateRequest(adapter=adapter or "", routing_key=routing_key or "")
+    fields = {"priority": int(priority), "truncate_prompt_tokens": truncate_prompt_tokens,
+              **sampling}
     if prompt is not None:
         req.prompt = prompt
     elif input_ids is not None:
         req.input_ids.ids.extend(int(i) for i in input_ids)
     else:
         req.messages.messages.extend(_chat_messages(messages))
-    for name, value in sampling.items():
+    for name, value in fields.items():
         if value is None:
             continue
-        if name in ("stop", "stop_token_ids", "allowed_token_ids", "guided_choice"):
-            getattr(req, name).extend([value] if isinstance(value, str) else value)
-        elif name == "guided_json" and not isinstance(value, str):  # a schema as a dict
-            req.guided_json = json.dumps(value)
-        elif name == "logit_bias":  # {token id: bias}
-            req.logit_bias.update({int(t): float(b) for t, b in dict(value).items()})
-        else:
-            setattr(req, name, value)
+        try:
+            if name in ("stop", "stop_token_ids", "allowed_token_ids", "guided_choice"):
+                getattr(req, name).extend([value] if isinstance(value, str) else value)
+            elif name == "guided_json" and not isinstance(value, str):  # a schema as a dict
+                req.guided_json = json.dumps(value)
+            elif name == "logit_bias":  # {token id: bias}
+                req.logit_bias.update({int(t): float(b) for t, b in dict(value).items()})
+            else:
+                setattr(req, name, value)
+        except (TypeError, ValueError) as exc:  # (protobuf's own words name no field)
+            raise ValueError(f"{name}={value!r} cannot be sent: {_field_rule(req, name, exc)}") \
+                from None
     return req
+
+
+def _field_rule(req, name: str, exc: Exception) -> str:
+    field = req.DESCRIPTOR.fields_by_name[name]
+    bits = {field.TYPE_UINT32: 32, field.TYPE_UINT64: 64}.get(field.type)
+    if bits and "out of range" in str(exc):
+        return f"{name} takes whole numbers from 0 to {2 ** bits - 1} ({exc})"
+    return str(exc)
 
 
 def _chat_messages(messages) -> list[pb.ChatMessage]:

@@ -22,8 +22,8 @@ from loraplex.api.convert import (adapter_info_to_pb, adapter_label,
 from loraplex.api.errors import status_of
 from loraplex.api.routes import ShadowMirror, seed_for_shadow
 from loraplex.engine.request import FinishReason, RequestOutput
-from loraplex.errors import (AlreadyExists, Cancelled, DeadlineExceeded, Internal,
-                             InvalidArgument, LoraplexError, NotFound, Unavailable)
+from loraplex.errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondition,
+                             Internal, InvalidArgument, LoraplexError, NotFound, Unavailable)
 from loraplex.metrics import Metrics
 from loraplex.routing import Router
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
@@ -251,14 +251,14 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     worker thread."""
 
     def __init__(self, get_engine: Callable, on_change: Callable | None = None,
-                 is_route: Callable[[str], bool] = lambda name: False):
+                 router: Router | None = None):
         self._get_engine = get_engine
         self._on_change = on_change  # async; after every change of the registry (persistence)
-        self._is_route = is_route  # an adapter may not take a route's alias
+        self._router = router  # an adapter may not take a route's alias, nor go while routed
 
     def _new_name(self, name: str) -> str:
         name = _need(name, "name")
-        if self._is_route(name):
+        if self._router is not None and self._router.is_route(name):
             raise AlreadyExists(f"{name!r} is a route alias; delete the route or pick another "
                                 "adapter name")
         return name
@@ -305,6 +305,12 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         try:
             adapters = self._get_engine().adapters
             name = _need(request.name, "name")
+            routes = self._router.naming(name) if self._router is not None else []
+            if routes:  # (their holds would keep it draining until the routes change)
+                raise FailedPrecondition(
+                    f"adapter {name!r} is named by route(s) {', '.join(routes)} (a target, "
+                    "shadow or version to roll back to); set those routes without it or "
+                    "delete them first")
         except LoraplexError as exc:
             await self._fail(context, exc)
         remaining = context.time_remaining()

@@ -521,6 +521,7 @@ class Engine:
         self.metrics.e2e_latency.labels(*seq.metric_labels).observe(time.monotonic() - seq.arrival)
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.kv_cache_usage.set(self.blocks.usage())  # (its blocks are free now)
 
     def _drain_inbox(self) -> None:
         while True:

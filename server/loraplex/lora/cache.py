@@ -107,6 +107,7 @@ class AdapterCache:
         self.max_cpu = max_cpu
         self.metrics = metrics
         self.base_model = base_model
+        self._other_bases: set[tuple[str, str]] = set()  # (adapter, its base) warned about
         self._pin_host = any(l.lora_A.is_cuda for l in layers.values())
         self.slot_ranks = [0] * (max_gpu + 1)  # read by the runner; slot 0 = no adapter
         self._slots: list[AdapterVersion | None] = [None] * (max_gpu + 1)
@@ -389,7 +390,10 @@ class AdapterCache:
             weights = dataclasses.replace(weights, modules={
                 m: (a.pin_memory(), b.pin_memory()) for m, (a, b) in weights.modules.items()})
         seconds = time.perf_counter() - start
-        if self.base_model and weights.base_model and weights.base_model != self.base_model:
+        other = (name, weights.base_model)
+        if self.base_model and weights.base_model and weights.base_model != self.base_model \
+                and other not in self._other_bases:  # (once: evicted adapters are read again)
+            self._other_bases.add(other)
             log.warning("adapter %s was trained on %r, served on %r (shapes match)",
                         name, weights.base_model, self.base_model)
         self.metrics.adapter_loads.labels("cpu").inc()
