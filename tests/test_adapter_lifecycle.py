@@ -342,6 +342,26 @@ def test_unload_frees_the_slot_and_the_cpu_tensors(make_engine, base, root, prom
     assert list(out.token_ids) == expected(base, root / "r4_mlp", prompts[1], 4)
 
 
+def test_an_unload_refused_by_its_check_leaves_the_adapter_serving(make_engine, base, root,
+                                                                    prompts):
+    """`refuse` (the servicer's "a route names it") runs under the cache's lock as the
+    unload begins; when it raises, nothing is retired and requests still get the adapter."""
+    engine = make_engine(max_gpu_adapters=1)
+    sequentially(engine, ["r4_mlp"], prompts[0], 2)
+    checked = []
+
+    def refuse(name):
+        checked.append((name, engine.cache._lock._is_owned()))
+        raise FailedPrecondition(f"{name} is routed")
+
+    with pytest.raises(FailedPrecondition, match="r4_mlp is routed"):
+        engine.adapters.unload("r4_mlp", drain=True, refuse=refuse)
+    assert checked == [("r4_mlp", True)]
+    assert "r4_mlp" not in engine.cache._unloading and info_of(engine, "r4_mlp").current
+    out = sequentially(engine, ["r4_mlp"], prompts[1], 4)[0]
+    assert list(out.token_ids) == expected(base, root / "r4_mlp", prompts[1], 4)
+
+
 def test_another_base_is_warned_about_once_per_adapter(make_engine, prompts, caplog):
     """An adapter trained on another spelling of the base (a hub id, served from /models)
     is warned about at its first read, not at every read after an eviction."""

@@ -263,6 +263,16 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
                                 "adapter name")
         return name
 
+    def _refuse_if_routed(self, name: str) -> None:
+        """Called by the cache under its lock as an unload begins: a route's hold would
+        keep the drain waiting until the route changes."""
+        routes = self._router.naming(name) if self._router is not None else []
+        if routes:
+            raise FailedPrecondition(
+                f"adapter {name!r} is named by route(s) {', '.join(routes)} (a target, "
+                "shadow or version to roll back to); set those routes without it or "
+                "delete them first")
+
     async def _run(self, context, fn, *args, **kwargs):
         try:
             result = await asyncio.to_thread(fn, *args, **kwargs)
@@ -305,18 +315,12 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         try:
             adapters = self._get_engine().adapters
             name = _need(request.name, "name")
-            routes = self._router.naming(name) if self._router is not None else []
-            if routes:  # (their holds would keep it draining until the routes change)
-                raise FailedPrecondition(
-                    f"adapter {name!r} is named by route(s) {', '.join(routes)} (a target, "
-                    "shadow or version to roll back to); set those routes without it or "
-                    "delete them first")
         except LoraplexError as exc:
             await self._fail(context, exc)
         remaining = context.time_remaining()
         timeout = DEFAULT_DRAIN_TIMEOUT if remaining is None else max(0.0, remaining)
         infos = await self._run(context, adapters.unload, name, drain=request.drain,
-                                timeout=timeout)
+                                timeout=timeout, refuse=self._refuse_if_routed)
         return pb.UnloadAdapterResponse(unloaded=[adapter_info_to_pb(i) for i in infos])
 
     async def SwapAdapter(self, request, context):

@@ -61,8 +61,8 @@ class AdapterManager:
     def load(self, name: str, path: str | None = None):
         return self._cache.load(name, path)
 
-    def unload(self, name: str, drain: bool = False, timeout: float = 30.0):
-        return self._cache.unload(name, drain, timeout)
+    def unload(self, name: str, drain: bool = False, timeout: float = 30.0, refuse=None):
+        return self._cache.unload(name, drain, timeout, refuse)
 
     def swap(self, name: str, path: str):
         return self._cache.swap(name, path)

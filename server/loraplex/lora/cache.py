@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loraplex.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, LoraplexError,
@@ -292,14 +293,19 @@ class AdapterCache:
                 self._evict_cpu()
                 return self.info(av)
 
-    def unload(self, name: str, drain: bool, timeout: float) -> list[AdapterInfo]:
+    def unload(self, name: str, drain: bool, timeout: float,
+               refuse: Callable[[str], None] | None = None) -> list[AdapterInfo]:
         """Forget every version of `name` and free its slot and CPU copy. With requests in
         flight: drain=True waits for them (up to timeout), drain=False refuses. Until the
-        last version is freed, new requests for `name` are refused."""
+        last version is freed, new requests for `name` are refused. `refuse(name)` may
+        raise to keep it loaded; it runs under the lock, so no hold taken after it
+        passes (e.g. a route's) can keep the drain waiting."""
         with self._lock:
             versions = [v for v in self._versions.values() if v.name == name]
             if not versions:
                 raise NotFound(f"adapter {name!r} is not loaded")
+            if refuse is not None:
+                refuse(name)
             busy = sum(v.refs for v in versions)
             if busy and not drain:
                 raise FailedPrecondition(
