@@ -228,6 +228,9 @@ def test_logprobs_and_top_alternatives(client):
         assert len(lp.top) == 3
         assert lp.top[0] == (tok, pytest.approx(lp.logprob, abs=1e-5))  # greedy = most likely
         assert [p for _, p in lp.top] == sorted((p for _, p in lp.top), reverse=True)
+    # each token's bytes, which may split a character (the text shows U+FFFD for one never
+    # completed)
+    assert b"".join(lp.token for lp in r.logprobs).decode(errors="replace") == r.text
     assert client.generate(PROMPT, max_new_tokens=2).logprobs == ()
 
 

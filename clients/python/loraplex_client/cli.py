@@ -194,7 +194,14 @@ def _client(args) -> Client:
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=None, sort_keys=True))
+    print(json.dumps(obj, indent=None, sort_keys=True, default=_text_of_bytes))
+
+
+def _text_of_bytes(value):
+    """A token's bytes (TokenLogprob.token) as JSON text: a partial character as U+FFFD."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _asdict(x) -> dict:

@@ -24,6 +24,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
+    token: bytes = b""  # what the token adds to the text (may be part of a UTF-8 character)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class AdapterInfo:
 
 
 def _logprobs(entries) -> tuple[TokenLogprob, ...]:
-    return tuple(TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+    return tuple(TokenLogprob(lp.token_id, lp.logprob,
+                              tuple((t.token_id, t.logprob) for t in lp.top), lp.token)
                  for lp in entries)
 
 

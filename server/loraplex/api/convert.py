@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -127,7 +128,8 @@ def generation_request_from_pb(req: pb.GenerateRequest, tokenizer, deadline: flo
                              deadline=deadline, priority=int(req.priority), n=int(req.n) or 1)
 
 
-def response_from_outputs(outputs: list[RequestOutput]) -> pb.GenerateResponse:
+def response_from_outputs(outputs: list[RequestOutput],
+                          token_bytes: Callable[[int], bytes]) -> pb.GenerateResponse:
     """One GenerateResponse holding the deltas of `outputs` (one stream message or a
     whole unary answer); counts and finish reason come from the last."""
     last = outputs[-1]
@@ -138,21 +140,22 @@ def response_from_outputs(outputs: list[RequestOutput]) -> pb.GenerateResponse:
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
         adapter=last.adapter, request_id=last.request_id, index=last.index)
     for o in outputs:
-        resp.logprobs.extend(_logprob_to_pb(lp) for lp in o.logprobs)
-        resp.prompt_logprobs.extend(_logprob_to_pb(lp) for lp in o.prompt_logprobs)
+        resp.logprobs.extend(_logprob_to_pb(lp, token_bytes) for lp in o.logprobs)
+        resp.prompt_logprobs.extend(_logprob_to_pb(lp, token_bytes) for lp in o.prompt_logprobs)
     return resp
 
 
-def response_from_completions(outputs: list[RequestOutput], n: int) -> pb.GenerateResponse:
+def response_from_completions(outputs: list[RequestOutput], n: int,
+                              token_bytes: Callable[[int], bytes]) -> pb.GenerateResponse:
     """The answer of Generate: the deltas of `outputs` (a whole request's, of n completions)
     folded per completion; with n > 1, all in `completions` and completion 0's on top."""
     per: list[list[RequestOutput]] = [[] for _ in range(n)]
     for o in outputs:
         per[o.index].append(o)
-    resp = response_from_outputs(per[0])
+    resp = response_from_outputs(per[0], token_bytes)
     if n > 1:
         for index, outs in enumerate(per):
-            one = response_from_outputs(outs)
+            one = response_from_outputs(outs, token_bytes)
             resp.completions.append(pb.Completion(
                 index=index, text=one.text, token_ids=one.token_ids,
                 finish_reason=one.finish_reason, completion_tokens=one.completion_tokens,
@@ -160,9 +163,11 @@ def response_from_completions(outputs: list[RequestOutput], n: int) -> pb.Genera
     return resp
 
 
-def _logprob_to_pb(lp) -> pb.TokenLogprob:
+def _logprob_to_pb(lp, token_bytes: Callable[[int], bytes]) -> pb.TokenLogprob:
     return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                           top=[pb.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
+                           token=token_bytes(lp.token_id),
+                           top=[pb.TopLogprob(token_id=t, logprob=p, token=token_bytes(t))
+                                for t, p in lp.top])
 
 
 def adapter_info_to_pb(info) -> pb.AdapterInfo:

@@ -198,6 +198,15 @@ class Engine:
             request = replace(request, request_id=f"req-{next(self._ids)}")
         return RequestStream(self, request, asyncio.get_running_loop())
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` adds to decoded text; a special token's own text (logprobs
+        name their tokens with it)."""
+        data = self.guides.vocabulary.by_id.get(token_id)
+        if data is None:
+            text = self.tokenizer.convert_ids_to_tokens(token_id)
+            data = text.encode() if isinstance(text, str) else b""
+        return data
+
     def prepare_guide(self, params: SamplingParams) -> None:
         """Check `params` and compile its guide, if any, so that `submit` finds it compiled.
         It waits for the compile in a child process (tens of ms for a big schema): call this

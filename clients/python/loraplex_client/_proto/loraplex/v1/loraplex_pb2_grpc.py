@@ -92,7 +92,9 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Detokenize(self, request, context):
-        """The text of token ids, as Generate would write them.
+        """The text of token ids, decoded on their own (special tokens left out). Generate
+        decodes its output after the prompt's last tokens, so with a SentencePiece tokenizer
+        its text may start with a space that this leaves out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
