@@ -140,6 +140,12 @@ OPTIONS: tuple[Option, ...] = (
     _o("tls-key", "server", "tls_key", str, "PEM private key", metavar="FILE"),
     _o("grace-period", "server", "grace_period", float,
        "seconds calls in flight get to finish after SIGTERM", metavar="SECONDS"),
+    _o("http-port", "server", "http_port", int,
+       "port of the OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, "
+       "/v1/models (0: off)"),
+    _o("served-model-name", "server", "served_model_name", str,
+       "the base model's name in the HTTP API's `model` field and /v1/models (default: "
+       "the --model value)", metavar="NAME"),
     _o("data-dir", "server", "data_dir", str,
        "folder keeping routes and loaded adapters across restarts (empty: not kept)",
        metavar="DIR"),

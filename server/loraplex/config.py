@@ -125,9 +125,11 @@ class ServerConfig:
     tls_key: str = ""
     grace_period: float = 30.0  # seconds in-flight calls get after SIGTERM
     data_dir: str = ""  # where routes and the adapter registry persist ("" = nowhere)
+    http_port: int = 0  # the OpenAI-compatible HTTP API (0 = off)
+    served_model_name: str = ""  # the base model's name in that API ("" = the model path)
 
     def __post_init__(self):
-        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+        if not all(0 <= p < 65536 for p in (self.port, self.metrics_port, self.http_port)):
             raise ValueError("ports must be in 0..65535")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("give both tls_cert and tls_key, or neither")

@@ -38,7 +38,9 @@ import gc
 import logging
 import os
 import random
+import shutil
 import signal
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,6 +94,9 @@ class LoraplexServer:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_httpd = None
+        self.http = None  # the OpenAI-compatible API (loraplex.openai_api), with --http-port
+        self.http_port: int | None = None
+        self._socket_dir: str | None = None  # its way to the gRPC services: a Unix socket
         self.shutting_down = asyncio.Event()  # set once shutdown has begun
         self._stopped = asyncio.Event()
         self.router = Router(routing_rng, metrics=self.metrics, on_change=self._state_changed)
@@ -139,6 +144,9 @@ class LoraplexServer:
             self.port = server.add_secure_port(address, creds)
         else:
             self.port = server.add_insecure_port(address)
+        if s.http_port:
+            self._socket_dir = tempfile.mkdtemp(prefix="loraplex-")  # (mode 0700)
+            server.add_insecure_port(f"unix:{self._socket_dir}/grpc.sock")
         return server
 
     async def start(self) -> None:
@@ -158,6 +166,17 @@ class LoraplexServer:
             self.metrics_port = self._metrics_httpd.server_port
             log.info("Prometheus metrics on http://%s/metrics",
                      _address(s.host, self.metrics_port))
+        if s.http_port:
+            from loraplex.openai_api import HttpServer  # (aiohttp: only when asked for)
+
+            self.http = HttpServer(f"unix:{self._socket_dir}/grpc.sock", s.host, s.http_port,
+                                   s.served_model_name or self.config.model.path,
+                                   list_token=s.admin_token,
+                                   tls=(s.tls_cert, s.tls_key) if s.tls_cert else None)
+            await self.http.start()
+            self.http_port = self.http.port
+            log.info("OpenAI-compatible API on %s://%s/v1", "https" if s.tls_cert else "http",
+                     _address(s.host, self.http_port))
         engine = await asyncio.to_thread(self._engine_factory, self.config, self.metrics)
         loop = asyncio.get_running_loop()
         engine.start(on_failure=lambda: loop.call_soon_threadsafe(
@@ -229,6 +248,8 @@ class LoraplexServer:
                 # the status of one whose handler just returned.
                 stopping = asyncio.ensure_future(self._server.stop(grace))
                 await asyncio.sleep(0)  # the stop starts (the port closes) now
+            if self.http is not None:
+                await self.http.stop_listening()  # (its requests in flight go on)
             await self._health.enter_graceful_shutdown()
             if self.generation is not None and self.generation.shadows is not None:
                 await self.generation.shadows.drain(min(grace, 5.0))
@@ -239,6 +260,10 @@ class LoraplexServer:
                     # what is left at the grace deadline. (A second, shorter stop while
                     # the first is pending crashed grpcio 1.85's aio server in CI.)
                     await stopping
+                if self.http is not None:
+                    await self.http.close()  # (its gRPC calls have ended)
+                if self._socket_dir is not None:
+                    shutil.rmtree(self._socket_dir, ignore_errors=True)
                 if self.engine is not None and self.state is not None:
                     try:
                         await self.save_state()

@@ -1,0 +1,615 @@
+"""An OpenAI-compatible HTTP API in front of the gRPC services (`serve --http-port 8000`).
+
+    POST /v1/completions          prompt(s) -> text (OpenAI's legacy completions)
+    POST /v1/chat/completions     messages -> the assistant's message
+    GET  /v1/models               the base model, every adapter and every route
+    GET  /health                  200 while the server is SERVING, else 503
+
+`model` picks what serves the request, as the gRPC `adapter` field does: the base
+model's served name (or ""), an adapter name, "name@version" or a route alias. The
+response headers `x-loraplex-adapter` and `x-loraplex-route` name the version that served
+it and the route that chose it.
+
+Every HTTP request becomes Generation calls on the server's own gRPC services (over a
+Unix socket of the process), one per prompt, so every check, route, queue limit, metric
+and token of the gRPC API applies unchanged: the caller's `Authorization` header is passed
+on as it is. A gRPC status becomes an HTTP status and an OpenAI error body
+{"error": {"message", "type", "param", "code"}}: INVALID_ARGUMENT and FAILED_PRECONDITION
+400, UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404, RESOURCE_EXHAUSTED 429,
+UNAVAILABLE 503, DEADLINE_EXCEEDED 504, a server bug 500. A stream sends its headers only
+once the first tokens are there, so a refused request still gets its status; an error
+after that is one `data: {"error": ...}` event before `data: [DONE]`. A client that
+disconnects cancels its gRPC calls, which frees their place in the batch at the next step.
+
+Request fields: OpenAI's (max_tokens, or max_completion_tokens in chat; temperature,
+default 1; top_p, n, stream, stream_options.include_usage, stop, seed, presence_penalty,
+frequency_penalty, logit_bias, logprobs, top_logprobs in chat, echo, user -> the route's
+routing_key; response_format json_schema -> guided_json) and vLLM's extra ones (top_k,
+min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
+include_stop_str_in_output, guided_regex, guided_choice, guided_json, priority,
+truncate_prompt_tokens, allowed_token_ids), plus routing_key. What cannot be honoured is
+refused with 400, never ignored: tools, suffix, best_of other than n, echo with logprobs,
+response_format json_object (a schema is needed), a message part that is not text, and
+any unknown field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
+from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
+from loraplex_client.client import ADAPTER_HEADER
+from loraplex_client.types import build_generate_request
+
+log = logging.getLogger(__name__)
+
+_STATUS = {  # gRPC code -> (HTTP status, OpenAI error type)
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "server_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+
+# vLLM's extra sampling fields (and ours), passed to GenerateRequest under the same name
+_EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_tokens": int,
+           "ignore_eos": bool, "stop_token_ids": list, "include_stop_str_in_output": bool,
+           "guided_regex": str, "guided_choice": list, "guided_json": (str, dict),
+           "priority": int, "truncate_prompt_tokens": int, "allowed_token_ids": list,
+           "routing_key": str}
+# OpenAI fields with nothing to do here, accepted as they are
+_IGNORED = {"user", "stream_options", "store", "metadata", "service_tier",
+            "parallel_tool_calls", "tool_choice", "tools", "functions", "function_call"}
+_COMMON = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int,
+           "stream": bool, "stop": (str, list), "seed": int, "presence_penalty": float,
+           "frequency_penalty": float, "logit_bias": dict, "best_of": int}
+_COMPLETION_FIELDS = {**_COMMON, "prompt": (str, list), "logprobs": int, "echo": bool,
+                      "suffix": str, **_EXTRAS}
+_CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logprobs": bool,
+                "top_logprobs": int, "response_format": dict, **_EXTRAS}
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+    @classmethod
+    def of_rpc(cls, err: grpc.RpcError) -> ApiError:
+        status, type_ = _STATUS.get(err.code(), (500, "server_error"))
+        return cls(status, err.details() or err.code().name, type_)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.status}}
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+# ---- requests --------------------------------------------------------------------------
+
+def _check_types(body: dict, fields: dict) -> None:
+    """400 for an unknown field or a value of the wrong JSON type (null = unset)."""
+    for name, value in body.items():
+        if name in _IGNORED:
+            continue
+        if name not in fields:
+            raise _bad(f"unknown field {name!r}; see the loraplex README for the fields this "
+                       "API takes", name)
+        want = fields[name]
+        if value is None:
+            continue
+        types = want if isinstance(want, tuple) else (want,)
+        ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool))
+                 or (t is float and isinstance(value, int) and not isinstance(value, bool))
+                 for t in types)
+        if not ok:
+            names = " or ".join({int: "an integer", float: "a number", str: "a string",
+                                 bool: "true or false", list: "an array",
+                                 dict: "an object"}[t] for t in types)
+            raise _bad(f"{name} must be {names}, got {json.dumps(value)[:80]}", name)
+
+
+def _sampling(body: dict, max_tokens: int | None) -> dict:
+    """GenerateRequest fields shared by both endpoints."""
+    if body.get("best_of") not in (None, body.get("n") or 1):
+        raise _bad("best_of other than n is not supported: each of the n completions is "
+                   "returned", "best_of")
+    if body.get("tools"):
+        raise _bad("tools (function calling) are not supported by this server", "tools")
+    out = {"max_new_tokens": max_tokens,
+           "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+           "n": body.get("n")}
+    for name in ("top_p", "seed", "presence_penalty", "frequency_penalty", "stop"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    if body.get("logit_bias"):
+        try:
+            out["logit_bias"] = {int(k): float(v) for k, v in body["logit_bias"].items()}
+        except (TypeError, ValueError):
+            raise _bad("logit_bias maps token ids (as strings) to numbers, e.g. "
+                       '{"50256": -100}', "logit_bias") from None
+    for name in _EXTRAS:
+        if body.get(name) is not None and name not in ("priority", "truncate_prompt_tokens",
+                                                      "routing_key"):
+            out[name] = body[name]
+    return out
+
+
+def _request_kwargs(body: dict) -> dict:
+    """build_generate_request's keyword arguments other than the input and sampling."""
+    return {"adapter": "", "routing_key": body.get("routing_key") or body.get("user") or "",
+            "priority": body.get("priority") or 0,
+            "truncate_prompt_tokens": body.get("truncate_prompt_tokens")}
+
+
+def _prompts(value) -> list[dict]:
+    """OpenAI's prompt (a string, strings, token ids, lists of token ids) -> one input each."""
+    if isinstance(value, str):
+        return [{"prompt": value}]
+    if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [{"input_ids": value}]
+    if value and all(isinstance(v, str) for v in value):
+        return [{"prompt": v} for v in value]
+    if value and all(isinstance(v, list) and v and all(isinstance(t, int) for t in v)
+                     for v in value):
+        return [{"input_ids": v} for v in value]
+    raise _bad("prompt must be a string, an array of strings, an array of token ids or an "
+               "array of such arrays, and not empty", "prompt")
+
+
+def _messages(value: list) -> list[dict]:
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _bad(f"messages[{i}] must be an object with a role and a content", "messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise _bad(f"messages[{i}].content: only parts of type 'text' are supported",
+                           "messages")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise _bad(f"messages[{i}].content must be a string or an array of text parts",
+                       "messages")
+        out.append({"role": m["role"], "content": content})
+    if not out:
+        raise _bad("messages is empty: send at least one message", "messages")
+    return out
+
+
+def _guided_json(response_format: dict | None) -> str | dict | None:
+    if not response_format or response_format.get("type") in (None, "text"):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise _bad("response_format.json_schema.schema must be a JSON schema object",
+                       "response_format")
+        return schema
+    if kind == "json_object":
+        raise _bad("response_format json_object is not supported: any JSON object is not a "
+                   "regular language; send {\"type\": \"json_schema\", \"json_schema\": "
+                   "{\"name\": ..., \"schema\": {...}}}", "response_format")
+    raise _bad(f"response_format type {kind!r} is unknown; use text or json_schema",
+               "response_format")
+
+
+def _build(inp: dict, sampling: dict, kwargs: dict) -> pb.GenerateRequest:
+    try:
+        return build_generate_request(**inp, **kwargs, **sampling)
+    except (TypeError, ValueError) as exc:
+        raise _bad(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One HTTP request as gRPC calls (one per prompt) and what its answer needs."""
+
+    kind: str  # "completion" | "chat"
+    model: str
+    requests: list[pb.GenerateRequest]
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # completions: top alternatives; chat: with top_logprobs
+    echo: list[str]  # completions with echo: the prompt texts ("" when not echoing)
+
+
+# ---- responses -------------------------------------------------------------------------
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def _completion_logprobs(entries, offset: int) -> dict:
+    tokens = [_text(lp.token) for lp in entries]
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in entries],
+            "top_logprobs": [{_text(t.token): t.logprob for t in lp.top} for lp in entries],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(entries) -> dict:
+    def one(tok: bytes, logprob: float) -> dict:
+        return {"token": _text(tok), "logprob": logprob, "bytes": list(tok)}
+
+    return {"content": [{**one(lp.token, lp.logprob),
+                         "top_logprobs": [one(t.token, t.logprob) for t in lp.top]}
+                        for lp in entries], "refusal": None}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class OpenAIApi:
+    """The aiohttp application; `channel` reaches the gRPC services. `model_name`: what
+    /v1/models calls the base model (requests may name it or ""). `list_token`: the
+    admin token, with which /v1/models lists adapters and routes once the caller's own
+    token has passed the Generation service's check."""
+
+    def __init__(self, channel: grpc.aio.Channel, model_name: str, list_token: str = ""):
+        self._gen = pb_grpc.GenerationStub(channel)
+        self._adm = pb_grpc.AdaptersStub(channel)
+        self._routes = pb_grpc.RoutesStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
+        self.model_name = model_name
+        self._list_token = list_token
+        self._created = int(time.time())
+        self.app = web.Application(middlewares=[self._errors], client_max_size=64 * 2**20)
+        self.app.add_routes([web.post("/v1/completions", self.completions),
+                             web.post("/v1/chat/completions", self.chat),
+                             web.get("/v1/models", self.models),
+                             web.get("/health", self.health)])
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return web.json_response(exc.body(), status=exc.status)
+        except grpc.RpcError as err:
+            exc = ApiError.of_rpc(err)
+            return web.json_response(exc.body(), status=exc.status)
+        except web.HTTPException as exc:  # aiohttp's own 404 / 405
+            body = ApiError(exc.status, exc.reason, "invalid_request_error").body()
+            return web.json_response(body, status=exc.status)
+
+    # ---- endpoints ----------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request, _COMPLETION_FIELDS)
+        if body.get("suffix"):
+            raise _bad("suffix (insertion) is not supported", "suffix")
+        if "prompt" not in body or body["prompt"] is None:
+            raise _bad("prompt is required", "prompt")
+        logprobs = body.get("logprobs")
+        if body.get("echo") and logprobs is not None:
+            raise _bad("echo with logprobs is not supported (the gRPC API's prompt_logprobs "
+                       "scores a prompt)", "echo")
+        sampling = _sampling(body, 16 if body.get("max_tokens") is None else body["max_tokens"])
+        if logprobs is not None:
+            sampling.update(logprobs=True, top_logprobs=logprobs)
+        kwargs = _request_kwargs(body)
+        inputs = _prompts(body["prompt"])
+        requests = [_build(inp, sampling, kwargs) for inp in inputs]
+        echo = [""] * len(inputs)
+        if body.get("echo"):
+            echo = await asyncio.gather(*(self._prompt_text(inp, request) for inp in inputs))
+        return await self._answer(request, _Job("completion", self._model(body), requests,
+                                                body.get("n") or 1, bool(body.get("stream")),
+                                                self._include_usage(body), logprobs, echo))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request, _CHAT_FIELDS)
+        if not body.get("messages"):
+            raise _bad("messages is required and must not be empty", "messages")
+        max_tokens = body.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        sampling = _sampling(body, max_tokens)
+        top = body.get("top_logprobs")
+        if top is not None and not body.get("logprobs"):
+            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+        if body.get("logprobs"):
+            sampling.update(logprobs=True, top_logprobs=top or 0)
+        schema = _guided_json(body.get("response_format"))
+        if schema is not None:
+            if body.get("guided_json") is not None:
+                raise _bad("give response_format or guided_json, not both", "response_format")
+            sampling["guided_json"] = schema
+        req = _build({"messages": _messages(body["messages"])}, sampling, _request_kwargs(body))
+        return await self._answer(request, _Job(
+            "chat", self._model(body), [req], body.get("n") or 1, bool(body.get("stream")),
+            self._include_usage(body), top if body.get("logprobs") else None, [""]))
+
+    async def models(self, request: web.Request) -> web.Response:
+        md = self._metadata(request, "")
+        await self._gen.Tokenize(pb.TokenizeRequest(prompt=" "), metadata=md)  # (the caller's check)
+        admin = (("authorization", f"Bearer {self._list_token}"),) if self._list_token else md
+        adapters = (await self._adm.ListAdapters(pb.ListAdaptersRequest(), metadata=admin)).adapters
+        routes = (await self._routes.ListRoutes(pb.ListRoutesRequest(), metadata=admin)).routes
+
+        def entry(id_: str, root: str, parent: str | None) -> dict:
+            return {"id": id_, "object": "model", "created": self._created,
+                    "owned_by": "loraplex", "root": root, "parent": parent}
+
+        data = [entry(self.model_name, self.model_name, None)]
+        seen = set()
+        for a in adapters:
+            if a.name in seen or not (a.current or not a.version):
+                continue
+            seen.add(a.name)
+            data.append(entry(a.name, f"{a.name}@{a.version}" if a.version else a.name,
+                              self.model_name))
+        data += [entry(r.alias, r.primary, self.model_name) for r in routes]
+        return web.json_response({"object": "list", "data": data})
+
+    async def health(self, request: web.Request) -> web.Response:
+        try:
+            resp = await self._health.Check(health_pb2.HealthCheckRequest(service=""),
+                                            timeout=5)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        except grpc.RpcError as err:
+            status = err.code().name
+        return web.json_response({"status": status}, status=200 if status == "SERVING" else 503)
+
+    # ---- helpers --------------------------------------------------------------------
+
+    async def _body(self, request: web.Request, fields: dict) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _bad("the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise _bad("the body must be a JSON object")
+        _check_types(body, fields)
+        if not isinstance(body.get("model"), str):
+            raise _bad("model is required: the base model's name, an adapter or a route",
+                       "model")
+        return body
+
+    def _model(self, body: dict) -> str:
+        return body["model"]
+
+    def _include_usage(self, body: dict) -> bool:
+        options = body.get("stream_options") or {}
+        return bool(isinstance(options, dict) and options.get("include_usage"))
+
+    def _adapter(self, model: str) -> str:
+        return "" if model == self.model_name else model
+
+    def _metadata(self, request: web.Request, adapter: str) -> tuple[tuple[str, str], ...]:
+        md = [(ADAPTER_HEADER, adapter)]
+        if "Authorization" in request.headers:
+            md.append(("authorization", request.headers["Authorization"]))
+        return tuple(md)
+
+    async def _prompt_text(self, inp: dict, request: web.Request) -> str:
+        if "prompt" in inp:
+            return inp["prompt"]
+        resp = await self._gen.Detokenize(pb.TokenIds(ids=inp["input_ids"]),
+                                          metadata=self._metadata(request, ""))
+        return resp.text
+
+    def _calls(self, request: web.Request, job: _Job) -> list:
+        adapter = self._adapter(job.model)
+        md = self._metadata(request, adapter)
+        for r in job.requests:
+            r.adapter = adapter
+        if job.stream:
+            return [self._gen.GenerateStream(r, metadata=md) for r in job.requests]
+        return [self._gen.Generate(r, metadata=md) for r in job.requests]
+
+    async def _answer(self, request: web.Request, job: _Job) -> web.StreamResponse:
+        calls = self._calls(request, job)
+        try:
+            if job.stream:
+                return await self._stream(request, job, calls)
+            return await self._whole(job, calls)
+        finally:
+            for call in calls:
+                call.cancel()  # (a no-op for a call that has ended)
+
+    async def _whole(self, job: _Job, calls: list) -> web.Response:
+        answers = await asyncio.gather(*calls)
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for p, resp in enumerate(answers):
+            prompt_tokens += resp.prompt_tokens
+            completions = resp.completions or [resp]
+            for c in completions:
+                completion_tokens += c.completion_tokens
+                choices.append(self._choice(job, p * job.n + c.index, job.echo[p] + c.text,
+                                            c.logprobs, _FINISH.get(c.finish_reason),
+                                            len(job.echo[p])))
+        first = answers[0]
+        body = {"id": self._id(job, first.request_id), "object": self._object(job, False),
+                "created": int(time.time()), "model": job.model, "choices": choices,
+                "usage": _usage(prompt_tokens, completion_tokens)}
+        return web.json_response(body, headers=self._served(first))
+
+    async def _stream(self, request: web.Request, job: _Job, calls: list) -> web.StreamResponse:
+        events = _merge(calls)
+        try:
+            first_p, first = await anext(events)  # errors before any token get a status
+        except StopAsyncIteration:
+            raise ApiError(500, "the server ended the stream without an answer",
+                           "server_error") from None
+        except BaseException:
+            await events.aclose()
+            raise
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache",
+                                               **self._served(first)})
+        await response.prepare(request)
+        id_, created = self._id(job, first.request_id), int(time.time())
+        offsets: dict[int, int] = {}  # choice -> characters of text sent so far
+        prompt_tokens: dict[int, int] = {}
+        completion_tokens: dict[int, int] = {}
+
+        async def send(obj: dict) -> None:
+            await response.write(f"data: {json.dumps(obj)}\n\n".encode())
+
+        async def chunk(p: int, msg: pb.GenerateResponse) -> None:
+            index = p * job.n + msg.index
+            first_chunk = index not in offsets
+            text = (job.echo[p] if first_chunk else "") + msg.text
+            offset = offsets.get(index, 0)
+            offsets[index] = offset + len(text)
+            prompt_tokens[p] = msg.prompt_tokens
+            completion_tokens[index] = msg.completion_tokens
+            choice = self._choice(job, index, text, msg.logprobs, _FINISH.get(msg.finish_reason),
+                                  offset + len(text) - len(msg.text), delta=True,
+                                  first=first_chunk)
+            await send({"id": id_, "object": self._object(job, True), "created": created,
+                        "model": job.model, "choices": [choice]})
+
+        try:
+            await chunk(first_p, first)
+            async for p, msg in events:
+                await chunk(p, msg)
+            if job.include_usage:
+                await send({"id": id_, "object": self._object(job, True), "created": created,
+                            "model": job.model, "choices": [],
+                            "usage": _usage(sum(prompt_tokens.values()),
+                                            sum(completion_tokens.values()))})
+        except grpc.RpcError as err:
+            await send(ApiError.of_rpc(err).body())
+        finally:
+            await events.aclose()
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _choice(self, job: _Job, index: int, text: str, logprobs, finish: str | None,
+                offset: int, delta: bool = False, first: bool = False) -> dict:
+        if job.kind == "completion":
+            lp = (_completion_logprobs(logprobs, offset) if job.logprobs is not None else None)
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+        lp = _chat_logprobs(logprobs) if job.logprobs is not None else None
+        if delta:
+            message = {"role": "assistant", "content": text} if first else {"content": text}
+            return {"index": index, "delta": message, "logprobs": lp, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": lp, "finish_reason": finish}
+
+    @staticmethod
+    def _id(job: _Job, request_id: str) -> str:
+        return ("cmpl-" if job.kind == "completion" else "chatcmpl-") + request_id
+
+    @staticmethod
+    def _object(job: _Job, chunk: bool) -> str:
+        if job.kind == "completion":
+            return "text_completion"
+        return "chat.completion.chunk" if chunk else "chat.completion"
+
+    @staticmethod
+    def _served(resp: pb.GenerateResponse) -> dict:
+        headers = {"x-loraplex-adapter": resp.adapter}
+        if resp.route:
+            headers["x-loraplex-route"] = resp.route
+        return headers
+
+
+async def _merge(calls: list) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+    """The messages of several streaming calls as they come, as (call index, message);
+    the first error ends it. Closing it stops reading (the caller cancels the calls)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(p: int, call) -> None:
+        try:
+            async for msg in call:
+                await queue.put((p, msg))
+            await queue.put(done)
+        except grpc.RpcError as err:
+            await queue.put(err)
+
+    tasks = [asyncio.ensure_future(pump(p, c)) for p, c in enumerate(calls)]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, grpc.RpcError):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class HttpServer:
+    """The API on host:port (HTTPS with a certificate), started and stopped with the gRPC
+    server. `grpc_target`: where the gRPC services answer (the server's Unix socket)."""
+
+    def __init__(self, grpc_target: str, host: str, port: int, model_name: str,
+                 list_token: str = "", tls: tuple[str, str] | None = None):
+        self._target = grpc_target
+        self._host, self._port = host, port
+        self._model_name, self._list_token, self._tls = model_name, list_token, tls
+        self._channel: grpc.aio.Channel | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self._target)
+        api = OpenAIApi(self._channel, self._model_name, self._list_token)
+        # handler_cancellation: a client that goes away cancels its handler, and with it
+        # the gRPC calls (which leave the batch)
+        self._runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None,
+                                     shutdown_timeout=5.0)
+        await self._runner.setup()
+        context = None
+        if self._tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self._tls)
+        self._site = web.TCPSite(self._runner, self._host, self._port, ssl_context=context)
+        await self._site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop_listening(self) -> None:
+        """No new connections; the requests in flight go on."""
+        if self._site is not None:
+            await self._site.stop()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._channel is not None:
+            await self._channel.close()

@@ -1,0 +1,306 @@
+"""The OpenAI-compatible HTTP API (serve --http-port), called with OpenAI's own Python
+client against real servers, its answers checked against the gRPC API's for the same
+requests. Fixtures: conftest_api.py."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from conftest_api import (ADMIN_TOKEN, GENERATE_TOKEN, RunningServer, assets,  # noqa: F401
+                          free_port, make_config, make_tls_cert)
+from loraplex_client import Client
+
+PROMPT = "Hello, world"
+LONG = {"max_tokens": 16000, "extra_body": {"ignore_eos": True}}  # cancelled long before
+
+
+@pytest.fixture(scope="module")
+def served(assets):
+    s = RunningServer(make_config(assets, http_port=free_port(),
+                                  served_model_name="tiny-llama")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def api(served):
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{served.server.http_port}/v1",
+                       api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def grpc_client(served):
+    with Client(served.target, timeout=60) as c:
+        yield c
+
+
+# ---------------------------------------------------------------- completions
+
+def test_a_completion_is_what_the_grpc_api_generates(api, grpc_client):
+    raw = api.completions.with_raw_response.create(model="alpha", prompt=PROMPT, max_tokens=12,
+                                                   temperature=0)
+    out = raw.parse()
+    ref = grpc_client.generate(PROMPT, adapter="alpha", max_new_tokens=12)
+    assert out.choices[0].text == ref.text and out.choices[0].finish_reason == ref.finish_reason
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (ref.prompt_tokens,
+                                                                      ref.completion_tokens)
+    assert out.usage.total_tokens == ref.prompt_tokens + ref.completion_tokens
+    assert out.object == "text_completion" and out.model == "alpha"
+    assert out.id.startswith("cmpl-req-")
+    assert raw.headers["x-loraplex-adapter"] == ref.adapter  # alpha@<version>
+    base = api.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=12,
+                                  temperature=0)
+    assert base.choices[0].text == grpc_client.generate(PROMPT, max_new_tokens=12).text
+    assert base.choices[0].text != out.choices[0].text
+
+
+def test_prompts_token_ids_n_and_usage(api, grpc_client):
+    ids = list(grpc_client.tokenize("abc").token_ids)
+    out = api.completions.create(model="beta", prompt=[PROMPT, "abc"], max_tokens=5, n=2,
+                                 temperature=0)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    refs = [grpc_client.generate(p, adapter="beta", max_new_tokens=5) for p in (PROMPT, "abc")]
+    assert [c.text for c in out.choices] == [refs[0].text] * 2 + [refs[1].text] * 2
+    assert out.usage.prompt_tokens == refs[0].prompt_tokens + refs[1].prompt_tokens
+    assert out.usage.completion_tokens == 2 * sum(r.completion_tokens for r in refs)
+    by_ids = api.completions.create(model="beta", prompt=ids, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == grpc_client.generate(input_ids=ids, adapter="beta",
+                                                          max_new_tokens=5).text
+    echoed = api.completions.create(model="beta", prompt=[ids], max_tokens=5, temperature=0,
+                                    echo=True)
+    assert echoed.choices[0].text == grpc_client.detokenize(ids) + by_ids.choices[0].text
+
+
+def test_sampling_is_seeded_and_defaults_to_temperature_one(api, grpc_client):
+    a = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=8, seed=5)
+    b = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=8, seed=5)
+    ref = grpc_client.generate(PROMPT, adapter="alpha", max_new_tokens=8, seed=5,
+                               temperature=1.0)
+    greedy = grpc_client.generate(PROMPT, adapter="alpha", max_new_tokens=8)
+    assert a.choices[0].text == b.choices[0].text == ref.text != greedy.text
+
+
+def test_a_streamed_completion_adds_up_to_the_whole(api):
+    whole = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=10, temperature=0)
+    chunks = list(api.completions.create(model="alpha", prompt=PROMPT, max_tokens=10,
+                                         temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text and len(chunks) > 3
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_completion_logprobs_name_their_tokens(api, grpc_client):
+    out = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=6, temperature=0,
+                                 logprobs=3, extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    ref = grpc_client.generate(PROMPT, adapter="alpha", max_new_tokens=6, ignore_eos=True,
+                               logprobs=True, top_logprobs=3)
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-5)
+    assert lp.tokens == [x.token.decode(errors="replace") for x in ref.logprobs]
+    assert all(len(top) <= 3 and lp.tokens[i] in top for i, top in enumerate(lp.top_logprobs))
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+# ---------------------------------------------------------------- chat
+
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
+
+
+def test_chat_is_the_templated_conversation(api, grpc_client):
+    out = api.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=8,
+                                      temperature=0)
+    ref = grpc_client.generate(messages=MESSAGES, adapter="alpha", max_new_tokens=8)
+    msg = out.choices[0].message
+    assert (msg.role, msg.content) == ("assistant", ref.text) and out.object == "chat.completion"
+    assert out.usage.prompt_tokens == ref.prompt_tokens and out.id.startswith("chatcmpl-")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello, "},
+                                          {"type": "text", "text": "world"}]}]
+    joined = api.chat.completions.create(model="alpha", messages=parts, max_tokens=8,
+                                         temperature=0)
+    assert joined.choices[0].message.content == grpc_client.generate(
+        messages=[{"role": "user", "content": PROMPT}], adapter="alpha", max_new_tokens=8).text
+
+
+def test_a_streamed_chat_starts_with_the_role(api):
+    whole = api.chat.completions.create(model="beta", messages=MESSAGES, max_completion_tokens=9,
+                                        temperature=0, n=2)
+    chunks = list(api.chat.completions.create(model="beta", messages=MESSAGES,
+                                              max_completion_tokens=9, temperature=0, n=2,
+                                              stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and all(m.delta.role is None for m in mine[1:])
+        assert "".join(m.delta.content or "" for m in mine) == whole.choices[i].message.content
+        assert mine[-1].finish_reason == "length"
+
+
+def test_chat_logprobs_carry_bytes(api):
+    out = api.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=5,
+                                      temperature=0, logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    assert bytes(b for c in content for b in c.bytes).decode(errors="replace") == \
+        out.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+               for c in content)
+    plain = api.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=5,
+                                        temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_response_format_json_schema_is_guided(api):
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["answer", "n"]}
+    out = api.chat.completions.create(
+        model="alpha", messages=MESSAGES, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
+    value = json.loads(out.choices[0].message.content)
+    assert value["answer"] in ("yes", "no") and isinstance(value["n"], int)
+    choice = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=10,
+                                    extra_body={"guided_choice": ["left", "right"]})
+    assert choice.choices[0].text in ("left", "right")
+
+
+# ---------------------------------------------------------------- models, routes, errors
+
+def test_models_lists_the_base_adapters_and_routes(api, grpc_client):
+    grpc_client.set_route("canary", {"alpha": 50, "beta": 50})
+    try:
+        models = {m.id: m for m in api.models.list().data}
+        raw = api.completions.with_raw_response.create(model="canary", prompt=PROMPT,
+                                                       max_tokens=2, user="user-7")
+    finally:
+        grpc_client.delete_route("canary")
+    assert {"tiny-llama", "alpha", "beta", "gamma", "canary"} <= set(models)
+    assert models["tiny-llama"].parent is None and models["alpha"].parent == "tiny-llama"
+    assert models["alpha"].root.startswith("alpha@")  # loaded; gamma is still on disk
+    assert raw.headers["x-loraplex-route"] == "canary"
+    assert raw.headers["x-loraplex-adapter"].split("@")[0] in ("alpha", "beta")
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda api: api.completions.create(model="nosuch", prompt=PROMPT),
+     openai.NotFoundError, "nosuch"),
+    (lambda api: api.completions.create(model="alpha", prompt=PROMPT, temperature=-1),
+     openai.BadRequestError, "temperature must be in [0, 100]"),
+    (lambda api: api.completions.create(model="alpha", prompt="", max_tokens=3),
+     openai.BadRequestError, "empty"),
+    (lambda api: api.completions.create(model="alpha", prompt=PROMPT, max_tokens=10**6),
+     openai.BadRequestError, "max_new_tokens"),
+    (lambda api: api.completions.create(model="alpha", prompt=PROMPT, extra_body={"bogus": 1}),
+     openai.BadRequestError, "unknown field 'bogus'"),
+    (lambda api: api.completions.create(model="alpha", prompt=PROMPT, top_p="x"),
+     openai.BadRequestError, "top_p must be a number"),
+    (lambda api: api.completions.create(model="alpha", prompt=PROMPT, echo=True, logprobs=1),
+     openai.BadRequestError, "echo with logprobs"),
+    (lambda api: api.chat.completions.create(
+        model="alpha", messages=MESSAGES,
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+     openai.BadRequestError, "tools"),
+    (lambda api: api.chat.completions.create(model="alpha", messages=MESSAGES,
+                                             response_format={"type": "json_object"}),
+     openai.BadRequestError, "json_schema"),
+    (lambda api: api.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x"}}]}]),
+     openai.BadRequestError, "only parts of type 'text'"),
+    (lambda api: api.chat.completions.create(model="alpha", messages=[]),
+     openai.BadRequestError, "messages"),
+    (lambda api: api.completions.create(model="alpha", prompt=PROMPT, stream=True,
+                                        extra_body={"guided_regex": "("}),
+     openai.BadRequestError, "guided regex: a missing ')'"),
+])
+def test_bad_requests_get_a_status_and_say_what_to_fix(api, call, error, words):
+    with pytest.raises(error) as info:
+        result = call(api)
+        list(result) if isinstance(result, openai.Stream) else result
+    assert words in info.value.message, info.value.message
+    assert info.value.body["type"] in ("invalid_request_error", "not_found_error")
+
+
+def _http(url: str, body: bytes | None = None, headers: dict | None = None,
+          context: ssl.SSLContext | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of one plain HTTP call."""
+    req = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def test_health_and_unknown_paths(served):
+    base = f"http://127.0.0.1:{served.server.http_port}"
+    assert _http(f"{base}/health") == (200, {"status": "SERVING"})
+    status, body = _http(f"{base}/v1/nothing")
+    assert status == 404 and body["error"]["message"] == "Not Found"
+    status, body = _http(f"{base}/v1/completions", b"{not json",
+                         {"Content-Type": "application/json"})
+    assert status == 400 and "JSON object" in body["error"]["message"]
+
+
+def test_a_client_that_goes_away_frees_its_place_in_the_batch(served, api):
+    stream = api.completions.create(model="alpha", prompt=PROMPT, stream=True, **LONG)
+    next(iter(stream))
+    assert served.wait_metric("loraplex_running_requests", lambda v: v == 1) == 1
+    stream.close()  # the HTTP connection closes
+    assert served.wait_metric("loraplex_running_requests", lambda v: v == 0) == 0
+    conn = http.client.HTTPConnection("127.0.0.1", served.server.http_port, timeout=60)
+    body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 16000, "ignore_eos": True}
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"Content-Type": "application/json"})  # waits for its whole answer...
+    assert served.wait_metric("loraplex_running_requests", lambda v: v == 1) == 1
+    conn.close()  # ...and goes away before it
+    assert served.wait_metric("loraplex_running_requests", lambda v: v == 0) == 0
+
+
+# ---------------------------------------------------------------- tokens and TLS
+
+@pytest.fixture(scope="module")
+def guarded(assets, tmp_path_factory):
+    cert, key = make_tls_cert(tmp_path_factory.mktemp("tls_http"))
+    s = RunningServer(make_config(assets, http_port=free_port(), admin_token=ADMIN_TOKEN,
+                                  generate_token=GENERATE_TOKEN, tls_cert=str(cert),
+                                  tls_key=str(key), preload=(("alpha", "alpha"),))).start()
+    s.cert = cert
+    yield s
+    s.stop()
+
+
+def _guarded_api(guarded, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"https://127.0.0.1:{guarded.server.http_port}/v1",
+                         api_key=key, max_retries=0, timeout=60,
+                         http_client=openai.DefaultHttpxClient(verify=str(guarded.cert)))
+
+
+def test_tokens_pass_through_to_the_grpc_check(guarded, assets):
+    model = str(assets.model)  # (the default served name: the --model value)
+    with _guarded_api(guarded, GENERATE_TOKEN) as api:
+        out = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=3)
+        assert out.usage.completion_tokens == 3
+        assert {m.id for m in api.models.list().data} >= {model, "alpha"}  # (the admin token lists)
+    with _guarded_api(guarded, "wrong") as api:
+        with pytest.raises(openai.PermissionDeniedError, match="not valid"):
+            api.completions.create(model="alpha", prompt=PROMPT, max_tokens=3)
+        with pytest.raises(openai.PermissionDeniedError):
+            api.models.list()
+    status, body = _http(f"https://127.0.0.1:{guarded.server.http_port}/v1/completions",
+                         json.dumps({"model": "alpha", "prompt": PROMPT}).encode(),
+                         {"Content-Type": "application/json"},  # and no Authorization
+                         ssl.create_default_context(cafile=str(guarded.cert)))
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert "authorization: Bearer" in body["error"]["message"]
