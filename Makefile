@@ -8,6 +8,7 @@ TORCH  ?= torch==2.13.0
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 METRICS_PORT ?= 9400
+HTTP_PORT ?= 8000
 
 .PHONY: install tools serve test bench gpu-wheels proto clean
 
@@ -22,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 serve: install
 	$(VENV)/bin/loraplex serve --model demo/assets/model --adapter-root demo/assets/adapters \
-	  --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+	  --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) --http-port $(HTTP_PORT)
 
 test: install tools
 	$(PY) -m pytest -q

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import random
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest_api import RunningServer
+from conftest_api import RunningServer, free_port
 from loraplex.config import Config, EngineConfig, ModelConfig, ServerConfig
 from loraplex_client import AsyncClient
 
@@ -43,7 +45,8 @@ def demo_server():
         model=ModelConfig(path=str(DEMO / "assets" / "model")),
         engine=EngineConfig(max_gpu_adapters=4, max_num_seqs=64, max_batch_tokens=1024,
                             kv_cache_memory=32 * 2**20),
-        server=ServerConfig(port=0, metrics_port=0, adapter_root=str(DEMO / "assets" / "adapters")))
+        server=ServerConfig(port=0, metrics_port=0, http_port=free_port(),
+                            adapter_root=str(DEMO / "assets" / "adapters")))
     server = RunningServer(config).start()
     yield server
     server.stop()
@@ -73,3 +76,16 @@ def test_concurrent_mixed_demo_requests_are_all_right(demo_server):
                          if m.name == "loraplex_batch_adapters" for s in m.samples
                          if s.name.endswith("_bucket")}
     assert adapters_per_step["+Inf"] - adapters_per_step["2.0"] >= 1
+
+
+def test_the_readme_http_example(demo_server):
+    """README's curl: every task over the OpenAI-compatible API, as `make serve` runs it."""
+    url = f"http://127.0.0.1:{demo_server.server.http_port}/v1/completions"
+    for adapter, task in TASKS.items():
+        body = {"model": adapter, "prompt": "hello world=", "max_tokens": 20, "temperature": 0}
+        req = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            out = json.load(resp)
+        assert out["choices"][0]["text"] == task("hello world"), adapter
+        assert out["choices"][0]["finish_reason"] == "stop"

@@ -56,7 +56,7 @@ def test_dockerfile_contract(name):
     from loraplex.cli import OPTIONS
 
     text = (DEPLOY / "docker" / name).read_text()
-    assert re.search(r"^EXPOSE 50051 9400$", text, re.M)
+    assert re.search(r"^EXPOSE 50051 9400 8000$", text, re.M)
     assert '"/models", "/adapters"' in text
     assert re.search(r"^USER 10001", text, re.M)
     assert "HEALTHCHECK" in text and "healthcheck.py" in text
@@ -330,6 +330,12 @@ def test_k8s_server_contract(rendered, overlay):
 
     config, _ = build_config({}, env=cm["data"])
     assert config.server.port == 50051 and config.server.metrics_port == 9400
+    # The HTTP API on every replica, behind a Service of its own.
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["http"] == config.server.http_port == 8000
+    http = _by(docs, "Service", "loraplex-http")
+    assert http["spec"]["ports"][0]["targetPort"] == "http"
+    assert http["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     # Grace: the pod gets the server's drain time plus a margin.
     grace = config.server.grace_period
     assert pod["spec"]["terminationGracePeriodSeconds"] >= grace + 10

@@ -284,7 +284,8 @@ def guarded(assets, tmp_path_factory):
 def _guarded_api(guarded, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"https://127.0.0.1:{guarded.server.http_port}/v1",
                          api_key=key, max_retries=0, timeout=60,
-                         http_client=openai.DefaultHttpxClient(verify=str(guarded.cert)))
+                         http_client=openai.DefaultHttpxClient(
+                             verify=ssl.create_default_context(cafile=str(guarded.cert))))
 
 
 def test_tokens_pass_through_to_the_grpc_check(guarded, assets):
