@@ -155,6 +155,10 @@ def test_chat_logprobs_carry_bytes(api):
         out.choices[0].message.content
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
                for c in content)
+    chosen = api.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=5,
+                                         temperature=0, logprobs=True)  # no alternatives
+    assert [(c.token, c.logprob, c.top_logprobs) for c in chosen.choices[0].logprobs.content] \
+        == [(c.token, pytest.approx(c.logprob, abs=1e-5), []) for c in content]
     plain = api.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=5,
                                         temperature=0)
     assert plain.choices[0].logprobs is None

@@ -306,6 +306,10 @@ class OpenAIApi:
         except web.HTTPException as exc:  # aiohttp's own 404 / 405
             body = ApiError(exc.status, exc.reason, "invalid_request_error").body()
             return web.json_response(body, status=exc.status)
+        except Exception as exc:  # noqa: BLE001  (a bug here: logged, answered 500)
+            log.exception("bug in the HTTP API on %s", request.path)
+            body = ApiError(500, f"internal error: {type(exc).__name__}", "server_error").body()
+            return web.json_response(body, status=500)
 
     # ---- endpoints ----------------------------------------------------------------
 
@@ -328,7 +332,7 @@ class OpenAIApi:
         echo = [""] * len(inputs)
         if body.get("echo"):
             echo = await asyncio.gather(*(self._prompt_text(inp, request) for inp in inputs))
-        return await self._answer(request, _Job("completion", self._model(body), requests,
+        return await self._answer(request, _Job("completion", body["model"], requests,
                                                 body.get("n") or 1, bool(body.get("stream")),
                                                 self._include_usage(body), logprobs, echo))
 
@@ -352,8 +356,8 @@ class OpenAIApi:
             sampling["guided_json"] = schema
         req = _build({"messages": _messages(body["messages"])}, sampling, _request_kwargs(body))
         return await self._answer(request, _Job(
-            "chat", self._model(body), [req], body.get("n") or 1, bool(body.get("stream")),
-            self._include_usage(body), top if body.get("logprobs") else None, [""]))
+            "chat", body["model"], [req], body.get("n") or 1, bool(body.get("stream")),
+            self._include_usage(body), (top or 0) if body.get("logprobs") else None, [""]))
 
     async def models(self, request: web.Request) -> web.Response:
         md = self._metadata(request, "")
@@ -400,9 +404,6 @@ class OpenAIApi:
             raise _bad("model is required: the base model's name, an adapter or a route",
                        "model")
         return body
-
-    def _model(self, body: dict) -> str:
-        return body["model"]
 
     def _include_usage(self, body: dict) -> bool:
         options = body.get("stream_options") or {}
