@@ -13,6 +13,7 @@ import random
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -210,3 +211,46 @@ def guarded_server(assets, tmp_path_factory):
     s.cert = cert
     yield s
     s.stop()
+
+
+class Gateway:
+    """`loraplex http-gateway` as a subprocess, over the gRPC services at `target`; ready
+    once its /health answers (200 or 503). Use as a context manager: SIGTERM at the end."""
+
+    def __init__(self, target: str, model_name: str, *args: str):
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loraplex.cli", "http-gateway", "--target", target,
+             "--port", str(self.port), "--served-model-name", model_name, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def __enter__(self) -> "Gateway":
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited: {self.process.stdout.read()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5):
+                    return self
+            except urllib.error.HTTPError:
+                return self  # (503: the gRPC side is not SERVING)
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("the gateway did not start")
+
+    def stop(self) -> int:
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        finally:
+            self.process.stdout.close()
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            self.stop()

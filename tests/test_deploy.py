@@ -330,12 +330,29 @@ def test_k8s_server_contract(rendered, overlay):
 
     config, _ = build_config({}, env=cm["data"])
     assert config.server.port == 50051 and config.server.metrics_port == 9400
-    # The HTTP API on every replica, behind a Service of its own.
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports["http"] == config.server.http_port == 8000
+    # The HTTP API: not on the replicas, but a gateway in front of the proxy.
+    assert config.server.http_port == 0
+    gateway = _by(docs, "Deployment", "loraplex-http-gateway")["spec"]["template"]
+    gc = gateway["spec"]["containers"][0]
+    assert gc["command"] == ["loraplex"] and gc["args"][0] == "http-gateway"
+    args = dict(zip(gc["args"][1::2], gc["args"][2::2]))
+    proxy = _by(docs, "Service", "loraplex-proxy")
+    grpc_port = next(p["port"] for p in proxy["spec"]["ports"] if p["name"] == "grpc")
+    assert args["--target"] == f"{proxy['metadata']['name']}:{grpc_port}"
+    assert args["--served-model-name"] == "$(LORAPLEX_SERVED_MODEL_NAME)"
+    assert gc["envFrom"][0]["configMapRef"]["name"] == cm_name
+    assert config.server.served_model_name == "base"
+    assert gc["ports"][0]["containerPort"] == int(args["--port"])
+    assert gateway["spec"]["terminationGracePeriodSeconds"] > float(args["--grace-period"])
     http = _by(docs, "Service", "loraplex-http")
     assert http["spec"]["ports"][0]["targetPort"] == "http"
-    assert http["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert http["spec"]["selector"].items() <= gateway["metadata"]["labels"].items()
+    assert gc["image"] == c["image"]  # (the overlays' image applies to both)
+    # the gateway's flags are the CLI's
+    from loraplex.cli import build_parser
+
+    parsed = build_parser().parse_args(gc["args"])
+    assert parsed.command == "http-gateway" and parsed.port == 8000
     # Grace: the pod gets the server's drain time plus a margin.
     grace = config.server.grace_period
     assert pod["spec"]["terminationGracePeriodSeconds"] >= grace + 10

@@ -13,8 +13,8 @@ import urllib.request
 import openai
 import pytest
 
-from conftest_api import (ADMIN_TOKEN, GENERATE_TOKEN, RunningServer, assets,  # noqa: F401
-                          free_port, make_config, make_tls_cert)
+from conftest_api import (ADMIN_TOKEN, GENERATE_TOKEN, Gateway, RunningServer,  # noqa: F401
+                          assets, free_port, make_config, make_tls_cert)
 from loraplex_client import Client
 
 PROMPT = "Hello, world"
@@ -270,6 +270,19 @@ def test_a_client_that_goes_away_frees_its_place_in_the_batch(served, api):
     assert served.wait_metric("loraplex_running_requests", lambda v: v == 1) == 1
     conn.close()  # ...and goes away before it
     assert served.wait_metric("loraplex_running_requests", lambda v: v == 0) == 0
+
+
+def test_the_gateway_process_answers_as_the_server_does(served, api):
+    """`loraplex http-gateway` in a process of its own, over the server's gRPC port."""
+    body = {"model": "beta", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    in_process = api.completions.create(**body)
+    with Gateway(served.target, "tiny-llama") as gateway:
+        status, out = _http(f"{gateway.url}/v1/completions", json.dumps(body).encode(),
+                            {"Content-Type": "application/json"})
+        assert status == 200 and out["choices"][0]["text"] == in_process.choices[0].text
+        status, models = _http(f"{gateway.url}/v1/models")
+        assert status == 200 and models["data"][0]["id"] == "tiny-llama"
+        assert gateway.stop() == 0  # SIGTERM: a clean exit
 
 
 # ---------------------------------------------------------------- tokens and TLS

@@ -174,6 +174,28 @@ def test_streaming_passes_through(cluster):
     assert stamps[0] < stamps[-1] * 0.8, stamps
 
 
+def test_the_http_gateway_keeps_the_adapter_affinity(cluster):
+    """`loraplex http-gateway` over the proxy: the gateway names each request's adapter
+    in the metadata nginx hashes on, so HTTP traffic lands where gRPC traffic does."""
+    import urllib.request
+
+    from conftest_api import Gateway
+
+    before = _counts(cluster)
+    with Gateway(cluster.target, "base") as gateway:
+        for a in ADAPTERS:
+            for _ in range(2):
+                body = {"model": a, "prompt": PROMPT, "max_tokens": 3, "ignore_eos": True}
+                req = urllib.request.Request(f"{gateway.url}/v1/completions",
+                                             json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    assert json.load(resp)["usage"]["completion_tokens"] == 3
+    delta = _delta(before, _counts(cluster))
+    for a in ADAPTERS:
+        assert _served_by(delta, a) == [cluster.owner(a).index], a
+
+
 def test_error_statuses_pass_through_unchanged(cluster):
     from loraplex_client.errors import InvalidArgument, NotFound
 

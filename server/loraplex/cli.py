@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(func=None)
     add_export_command(sub)
+    add_gateway_command(sub)
     add_commands(sub)
     return parser
 
@@ -359,6 +360,51 @@ def _linear_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def add_gateway_command(sub) -> None:
+    p = sub.add_parser(
+        "http-gateway", help="serve the OpenAI-compatible HTTP API in front of gRPC servers",
+        description="Serve the OpenAI-compatible HTTP API (as `serve --http-port` does) in a "
+                    "process of its own, over the gRPC services at --target: one server, or "
+                    "the adapter-aware proxy in front of several, so that HTTP requests get "
+                    "the proxy's adapter affinity too. Needs no model, GPU or torch.")
+    p.add_argument("--target", default="127.0.0.1:50051", metavar="HOST:PORT",
+                   help="the gRPC server or proxy (default: %(default)s)")
+    p.add_argument("--tls-ca", default=None, metavar="FILE",
+                   help="PEM root certificate: reach --target over TLS")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    p.add_argument("--served-model-name", required=True, metavar="NAME",
+                   help="the base model's `model` name (the servers' --served-model-name)")
+    p.add_argument("--admin-token", default="", metavar="TOKEN",
+                   help="the servers' admin token, with which /v1/models lists adapters and "
+                        "routes for a caller whose token passes (default: the caller's own)")
+    p.add_argument("--tls-cert", default=None, metavar="FILE", help="PEM certificate: HTTPS")
+    p.add_argument("--tls-key", default=None, metavar="FILE", help="its PEM private key")
+    p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds requests in flight get after SIGTERM (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.set_defaults(func=None)
+
+
+def _gateway(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("give both --tls-cert and --tls-key, or neither")
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import asyncio
+
+    from loraplex.openai_api import HttpServer, run_gateway
+
+    server = HttpServer(args.target, args.host, args.port, args.served_model_name,
+                        list_token=args.admin_token,
+                        tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+                        grpc_tls_ca=args.tls_ca, grace=args.grace_period)
+    asyncio.run(run_gateway(server))
+    return 0
+
+
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         config, log_level = build_config(args)
@@ -378,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(parser, args)
     if args.command == "export":
         return _export(args)
+    if args.command == "http-gateway":
+        return _gateway(parser, args)
     from loraplex_client.cli import run
 
     return run(args)

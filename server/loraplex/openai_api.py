@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -139,8 +140,9 @@ def _sampling(body: dict, max_tokens: int | None) -> dict:
     if body.get("best_of") not in (None, body.get("n") or 1):
         raise _bad("best_of other than n is not supported: each of the n completions is "
                    "returned", "best_of")
-    if body.get("tools"):
-        raise _bad("tools (function calling) are not supported by this server", "tools")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise _bad(f"{name} (function calling) are not supported by this server", name)
     out = {"max_new_tokens": max_tokens,
            "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
            "n": body.get("n")}
@@ -575,26 +577,36 @@ async def _merge(calls: list) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
 
 
 class HttpServer:
-    """The API on host:port (HTTPS with a certificate), started and stopped with the gRPC
-    server. `grpc_target`: where the gRPC services answer (the server's Unix socket)."""
+    """The API on host:port (HTTPS with `tls` = (cert, key)). `grpc_target`: where the
+    gRPC services answer: in `serve`, the server's own Unix socket; in `loraplex
+    http-gateway`, a server or the adapter-aware proxy in front of several (over TLS
+    with `grpc_tls_ca`, a PEM root certificate). `grace`: seconds the requests in flight
+    get at `close`."""
 
     def __init__(self, grpc_target: str, host: str, port: int, model_name: str,
-                 list_token: str = "", tls: tuple[str, str] | None = None):
-        self._target = grpc_target
+                 list_token: str = "", tls: tuple[str, str] | None = None,
+                 grpc_tls_ca: str | None = None, grace: float = 5.0):
+        self.grpc_target, self._grpc_tls_ca = grpc_target, grpc_tls_ca
         self._host, self._port = host, port
         self._model_name, self._list_token, self._tls = model_name, list_token, tls
+        self.grace = grace
         self._channel: grpc.aio.Channel | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self._target)
+        if self._grpc_tls_ca:
+            with open(self._grpc_tls_ca, "rb") as f:
+                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+            self._channel = grpc.aio.secure_channel(self.grpc_target, creds)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.grpc_target)
         api = OpenAIApi(self._channel, self._model_name, self._list_token)
         # handler_cancellation: a client that goes away cancels its handler, and with it
         # the gRPC calls (which leave the batch)
         self._runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=5.0)
+                                     shutdown_timeout=self.grace)
         await self._runner.setup()
         context = None
         if self._tls is not None:
@@ -610,7 +622,22 @@ class HttpServer:
             await self._site.stop()
 
     async def close(self) -> None:
+        """Stop listening, give the requests in flight `grace` seconds, close."""
         if self._runner is not None:
             await self._runner.cleanup()
         if self._channel is not None:
             await self._channel.close()
+
+
+async def run_gateway(server: HttpServer) -> None:
+    """`loraplex http-gateway`: serve until SIGTERM or SIGINT, then close."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    log.info("OpenAI-compatible API on port %d, over the gRPC services at %s", server.port,
+             server.grpc_target)
+    await stop.wait()
+    log.info("stopping: requests in flight get %.0f s", server.grace)
+    await server.close()
