@@ -144,8 +144,8 @@ OPTIONS: tuple[Option, ...] = (
        "port of the OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, "
        "/v1/models (0: off)"),
     _o("served-model-name", "server", "served_model_name", str,
-       "the base model's name in the HTTP API's `model` field and /v1/models (default: "
-       "the --model value)", metavar="NAME"),
+       "the base model's name in the HTTP API's `model` field and /v1/models (empty: the "
+       "--model value)", metavar="NAME"),
     _o("data-dir", "server", "data_dir", str,
        "folder keeping routes and loaded adapters across restarts (empty: not kept)",
        metavar="DIR"),
