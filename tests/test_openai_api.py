@@ -224,6 +224,16 @@ def test_models_lists_the_base_adapters_and_routes(api, grpc_client):
      openai.BadRequestError, "only parts of type 'text'"),
     (lambda api: api.chat.completions.create(model="alpha", messages=[]),
      openai.BadRequestError, "messages"),
+    (lambda api: api.chat.completions.create(
+        model="alpha", messages=MESSAGES,
+        response_format={"type": "json_schema", "json_schema": "x"}),
+     openai.BadRequestError, "json_schema.schema must be a JSON schema object"),
+    (lambda api: api.completions.create(model="alpha", prompt=[[-1]]),
+     openai.BadRequestError, "whole numbers >= 0"),
+    (lambda api: api.completions.create(model="alpha", prompt=PROMPT, logprobs=21),
+     openai.BadRequestError, "logprobs must be 0 to 20"),
+    (lambda api: api.completions.create(model="alpha", prompt=PROMPT, stop=[1]),
+     openai.BadRequestError, "stop must be an array of strings"),
     (lambda api: api.completions.create(model="alpha", prompt=PROMPT, stream=True,
                                         extra_body={"guided_regex": "("}),
      openai.BadRequestError, "guided regex: a missing ')'"),
@@ -322,3 +332,54 @@ def test_tokens_pass_through_to_the_grpc_check(guarded, assets):
                          ssl.create_default_context(cafile=str(guarded.cert)))
     assert status == 401 and body["error"]["type"] == "authentication_error"
     assert "authorization: Bearer" in body["error"]["message"]
+
+
+# ---------------------------------------------------------------- random bodies
+
+_VALUES = [None, True, 0, -1, 3, 2**40, 0.5, float("inf"), "", "x", "alpha", [], [1, 2], ["a"],
+           [[]], [{"role": "user", "content": "hi"}], {}, {"type": "json_schema"},
+           {"a": 1}, {"1": "x"}, {"json_schema": "x", "type": "json_schema"},
+           [{"role": 1}], [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+           [[-1]], [-1], [1.5], {"type": "json_object"}, {"type": "nope"}]
+_FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stream",
+           "stop", "seed", "logprobs", "top_logprobs", "echo", "logit_bias", "response_format",
+           "stream_options", "best_of", "user", "guided_choice", "guided_json", "top_k",
+           "stop_token_ids", "truncate_prompt_tokens", "priority", "tools", "functions",
+           "max_completion_tokens", "min_tokens", "allowed_token_ids", "suffix"]
+
+
+def test_random_bodies_get_an_answer_or_a_4xx_never_a_500(served):
+    """Values of every JSON type in every field: each body gets 200 or a 4xx with OpenAI's
+    error body; never a 500 (a bug), and the server keeps serving."""
+    import random
+
+    rng = random.Random(7)
+    base = f"http://127.0.0.1:{served.server.http_port}"
+    seen = {}
+    for i in range(800):
+        path = rng.choice(["/v1/completions", "/v1/chat/completions"])
+        body = {"model": "alpha", "max_tokens": 2}
+        body["prompt" if path == "/v1/completions" else "messages"] = (
+            "hi" if path == "/v1/completions" else [{"role": "user", "content": "hi"}])
+        for name in rng.sample(_FIELDS, rng.randint(1, 4)):
+            body[name] = rng.choice(_VALUES)
+        try:
+            data = json.dumps(body, allow_nan=True).encode()
+        except ValueError:
+            continue
+        status, out = _raw(f"{base}{path}", data)
+        seen[status] = seen.get(status, 0) + 1
+        assert status == 200 or 400 <= status < 500, (status, body, out)
+        if status != 200:
+            assert set(json.loads(out)["error"]) == {"message", "type", "param", "code"}, out
+    assert seen.get(200) and len(seen) > 1, seen
+    assert _http(f"{base}/health") == (200, {"status": "SERVING"})
+
+
+def _raw(url: str, data: bytes) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()

@@ -78,15 +78,17 @@ _EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_token
            "priority": int, "truncate_prompt_tokens": int, "allowed_token_ids": list,
            "routing_key": str}
 # OpenAI fields with nothing to do here, accepted as they are
-_IGNORED = {"user", "stream_options", "store", "metadata", "service_tier",
+_IGNORED = {"stream_options", "store", "metadata", "service_tier",
             "parallel_tool_calls", "tool_choice", "tools", "functions", "function_call"}
 _COMMON = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int,
            "stream": bool, "stop": (str, list), "seed": int, "presence_penalty": float,
-           "frequency_penalty": float, "logit_bias": dict, "best_of": int}
+           "frequency_penalty": float, "logit_bias": dict, "best_of": int, "user": str}
 _COMPLETION_FIELDS = {**_COMMON, "prompt": (str, list), "logprobs": int, "echo": bool,
                       "suffix": str, **_EXTRAS}
 _CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logprobs": bool,
                 "top_logprobs": int, "response_format": dict, **_EXTRAS}
+_ITEMS = {"stop": str, "stop_token_ids": int, "guided_choice": str, "allowed_token_ids": int}
+MAX_LOGPROBS = 20  # (the gRPC API's top_logprobs limit)
 
 
 class ApiError(Exception):
@@ -133,6 +135,11 @@ def _check_types(body: dict, fields: dict) -> None:
                                  bool: "true or false", list: "an array",
                                  dict: "an object"}[t] for t in types)
             raise _bad(f"{name} must be {names}, got {json.dumps(value)[:80]}", name)
+        item = _ITEMS.get(name)
+        if isinstance(value, list) and item is not None and not all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value):
+            kind = "strings" if item is str else "whole numbers"
+            raise _bad(f"{name} must be an array of {kind}, got {json.dumps(value)[:80]}", name)
 
 
 def _sampling(body: dict, max_tokens: int | None) -> dict:
@@ -173,15 +180,18 @@ def _prompts(value) -> list[dict]:
     """OpenAI's prompt (a string, strings, token ids, lists of token ids) -> one input each."""
     if isinstance(value, str):
         return [{"prompt": value}]
-    if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    def ids(v) -> bool:
+        return isinstance(v, list) and bool(v) and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in v)
+
+    if ids(value):
         return [{"input_ids": value}]
     if value and all(isinstance(v, str) for v in value):
         return [{"prompt": v} for v in value]
-    if value and all(isinstance(v, list) and v and all(isinstance(t, int) for t in v)
-                     for v in value):
+    if value and all(ids(v) for v in value):
         return [{"input_ids": v} for v in value]
-    raise _bad("prompt must be a string, an array of strings, an array of token ids or an "
-               "array of such arrays, and not empty", "prompt")
+    raise _bad("prompt must be a string, an array of strings, an array of token ids (whole "
+               "numbers >= 0) or an array of such arrays, and not empty", "prompt")
 
 
 def _messages(value: list) -> list[dict]:
@@ -194,7 +204,10 @@ def _messages(value: list) -> list[dict]:
             if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
                 raise _bad(f"messages[{i}].content: only parts of type 'text' are supported",
                            "messages")
-            content = "".join(str(p.get("text", "")) for p in content)
+            if any(not isinstance(p.get("text"), str) for p in content):
+                raise _bad(f"messages[{i}].content: each text part needs a string 'text'",
+                           "messages")
+            content = "".join(p["text"] for p in content)
         if content is None:
             content = ""
         if not isinstance(content, str):
@@ -211,7 +224,8 @@ def _guided_json(response_format: dict | None) -> str | dict | None:
         return None
     kind = response_format.get("type")
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise _bad("response_format.json_schema.schema must be a JSON schema object",
                        "response_format")
@@ -322,6 +336,9 @@ class OpenAIApi:
         if "prompt" not in body or body["prompt"] is None:
             raise _bad("prompt is required", "prompt")
         logprobs = body.get("logprobs")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise _bad(f"logprobs must be 0 to {MAX_LOGPROBS} (alternatives per token), got "
+                       f"{logprobs}", "logprobs")
         if body.get("echo") and logprobs is not None:
             raise _bad("echo with logprobs is not supported (the gRPC API's prompt_logprobs "
                        "scores a prompt)", "echo")
@@ -347,6 +364,8 @@ class OpenAIApi:
             max_tokens = body.get("max_tokens")
         sampling = _sampling(body, max_tokens)
         top = body.get("top_logprobs")
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise _bad(f"top_logprobs must be 0 to {MAX_LOGPROBS}, got {top}", "top_logprobs")
         if top is not None and not body.get("logprobs"):
             raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
         if body.get("logprobs"):
