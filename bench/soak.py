@@ -5,16 +5,19 @@ short, short deadlines, n > 1, guided decoding, and adapter / route churn at onc
 
 Starts `loraplex serve` on the demo model (small KV cache and adapter tiers, so that
 requests queue and adapters are evicted and read again) over a copy of its adapters, then
-12 clients and one admin hammer it. Prints every status code seen; an INTERNAL or UNKNOWN
-one, or an exception that is not the client's own refusal of a bad value, is a bug. At the
-end the server must still answer, with nothing running or waiting, no KV block in use and
-no failed step; exits 1 otherwise.
+12 gRPC clients, 4 clients of the OpenAI-compatible HTTP API (streams dropped part way)
+and one admin hammer it. Prints every status code seen; an INTERNAL or UNKNOWN one, an
+HTTP 500, or an exception that is not the client's own refusal of a bad value, is a bug.
+At the end the server must still answer, with nothing running or waiting, no KV block in
+use and no failed step; exits 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import http.client
+import json
 import random
 import shutil
 import subprocess
@@ -113,6 +116,62 @@ def client_loop(target: str, seed: int, until: float, tally: Tally) -> None:
                 tally.error("", exc)
 
 
+_HTTP_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
+_HTTP_DROPPED = ("logprobs", "prompt_logprobs", "include_stop_str_in_output")
+
+
+def http_body(rng: random.Random) -> tuple[str, dict]:
+    """random_request as an OpenAI-style body: (path, body)."""
+    prompt, adapter, kw = random_request(rng)
+    body = {"model": adapter}
+    for name, value in kw.items():
+        if name in _HTTP_DROPPED:
+            continue
+        if name == "logit_bias":
+            value = {str(t): b for t, b in value.items()}
+        body[_HTTP_NAMES.get(name, name)] = value
+    if rng.random() < 0.3:
+        body["messages"] = [{"role": "user", "content": prompt}]
+        path = "/v1/chat/completions"
+        if "logprobs" in body:
+            body["top_logprobs"], body["logprobs"] = body["logprobs"], True
+    else:
+        body["prompt"] = prompt
+        path = "/v1/completions"
+    body["stream"] = rng.random() < 0.5
+    return path, body
+
+
+def http_loop(port: int, seed: int, until: float, tally: Tally) -> None:
+    """OpenAI-style requests over the HTTP API, streams read in part or whole; a 500 (or a
+    body that is not OpenAI's error) is a bug."""
+    rng = random.Random(seed)
+    while time.time() < until:
+        path, body = http_body(rng)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                err = json.loads(resp.read())["error"]
+                tally.add(f"http {resp.status}",
+                          f"http {resp.status}: {err['message']}" if resp.status >= 500
+                          and resp.status != 503 else "")
+                continue
+            cut = rng.choice([None, None, 0, 2])
+            for i, line in enumerate(resp):
+                if b'"error"' in line:
+                    tally.add("http stream error", line.decode()[:200]
+                              if b"server_error" in line else "")
+                if cut is not None and i >= cut:
+                    break  # (the connection closes below: the request must leave the batch)
+            tally.add("http 200")
+        except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+            tally.add("http exception", repr(exc))
+        finally:
+            conn.close()
+
+
 def admin_loop(target: str, seed: int, until: float, tally: Tally) -> None:
     rng = random.Random(seed)
     with Client(target, timeout=30) as c:
@@ -146,6 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=12)
     parser.add_argument("--port", type=int, default=50161)
     parser.add_argument("--metrics-port", type=int, default=9461)
+    parser.add_argument("--http-port", type=int, default=8161)
+    parser.add_argument("--http-clients", type=int, default=4)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "adapters"
@@ -156,7 +217,8 @@ def main(argv=None) -> int:
         server = subprocess.Popen(
             [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(DEMO / "model"),
              "--adapter-root", str(root), "--port", str(args.port),
-             "--metrics-port", str(args.metrics_port), "--max-num-seqs", "16",
+             "--metrics-port", str(args.metrics_port), "--http-port", str(args.http_port),
+             "--max-num-seqs", "16",
              "--kv-cache-memory", "4MiB", "--max-queue", "64", "--max-gpu-adapters", "2",
              "--max-cpu-adapters", "3"], stdout=log, stderr=subprocess.STDOUT)
         target = f"127.0.0.1:{args.port}"
@@ -172,6 +234,9 @@ def main(argv=None) -> int:
             tally, until = Tally(), time.time() + args.seconds
             threads = [threading.Thread(target=client_loop, args=(target, i, until, tally))
                        for i in range(args.clients)]
+            threads += [threading.Thread(target=http_loop,
+                                         args=(args.http_port, 1000 + i, until, tally))
+                        for i in range(args.http_clients)]
             threads.append(threading.Thread(target=admin_loop, args=(target, 99, until, tally)))
             for t in threads:
                 t.start()
