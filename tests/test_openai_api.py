@@ -257,6 +257,27 @@ def _http(url: str, body: bytes | None = None, headers: dict | None = None,
         return err.code, json.load(err)
 
 
+def test_tokenize_and_detokenize(served, grpc_client):
+    base = f"http://127.0.0.1:{served.server.http_port}"
+    want = grpc_client.tokenize(PROMPT)
+    status, out = _http(f"{base}/tokenize", json.dumps({"model": "alpha", "prompt": PROMPT})
+                        .encode(), {"Content-Type": "application/json"})
+    assert status == 200 and out == {"tokens": list(want.token_ids),
+                                     "count": len(want.token_ids),
+                                     "max_model_len": want.max_model_len}
+    status, chat = _http(f"{base}/tokenize", json.dumps({"messages": MESSAGES}).encode(),
+                         {"Content-Type": "application/json"})
+    assert chat["tokens"] == list(grpc_client.tokenize(messages=MESSAGES).token_ids)
+    status, text = _http(f"{base}/detokenize", json.dumps({"tokens": out["tokens"]}).encode(),
+                         {"Content-Type": "application/json"})
+    assert status == 200 and text == {"prompt": grpc_client.detokenize(want.token_ids)}
+    for path, body in (("/detokenize", {"tokens": [-1]}), ("/detokenize", {"tokens": ["a"]}),
+                       ("/tokenize", {}), ("/tokenize", {"prompt": "a", "messages": []})):
+        status, err = _http(f"{base}{path}", json.dumps(body).encode(),
+                            {"Content-Type": "application/json"})
+        assert status == 400 and err["error"]["type"] == "invalid_request_error", (path, body)
+
+
 def test_health_and_unknown_paths(served):
     base = f"http://127.0.0.1:{served.server.http_port}"
     assert _http(f"{base}/health") == (200, {"status": "SERVING"})

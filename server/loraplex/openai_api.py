@@ -2,6 +2,7 @@
 
     POST /v1/completions          prompt(s) -> text (OpenAI's legacy completions)
     POST /v1/chat/completions     messages -> the assistant's message
+    POST /tokenize, /detokenize   vLLM's: a prompt or messages <-> token ids
     GET  /v1/models               the base model, every adapter and every route
     GET  /health                  200 while the server is SERVING, else 503
 
@@ -87,7 +88,9 @@ _COMPLETION_FIELDS = {**_COMMON, "prompt": (str, list), "logprobs": int, "echo":
                       "suffix": str, **_EXTRAS}
 _CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logprobs": bool,
                 "top_logprobs": int, "response_format": dict, **_EXTRAS}
-_ITEMS = {"stop": str, "stop_token_ids": int, "guided_choice": str, "allowed_token_ids": int}
+_TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list}
+_DETOKENIZE_FIELDS = {"model": str, "tokens": list}
+_ITEMS = {"tokens": int, "stop": str, "stop_token_ids": int, "guided_choice": str, "allowed_token_ids": int}
 MAX_LOGPROBS = 20  # (the gRPC API's top_logprobs limit)
 
 
@@ -308,6 +311,8 @@ class OpenAIApi:
         self.app.add_routes([web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat),
                              web.get("/v1/models", self.models),
+                             web.post("/tokenize", self.tokenize),
+                             web.post("/detokenize", self.detokenize),
                              web.get("/health", self.health)])
 
     @web.middleware
@@ -402,6 +407,31 @@ class OpenAIApi:
         data += [entry(r.alias, r.primary, self.model_name) for r in routes]
         return web.json_response({"object": "list", "data": data})
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's: {"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"}."""
+        body = await self._body(request, _TOKENIZE_FIELDS, need_model=False)
+        if (body.get("prompt") is None) == (body.get("messages") is None):
+            raise _bad("give prompt (a string) or messages, not both")
+        req = pb.TokenizeRequest()
+        if body.get("prompt") is not None:
+            req.prompt = body["prompt"]
+        else:
+            req.messages.messages.extend(pb.ChatMessage(**m) for m in _messages(body["messages"]))
+        resp = await self._gen.Tokenize(req, metadata=self._metadata(request, ""))
+        return web.json_response({"tokens": list(resp.token_ids), "count": len(resp.token_ids),
+                                  "max_model_len": resp.max_model_len})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's: {"tokens"} -> {"prompt"}."""
+        body = await self._body(request, _DETOKENIZE_FIELDS, need_model=False)
+        tokens = body.get("tokens")
+        if tokens is None or not all(0 <= t < 2**32 for t in tokens):
+            raise _bad("tokens is required: an array of token ids (whole numbers >= 0)",
+                       "tokens")
+        resp = await self._gen.Detokenize(pb.TokenIds(ids=tokens),
+                                          metadata=self._metadata(request, ""))
+        return web.json_response({"prompt": resp.text})
+
     async def health(self, request: web.Request) -> web.Response:
         try:
             resp = await self._health.Check(health_pb2.HealthCheckRequest(service=""),
@@ -413,7 +443,7 @@ class OpenAIApi:
 
     # ---- helpers --------------------------------------------------------------------
 
-    async def _body(self, request: web.Request, fields: dict) -> dict:
+    async def _body(self, request: web.Request, fields: dict, need_model: bool = True) -> dict:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -421,7 +451,7 @@ class OpenAIApi:
         if not isinstance(body, dict):
             raise _bad("the body must be a JSON object")
         _check_types(body, fields)
-        if not isinstance(body.get("model"), str):
+        if need_model and not isinstance(body.get("model"), str):
             raise _bad("model is required: the base model's name, an adapter or a route",
                        "model")
         return body
