@@ -283,12 +283,21 @@ def test_health_and_unknown_paths(served):
     assert _http(f"{base}/health") == (200, {"status": "SERVING"})
     status, body = _http(f"{base}/v1/nothing")
     assert status == 404 and body["error"]["message"] == "Not Found"
+    before = served.metric("loraplex_http_requests_total", endpoint="/v1/completions",
+                           status="400")
     status, body = _http(f"{base}/v1/completions", b"{not json",
                          {"Content-Type": "application/json"})
     assert status == 400 and "JSON object" in body["error"]["message"]
+    # every call counted by endpoint and status
+    assert served.metric("loraplex_http_requests_total", endpoint="/v1/completions",
+                         status="400") == before + 1
+    assert served.metric("loraplex_http_requests_total", endpoint="other", status="404") >= 1
+    assert served.metric("loraplex_http_requests_total", endpoint="/health", status="200") >= 1
 
 
 def test_a_client_that_goes_away_frees_its_place_in_the_batch(served, api):
+    gone = served.metric("loraplex_http_requests_total", endpoint="/v1/completions",
+                         status="499")
     stream = api.completions.create(model="alpha", prompt=PROMPT, stream=True, **LONG)
     next(iter(stream))
     assert served.wait_metric("loraplex_running_requests", lambda v: v == 1) == 1
@@ -301,18 +310,25 @@ def test_a_client_that_goes_away_frees_its_place_in_the_batch(served, api):
     assert served.wait_metric("loraplex_running_requests", lambda v: v == 1) == 1
     conn.close()  # ...and goes away before it
     assert served.wait_metric("loraplex_running_requests", lambda v: v == 0) == 0
+    assert served.wait_metric("loraplex_http_requests_total", lambda v: v == gone + 2,
+                              endpoint="/v1/completions", status="499") == gone + 2
 
 
 def test_the_gateway_process_answers_as_the_server_does(served, api):
     """`loraplex http-gateway` in a process of its own, over the server's gRPC port."""
     body = {"model": "beta", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     in_process = api.completions.create(**body)
-    with Gateway(served.target, "tiny-llama") as gateway:
+    metrics_port = free_port()
+    with Gateway(served.target, "tiny-llama", "--metrics-port", str(metrics_port)) as gateway:
         status, out = _http(f"{gateway.url}/v1/completions", json.dumps(body).encode(),
                             {"Content-Type": "application/json"})
         assert status == 200 and out["choices"][0]["text"] == in_process.choices[0].text
         status, models = _http(f"{gateway.url}/v1/models")
         assert status == 200 and models["data"][0]["id"] == "tiny-llama"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+            text = resp.read().decode()
+        assert 'loraplex_http_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
+        assert "loraplex_running_requests" not in text  # (the gateway's own counter only)
         assert gateway.stop() == 0  # SIGTERM: a clean exit
 
 

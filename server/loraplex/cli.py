@@ -382,6 +382,9 @@ def add_gateway_command(sub) -> None:
     p.add_argument("--tls-key", default=None, metavar="FILE", help="its PEM private key")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                    help="seconds requests in flight get after SIGTERM (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus /metrics (loraplex_http_requests_total) on --host "
+                        "(default: 0, off)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.set_defaults(func=None)
 
@@ -389,18 +392,26 @@ def add_gateway_command(sub) -> None:
 def _gateway(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("give both --tls-cert and --tls-key, or neither")
-    if not 0 <= args.port < 65536:
-        parser.error(f"--port must be in 0..65535, got {args.port}")
+    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        if not 0 <= port < 65536:
+            parser.error(f"{flag} must be in 0..65535, got {port}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import asyncio
 
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from loraplex.metrics import http_requests_counter
     from loraplex.openai_api import HttpServer, run_gateway
 
+    registry = CollectorRegistry()
+    requests = http_requests_counter(registry)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.host, registry=registry)
     server = HttpServer(args.target, args.host, args.port, args.served_model_name,
                         list_token=args.admin_token,
                         tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
-                        grpc_tls_ca=args.tls_ca, grace=args.grace_period)
+                        grpc_tls_ca=args.tls_ca, grace=args.grace_period, requests=requests)
     asyncio.run(run_gateway(server))
     return 0
 

@@ -22,10 +22,19 @@ AV = ["adapter", "version"]
 _PAIR = ["route", "primary_adapter", "primary_version", "candidate_adapter", "candidate_version"]
 
 
+def http_requests_counter(registry: CollectorRegistry) -> Counter:
+    """Calls of the OpenAI-compatible HTTP API (in a server's registry, or alone in a
+    `loraplex http-gateway`'s)."""
+    return Counter("loraplex_http_requests", "Calls of the OpenAI-compatible HTTP API by "
+                   "endpoint and HTTP status (499: the client went away).",
+                   ["endpoint", "status"], registry=registry)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.http_requests = http_requests_counter(r)
         self.requests = Counter(
             "loraplex_requests", "Finished generation calls by adapter, version, route and "
             "gRPC status.", ["adapter", "version", "route", "status"], registry=r)

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
+from prometheus_client import Counter
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
@@ -299,7 +300,8 @@ class OpenAIApi:
     admin token, with which /v1/models lists adapters and routes once the caller's own
     token has passed the Generation service's check."""
 
-    def __init__(self, channel: grpc.aio.Channel, model_name: str, list_token: str = ""):
+    def __init__(self, channel: grpc.aio.Channel, model_name: str, list_token: str = "",
+                 requests: Counter | None = None):
         self._gen = pb_grpc.GenerationStub(channel)
         self._adm = pb_grpc.AdaptersStub(channel)
         self._routes = pb_grpc.RoutesStub(channel)
@@ -307,13 +309,28 @@ class OpenAIApi:
         self.model_name = model_name
         self._list_token = list_token
         self._created = int(time.time())
-        self.app = web.Application(middlewares=[self._errors], client_max_size=64 * 2**20)
+        self._requests = requests  # loraplex_http_requests_total{endpoint, status}
+        self.app = web.Application(middlewares=[self._count, self._errors],
+                                   client_max_size=64 * 2**20)
         self.app.add_routes([web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat),
                              web.get("/v1/models", self.models),
                              web.post("/tokenize", self.tokenize),
                              web.post("/detokenize", self.detokenize),
                              web.get("/health", self.health)])
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        endpoint = resource.canonical if resource is not None else "other"
+        status = 499  # (until an answer: the client went away)
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            if self._requests is not None:
+                self._requests.labels(endpoint, str(status)).inc()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
@@ -634,11 +651,13 @@ class HttpServer:
 
     def __init__(self, grpc_target: str, host: str, port: int, model_name: str,
                  list_token: str = "", tls: tuple[str, str] | None = None,
-                 grpc_tls_ca: str | None = None, grace: float = 5.0):
+                 grpc_tls_ca: str | None = None, grace: float = 5.0,
+                 requests: Counter | None = None):
         self.grpc_target, self._grpc_tls_ca = grpc_target, grpc_tls_ca
         self._host, self._port = host, port
         self._model_name, self._list_token, self._tls = model_name, list_token, tls
         self.grace = grace
+        self._requests = requests
         self._channel: grpc.aio.Channel | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -651,7 +670,7 @@ class HttpServer:
             self._channel = grpc.aio.secure_channel(self.grpc_target, creds)
         else:
             self._channel = grpc.aio.insecure_channel(self.grpc_target)
-        api = OpenAIApi(self._channel, self._model_name, self._list_token)
+        api = OpenAIApi(self._channel, self._model_name, self._list_token, self._requests)
         # handler_cancellation: a client that goes away cancels its handler, and with it
         # the gRPC calls (which leave the batch)
         self._runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None,

@@ -172,7 +172,8 @@ class LoraplexServer:
             self.http = HttpServer(f"unix:{self._socket_dir}/grpc.sock", s.host, s.http_port,
                                    s.served_model_name or self.config.model.path,
                                    list_token=s.admin_token,
-                                   tls=(s.tls_cert, s.tls_key) if s.tls_cert else None)
+                                   tls=(s.tls_cert, s.tls_key) if s.tls_cert else None,
+                                   requests=self.metrics.http_requests)
             await self.http.start()
             self.http_port = self.http.port
             log.info("OpenAI-compatible API on %s://%s/v1", "https" if s.tls_cert else "http",
