@@ -112,6 +112,32 @@ def test_completion_logprobs_name_their_tokens(api, grpc_client):
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
+def test_echo_with_logprobs_scores_the_prompt(api, grpc_client):
+    """lm-eval's loglikelihood request: the prompt's tokens and logprobs lead the choice's
+    (the first token has none), then the generated token's; the same streamed."""
+    ref = grpc_client.generate(PROMPT, adapter="alpha", max_new_tokens=1, ignore_eos=True,
+                               logprobs=True, top_logprobs=2, prompt_logprobs=2)
+    ids = grpc_client.tokenize(PROMPT).token_ids
+    out = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=1, temperature=0,
+                                 echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.text == PROMPT + ref.text and len(lp.tokens) == len(ids) + 1
+    assert lp.tokens[0] == grpc_client.detokenize(ids[:1]) and lp.token_logprobs[0] is None
+    scored = [*ref.prompt_logprobs, *ref.logprobs]
+    assert lp.token_logprobs[1:] == pytest.approx([x.logprob for x in scored], abs=1e-5)
+    assert lp.tokens[1:] == [x.token.decode(errors="replace") for x in scored]
+    assert lp.top_logprobs[0] is None and all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    chunks = list(api.completions.create(model="alpha", prompt=PROMPT, max_tokens=1,
+                                         temperature=0, echo=True, logprobs=2, stream=True,
+                                         extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [x for c in chunks for x in c.choices[0].logprobs.token_logprobs] == \
+        pytest.approx(lp.token_logprobs, abs=1e-5)
+
+
 # ---------------------------------------------------------------- chat
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
@@ -209,8 +235,6 @@ def test_models_lists_the_base_adapters_and_routes(api, grpc_client):
      openai.BadRequestError, "unknown field 'bogus'"),
     (lambda api: api.completions.create(model="alpha", prompt=PROMPT, top_p="x"),
      openai.BadRequestError, "top_p must be a number"),
-    (lambda api: api.completions.create(model="alpha", prompt=PROMPT, echo=True, logprobs=1),
-     openai.BadRequestError, "echo with logprobs"),
     (lambda api: api.chat.completions.create(
         model="alpha", messages=MESSAGES,
         tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),

@@ -24,12 +24,13 @@ disconnects cancels its gRPC calls, which frees their place in the batch at the 
 
 Request fields: OpenAI's (max_tokens, or max_completion_tokens in chat; temperature,
 default 1; top_p, n, stream, stream_options.include_usage, stop, seed, presence_penalty,
-frequency_penalty, logit_bias, logprobs, top_logprobs in chat, echo, user -> the route's
+frequency_penalty, logit_bias, logprobs, top_logprobs in chat, echo (with logprobs: the
+prompt scored too, its tokens leading the choice's logprobs), user -> the route's
 routing_key; response_format json_schema -> guided_json) and vLLM's extra ones (top_k,
 min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
 include_stop_str_in_output, guided_regex, guided_choice, guided_json, priority,
 truncate_prompt_tokens, allowed_token_ids), plus routing_key. What cannot be honoured is
-refused with 400, never ignored: tools, suffix, best_of other than n, echo with logprobs,
+refused with 400, never ignored: tools, suffix, best_of other than n,
 response_format json_object (a schema is needed), a message part that is not text, and
 any unknown field.
 """
@@ -261,6 +262,9 @@ class _Job:
     include_usage: bool
     logprobs: int | None  # completions: top alternatives; chat: with top_logprobs
     echo: list[str]  # completions with echo: the prompt texts ("" when not echoing)
+    # echo with logprobs: each prompt's first token (its text), which has no logprob; the
+    # others' come from prompt_logprobs and lead each choice's logprobs
+    first_tokens: list[str] = ()
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -269,15 +273,24 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def _completion_logprobs(entries, offset: int) -> dict:
-    tokens = [_text(lp.token) for lp in entries]
+def _rows(entries) -> list[tuple[str, float | None, dict | None]]:
+    """(token text, logprob, {alternative: logprob}) of logprob entries."""
+    return [(_text(lp.token), lp.logprob, {_text(t.token): t.logprob for t in lp.top})
+            for lp in entries]
+
+
+def _prompt_rows(first_token: str, prompt_logprobs) -> list:
+    """The scored prompt's rows: its first token (no logprob, as in vLLM), then the rest."""
+    return [(first_token, None, None)] + _rows(prompt_logprobs)
+
+
+def _completion_logprobs(rows: list, offset: int) -> dict:
     offsets, at = [], offset
-    for t in tokens:
+    for token, _, _ in rows:
         offsets.append(at)
-        at += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in entries],
-            "top_logprobs": [{_text(t.token): t.logprob for t in lp.top} for lp in entries],
-            "text_offset": offsets}
+        at += len(token)
+    return {"tokens": [r[0] for r in rows], "token_logprobs": [r[1] for r in rows],
+            "top_logprobs": [r[2] for r in rows], "text_offset": offsets}
 
 
 def _chat_logprobs(entries) -> dict:
@@ -361,21 +374,25 @@ class OpenAIApi:
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise _bad(f"logprobs must be 0 to {MAX_LOGPROBS} (alternatives per token), got "
                        f"{logprobs}", "logprobs")
-        if body.get("echo") and logprobs is not None:
-            raise _bad("echo with logprobs is not supported (the gRPC API's prompt_logprobs "
-                       "scores a prompt)", "echo")
         sampling = _sampling(body, 16 if body.get("max_tokens") is None else body["max_tokens"])
+        scored = bool(body.get("echo")) and logprobs is not None  # (vLLM's and lm-eval's)
         if logprobs is not None:
             sampling.update(logprobs=True, top_logprobs=logprobs)
+        if scored:
+            sampling["prompt_logprobs"] = logprobs
         kwargs = _request_kwargs(body)
         inputs = _prompts(body["prompt"])
         requests = [_build(inp, sampling, kwargs) for inp in inputs]
-        echo = [""] * len(inputs)
+        echo, first_tokens = [""] * len(inputs), []
         if body.get("echo"):
             echo = await asyncio.gather(*(self._prompt_text(inp, request) for inp in inputs))
+        if scored:
+            first_tokens = await asyncio.gather(*(self._first_token(inp, request)
+                                                  for inp in inputs))
         return await self._answer(request, _Job("completion", body["model"], requests,
                                                 body.get("n") or 1, bool(body.get("stream")),
-                                                self._include_usage(body), logprobs, echo))
+                                                self._include_usage(body), logprobs, echo,
+                                                first_tokens))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request, _CHAT_FIELDS)
@@ -486,6 +503,18 @@ class OpenAIApi:
             md.append(("authorization", request.headers["Authorization"]))
         return tuple(md)
 
+    async def _first_token(self, inp: dict, request: web.Request) -> str:
+        """The text of an input's first token as the server tokenizes it ("" for a
+        special token such as BOS)."""
+        md = self._metadata(request, "")
+        ids = inp.get("input_ids")
+        if ids is None:
+            ids = (await self._gen.Tokenize(pb.TokenizeRequest(prompt=inp["prompt"]),
+                                            metadata=md)).token_ids
+        if not ids:
+            return ""
+        return (await self._gen.Detokenize(pb.TokenIds(ids=ids[:1]), metadata=md)).text
+
     async def _prompt_text(self, inp: dict, request: web.Request) -> str:
         if "prompt" in inp:
             return inp["prompt"]
@@ -518,11 +547,14 @@ class OpenAIApi:
         for p, resp in enumerate(answers):
             prompt_tokens += resp.prompt_tokens
             completions = resp.completions or [resp]
+            prompt_rows = (_prompt_rows(job.first_tokens[p], resp.prompt_logprobs)
+                           if job.first_tokens else [])
             for c in completions:
                 completion_tokens += c.completion_tokens
                 choices.append(self._choice(job, p * job.n + c.index, job.echo[p] + c.text,
                                             c.logprobs, _FINISH.get(c.finish_reason),
-                                            len(job.echo[p])))
+                                            0 if prompt_rows else len(job.echo[p]),
+                                            prompt_rows=prompt_rows))
         first = answers[0]
         body = {"id": self._id(job, first.request_id), "object": self._object(job, False),
                 "created": int(time.time()), "model": job.model, "choices": choices,
@@ -545,6 +577,7 @@ class OpenAIApi:
         await response.prepare(request)
         id_, created = self._id(job, first.request_id), int(time.time())
         offsets: dict[int, int] = {}  # choice -> characters of text sent so far
+        prompt_rows: dict[int, list] = {}  # prompt -> its scored rows (echo with logprobs)
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
 
@@ -559,9 +592,12 @@ class OpenAIApi:
             offsets[index] = offset + len(text)
             prompt_tokens[p] = msg.prompt_tokens
             completion_tokens[index] = msg.completion_tokens
+            if job.first_tokens and msg.prompt_logprobs:  # (the stream's first message)
+                prompt_rows[p] = _prompt_rows(job.first_tokens[p], msg.prompt_logprobs)
+            rows = prompt_rows.get(p, []) if first_chunk else []
             choice = self._choice(job, index, text, msg.logprobs, _FINISH.get(msg.finish_reason),
-                                  offset + len(text) - len(msg.text), delta=True,
-                                  first=first_chunk)
+                                  offset if rows else offset + len(text) - len(msg.text),
+                                  delta=True, first=first_chunk, prompt_rows=rows)
             await send({"id": id_, "object": self._object(job, True), "created": created,
                         "model": job.model, "choices": [choice]})
 
@@ -583,9 +619,13 @@ class OpenAIApi:
         return response
 
     def _choice(self, job: _Job, index: int, text: str, logprobs, finish: str | None,
-                offset: int, delta: bool = False, first: bool = False) -> dict:
+                offset: int, delta: bool = False, first: bool = False,
+                prompt_rows: list = ()) -> dict:
+        """One choice; `offset`: where the text of the first of the logprob rows (the
+        scored prompt's, then the generated tokens') starts."""
         if job.kind == "completion":
-            lp = (_completion_logprobs(logprobs, offset) if job.logprobs is not None else None)
+            lp = (_completion_logprobs([*prompt_rows, *_rows(logprobs)], offset)
+                  if job.logprobs is not None else None)
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
         lp = _chat_logprobs(logprobs) if job.logprobs is not None else None
         if delta:
