@@ -133,6 +133,19 @@ def test_compose_proxy_and_prometheus_match_services():
     targets = [t for job in prom["scrape_configs"] if job["job_name"] == "loraplex"
                for sc in job["static_configs"] for t in sc["targets"]]
     assert sorted(targets) == [f"{n}:9400" for n in replicas]
+    # the HTTP gateway: over the proxy's gRPC port, its metrics scraped
+    gateway = c["services"]["http-gateway"]
+    args = dict(zip(gateway["command"][1::2], gateway["command"][2::2]))
+    assert args["--target"] == "proxy:50051" and gateway["entrypoint"] == ["loraplex"]
+    assert "50051:50051" in c["services"]["proxy"]["ports"]
+    assert f"{args['--port']}:{args['--port']}" in gateway["ports"]
+    gw_targets = [t for job in prom["scrape_configs"] if job["job_name"] == "loraplex-http-gateway"
+                  for sc in job["static_configs"] for t in sc["targets"]]
+    assert gw_targets == [f"http-gateway:{args['--metrics-port']}"]
+    from loraplex.cli import build_parser
+
+    assert build_parser().parse_args(gateway["command"]).command == "http-gateway"
+    assert all(c["services"][n]["environment"]["LORAPLEX_HTTP_PORT"] == "0" for n in replicas)
 
 
 def test_grafana_provisioning_files():
@@ -343,6 +356,7 @@ def test_k8s_server_contract(rendered, overlay):
     assert gc["envFrom"][0]["configMapRef"]["name"] == cm_name
     assert config.server.served_model_name == "base"
     assert gc["ports"][0]["containerPort"] == int(args["--port"])
+    assert gateway["metadata"]["annotations"]["prometheus.io/port"] == args["--metrics-port"]
     assert gateway["spec"]["terminationGracePeriodSeconds"] > float(args["--grace-period"])
     http = _by(docs, "Service", "loraplex-http")
     assert http["spec"]["ports"][0]["targetPort"] == "http"
