@@ -8,7 +8,9 @@
 `serve(config)` runs one until SIGTERM / SIGINT. Lifecycle:
 
 1. The gRPC port is bound first, with health NOT_SERVING (probes answer while
-   the model loads; Generation and Adapters calls get UNAVAILABLE).
+   the model loads; Generation and Adapters calls get UNAVAILABLE); with
+   --http-port, the OpenAI-compatible HTTP API too (loraplex.openai_api), whose
+   calls reach the gRPC services over a Unix socket of the same server.
 2. The engine is built (in a thread), adapters given with --preload are loaded,
    then, with --data-dir, the adapters and routes saved there are restored
    (an adapter whose files changed since is refused, with a log line), and a
@@ -20,8 +22,9 @@
    elsewhere), and every call grpc accepted (started or not, and the last
    status of one that just ended) gets `grace_period` seconds to finish (the
    stop ends as soon as the last call does; a long-lived stream such as a health
-   Watch holds it until the deadline, when grpc cancels what is left); then the
-   engine stops and the metrics endpoint closes. grpc core itself drops
+   Watch holds it until the deadline, when grpc cancels what is left). The HTTP
+   listener closes at the same time; its requests in flight end with their gRPC
+   calls. Then the engine stops and the metrics endpoint closes. grpc core itself drops
    (CANCELLED) a stream that reaches it in the instant of the stop, before any
    handler.
 4. If `max_step_failures` engine steps fail in a row (a bug; a CUDA error, which
