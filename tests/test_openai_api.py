@@ -444,3 +444,30 @@ def _raw(url: str, data: bytes) -> tuple[int, bytes]:
             return resp.status, resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
+
+
+def test_a_stream_in_flight_at_shutdown_finishes(assets):
+    """SIGTERM's graceful stop: the HTTP listener closes, a stream already running gets its
+    whole answer within the grace period."""
+    s = RunningServer(make_config(assets, http_port=free_port())).start()  # (grace: 5 s)
+    try:
+        port = s.server.http_port
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 120, "ignore_eos": True,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        conn.request("POST", "/v1/completions", json.dumps(body),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        lines = [resp.readline()]  # the first event...
+        assert s.metric("loraplex_running_requests") == 1  # ...and it is still running
+        stopping = s.begin_shutdown()
+        lines += list(resp)
+        events = [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+        assert lines[-2:] == [b"data: [DONE]\n", b"\n"]
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+        assert events[-1]["usage"]["completion_tokens"] == 120  # all of it arrived
+        stopping.result(60)
+        with pytest.raises(OSError):  # the listener is closed
+            http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/health")
+    finally:
+        s.stop()
