@@ -120,6 +120,13 @@ def _bad(message: str, param: str | None = None) -> ApiError:
 
 # ---- requests --------------------------------------------------------------------------
 
+def _is(value, t: type) -> bool:
+    """Whether a JSON value has type t (JSON's true is no number; an integer is one)."""
+    if isinstance(value, bool):
+        return t is bool
+    return isinstance(value, t) or (t is float and isinstance(value, int))
+
+
 def _check_types(body: dict, fields: dict) -> None:
     """400 for an unknown field or a value of the wrong JSON type (null = unset)."""
     for name, value in body.items():
@@ -132,17 +139,13 @@ def _check_types(body: dict, fields: dict) -> None:
         if value is None:
             continue
         types = want if isinstance(want, tuple) else (want,)
-        ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool))
-                 or (t is float and isinstance(value, int) and not isinstance(value, bool))
-                 for t in types)
-        if not ok:
+        if not any(_is(value, t) for t in types):
             names = " or ".join({int: "an integer", float: "a number", str: "a string",
                                  bool: "true or false", list: "an array",
                                  dict: "an object"}[t] for t in types)
             raise _bad(f"{name} must be {names}, got {json.dumps(value)[:80]}", name)
         item = _ITEMS.get(name)
-        if isinstance(value, list) and item is not None and not all(
-                isinstance(v, item) and not isinstance(v, bool) for v in value):
+        if isinstance(value, list) and item is not None and not all(_is(v, item) for v in value):
             kind = "strings" if item is str else "whole numbers"
             raise _bad(f"{name} must be an array of {kind}, got {json.dumps(value)[:80]}", name)
 
@@ -264,7 +267,7 @@ class _Job:
     echo: list[str]  # completions with echo: the prompt texts ("" when not echoing)
     # echo with logprobs: each prompt's first token (its text), which has no logprob; the
     # others' come from prompt_logprobs and lead each choice's logprobs
-    first_tokens: list[str] = ()
+    first_tokens: tuple[str, ...] = ()
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -383,12 +386,12 @@ class OpenAIApi:
         kwargs = _request_kwargs(body)
         inputs = _prompts(body["prompt"])
         requests = [_build(inp, sampling, kwargs) for inp in inputs]
-        echo, first_tokens = [""] * len(inputs), []
+        echo, first_tokens = [""] * len(inputs), ()
         if body.get("echo"):
             echo = await asyncio.gather(*(self._prompt_text(inp, request) for inp in inputs))
         if scored:
-            first_tokens = await asyncio.gather(*(self._first_token(inp, request)
-                                                  for inp in inputs))
+            first_tokens = tuple(await asyncio.gather(*(self._first_token(inp, request)
+                                                        for inp in inputs)))
         return await self._answer(request, _Job("completion", body["model"], requests,
                                                 body.get("n") or 1, bool(body.get("stream")),
                                                 self._include_usage(body), logprobs, echo,
