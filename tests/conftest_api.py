@@ -27,7 +27,10 @@ from models import ADAPTER_SPECS, build_adapters, build_base
 # max_position_embeddings of the test model: long enough that a generation can be
 # cancelled or run past its deadline before it ends.
 MAX_LEN = 16384  # long enough that LONG requests in tests never end on their own
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+CHAT_TEMPLATE = ("{% if tools %}<tools>{{ tools | tojson }}\n{% endif %}"
+                 "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                 "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}"
+                 "</tool_call>{% endfor %}{{ '\\n' }}{% endfor %}"  # (trim_blocks)
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 ADMIN_TOKEN, GENERATE_TOKEN = "admin-secret", "gen-secret"
 

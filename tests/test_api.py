@@ -193,6 +193,46 @@ def test_input_ids_and_chat_messages(client, assets):
     assert chat.token_ids == plain.token_ids
 
 
+def test_chat_tools_and_tool_calls_reach_the_template(client, assets):
+    """The template gets tools (OpenAI's shape) and an assistant's tool_calls with their
+    arguments as objects (HF's shape), as apply_chat_template takes them from Python."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.model)
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "the weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    messages = [{"role": "user", "content": "weather in Paris?"},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [{"id": "call_1", "function": {
+                     "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "content": "sunny", "tool_call_id": "call_1",
+                 "name": "get_weather"}]
+    hf = [messages[0], {**messages[1], "tool_calls": [{"id": "call_1", "type": "function",
+                                                       "function": {"name": "get_weather",
+                                                                    "arguments": {"city": "Paris"}}}]},
+          messages[2]]
+    rendered = tok.apply_chat_template(hf, tools=[tool], tokenize=False,
+                                       add_generation_prompt=True)
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}' in rendered
+    assert rendered.startswith('<tools>[{"type": "function"')
+    tokens = client.tokenize(messages=messages, tools=[tool])
+    assert list(tokens.token_ids) == tok.encode(rendered, add_special_tokens=False)
+    out = client.generate(messages=messages, tools=[tool], max_new_tokens=4, ignore_eos=True)
+    assert out.prompt_tokens == len(tokens.token_ids)
+    bad_args = [messages[0], {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": "{city"}}]}]
+    with pytest.raises(InvalidArgument, match=r"messages\[1\].tool_calls\[0\].arguments is not "
+                                              "JSON"):
+        client.generate(messages=bad_args, max_new_tokens=2)
+    with pytest.raises(InvalidArgument, match=r"tools\[0\].parameters must be a JSON schema "
+                                              "object"):
+        client.generate(messages=messages[:1], tools=[{"name": "f", "parameters": "[1]"}],
+                        max_new_tokens=2)
+    with pytest.raises(InvalidArgument, match=r"tools\[0\].name is empty"):
+        client.generate(messages=messages[:1], tools=[{"name": ""}], max_new_tokens=2)
+
+
 def test_tokenize_and_detokenize_are_what_generate_sees_and_writes(server, client, assets):
     from transformers import AutoTokenizer
 

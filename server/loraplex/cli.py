@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.config import (ATTENTION_BACKENDS, DTYPE_CHOICES, LORA_BACKENDS,
-                             QUANTIZE_CHOICES, Config, EngineConfig, ModelConfig,
-                             ServerConfig, parse_size, parse_switch)
+                             QUANTIZE_CHOICES, TOOL_CALL_PARSERS, Config, EngineConfig,
+                             ModelConfig, ServerConfig, parse_size, parse_switch)
 
 ENV_PREFIX = "LORAPLEX_"
 
@@ -146,6 +146,10 @@ OPTIONS: tuple[Option, ...] = (
     _o("served-model-name", "server", "served_model_name", str,
        "the base model's name in the HTTP API's `model` field and /v1/models (empty: the "
        "--model value)", metavar="NAME"),
+    _o("tool-call-parser", "server", "tool_call_parser", str,
+       "how the HTTP API reads tool calls out of the model's text, for tool_choice auto "
+       "(hermes: <tool_call>{...}</tool_call>, as Qwen2.5/3 and Hermes write them; empty: "
+       "auto refused)", choices=TOOL_CALL_PARSERS),
     _o("data-dir", "server", "data_dir", str,
        "folder keeping routes and loaded adapters across restarts (empty: not kept)",
        metavar="DIR"),
@@ -385,6 +389,9 @@ def add_gateway_command(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus /metrics (loraplex_http_requests_total) on --host "
                         "(default: 0, off)")
+    p.add_argument("--tool-call-parser", default="", choices=TOOL_CALL_PARSERS,
+                   help="how tool calls are read out of the model's text, for tool_choice "
+                        "auto (the servers' --tool-call-parser; default: none, auto refused)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.set_defaults(func=None)
 
@@ -411,7 +418,8 @@ def _gateway(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     server = HttpServer(args.target, args.host, args.port, args.served_model_name,
                         list_token=args.admin_token,
                         tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
-                        grpc_tls_ca=args.tls_ca, grace=args.grace_period, requests=requests)
+                        grpc_tls_ca=args.tls_ca, grace=args.grace_period, requests=requests,
+                        tool_call_parser=args.tool_call_parser)
     asyncio.run(run_gateway(server))
     return 0
 

@@ -15,6 +15,7 @@ QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 LORA_BACKENDS = ("auto", "loop", "gather", "grouped", "segmented", "bgmv", "triton")
 ATTENTION_BACKENDS = ("auto", "sdpa", "cpu")
+TOOL_CALL_PARSERS = ("hermes",)  # (openai_tools.py)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -127,6 +128,7 @@ class ServerConfig:
     data_dir: str = ""  # where routes and the adapter registry persist ("" = nowhere)
     http_port: int = 0  # the OpenAI-compatible HTTP API (0 = off)
     served_model_name: str = ""  # the base model's name in that API ("" = the model path)
+    tool_call_parser: str = ""  # how that API reads tool calls out of text ("" = none)
 
     def __post_init__(self):
         if not all(0 <= p < 65536 for p in (self.port, self.metrics_port, self.http_port)):
@@ -135,6 +137,9 @@ class ServerConfig:
             raise ValueError("give both tls_cert and tls_key, or neither")
         if self.grace_period < 0:
             raise ValueError("grace_period must be >= 0")
+        if self.tool_call_parser not in ("", *TOOL_CALL_PARSERS):
+            raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS} (or empty), "
+                             f"got {self.tool_call_parser!r}")
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.client import ADAPTER_HEADER
-from loraplex_client.types import build_generate_request
+from loraplex_client.types import build_generate_request, build_tokenize_request
+from loraplex import openai_tools
+from loraplex.openai_tools import Parser, ToolPlan
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +83,18 @@ _EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_token
            "priority": int, "truncate_prompt_tokens": int, "allowed_token_ids": list,
            "routing_key": str}
 # OpenAI fields with nothing to do here, accepted as they are
-_IGNORED = {"stream_options", "store", "metadata", "service_tier",
-            "parallel_tool_calls", "tool_choice", "tools", "functions", "function_call"}
+_IGNORED = {"stream_options", "store", "metadata", "service_tier"}
 _COMMON = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int,
            "stream": bool, "stop": (str, list), "seed": int, "presence_penalty": float,
            "frequency_penalty": float, "logit_bias": dict, "best_of": int, "user": str}
 _COMPLETION_FIELDS = {**_COMMON, "prompt": (str, list), "logprobs": int, "echo": bool,
                       "suffix": str, **_EXTRAS}
 _CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logprobs": bool,
-                "top_logprobs": int, "response_format": dict, **_EXTRAS}
-_TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list}
+                "top_logprobs": int, "response_format": dict, "tools": list,
+                "tool_choice": (str, dict), "parallel_tool_calls": bool, "functions": list,
+                "function_call": (str, dict), **_EXTRAS}
+_TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list, "tools": list}
+_GUIDES = ("guided_json", "guided_regex", "guided_choice")
 _DETOKENIZE_FIELDS = {"model": str, "tokens": list}
 _ITEMS = {"tokens": int, "stop": str, "stop_token_ids": int, "guided_choice": str, "allowed_token_ids": int}
 MAX_LOGPROBS = 20  # (the gRPC API's top_logprobs limit)
@@ -155,9 +159,6 @@ def _sampling(body: dict, max_tokens: int | None) -> dict:
     if body.get("best_of") not in (None, body.get("n") or 1):
         raise _bad("best_of other than n is not supported: each of the n completions is "
                    "returned", "best_of")
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise _bad(f"{name} (function calling) are not supported by this server", name)
     out = {"max_new_tokens": max_tokens,
            "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
            "n": body.get("n")}
@@ -203,28 +204,66 @@ def _prompts(value) -> list[dict]:
 
 
 def _messages(value: list) -> list[dict]:
+    """OpenAI's messages -> loraplex_client.types.chat_messages' dicts."""
     out = []
     for i, m in enumerate(value):
+        where = f"messages[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _bad(f"messages[{i}] must be an object with a role and a content", "messages")
-        content = m.get("content")
-        if isinstance(content, list):
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise _bad(f"messages[{i}].content: only parts of type 'text' are supported",
-                           "messages")
-            if any(not isinstance(p.get("text"), str) for p in content):
-                raise _bad(f"messages[{i}].content: each text part needs a string 'text'",
-                           "messages")
-            content = "".join(p["text"] for p in content)
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise _bad(f"messages[{i}].content must be a string or an array of text parts",
-                       "messages")
-        out.append({"role": m["role"], "content": content})
+            raise _bad(f"{where} must be an object with a role and a content", "messages")
+        turn = {"role": m["role"], "content": _content(where, m.get("content"))}
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise _bad(f"{where}.tool_calls must be an array", "messages")
+            turn["tool_calls"] = [_history_call(f"{where}.tool_calls[{j}]", c)
+                                  for j, c in enumerate(calls)]
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None:
+                if not isinstance(m[key], str):
+                    raise _bad(f"{where}.{key} must be a string", "messages")
+                turn[key] = m[key]
+        out.append(turn)
     if not out:
         raise _bad("messages is empty: send at least one message", "messages")
     return out
+
+
+def _content(where: str, content) -> str:
+    if isinstance(content, list):
+        if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+            raise _bad(f"{where}.content: only parts of type 'text' are supported", "messages")
+        if any(not isinstance(p.get("text"), str) for p in content):
+            raise _bad(f"{where}.content: each text part needs a string 'text'", "messages")
+        content = "".join(p["text"] for p in content)
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise _bad(f"{where}.content must be a string or an array of text parts", "messages")
+    return content
+
+
+def _history_call(where: str, call) -> dict:
+    """An assistant message's earlier tool call: {"id", "type", "function": {"name",
+    "arguments" (JSON text)}}."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+            or not isinstance(fn.get("arguments", ""), str) \
+            or not isinstance(call.get("id", ""), str):
+        raise _bad(f'{where} must be {{"id": ..., "type": "function", "function": {{"name": '
+                   f'..., "arguments": "<JSON text>"}}}}', "messages")
+    return {"id": call.get("id") or "", "function": {"name": fn["name"],
+                                                     "arguments": fn.get("arguments") or "{}"}}
+
+
+def _tool_plan(body: dict, parser: str) -> ToolPlan | None:
+    for name, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+        if body.get(name) is not None:
+            raise _bad(f"{name} (deprecated by OpenAI) is not supported: send {instead}", name)
+    try:
+        return openai_tools.plan(body.get("tools"), body.get("tool_choice"),
+                                 body.get("parallel_tool_calls"), parser)
+    except openai_tools.ToolError as exc:
+        raise _bad(str(exc), exc.param) from None
 
 
 def _guided_json(response_format: dict | None) -> str | dict | None:
@@ -268,6 +307,10 @@ class _Job:
     # echo with logprobs: each prompt's first token (its text), which has no logprob; the
     # others' come from prompt_logprobs and lead each choice's logprobs
     first_tokens: tuple[str, ...] = ()
+    tools: ToolPlan | None = None  # chat with tools: how the text becomes tool calls
+
+    def parser(self) -> Parser | None:
+        return self.tools.new_parser() if self.tools is not None else None
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -317,13 +360,14 @@ class OpenAIApi:
     token has passed the Generation service's check."""
 
     def __init__(self, channel: grpc.aio.Channel, model_name: str, list_token: str = "",
-                 requests: Counter | None = None):
+                 requests: Counter | None = None, tool_call_parser: str = ""):
         self._gen = pb_grpc.GenerationStub(channel)
         self._adm = pb_grpc.AdaptersStub(channel)
         self._routes = pb_grpc.RoutesStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self.model_name = model_name
         self._list_token = list_token
+        self._tool_call_parser = tool_call_parser  # "" or one of TOOL_CALL_PARSERS
         self._created = int(time.time())
         self._requests = requests  # loraplex_http_requests_total{endpoint, status}
         self.app = web.Application(middlewares=[self._count, self._errors],
@@ -417,10 +461,22 @@ class OpenAIApi:
             if body.get("guided_json") is not None:
                 raise _bad("give response_format or guided_json, not both", "response_format")
             sampling["guided_json"] = schema
-        req = _build({"messages": _messages(body["messages"])}, sampling, _request_kwargs(body))
+        tools = _tool_plan(body, self._tool_call_parser)
+        forced = tools.guided_json() if tools is not None else None
+        if forced is not None:
+            given = [g for g in _GUIDES if sampling.get(g)]
+            if given:
+                raise _bad(f"tool_choice {tools.mode} guides the output to the tool call: "
+                           f"drop {'response_format' if schema is not None else given[0]}",
+                           "tool_choice")
+            sampling["guided_json"] = forced
+        inp = {"messages": _messages(body["messages"]),
+               "tools": list(tools.tools) if tools is not None else None}
+        req = _build(inp, sampling, _request_kwargs(body))
         return await self._answer(request, _Job(
             "chat", body["model"], [req], body.get("n") or 1, bool(body.get("stream")),
-            self._include_usage(body), (top or 0) if body.get("logprobs") else None, [""]))
+            self._include_usage(body), (top or 0) if body.get("logprobs") else None, [""],
+            tools=tools))
 
     async def models(self, request: web.Request) -> web.Response:
         md = self._metadata(request, "")
@@ -449,11 +505,14 @@ class OpenAIApi:
         body = await self._body(request, _TOKENIZE_FIELDS, need_model=False)
         if (body.get("prompt") is None) == (body.get("messages") is None):
             raise _bad("give prompt (a string) or messages, not both")
-        req = pb.TokenizeRequest()
+        if body.get("tools") is not None and body.get("messages") is None:
+            raise _bad("tools go with messages", "tools")
         if body.get("prompt") is not None:
-            req.prompt = body["prompt"]
+            req = build_tokenize_request(body["prompt"])
         else:
-            req.messages.messages.extend(pb.ChatMessage(**m) for m in _messages(body["messages"]))
+            tools = _tool_plan({"tools": body.get("tools"), "tool_choice": "none"}, "")
+            req = build_tokenize_request(messages=_messages(body["messages"]),
+                                         tools=list(tools.tools) if tools else None)
         resp = await self._gen.Tokenize(req, metadata=self._metadata(request, ""))
         return web.json_response({"tokens": list(resp.token_ids), "count": len(resp.token_ids),
                                   "max_model_len": resp.max_model_len})
@@ -557,7 +616,7 @@ class OpenAIApi:
                 choices.append(self._choice(job, p * job.n + c.index, job.echo[p] + c.text,
                                             c.logprobs, _FINISH.get(c.finish_reason),
                                             0 if prompt_rows else len(job.echo[p]),
-                                            prompt_rows=prompt_rows))
+                                            prompt_rows=prompt_rows, parser=job.parser()))
         first = answers[0]
         body = {"id": self._id(job, first.request_id), "object": self._object(job, False),
                 "created": int(time.time()), "model": job.model, "choices": choices,
@@ -583,6 +642,7 @@ class OpenAIApi:
         prompt_rows: dict[int, list] = {}  # prompt -> its scored rows (echo with logprobs)
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
+        parsers: dict[int, Parser | None] = {}  # choice -> its tool call parser
 
         async def send(obj: dict) -> None:
             await response.write(f"data: {json.dumps(obj)}\n\n".encode())
@@ -598,9 +658,15 @@ class OpenAIApi:
             if job.first_tokens and msg.prompt_logprobs:  # (the stream's first message)
                 prompt_rows[p] = _prompt_rows(job.first_tokens[p], msg.prompt_logprobs)
             rows = prompt_rows.get(p, []) if first_chunk else []
+            if first_chunk:
+                parsers[index] = job.parser()
             choice = self._choice(job, index, text, msg.logprobs, _FINISH.get(msg.finish_reason),
                                   offset if rows else offset + len(text) - len(msg.text),
-                                  delta=True, first=first_chunk, prompt_rows=rows)
+                                  delta=True, first=first_chunk, prompt_rows=rows,
+                                  parser=parsers[index])
+            if choice.get("delta") == {} and choice["finish_reason"] is None \
+                    and choice["logprobs"] is None:
+                return  # (a tool call parser holds the text back)
             await send({"id": id_, "object": self._object(job, True), "created": created,
                         "model": job.model, "choices": [choice]})
 
@@ -623,19 +689,25 @@ class OpenAIApi:
 
     def _choice(self, job: _Job, index: int, text: str, logprobs, finish: str | None,
                 offset: int, delta: bool = False, first: bool = False,
-                prompt_rows: list = ()) -> dict:
+                prompt_rows: list = (), parser: Parser | None = None) -> dict:
         """One choice; `offset`: where the text of the first of the logprob rows (the
-        scored prompt's, then the generated tokens') starts."""
+        scored prompt's, then the generated tokens') starts; `parser` (chat with tools)
+        turns the text into content and tool calls."""
         if job.kind == "completion":
             lp = (_completion_logprobs([*prompt_rows, *_rows(logprobs)], offset)
                   if job.logprobs is not None else None)
             return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
         lp = _chat_logprobs(logprobs) if job.logprobs is not None else None
+        said = {"content": text}
+        if parser is not None:
+            pieces = parser.feed(text) + (parser.finish() if finish else [])
+            finish = parser.finish_reason(finish)
+            said = openai_tools.delta(pieces) if delta else openai_tools.message(pieces)
         if delta:
-            message = {"role": "assistant", "content": text} if first else {"content": text}
-            return {"index": index, "delta": message, "logprobs": lp, "finish_reason": finish}
-        return {"index": index, "message": {"role": "assistant", "content": text},
-                "logprobs": lp, "finish_reason": finish}
+            said = {"role": "assistant", **said} if first else said
+            return {"index": index, "delta": said, "logprobs": lp, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", **said}, "logprobs": lp,
+                "finish_reason": finish}
 
     @staticmethod
     def _id(job: _Job, request_id: str) -> str:
@@ -695,12 +767,13 @@ class HttpServer:
     def __init__(self, grpc_target: str, host: str, port: int, model_name: str,
                  list_token: str = "", tls: tuple[str, str] | None = None,
                  grpc_tls_ca: str | None = None, grace: float = 5.0,
-                 requests: Counter | None = None):
+                 requests: Counter | None = None, tool_call_parser: str = ""):
         self.grpc_target, self._grpc_tls_ca = grpc_target, grpc_tls_ca
         self._host, self._port = host, port
         self._model_name, self._list_token, self._tls = model_name, list_token, tls
         self.grace = grace
         self._requests = requests
+        self._tool_call_parser = tool_call_parser
         self._channel: grpc.aio.Channel | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -713,7 +786,8 @@ class HttpServer:
             self._channel = grpc.aio.secure_channel(self.grpc_target, creds)
         else:
             self._channel = grpc.aio.insecure_channel(self.grpc_target)
-        api = OpenAIApi(self._channel, self._model_name, self._list_token, self._requests)
+        api = OpenAIApi(self._channel, self._model_name, self._list_token, self._requests,
+                        self._tool_call_parser)
         # handler_cancellation: a client that goes away cancels its handler, and with it
         # the gRPC calls (which leave the batch)
         self._runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None,

@@ -176,7 +176,8 @@ class LoraplexServer:
                                    s.served_model_name or self.config.model.path,
                                    list_token=s.admin_token,
                                    tls=(s.tls_cert, s.tls_key) if s.tls_cert else None,
-                                   requests=self.metrics.http_requests)
+                                   requests=self.metrics.http_requests,
+                                   tool_call_parser=s.tool_call_parser)
             await self.http.start()
             self.http_port = self.http.port
             log.info("OpenAI-compatible API on %s://%s/v1", "https" if s.tls_cert else "http",

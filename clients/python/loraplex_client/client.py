@@ -125,8 +125,9 @@ class Client(_Base):
         guided_choice (the output is one of these strings), guided_json (a JSON schema,
         as a dict or its text: the output is JSON it allows), n (completions of the prompt:
         all in Result.completions, completion 0's also on top); also routing_key,
-        priority (lower is served first) and truncate_prompt_tokens (keep the input's last
-        this many tokens); see loraplex.proto."""
+        priority (lower is served first), truncate_prompt_tokens (keep the input's last
+        this many tokens) and, with messages, tools (shown to the model through the chat
+        template; see types.chat_messages); see loraplex.proto."""
         req = build_generate_request(prompt, input_ids=input_ids, messages=messages,
                                      adapter=adapter, **sampling)
         return result_from_pb(self._call(self._gen.Generate, req, adapter, timeout))
@@ -142,13 +143,12 @@ class Client(_Base):
                                         timeout=self._timeout if timeout is None else timeout)
         return GenerateStream(call)
 
-    def tokenize(self, prompt: str | None = None, *, messages=None,
+    def tokenize(self, prompt: str | None = None, *, messages=None, tools=None,
                  timeout: float | None = None) -> Tokens:
         """The token ids Generate would see for this prompt (with the tokenizer's special
-        tokens) or these chat messages (through the chat template)."""
-        return tokens_from_pb(self._call(self._gen.Tokenize,
-                                         build_tokenize_request(prompt, messages=messages), "",
-                                         timeout))
+        tokens) or these chat messages and tools (through the chat template)."""
+        req = build_tokenize_request(prompt, messages=messages, tools=tools)
+        return tokens_from_pb(self._call(self._gen.Tokenize, req, "", timeout))
 
     def detokenize(self, token_ids: Sequence[int], timeout: float | None = None) -> str:
         """The text of these token ids, decoded on their own (special tokens left out; a
@@ -276,10 +276,10 @@ class AsyncClient(_Base):
         finally:
             call.cancel()
 
-    async def tokenize(self, prompt: str | None = None, *, messages=None,
+    async def tokenize(self, prompt: str | None = None, *, messages=None, tools=None,
                        timeout: float | None = None) -> Tokens:
-        return tokens_from_pb(await self._call(
-            self._gen.Tokenize, build_tokenize_request(prompt, messages=messages), "", timeout))
+        req = build_tokenize_request(prompt, messages=messages, tools=tools)
+        return tokens_from_pb(await self._call(self._gen.Tokenize, req, "", timeout))
 
     async def detokenize(self, token_ids: Sequence[int], timeout: float | None = None) -> str:
         req = pb.TokenIds(ids=[int(t) for t in token_ids])

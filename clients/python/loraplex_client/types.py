@@ -143,18 +143,21 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "
                    "guided_choice", "guided_json", "n", "include_stop_str_in_output")
 
 
-def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapter: str = "",
-                           routing_key: str = "", priority: int = 0,
+def build_generate_request(prompt=None, *, input_ids=None, messages=None, tools=None,
+                           adapter: str = "", routing_key: str = "", priority: int = 0,
                            truncate_prompt_tokens: int | None = None,
                            **sampling) -> pb.GenerateRequest:
     """A GenerateRequest from Python values. Give exactly one of prompt, input_ids, messages
-    (messages: a list of {"role", "content"} dicts or (role, content) pairs)."""
+    (messages: a list of {"role", "content"} dicts or (role, content) pairs; with tools, see
+    `chat_messages`)."""
     unknown = set(sampling) - set(SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling options {sorted(unknown)}; use {SAMPLING_FIELDS}")
     given = [x is not None for x in (prompt, input_ids, messages)]
     if sum(given) != 1:
         raise TypeError("give exactly one of prompt, input_ids, messages")
+    if tools is not None and messages is None:
+        raise TypeError("tools go with messages")
     req = pb.GenerateRequest(adapter=adapter or "", routing_key=routing_key or "")
     fields = {"priority": int(priority), "truncate_prompt_tokens": truncate_prompt_tokens,
               **sampling}
@@ -163,7 +166,7 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, adapte
     elif input_ids is not None:
         req.input_ids.ids.extend(int(i) for i in input_ids)
     else:
-        req.messages.messages.extend(_chat_messages(messages))
+        req.messages.CopyFrom(chat_messages(messages, tools))
     for name, value in fields.items():
         if value is None:
             continue
@@ -190,13 +193,36 @@ def _field_rule(req, name: str, exc: Exception) -> str:
     return str(exc)
 
 
-def _chat_messages(messages) -> list[pb.ChatMessage]:
-    """{"role", "content"} dicts or (role, content) pairs -> ChatMessages."""
-    turns = []
+def chat_messages(messages, tools=None) -> pb.ChatMessages:
+    """ChatMessages from OpenAI's shapes. messages: {"role", "content"} dicts or (role,
+    content) pairs; an assistant's dict may hold "tool_calls" ([{"id", "function": {"name",
+    "arguments"}}], arguments as JSON text or a dict), a tool's "tool_call_id" and "name".
+    tools: [{"type": "function", "function": {"name", "description", "parameters"}}] (or
+    the inner dicts), parameters a JSON schema as a dict or its text."""
+    chat = pb.ChatMessages()
     for m in messages:
-        role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
-        turns.append(pb.ChatMessage(role=role, content=content))
-    return turns
+        if not isinstance(m, dict):
+            role, content = m
+            chat.messages.add(role=role, content=content)
+            continue
+        turn = chat.messages.add(role=m["role"], content=m.get("content") or "",
+                                 tool_call_id=m.get("tool_call_id") or "",
+                                 name=m.get("name") or "")
+        for call in m.get("tool_calls") or ():
+            fn = call.get("function", call)
+            turn.tool_calls.add(id=call.get("id") or "", name=fn["name"],
+                                arguments=_json_text(fn.get("arguments"), "{}"))
+    for tool in tools or ():
+        fn = tool.get("function", tool)
+        chat.tools.add(name=fn["name"], description=fn.get("description") or "",
+                       parameters=_json_text(fn.get("parameters"), ""))
+    return chat
+
+
+def _json_text(value, default: str) -> str:
+    if value is None:
+        return default
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 @dataclass(frozen=True)
@@ -207,14 +233,14 @@ class Tokens:
     max_model_len: int  # the most tokens a prompt plus its completion may hold
 
 
-def build_tokenize_request(prompt=None, *, messages=None) -> pb.TokenizeRequest:
+def build_tokenize_request(prompt=None, *, messages=None, tools=None) -> pb.TokenizeRequest:
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt, messages")
+    if tools is not None and messages is None:
+        raise TypeError("tools go with messages")
     if prompt is not None:
         return pb.TokenizeRequest(prompt=prompt)
-    req = pb.TokenizeRequest()
-    req.messages.messages.extend(_chat_messages(messages))
-    return req
+    return pb.TokenizeRequest(messages=chat_messages(messages, tools))
 
 
 def tokens_from_pb(msg: pb.TokenizeResponse) -> Tokens:

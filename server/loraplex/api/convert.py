@@ -8,6 +8,7 @@ sampling options belong to SamplingParams.validate, in the domain.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable
 
@@ -80,7 +81,7 @@ def prompt_ids_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest, tokenizer) 
     elif which == "input_ids":
         ids = list(req.input_ids.ids)
     else:
-        ids = _render_chat(req.messages.messages, tokenizer)
+        ids = _render_chat(req.messages, tokenizer)
     if not ids:
         raise InvalidArgument(f"{which} is empty")
     return list(ids)
@@ -94,22 +95,58 @@ def token_ids_from_pb(msg: pb.TokenIds, vocab_size: int) -> list[int]:
     return ids
 
 
-def _render_chat(messages, tokenizer) -> list[int]:
-    if not messages:
+def _render_chat(chat: pb.ChatMessages, tokenizer) -> list[int]:
+    if not chat.messages:
         raise InvalidArgument("messages is empty")
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidArgument("this model has no chat template: send a prompt or input_ids")
-    turns = []
-    for i, m in enumerate(messages):
-        if not m.role:
-            raise InvalidArgument(f"messages[{i}].role is empty")
-        turns.append({"role": m.role, "content": m.content})
+    turns = [_turn(i, m) for i, m in enumerate(chat.messages)]
+    tools = [_tool(i, t) for i, t in enumerate(chat.tools)] or None
     try:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(turns, tools=tools, tokenize=False,
+                                             add_generation_prompt=True)
     except Exception as exc:  # jinja's TemplateError, raise_exception() of the template
         raise InvalidArgument(f"the chat template refused these messages: {exc}") from None
     # The template writes the special tokens (BOS...) itself.
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _turn(i: int, m: pb.ChatMessage) -> dict:
+    """A message as chat templates take it (HF's shape: tool call arguments as objects)."""
+    if not m.role:
+        raise InvalidArgument(f"messages[{i}].role is empty")
+    turn = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        turn["tool_calls"] = [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name,
+                          "arguments": _json(c.arguments or "{}", f"messages[{i}].tool_calls[{j}]"
+                                                          ".arguments")}}
+            for j, c in enumerate(m.tool_calls)]
+    if m.tool_call_id:
+        turn["tool_call_id"] = m.tool_call_id
+    if m.name:
+        turn["name"] = m.name
+    return turn
+
+
+def _tool(i: int, t: pb.Tool) -> dict:
+    """A tool as chat templates take it (OpenAI's shape)."""
+    if not t.name:
+        raise InvalidArgument(f"tools[{i}].name is empty")
+    parameters = (_json(t.parameters, f"tools[{i}].parameters") if t.parameters
+                  else {"type": "object", "properties": {}})
+    if not isinstance(parameters, dict):
+        raise InvalidArgument(f"tools[{i}].parameters must be a JSON schema object")
+    return {"type": "function", "function": {"name": t.name, "description": t.description,
+                                             "parameters": parameters}}
+
+
+def _json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{what} is not JSON: {exc}") from None
 
 
 def generation_request_from_pb(req: pb.GenerateRequest, tokenizer, deadline: float | None,

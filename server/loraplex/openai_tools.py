@@ -1,0 +1,344 @@
+"""OpenAI tool calling in the HTTP API (openai_api.py): a chat request's `tools` reach the
+model through the chat template, and `tool_choice` decides what its text becomes.
+
+    "none"          the tools are shown; the text is the message's content
+    {"type": "function", "function": {"name": N}}
+                    the output is guided (guided_json) to N's parameters schema: the text
+                    is the arguments of one call of N (finish_reason "stop", as OpenAI's)
+    "required"      guided to a JSON array of {"name", "parameters"} items, one of the
+                    tools each (a single item with parallel_tool_calls false); every item
+                    is a call (finish_reason "tool_calls")
+    "auto"          the default when tools are given: the model chooses. Needs the server's
+                    --tool-call-parser, which reads the calls out of the text; `hermes`:
+                    <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks (the
+                    format of Qwen2.5/Qwen3, Hermes 2/3 and many fine-tunes), the rest of
+                    the text being the content. A block that is not such JSON, or is not
+                    closed, stays in the content.
+
+A parser turns the completion's text, fed piece by piece as it streams, into `str` pieces
+of the content and `CallDelta`s of the calls, so a streamed answer adds up to the whole
+one. No protobuf and no HTTP here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_FUNCTION_KEYS = {"name", "description", "parameters", "strict"}
+NO_PARAMETERS = {"type": "object", "properties": {}}  # (OpenAI's meaning of none given)
+
+
+class ToolError(ValueError):
+    """A tools or tool_choice value that cannot be served; `param` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class CallDelta:
+    """A piece of tool call `index` (0, 1, ... in a choice): its first piece carries id and
+    name, every piece some of the arguments' JSON text."""
+
+    index: int
+    arguments: str
+    id: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a request's tools and tool_choice ask for."""
+
+    mode: str  # "none" | "named" | "required" | "auto"
+    tools: tuple[dict, ...]  # OpenAI's {"type": "function", "function": {...}}, checked
+    name: str = ""  # "named": the function
+    parallel: bool = True
+    parser: str = ""  # "auto": the --tool-call-parser
+
+    def guided_json(self) -> dict | None:
+        """The schema that the output must follow (None: the model writes freely)."""
+        schemas = {t["function"]["name"]: t["function"].get("parameters") or NO_PARAMETERS
+                   for t in self.tools}
+        if self.mode == "named":
+            return schemas[self.name]
+        if self.mode == "required":
+            items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": s},
+                      "required": ["name", "parameters"]} for n, s in schemas.items()]
+            return {"type": "array", "items": {"anyOf": items}, "minItems": 1,
+                    **({} if self.parallel else {"maxItems": 1})}
+        return None
+
+    def new_parser(self) -> Parser | None:
+        """A parser for one choice (None: the text is all content)."""
+        if self.mode == "named":
+            return _Named(self.name)
+        if self.mode == "required":
+            return _Required()
+        if self.mode == "auto":
+            return _Hermes(self.parallel)
+        return None
+
+
+def plan(tools, tool_choice, parallel_tool_calls, parser: str) -> ToolPlan | None:
+    """Check a chat request's tools, tool_choice and parallel_tool_calls (None: not given);
+    `parser`: the server's --tool-call-parser ("" = none). None when there are no tools."""
+    if tools is not None and not isinstance(tools, list):
+        raise ToolError("tools must be an array of {\"type\": \"function\", \"function\": "
+                        "{\"name\", \"description\", \"parameters\"}}", "tools")
+    checked = tuple(_tool(i, t) for i, t in enumerate(tools or ()))
+    names = [t["function"]["name"] for t in checked]
+    if len(set(names)) != len(names):
+        raise ToolError(f"tools: each function needs its own name, got {names}", "tools")
+    choice = ("auto" if checked else "none") if tool_choice is None else tool_choice
+    if not checked:
+        if choice != "none":
+            raise ToolError("tool_choice needs tools: give the functions the model may call",
+                            "tool_choice")
+        return None
+    parallel = True if parallel_tool_calls is None else parallel_tool_calls
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise ToolError('tool_choice must be "none", "auto", "required" or {"type": '
+                            '"function", "function": {"name": ...}}', "tool_choice")
+        if name not in names:
+            raise ToolError(f"tool_choice names the function {name!r}, which is not in "
+                            f"tools {names}", "tool_choice")
+        return ToolPlan("named", checked, name=name, parallel=parallel)
+    if choice in ("none", "required"):
+        return ToolPlan(choice, checked, parallel=parallel)
+    if choice != "auto":
+        raise ToolError(f'tool_choice must be "none", "auto", "required" or a named '
+                        f'function, got {json.dumps(choice)[:80]}', "tool_choice")
+    if not parser:
+        raise ToolError('tool_choice "auto" (the default with tools) needs a server started '
+                        'with --tool-call-parser hermes, which reads the calls out of the '
+                        'text; or send tool_choice "required", "none" or a named function',
+                        "tool_choice")
+    return ToolPlan("auto", checked, parallel=parallel, parser=parser)
+
+
+def _tool(i: int, tool) -> dict:
+    where = f"tools[{i}]"
+    if not isinstance(tool, dict) or tool.get("type") != "function" \
+            or not isinstance(tool.get("function"), dict):
+        raise ToolError(f'{where} must be {{"type": "function", "function": {{"name", '
+                        f'"description", "parameters"}}}}', "tools")
+    fn = tool["function"]
+    unknown = sorted(set(fn) - _FUNCTION_KEYS)
+    if unknown:
+        raise ToolError(f"{where}.function: unknown fields {unknown}; it takes "
+                        f"{sorted(_FUNCTION_KEYS)}", "tools")
+    name = fn.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ToolError(f"{where}.function.name must be 1 to 64 letters, digits, '_' or "
+                        f"'-', got {json.dumps(name)[:80]}", "tools")
+    if not isinstance(fn.get("description", ""), str):
+        raise ToolError(f"{where}.function.description must be a string", "tools")
+    parameters = fn.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise ToolError(f"{where}.function.parameters must be a JSON schema object", "tools")
+    return {"type": "function", "function": {"name": name,
+                                             "description": fn.get("description") or "",
+                                             "parameters": parameters or NO_PARAMETERS}}
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+# ---- parsers: a choice's text -> content and calls ------------------------------------
+
+class Parser:
+    """Feed a choice's text as it comes; each call returns what is now certain."""
+
+    def __init__(self):
+        self.calls = 0  # calls begun so far
+
+    def feed(self, text: str) -> list[str | CallDelta]:
+        raise NotImplementedError
+
+    def finish(self) -> list[str | CallDelta]:
+        """The end of the text: what was held back."""
+        return []
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return reason
+
+    def _call(self, name: str, arguments: str) -> CallDelta:
+        self.calls += 1
+        return CallDelta(self.calls - 1, arguments, new_call_id(), name)
+
+
+class _Named(Parser):
+    """The whole text is the arguments of one call of `name`."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self._name = name
+
+    def feed(self, text: str) -> list[str | CallDelta]:
+        if not self.calls:
+            return [self._call(self._name, text)]
+        return [CallDelta(0, text)] if text else []
+
+    def finish(self) -> list[str | CallDelta]:
+        return [] if self.calls else [self._call(self._name, "")]
+
+
+class _Required(Parser):
+    """The text is a JSON array of {"name", "parameters"}: each item is a call once it
+    is closed (an item cut off by max_tokens is no call)."""
+
+    def __init__(self):
+        super().__init__()
+        self._text, self._at = "", 0
+        self._decoder = json.JSONDecoder()
+
+    def feed(self, text: str) -> list[str | CallDelta]:
+        self._text += text
+        out = []
+        while True:
+            while self._at < len(self._text) and self._text[self._at] in "[, ]":
+                self._at += 1
+            try:
+                item, end = self._decoder.raw_decode(self._text, self._at)
+            except json.JSONDecodeError:  # (not closed yet)
+                return out
+            self._at = end
+            if isinstance(item, dict) and isinstance(item.get("name"), str):  # (guided so)
+                out.append(self._call(item["name"], _dumps(item.get("parameters", {}))))
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and self.calls else reason
+
+
+class _Hermes(Parser):
+    """<tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks are calls; the text
+    around them is the content, less the whitespace next to a block. While streaming, text
+    that may be the start of a block is held back until it is known."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self, parallel: bool):
+        super().__init__()
+        self._parallel = parallel
+        self._text = ""  # not yet sent: content, or a block's body while _inside
+        self._inside = False
+        self._gap = ""  # whitespace before the open block (content if it is no call)
+        self._after_call = False  # at whitespace that follows a block: not content
+
+    def feed(self, text: str) -> list[str | CallDelta]:
+        self._text += text
+        out: list[str | CallDelta] = []
+        while True:
+            if self._inside:
+                end = self._text.find(self.CLOSE)
+                if end < 0:
+                    return out
+                body, self._text = self._text[:end], self._text[end + len(self.CLOSE):]
+                self._inside = False
+                call = _hermes_call(body)
+                if call is None:
+                    out += self._content(self._gap + self.OPEN + body + self.CLOSE)
+                    continue
+                self._after_call = True
+                if self._parallel or not self.calls:
+                    out.append(self._call(*call))
+                continue
+            start = self._text.find(self.OPEN)
+            if start < 0:
+                keep = _held_back(self._text, self.OPEN)
+                out += self._content(self._text[:len(self._text) - keep])
+                self._text = self._text[len(self._text) - keep:]
+                return out
+            before = self._text[:start]
+            content = before.rstrip()
+            self._gap = before[len(content):]
+            out += self._content(content)
+            self._text, self._inside = self._text[start + len(self.OPEN):], True
+
+    def finish(self) -> list[str | CallDelta]:
+        rest = self._gap + self.OPEN + self._text if self._inside else self._text
+        self._text, self._inside = "", False
+        return self._content(rest)
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and self.calls else reason
+
+    def _content(self, text: str) -> list[str]:
+        if self._after_call:
+            text = text.lstrip()
+            self._after_call = not text
+        return [text] if text else []
+
+
+def _held_back(text: str, tag: str) -> int:
+    """How many characters at the end of `text` to keep: its trailing whitespace (which
+    goes if a block follows) and any start of `tag`."""
+    keep = next((k for k in range(min(len(tag) - 1, len(text)), 0, -1)
+                 if tag.startswith(text[len(text) - k:])), 0)
+    body = text[:len(text) - keep]
+    return keep + len(body) - len(body.rstrip())
+
+
+def _hermes_call(body: str) -> tuple[str, str] | None:
+    """(name, arguments JSON) of a block's body, None when it is no call."""
+    try:
+        call = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", call.get("parameters", {}))
+    return call["name"], arguments if isinstance(arguments, str) else _dumps(arguments)
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def message(pieces: list[str | CallDelta]) -> dict:
+    """A whole message's content and tool_calls from all of a choice's pieces."""
+    content = "".join(p for p in pieces if isinstance(p, str))
+    calls: list[dict] = []
+    for p in pieces:
+        if isinstance(p, CallDelta):
+            if p.id:
+                calls.append({"id": p.id, "type": "function",
+                              "function": {"name": p.name, "arguments": ""}})
+            calls[p.index]["function"]["arguments"] += p.arguments
+    if not calls:
+        return {"content": content}
+    return {"content": content or None, "tool_calls": calls}
+
+
+def delta(pieces: list[str | CallDelta]) -> dict:
+    """A stream chunk's delta of these pieces ({} when there are none)."""
+    out: dict = {}
+    content = "".join(p for p in pieces if isinstance(p, str))
+    if content:
+        out["content"] = content
+    calls: list[dict] = []  # one entry per call: its pieces in this chunk joined
+    for p in pieces:
+        if not isinstance(p, CallDelta):
+            continue
+        if calls and calls[-1]["index"] == p.index:
+            calls[-1]["function"]["arguments"] += p.arguments
+            continue
+        call: dict = {"index": p.index}
+        if p.id:
+            call.update(id=p.id, type="function")
+        call["function"] = ({"name": p.name, "arguments": p.arguments} if p.id
+                            else {"arguments": p.arguments})
+        calls.append(call)
+    if calls:
+        out["tool_calls"] = calls
+    return out
