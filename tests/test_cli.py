@@ -43,6 +43,9 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path):
     assert config.engine.prefix_caching is False  # a TOML boolean
     assert parse(["--model", "m"])[0].engine.prefix_caching is True
     assert parse(["--model", "m"], {"LORAPLEX_PREFIX_CACHING": "off"})[0].engine.prefix_caching is False
+    assert parse(["--model", "m"])[0].server.tool_call_parser == ""  # (auto refused)
+    assert parse(["--model", "m"], {"LORAPLEX_TOOL_CALL_PARSER": "hermes"})[0] \
+        .server.tool_call_parser == "hermes"
     assert config.model.path == "/models/from-file" and config.model.quantize == "nf4"
     assert config.server.preload == (("a", "a"), ("b", "sub/b"))
     assert config.server.admin_token == "from-env"
@@ -81,6 +84,7 @@ def test_json_config_file_from_env_and_preload_forms(tmp_path):
     (["--model", "m", "--prefix-caching", "maybe"], {}, None, "expected on or off"),
     (["--model", "m", "--step-timeout", "0.5"], {}, None, "step_timeout must be 0"),
     (["--model", "m", "--step-timeout", "nan"], {}, None, "step_timeout must be 0"),
+    (["--model", "m"], {}, "tool_call_parser = 'mistral'", "tool_call_parser: must be one of"),
 ])
 def test_bad_configuration_names_its_source(tmp_path, argv, env, file_text, words):
     if file_text is not None:

@@ -73,6 +73,9 @@ CASES = {
         ({}, True), ({"a": None}, True), ({"b": "123"}, True), ({"a": None, "b": "007"}, True),
         ({"b": "12"}, False), ({"b": "1234"}, False), ({"b": 123}, False),
     ]),
+    "no properties (a tool with no arguments)": ({"type": "object", "properties": {}}, [
+        ({}, True), ({"a": 1}, False), ([], False), (None, False),
+    ]),
     "top-level array": ({"type": "array", "items": {"type": "integer"}, "minItems": 2,
                          "maxItems": 3}, [
         ([1, 2], True), ([1, 2, 3], True), ([1], False), ([1, 2, 3, 4], False), ([], False),

@@ -23,8 +23,8 @@ LONG = {"max_tokens": 16000, "extra_body": {"ignore_eos": True}}  # cancelled lo
 
 @pytest.fixture(scope="module")
 def served(assets):
-    s = RunningServer(make_config(assets, http_port=free_port(),
-                                  served_model_name="tiny-llama")).start()
+    s = RunningServer(make_config(assets, http_port=free_port(), served_model_name="tiny-llama",
+                                  tool_call_parser="hermes")).start()
     yield s
     s.stop()
 
@@ -205,6 +205,125 @@ def test_response_format_json_schema_is_guided(api):
     assert choice.choices[0].text in ("left", "right")
 
 
+# ---------------------------------------------------------------- tool calling
+
+TOOLS = [{"type": "function", "function": {
+             "name": "get_weather", "description": "the weather in a city",
+             "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                                             "days": {"enum": [1, 2, 3]}},
+                            "required": ["city", "days"]}}},
+         {"type": "function", "function": {"name": "get_time"}}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+CITY_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "(Paris|Rome)"}}</tool_call>'
+
+
+def _streamed_calls(chunks) -> tuple[str, list[dict]]:
+    """(content, calls) that a stream's deltas add up to, as OpenAI's clients add them."""
+    content, calls = "", {}
+    for chunk in chunks:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or ():
+            if d.id:  # (a call's first delta: its id, type and name, once)
+                assert d.index not in calls and d.type == "function" and d.function.name
+                calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": ""}
+            calls[d.index]["arguments"] += d.function.arguments or ""
+    return content, [calls[i] for i in sorted(calls)]
+
+
+def _calls(message) -> list[dict]:
+    return [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+            for c in message.tool_calls or ()]
+
+
+def test_a_named_tool_choice_guides_the_arguments(api, grpc_client):
+    body = dict(model="alpha", messages=MESSAGES, tools=TOOLS, tool_choice=NAMED, max_tokens=60,
+                temperature=0)
+    out = api.chat.completions.create(**body)
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None  # (as OpenAI's)
+    [call] = _calls(choice.message)
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    args = json.loads(call["arguments"])
+    assert args["city"] in ("Paris", "Rome") and args["days"] in (1, 2, 3)
+    ref = grpc_client.generate(messages=MESSAGES, tools=TOOLS, adapter="alpha", max_new_tokens=60,
+                               guided_json=TOOLS[0]["function"]["parameters"])
+    assert call["arguments"] == ref.text and out.usage.prompt_tokens == ref.prompt_tokens
+    content, calls = _streamed_calls(api.chat.completions.create(**body, stream=True))
+    assert content == "" and [(c["name"], c["arguments"]) for c in calls] == [
+        ("get_weather", ref.text)]
+
+
+def test_required_tool_choice_makes_every_item_a_call(api, grpc_client):
+    body = dict(model="beta", messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                parallel_tool_calls=False, max_tokens=80, temperature=0)
+    out = api.chat.completions.create(**body)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = _calls(choice.message)  # (parallel_tool_calls false: one item)
+    ref = grpc_client.generate(messages=MESSAGES, tools=TOOLS, adapter="beta", max_new_tokens=80,
+                               guided_json={"type": "array", "minItems": 1, "maxItems": 1,
+                                            "items": {"anyOf": [
+                                                {"type": "object", "required": ["name",
+                                                                                "parameters"],
+                                                 "properties": {"name": {"const": t["function"]["name"]},
+                                                                "parameters": t["function"].get(
+                                                                    "parameters", {"type": "object",
+                                                                                   "properties": {}})}}
+                                                for t in TOOLS]}})
+    [item] = json.loads(ref.text)
+    assert (call["name"], json.loads(call["arguments"])) == (item["name"], item["parameters"])
+    content, calls = _streamed_calls(api.chat.completions.create(**body, stream=True))
+    assert content == "" and [(c["name"], c["arguments"]) for c in calls] == [
+        (call["name"], call["arguments"])]
+
+
+def test_auto_tool_choice_reads_hermes_blocks_out_of_the_text(api, grpc_client):
+    """The server's --tool-call-parser hermes; the random model is steered to write a block
+    with guided_regex, which tool_choice auto leaves to the request."""
+    body = dict(model="alpha", messages=MESSAGES, tools=TOOLS, max_tokens=90, temperature=0,
+                extra_body={"guided_regex": "Sure\\. " + CITY_CALL})
+    out = api.chat.completions.create(**body)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure."
+    [call] = _calls(choice.message)
+    assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris",
+                                                                                      "Rome")
+    content, calls = _streamed_calls(api.chat.completions.create(**body, stream=True))
+    assert content == "Sure." and [(c["name"], c["arguments"]) for c in calls] == [
+        (call["name"], call["arguments"])]
+    free = api.chat.completions.create(model="alpha", messages=MESSAGES, tools=TOOLS,
+                                       max_tokens=12, temperature=0)  # (no block: all content)
+    ref = grpc_client.generate(messages=MESSAGES, tools=TOOLS, adapter="alpha", max_new_tokens=12)
+    assert (free.choices[0].message.content, free.choices[0].message.tool_calls) == (ref.text,
+                                                                                     None)
+    assert free.choices[0].finish_reason == ref.finish_reason
+    none = api.chat.completions.create(model="alpha", messages=MESSAGES, tools=TOOLS,
+                                       tool_choice="none", max_tokens=12, temperature=0)
+    assert none.choices[0].message.content == ref.text  # (the tools are still shown)
+
+
+def test_a_conversation_with_tool_results_is_templated(served, api, grpc_client):
+    history = [*MESSAGES,
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Rome", "days": 1}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    status, tokens = _http(f"http://127.0.0.1:{served.server.http_port}/tokenize",
+                           json.dumps({"messages": history, "tools": TOOLS}).encode(),
+                           {"Content-Type": "application/json"})
+    want = grpc_client.tokenize(messages=history, tools=TOOLS)
+    assert status == 200 and tokens["tokens"] == list(want.token_ids)
+    text = grpc_client.detokenize(want.token_ids)
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome", "days": 1}}' in text
+    assert "<tool>sunny" in text and text.startswith('<tools>[{"type": "function"')
+    out = api.chat.completions.create(model="gamma", messages=history, tools=TOOLS,
+                                      tool_choice="none", max_tokens=8, temperature=0)
+    ref = grpc_client.generate(messages=history, tools=TOOLS, adapter="gamma", max_new_tokens=8)
+    assert out.choices[0].message.content == ref.text
+    assert out.usage.prompt_tokens == len(want.token_ids)
+
+
 # ---------------------------------------------------------------- models, routes, errors
 
 def test_models_lists_the_base_adapters_and_routes(api, grpc_client):
@@ -236,9 +355,32 @@ def test_models_lists_the_base_adapters_and_routes(api, grpc_client):
     (lambda api: api.completions.create(model="alpha", prompt=PROMPT, top_p="x"),
      openai.BadRequestError, "top_p must be a number"),
     (lambda api: api.chat.completions.create(
-        model="alpha", messages=MESSAGES,
-        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-     openai.BadRequestError, "needs a server started with --tool-call-parser hermes"),
+        model="alpha", messages=MESSAGES, tools=[{"type": "function", "function": {"name": "f",
+                                                                                  "parameters": 1}}]),
+     openai.BadRequestError, "tools[0].function.parameters must be a JSON schema object"),
+    (lambda api: api.chat.completions.create(
+        model="alpha", messages=MESSAGES, tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "nope"}}),
+     openai.BadRequestError, "'nope', which is not in tools ['get_weather', 'get_time']"),
+    (lambda api: api.chat.completions.create(
+        model="alpha", messages=MESSAGES, tools=TOOLS, tool_choice="required",
+        extra_body={"guided_regex": "a+"}),
+     openai.BadRequestError, "tool_choice required guides the output to the tool call: drop "
+                             "guided_regex"),
+    (lambda api: api.chat.completions.create(
+        model="alpha", messages=MESSAGES, tools=TOOLS, tool_choice=NAMED,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}),
+     openai.BadRequestError, "drop response_format"),
+    (lambda api: api.chat.completions.create(
+        model="alpha", messages=MESSAGES, functions=[{"name": "f"}]),
+     openai.BadRequestError, "functions (deprecated by OpenAI) is not supported: send tools"),
+    (lambda api: api.chat.completions.create(
+        model="alpha", messages=[*MESSAGES, {"role": "assistant", "tool_calls": [{"id": "c"}]}]),
+     openai.BadRequestError, "messages[2].tool_calls[0] must be"),
+    (lambda api: api.chat.completions.create(
+        model="alpha", messages=[*MESSAGES, {"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]),
+     openai.BadRequestError, "messages[2].tool_calls[0].arguments is not JSON"),
     (lambda api: api.chat.completions.create(model="alpha", messages=MESSAGES,
                                              response_format={"type": "json_object"}),
      openai.BadRequestError, "json_schema"),
@@ -343,10 +485,21 @@ def test_the_gateway_process_answers_as_the_server_does(served, api):
     body = {"model": "beta", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     in_process = api.completions.create(**body)
     metrics_port = free_port()
-    with Gateway(served.target, "tiny-llama", "--metrics-port", str(metrics_port)) as gateway:
+    tool_body = {"model": "alpha", "messages": MESSAGES, "tools": TOOLS, "max_tokens": 90,
+                 "temperature": 0, "guided_regex": CITY_CALL}  # (auto)
+    with Gateway(served.target, "tiny-llama", "--metrics-port", str(metrics_port),
+                 "--tool-call-parser", "hermes") as gateway:
         status, out = _http(f"{gateway.url}/v1/completions", json.dumps(body).encode(),
                             {"Content-Type": "application/json"})
         assert status == 200 and out["choices"][0]["text"] == in_process.choices[0].text
+        status, out = _http(f"{gateway.url}/v1/chat/completions", json.dumps(tool_body).encode(),
+                            {"Content-Type": "application/json"})
+        want = api.chat.completions.create(
+            **{k: v for k, v in tool_body.items() if k != "guided_regex"},
+            extra_body={"guided_regex": CITY_CALL}).choices[0].message.tool_calls[0]
+        [call] = out["choices"][0]["message"]["tool_calls"]
+        assert status == 200 and call["function"] == {"name": "get_weather",
+                                                      "arguments": want.function.arguments}
         status, models = _http(f"{gateway.url}/v1/models")
         assert status == 200 and models["data"][0]["id"] == "tiny-llama"
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
@@ -382,6 +535,9 @@ def test_tokens_pass_through_to_the_grpc_check(guarded, assets):
         out = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=3)
         assert out.usage.completion_tokens == 3
         assert {m.id for m in api.models.list().data} >= {model, "alpha"}  # (the admin token lists)
+        with pytest.raises(openai.BadRequestError, match="needs a server started with "
+                                                          "--tool-call-parser hermes"):
+            api.chat.completions.create(model="alpha", messages=MESSAGES, tools=TOOLS)  # auto
     with _guarded_api(guarded, "wrong") as api:
         with pytest.raises(openai.PermissionDeniedError, match="not valid"):
             api.completions.create(model="alpha", prompt=PROMPT, max_tokens=3)
@@ -406,6 +562,7 @@ _FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", 
            "stop", "seed", "logprobs", "top_logprobs", "echo", "logit_bias", "response_format",
            "stream_options", "best_of", "user", "guided_choice", "guided_json", "top_k",
            "stop_token_ids", "truncate_prompt_tokens", "priority", "tools", "functions",
+           "tool_choice", "parallel_tool_calls",
            "max_completion_tokens", "min_tokens", "allowed_token_ids", "suffix"]
 
 

@@ -29,10 +29,12 @@ prompt scored too, its tokens leading the choice's logprobs), user -> the route'
 routing_key; response_format json_schema -> guided_json) and vLLM's extra ones (top_k,
 min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
 include_stop_str_in_output, guided_regex, guided_choice, guided_json, priority,
-truncate_prompt_tokens, allowed_token_ids), plus routing_key. What cannot be honoured is
-refused with 400, never ignored: tools, suffix, best_of other than n,
-response_format json_object (a schema is needed), a message part that is not text, and
-any unknown field.
+truncate_prompt_tokens, allowed_token_ids), plus routing_key; chat's tools, tool_choice and
+parallel_tool_calls, with messages that carry tool_calls and tool results (openai_tools.py
+says what each tool_choice does). What cannot be honoured is refused with 400, never
+ignored: suffix, best_of other than n, response_format json_object (a schema is needed),
+a message part that is not text, functions / function_call (send tools / tool_choice),
+tool_choice auto on a server without --tool-call-parser, and any unknown field.
 """
 
 from __future__ import annotations
@@ -464,7 +466,7 @@ class OpenAIApi:
         tools = _tool_plan(body, self._tool_call_parser)
         forced = tools.guided_json() if tools is not None else None
         if forced is not None:
-            given = [g for g in _GUIDES if sampling.get(g)]
+            given = [g for g in _GUIDES if sampling.get(g) is not None]
             if given:
                 raise _bad(f"tool_choice {tools.mode} guides the output to the tool call: "
                            f"drop {'response_format' if schema is not None else given[0]}",

@@ -12,7 +12,8 @@ definitions (not recursive), string (minLength, maxLength, pattern: less the
 characters JSON escapes, format date /
 time / date-time / uuid), integer (minimum, maximum, exclusiveMinimum, exclusiveMaximum),
 number (no bounds), boolean, null, array (items, minItems, maxItems), object
-(properties, required). Anything else that constrains the
+(properties, required; only the listed properties: "properties": {} allows {} alone).
+Anything else that constrains the
 text raises InvalidArgument naming it; annotations (title, description, ...) are
 ignored. JSON with unbounded nesting is not a regular language, so an object needs its
 properties and an array its items.
@@ -187,9 +188,11 @@ class _Converter:
 
     def object(self, schema: dict, where: str, depth: int):
         properties = schema.get("properties")
-        if not isinstance(properties, dict) or not properties:
+        if not isinstance(properties, dict):
             raise self.error(where, "an object with no properties (free-form objects are "
                              "not a regular language): list them")
+        if not properties:  # ("properties": {}, as a tool with no arguments has)
+            return ("cat", [literal("{"), _SPACE, literal("}")])
         required = set(schema.get("required", []))
         missing = required - set(properties)
         if missing:
