@@ -9,6 +9,8 @@ import json
 import pytest
 
 from loraplex import openai_tools
+from loraplex.engine.byte_regex import compile_tree
+from loraplex.engine.json_schema import schema_to_tree
 from loraplex.openai_tools import CallDelta, ToolError, delta, message, plan
 
 WEATHER = {"type": "function", "function": {
@@ -59,6 +61,29 @@ def test_plan_defaults_and_modes():
     assert [i["properties"]["name"] for i in required["items"]["anyOf"]] == [
         {"const": "get_weather"}, {"const": "get_time"}]
     assert "maxItems" not in plan([WEATHER], "required", None, "").guided_json()
+
+
+def test_required_keeps_each_tools_refs_apart():
+    """Each tool's $defs move to the root of the array schema, so its $refs still resolve,
+    and two tools' defs of one name stay two."""
+    def tool(name, unit_enum):
+        return {"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "properties": {"u": {"$ref": "#/$defs/unit"},
+                                             "v": {"$ref": "#/definitions/unit"}},
+            "required": ["u", "v"], "$defs": {"unit": {"enum": unit_enum}},
+            "definitions": {"unit": {"enum": unit_enum}}}}}
+
+    schema = plan([tool("a", ["m"]), tool("b", ["s"])], "required", None, "").guided_json()
+    dfa = compile_tree(schema_to_tree(json.dumps(schema)))
+
+    def allowed(calls):
+        return dfa.matches(json.dumps(calls).encode())
+
+    assert allowed([{"name": "a", "parameters": {"u": "m", "v": "m"}}])
+    assert allowed([{"name": "b", "parameters": {"u": "s", "v": "s"}},
+                    {"name": "a", "parameters": {"u": "m", "v": "m"}}])
+    assert not allowed([{"name": "a", "parameters": {"u": "s", "v": "m"}}])  # b's unit
+    assert not allowed([{"name": "b", "parameters": {"u": "s", "v": "m"}}])
 
 
 @pytest.mark.parametrize("tools, choice, param, words", [

@@ -68,10 +68,13 @@ class ToolPlan:
         if self.mode == "named":
             return schemas[self.name]
         if self.mode == "required":
-            items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": s},
+            defs: dict = {}  # every tool's $defs, at the root where the $refs now point
+            items = [{"type": "object",
+                      "properties": {"name": {"const": n}, "parameters": _rooted(n, s, defs)},
                       "required": ["name", "parameters"]} for n, s in schemas.items()]
             return {"type": "array", "items": {"anyOf": items}, "minItems": 1,
-                    **({} if self.parallel else {"maxItems": 1})}
+                    **({} if self.parallel else {"maxItems": 1}),
+                    **({"$defs": defs} if defs else {})}
         return None
 
     def new_parser(self) -> Parser | None:
@@ -148,6 +151,27 @@ def _tool(i: int, tool) -> dict:
     return {"type": "function", "function": {"name": name,
                                              "description": fn.get("description") or "",
                                              "parameters": parameters or NO_PARAMETERS}}
+
+
+def _rooted(tool: str, schema: dict, defs: dict) -> dict:
+    """`schema` (a tool's parameters) to sit inside another schema: its $defs /
+    definitions move into `defs` as "tool:name", and its $refs point there."""
+    def rewrite(node):
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+        ref = node.get("$ref")
+        for prefix in ("#/$defs/", "#/definitions/"):
+            if isinstance(ref, str) and ref.startswith(prefix):
+                out["$ref"] = f"#/$defs/{tool}:{ref[len(prefix):]}"
+        return out
+
+    for key in ("$defs", "definitions"):
+        for name, sub in (schema.get(key) or {}).items():
+            defs[f"{tool}:{name}"] = rewrite(sub)
+    return rewrite(schema)
 
 
 def new_call_id() -> str:
