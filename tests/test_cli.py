@@ -84,7 +84,7 @@ def test_json_config_file_from_env_and_preload_forms(tmp_path):
     (["--model", "m", "--prefix-caching", "maybe"], {}, None, "expected on or off"),
     (["--model", "m", "--step-timeout", "0.5"], {}, None, "step_timeout must be 0"),
     (["--model", "m", "--step-timeout", "nan"], {}, None, "step_timeout must be 0"),
-    (["--model", "m"], {}, "tool_call_parser = 'mistral'", "tool_call_parser: must be one of"),
+    (["--model", "m"], {}, "tool_call_parser = 'xml'", "tool_call_parser: must be one of"),
 ])
 def test_bad_configuration_names_its_source(tmp_path, argv, env, file_text, words):
     if file_text is not None:

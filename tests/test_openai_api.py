@@ -480,26 +480,30 @@ def test_a_client_that_goes_away_frees_its_place_in_the_batch(served, api):
                               endpoint="/v1/completions", status="499") == gone + 2
 
 
-def test_the_gateway_process_answers_as_the_server_does(served, api):
-    """`loraplex http-gateway` in a process of its own, over the server's gRPC port."""
+def test_the_gateway_process_answers_as_the_server_does(served, api, grpc_client):
+    """`loraplex http-gateway` in a process of its own, over the server's gRPC port; its
+    --tool-call-parser llama3_json reads the call that the model is steered to write."""
     body = {"model": "beta", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     in_process = api.completions.create(**body)
     metrics_port = free_port()
+    llama_call = '{"name": "get_weather", "parameters": {"city": "(Paris|Rome)"}}'
     tool_body = {"model": "alpha", "messages": MESSAGES, "tools": TOOLS, "max_tokens": 90,
-                 "temperature": 0, "guided_regex": CITY_CALL}  # (auto)
+                 "temperature": 0, "guided_regex": llama_call}  # (auto)
     with Gateway(served.target, "tiny-llama", "--metrics-port", str(metrics_port),
-                 "--tool-call-parser", "hermes") as gateway:
+                 "--tool-call-parser", "llama3_json") as gateway:
         status, out = _http(f"{gateway.url}/v1/completions", json.dumps(body).encode(),
                             {"Content-Type": "application/json"})
         assert status == 200 and out["choices"][0]["text"] == in_process.choices[0].text
         status, out = _http(f"{gateway.url}/v1/chat/completions", json.dumps(tool_body).encode(),
                             {"Content-Type": "application/json"})
-        want = api.chat.completions.create(
-            **{k: v for k, v in tool_body.items() if k != "guided_regex"},
-            extra_body={"guided_regex": CITY_CALL}).choices[0].message.tool_calls[0]
-        [call] = out["choices"][0]["message"]["tool_calls"]
-        assert status == 200 and call["function"] == {"name": "get_weather",
-                                                      "arguments": want.function.arguments}
+        ref = grpc_client.generate(messages=MESSAGES, tools=TOOLS, adapter="alpha",
+                                   max_new_tokens=90, guided_regex=llama_call)
+        [choice] = out["choices"]
+        [call] = choice["message"]["tool_calls"]
+        assert status == 200 and choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] is None and call["function"] == {
+            "name": "get_weather",
+            "arguments": json.dumps(json.loads(ref.text)["parameters"])}
         status, models = _http(f"{gateway.url}/v1/models")
         assert status == 200 and models["data"][0]["id"] == "tiny-llama"
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
@@ -536,7 +540,7 @@ def test_tokens_pass_through_to_the_grpc_check(guarded, assets):
         assert out.usage.completion_tokens == 3
         assert {m.id for m in api.models.list().data} >= {model, "alpha"}  # (the admin token lists)
         with pytest.raises(openai.BadRequestError, match="needs a server started with "
-                                                          "--tool-call-parser hermes"):
+                                                          "--tool-call-parser"):
             api.chat.completions.create(model="alpha", messages=MESSAGES, tools=TOOLS)  # auto
     with _guarded_api(guarded, "wrong") as api:
         with pytest.raises(openai.PermissionDeniedError, match="not valid"):

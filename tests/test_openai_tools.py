@@ -38,7 +38,8 @@ def _whole_and_streamed(mode_plan, text: str) -> dict:
 
 def _ids_out(msg: dict) -> dict:
     for call in msg.get("tool_calls", ()):
-        assert call["id"].startswith("call_") and len(call["id"]) == 29
+        assert (call["id"].startswith("call_") and len(call["id"]) == 29
+                or call["id"].isalnum() and len(call["id"]) == 9), call["id"]  # (mistral)
     return {**msg, "tool_calls": [{**c, "id": "-"} for c in msg.get("tool_calls", ())]}
 
 
@@ -103,7 +104,7 @@ def test_required_keeps_each_tools_refs_apart():
     ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice",
      "'nope', which is not in tools ['get_weather']"),
     ([WEATHER], {"type": "function"}, "tool_choice", 'or {"type": "function", "function"'),
-    ([WEATHER], None, "tool_choice", "--tool-call-parser hermes"),  # auto, no parser
+    ([WEATHER], None, "tool_choice", "--tool-call-parser"),  # auto, no parser
 ])
 def test_plan_refuses_what_it_cannot_serve(tools, choice, param, words):
     with pytest.raises(ToolError) as info:
@@ -175,6 +176,89 @@ def test_hermes_without_parallel_calls_keeps_the_first():
     single = plan([WEATHER, TIME], None, False, "hermes")
     msg = _whole_and_streamed(single, HERMES)
     assert [c["function"]["name"] for c in msg["tool_calls"]] == ["get_weather"]
+
+
+def _calls(msg: dict) -> list[tuple[str, str]]:
+    return [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]]
+
+
+def test_llama3_json_a_text_of_objects_is_calls():
+    auto = plan([WEATHER, TIME], None, None, "llama3_json")
+    for text in ('{"name": "get_weather", "parameters": {"city": "Paris"}}',
+                 '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
+                 ' \n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'):
+        msg = _whole_and_streamed(auto, text)
+        assert msg["content"] is None and _calls(msg) == [("get_weather", '{"city": "Paris"}')]
+        assert _ids_out(msg)["tool_calls"][0]["id"] == "-"
+    two = '{"name": "get_weather", "parameters": {"city": "Rome"}}; {"name": "get_time"}'
+    assert _calls(_whole_and_streamed(auto, two)) == [("get_weather", '{"city": "Rome"}'),
+                                                      ("get_time", "{}")]
+    single = plan([WEATHER, TIME], None, False, "llama3_json")
+    assert _calls(_whole_and_streamed(single, two)) == [("get_weather", '{"city": "Rome"}')]
+    parser = auto.new_parser()
+    parser.feed(two)
+    parser.finish()
+    assert parser.finish_reason("stop") == "tool_calls"
+
+
+@pytest.mark.parametrize("text", [
+    "The weather in Paris is mild.",  # (content from the start: streams as it comes)
+    '{"name": "get_weather", "parameters": {"city": "Pa',  # cut off
+    '{"name": "get_weather", "parameters": {}} and more words',  # not calls alone
+    '{"city": "Paris"}',  # no name
+    "<|python_tag|>print(1)",  # (Llama's code interpreter, not a function call)
+    "<|pyth",  # a start of the tag, then the end
+    "  ",
+])
+def test_llama3_json_any_other_text_is_all_content(text):
+    auto = plan([WEATHER], None, None, "llama3_json")
+    assert _whole_and_streamed(auto, text) == {"content": text}
+    parser = auto.new_parser()
+    assert parser.feed(text) + parser.finish() == [text]
+    assert parser.finish_reason("stop") == "stop"
+
+
+def test_llama3_json_streams_content_at_once_and_holds_calls_to_the_end():
+    parser = plan([WEATHER], None, None, "llama3_json").new_parser()
+    assert parser.feed(" ") == [] and parser.feed("Hi") == [" Hi"] and parser.feed("!") == ["!"]
+    parser = plan([WEATHER], None, None, "llama3_json").new_parser()
+    assert parser.feed('{"name": "get_weather", ') == [] and parser.feed('"parameters": {}}') == []
+    assert [(p.name, p.arguments) for p in parser.finish()] == [("get_weather", "{}")]
+
+
+def test_mistral_an_array_of_calls_with_mistral_ids():
+    auto = plan([WEATHER, TIME], None, None, "mistral")
+    calls = ('[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+             '{"name": "get_time", "arguments": {}}]')
+    for text in (calls, "[TOOL_CALLS]" + calls, "[TOOL_CALLS] " + calls):
+        msg = _whole_and_streamed(auto, text)
+        assert _calls(msg) == [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]
+        assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in msg["tool_calls"])
+    for text in ("[1] is a footnote.", "Sure: [x]", "[TOOL_CALLS] nothing"):
+        assert _whole_and_streamed(auto, text) == {"content": text}
+
+
+def test_pythonic_a_list_of_calls_is_calls():
+    auto = plan([WEATHER, TIME], None, None, "pythonic")
+    text = '[get_weather(city="Paris", days=2, hourly=True, hours=[1, 2]), get_time()]'
+    msg = _whole_and_streamed(auto, text)
+    assert msg["content"] is None and _calls(msg) == [
+        ("get_weather", '{"city": "Paris", "days": 2, "hourly": true, "hours": [1, 2]}'),
+        ("get_time", "{}")]
+    single = plan([WEATHER, TIME], None, False, "pythonic")
+    assert [n for n, _ in _calls(_whole_and_streamed(single, text))] == ["get_weather"]
+    for content in ("Paris is sunny.", "[1, 2]", "[]", "[get_weather(city=x)]",  # (no literal)
+                    "[get_weather('Paris')]", "[get_weather(**a)]", "[os.system(c='ls')]",
+                    "[f(a=1)] and then", "[f(a=1e999)]", "[f(a={1, 2})]", "[f(a=1"):
+        assert _whole_and_streamed(auto, content) == {"content": content}, content
+
+
+def test_json_parsers_refuse_what_is_not_json():
+    for parser, text in (("hermes", '<tool_call>{"name": "f", "arguments": {"a": NaN}}'
+                                    '</tool_call>'),
+                         ("llama3_json", '{"name": "f", "parameters": {"a": Infinity}}')):
+        assert _whole_and_streamed(plan([WEATHER], None, None, parser), text) == {
+            "content": text}
 
 
 def test_a_stream_delta_names_each_call_once():

@@ -148,8 +148,10 @@ OPTIONS: tuple[Option, ...] = (
        "--model value)", metavar="NAME"),
     _o("tool-call-parser", "server", "tool_call_parser", str,
        "how the HTTP API reads tool calls out of the model's text, for tool_choice auto "
-       "(hermes: <tool_call>{...}</tool_call>, as Qwen2.5/3 and Hermes write them; empty: "
-       "auto refused)", choices=TOOL_CALL_PARSERS),
+       "(hermes: <tool_call>{...}</tool_call>, as Qwen2.5/3 and Hermes write them; "
+       "llama3_json: {\"name\", \"parameters\"} objects, as Llama 3.1+; mistral: "
+       "[TOOL_CALLS][{...}]; pythonic: [f(a=1)], as Llama 3.2/4; empty: auto refused)",
+       choices=TOOL_CALL_PARSERS),
     _o("data-dir", "server", "data_dir", str,
        "folder keeping routes and loaded adapters across restarts (empty: not kept)",
        metavar="DIR"),

@@ -15,7 +15,7 @@ QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 LORA_BACKENDS = ("auto", "loop", "gather", "grouped", "segmented", "bgmv", "triton")
 ATTENTION_BACKENDS = ("auto", "sdpa", "cpu")
-TOOL_CALL_PARSERS = ("hermes",)  # (openai_tools.py)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")  # (openai_tools.py)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,

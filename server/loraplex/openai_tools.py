@@ -14,6 +14,14 @@ model through the chat template, and `tool_choice` decides what its text becomes
                     format of Qwen2.5/Qwen3, Hermes 2/3 and many fine-tunes), the rest of
                     the text being the content. A block that is not such JSON, or is not
                     closed, stays in the content.
+                    `llama3_json`: a text that is {"name": ..., "parameters": {...}}
+                    objects (after Llama 3.1's <|python_tag|>, "; " between them) is calls.
+                    `mistral`: a text that is a JSON array of {"name", "arguments"} (after
+                    Mistral's [TOOL_CALLS]) is calls, with Mistral's 9-character call ids.
+                    `pythonic` (Llama 3.2 and 4, ToolACE): a text that is a Python list of
+                    calls with literal keyword arguments, [f(a=1), g(b="x")], is calls.
+                    In these three a text that begins otherwise, or does not parse whole, is
+                    all content; a call text is held back and sent when it ends.
 
 A parser turns the completion's text, fed piece by piece as it streams, into `str` pieces
 of the content and `CallDelta`s of the calls, so a streamed answer adds up to the whole
@@ -22,9 +30,11 @@ one. No protobuf and no HTTP here.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import secrets
+import string
 from dataclasses import dataclass
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -84,7 +94,7 @@ class ToolPlan:
         if self.mode == "required":
             return _Required()
         if self.mode == "auto":
-            return _Hermes(self.parallel)
+            return _PARSERS[self.parser](self.parallel)
         return None
 
 
@@ -122,8 +132,9 @@ def plan(tools, tool_choice, parallel_tool_calls, parser: str) -> ToolPlan | Non
                         f'function, got {json.dumps(choice)[:80]}', "tool_choice")
     if not parser:
         raise ToolError('tool_choice "auto" (the default with tools) needs a server started '
-                        'with --tool-call-parser hermes, which reads the calls out of the '
-                        'text; or send tool_choice "required", "none" or a named function',
+                        'with --tool-call-parser (hermes, llama3_json, mistral or pythonic: '
+                        'the format the model writes calls in), which reads the calls out of '
+                        'the text; or send tool_choice "required", "none" or a named function',
                         "tool_choice")
     return ToolPlan("auto", checked, parallel=parallel, parser=parser)
 
@@ -178,6 +189,11 @@ def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
+def _mistral_call_id() -> str:
+    """Mistral's chat templates refuse any id but 9 letters and digits."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
 # ---- parsers: a choice's text -> content and calls ------------------------------------
 
 class Parser:
@@ -198,7 +214,9 @@ class Parser:
 
     def _call(self, name: str, arguments: str) -> CallDelta:
         self.calls += 1
-        return CallDelta(self.calls - 1, arguments, new_call_id(), name)
+        return CallDelta(self.calls - 1, arguments, self.new_id(), name)
+
+    new_id = staticmethod(new_call_id)
 
 
 class _Named(Parser):
@@ -304,6 +322,112 @@ class _Hermes(Parser):
         return [text] if text else []
 
 
+class _WholeTextCalls(Parser):
+    """A text that is calls from its start (after an optional `TAG`, which a tokenizer
+    may also mark special and so leave out), in the format `parse` reads. Any other text
+    is content, all of it: one that begins otherwise streams as it comes; one that begins
+    like calls is held to its end, and is content if it does not parse whole."""
+
+    TAG = ""
+    STARTS = ()  # the first characters of calls (after TAG)
+    parse = None  # text after TAG -> [(name, arguments JSON)], None: not calls alone
+
+    def __init__(self, parallel: bool):
+        super().__init__()
+        self._parallel = parallel
+        self._text = ""
+        self._state = "open"  # "open" (undecided) | "calls" (held) | "content"
+
+    def feed(self, text: str) -> list[str | CallDelta]:
+        if self._state == "content":
+            return [text] if text else []
+        self._text += text
+        head = self._text.lstrip()
+        body = head[len(self.TAG):].lstrip() if head.startswith(self.TAG) else None
+        if body is not None and body[:1] in self.STARTS or head[:1] in self.STARTS:
+            self._state = "calls"
+        elif body == "" or self.TAG.startswith(head):
+            return []  # (whitespace, the tag or a start of it: still undecided)
+        if self._state == "calls":
+            return []
+        self._state, text, self._text = "content", self._text, ""
+        return [text]
+
+    def finish(self) -> list[str | CallDelta]:
+        text, self._text = self._text, ""
+        head = text.lstrip()
+        calls = self.parse(head[len(self.TAG):] if head.startswith(self.TAG) else head)
+        if calls is None:
+            return [text] if text else []
+        return [self._call(*c) for c in (calls if self._parallel else calls[:1])]
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and self.calls else reason
+
+
+def _json_calls(text: str) -> list[tuple[str, str]] | None:
+    """{"name", "parameters" or "arguments"} objects, or arrays of them, with ";" or
+    whitespace between."""
+    at, calls = 0, []
+    while True:
+        while at < len(text) and text[at] in " \t\r\n;":
+            at += 1
+        if at == len(text):
+            return calls or None
+        try:
+            value, at = _STRICT.raw_decode(text, at)
+        except ValueError:
+            return None
+        for item in value if isinstance(value, list) else [value]:
+            call = _call_of(item)
+            if call is None:
+                return None
+            calls.append(call)
+
+
+def _python_calls(text: str) -> list[tuple[str, str]] | None:
+    """A Python list of calls with literal keyword arguments: [f(a=1, b="x"), g()]."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return None
+        calls = []
+        for call in tree.elts:
+            if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) \
+                    or call.args or any(k.arg is None for k in call.keywords):
+                return None
+            arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+            calls.append((call.func.id, json.dumps(arguments, ensure_ascii=False,
+                                                   allow_nan=False)))
+        return calls
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        return None
+
+
+class _Llama3Json(_WholeTextCalls):
+    TAG, STARTS = "<|python_tag|>", ("{",)
+    parse = staticmethod(_json_calls)
+
+
+class _Mistral(_WholeTextCalls):
+    TAG, STARTS = "[TOOL_CALLS]", ("[", "{")
+    parse = staticmethod(_json_calls)
+    new_id = staticmethod(_mistral_call_id)
+
+
+class _Pythonic(_WholeTextCalls):
+    STARTS = ("[",)
+    parse = staticmethod(_python_calls)
+
+
+def _call_of(item) -> tuple[str, str] | None:
+    """(name, arguments JSON) of {"name": ..., "arguments" or "parameters": ...}."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    arguments = item.get("arguments", item.get("parameters", {}))
+    return item["name"], arguments if isinstance(arguments, str) else _dumps(arguments)
+
+
 def _held_back(text: str, tag: str) -> int:
     """How many characters at the end of `text` to keep: its trailing whitespace (which
     goes if a block follows) and any start of `tag`."""
@@ -316,17 +440,24 @@ def _held_back(text: str, tag: str) -> int:
 def _hermes_call(body: str) -> tuple[str, str] | None:
     """(name, arguments JSON) of a block's body, None when it is no call."""
     try:
-        call = json.loads(body)
+        return _call_of(_STRICT.decode(body))
     except ValueError:
         return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
-    arguments = call.get("arguments", call.get("parameters", {}))
-    return call["name"], arguments if isinstance(arguments, str) else _dumps(arguments)
 
 
 def _dumps(value) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+_STRICT = json.JSONDecoder(parse_constant=_not_json)  # (NaN and Infinity are no JSON)
+
+
+_PARSERS = {"hermes": _Hermes, "llama3_json": _Llama3Json, "mistral": _Mistral,
+            "pythonic": _Pythonic}
 
 
 def message(pieces: list[str | CallDelta]) -> dict:
