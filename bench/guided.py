@@ -51,6 +51,8 @@ PATTERNS = {  # name -> (guide key, a matching output whose states are measured)
                        r'(, "[a-z]{1,12}")*)?\]\}'),
              '{"name": "Ada Lovelace", "age": 36, "tags": ["math"]}'),
     "schema": (("json", SCHEMA), '{"name": "Ada Lovelace", "age": 36, "tags": ["math"]}'),
+    "json_object": (("json", '{"type": "object"}'),  # (free-form, nested 4 deep)
+                    '{"name": "Ada", "tags": ["math", {"k": [1, 2.5, null]}], "ok": true}'),
     "choice": (("choice", ("positive", "negative", "neutral", "mixed", "unrelated")),
                "unrelated"),
     "date": (("regex", r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"), "2026-12-03"),
@@ -94,7 +96,7 @@ def bench_masks(tokenizer) -> None:
     if walks["C"] is None:
         del walks["C"]
         print("no C compiler here: the numpy walk only")
-    print(f"{'pattern':<10} {'walk':<6} {'states':>6} {'first ms':>12} {'table walk ms':>16} "
+    print(f"{'pattern':<11} {'walk':<6} {'states':>6} {'first ms':>12} {'table walk ms':>16} "
           f"{'per-token ms':>14} {'ratio':>6} {'kept ms':>8} {'allowed':>9}")
     for name, (key, sample) in PATTERNS.items():
         plain: list[float] = []  # one walk per token, timed once per pattern
@@ -124,7 +126,7 @@ def bench_masks(tokenizer) -> None:
                 guide.mask(state, ())
                 kept.append(time.perf_counter() - t)
                 allowed.append(int(mask.sum()))
-            print(f"{name:<10} {walk:<6} {len(states):>6} {1e3 * statistics.mean(first):>6.2f} / "
+            print(f"{name:<11} {walk:<6} {len(states):>6} {1e3 * statistics.mean(first):>6.2f} / "
                   f"{1e3 * max(first):<4.1f} {1e3 * statistics.mean(ours):>8.2f} / "
                   f"{1e3 * max(ours):<5.1f} {1e3 * statistics.mean(plain):>7.1f} / "
                   f"{1e3 * max(plain):<4.0f} {sum(plain) / sum(ours):>5.0f}x "

@@ -222,7 +222,8 @@ def test_validation_compiles_the_guide(tiny_models, adapters):
     engine = build_engine(tiny_models[arch], next(iter(adapters[arch].values())).parent)
     try:
         for params, says in ((SamplingParams(guided_regex="a(?=b)"), "lookaround"),
-                             (SamplingParams(guided_json='{"type": "object"}'), "no properties")):
+                             (SamplingParams(guided_json='{"type": "object", "required": ["a"]}'),
+                              "not in properties")):
             with pytest.raises(InvalidArgument, match=says):
                 engine.validate(GenerationRequest([5, 6], params))
     finally:

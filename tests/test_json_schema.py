@@ -10,7 +10,7 @@ import re
 import pytest
 
 from engine_helpers import build_engine, run_all
-from loraplex.engine.byte_regex import compile_tree, to_pattern
+from loraplex.engine.byte_regex import DEAD, compile_tree, to_pattern
 from loraplex.engine.json_schema import schema_to_tree
 from loraplex.engine.request import FinishReason, GenerationRequest, SamplingParams
 from loraplex.errors import InvalidArgument
@@ -80,6 +80,26 @@ CASES = {
                          "maxItems": 3}, [
         ([1, 2], True), ([1, 2, 3], True), ([1], False), ([1, 2, 3, 4], False), ([], False),
     ]),
+    # free-form JSON: containers nested FREE_DEPTH (4) deep, the free-form one counted
+    "free-form object (json_object)": ({"type": "object"}, [
+        ({}, True), ({"a": 1, "b": [None, "x\"y", {"c": True, "d": -2.5e3}]}, True),
+        ({"a": {"b": {"c": {"d": "é"}}}}, True), ({"": []}, True),
+        ({"a": {"b": {"c": {"d": []}}}}, False), ([], False), ("x", False), (None, False),
+    ]),
+    "any value (no type)": ({"description": "anything"}, [
+        (3, True), ("s", True), (None, True), (False, True), ([[[[1]]]], True),
+        ({"a": [{}]}, True), ([[[[[1]]]]], False),
+    ]),
+    "free-form array with bounds": ({"type": "array", "maxItems": 2}, [
+        ([], True), ([1, {"a": "b"}], True), ([[[[0]]]], True), ([1, 2, 3], False),
+        ([[[[[0]]]]], False), ({}, False),
+    ]),
+    "free-form value inside a schema": ({"type": "object", "properties": {
+        "id": {"type": "integer"}, "meta": {"type": "object"}}, "required": ["id"]}, [
+        ({"id": 1}, True), ({"id": 1, "meta": {"k": {"k": {"k": {"k": 0}}}}}, True),
+        ({"id": 1, "meta": {"k": {"k": {"k": {"k": {}}}}}}, False),
+        ({"id": 1, "other": 2}, False), ({"meta": {}}, False),
+    ]),
 }
 
 
@@ -101,9 +121,8 @@ def test_schema_regex_matches_exactly_the_allowed_documents(case):
 @pytest.mark.parametrize("schema,says", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "must be a JSON schema object"),
-    ('{"type": "object"}', "an object with no properties"),
-    ('{"type": "array"}', "an array with no items"),
-    ("{}", "allows any JSON"),
+    ('{"type": "object", "required": ["a"]}', "required ['a'] not in properties"),
+    ('{"type": "object", "properties": [1]}', "properties must be an object of schemas"),
     ('{"type": "number", "minimum": 3}', "minimum on a number"),
     ('{"type": "integer", "minimum": 3, "exclusiveMaximum": 3.0, "maximum": 9}',
      "bounds that no integer meets"),
@@ -157,6 +176,29 @@ def test_sampled_guided_json_parses_and_is_allowed(tiny_models, adapters):
         assert isinstance(doc.get("score", 0.0), (int, float))
         assert len(doc.get("note", "")) <= 6
     assert finished >= 3
+
+
+def test_sampled_free_form_json_parses(tiny_models, adapters):
+    """response_format json_object's schema, sampled: each output that ends is an object
+    (and one that runs out of tokens is a start of one)."""
+    arch = "qwen2"
+    name = sorted(adapters[arch])[0]
+    prompts = make_prompts(6, min_len=4, max_len=20, seed=37)
+    requests = [GenerationRequest(p, SamplingParams(max_new_tokens=64, temperature=1.0, seed=i,
+                                                    guided_json='{"type": "object"}'),
+                                  adapter=name if i % 2 else "")
+                for i, p in enumerate(prompts)]
+    engine = build_engine(tiny_models[arch], adapters[arch][name].parent)
+    try:
+        outs = run_all(engine, requests)
+    finally:
+        engine.stop()
+    dfa = compile_tree(schema_to_tree('{"type": "object"}'))
+    for out in outs:
+        assert out.text.startswith("{") and dfa.walk(dfa.start, out.text.encode()) != DEAD
+        if out.finish_reason is FinishReason.STOP:
+            assert isinstance(json.loads(out.text), dict)
+    assert {o.finish_reason for o in outs} == {FinishReason.STOP, FinishReason.LENGTH}
 
 
 def _allows(schema, doc) -> bool:

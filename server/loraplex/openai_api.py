@@ -26,15 +26,15 @@ Request fields: OpenAI's (max_tokens, or max_completion_tokens in chat; temperat
 default 1; top_p, n, stream, stream_options.include_usage, stop, seed, presence_penalty,
 frequency_penalty, logit_bias, logprobs, top_logprobs in chat, echo (with logprobs: the
 prompt scored too, its tokens leading the choice's logprobs), user -> the route's
-routing_key; response_format json_schema -> guided_json) and vLLM's extra ones (top_k,
-min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
-include_stop_str_in_output, guided_regex, guided_choice, guided_json, priority,
-truncate_prompt_tokens, allowed_token_ids), plus routing_key; chat's tools, tool_choice and
-parallel_tool_calls, with messages that carry tool_calls and tool results (openai_tools.py
-says what each tool_choice does). What cannot be honoured is refused with 400, never
-ignored: suffix, best_of other than n, response_format json_object (a schema is needed),
-a message part that is not text, functions / function_call (send tools / tool_choice),
-tool_choice auto on a server without --tool-call-parser, and any unknown field.
+routing_key; response_format json_schema -> guided_json, json_object -> guided_json
+{"type": "object"}) and vLLM's extra ones (top_k, min_p, repetition_penalty, min_tokens,
+ignore_eos, stop_token_ids, include_stop_str_in_output, guided_regex, guided_choice,
+guided_json, priority, truncate_prompt_tokens, allowed_token_ids), plus routing_key;
+chat's tools, tool_choice and parallel_tool_calls, with messages that carry tool_calls
+and tool results (openai_tools.py says what each tool_choice does). What cannot be
+honoured is refused with 400, never ignored: suffix, best_of other than n, a message part
+that is not text, functions / function_call (send tools / tool_choice), tool_choice auto
+on a server without --tool-call-parser, and any unknown field.
 """
 
 from __future__ import annotations
@@ -268,6 +268,9 @@ def _tool_plan(body: dict, parser: str) -> ToolPlan | None:
         raise _bad(str(exc), exc.param) from None
 
 
+JSON_OBJECT = {"type": "object"}  # (json_object: free-form, nested FREE_DEPTH deep)
+
+
 def _guided_json(response_format: dict | None) -> str | dict | None:
     if not response_format or response_format.get("type") in (None, "text"):
         return None
@@ -280,11 +283,9 @@ def _guided_json(response_format: dict | None) -> str | dict | None:
                        "response_format")
         return schema
     if kind == "json_object":
-        raise _bad("response_format json_object is not supported: any JSON object is not a "
-                   "regular language; send {\"type\": \"json_schema\", \"json_schema\": "
-                   "{\"name\": ..., \"schema\": {...}}}", "response_format")
-    raise _bad(f"response_format type {kind!r} is unknown; use text or json_schema",
-               "response_format")
+        return JSON_OBJECT
+    raise _bad(f"response_format type {kind!r} is unknown; use text, json_object or "
+               "json_schema", "response_format")
 
 
 def _build(inp: dict, sampling: dict, kwargs: dict) -> pb.GenerateRequest:

@@ -15,8 +15,10 @@ number (no bounds), boolean, null, array (items, minItems, maxItems), object
 (properties, required; only the listed properties: "properties": {} allows {} alone).
 Anything else that constrains the
 text raises InvalidArgument naming it; annotations (title, description, ...) are
-ignored. JSON with unbounded nesting is not a regular language, so an object needs its
-properties and an array its items.
+ignored. Free-form JSON, which a schema of no type ({}, or annotations only), an object
+with no properties and an array with no items allow, nests containers at most
+FREE_DEPTH deep, that one counted: JSON with unbounded nesting is not a regular
+language.
 
 The result is a byte_regex tree, not a pattern: an object's properties are a "subset"
 node and an array's items a "list" node, which the automaton builds with each property
@@ -34,6 +36,7 @@ from loraplex.engine.byte_regex import MAX_REPEAT, literal, parse, without_chars
 from loraplex.errors import InvalidArgument
 
 MAX_DEPTH = 16  # nested schemas ($refs included)
+FREE_DEPTH = 4  # arrays and objects in arrays and objects, in free-form JSON
 _QUOTE = literal('"')
 _SPACE = ("rep", literal(" "), 0, 1)
 _COMMA = ("cat", [literal(","), _SPACE])  # between items and between properties
@@ -51,6 +54,7 @@ _FORMATS = {
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
 }
 _FORMATS["date-time"] = f"{_FORMATS['date']}T{_FORMATS['time']}"
+_STRING = parse(f'"{_CHAR}*"')
 _ANNOTATIONS = {"title", "description", "examples", "default", "$schema", "$id", "$comment",
                 "$defs", "definitions", "additionalProperties", "deprecated", "readOnly",
                 "writeOnly"}
@@ -83,9 +87,8 @@ class _Converter:
         if depth > MAX_DEPTH:
             raise self.error(where, f"schemas nested more than {MAX_DEPTH} deep (a recursive "
                              f"$ref?)")
-        if schema is True or schema == {}:
-            raise self.error(where, "a schema that allows any JSON (unbounded nesting is not "
-                             "a regular language): give its type")
+        if schema is True:
+            return _free(FREE_DEPTH)
         if not isinstance(schema, dict):
             raise self.error(where, "a schema that is not an object")
         unknown = set(schema) - _HANDLED - _ANNOTATIONS
@@ -112,7 +115,7 @@ class _Converter:
                     else "string" if {"pattern", "format", "minLength", "maxLength"} & set(schema)
                     else None)
             if kind is None:
-                raise self.error(where, "a schema with no type")
+                return _free(FREE_DEPTH)
         if isinstance(kind, list):
             return ("alt", [self.tree({**schema, "type": k}, where, depth + 1) for k in kind])
         bounded = [k for k in _NUMERIC_BOUNDS if k in schema]
@@ -180,20 +183,21 @@ class _Converter:
         return parse("|".join(integer_range(lo, hi)))
 
     def array(self, schema: dict, where: str, depth: int):
-        if "items" not in schema:
-            raise self.error(where, "an array with no items schema")
-        item = self.tree(schema["items"], f"{where}/items", depth + 1)
+        item = (self.tree(schema["items"], f"{where}/items", depth + 1) if "items" in schema
+                else _free(FREE_DEPTH - 1))
         lo, hi = _bounds(schema, "minItems", "maxItems", self.error, where)
         return ("cat", [literal("["), ("list", item, _COMMA, lo, hi), literal("]")])
 
     def object(self, schema: dict, where: str, depth: int):
         properties = schema.get("properties")
-        if not isinstance(properties, dict):
-            raise self.error(where, "an object with no properties (free-form objects are "
-                             "not a regular language): list them")
-        if not properties:  # ("properties": {}, as a tool with no arguments has)
-            return ("cat", [literal("{"), _SPACE, literal("}")])
         required = set(schema.get("required", []))
+        if properties is None and not required:
+            return _free_object(FREE_DEPTH - 1)
+        properties = {} if properties is None else properties
+        if not isinstance(properties, dict):
+            raise self.error(where, "properties must be an object of schemas")
+        if not properties and not required:  # ("properties": {}: a tool with no arguments)
+            return ("cat", [literal("{"), _SPACE, literal("}")])
         missing = required - set(properties)
         if missing:
             raise self.error(where, f"required {sorted(missing)} not in properties")
@@ -202,6 +206,24 @@ class _Converter:
                   name in required)
                  for name, sub in properties.items()]
         return ("cat", [literal("{"), _SPACE, ("subset", parts, _COMMA), _SPACE, literal("}")])
+
+
+@functools.cache
+def _free(depth: int):
+    """Any JSON value with arrays and objects at most `depth` deep."""
+    scalar = ("alt", [_STRING, _parsed(_TYPES["number"]), _parsed("true|false|null")])
+    if depth == 0:
+        return scalar
+    array = ("cat", [literal("["), ("list", _free(depth - 1), _COMMA, 0, None), literal("]")])
+    return ("alt", [scalar, array, _free_object(depth - 1)])
+
+
+@functools.cache
+def _free_object(depth: int):
+    """An object of any properties, its values any JSON `depth` deep."""
+    member = ("cat", [_STRING, literal(":"), _SPACE, _free(depth)])
+    return ("cat", [literal("{"), _SPACE, ("list", member, _COMMA, 0, None), _SPACE,
+                    literal("}")])
 
 
 def integer_range(lo: int | None, hi: int | None) -> list[str]:
