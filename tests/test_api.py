@@ -28,7 +28,7 @@ from loraplex_client import (AsyncClient, Client, DeadlineExceeded, FailedPrecon
                              ResourceExhausted, Unauthenticated, Unavailable)
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
-from models import EOS_ID, VOCAB_SIZE
+from models import BOS_ID, EOS_ID, VOCAB_SIZE
 
 PROMPT = "Hello, world"
 LONG = dict(max_new_tokens=16000, ignore_eos=True)  # ~40 s on the tiny model: tests cancel it long before
@@ -1111,6 +1111,24 @@ def test_a_hung_step_stops_the_server(assets):
 
 def test_detokenize_skips_special_tokens(client):
     assert client.detokenize([EOS_ID]) == ""
+
+
+def test_keep_special_tokens_writes_them_but_not_the_one_that_ends(client):
+    """<s> (special) forced by logit_bias: left out of the text unless kept; EOS, which
+    ends the output, stays out either way. Streamed pieces add up to the same text."""
+    bos = dict(logit_bias={BOS_ID: 100}, max_new_tokens=3)
+    assert client.generate(PROMPT, **bos).text == ""
+    kept = client.generate(PROMPT, keep_special_tokens=True, **bos)
+    assert (kept.text, kept.token_ids, kept.finish_reason) == ("<s>" * 3, (BOS_ID,) * 3,
+                                                               "length")
+    assert "".join(c.text for c in client.stream(PROMPT, keep_special_tokens=True, **bos)) \
+        == kept.text
+    ended = client.generate(PROMPT, keep_special_tokens=True, logit_bias={EOS_ID: 100},
+                            min_tokens=2, max_new_tokens=8, allowed_token_ids=[BOS_ID, EOS_ID])
+    assert (ended.text, ended.token_ids, ended.finish_reason) == (
+        "<s><s>", (BOS_ID, BOS_ID, EOS_ID), "stop")
+    stopped = client.generate(PROMPT, keep_special_tokens=True, stop_token_ids=[BOS_ID], **bos)
+    assert (stopped.text, stopped.finish_reason) == ("", "stop")  # (a stop id ends it too)
 
 
 def test_tokenize_takes_one_input(client):

@@ -301,13 +301,14 @@ def test_generate_flags_reach_the_request(monkeypatch):
     monkeypatch.setattr(client_cli, "Client", Recorder)
     assert client_cli.main(["generate", "--target", "x:1", "--no-stream", "--priority", "-3",
                             "--logit-bias", "5=-2.5", "--stop", "##", "--include-stop",
-                            "--truncate-prompt-tokens", "7", "hi"]) == 0
+                            "--truncate-prompt-tokens", "7", "--keep-special-tokens",
+                            "hi"]) == 0
     assert seen["truncate_prompt_tokens"] == 7
     assert seen["priority"] == -3 and seen["logit_bias"] == [(5, -2.5)]
     assert seen["include_stop_str_in_output"] is True and seen["stop"] == ["##"]
-    assert sampling_from_pb(build_generate_request(
-        "hi", **{k: seen[k] for k in ("stop", "include_stop_str_in_output")})) \
-        .include_stop_str_in_output
+    keys = ("stop", "include_stop_str_in_output", "keep_special_tokens")
+    sampling = sampling_from_pb(build_generate_request("hi", **{k: seen[k] for k in keys}))
+    assert sampling.include_stop_str_in_output and sampling.keep_special_tokens
     req = build_generate_request(input_ids=[5, 6], priority=seen["priority"],
                                  logit_bias=seen["logit_bias"])
     assert generation_request_from_pb(req, None, None, 64).priority == -3

@@ -16,6 +16,7 @@ import pytest
 from conftest_api import (ADMIN_TOKEN, GENERATE_TOKEN, Gateway, RunningServer,  # noqa: F401
                           assets, free_port, make_config, make_tls_cert)
 from loraplex_client import Client
+from models import BOS_ID
 
 PROMPT = "Hello, world"
 LONG = {"max_tokens": 16000, "extra_body": {"ignore_eos": True}}  # cancelled long before
@@ -315,6 +316,22 @@ def test_auto_tool_choice_reads_hermes_blocks_out_of_the_text(api, grpc_client):
     assert none.choices[0].message.content == ref.text  # (the tools are still shown)
 
 
+def test_special_tokens_are_kept_on_request_and_for_hermes_tool_calls(api):
+    """vLLM's skip_special_tokens; with tools and the hermes parser they are kept unless the
+    request says otherwise (some models' <tool_call> is a special token)."""
+    bos = {"logit_bias": {str(BOS_ID): 100}, "max_tokens": 3}
+    kept = api.completions.create(model="alpha", prompt=PROMPT, **bos,
+                                  extra_body={"skip_special_tokens": False})
+    assert kept.choices[0].text == "<s>" * 3
+    assert api.completions.create(model="alpha", prompt=PROMPT, **bos).choices[0].text == ""
+    chat = dict(model="alpha", messages=MESSAGES, tools=TOOLS, **bos)
+    assert api.chat.completions.create(**chat).choices[0].message.content == "<s>" * 3
+    skipped = api.chat.completions.create(**chat, extra_body={"skip_special_tokens": True})
+    assert skipped.choices[0].message.content == ""
+    none = api.chat.completions.create(**chat, tool_choice="none")  # (no parser at work)
+    assert none.choices[0].message.content == ""
+
+
 def test_a_conversation_with_tool_results_is_templated(served, api, grpc_client):
     history = [*MESSAGES,
                {"role": "assistant", "content": None, "tool_calls": [
@@ -578,7 +595,7 @@ _FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", 
            "stop", "seed", "logprobs", "top_logprobs", "echo", "logit_bias", "response_format",
            "stream_options", "best_of", "user", "guided_choice", "guided_json", "top_k",
            "stop_token_ids", "truncate_prompt_tokens", "priority", "tools", "functions",
-           "tool_choice", "parallel_tool_calls",
+           "tool_choice", "parallel_tool_calls", "skip_special_tokens",
            "max_completion_tokens", "min_tokens", "allowed_token_ids", "suffix"]
 
 

@@ -28,8 +28,9 @@ frequency_penalty, logit_bias, logprobs, top_logprobs in chat, echo (with logpro
 prompt scored too, its tokens leading the choice's logprobs), user -> the route's
 routing_key; response_format json_schema -> guided_json, json_object -> guided_json
 {"type": "object"}) and vLLM's extra ones (top_k, min_p, repetition_penalty, min_tokens,
-ignore_eos, stop_token_ids, include_stop_str_in_output, guided_regex, guided_choice,
-guided_json, priority, truncate_prompt_tokens, allowed_token_ids), plus routing_key;
+ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, guided_regex,
+guided_choice, guided_json, priority, truncate_prompt_tokens, allowed_token_ids), plus
+routing_key;
 chat's tools, tool_choice and parallel_tool_calls, with messages that carry tool_calls
 and tool results (openai_tools.py says what each tool_choice does). What cannot be
 honoured is refused with 400, never ignored: suffix, best_of other than n, a message part
@@ -83,7 +84,7 @@ _EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_token
            "ignore_eos": bool, "stop_token_ids": list, "include_stop_str_in_output": bool,
            "guided_regex": str, "guided_choice": list, "guided_json": (str, dict),
            "priority": int, "truncate_prompt_tokens": int, "allowed_token_ids": list,
-           "routing_key": str}
+           "routing_key": str, "skip_special_tokens": bool}
 # OpenAI fields with nothing to do here, accepted as they are
 _IGNORED = {"stream_options", "store", "metadata", "service_tier"}
 _COMMON = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int,
@@ -175,8 +176,10 @@ def _sampling(body: dict, max_tokens: int | None) -> dict:
                        '{"50256": -100}', "logit_bias") from None
     for name in _EXTRAS:
         if body.get(name) is not None and name not in ("priority", "truncate_prompt_tokens",
-                                                      "routing_key"):
+                                                      "routing_key", "skip_special_tokens"):
             out[name] = body[name]
+    if body.get("skip_special_tokens") is False:
+        out["keep_special_tokens"] = True
     return out
 
 
@@ -473,6 +476,9 @@ class OpenAIApi:
                            f"drop {'response_format' if schema is not None else given[0]}",
                            "tool_choice")
             sampling["guided_json"] = forced
+        if tools is not None and tools.parser == "hermes" \
+                and body.get("skip_special_tokens") is None:
+            sampling["keep_special_tokens"] = True  # (some models' <tool_call> is special)
         inp = {"messages": _messages(body["messages"]),
                "tools": list(tools.tools) if tools is not None else None}
         req = _build(inp, sampling, _request_kwargs(body))

@@ -120,8 +120,9 @@ class Client(_Base):
                  **sampling) -> Result:
         """Whole completion. sampling: max_new_tokens, temperature, top_p, top_k, min_p,
         seed, repetition_penalty, presence_penalty, frequency_penalty, min_tokens, stop,
-        include_stop_str_in_output (the stop string ends the text), stop_token_ids, ignore_eos, logprobs, top_logprobs, prompt_logprobs, logit_bias
-        ({token id: bias}), allowed_token_ids, guided_regex (the output fully matches it),
+        include_stop_str_in_output (the stop string ends the text), stop_token_ids,
+        ignore_eos, keep_special_tokens (in the text), logprobs, top_logprobs,
+        prompt_logprobs, logit_bias ({token id: bias}), allowed_token_ids, guided_regex (the output fully matches it),
         guided_choice (the output is one of these strings), guided_json (a JSON schema,
         as a dict or its text: the output is JSON it allows), n (completions of the prompt:
         all in Result.completions, completion 0's also on top); also routing_key,

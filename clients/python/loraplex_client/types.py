@@ -140,7 +140,8 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "
                    "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens",
                    "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs",
                    "prompt_logprobs", "logit_bias", "allowed_token_ids", "guided_regex",
-                   "guided_choice", "guided_json", "n", "include_stop_str_in_output")
+                   "guided_choice", "guided_json", "n", "include_stop_str_in_output",
+                   "keep_special_tokens")
 
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, tools=None,

@@ -258,7 +258,9 @@ class Engine:
         for index, adapter in enumerate(adapters):
             one = replace(request, sampling=request.sampling.for_completion(index))
             seq = Sequence(request=one, adapter=adapter, sink=sink, index=index,
-                           detokenizer=IncrementalDetokenizer(self.tokenizer, one.prompt_ids),
+                           detokenizer=IncrementalDetokenizer(
+                               self.tokenizer, one.prompt_ids,
+                               skip_special_tokens=not one.sampling.keep_special_tokens),
                            stops=StopStringFilter(one.sampling.stop,
                                                   one.sampling.include_stop_str_in_output))
             if one.sampling.seed is not None:
@@ -472,14 +474,16 @@ class Engine:
         seq.output_ids.append(token)
         seq.token_metrics[1].inc()
         params = seq.request.sampling
-        text, hit_stop = seq.stops.feed(seq.detokenizer.add(token),
-                                        armed=len(seq.output_ids) >= params.min_tokens)
+        ending = token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.loaded.eos_token_ids)
+        # (a kept special token is text, but not the one that ends the output)
+        piece = "" if ending and params.keep_special_tokens else seq.detokenizer.add(token)
+        text, hit_stop = seq.stops.feed(piece, armed=len(seq.output_ids) >= params.min_tokens)
         matched, error = self._advance_guide(seq, token)
         reason = None
         if error:
             reason = FinishReason.INVALID
-        elif hit_stop or matched or token in params.stop_token_ids or (
-                not params.ignore_eos and token in self.loaded.eos_token_ids):
+        elif hit_stop or matched or ending:
             reason = FinishReason.STOP
         elif len(seq.output_ids) >= params.max_new_tokens:
             reason = FinishReason.LENGTH

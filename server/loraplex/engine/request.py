@@ -45,6 +45,7 @@ class SamplingParams:
     min_tokens: int = 0  # no EOS nor stop token / string before this many new tokens
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False  # the stop string that ended it ends the text
+    keep_special_tokens: bool = False  # in the text (the one that ends the output: never)
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's
     allowed_token_ids: tuple[int, ...] = ()  # when set, the only ids it may produce
