@@ -89,3 +89,15 @@ def test_the_readme_http_example(demo_server):
             out = json.load(resp)
         assert out["choices"][0]["text"] == task("hello world"), adapter
         assert out["choices"][0]["finish_reason"] == "stop"
+    # and its vLLM load_lora_adapter example (make serve sets no admin token)
+    load = url.replace("/completions", "/load_lora_adapter")
+    req = urllib.request.Request(load, b'{"lora_name": "rev2", "lora_path": "reverse"}',
+                                 {"Content-Type": "application/json",
+                                  "Authorization": "Bearer "})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.read() == b"Success: LoRA adapter 'rev2' added successfully."
+    body = {"model": "rev2", "prompt": "hello world=", "max_tokens": 20, "temperature": 0}
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert json.load(resp)["choices"][0]["text"] == TASKS["reverse"]("hello world")

@@ -452,6 +452,50 @@ def _http(url: str, body: bytes | None = None, headers: dict | None = None,
         return err.code, json.load(err)
 
 
+def _post(url: str, body: dict, token: str = "",
+          context: ssl.SSLContext | None = None) -> tuple[int, str]:
+    """(status, text of the body) of one JSON POST."""
+    headers = {"Content-Type": "application/json",
+               **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_vllm_lora_adapter_endpoints_load_swap_and_unload(served, api, grpc_client):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter over the gRPC admin calls:
+    the loaded name serves the folder's weights, load_inplace swaps them, unload ends it."""
+    base = f"http://127.0.0.1:{served.server.http_port}/v1"
+    load, unload = f"{base}/load_lora_adapter", f"{base}/unload_lora_adapter"
+
+    def text(model: str) -> str:
+        return api.completions.create(model=model, prompt=PROMPT, max_tokens=8,
+                                      temperature=0).choices[0].text
+
+    assert _post(load, {"lora_name": "via-http", "lora_path": "alpha"}) == (
+        200, "Success: LoRA adapter 'via-http' added successfully.")
+    assert text("via-http") == text("alpha") != text("beta")
+    assert _post(load, {"lora_name": "via-http", "lora_path": "alpha"})[0] == 200  # (the same)
+    status, body = _post(load, {"lora_name": "via-http", "lora_path": "beta"})
+    assert status == 400 and "or send load_inplace: true" in json.loads(body)["error"]["message"]
+    assert _post(load, {"lora_name": "via-http", "lora_path": "beta", "load_inplace": True})[0] \
+        == 200
+    assert text("via-http") == text("beta")
+    assert [a.name for a in grpc_client.list_adapters() if a.name == "via-http" and a.current]
+    assert _post(unload, {"lora_name": "via-http"}) == (
+        200, "Success: LoRA adapter 'via-http' removed successfully.")
+    with pytest.raises(openai.NotFoundError):
+        text("via-http")
+    assert _post(unload, {"lora_name": "via-http"})[0] == 404
+    assert _post(load, {"lora_name": "x", "lora_path": "../outside"})[0] == 403
+    status, body = _post(load, {"lora_name": "x"})
+    assert status == 400 and json.loads(body)["error"]["param"] == "lora_path"
+    assert _post(load, {"lora_name": "x", "lora_path": "alpha", "lora_int_id": 3})[0] == 400
+
+
 def test_tokenize_and_detokenize(served, grpc_client):
     base = f"http://127.0.0.1:{served.server.http_port}"
     want = grpc_client.tokenize(PROMPT)
@@ -571,6 +615,10 @@ def test_tokens_pass_through_to_the_grpc_check(guarded, assets):
         with pytest.raises(openai.BadRequestError, match="needs a server started with "
                                                           "--tool-call-parser"):
             api.chat.completions.create(model="alpha", messages=MESSAGES, tools=TOOLS)  # auto
+    tls = ssl.create_default_context(cafile=str(guarded.cert))
+    load = f"https://127.0.0.1:{guarded.server.http_port}/v1/load_lora_adapter"
+    for token, status in ((GENERATE_TOKEN, 403), ("", 401), (ADMIN_TOKEN, 200)):
+        assert _post(load, {"lora_name": "beta", "lora_path": "beta"}, token, tls)[0] == status
     with _guarded_api(guarded, "wrong") as api:
         with pytest.raises(openai.PermissionDeniedError, match="not valid"):
             api.completions.create(model="alpha", prompt=PROMPT, max_tokens=3)

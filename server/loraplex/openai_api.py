@@ -4,6 +4,8 @@
     POST /v1/chat/completions     messages -> the assistant's message
     POST /tokenize, /detokenize   vLLM's: a prompt or messages <-> token ids
     GET  /v1/models               the base model, every adapter and every route
+    POST /v1/load_lora_adapter    vLLM's: load (or, load_inplace, swap in) an adapter
+    POST /v1/unload_lora_adapter  vLLM's: unload one, once its requests have finished
     GET  /health                  200 while the server is SERVING, else 503
 
 `model` picks what serves the request, as the gRPC `adapter` field does: the base
@@ -99,6 +101,8 @@ _CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logp
 _TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list, "tools": list}
 _GUIDES = ("guided_json", "guided_regex", "guided_choice")
 _DETOKENIZE_FIELDS = {"model": str, "tokens": list}
+_LOAD_FIELDS = {"lora_name": str, "lora_path": str, "load_inplace": bool}
+_UNLOAD_FIELDS = {"lora_name": str, "lora_int_id": int}
 _ITEMS = {"tokens": int, "stop": str, "stop_token_ids": int, "guided_choice": str, "allowed_token_ids": int}
 MAX_LOGPROBS = 20  # (the gRPC API's top_logprobs limit)
 
@@ -383,6 +387,8 @@ class OpenAIApi:
                              web.get("/v1/models", self.models),
                              web.post("/tokenize", self.tokenize),
                              web.post("/detokenize", self.detokenize),
+                             web.post("/v1/load_lora_adapter", self.load_lora_adapter),
+                             web.post("/v1/unload_lora_adapter", self.unload_lora_adapter),
                              web.get("/health", self.health)])
 
     @web.middleware
@@ -536,6 +542,42 @@ class OpenAIApi:
         resp = await self._gen.Detokenize(pb.TokenIds(ids=tokens),
                                           metadata=self._metadata(request, ""))
         return web.json_response({"prompt": resp.text})
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        """vLLM's: {"lora_name", "lora_path" (relative to the adapter root), "load_inplace"}
+        -> LoadAdapter, or SwapAdapter with load_inplace (which loads a new name too); the
+        gRPC admin check applies (the caller's token must be the admin one). Answers in
+        vLLM's words, as text."""
+        body = await self._body(request, _LOAD_FIELDS, need_model=False)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            raise _bad("lora_name and lora_path are required (lora_path: the adapter's "
+                       "folder, relative to the server's adapter root)",
+                       "lora_path" if name else "lora_name")
+        md = self._metadata(request, "")
+        try:
+            if body.get("load_inplace"):
+                await self._adm.SwapAdapter(pb.SwapAdapterRequest(name=name, path=path),
+                                            metadata=md)
+            else:
+                await self._adm.LoadAdapter(pb.LoadAdapterRequest(name=name, path=path),
+                                            metadata=md)
+        except grpc.RpcError as err:
+            if err.code() is not grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            raise _bad(f"{err.details()}; or send load_inplace: true", "lora_name") from None
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        """vLLM's: {"lora_name"} (every version, or "name@version") -> UnloadAdapter,
+        waiting for the requests that use it (up to 30 s)."""
+        body = await self._body(request, _UNLOAD_FIELDS, need_model=False)
+        name = body.get("lora_name")
+        if not name:
+            raise _bad("lora_name is required", "lora_name")
+        await self._adm.UnloadAdapter(pb.UnloadAdapterRequest(name=name, drain=True),
+                                      metadata=self._metadata(request, ""))
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def health(self, request: web.Request) -> web.Response:
         try:
