@@ -675,6 +675,37 @@ def test_random_bodies_get_an_answer_or_a_4xx_never_a_500(served):
     assert _http(f"{base}/health") == (200, {"status": "SERVING"})
 
 
+def test_random_adapter_admin_bodies_never_get_a_500(assets):
+    """load / unload_lora_adapter with values of every type, on a server of its own: 200
+    or a 4xx with OpenAI's error body, and the server still answers."""
+    import random
+
+    rng = random.Random(11)
+    names = ["alpha", "beta", "x", "alpha@1", "", "../up", "a" * 300, "a b", 3, None, True,
+             [], {}, "alpha_v2"]
+    s = RunningServer(make_config(assets, http_port=free_port())).start()
+    try:
+        base = f"http://127.0.0.1:{s.server.http_port}/v1"
+        seen: dict[int, int] = {}
+        for _ in range(150):
+            path = rng.choice(["/load_lora_adapter", "/unload_lora_adapter"])
+            body = {"lora_name": rng.choice(names[:4]), "lora_path": rng.choice(names[:4])}
+            if path == "/unload_lora_adapter":
+                del body["lora_path"]
+            for k in rng.sample(["lora_name", "lora_path", "load_inplace", "lora_int_id",
+                                 "model"], rng.randint(0, 2)):
+                body[k] = rng.choice(names + [1.5, -1, False])
+            status, out = _raw(base + path, json.dumps(body).encode())
+            seen[status] = seen.get(status, 0) + 1
+            assert status == 200 or 400 <= status < 500, (status, body, out)
+            if status != 200:
+                assert set(json.loads(out)["error"]) == {"message", "type", "param", "code"}
+        assert seen.get(200) and len(seen) > 2, seen
+        assert _http(f"{base[:-3]}/health") == (200, {"status": "SERVING"})
+    finally:
+        s.stop()
+
+
 def _raw(url: str, data: bytes) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
