@@ -176,10 +176,13 @@ def test_streaming_passes_through(cluster):
 
 def test_the_http_gateway_keeps_the_adapter_affinity(cluster):
     """`loraplex http-gateway` over the proxy: the gateway names each request's adapter
-    in the metadata nginx hashes on, so HTTP traffic lands where gRPC traffic does."""
+    in the metadata nginx hashes on, so HTTP traffic lands where gRPC traffic does, and
+    an adapter loaded over HTTP lands where its name will be served."""
     import urllib.request
 
     from conftest_api import Gateway
+
+    new = [f"via-http-{i}" for i in range(4)]  # (at random, 4 on their owners: 1 in 81)
 
     before = _counts(cluster)
     with Gateway(cluster.target, "base") as gateway:
@@ -191,9 +194,23 @@ def test_the_http_gateway_keeps_the_adapter_affinity(cluster):
                                              {"Content-Type": "application/json"})
                 with urllib.request.urlopen(req, timeout=60) as resp:
                     assert json.load(resp)["usage"]["completion_tokens"] == 3
+        # vLLM's load_lora_adapter reaches the replica that will serve the name
+        for name in new:
+            req = urllib.request.Request(f"{gateway.url}/v1/load_lora_adapter",
+                                         json.dumps({"lora_name": name,
+                                                     "lora_path": ADAPTERS[0]}).encode(),
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                assert resp.status == 200
     delta = _delta(before, _counts(cluster))
     for a in ADAPTERS:
         assert _served_by(delta, a) == [cluster.owner(a).index], a
+    for r in cluster.replica_list:
+        with _client(r.target, timeout=30) as c:
+            loaded = {a.name for a in c.list_adapters()} & set(new)
+            assert loaded == {n for n in new if cluster.owner(n) is r}, r.index
+            for name in loaded:
+                c.unload_adapter(name)
 
 
 def test_error_statuses_pass_through_unchanged(cluster):

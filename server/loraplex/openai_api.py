@@ -554,7 +554,7 @@ class OpenAIApi:
             raise _bad("lora_name and lora_path are required (lora_path: the adapter's "
                        "folder, relative to the server's adapter root)",
                        "lora_path" if name else "lora_name")
-        md = self._metadata(request, "")
+        md = self._metadata(request, name)  # (behind the proxy: the adapter's own replica)
         try:
             if body.get("load_inplace"):
                 await self._adm.SwapAdapter(pb.SwapAdapterRequest(name=name, path=path),
@@ -576,7 +576,7 @@ class OpenAIApi:
         if not name:
             raise _bad("lora_name is required", "lora_name")
         await self._adm.UnloadAdapter(pb.UnloadAdapterRequest(name=name, drain=True),
-                                      metadata=self._metadata(request, ""))
+                                      metadata=self._metadata(request, name))
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def health(self, request: web.Request) -> web.Response:
