@@ -494,6 +494,8 @@ def test_vllm_lora_adapter_endpoints_load_swap_and_unload(served, api, grpc_clie
     status, body = _post(load, {"lora_name": "x"})
     assert status == 400 and json.loads(body)["error"]["param"] == "lora_path"
     assert _post(load, {"lora_name": "x", "lora_path": "alpha", "lora_int_id": 3})[0] == 400
+    status, body = _post(unload, {"lora_name": "alpha", "lora_int_id": 1})
+    assert status == 400 and "send lora_name" in json.loads(body)["error"]["message"]
 
 
 def test_tokenize_and_detokenize(served, grpc_client):

@@ -32,12 +32,12 @@ routing_key; response_format json_schema -> guided_json, json_object -> guided_j
 {"type": "object"}) and vLLM's extra ones (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, guided_regex,
 guided_choice, guided_json, priority, truncate_prompt_tokens, allowed_token_ids), plus
-routing_key;
-chat's tools, tool_choice and parallel_tool_calls, with messages that carry tool_calls
-and tool results (openai_tools.py says what each tool_choice does). What cannot be
-honoured is refused with 400, never ignored: suffix, best_of other than n, a message part
-that is not text, functions / function_call (send tools / tool_choice), tool_choice auto
-on a server without --tool-call-parser, and any unknown field.
+routing_key; chat's tools, tool_choice and parallel_tool_calls, with messages that carry
+tool_calls and tool results (openai_tools.py says what each tool_choice does). What
+cannot be honoured is refused with 400, never ignored: suffix, best_of other than n, a
+message part that is not text, functions / function_call (send tools / tool_choice),
+tool_choice auto on a server without --tool-call-parser, unload_lora_adapter's
+lora_int_id (adapters have names here), and any unknown field.
 """
 
 from __future__ import annotations
@@ -573,6 +573,9 @@ class OpenAIApi:
         waiting for the requests that use it (up to 30 s)."""
         body = await self._body(request, _UNLOAD_FIELDS, need_model=False)
         name = body.get("lora_name")
+        if body.get("lora_int_id") is not None:
+            raise _bad("lora_int_id is not supported: adapters have names here; send "
+                       "lora_name", "lora_int_id")
         if not name:
             raise _bad("lora_name is required", "lora_name")
         await self._adm.UnloadAdapter(pb.UnloadAdapterRequest(name=name, drain=True),
