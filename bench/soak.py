@@ -120,8 +120,19 @@ _HTTP_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"}
 _HTTP_DROPPED = ("logprobs", "prompt_logprobs", "include_stop_str_in_output")
 
 
+_TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string", "maxLength": 8}}}}},
+    {"type": "function", "function": {"name": "now"}}]
+
+
 def http_body(rng: random.Random) -> tuple[str, dict]:
     """random_request as an OpenAI-style body: (path, body)."""
+    if rng.random() < 0.05:  # vLLM's runtime LoRA endpoints (adapter churn over HTTP)
+        name = rng.choice(["reverse", "sort", "extra", "http-extra"])
+        if rng.random() < 0.5:
+            return "/v1/unload_lora_adapter", {"lora_name": name}
+        return "/v1/load_lora_adapter", {"lora_name": name, "load_inplace": rng.random() < 0.5,
+                                         "lora_path": rng.choice(["reverse", "sort", "../x"])}
     prompt, adapter, kw = random_request(rng)
     body = {"model": adapter}
     for name, value in kw.items():
@@ -135,9 +146,17 @@ def http_body(rng: random.Random) -> tuple[str, dict]:
         path = "/v1/chat/completions"
         if "logprobs" in body:
             body["top_logprobs"], body["logprobs"] = body["logprobs"], True
+        if rng.random() < 0.3:  # tools, every tool_choice (auto: --tool-call-parser hermes)
+            body["tools"] = _TOOLS
+            body["tool_choice"] = rng.choice(["auto", "none", "required", {
+                "type": "function", "function": {"name": "lookup"}}])
+        elif rng.random() < 0.2:
+            body["response_format"] = {"type": "json_object"}
     else:
         body["prompt"] = prompt
         path = "/v1/completions"
+    if rng.random() < 0.2:
+        body["skip_special_tokens"] = rng.random() < 0.5
     body["stream"] = rng.random() < 0.5
     return path, body
 
@@ -218,7 +237,7 @@ def main(argv=None) -> int:
             [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(DEMO / "model"),
              "--adapter-root", str(root), "--port", str(args.port),
              "--metrics-port", str(args.metrics_port), "--http-port", str(args.http_port),
-             "--max-num-seqs", "16",
+             "--max-num-seqs", "16", "--tool-call-parser", "hermes",
              "--kv-cache-memory", "4MiB", "--max-queue", "64", "--max-gpu-adapters", "2",
              "--max-cpu-adapters", "3"], stdout=log, stderr=subprocess.STDOUT)
         target = f"127.0.0.1:{args.port}"
