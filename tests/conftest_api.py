@@ -31,7 +31,8 @@ CHAT_TEMPLATE = ("{% if tools %}<tools>{{ tools | tojson }}\n{% endif %}"
                  "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
                  "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}"
                  "</tool_call>{% endfor %}{{ '\\n' }}{% endfor %}"  # (trim_blocks)
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+                 "{% if enable_thinking is defined and not enable_thinking %}<nothink>"
+                 "{% endif %}{% if add_generation_prompt %}<assistant>{% endif %}")
 ADMIN_TOKEN, GENERATE_TOKEN = "admin-secret", "gen-secret"
 
 _SPECS = {s.name: s for s in ADAPTER_SPECS}

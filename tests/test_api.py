@@ -193,6 +193,38 @@ def test_input_ids_and_chat_messages(client, assets):
     assert chat.token_ids == plain.token_ids
 
 
+def test_continue_final_message_and_template_kwargs_reach_the_template(client, assets):
+    """vLLM's continue_final_message (the assistant's last message left open) and
+    chat_template_kwargs (template variables), rendered as apply_chat_template does."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.model)
+    prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, "}]
+    rendered = tok.apply_chat_template(prefill, tokenize=False, continue_final_message=True)
+    assert rendered.endswith("<assistant>Sure, ")
+    tokens = client.tokenize(messages=prefill, continue_final_message=True)
+    assert list(tokens.token_ids) == tok.encode(rendered, add_special_tokens=False)
+    out = client.generate(messages=prefill, continue_final_message=True, max_new_tokens=3,
+                          ignore_eos=True)
+    assert out.prompt_tokens == len(tokens.token_ids)
+    turn = prefill[:1]
+    quiet = client.tokenize(messages=turn, chat_template_kwargs={"enable_thinking": False})
+    want = tok.apply_chat_template(turn, tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=False)
+    assert want.endswith("<nothink><assistant>")
+    assert list(quiet.token_ids) == tok.encode(want, add_special_tokens=False)
+    assert client.tokenize(messages=turn, chat_template_kwargs={"enable_thinking": True}) \
+        == client.tokenize(messages=turn)
+    for kw, says in ((dict(continue_final_message=True), "the last message's role is 'user'"),
+                     (dict(chat_template_kwargs={"tools": []}), "cannot set ['tools']"),
+                     (dict(chat_template_kwargs=[1]), "must be a JSON object"),
+                     (dict(chat_template_kwargs="{x"), "chat_template_kwargs is not JSON")):
+        with pytest.raises(InvalidArgument, match=re.escape(says)):
+            client.tokenize(messages=turn, **kw)
+    with pytest.raises(TypeError, match="go with messages"):
+        client.tokenize("hi", continue_final_message=True)
+
+
 def test_chat_tools_and_tool_calls_reach_the_template(client, assets):
     """The template gets tools (OpenAI's shape) and an assistant's tool_calls with their
     arguments as objects (HF's shape), as apply_chat_template takes them from Python."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import ssl
 import urllib.error
 import urllib.request
@@ -332,6 +333,36 @@ def test_special_tokens_are_kept_on_request_and_for_hermes_tool_calls(api):
     assert none.choices[0].message.content == ""
 
 
+def test_prefill_and_template_kwargs_are_vllms(served, api, grpc_client):
+    """continue_final_message (with add_generation_prompt false, as vLLM asks) and
+    chat_template_kwargs: /tokenize and chat see what the gRPC API renders."""
+    prefill = [*MESSAGES, {"role": "assistant", "content": "Sure, "}]
+    url = f"http://127.0.0.1:{served.server.http_port}/tokenize"
+    for extra, kw in (({"continue_final_message": True, "add_generation_prompt": False},
+                       {"continue_final_message": True}),
+                      ({"chat_template_kwargs": {"enable_thinking": False}},
+                       {"chat_template_kwargs": {"enable_thinking": False}})):
+        messages = prefill if "continue_final_message" in kw else MESSAGES
+        status, out = _http(url, json.dumps({"messages": messages, **extra}).encode(),
+                            {"Content-Type": "application/json"})
+        want = grpc_client.tokenize(messages=messages, **kw)
+        assert status == 200 and out["tokens"] == list(want.token_ids), extra
+        chat = api.chat.completions.create(model="alpha", messages=messages, max_tokens=6,
+                                           temperature=0, extra_body=extra)
+        ref = grpc_client.generate(messages=messages, adapter="alpha", max_new_tokens=6, **kw)
+        assert (chat.choices[0].message.content, chat.usage.prompt_tokens) == (
+            ref.text, ref.prompt_tokens)
+    assert grpc_client.tokenize(messages=prefill, continue_final_message=True) \
+        != grpc_client.tokenize(messages=prefill)  # (so the field did something)
+    for extra, words in (({"continue_final_message": True, "add_generation_prompt": True},
+                          "add_generation_prompt true"),
+                         ({"add_generation_prompt": False}, "only with continue_final_message"),
+                         ({"chat_template_kwargs": {"add_generation_prompt": False}},
+                          "cannot set ['add_generation_prompt']")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(words)):
+            api.chat.completions.create(model="alpha", messages=prefill, extra_body=extra)
+
+
 def test_a_conversation_with_tool_results_is_templated(served, api, grpc_client):
     history = [*MESSAGES,
                {"role": "assistant", "content": None, "tool_calls": [
@@ -646,6 +677,7 @@ _FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", 
            "stream_options", "best_of", "user", "guided_choice", "guided_json", "top_k",
            "stop_token_ids", "truncate_prompt_tokens", "priority", "tools", "functions",
            "tool_choice", "parallel_tool_calls", "skip_special_tokens",
+           "continue_final_message", "add_generation_prompt", "chat_template_kwargs",
            "max_completion_tokens", "min_tokens", "allowed_token_ids", "suffix"]
 
 

@@ -97,8 +97,11 @@ _COMPLETION_FIELDS = {**_COMMON, "prompt": (str, list), "logprobs": int, "echo":
 _CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logprobs": bool,
                 "top_logprobs": int, "response_format": dict, "tools": list,
                 "tool_choice": (str, dict), "parallel_tool_calls": bool, "functions": list,
-                "function_call": (str, dict), **_EXTRAS}
-_TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list, "tools": list}
+                "function_call": (str, dict), "continue_final_message": bool,
+                "add_generation_prompt": bool, "chat_template_kwargs": dict, **_EXTRAS}
+_TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list, "tools": list,
+                    "continue_final_message": bool, "add_generation_prompt": bool,
+                    "chat_template_kwargs": dict}
 _GUIDES = ("guided_json", "guided_regex", "guided_choice")
 _DETOKENIZE_FIELDS = {"model": str, "tokens": list}
 _LOAD_FIELDS = {"lora_name": str, "lora_path": str, "load_inplace": bool}
@@ -273,6 +276,22 @@ def _tool_plan(body: dict, parser: str) -> ToolPlan | None:
                                  body.get("parallel_tool_calls"), parser)
     except openai_tools.ToolError as exc:
         raise _bad(str(exc), exc.param) from None
+
+
+def _chat_options(body: dict) -> dict:
+    """vLLM's continue_final_message, add_generation_prompt and chat_template_kwargs as
+    chat_messages' arguments."""
+    go_on = bool(body.get("continue_final_message"))
+    prompt = body.get("add_generation_prompt")
+    if go_on and prompt:
+        raise _bad("continue_final_message continues the last message: it cannot take "
+                   "add_generation_prompt true too", "add_generation_prompt")
+    if prompt is False and not go_on:
+        raise _bad("add_generation_prompt false is supported only with "
+                   "continue_final_message true (a new turn always gets the prompt)",
+                   "add_generation_prompt")
+    return {"continue_final_message": go_on,
+            "chat_template_kwargs": body.get("chat_template_kwargs")}
 
 
 JSON_OBJECT = {"type": "object"}  # (json_object: free-form, nested FREE_DEPTH deep)
@@ -486,7 +505,8 @@ class OpenAIApi:
                 and body.get("skip_special_tokens") is None:
             sampling["keep_special_tokens"] = True  # (some models' <tool_call> is special)
         inp = {"messages": _messages(body["messages"]),
-               "tools": list(tools.tools) if tools is not None else None}
+               "tools": list(tools.tools) if tools is not None else None,
+               **_chat_options(body)}
         req = _build(inp, sampling, _request_kwargs(body))
         return await self._answer(request, _Job(
             "chat", body["model"], [req], body.get("n") or 1, bool(body.get("stream")),
@@ -523,11 +543,16 @@ class OpenAIApi:
         if body.get("tools") is not None and body.get("messages") is None:
             raise _bad("tools go with messages", "tools")
         if body.get("prompt") is not None:
+            if set(body) & {"continue_final_message", "add_generation_prompt",
+                            "chat_template_kwargs"}:
+                raise _bad("continue_final_message, add_generation_prompt and "
+                           "chat_template_kwargs go with messages")
             req = build_tokenize_request(body["prompt"])
         else:
             tools = _tool_plan({"tools": body.get("tools"), "tool_choice": "none"}, "")
             req = build_tokenize_request(messages=_messages(body["messages"]),
-                                         tools=list(tools.tools) if tools else None)
+                                         tools=list(tools.tools) if tools else None,
+                                         **_chat_options(body))
         resp = await self._gen.Tokenize(req, metadata=self._metadata(request, ""))
         return web.json_response({"tokens": list(resp.token_ids), "count": len(resp.token_ids),
                                   "max_model_len": resp.max_model_len})

@@ -128,7 +128,8 @@ class Client(_Base):
         all in Result.completions, completion 0's also on top); also routing_key,
         priority (lower is served first), truncate_prompt_tokens (keep the input's last
         this many tokens) and, with messages, tools (shown to the model through the chat
-        template; see types.chat_messages); see loraplex.proto."""
+        template), continue_final_message and chat_template_kwargs (see
+        types.chat_messages); see loraplex.proto."""
         req = build_generate_request(prompt, input_ids=input_ids, messages=messages,
                                      adapter=adapter, **sampling)
         return result_from_pb(self._call(self._gen.Generate, req, adapter, timeout))
@@ -145,10 +146,11 @@ class Client(_Base):
         return GenerateStream(call)
 
     def tokenize(self, prompt: str | None = None, *, messages=None, tools=None,
-                 timeout: float | None = None) -> Tokens:
+                 timeout: float | None = None, **chat) -> Tokens:
         """The token ids Generate would see for this prompt (with the tokenizer's special
-        tokens) or these chat messages and tools (through the chat template)."""
-        req = build_tokenize_request(prompt, messages=messages, tools=tools)
+        tokens) or these chat messages and tools (through the chat template; chat:
+        continue_final_message, chat_template_kwargs, see types.chat_messages)."""
+        req = build_tokenize_request(prompt, messages=messages, tools=tools, **chat)
         return tokens_from_pb(self._call(self._gen.Tokenize, req, "", timeout))
 
     def detokenize(self, token_ids: Sequence[int], timeout: float | None = None) -> str:
@@ -278,8 +280,8 @@ class AsyncClient(_Base):
             call.cancel()
 
     async def tokenize(self, prompt: str | None = None, *, messages=None, tools=None,
-                       timeout: float | None = None) -> Tokens:
-        req = build_tokenize_request(prompt, messages=messages, tools=tools)
+                       timeout: float | None = None, **chat) -> Tokens:
+        req = build_tokenize_request(prompt, messages=messages, tools=tools, **chat)
         return tokens_from_pb(await self._call(self._gen.Tokenize, req, "", timeout))
 
     async def detokenize(self, token_ids: Sequence[int], timeout: float | None = None) -> str:

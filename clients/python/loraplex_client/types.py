@@ -145,20 +145,24 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "
 
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, tools=None,
+                           continue_final_message: bool = False,
+                           chat_template_kwargs: dict | None = None,
                            adapter: str = "", routing_key: str = "", priority: int = 0,
                            truncate_prompt_tokens: int | None = None,
                            **sampling) -> pb.GenerateRequest:
     """A GenerateRequest from Python values. Give exactly one of prompt, input_ids, messages
-    (messages: a list of {"role", "content"} dicts or (role, content) pairs; with tools, see
-    `chat_messages`)."""
+    (messages: a list of {"role", "content"} dicts or (role, content) pairs; with tools,
+    continue_final_message and chat_template_kwargs, see `chat_messages`)."""
     unknown = set(sampling) - set(SAMPLING_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling options {sorted(unknown)}; use {SAMPLING_FIELDS}")
     given = [x is not None for x in (prompt, input_ids, messages)]
     if sum(given) != 1:
         raise TypeError("give exactly one of prompt, input_ids, messages")
-    if tools is not None and messages is None:
-        raise TypeError("tools go with messages")
+    if (tools is not None or continue_final_message or chat_template_kwargs is not None) \
+            and messages is None:
+        raise TypeError("tools, continue_final_message and chat_template_kwargs go with "
+                        "messages")
     req = pb.GenerateRequest(adapter=adapter or "", routing_key=routing_key or "")
     fields = {"priority": int(priority), "truncate_prompt_tokens": truncate_prompt_tokens,
               **sampling}
@@ -167,7 +171,8 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, tools=
     elif input_ids is not None:
         req.input_ids.ids.extend(int(i) for i in input_ids)
     else:
-        req.messages.CopyFrom(chat_messages(messages, tools))
+        req.messages.CopyFrom(chat_messages(messages, tools, continue_final_message,
+                                            chat_template_kwargs))
     for name, value in fields.items():
         if value is None:
             continue
@@ -194,13 +199,17 @@ def _field_rule(req, name: str, exc: Exception) -> str:
     return str(exc)
 
 
-def chat_messages(messages, tools=None) -> pb.ChatMessages:
+def chat_messages(messages, tools=None, continue_final_message: bool = False,
+                  chat_template_kwargs: dict | None = None) -> pb.ChatMessages:
     """ChatMessages from OpenAI's shapes. messages: {"role", "content"} dicts or (role,
     content) pairs; an assistant's dict may hold "tool_calls" ([{"id", "function": {"name",
     "arguments"}}], arguments as JSON text or a dict), a tool's "tool_call_id" and "name".
     tools: [{"type": "function", "function": {"name", "description", "parameters"}}] (or
-    the inner dicts), parameters a JSON schema as a dict or its text."""
-    chat = pb.ChatMessages()
+    the inner dicts), parameters a JSON schema as a dict or its text.
+    continue_final_message: continue the last (assistant's) message instead of a new turn;
+    chat_template_kwargs: variables for the template ({"enable_thinking": False})."""
+    chat = pb.ChatMessages(continue_final_message=continue_final_message,
+                           chat_template_kwargs=_json_text(chat_template_kwargs, ""))
     for m in messages:
         if not isinstance(m, dict):
             role, content = m
@@ -234,14 +243,19 @@ class Tokens:
     max_model_len: int  # the most tokens a prompt plus its completion may hold
 
 
-def build_tokenize_request(prompt=None, *, messages=None, tools=None) -> pb.TokenizeRequest:
+def build_tokenize_request(prompt=None, *, messages=None, tools=None,
+                           continue_final_message: bool = False,
+                           chat_template_kwargs: dict | None = None) -> pb.TokenizeRequest:
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt, messages")
-    if tools is not None and messages is None:
-        raise TypeError("tools go with messages")
+    if (tools is not None or continue_final_message or chat_template_kwargs is not None) \
+            and messages is None:
+        raise TypeError("tools, continue_final_message and chat_template_kwargs go with "
+                        "messages")
     if prompt is not None:
         return pb.TokenizeRequest(prompt=prompt)
-    return pb.TokenizeRequest(messages=chat_messages(messages, tools))
+    return pb.TokenizeRequest(messages=chat_messages(messages, tools, continue_final_message,
+                                                     chat_template_kwargs))
 
 
 def tokens_from_pb(msg: pb.TokenizeResponse) -> Tokens:

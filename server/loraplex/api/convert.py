@@ -8,6 +8,8 @@ sampling options belong to SamplingParams.validate, in the domain.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import re
 from collections.abc import Callable
@@ -103,13 +105,40 @@ def _render_chat(chat: pb.ChatMessages, tokenizer) -> list[int]:
         raise InvalidArgument("this model has no chat template: send a prompt or input_ids")
     turns = [_turn(i, m) for i, m in enumerate(chat.messages)]
     tools = [_tool(i, t) for i, t in enumerate(chat.tools)] or None
+    extra = _template_kwargs(chat.chat_template_kwargs, tokenizer)
+    if chat.continue_final_message and turns[-1]["role"] != "assistant":
+        raise InvalidArgument("continue_final_message continues the assistant's message: "
+                              f"the last message's role is {turns[-1]['role']!r}")
+    go_on = chat.continue_final_message
     try:
         text = tokenizer.apply_chat_template(turns, tools=tools, tokenize=False,
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=not go_on,
+                                             continue_final_message=go_on, **extra)
     except Exception as exc:  # jinja's TemplateError, raise_exception() of the template
         raise InvalidArgument(f"the chat template refused these messages: {exc}") from None
     # The template writes the special tokens (BOS...) itself.
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _template_kwargs(text: str, tokenizer) -> dict:
+    """chat_template_kwargs: a JSON object of template variables, none of them a name that
+    apply_chat_template takes itself."""
+    if not text:
+        return {}
+    extra = _json(text, "chat_template_kwargs")
+    if not isinstance(extra, dict):
+        raise InvalidArgument('chat_template_kwargs must be a JSON object, e.g. '
+                              '{"enable_thinking": false}')
+    taken = sorted(set(extra) & (_apply_parameters(type(tokenizer)) | {"messages"}))
+    if taken:
+        raise InvalidArgument(f"chat_template_kwargs cannot set {taken}: apply_chat_template "
+                              "takes them itself")
+    return extra
+
+
+@functools.cache
+def _apply_parameters(tokenizer_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(tokenizer_type.apply_chat_template).parameters)
 
 
 def _turn(i: int, m: pb.ChatMessage) -> dict:
