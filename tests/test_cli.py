@@ -322,6 +322,31 @@ def test_cli_tokenize_prints_the_ids(server):
     assert out.stdout == " ".join(map(str, ids)) + "\n"
 
 
+def test_cli_chat_prefill_and_template_kwargs(server, capsys):
+    """--prefill continues the answer's start, --template-kwargs sets template variables;
+    both need --chat."""
+    from loraplex_client import cli as client_cli
+
+    user = [{"role": "user", "content": "Hello"}]
+    with Client(server.target) as c:
+        prefill = c.tokenize(messages=[*user, {"role": "assistant", "content": "Sure"}],
+                             continue_final_message=True).token_ids
+        quiet = c.tokenize(messages=user, chat_template_kwargs={"enable_thinking": False})
+    argv = ["tokenize", "--target", server.target, "--chat", "Hello"]
+    assert client_cli.main([*argv, "--prefill", "Sure"]) == 0
+    assert capsys.readouterr().out == " ".join(map(str, prefill)) + "\n"
+    assert client_cli.main([*argv, "--template-kwargs", '{"enable_thinking": false}']) == 0
+    assert capsys.readouterr().out == " ".join(map(str, quiet.token_ids)) + "\n"
+    for bad, words in ((["--template-kwargs", "[1]"], "give a JSON object"),
+                       (["--template-kwargs", "{x"], "not JSON")):
+        with pytest.raises(SystemExit) as exit_:
+            client_cli.main([*argv, *bad])
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        client_cli.main(["tokenize", "--target", server.target, "--prefill", "x", "Hello"])
+    assert exit_.value.code == 2 and "need --chat" in capsys.readouterr().err
+
+
 def test_values_no_request_field_can_hold_are_refused_naming_the_field(capsys):
     """Negative counts and token ids stop in the client with the field's name (protobuf's
     own ValueError says only "Value out of range: -1"), and the CLI stops them at parsing."""

@@ -71,6 +71,7 @@ def add_commands(subparsers) -> None:
     g.add_argument("--chat", action="store_true",
                    help="send the prompt as one user message through the chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
+    _chat_options(g)
     g.add_argument("--truncate-prompt-tokens", type=_whole, default=None, metavar="N",
                    help="keep only the input's last N tokens")
     g.add_argument("--max-new-tokens", type=_whole, default=None)
@@ -176,6 +177,7 @@ def add_commands(subparsers) -> None:
     t.add_argument("--chat", action="store_true",
                    help="the prompt as one user message through the chat template")
     t.add_argument("--system", default=None, help="system message (with --chat)")
+    _chat_options(t)
     t.set_defaults(func=_tokenize)
 
     h = subparsers.add_parser("health", parents=[common], help="health status")
@@ -210,14 +212,44 @@ def _asdict(x) -> dict:
     return dataclasses.asdict(x)
 
 
+def _chat_options(p) -> None:
+    p.add_argument("--prefill", default=None, metavar="TEXT",
+                   help="with --chat: the start of the answer, which the model continues "
+                        "(continue_final_message)")
+    p.add_argument("--template-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help='with --chat: chat template variables, e.g. \'{"enable_thinking": '
+                        'false}\'')
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('give a JSON object, e.g. {"enable_thinking": false}')
+    return value
+
+
 def _inputs(args) -> dict:
-    """prompt=... or, with --chat, messages=[...] from the command line."""
+    """prompt=... or, with --chat, messages=[...] (and their chat options) from the
+    command line."""
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not args.chat:
+        if args.prefill is not None or args.template_kwargs is not None:
+            print("loraplex: error: --prefill and --template-kwargs need --chat",
+                  file=sys.stderr)
+            raise SystemExit(2)  # (a usage error, as argparse's)
         return dict(prompt=prompt)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": prompt})
-    return dict(messages=messages)
+    chat = {}
+    if args.prefill is not None:
+        messages.append({"role": "assistant", "content": args.prefill})
+        chat["continue_final_message"] = True
+    if args.template_kwargs is not None:
+        chat["chat_template_kwargs"] = args.template_kwargs
+    return dict(messages=messages, **chat)
 
 
 def _tokenize(args) -> int:
