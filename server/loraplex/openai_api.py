@@ -89,6 +89,9 @@ _EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_token
            "routing_key": str, "skip_special_tokens": bool}
 # OpenAI fields with nothing to do here, accepted as they are
 _IGNORED = {"stream_options", "store", "metadata", "service_tier"}
+# vLLM's options of the chat template (chat and /tokenize)
+_CHAT_OPTIONS = {"continue_final_message": bool, "add_generation_prompt": bool,
+                 "chat_template_kwargs": dict}
 _COMMON = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int,
            "stream": bool, "stop": (str, list), "seed": int, "presence_penalty": float,
            "frequency_penalty": float, "logit_bias": dict, "best_of": int, "user": str}
@@ -97,11 +100,9 @@ _COMPLETION_FIELDS = {**_COMMON, "prompt": (str, list), "logprobs": int, "echo":
 _CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logprobs": bool,
                 "top_logprobs": int, "response_format": dict, "tools": list,
                 "tool_choice": (str, dict), "parallel_tool_calls": bool, "functions": list,
-                "function_call": (str, dict), "continue_final_message": bool,
-                "add_generation_prompt": bool, "chat_template_kwargs": dict, **_EXTRAS}
+                "function_call": (str, dict), **_CHAT_OPTIONS, **_EXTRAS}
 _TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list, "tools": list,
-                    "continue_final_message": bool, "add_generation_prompt": bool,
-                    "chat_template_kwargs": dict}
+                    **_CHAT_OPTIONS}
 _GUIDES = ("guided_json", "guided_regex", "guided_choice")
 _DETOKENIZE_FIELDS = {"model": str, "tokens": list}
 _LOAD_FIELDS = {"lora_name": str, "lora_path": str, "load_inplace": bool}
@@ -543,8 +544,7 @@ class OpenAIApi:
         if body.get("tools") is not None and body.get("messages") is None:
             raise _bad("tools go with messages", "tools")
         if body.get("prompt") is not None:
-            if set(body) & {"continue_final_message", "add_generation_prompt",
-                            "chat_template_kwargs"}:
+            if set(body) & set(_CHAT_OPTIONS):
                 raise _bad("continue_final_message, add_generation_prompt and "
                            "chat_template_kwargs go with messages")
             req = build_tokenize_request(body["prompt"])

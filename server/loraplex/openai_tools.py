@@ -342,24 +342,29 @@ class _WholeTextCalls(Parser):
         if self._state == "content":
             return [text] if text else []
         self._text += text
-        head = self._text.lstrip()
-        body = head[len(self.TAG):].lstrip() if head.startswith(self.TAG) else None
-        if body is not None and body[:1] in self.STARTS or head[:1] in self.STARTS:
-            self._state = "calls"
-        elif body == "" or self.TAG.startswith(head):
-            return []  # (whitespace, the tag or a start of it: still undecided)
         if self._state == "calls":
             return []
+        head, body = self._text.lstrip(), self._untagged(self._text)
+        if body is not None and body[:1] in self.STARTS or head[:1] in self.STARTS:
+            self._state = "calls"
+            return []
+        if body == "" or self.TAG.startswith(head):
+            return []  # (whitespace, the tag or a start of it: still undecided)
         self._state, text, self._text = "content", self._text, ""
         return [text]
 
     def finish(self) -> list[str | CallDelta]:
         text, self._text = self._text, ""
-        head = text.lstrip()
-        calls = self.parse(head[len(self.TAG):] if head.startswith(self.TAG) else head)
+        body = self._untagged(text)
+        calls = self.parse(text.lstrip() if body is None else body)
         if calls is None:
             return [text] if text else []
         return [self._call(*c) for c in (calls if self._parallel else calls[:1])]
+
+    def _untagged(self, text: str) -> str | None:
+        """The text after its leading whitespace and TAG (None: it does not start so)."""
+        head = text.lstrip()
+        return head[len(self.TAG):].lstrip() if head.startswith(self.TAG) else None
 
     def finish_reason(self, reason: str | None) -> str | None:
         return "tool_calls" if reason == "stop" and self.calls else reason

@@ -159,10 +159,7 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, tools=
     given = [x is not None for x in (prompt, input_ids, messages)]
     if sum(given) != 1:
         raise TypeError("give exactly one of prompt, input_ids, messages")
-    if (tools is not None or continue_final_message or chat_template_kwargs is not None) \
-            and messages is None:
-        raise TypeError("tools, continue_final_message and chat_template_kwargs go with "
-                        "messages")
+    _check_chat_options(messages, tools, continue_final_message, chat_template_kwargs)
     req = pb.GenerateRequest(adapter=adapter or "", routing_key=routing_key or "")
     fields = {"priority": int(priority), "truncate_prompt_tokens": truncate_prompt_tokens,
               **sampling}
@@ -189,6 +186,13 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, tools=
             raise ValueError(f"{name}={value!r} cannot be sent: {_field_rule(req, name, exc)}") \
                 from None
     return req
+
+
+def _check_chat_options(messages, tools, continue_final_message, chat_template_kwargs) -> None:
+    if (tools is not None or continue_final_message or chat_template_kwargs is not None) \
+            and messages is None:
+        raise TypeError("tools, continue_final_message and chat_template_kwargs go with "
+                        "messages")
 
 
 def _field_rule(req, name: str, exc: Exception) -> str:
@@ -248,10 +252,7 @@ def build_tokenize_request(prompt=None, *, messages=None, tools=None,
                            chat_template_kwargs: dict | None = None) -> pb.TokenizeRequest:
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt, messages")
-    if (tools is not None or continue_final_message or chat_template_kwargs is not None) \
-            and messages is None:
-        raise TypeError("tools, continue_final_message and chat_template_kwargs go with "
-                        "messages")
+    _check_chat_options(messages, tools, continue_final_message, chat_template_kwargs)
     if prompt is not None:
         return pb.TokenizeRequest(prompt=prompt)
     return pb.TokenizeRequest(messages=chat_messages(messages, tools, continue_final_message,

@@ -106,10 +106,10 @@ def _render_chat(chat: pb.ChatMessages, tokenizer) -> list[int]:
     turns = [_turn(i, m) for i, m in enumerate(chat.messages)]
     tools = [_tool(i, t) for i, t in enumerate(chat.tools)] or None
     extra = _template_kwargs(chat.chat_template_kwargs, tokenizer)
-    if chat.continue_final_message and turns[-1]["role"] != "assistant":
+    go_on = chat.continue_final_message
+    if go_on and turns[-1]["role"] != "assistant":
         raise InvalidArgument("continue_final_message continues the assistant's message: "
                               f"the last message's role is {turns[-1]['role']!r}")
-    go_on = chat.continue_final_message
     try:
         text = tokenizer.apply_chat_template(turns, tools=tools, tokenize=False,
                                              add_generation_prompt=not go_on,
