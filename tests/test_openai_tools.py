@@ -234,8 +234,66 @@ def test_mistral_an_array_of_calls_with_mistral_ids():
         msg = _whole_and_streamed(auto, text)
         assert _calls(msg) == [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]
         assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in msg["tool_calls"])
-    for text in ("[1] is a footnote.", "Sure: [x]", "[TOOL_CALLS] nothing"):
+    for text in ("[1] is a footnote.", "Sure: [x]", "[TOOL_CALLS] nothing", "[TOOL_CAL",
+                 "[TOOL_CALLS]", "Look: [TOOL_CALLS][{\"name\": 1}]"):
         assert _whole_and_streamed(auto, text) == {"content": text}
+
+
+@pytest.mark.parametrize("text", [
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}',  # v11
+    '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris"}'  # v13
+    '[TOOL_CALLS]get_time[CALL_ID]Z9y8X7w6v[ARGS]{}',
+    '[TOOL_CALLS]get_weather{"city":"Paris"} [TOOL_CALLS] get_time {}\n',  # (no [ARGS])
+])
+def test_mistral_v11_calls_name_then_arguments_after_each_tag(text):
+    auto = plan([WEATHER, TIME], None, None, "mistral")
+    msg = _whole_and_streamed(auto, text)
+    assert msg["content"] is None and _calls(msg) == [
+        ("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]
+    assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in msg["tool_calls"])
+    assert "a1B2c3D4e" not in {c["id"] for c in msg["tool_calls"]}  # (a fresh id each)
+    single = plan([WEATHER, TIME], None, False, "mistral")
+    assert [n for n, _ in _calls(_whole_and_streamed(single, text))] == ["get_weather"]
+
+
+def test_parsers_that_read_special_tags_keep_special_tokens():
+    assert [plan([WEATHER], None, None, p).keeps_special_tokens()
+            for p in ("hermes", "mistral", "llama3_json", "pythonic")] == [True, True, False,
+                                                                          False]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert not plan([WEATHER], named, None, "mistral").keeps_special_tokens()
+    assert not plan([WEATHER], "none", None, "hermes").keeps_special_tokens()
+
+
+def test_mistral_content_streams_before_the_tag():
+    auto = plan([WEATHER], None, None, "mistral")
+    text = 'Let me check.\n[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}'
+    msg = _whole_and_streamed(auto, text)
+    assert msg["content"] == "Let me check." and _calls(msg) == [
+        ("get_weather", '{"city": "Rome"}')]
+    parser = auto.new_parser()
+    assert parser.feed("Let me") == ["Let me"] and parser.feed(" check. [TOOL") == [" check."]
+    assert parser.feed("_CALLS]get_weather") == [] and parser.feed('[ARGS]{"city": "Rome"}') == []
+    assert [(c.name, c.arguments) for c in parser.finish()] == [("get_weather", '{"city": "Rome"}')]
+    assert parser.finish_reason("stop") == "tool_calls"
+
+
+@pytest.mark.parametrize("text", [
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Par',  # cut off
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"} and then',  # not calls alone
+    '[TOOL_CALLS]get_weather[ARGS]["Paris"]',  # arguments no object
+    '[TOOL_CALLS]get weather[ARGS]{}',  # no name
+    '[TOOL_CALLS]get_weather[ARGS]{"a": NaN}',  # no JSON
+    '[TOOL_CALLS]get_weather[ARGS]{}[TOOL_CALLS]',  # a tag with no call
+    'Hi [TOOL_CALLS]get_weather[ARGS]{} [TOOL_CALLS]get_time[ARGS]',
+])
+def test_mistral_v11_text_that_is_not_calls_whole_is_content(text):
+    auto = plan([WEATHER, TIME], None, None, "mistral")
+    assert _whole_and_streamed(auto, text) == {"content": text}
+    parser = auto.new_parser()
+    parser.feed(text)
+    parser.finish()
+    assert parser.finish_reason("stop") == "stop"
 
 
 def test_pythonic_a_list_of_calls_is_calls():

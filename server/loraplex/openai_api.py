@@ -502,9 +502,9 @@ class OpenAIApi:
                            f"drop {'response_format' if schema is not None else given[0]}",
                            "tool_choice")
             sampling["guided_json"] = forced
-        if tools is not None and tools.parser == "hermes" \
+        if tools is not None and tools.keeps_special_tokens() \
                 and body.get("skip_special_tokens") is None:
-            sampling["keep_special_tokens"] = True  # (some models' <tool_call> is special)
+            sampling["keep_special_tokens"] = True  # (<tool_call>, [TOOL_CALLS]...)
         inp = {"messages": _messages(body["messages"]),
                "tools": list(tools.tools) if tools is not None else None,
                **_chat_options(body)}

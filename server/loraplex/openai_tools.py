@@ -16,12 +16,15 @@ model through the chat template, and `tool_choice` decides what its text becomes
                     closed, stays in the content.
                     `llama3_json`: a text that is {"name": ..., "parameters": {...}}
                     objects (after Llama 3.1's <|python_tag|>, "; " between them) is calls.
-                    `mistral`: a text that is a JSON array of {"name", "arguments"} (after
-                    Mistral's [TOOL_CALLS]) is calls, with Mistral's 9-character call ids.
                     `pythonic` (Llama 3.2 and 4, ToolACE): a text that is a Python list of
                     calls with literal keyword arguments, [f(a=1), g(b="x")], is calls.
-                    In these three a text that begins otherwise, or does not parse whole, is
+                    In these two a text that begins otherwise, or does not parse whole, is
                     all content; a call text is held back and sent when it ends.
+                    `mistral`: the text after Mistral's [TOOL_CALLS] is calls: a JSON array
+                    of {"name", "arguments"} (tokenizers before v11), or f[ARGS]{...} with
+                    [TOOL_CALLS] before each (v11 on), with Mistral's 9-character call ids;
+                    the text before the tag is content, and so is the rest if it does not
+                    parse whole.
 
 A parser turns the completion's text, fed piece by piece as it streams, into `str` pieces
 of the content and `CallDelta`s of the calls, so a streamed answer adds up to the whole
@@ -86,6 +89,10 @@ class ToolPlan:
                     **({} if self.parallel else {"maxItems": 1}),
                     **({"$defs": defs} if defs else {})}
         return None
+
+    def keeps_special_tokens(self) -> bool:
+        """Whether the text must keep special tokens, as the parser reads some."""
+        return self.mode == "auto" and _PARSERS[self.parser].KEEPS_SPECIAL
 
     def new_parser(self) -> Parser | None:
         """A parser for one choice (None: the text is all content)."""
@@ -217,6 +224,7 @@ class Parser:
         return CallDelta(self.calls - 1, arguments, self.new_id(), name)
 
     new_id = staticmethod(new_call_id)
+    KEEPS_SPECIAL = False  # True: it reads tags a tokenizer marks special (kept in the text)
 
 
 class _Named(Parser):
@@ -268,6 +276,7 @@ class _Hermes(Parser):
     that may be the start of a block is held back until it is known."""
 
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    KEEPS_SPECIAL = True  # (some models' <tool_call> is a special token)
 
     def __init__(self, parallel: bool):
         super().__init__()
@@ -414,10 +423,83 @@ class _Llama3Json(_WholeTextCalls):
     parse = staticmethod(_json_calls)
 
 
-class _Mistral(_WholeTextCalls):
-    TAG, STARTS = "[TOOL_CALLS]", ("[", "{")
-    parse = staticmethod(_json_calls)
+class _Mistral(Parser):
+    """The text after Mistral's [TOOL_CALLS] tag is calls, in the form of the model's
+    tokenizer version:
+
+        v3 to v10 (Mistral 7B v0.3, Nemo)   [TOOL_CALLS][{"name": ..., "arguments": {...}}]
+        v11 on (Small 3.1+, Devstral...)    [TOOL_CALLS]f[ARGS]{...}[TOOL_CALLS]g[ARGS]{...}
+
+    (v13 writes [CALL_ID] and an id before [ARGS]; the call gets a fresh id, as the others).
+    The content before the tag streams, less text that may be the tag's start, held until
+    known; from the tag on the text is held to its end, and is content if it does not
+    parse whole. With no tag (a tokenizer that leaves special tokens out), a text that
+    begins like the old JSON array is held and parsed the same way."""
+
+    TAG = "[TOOL_CALLS]"
+    KEEPS_SPECIAL = True
     new_id = staticmethod(_mistral_call_id)
+
+    def __init__(self, parallel: bool):
+        super().__init__()
+        self._parallel = parallel
+        self._text = ""  # not yet sent
+        self._held = False  # the text is (maybe) calls: held to the end
+        self._streamed = False  # some content was sent
+
+    def feed(self, text: str) -> list[str | CallDelta]:
+        self._text += text
+        if self._held:
+            return []
+        at, head = self._text.find(self.TAG), self._text.lstrip()
+        if at >= 0:
+            content = self._text[:at].rstrip()  # (the whitespace goes if calls follow)
+            self._text, self._held = self._text[len(content):], True
+            return self._content(content)
+        if not self._streamed and head[:1] in ("[", "{") and not self.TAG.startswith(head):
+            self._held = True
+            return []
+        cut = len(self._text) - _held_back(self._text, self.TAG)
+        content, self._text = self._text[:cut], self._text[cut:]
+        return self._content(content)
+
+    def finish(self) -> list[str | CallDelta]:
+        text, self._text = self._text, ""
+        body = text.lstrip()
+        calls = _mistral_calls(body[len(self.TAG):] if body.startswith(self.TAG) else body) \
+            if self._held else None
+        if calls is None:
+            return self._content(text)
+        return [self._call(*c) for c in (calls if self._parallel else calls[:1])]
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and self.calls else reason
+
+    def _content(self, text: str) -> list[str]:
+        self._streamed = self._streamed or bool(text)
+        return [text] if text else []
+
+
+_MISTRAL_CALL = re.compile(r"\s*([a-zA-Z0-9_-]{1,64})\s*(?:\[CALL_ID\][a-zA-Z0-9]{9})?"
+                           r"(?:\[ARGS\])?\s*(\{.*\})\s*", re.DOTALL)
+
+
+def _mistral_calls(text: str) -> list[tuple[str, str]] | None:
+    """The calls after the first [TOOL_CALLS]: a JSON array of them (before v11), or
+    name[ARGS]{arguments} with [TOOL_CALLS] between (v11 on)."""
+    if text.lstrip()[:1] in ("[", "{"):
+        return _json_calls(text)
+    calls = []
+    for piece in text.split(_Mistral.TAG):
+        match = _MISTRAL_CALL.fullmatch(piece)
+        try:
+            arguments = _STRICT.decode(match.group(2)) if match else None
+        except ValueError:
+            return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append((match.group(1), _dumps(arguments)))
+    return calls
 
 
 class _Pythonic(_WholeTextCalls):
