@@ -140,6 +140,54 @@ def test_echo_with_logprobs_scores_the_prompt(api, grpc_client):
         pytest.approx(lp.token_logprobs, abs=1e-5)
 
 
+def test_prompt_logprobs_are_vllms(api, grpc_client):
+    """vLLM's prompt_logprobs: None for the first prompt token, then {id: {logprob, rank,
+    decoded_token}} with the token's own entry first; a completion choice's field, chat's
+    top-level one, in a stream's first chunk; beside echo's rows with their own count."""
+    ids = grpc_client.tokenize(PROMPT).token_ids
+    ref = grpc_client.generate(PROMPT, adapter="alpha", max_new_tokens=1, ignore_eos=True,
+                               prompt_logprobs=3)
+    ranks = [x.rank for x in ref.prompt_logprobs]  # (gRPC's TokenLogprob.rank)
+    assert min(ranks) >= 1 and max(ranks) > 1  # (some prompt token is not the top)
+
+    def check(scored, top, ref_rows, prompt_ids):
+        assert scored[0] is None and len(scored) == len(prompt_ids)
+        for row, lp, tok in zip(scored[1:], ref_rows, prompt_ids[1:]):
+            assert next(iter(row)) == str(tok)
+            assert row[str(tok)] == {"logprob": pytest.approx(lp.logprob, abs=1e-5),
+                                     "rank": lp.rank,
+                                     "decoded_token": lp.token.decode(errors="replace")}
+            assert set(row) == {str(tok), *(str(t) for t, _ in lp.top[:top])}
+            assert all(row[str(t)] == {"logprob": pytest.approx(p, abs=1e-5), "rank": r,
+                                       "decoded_token": row[str(t)]["decoded_token"]}
+                       for r, (t, p) in enumerate(lp.top[:top], 1) if t != tok)
+
+    kw = dict(model="alpha", prompt=PROMPT, max_tokens=1, temperature=0)
+    out = api.completions.create(**kw, extra_body={"prompt_logprobs": 3, "ignore_eos": True})
+    check(out.choices[0].model_extra["prompt_logprobs"], 3, ref.prompt_logprobs, ids)
+    assert out.choices[0].logprobs is None
+    both = api.completions.create(**kw, echo=True, logprobs=1, extra_body={
+        "prompt_logprobs": 2, "ignore_eos": True})
+    check(both.choices[0].model_extra["prompt_logprobs"], 2, ref.prompt_logprobs, ids)
+    assert all(len(t) <= 1 for t in both.choices[0].logprobs.top_logprobs[1:])
+    chunks = list(api.completions.create(**kw, stream=True, extra_body={"prompt_logprobs": 3}))
+    check(chunks[0].choices[0].model_extra["prompt_logprobs"], 3, ref.prompt_logprobs, ids)
+    assert all("prompt_logprobs" not in (c.choices[0].model_extra or {}) for c in chunks[1:])
+    assert "prompt_logprobs" not in api.completions.create(**kw).choices[0].model_extra
+
+    chat_ids = grpc_client.tokenize(messages=MESSAGES).token_ids
+    chat_ref = grpc_client.generate(messages=MESSAGES, adapter="alpha", max_new_tokens=1,
+                                    prompt_logprobs=0)
+    chat = dict(model="alpha", messages=MESSAGES, max_tokens=2, temperature=0,
+                extra_body={"prompt_logprobs": 0})
+    check(api.chat.completions.create(**chat).model_extra["prompt_logprobs"], 0,
+          chat_ref.prompt_logprobs, chat_ids)
+    streamed = list(api.chat.completions.create(**chat, stream=True))
+    check(streamed[0].model_extra["prompt_logprobs"], 0, chat_ref.prompt_logprobs, chat_ids)
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs must be 0 to 20"):
+        api.completions.create(**kw, extra_body={"prompt_logprobs": 21})
+
+
 # ---------------------------------------------------------------- chat
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
@@ -678,7 +726,8 @@ _FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", 
            "stop_token_ids", "truncate_prompt_tokens", "priority", "tools", "functions",
            "tool_choice", "parallel_tool_calls", "skip_special_tokens",
            "continue_final_message", "add_generation_prompt", "chat_template_kwargs",
-           "max_completion_tokens", "min_tokens", "allowed_token_ids", "suffix"]
+           "max_completion_tokens", "min_tokens", "allowed_token_ids", "suffix",
+           "prompt_logprobs"]
 
 
 def test_random_bodies_get_an_answer_or_a_4xx_never_a_500(served):

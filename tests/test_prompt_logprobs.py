@@ -29,6 +29,10 @@ def assert_matches_peft(out, base_dir, adapter_dir, prompt, top=TOP):
     got = torch.tensor([lp.logprob for lp in out.prompt_logprobs])
     assert [lp.token_id for lp in out.prompt_logprobs] == prompt[1:]
     assert torch.allclose(got, want, rtol=0, atol=TOLERANCE)
+    ranks = torch.tensor([lp.rank for lp in out.prompt_logprobs])  # (within the tolerance)
+    assert ((ranks >= 1 + (ref > want[:, None] + TOLERANCE).sum(1))
+            & (ranks <= 1 + (ref > want[:, None] - TOLERANCE).sum(1))).all()
+    assert len(ranks) == 0 or (ranks > 1).any()  # (random tokens: rarely a random model's top)
     if top:
         ref_top = torch.topk(ref, top)
         for i, lp in enumerate(out.prompt_logprobs):

@@ -31,7 +31,9 @@ prompt scored too, its tokens leading the choice's logprobs), user -> the route'
 routing_key; response_format json_schema -> guided_json, json_object -> guided_json
 {"type": "object"}) and vLLM's extra ones (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, guided_regex,
-guided_choice, guided_json, priority, truncate_prompt_tokens, allowed_token_ids), plus
+guided_choice, guided_json, priority, truncate_prompt_tokens, allowed_token_ids,
+prompt_logprobs: answered in vLLM's form, a completion choice's field or chat's top-level
+one, in a stream's first chunk), plus
 routing_key; chat's tools, tool_choice and parallel_tool_calls, with messages that carry
 tool_calls and tool results (openai_tools.py says what each tool_choice does). What
 cannot be honoured is refused with 400, never ignored: suffix, best_of other than n, a
@@ -86,7 +88,7 @@ _EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_token
            "ignore_eos": bool, "stop_token_ids": list, "include_stop_str_in_output": bool,
            "guided_regex": str, "guided_choice": list, "guided_json": (str, dict),
            "priority": int, "truncate_prompt_tokens": int, "allowed_token_ids": list,
-           "routing_key": str, "skip_special_tokens": bool}
+           "routing_key": str, "skip_special_tokens": bool, "prompt_logprobs": int}
 # OpenAI fields with nothing to do here, accepted as they are
 _IGNORED = {"stream_options", "store", "metadata", "service_tier"}
 # vLLM's options of the chat template (chat and /tokenize)
@@ -182,6 +184,10 @@ def _sampling(body: dict, max_tokens: int | None) -> dict:
         except (TypeError, ValueError):
             raise _bad("logit_bias maps token ids (as strings) to numbers, e.g. "
                        '{"50256": -100}', "logit_bias") from None
+    if body.get("prompt_logprobs") is not None \
+            and not 0 <= body["prompt_logprobs"] <= MAX_LOGPROBS:
+        raise _bad(f"prompt_logprobs must be 0 to {MAX_LOGPROBS} (alternatives per prompt "
+                   f"token), got {body['prompt_logprobs']}", "prompt_logprobs")
     for name in _EXTRAS:
         if body.get(name) is not None and name not in ("priority", "truncate_prompt_tokens",
                                                       "routing_key", "skip_special_tokens"):
@@ -337,6 +343,7 @@ class _Job:
     # echo with logprobs: each prompt's first token (its text), which has no logprob; the
     # others' come from prompt_logprobs and lead each choice's logprobs
     first_tokens: tuple[str, ...] = ()
+    prompt_logprobs: int | None = None  # vLLM's: alternatives per scored prompt token
     tools: ToolPlan | None = None  # chat with tools: how the text becomes tool calls
 
     def parser(self) -> Parser | None:
@@ -355,9 +362,26 @@ def _rows(entries) -> list[tuple[str, float | None, dict | None]]:
             for lp in entries]
 
 
-def _prompt_rows(first_token: str, prompt_logprobs) -> list:
-    """The scored prompt's rows: its first token (no logprob, as in vLLM), then the rest."""
-    return [(first_token, None, None)] + _rows(prompt_logprobs)
+def _prompt_rows(first_token: str, prompt_logprobs, top: int) -> list:
+    """The scored prompt's rows: its first token (no logprob, as in vLLM), then the rest,
+    with `top` alternatives each."""
+    return [(first_token, None, None)] + [(t, lp, dict(list(alts.items())[:top]))
+                                          for t, lp, alts in _rows(prompt_logprobs)]
+
+
+def _vllm_prompt_logprobs(entries, top: int) -> list:
+    """vLLM's prompt_logprobs: None for the first prompt token, then for each other one
+    {token id: {"logprob", "rank", "decoded_token"}}, its own entry and `top` alternatives."""
+    def one(token: bytes, logprob: float, rank: int) -> dict:
+        return {"logprob": logprob, "rank": rank, "decoded_token": _text(token)}
+
+    out: list = [None]
+    for lp in entries:
+        row = {str(lp.token_id): one(lp.token, lp.logprob, lp.rank)}
+        for rank, t in enumerate(lp.top[:top], 1):
+            row.setdefault(str(t.token_id), one(t.token, t.logprob, rank))
+        out.append(row)
+    return out
 
 
 def _completion_logprobs(rows: list, offset: int) -> dict:
@@ -458,7 +482,7 @@ class OpenAIApi:
         if logprobs is not None:
             sampling.update(logprobs=True, top_logprobs=logprobs)
         if scored:
-            sampling["prompt_logprobs"] = logprobs
+            sampling["prompt_logprobs"] = max(logprobs, body.get("prompt_logprobs") or 0)
         kwargs = _request_kwargs(body)
         inputs = _prompts(body["prompt"])
         requests = [_build(inp, sampling, kwargs) for inp in inputs]
@@ -471,7 +495,7 @@ class OpenAIApi:
         return await self._answer(request, _Job("completion", body["model"], requests,
                                                 body.get("n") or 1, bool(body.get("stream")),
                                                 self._include_usage(body), logprobs, echo,
-                                                first_tokens))
+                                                first_tokens, body.get("prompt_logprobs")))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request, _CHAT_FIELDS)
@@ -512,7 +536,7 @@ class OpenAIApi:
         return await self._answer(request, _Job(
             "chat", body["model"], [req], body.get("n") or 1, bool(body.get("stream")),
             self._include_usage(body), (top or 0) if body.get("logprobs") else None, [""],
-            tools=tools))
+            prompt_logprobs=body.get("prompt_logprobs"), tools=tools))
 
     async def models(self, request: web.Request) -> web.Response:
         md = self._metadata(request, "")
@@ -688,18 +712,21 @@ class OpenAIApi:
         for p, resp in enumerate(answers):
             prompt_tokens += resp.prompt_tokens
             completions = resp.completions or [resp]
-            prompt_rows = (_prompt_rows(job.first_tokens[p], resp.prompt_logprobs)
+            prompt_rows = (_prompt_rows(job.first_tokens[p], resp.prompt_logprobs, job.logprobs)
                            if job.first_tokens else [])
             for c in completions:
                 completion_tokens += c.completion_tokens
                 choices.append(self._choice(job, p * job.n + c.index, job.echo[p] + c.text,
                                             c.logprobs, _FINISH.get(c.finish_reason),
                                             0 if prompt_rows else len(job.echo[p]),
-                                            prompt_rows=prompt_rows, parser=job.parser()))
+                                            prompt_rows=prompt_rows, parser=job.parser(),
+                                            scored=self._scored(job, resp)))
         first = answers[0]
         body = {"id": self._id(job, first.request_id), "object": self._object(job, False),
                 "created": int(time.time()), "model": job.model, "choices": choices,
                 "usage": _usage(prompt_tokens, completion_tokens)}
+        if job.kind == "chat" and job.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._scored(job, first)
         return web.json_response(body, headers=self._served(first))
 
     async def _stream(self, request: web.Request, job: _Job, calls: list) -> web.StreamResponse:
@@ -735,19 +762,22 @@ class OpenAIApi:
             prompt_tokens[p] = msg.prompt_tokens
             completion_tokens[index] = msg.completion_tokens
             if job.first_tokens and msg.prompt_logprobs:  # (the stream's first message)
-                prompt_rows[p] = _prompt_rows(job.first_tokens[p], msg.prompt_logprobs)
+                prompt_rows[p] = _prompt_rows(job.first_tokens[p], msg.prompt_logprobs,
+                                              job.logprobs)
             rows = prompt_rows.get(p, []) if first_chunk else []
             if first_chunk:
                 parsers[index] = job.parser()
+            scored = self._scored(job, msg) if msg.prompt_logprobs else None
             choice = self._choice(job, index, text, msg.logprobs, _FINISH.get(msg.finish_reason),
                                   offset if rows else offset + len(text) - len(msg.text),
                                   delta=True, first=first_chunk, prompt_rows=rows,
-                                  parser=parsers[index])
+                                  parser=parsers[index], scored=scored)
+            top = {"prompt_logprobs": scored} if job.kind == "chat" and scored else {}
             if choice.get("delta") == {} and choice["finish_reason"] is None \
-                    and choice["logprobs"] is None:
+                    and choice["logprobs"] is None and not scored:
                 return  # (a tool call parser holds the text back)
             await send({"id": id_, "object": self._object(job, True), "created": created,
-                        "model": job.model, "choices": [choice]})
+                        "model": job.model, "choices": [choice], **top})
 
         try:
             await chunk(first_p, first)
@@ -768,14 +798,17 @@ class OpenAIApi:
 
     def _choice(self, job: _Job, index: int, text: str, logprobs, finish: str | None,
                 offset: int, delta: bool = False, first: bool = False,
-                prompt_rows: list = (), parser: Parser | None = None) -> dict:
+                prompt_rows: list = (), parser: Parser | None = None,
+                scored: list | None = None) -> dict:
         """One choice; `offset`: where the text of the first of the logprob rows (the
         scored prompt's, then the generated tokens') starts; `parser` (chat with tools)
-        turns the text into content and tool calls."""
+        turns the text into content and tool calls; `scored`: vLLM's prompt_logprobs (a
+        completion choice's own field; chat's is the response's)."""
         if job.kind == "completion":
             lp = (_completion_logprobs([*prompt_rows, *_rows(logprobs)], offset)
                   if job.logprobs is not None else None)
-            return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish,
+                    **({"prompt_logprobs": scored} if scored is not None else {})}
         lp = _chat_logprobs(logprobs) if job.logprobs is not None else None
         said = {"content": text}
         if parser is not None:
@@ -787,6 +820,13 @@ class OpenAIApi:
             return {"index": index, "delta": said, "logprobs": lp, "finish_reason": finish}
         return {"index": index, "message": {"role": "assistant", **said}, "logprobs": lp,
                 "finish_reason": finish}
+
+    @staticmethod
+    def _scored(job: _Job, resp: pb.GenerateResponse) -> list | None:
+        """vLLM's prompt_logprobs of an answer, when the request asked for them."""
+        if job.prompt_logprobs is None:
+            return None
+        return _vllm_prompt_logprobs(resp.prompt_logprobs, job.prompt_logprobs)
 
     @staticmethod
     def _id(job: _Job, request_id: str) -> str:

@@ -231,7 +231,7 @@ def response_from_completions(outputs: list[RequestOutput], n: int,
 
 
 def _logprob_to_pb(lp, token_bytes: Callable[[int], bytes]) -> pb.TokenLogprob:
-    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
                            token=token_bytes(lp.token_id),
                            top=[pb.TopLogprob(token_id=t, logprob=p, token=token_bytes(t))
                                 for t, p in lp.top])

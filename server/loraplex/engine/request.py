@@ -156,6 +156,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
+    rank: int = 1  # 1 + how many tokens were more likely
 
 
 @dataclass(frozen=True)

@@ -142,15 +142,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], rows: list[RowCon
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[TokenLogprob]:
-    """logits: [N, V]; raw log-softmax of each chosen token and of the `top[i]` most likely."""
+    """logits: [N, V]; raw log-softmax of each chosen token and of the `top[i]` most likely,
+    and the chosen token's rank."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
     index = torch.tensor(tokens, dtype=torch.long, device=logp.device).unsqueeze(1)  # [N, 1]
-    chosen = logp.gather(1, index).squeeze(1).tolist()  # [N]
+    chosen = logp.gather(1, index)  # [N, 1]
+    ranks = ((logp > chosen).sum(1) + 1).tolist()  # [N]
+    chosen = chosen.squeeze(1).tolist()  # [N]
     k = max(top, default=0)
     if k:
         values, ids = torch.topk(logp, k)  # [N, k] each
         values, ids = values.tolist(), ids.tolist()
     else:
         values = ids = [[]] * len(tokens)
-    return [TokenLogprob(tok, lp, tuple(zip(i[:n], v[:n])))
-            for tok, lp, n, i, v in zip(tokens, chosen, top, ids, values)]
+    return [TokenLogprob(tok, lp, tuple(zip(i[:n], v[:n])), rank)
+            for tok, lp, n, i, v, rank in zip(tokens, chosen, top, ids, values, ranks)]
