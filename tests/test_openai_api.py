@@ -90,6 +90,33 @@ def test_sampling_is_seeded_and_defaults_to_temperature_one(api, grpc_client):
     assert a.choices[0].text == b.choices[0].text == ref.text != greedy.text
 
 
+def test_continuous_usage_stats_count_each_choice_so_far(api):
+    """vLLM's stream_options.continuous_usage_stats: every chunk says its choice's usage so
+    far; stream_options needs a stream and takes no other key."""
+    kw = dict(model="alpha", prompt=[PROMPT, PROMPT + " and more"], max_tokens=6, n=2,
+              temperature=0.8, seed=3, stream=True, extra_body={"ignore_eos": True})
+    chunks = list(api.completions.create(**kw, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}))
+    *deltas, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == 4 * 6
+    seen: dict[int, list[int]] = {}  # choice -> its chunks' completion_tokens
+    for c in deltas:
+        seen.setdefault(c.choices[0].index, []).append(c.usage.completion_tokens)
+        assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert all(counts == sorted(counts) and counts[0] >= 1 and counts[-1] == 6
+               and len(counts) > 1 for counts in seen.values()), seen
+    assert {c.usage.prompt_tokens for c in deltas if c.choices[0].index >= 2} == {
+        last.usage.prompt_tokens - deltas[0].usage.prompt_tokens}
+    plain = list(api.completions.create(**kw, stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage == last.usage
+    for options, stream in (({"include_usage": True}, False), ({"chunk_size": 4}, True),
+                            ({"include_usage": 1}, True)):
+        with pytest.raises(openai.BadRequestError, match="stream_options"):
+            api.completions.create(model="alpha", prompt=PROMPT, max_tokens=2, stream=stream,
+                                   stream_options=options)
+
+
 def test_a_streamed_completion_adds_up_to_the_whole(api):
     whole = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=10, temperature=0)
     chunks = list(api.completions.create(model="alpha", prompt=PROMPT, max_tokens=10,

@@ -25,8 +25,9 @@ after that is one `data: {"error": ...}` event before `data: [DONE]`. A client t
 disconnects cancels its gRPC calls, which frees their place in the batch at the next step.
 
 Request fields: OpenAI's (max_tokens, or max_completion_tokens in chat; temperature,
-default 1; top_p, n, stream, stream_options.include_usage, stop, seed, presence_penalty,
-frequency_penalty, logit_bias, logprobs, top_logprobs in chat, echo (with logprobs: the
+default 1; top_p, n, stream, stream_options (include_usage, and vLLM's
+continuous_usage_stats), stop, seed, presence_penalty, frequency_penalty, logit_bias,
+logprobs, top_logprobs in chat, echo (with logprobs: the
 prompt scored too, its tokens leading the choice's logprobs), user -> the route's
 routing_key; response_format json_schema -> guided_json, json_object -> guided_json
 {"type": "object"}) and vLLM's extra ones (top_k, min_p, repetition_penalty, min_tokens,
@@ -90,13 +91,15 @@ _EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_token
            "priority": int, "truncate_prompt_tokens": int, "allowed_token_ids": list,
            "routing_key": str, "skip_special_tokens": bool, "prompt_logprobs": int}
 # OpenAI fields with nothing to do here, accepted as they are
-_IGNORED = {"stream_options", "store", "metadata", "service_tier"}
+_IGNORED = {"store", "metadata", "service_tier"}
+_STREAM_OPTIONS = {"include_usage": bool, "continuous_usage_stats": bool}  # (vLLM's too)
 # vLLM's options of the chat template (chat and /tokenize)
 _CHAT_OPTIONS = {"continue_final_message": bool, "add_generation_prompt": bool,
                  "chat_template_kwargs": dict}
 _COMMON = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int,
            "stream": bool, "stop": (str, list), "seed": int, "presence_penalty": float,
-           "frequency_penalty": float, "logit_bias": dict, "best_of": int, "user": str}
+           "frequency_penalty": float, "logit_bias": dict, "best_of": int, "user": str,
+           "stream_options": dict}
 _COMPLETION_FIELDS = {**_COMMON, "prompt": (str, list), "logprobs": int, "echo": bool,
                       "suffix": str, **_EXTRAS}
 _CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logprobs": bool,
@@ -337,7 +340,8 @@ class _Job:
     requests: list[pb.GenerateRequest]
     n: int
     stream: bool
-    include_usage: bool
+    include_usage: bool  # stream_options: a last chunk with the usage
+    continuous_usage: bool  # and the usage so far of its choice in every chunk
     logprobs: int | None  # completions: top alternatives; chat: with top_logprobs
     echo: list[str]  # completions with echo: the prompt texts ("" when not echoing)
     # echo with logprobs: each prompt's first token (its text), which has no logprob; the
@@ -494,7 +498,7 @@ class OpenAIApi:
                                                         for inp in inputs)))
         return await self._answer(request, _Job("completion", body["model"], requests,
                                                 body.get("n") or 1, bool(body.get("stream")),
-                                                self._include_usage(body), logprobs, echo,
+                                                *self._include_usage(body), logprobs, echo,
                                                 first_tokens, body.get("prompt_logprobs")))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -535,7 +539,7 @@ class OpenAIApi:
         req = _build(inp, sampling, _request_kwargs(body))
         return await self._answer(request, _Job(
             "chat", body["model"], [req], body.get("n") or 1, bool(body.get("stream")),
-            self._include_usage(body), (top or 0) if body.get("logprobs") else None, [""],
+            *self._include_usage(body), (top or 0) if body.get("logprobs") else None, [""],
             prompt_logprobs=body.get("prompt_logprobs"), tools=tools))
 
     async def models(self, request: web.Request) -> web.Response:
@@ -655,9 +659,23 @@ class OpenAIApi:
                        "model")
         return body
 
-    def _include_usage(self, body: dict) -> bool:
-        options = body.get("stream_options") or {}
-        return bool(isinstance(options, dict) and options.get("include_usage"))
+    @staticmethod
+    def _include_usage(body: dict) -> tuple[bool, bool]:
+        """stream_options: (a last chunk with the usage, the usage so far in every chunk:
+        vLLM's continuous_usage_stats, with include_usage)."""
+        options = body.get("stream_options")
+        if options is None:
+            return False, False
+        if not body.get("stream"):
+            raise _bad("stream_options is only for a stream: send stream: true, or drop it",
+                       "stream_options")
+        for name, value in options.items():
+            if name not in _STREAM_OPTIONS or not _is(value, _STREAM_OPTIONS[name]):
+                raise _bad(f"stream_options takes include_usage and continuous_usage_stats "
+                           f"(true or false), got {json.dumps({name: value})[:80]}",
+                           "stream_options")
+        usage = bool(options.get("include_usage"))
+        return usage, usage and bool(options.get("continuous_usage_stats"))
 
     def _adapter(self, model: str) -> str:
         return "" if model == self.model_name else model
@@ -776,6 +794,8 @@ class OpenAIApi:
             if choice.get("delta") == {} and choice["finish_reason"] is None \
                     and choice["logprobs"] is None and not scored:
                 return  # (a tool call parser holds the text back)
+            if job.continuous_usage:
+                top["usage"] = _usage(prompt_tokens[p], completion_tokens[index])
             await send({"id": id_, "object": self._object(job, True), "created": created,
                         "model": job.model, "choices": [choice], **top})
 
