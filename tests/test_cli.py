@@ -147,6 +147,13 @@ def test_cli_generate_json_and_stream_match_the_client(server, tmp_path):
     out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "3",
                    "--ignore-eos", "--logit-bias", "50=100", "--logit-bias", "51=-5", "Hello")
     assert json.loads(out.stdout)["token_ids"] == [50, 50, 50]
+    with Client(server.target) as c:
+        word = c.detokenize([50])  # (the byte tokenizer: one token, one character)
+        assert word.strip() == word and list(c.tokenize(word).token_ids) == [50]
+    out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "3",
+                   "--ignore-eos", "--logit-bias", "50=100", "--bad-word", word, "--bad-word",
+                   "yz", "Hello")
+    assert 50 not in json.loads(out.stdout)["token_ids"]
     out = loraplex("generate", "--target", server.target, "--json", "--max-new-tokens", "3",
                    "--ignore-eos", "--allowed-token-ids", "60,61", "Hello")
     assert set(json.loads(out.stdout)["token_ids"]) <= {60, 61}

@@ -215,6 +215,20 @@ def test_prompt_logprobs_are_vllms(api, grpc_client):
         api.completions.create(**kw, extra_body={"prompt_logprobs": 21})
 
 
+def test_bad_words_are_vllms(api, grpc_client):
+    """vLLM's bad_words reach the engine: a word the logit bias makes the only choice is
+    never written."""
+    word = grpc_client.detokenize([50])  # (the byte tokenizer: one character)
+    kw = dict(model="alpha", prompt=PROMPT, max_tokens=4, temperature=0,
+              logit_bias={"50": 100})
+    assert api.completions.create(**kw).choices[0].text == word * 4
+    out = api.completions.create(**kw, extra_body={"bad_words": [word, "zz"],
+                                                   "ignore_eos": True})
+    assert word not in out.choices[0].text and out.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError, match="bad_words"):
+        api.completions.create(**kw, extra_body={"bad_words": [" "]})
+
+
 # ---------------------------------------------------------------- chat
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}]
@@ -754,7 +768,7 @@ _FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", 
            "tool_choice", "parallel_tool_calls", "skip_special_tokens",
            "continue_final_message", "add_generation_prompt", "chat_template_kwargs",
            "max_completion_tokens", "min_tokens", "allowed_token_ids", "suffix",
-           "prompt_logprobs"]
+           "prompt_logprobs", "bad_words"]
 
 
 def test_random_bodies_get_an_answer_or_a_4xx_never_a_500(served):

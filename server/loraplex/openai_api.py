@@ -32,7 +32,7 @@ prompt scored too, its tokens leading the choice's logprobs), user -> the route'
 routing_key; response_format json_schema -> guided_json, json_object -> guided_json
 {"type": "object"}) and vLLM's extra ones (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, guided_regex,
-guided_choice, guided_json, priority, truncate_prompt_tokens, allowed_token_ids,
+guided_choice, guided_json, priority, truncate_prompt_tokens, allowed_token_ids, bad_words,
 prompt_logprobs: answered in vLLM's form, a completion choice's field or chat's top-level
 one, in a stream's first chunk), plus
 routing_key; chat's tools, tool_choice and parallel_tool_calls, with messages that carry
@@ -89,7 +89,8 @@ _EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_token
            "ignore_eos": bool, "stop_token_ids": list, "include_stop_str_in_output": bool,
            "guided_regex": str, "guided_choice": list, "guided_json": (str, dict),
            "priority": int, "truncate_prompt_tokens": int, "allowed_token_ids": list,
-           "routing_key": str, "skip_special_tokens": bool, "prompt_logprobs": int}
+           "routing_key": str, "skip_special_tokens": bool, "prompt_logprobs": int,
+           "bad_words": list}
 # OpenAI fields with nothing to do here, accepted as they are
 _IGNORED = {"store", "metadata", "service_tier"}
 _STREAM_OPTIONS = {"include_usage": bool, "continuous_usage_stats": bool}  # (vLLM's too)
@@ -112,7 +113,8 @@ _GUIDES = ("guided_json", "guided_regex", "guided_choice")
 _DETOKENIZE_FIELDS = {"model": str, "tokens": list}
 _LOAD_FIELDS = {"lora_name": str, "lora_path": str, "load_inplace": bool}
 _UNLOAD_FIELDS = {"lora_name": str, "lora_int_id": int}
-_ITEMS = {"tokens": int, "stop": str, "stop_token_ids": int, "guided_choice": str, "allowed_token_ids": int}
+_ITEMS = {"tokens": int, "stop": str, "stop_token_ids": int, "guided_choice": str,
+          "allowed_token_ids": int, "bad_words": str}
 MAX_LOGPROBS = 20  # (the gRPC API's top_logprobs limit)
 
 

@@ -89,6 +89,8 @@ def add_commands(subparsers) -> None:
     g.add_argument("--include-stop", dest="include_stop_str_in_output", action="store_true",
                    default=None, help="end the text with the stop string that ended it")
     g.add_argument("--stop-token-ids", type=_csv(_whole), default=None, metavar="ID,ID")
+    g.add_argument("--bad-word", dest="bad_words", action="append", default=None,
+                   metavar="WORD", help="a word the output must not contain (repeatable)")
     g.add_argument("--keep-special-tokens", action="store_true", default=None,
                    help="write the special tokens the model writes into the text")
     g.add_argument("--logit-bias", type=_bias, action="append", default=None, metavar="ID=BIAS",

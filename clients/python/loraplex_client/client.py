@@ -121,7 +121,7 @@ class Client(_Base):
         """Whole completion. sampling: max_new_tokens, temperature, top_p, top_k, min_p,
         seed, repetition_penalty, presence_penalty, frequency_penalty, min_tokens, stop,
         include_stop_str_in_output (the stop string ends the text), stop_token_ids,
-        ignore_eos, keep_special_tokens (in the text), logprobs, top_logprobs,
+        bad_words (words the output must not contain), ignore_eos, keep_special_tokens (in the text), logprobs, top_logprobs,
         prompt_logprobs, logit_bias ({token id: bias}), allowed_token_ids, guided_regex (the output fully matches it),
         guided_choice (the output is one of these strings), guided_json (a JSON schema,
         as a dict or its text: the output is JSON it allows), n (completions of the prompt:

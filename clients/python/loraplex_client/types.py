@@ -143,7 +143,7 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "
                    "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs",
                    "prompt_logprobs", "logit_bias", "allowed_token_ids", "guided_regex",
                    "guided_choice", "guided_json", "n", "include_stop_str_in_output",
-                   "keep_special_tokens")
+                   "keep_special_tokens", "bad_words")
 
 
 def build_generate_request(prompt=None, *, input_ids=None, messages=None, tools=None,
@@ -176,7 +176,8 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, tools=
         if value is None:
             continue
         try:
-            if name in ("stop", "stop_token_ids", "allowed_token_ids", "guided_choice"):
+            if name in ("stop", "stop_token_ids", "allowed_token_ids", "guided_choice",
+                        "bad_words"):
                 getattr(req, name).extend([value] if isinstance(value, str) else value)
             elif name == "guided_json" and not isinstance(value, str):  # a schema as a dict
                 req.guided_json = json.dumps(value)

@@ -56,6 +56,7 @@ def sampling_from_pb(req: pb.GenerateRequest) -> SamplingParams:
         include_stop_str_in_output=bool(req.include_stop_str_in_output),
         keep_special_tokens=bool(req.keep_special_tokens),
         stop_token_ids=tuple(int(t) for t in req.stop_token_ids),
+        bad_words=tuple(req.bad_words),
         logit_bias=tuple(sorted((int(t), float(b)) for t, b in req.logit_bias.items())),
         allowed_token_ids=tuple(int(t) for t in req.allowed_token_ids),
         ignore_eos=bool(req.ignore_eos),

@@ -25,6 +25,7 @@ import torch
 
 from loraplex import cpu_kernels
 from loraplex.config import EngineConfig, ModelConfig
+from loraplex.engine import bad_words
 from loraplex.engine.byte_regex import GuideTooLarge
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.guide import GuideCache, Vocabulary
@@ -254,6 +255,7 @@ class Engine:
         compute the prompt's full blocks shares them with the others (prefix caching)."""
         key = request.sampling.guide
         guide = self.guides.get(key) if key else None  # (one for the n completions)
+        banned_words = bad_words.token_sequences(self.tokenizer, request.sampling.bad_words)
         seqs = []
         for index, adapter in enumerate(adapters):
             one = replace(request, sampling=request.sampling.for_completion(index))
@@ -267,6 +269,7 @@ class Engine:
                 seq.generator = torch.Generator().manual_seed(one.sampling.seed)
             if guide is not None:
                 seq.guide, seq.guide_state = guide, guide.start
+            seq.bad_words = banned_words
             seqs.append(seq)
         with self._inbox_lock:
             self._inbox_seqs += len(seqs)
@@ -429,9 +432,13 @@ class Engine:
         return params.stop_token_ids + self._eos_ids(params)
 
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
-        """The ids seq may not produce next: before min_tokens, what would stop it."""
+        """The ids seq may not produce next: before min_tokens, what would stop it; and
+        what would end one of its bad words."""
         params = seq.request.sampling
-        return () if len(seq.output_ids) >= params.min_tokens else self._stop_ids(params)
+        stops = () if len(seq.output_ids) >= params.min_tokens else self._stop_ids(params)
+        if not seq.bad_words:
+            return stops
+        return stops + tuple(bad_words.banned_next(seq.bad_words, seq.output_ids))
 
     def _guide_mask(self, seq: Sequence) -> torch.Tensor | None:
         """[vocab] bool: the tokens a guided sequence may produce next (None unguided). A

@@ -17,6 +17,8 @@ MAX_GUIDED_REGEX = 16_384  # characters of a guided_regex or guided_json
 MAX_GUIDED_CHOICES = 256  # strings, each at most MAX_GUIDED_CHOICE characters
 MAX_GUIDED_CHOICE = 1024
 MAX_COMPLETIONS = 32  # n of one request
+MAX_BAD_WORDS = 64  # words per request, each at most MAX_BAD_WORD characters
+MAX_BAD_WORD = 256
 
 
 class FinishReason(enum.Enum):
@@ -47,6 +49,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # the stop string that ended it ends the text
     keep_special_tokens: bool = False  # in the text (the one that ends the output: never)
     stop_token_ids: tuple[int, ...] = ()
+    bad_words: tuple[str, ...] = ()  # vLLM's: token sequences the output may not hold
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's
     allowed_token_ids: tuple[int, ...] = ()  # when set, the only ids it may produce
     ignore_eos: bool = False
@@ -111,6 +114,10 @@ class SamplingParams:
                 f"prompt_logprobs must be in [0, 20] when set, got {self.prompt_logprobs}")
         if len(self.stop) > 16 or any(not s or len(s) > 256 for s in self.stop):
             raise InvalidArgument("stop takes at most 16 non-empty strings of at most 256 chars")
+        if len(self.bad_words) > MAX_BAD_WORDS or any(
+                not w.strip() or len(w) > MAX_BAD_WORD for w in self.bad_words):
+            raise InvalidArgument(f"bad_words takes at most {MAX_BAD_WORDS} words, each 1 to "
+                                  f"{MAX_BAD_WORD} characters and not only whitespace")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise InvalidArgument(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got "
                                   f"{len(self.logit_bias)}")

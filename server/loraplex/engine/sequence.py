@@ -48,6 +48,7 @@ class Sequence:
     prompt_scores: list[TokenLogprob] = field(default_factory=list)
     guide: Any = None  # engine.guide.Guide of a guided request
     guide_state: int = 0  # its automaton's state after the output so far
+    bad_words: tuple[tuple[int, ...], ...] = ()  # SamplingParams.bad_words as token ids
 
     @property
     def request_id(self) -> str:

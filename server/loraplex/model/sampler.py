@@ -3,10 +3,10 @@
 Greedy rows with nothing to adjust are decided together with one argmax, and greedy rows
 whose only adjustment is a guide's mask with one masked argmax. The others go one by
 one: the penalties (repetition, presence, frequency), the logit bias, the allowed ids or
-the guide's mask and the tokens banned until min_tokens, then for sampled rows
-temperature, top-k, top-p, min-p and a draw from the request's own generator, so a seed
-makes a request reproducible whatever else is batched with it. Log-probabilities are
-those of the model's raw distribution."""
+the guide's mask and the banned tokens (stops before min_tokens, bad words), then for
+sampled rows temperature, top-k, top-p, min-p and a draw from the request's own
+generator, so a seed makes a request reproducible whatever else is batched with it.
+Log-probabilities are those of the model's raw distribution."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class RowContext:
 
     prompt: list[int]  # (read by the repetition penalty only)
     output: list[int]  # the tokens generated so far
-    banned: tuple[int, ...] = ()  # ids this step may not produce (EOS, stops before min_tokens)
+    banned: tuple[int, ...] = ()  # ids it may not produce now (stops before min_tokens, bad words)
     generator: torch.Generator | None = None  # the request's, when it has a seed
     mask: torch.Tensor | None = None  # [V] bool, guided decoding's: True = may be produced
 
@@ -107,8 +107,8 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) ->
         unbanned = logits
         logits = logits.index_fill(0, torch.tensor(row.banned, device=logits.device),
                                    float("-inf"))
-        if row.mask is not None and not torch.isfinite(logits).any():
-            logits = unbanned  # a guide whose only ways on are stop tokens wins over min_tokens
+        if not torch.isfinite(logits).any():
+            logits = unbanned  # (a guide or allowed ids with no other way on win over bans)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
