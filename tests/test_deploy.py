@@ -353,6 +353,8 @@ def test_k8s_server_contract(rendered, overlay):
     grpc_port = next(p["port"] for p in proxy["spec"]["ports"] if p["name"] == "grpc")
     assert args["--target"] == f"{proxy['metadata']['name']}:{grpc_port}"
     assert args["--served-model-name"] == "$(LORAPLEX_SERVED_MODEL_NAME)"
+    assert args["--tool-call-parser"] == "$(LORAPLEX_TOOL_CALL_PARSER)"
+    assert config.server.tool_call_parser == ""
     assert gc["envFrom"][0]["configMapRef"]["name"] == cm_name
     assert config.server.served_model_name == "base"
     assert gc["ports"][0]["containerPort"] == int(args["--port"])
@@ -365,8 +367,10 @@ def test_k8s_server_contract(rendered, overlay):
     # the gateway's flags are the CLI's
     from loraplex.cli import build_parser
 
-    parsed = build_parser().parse_args(gc["args"])
+    env = {f"$({k})": v for k, v in cm["data"].items()}  # (as the kubelet expands them)
+    parsed = build_parser().parse_args([env.get(a, a) for a in gc["args"]])
     assert parsed.command == "http-gateway" and parsed.port == 8000
+    assert parsed.tool_call_parser == "" and parsed.served_model_name == "base"
     # Grace: the pod gets the server's drain time plus a margin.
     grace = config.server.grace_period
     assert pod["spec"]["terminationGracePeriodSeconds"] >= grace + 10

@@ -150,7 +150,8 @@ OPTIONS: tuple[Option, ...] = (
        "how the HTTP API reads tool calls out of the model's text, for tool_choice auto "
        "(hermes: <tool_call>{...}</tool_call>, as Qwen2.5/3 and Hermes write them; "
        "llama3_json: {\"name\", \"parameters\"} objects, as Llama 3.1+; mistral: "
-       "[TOOL_CALLS][{...}]; pythonic: [f(a=1)], as Llama 3.2/4; empty: auto refused)",
+       "[TOOL_CALLS][{...}] or [TOOL_CALLS]f[ARGS]{...}; pythonic: [f(a=1)], as Llama "
+       "3.2/4; empty: auto refused)",
        choices=TOOL_CALL_PARSERS),
     _o("data-dir", "server", "data_dir", str,
        "folder keeping routes and loaded adapters across restarts (empty: not kept)",
@@ -391,9 +392,10 @@ def add_gateway_command(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Prometheus /metrics (loraplex_http_requests_total) on --host "
                         "(default: 0, off)")
-    p.add_argument("--tool-call-parser", default="", choices=TOOL_CALL_PARSERS,
+    p.add_argument("--tool-call-parser", default="", choices=("", *TOOL_CALL_PARSERS),
                    help="how tool calls are read out of the model's text, for tool_choice "
-                        "auto (the servers' --tool-call-parser; default: none, auto refused)")
+                        "auto (the servers' --tool-call-parser; default or empty: none, auto "
+                        "refused)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.set_defaults(func=None)
 
