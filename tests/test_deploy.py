@@ -371,6 +371,8 @@ def test_k8s_server_contract(rendered, overlay):
     parsed = build_parser().parse_args([env.get(a, a) for a in gc["args"]])
     assert parsed.command == "http-gateway" and parsed.port == 8000
     assert parsed.tool_call_parser == "" and parsed.served_model_name == "base"
+    assert args["--reasoning-parser"] == "$(LORAPLEX_REASONING_PARSER)"
+    assert parsed.reasoning_parser == config.server.reasoning_parser == ""
     # Grace: the pod gets the server's drain time plus a margin.
     grace = config.server.grace_period
     assert pod["spec"]["terminationGracePeriodSeconds"] >= grace + 10

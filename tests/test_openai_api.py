@@ -708,6 +708,58 @@ def test_the_gateway_process_answers_as_the_server_does(served, api, grpc_client
         assert gateway.stop() == 0  # SIGTERM: a clean exit
 
 
+# ---------------------------------------------------------------- reasoning
+
+@pytest.fixture(scope="module")
+def thinking(assets):
+    """A server with --reasoning-parser qwen3 (and hermes for tools)."""
+    s = RunningServer(make_config(assets, http_port=free_port(), reasoning_parser="qwen3",
+                                  tool_call_parser="hermes",
+                                  preload=(("alpha", "alpha"),))).start()
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{s.server.http_port}/v1",
+                       api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+    s.stop()
+
+
+THOUGHT = "<think>\n[a-z]{2,6} [a-z]{2,6}\n</think>\n\n"
+
+
+def test_reasoning_parser_splits_the_thinking_off(thinking, grpc_client):
+    """The random model, steered by guided_regex to think first: reasoning_content holds
+    the thinking, the content the rest, whole and streamed; a call after the thinking is
+    read by the tool call parser; enable_thinking false leaves the text whole."""
+    body = dict(model="alpha", messages=MESSAGES, max_tokens=40, temperature=0,
+                extra_body={"guided_regex": THOUGHT + "Hi[a-z]{1,4}"})
+    raw = grpc_client.generate(messages=MESSAGES, adapter="alpha", max_new_tokens=40,
+                               guided_regex=THOUGHT + "Hi[a-z]{1,4}").text
+    thought, _, answer = raw.removeprefix("<think>").partition("</think>")
+    msg = thinking.chat.completions.create(**body).choices[0].message
+    assert msg.model_extra["reasoning_content"] == thought and msg.content == answer.lstrip()
+    assert msg.content.startswith("Hi") and len(thought.split()) == 2
+    reasoning, content = "", ""
+    for chunk in thinking.chat.completions.create(**body, stream=True):
+        d = chunk.choices[0].delta
+        reasoning += (d.model_extra or {}).get("reasoning_content") or ""
+        content += d.content or ""
+    assert (reasoning, content) == (thought, msg.content)
+    off = thinking.chat.completions.create(**{**body, "extra_body": {
+        **body["extra_body"], "chat_template_kwargs": {"enable_thinking": False}}})
+    assert off.choices[0].message.content.startswith("<think>\n")  # (the whole text)
+    assert off.choices[0].message.content == grpc_client.generate(
+        messages=MESSAGES, adapter="alpha", max_new_tokens=40,
+        guided_regex=THOUGHT + "Hi[a-z]{1,4}", chat_template_kwargs={"enable_thinking": False}
+    ).text
+    assert "reasoning_content" not in off.choices[0].message.model_extra
+    tools = thinking.chat.completions.create(
+        model="alpha", messages=MESSAGES, tools=TOOLS, max_tokens=120, temperature=0,
+        extra_body={"guided_regex": THOUGHT + CITY_CALL})
+    choice = tools.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert len(choice.message.model_extra["reasoning_content"].split()) == 2
+    assert [c["name"] for c in _calls(choice.message)] == ["get_weather"]
+
+
 # ---------------------------------------------------------------- tokens and TLS
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.config import (ATTENTION_BACKENDS, DTYPE_CHOICES, LORA_BACKENDS,
-                             QUANTIZE_CHOICES, TOOL_CALL_PARSERS, Config, EngineConfig,
-                             ModelConfig, ServerConfig, parse_size, parse_switch)
+                             QUANTIZE_CHOICES, REASONING_PARSERS, TOOL_CALL_PARSERS, Config,
+                             EngineConfig, ModelConfig, ServerConfig, parse_size, parse_switch)
 
 ENV_PREFIX = "LORAPLEX_"
 
@@ -153,6 +153,11 @@ OPTIONS: tuple[Option, ...] = (
        "[TOOL_CALLS][{...}] or [TOOL_CALLS]f[ARGS]{...}; pythonic: [f(a=1)], as Llama "
        "3.2/4; empty: auto refused)",
        choices=TOOL_CALL_PARSERS),
+    _o("reasoning-parser", "server", "reasoning_parser", str,
+       "how the HTTP chat API splits the model's thinking, <think>...</think>, off into "
+       "reasoning_content (deepseek_r1: R1 and its distills; qwen3: Qwen3, QwQ; the same "
+       "tags; empty: none, the thinking stays in the content)",
+       choices=REASONING_PARSERS),
     _o("data-dir", "server", "data_dir", str,
        "folder keeping routes and loaded adapters across restarts (empty: not kept)",
        metavar="DIR"),
@@ -396,6 +401,9 @@ def add_gateway_command(sub) -> None:
                    help="how tool calls are read out of the model's text, for tool_choice "
                         "auto (the servers' --tool-call-parser; default or empty: none, auto "
                         "refused)")
+    p.add_argument("--reasoning-parser", default="", choices=("", *REASONING_PARSERS),
+                   help="how the model's thinking is split off into reasoning_content (the "
+                        "servers' --reasoning-parser; default or empty: none)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.set_defaults(func=None)
 
@@ -423,7 +431,8 @@ def _gateway(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                         list_token=args.admin_token,
                         tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
                         grpc_tls_ca=args.tls_ca, grace=args.grace_period, requests=requests,
-                        tool_call_parser=args.tool_call_parser)
+                        tool_call_parser=args.tool_call_parser,
+                        reasoning_parser=args.reasoning_parser)
     asyncio.run(run_gateway(server))
     return 0
 

@@ -16,6 +16,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 LORA_BACKENDS = ("auto", "loop", "gather", "grouped", "segmented", "bgmv", "triton")
 ATTENTION_BACKENDS = ("auto", "sdpa", "cpu")
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")  # (openai_tools.py)
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # (openai_reasoning.py; vLLM's names)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -129,6 +130,7 @@ class ServerConfig:
     http_port: int = 0  # the OpenAI-compatible HTTP API (0 = off)
     served_model_name: str = ""  # the base model's name in that API ("" = the model path)
     tool_call_parser: str = ""  # how that API reads tool calls out of text ("" = none)
+    reasoning_parser: str = ""  # how it reads the reasoning out of text ("" = none)
 
     def __post_init__(self):
         if not all(0 <= p < 65536 for p in (self.port, self.metrics_port, self.http_port)):
@@ -140,6 +142,9 @@ class ServerConfig:
         if self.tool_call_parser not in ("", *TOOL_CALL_PARSERS):
             raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS} (or empty), "
                              f"got {self.tool_call_parser!r}")
+        if self.reasoning_parser not in ("", *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS} (or empty), "
+                             f"got {self.reasoning_parser!r}")
 
 
 @dataclass(frozen=True)

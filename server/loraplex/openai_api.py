@@ -36,7 +36,8 @@ guided_choice, guided_json, priority, truncate_prompt_tokens, allowed_token_ids,
 prompt_logprobs: answered in vLLM's form, a completion choice's field or chat's top-level
 one, in a stream's first chunk), plus
 routing_key; chat's tools, tool_choice and parallel_tool_calls, with messages that carry
-tool_calls and tool results (openai_tools.py says what each tool_choice does). What
+tool_calls and tool results (openai_tools.py says what each tool_choice does); with
+--reasoning-parser, chat's reasoning_content (openai_reasoning.py). What
 cannot be honoured is refused with 400, never ignored: suffix, best_of other than n, a
 message part that is not text, functions / function_call (send tools / tool_choice),
 tool_choice auto on a server without --tool-call-parser, unload_lora_adapter's
@@ -64,6 +65,7 @@ from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.client import ADAPTER_HEADER
 from loraplex_client.types import build_generate_request, build_tokenize_request
 from loraplex import openai_tools
+from loraplex.openai_reasoning import ReasoningParser
 from loraplex.openai_tools import Parser, ToolPlan
 
 log = logging.getLogger(__name__)
@@ -351,9 +353,11 @@ class _Job:
     first_tokens: tuple[str, ...] = ()
     prompt_logprobs: int | None = None  # vLLM's: alternatives per scored prompt token
     tools: ToolPlan | None = None  # chat with tools: how the text becomes tool calls
+    reasoning: bool = False  # chat: the text's reasoning is split off (reasoning_content)
 
     def parser(self) -> Parser | None:
-        return self.tools.new_parser() if self.tools is not None else None
+        tools = self.tools.new_parser() if self.tools is not None else None
+        return ReasoningParser(tools) if self.reasoning else tools
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -420,7 +424,8 @@ class OpenAIApi:
     token has passed the Generation service's check."""
 
     def __init__(self, channel: grpc.aio.Channel, model_name: str, list_token: str = "",
-                 requests: Counter | None = None, tool_call_parser: str = ""):
+                 requests: Counter | None = None, tool_call_parser: str = "",
+                 reasoning_parser: str = ""):
         self._gen = pb_grpc.GenerationStub(channel)
         self._adm = pb_grpc.AdaptersStub(channel)
         self._routes = pb_grpc.RoutesStub(channel)
@@ -428,6 +433,7 @@ class OpenAIApi:
         self.model_name = model_name
         self._list_token = list_token
         self._tool_call_parser = tool_call_parser  # "" or one of TOOL_CALL_PARSERS
+        self._reasoning_parser = reasoning_parser  # "" or one of REASONING_PARSERS
         self._created = int(time.time())
         self._requests = requests  # loraplex_http_requests_total{endpoint, status}
         self.app = web.Application(middlewares=[self._count, self._errors],
@@ -542,7 +548,9 @@ class OpenAIApi:
         return await self._answer(request, _Job(
             "chat", body["model"], [req], body.get("n") or 1, bool(body.get("stream")),
             *self._include_usage(body), (top or 0) if body.get("logprobs") else None, [""],
-            prompt_logprobs=body.get("prompt_logprobs"), tools=tools))
+            prompt_logprobs=body.get("prompt_logprobs"), tools=tools,
+            reasoning=bool(self._reasoning_parser) and (
+                body.get("chat_template_kwargs") or {}).get("enable_thinking") is not False))
 
     async def models(self, request: web.Request) -> web.Response:
         md = self._metadata(request, "")
@@ -836,7 +844,8 @@ class OpenAIApi:
         if parser is not None:
             pieces = parser.feed(text) + (parser.finish() if finish else [])
             finish = parser.finish_reason(finish)
-            said = openai_tools.delta(pieces) if delta else openai_tools.message(pieces)
+            said = (openai_tools.delta(pieces) if delta
+                    else openai_tools.message(pieces, reasoning=job.reasoning))
         if delta:
             said = {"role": "assistant", **said} if first else said
             return {"index": index, "delta": said, "logprobs": lp, "finish_reason": finish}
@@ -908,13 +917,15 @@ class HttpServer:
     def __init__(self, grpc_target: str, host: str, port: int, model_name: str,
                  list_token: str = "", tls: tuple[str, str] | None = None,
                  grpc_tls_ca: str | None = None, grace: float = 5.0,
-                 requests: Counter | None = None, tool_call_parser: str = ""):
+                 requests: Counter | None = None, tool_call_parser: str = "",
+                 reasoning_parser: str = ""):
         self.grpc_target, self._grpc_tls_ca = grpc_target, grpc_tls_ca
         self._host, self._port = host, port
         self._model_name, self._list_token, self._tls = model_name, list_token, tls
         self.grace = grace
         self._requests = requests
         self._tool_call_parser = tool_call_parser
+        self._reasoning_parser = reasoning_parser
         self._channel: grpc.aio.Channel | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -928,7 +939,7 @@ class HttpServer:
         else:
             self._channel = grpc.aio.insecure_channel(self.grpc_target)
         api = OpenAIApi(self._channel, self._model_name, self._list_token, self._requests,
-                        self._tool_call_parser)
+                        self._tool_call_parser, self._reasoning_parser)
         # handler_cancellation: a client that goes away cancels its handler, and with it
         # the gRPC calls (which leave the batch)
         self._runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None,

@@ -27,8 +27,8 @@ model through the chat template, and `tool_choice` decides what its text becomes
                     parse whole.
 
 A parser turns the completion's text, fed piece by piece as it streams, into `str` pieces
-of the content and `CallDelta`s of the calls, so a streamed answer adds up to the whole
-one. No protobuf and no HTTP here.
+of the content and `CallDelta`s of the calls (and openai_reasoning's, `Reasoning` pieces),
+so a streamed answer adds up to the whole one. No protobuf and no HTTP here.
 """
 
 from __future__ import annotations
@@ -62,6 +62,16 @@ class CallDelta:
     arguments: str
     id: str = ""
     name: str = ""
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """A piece of the model's reasoning (openai_reasoning.py), apart from the content."""
+
+    text: str
+
+
+Piece = str | CallDelta | Reasoning  # (str: a piece of the content)
 
 
 @dataclass(frozen=True)
@@ -515,11 +525,16 @@ def _call_of(item) -> tuple[str, str] | None:
     return item["name"], arguments if isinstance(arguments, str) else _dumps(arguments)
 
 
+def tag_start(text: str, tag: str) -> int:
+    """How many characters at the end of `text` may be the start of `tag`."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1)
+                 if tag.startswith(text[len(text) - k:])), 0)
+
+
 def _held_back(text: str, tag: str) -> int:
     """How many characters at the end of `text` to keep: its trailing whitespace (which
     goes if a block follows) and any start of `tag`."""
-    keep = next((k for k in range(min(len(tag) - 1, len(text)), 0, -1)
-                 if tag.startswith(text[len(text) - k:])), 0)
+    keep = tag_start(text, tag)
     body = text[:len(text) - keep]
     return keep + len(body) - len(body.rstrip())
 
@@ -547,9 +562,13 @@ _PARSERS = {"hermes": _Hermes, "llama3_json": _Llama3Json, "mistral": _Mistral,
             "pythonic": _Pythonic}
 
 
-def message(pieces: list[str | CallDelta]) -> dict:
-    """A whole message's content and tool_calls from all of a choice's pieces."""
+def message(pieces: list[Piece], reasoning: bool = False) -> dict:
+    """A whole message's content and tool_calls (and `reasoning`: its reasoning_content)
+    from all of a choice's pieces."""
     content = "".join(p for p in pieces if isinstance(p, str))
+    thought = {"reasoning_content": "".join(p.text for p in pieces
+                                            if isinstance(p, Reasoning)) or None
+               } if reasoning else {}
     calls: list[dict] = []
     for p in pieces:
         if isinstance(p, CallDelta):
@@ -558,13 +577,16 @@ def message(pieces: list[str | CallDelta]) -> dict:
                               "function": {"name": p.name, "arguments": ""}})
             calls[p.index]["function"]["arguments"] += p.arguments
     if not calls:
-        return {"content": content}
-    return {"content": content or None, "tool_calls": calls}
+        return {"content": content, **thought}
+    return {"content": content or None, **thought, "tool_calls": calls}
 
 
-def delta(pieces: list[str | CallDelta]) -> dict:
+def delta(pieces: list[Piece]) -> dict:
     """A stream chunk's delta of these pieces ({} when there are none)."""
     out: dict = {}
+    thought = "".join(p.text for p in pieces if isinstance(p, Reasoning))
+    if thought:
+        out["reasoning_content"] = thought
     content = "".join(p for p in pieces if isinstance(p, str))
     if content:
         out["content"] = content
