@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# lorax-client, which the LoRAX API's tests call: without its pins (certifi, and
+	# huggingface-hub < 1, which transformers outgrew); it needs requests, aiohttp, pydantic
+	$(PY) -m pip install --quiet --no-deps "lorax-client==0.6.3"
 	touch $@
 
 serve: install

@@ -101,3 +101,19 @@ def test_the_readme_http_example(demo_server):
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert json.load(resp)["choices"][0]["text"] == TASKS["reverse"]("hello world")
+
+
+def test_the_readme_lorax_example(demo_server):
+    """README's lorax-client example: every task over LoRAX's REST API."""
+    import lorax
+
+    client = lorax.Client(f"http://127.0.0.1:{demo_server.server.http_port}")
+    assert client.generate("hello world=", adapter_id="caesar",
+                           max_new_tokens=12).generated_text == tasks.caesar("hello world")
+    streamed = "".join(e.token.text for e in client.generate_stream("abc=", adapter_id="reverse")
+                       if not e.token.special)
+    assert streamed == tasks.reverse("abc")
+    for adapter, task in TASKS.items():
+        out = client.generate("hello world=", adapter_id=adapter or None, max_new_tokens=20)
+        assert out.generated_text == task("hello world"), adapter
+        assert out.details.finish_reason == "eos_token" and out.details.tokens[-1].special

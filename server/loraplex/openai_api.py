@@ -65,6 +65,7 @@ from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.client import ADAPTER_HEADER
 from loraplex_client.types import build_generate_request, build_tokenize_request
 from loraplex import openai_tools
+from loraplex.lorax_api import LoraxApi
 from loraplex.openai_reasoning import ReasoningParser
 from loraplex.openai_tools import Parser, ToolPlan
 
@@ -445,7 +446,8 @@ class OpenAIApi:
                              web.post("/detokenize", self.detokenize),
                              web.post("/v1/load_lora_adapter", self.load_lora_adapter),
                              web.post("/v1/unload_lora_adapter", self.unload_lora_adapter),
-                             web.get("/health", self.health)])
+                             web.get("/health", self.health),
+                             *LoraxApi(self._gen, self._metadata).routes()])
 
     @web.middleware
     async def _count(self, request: web.Request, handler: Callable) -> web.StreamResponse:

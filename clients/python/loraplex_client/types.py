@@ -26,6 +26,7 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
     token: bytes = b""  # what the token adds to the text (may be part of a UTF-8 character)
     rank: int = 1  # 1 + how many tokens were more likely (1: the most likely)
+    special: bool = False  # a special token of the tokenizer (EOS, BOS, ...)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class AdapterInfo:
 def _logprobs(entries) -> tuple[TokenLogprob, ...]:
     return tuple(TokenLogprob(lp.token_id, lp.logprob,
                               tuple((t.token_id, t.logprob) for t in lp.top), lp.token,
-                              lp.rank)
+                              lp.rank, lp.special)
                  for lp in entries)
 
 

@@ -196,10 +196,11 @@ def generation_request_from_pb(req: pb.GenerateRequest, tokenizer, deadline: flo
                              deadline=deadline, priority=int(req.priority), n=int(req.n) or 1)
 
 
-def response_from_outputs(outputs: list[RequestOutput],
-                          token_bytes: Callable[[int], bytes]) -> pb.GenerateResponse:
+def response_from_outputs(outputs: list[RequestOutput], token_bytes: Callable[[int], bytes],
+                          special: frozenset[int] = frozenset()) -> pb.GenerateResponse:
     """One GenerateResponse holding the deltas of `outputs` (one stream message or a
-    whole unary answer); counts and finish reason come from the last."""
+    whole unary answer); counts and finish reason come from the last. `token_bytes` and
+    `special` (the tokenizer's special ids) name the logprobs' tokens."""
     last = outputs[-1]
     resp = pb.GenerateResponse(
         text="".join(o.text for o in outputs),
@@ -208,22 +209,24 @@ def response_from_outputs(outputs: list[RequestOutput],
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
         adapter=last.adapter, request_id=last.request_id, index=last.index)
     for o in outputs:
-        resp.logprobs.extend(_logprob_to_pb(lp, token_bytes) for lp in o.logprobs)
-        resp.prompt_logprobs.extend(_logprob_to_pb(lp, token_bytes) for lp in o.prompt_logprobs)
+        resp.logprobs.extend(_logprob_to_pb(lp, token_bytes, special) for lp in o.logprobs)
+        resp.prompt_logprobs.extend(_logprob_to_pb(lp, token_bytes, special)
+                                    for lp in o.prompt_logprobs)
     return resp
 
 
 def response_from_completions(outputs: list[RequestOutput], n: int,
-                              token_bytes: Callable[[int], bytes]) -> pb.GenerateResponse:
+                              token_bytes: Callable[[int], bytes],
+                              special: frozenset[int] = frozenset()) -> pb.GenerateResponse:
     """The answer of Generate: the deltas of `outputs` (a whole request's, of n completions)
     folded per completion; with n > 1, all in `completions` and completion 0's on top."""
     per: list[list[RequestOutput]] = [[] for _ in range(n)]
     for o in outputs:
         per[o.index].append(o)
-    resp = response_from_outputs(per[0], token_bytes)
+    resp = response_from_outputs(per[0], token_bytes, special)
     if n > 1:
         for index, outs in enumerate(per):
-            one = response_from_outputs(outs, token_bytes)
+            one = response_from_outputs(outs, token_bytes, special)
             resp.completions.append(pb.Completion(
                 index=index, text=one.text, token_ids=one.token_ids,
                 finish_reason=one.finish_reason, completion_tokens=one.completion_tokens,
@@ -231,8 +234,10 @@ def response_from_completions(outputs: list[RequestOutput], n: int,
     return resp
 
 
-def _logprob_to_pb(lp, token_bytes: Callable[[int], bytes]) -> pb.TokenLogprob:
+def _logprob_to_pb(lp, token_bytes: Callable[[int], bytes],
+                   special: frozenset[int]) -> pb.TokenLogprob:
     return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, rank=lp.rank,
+                           special=lp.token_id in special,
                            token=token_bytes(lp.token_id),
                            top=[pb.TopLogprob(token_id=t, logprob=p, token=token_bytes(t))
                                 for t, p in lp.top])

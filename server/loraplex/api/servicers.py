@@ -185,8 +185,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if out.finished:
                     _raise_unless_success(out)
             call.finished = True
-            resp = response_from_completions(outputs, stream.request.n,
-                                             self._get_engine().token_bytes)
+            engine = self._get_engine()
+            resp = response_from_completions(outputs, stream.request.n, engine.token_bytes,
+                                             engine.special_ids)
             resp.route = call.route
             return resp
         except asyncio.CancelledError:
@@ -205,12 +206,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         call, stream = _Call(context, request.adapter, self._done), None
         try:
             stream = await self._submit(request, context, call)
-            token_bytes = self._get_engine().token_bytes
+            engine = self._get_engine()
             async for out in stream:
                 call.observe(out)
                 if out.finished:
                     _raise_unless_success(out)
-                resp = response_from_outputs([out], token_bytes)
+                resp = response_from_outputs([out], engine.token_bytes, engine.special_ids)
                 resp.route = call.route
                 await context.write(resp)
             call.finished = True

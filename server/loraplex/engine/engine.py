@@ -92,6 +92,7 @@ class Engine:
         self.loaded = loaded
         self.metrics = metrics or Metrics()
         self.tokenizer = loaded.tokenizer
+        self.special_ids = frozenset(self.tokenizer.all_special_ids)  # (logprobs mark them)
         self.max_model_len = loaded.max_model_len
         self.model_name = loaded.name
         kv_dtype = (loaded.dtype if cfg.kv_cache_dtype == "auto"
