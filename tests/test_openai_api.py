@@ -486,6 +486,8 @@ def test_models_lists_the_base_adapters_and_routes(api, grpc_client):
     assert {"tiny-llama", "alpha", "beta", "gamma", "canary"} <= set(models)
     assert models["tiny-llama"].parent is None and models["alpha"].parent == "tiny-llama"
     assert models["alpha"].root.startswith("alpha@")  # loaded; gamma is still on disk
+    limit = grpc_client.tokenize(PROMPT).max_model_len
+    assert {m.model_extra["max_model_len"] for m in models.values()} == {limit} and limit > 0
     assert raw.headers["x-loraplex-route"] == "canary"
     assert raw.headers["x-loraplex-adapter"].split("@")[0] in ("alpha", "beta")
 
@@ -743,6 +745,9 @@ def test_reasoning_parser_splits_the_thinking_off(thinking, grpc_client):
         reasoning += (d.model_extra or {}).get("reasoning_content") or ""
         content += d.content or ""
     assert (reasoning, content) == (thought, msg.content)
+    hidden = thinking.chat.completions.create(**{**body, "extra_body": {
+        **body["extra_body"], "include_reasoning": False}}).choices[0].message
+    assert hidden.content == msg.content and "reasoning_content" not in hidden.model_extra
     off = thinking.chat.completions.create(**{**body, "extra_body": {
         **body["extra_body"], "chat_template_kwargs": {"enable_thinking": False}}})
     assert off.choices[0].message.content.startswith("<think>\n")  # (the whole text)

@@ -67,7 +67,7 @@ from loraplex_client.types import build_generate_request, build_tokenize_request
 from loraplex import openai_tools
 from loraplex.lorax_api import LoraxApi
 from loraplex.openai_reasoning import ReasoningParser
-from loraplex.openai_tools import Parser, ToolPlan
+from loraplex.openai_tools import Parser, Reasoning, ToolPlan
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ _COMPLETION_FIELDS = {**_COMMON, "prompt": (str, list), "logprobs": int, "echo":
 _CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logprobs": bool,
                 "top_logprobs": int, "response_format": dict, "tools": list,
                 "tool_choice": (str, dict), "parallel_tool_calls": bool, "functions": list,
-                "function_call": (str, dict), **_CHAT_OPTIONS, **_EXTRAS}
+                "function_call": (str, dict), "include_reasoning": bool, **_CHAT_OPTIONS,
+                **_EXTRAS}
 _TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list, "tools": list,
                     **_CHAT_OPTIONS}
 _GUIDES = ("guided_json", "guided_regex", "guided_choice")
@@ -355,6 +356,7 @@ class _Job:
     prompt_logprobs: int | None = None  # vLLM's: alternatives per scored prompt token
     tools: ToolPlan | None = None  # chat with tools: how the text becomes tool calls
     reasoning: bool = False  # chat: the text's reasoning is split off (reasoning_content)
+    include_reasoning: bool = True  # and sent (vLLM's include_reasoning false: dropped)
 
     def parser(self) -> Parser | None:
         tools = self.tools.new_parser() if self.tools is not None else None
@@ -552,18 +554,21 @@ class OpenAIApi:
             *self._include_usage(body), (top or 0) if body.get("logprobs") else None, [""],
             prompt_logprobs=body.get("prompt_logprobs"), tools=tools,
             reasoning=bool(self._reasoning_parser) and (
-                body.get("chat_template_kwargs") or {}).get("enable_thinking") is not False))
+                body.get("chat_template_kwargs") or {}).get("enable_thinking") is not False,
+            include_reasoning=body.get("include_reasoning") is not False))
 
     async def models(self, request: web.Request) -> web.Response:
         md = self._metadata(request, "")
-        await self._gen.Tokenize(pb.TokenizeRequest(prompt=" "), metadata=md)  # (the caller's check)
+        probe = await self._gen.Tokenize(pb.TokenizeRequest(prompt=" "),
+                                         metadata=md)  # (the caller's check)
         admin = (("authorization", f"Bearer {self._list_token}"),) if self._list_token else md
         adapters = (await self._adm.ListAdapters(pb.ListAdaptersRequest(), metadata=admin)).adapters
         routes = (await self._routes.ListRoutes(pb.ListRoutesRequest(), metadata=admin)).routes
 
         def entry(id_: str, root: str, parent: str | None) -> dict:
             return {"id": id_, "object": "model", "created": self._created,
-                    "owned_by": "loraplex", "root": root, "parent": parent}
+                    "owned_by": "loraplex", "root": root, "parent": parent,
+                    "max_model_len": probe.max_model_len}  # (vLLM's field)
 
         data = [entry(self.model_name, self.model_name, None)]
         seen = set()
@@ -846,8 +851,10 @@ class OpenAIApi:
         if parser is not None:
             pieces = parser.feed(text) + (parser.finish() if finish else [])
             finish = parser.finish_reason(finish)
-            said = (openai_tools.delta(pieces) if delta
-                    else openai_tools.message(pieces, reasoning=job.reasoning))
+            if not job.include_reasoning:
+                pieces = [p for p in pieces if not isinstance(p, Reasoning)]
+            said = (openai_tools.delta(pieces) if delta else openai_tools.message(
+                pieces, reasoning=job.reasoning and job.include_reasoning))
         if delta:
             said = {"role": "assistant", **said} if first else said
             return {"index": index, "delta": said, "logprobs": lp, "finish_reason": finish}
