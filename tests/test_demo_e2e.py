@@ -117,3 +117,18 @@ def test_the_readme_lorax_example(demo_server):
         out = client.generate("hello world=", adapter_id=adapter or None, max_new_tokens=20)
         assert out.generated_text == task("hello world"), adapter
         assert out.details.finish_reason == "eos_token" and out.details.tokens[-1].special
+
+
+def test_the_readme_responses_example(demo_server):
+    """README's Responses API example on the demo model."""
+    import openai
+
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{demo_server.server.http_port}/v1",
+                       api_key="unused", max_retries=0) as api:
+        out = api.responses.create(model="reverse", input="abc=", temperature=0)
+        assert out.output_text == tasks.reverse("abc")
+        events = list(api.responses.create(model="reverse", input="abc=", temperature=0,
+                                           stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == \
+        tasks.reverse("abc")

@@ -710,6 +710,92 @@ def test_the_gateway_process_answers_as_the_server_does(served, api, grpc_client
         assert gateway.stop() == 0  # SIGTERM: a clean exit
 
 
+# ---------------------------------------------------------------- Responses API
+
+def _streamed_response(events) -> tuple[list, object]:
+    """(event types, the final response) of a Responses stream; its deltas must add up to
+    each item's done text."""
+    types, texts, final = [], {}, None
+    for e in events:
+        types.append(e.type)
+        if e.type in ("response.output_text.delta", "response.function_call_arguments.delta",
+                      "response.reasoning_text.delta"):
+            texts[e.item_id] = texts.get(e.item_id, "") + e.delta
+        elif e.type == "response.output_item.done":
+            item = e.item
+            done = (item.arguments if item.type == "function_call" else
+                    "".join(c.text for c in item.content))
+            assert texts.get(item.id, "") == done, (item, texts)
+        elif e.type in ("response.completed", "response.incomplete"):
+            final = e.response
+    return types, final
+
+
+def test_responses_are_the_chat_answer_as_output_items(api, grpc_client):
+    """OpenAI's client.responses: text, streamed events, a function call read by the
+    hermes parser, and a conversation with a call and its output, each the chat API's
+    answer to the same request."""
+    chat = api.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=8,
+                                       temperature=0)
+    kw = dict(model="alpha", instructions="be brief", input=PROMPT, max_output_tokens=8,
+              temperature=0)
+    out = api.responses.create(**kw)
+    assert out.output_text == chat.choices[0].message.content and out.object == "response"
+    assert out.status == ("incomplete" if chat.choices[0].finish_reason == "length"
+                          else "completed")
+    assert (out.usage.input_tokens, out.usage.output_tokens) == (
+        chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    types, final = _streamed_response(api.responses.create(**kw, stream=True))
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert final.output_text == out.output_text and final.usage == out.usage
+    call = api.responses.create(model="alpha", input=PROMPT, temperature=0,
+                                max_output_tokens=90, tools=[{
+                                    "type": "function", "name": "get_weather",
+                                    "parameters": TOOLS[0]["function"]["parameters"]}],
+                                extra_body={"guided_regex": "Sure\\. " + CITY_CALL})
+    assert [i.type for i in call.output] == ["message", "function_call"]
+    assert call.output_text == "Sure." and call.output[1].name == "get_weather"
+    assert json.loads(call.output[1].arguments)["city"] in ("Paris", "Rome")
+    _, streamed = _streamed_response(api.responses.create(
+        model="alpha", input=PROMPT, temperature=0, max_output_tokens=90, stream=True,
+        tools=[{"type": "function", "name": "get_weather",
+                "parameters": TOOLS[0]["function"]["parameters"]}],
+        extra_body={"guided_regex": "Sure\\. " + CITY_CALL}))
+    assert [(i.type, getattr(i, "arguments", None)) for i in streamed.output] == [
+        (i.type, getattr(i, "arguments", None)) for i in call.output]
+    history = [{"role": "user", "content": PROMPT},
+               {"type": "function_call", "call_id": "c1", "name": "get_weather",
+                "arguments": '{"city": "Rome"}'},
+               {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+    followup = api.responses.create(model="alpha", input=history, max_output_tokens=6,
+                                    temperature=0)
+    same = api.chat.completions.create(model="alpha", max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": PROMPT},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}])
+    assert followup.output_text == same.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        api.responses.create(model="alpha", input=PROMPT, previous_response_id="resp_x")
+    with pytest.raises(openai.NotFoundError, match="nosuch"):
+        api.responses.create(model="nosuch", input=PROMPT)
+
+
+def test_responses_give_the_reasoning_its_own_item(thinking):
+    out = thinking.responses.create(model="alpha", input=PROMPT, temperature=0,
+                                    max_output_tokens=40,
+                                    extra_body={"guided_regex": THOUGHT + "Hi[a-z]{1,4}"})
+    assert [i.type for i in out.output] == ["reasoning", "message"]
+    assert len(out.output[0].content[0].text.split()) == 2 and out.output_text.startswith("Hi")
+    types, final = _streamed_response(thinking.responses.create(
+        model="alpha", input=PROMPT, temperature=0, max_output_tokens=40, stream=True,
+        extra_body={"guided_regex": THOUGHT + "Hi[a-z]{1,4}"}))
+    assert "response.reasoning_text.delta" in types
+    assert final.output[0].content[0].text == out.output[0].content[0].text
+    assert final.output_text == out.output_text
+
+
 # ---------------------------------------------------------------- reasoning
 
 @pytest.fixture(scope="module")
@@ -852,6 +938,58 @@ def test_random_bodies_get_an_answer_or_a_4xx_never_a_500(served):
         assert status == 200 or 400 <= status < 500, (status, body, out)
         if status != 200:
             assert set(json.loads(out)["error"]) == {"message", "type", "param", "code"}, out
+    assert seen.get(200) and len(seen) > 1, seen
+    assert _http(f"{base}/health") == (200, {"status": "SERVING"})
+
+
+_RESPONSES_FIELDS = ["input", "instructions", "max_output_tokens", "temperature", "top_p",
+                     "tools", "tool_choice", "parallel_tool_calls", "text", "stream",
+                     "store", "metadata", "previous_response_id", "background", "include",
+                     "reasoning", "truncation", "top_k", "messages", "n"]
+_RESPONSES_VALUES = [*_VALUES, [{"type": "function_call"}],
+                     [{"type": "function_call_output", "call_id": 1, "output": ["x"]}],
+                     [{"type": "message", "role": "user", "content": None}],
+                     {"format": {"type": "json_schema"}}, {"format": "x"},
+                     [{"type": "function", "name": 5}], {"type": "function"}]
+_LORAX_PARAMETERS = ["adapter_id", "adapter_source", "merged_adapters", "do_sample",
+                     "max_new_tokens", "ignore_eos_token", "repetition_penalty",
+                     "return_full_text", "stop", "seed", "temperature", "top_k", "top_p",
+                     "truncate", "typical_p", "best_of", "watermark", "details",
+                     "decoder_input_details", "return_k_alternatives", "response_format",
+                     "n"]
+
+
+def test_random_responses_and_lorax_bodies_never_get_a_500(served):
+    """The same for /v1/responses (OpenAI's error body) and LoRAX's /generate and / (TGI's
+    {"error", "error_type"})."""
+    import random
+
+    rng = random.Random(9)
+    base = f"http://127.0.0.1:{served.server.http_port}"
+    seen = {}
+    for i in range(500):
+        lorax = i % 2
+        if lorax:
+            path = rng.choice(["/generate", "/", "/generate_stream"])
+            body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
+            for name in rng.sample(_LORAX_PARAMETERS, rng.randint(1, 4)):
+                body["parameters"][name] = rng.choice(_RESPONSES_VALUES)
+        else:
+            path, body = "/v1/responses", {"model": "alpha", "input": "hi",
+                                           "max_output_tokens": 2}
+            for name in rng.sample(_RESPONSES_FIELDS, rng.randint(1, 4)):
+                body[name] = rng.choice(_RESPONSES_VALUES)
+        try:
+            data = json.dumps(body, allow_nan=True).encode()
+        except ValueError:
+            continue
+        status, out = _raw(f"{base}{path}", data)
+        seen[status] = seen.get(status, 0) + 1
+        assert status == 200 or 400 <= status < 500, (status, body, out)
+        if status != 200:
+            error = json.loads(out)
+            keys = {"error", "error_type"} if lorax else {"message", "type", "param", "code"}
+            assert set(error if lorax else error["error"]) == keys, out
     assert seen.get(200) and len(seen) > 1, seen
     assert _http(f"{base}/health") == (200, {"status": "SERVING"})
 

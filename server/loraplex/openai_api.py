@@ -64,7 +64,7 @@ from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.client import ADAPTER_HEADER
 from loraplex_client.types import build_generate_request, build_tokenize_request
-from loraplex import openai_tools
+from loraplex import openai_responses, openai_tools
 from loraplex.lorax_api import LoraxApi
 from loraplex.openai_reasoning import ReasoningParser
 from loraplex.openai_tools import Parser, Reasoning, ToolPlan
@@ -111,6 +111,14 @@ _CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logp
                 "tool_choice": (str, dict), "parallel_tool_calls": bool, "functions": list,
                 "function_call": (str, dict), "include_reasoning": bool, **_CHAT_OPTIONS,
                 **_EXTRAS}
+_RESPONSES_FIELDS = {  # (openai_responses.py; store, metadata, service_tier: _IGNORED)
+    "model": str, "input": (str, list), "instructions": str, "max_output_tokens": int,
+    "temperature": float, "top_p": float, "tools": list, "tool_choice": (str, dict),
+    "parallel_tool_calls": bool, "text": dict, "stream": bool, "user": str,
+    "previous_response_id": str, "background": bool, "include": list, "reasoning": dict,
+    "truncation": str, "seed": int, "stop": (str, list), "presence_penalty": float,
+    "frequency_penalty": float, "logit_bias": dict, "include_reasoning": bool,
+    **_CHAT_OPTIONS, **_EXTRAS}
 _TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list, "tools": list,
                     **_CHAT_OPTIONS}
 _GUIDES = ("guided_json", "guided_regex", "guided_choice")
@@ -443,6 +451,7 @@ class OpenAIApi:
                                    client_max_size=64 * 2**20)
         self.app.add_routes([web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat),
+                             web.post("/v1/responses", self.responses),
                              web.get("/v1/models", self.models),
                              web.post("/tokenize", self.tokenize),
                              web.post("/detokenize", self.detokenize),
@@ -515,6 +524,75 @@ class OpenAIApi:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request, _CHAT_FIELDS)
+        return await self._answer(request, self._chat_job(body))
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API, served as the chat request it asks for
+        (openai_responses.py): one completion, its pieces as output items."""
+        body = await self._body(request, _RESPONSES_FIELDS)
+        try:
+            chat = openai_responses.chat_body(body)
+        except openai_responses.ResponsesError as exc:
+            raise _bad(str(exc), exc.param) from None
+        _check_types(chat, _CHAT_FIELDS)
+        job = self._chat_job(chat)
+        [req] = self._requests_of(job)
+        md = self._metadata(request, req.adapter)
+        parser = job.parser()
+        response_id = openai_responses.new_id("resp")
+
+        def pieces_of(text: str, end: bool) -> list:
+            pieces = ([text] if parser is None
+                      else parser.feed(text) + (parser.finish() if end else []))
+            if not job.include_reasoning:
+                pieces = [p for p in pieces if not isinstance(p, Reasoning)]
+            return [p for p in pieces if p != ""]
+
+        if not job.stream:
+            resp = await self._gen.Generate(req, metadata=md)
+            answer = openai_responses.response(
+                body, chat, response_id, openai_responses.output_items(pieces_of(resp.text, True)),
+                openai_responses.status(_FINISH.get(resp.finish_reason)),
+                openai_responses.usage(resp.prompt_tokens, resp.completion_tokens))
+            return web.json_response(answer, headers=self._served(resp))
+        call = self._gen.GenerateStream(req, metadata=md)
+        try:
+            events = aiter(call)
+            first = await anext(events)  # (errors before any token get a status)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-cache",
+                                                   **self._served(first)})
+            await response.prepare(request)
+            stream = openai_responses.Events(openai_responses.response(
+                body, chat, response_id, [], "in_progress", None))
+
+            async def send(items: list[dict]) -> None:
+                for e in items:
+                    await response.write(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
+                                         .encode())
+
+            await send(stream.start())
+            msg = first
+            try:
+                while True:
+                    end = bool(msg.finish_reason)
+                    await send(stream.feed(pieces_of(msg.text, end)))
+                    if end:
+                        await send(stream.finish(
+                            openai_responses.status(_FINISH.get(msg.finish_reason)),
+                            openai_responses.usage(msg.prompt_tokens, msg.completion_tokens)))
+                        break
+                    msg = await anext(events)
+            except grpc.RpcError as err:
+                failed = ApiError.of_rpc(err)
+                await send([stream.error(str(failed.status), failed.message)])
+            await response.write_eof()
+            return response
+        finally:
+            call.cancel()  # (a no-op once it has ended)
+
+    def _chat_job(self, body: dict) -> _Job:
+        """A chat request's gRPC call and what its answer needs (400 for what is wrong)."""
         if not body.get("messages"):
             raise _bad("messages is required and must not be empty", "messages")
         max_tokens = body.get("max_completion_tokens")
@@ -549,13 +627,13 @@ class OpenAIApi:
                "tools": list(tools.tools) if tools is not None else None,
                **_chat_options(body)}
         req = _build(inp, sampling, _request_kwargs(body))
-        return await self._answer(request, _Job(
+        return _Job(
             "chat", body["model"], [req], body.get("n") or 1, bool(body.get("stream")),
             *self._include_usage(body), (top or 0) if body.get("logprobs") else None, [""],
             prompt_logprobs=body.get("prompt_logprobs"), tools=tools,
             reasoning=bool(self._reasoning_parser) and (
                 body.get("chat_template_kwargs") or {}).get("enable_thinking") is not False,
-            include_reasoning=body.get("include_reasoning") is not False))
+            include_reasoning=body.get("include_reasoning") is not False)
 
     async def models(self, request: web.Request) -> web.Response:
         md = self._metadata(request, "")
@@ -722,11 +800,16 @@ class OpenAIApi:
                                           metadata=self._metadata(request, ""))
         return resp.text
 
+    def _requests_of(self, job: _Job) -> list[pb.GenerateRequest]:
+        """The job's gRPC requests, naming the adapter of its `model`."""
+        for r in job.requests:
+            r.adapter = self._adapter(job.model)
+        return job.requests
+
     def _calls(self, request: web.Request, job: _Job) -> list:
         adapter = self._adapter(job.model)
         md = self._metadata(request, adapter)
-        for r in job.requests:
-            r.adapter = adapter
+        self._requests_of(job)
         if job.stream:
             return [self._gen.GenerateStream(r, metadata=md) for r in job.requests]
         return [self._gen.Generate(r, metadata=md) for r in job.requests]

@@ -1,0 +1,124 @@
+"""OpenAI's Responses API (server/loraplex/openai_responses.py): a request as the chat
+request it asks for, and the stream's events as they come. Served: test_openai_api.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplex.openai_responses import (Events, ResponsesError, chat_body, output_items,
+                                       response, usage)
+from loraplex.openai_tools import CallDelta, Reasoning
+
+TOOL = {"type": "function", "name": "get_weather", "description": "weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def test_a_request_is_the_chat_request_it_asks_for():
+    body = {"model": "alpha", "instructions": "be brief", "max_output_tokens": 9,
+            "temperature": 0, "top_k": 5, "store": True, "metadata": {"a": "b"},
+            "tools": [TOOL], "tool_choice": {"type": "function", "name": "get_weather"},
+            "text": {"format": {"type": "json_schema", "name": "x",
+                                "schema": {"type": "object"}, "strict": True}},
+            "input": [{"role": "developer", "content": "rules"},
+                      {"role": "user", "content": [{"type": "input_text", "text": "Paris"},
+                                                   {"type": "input_text", "text": "?"}]},
+                      {"type": "reasoning", "id": "rs_1", "summary": []},
+                      {"type": "function_call", "call_id": "c1", "name": "get_weather",
+                       "arguments": '{"city": "Paris"}'},
+                      {"type": "function_call", "call_id": "c2", "name": "get_weather",
+                       "arguments": "{}"},
+                      {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                      {"type": "message", "role": "assistant",
+                       "content": [{"type": "output_text", "text": "Sunny."}]}]}
+    assert chat_body(body) == {
+        "model": "alpha", "temperature": 0, "top_k": 5, "max_completion_tokens": 9,
+        "messages": [
+            {"role": "system", "content": "be brief"}, {"role": "system", "content": "rules"},
+            {"role": "user", "content": "Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"id": "c2", "type": "function", "function": {
+                    "name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."}],
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather", "description": "weather",
+            "parameters": TOOL["parameters"]}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object"}, "strict": True}}}
+    assert chat_body({"model": "m", "input": "hi", "text": {"format": {"type": "text"}}}) == {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "not stored"),
+    ({"input": "x", "background": True}, "background", "background"),
+    ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include", "include"),
+    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning", "--reasoning-parser"),
+    ({"input": "x", "truncation": "auto"}, "truncation", "disabled"),
+    ({"input": []}, "input", "input is required"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input", "text"),
+    ({"input": [{"type": "web_search_call"}]}, "input", "not supported"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input", "role"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools", "function tools"),
+    ({"input": "x", "text": {"format": {"type": "grammar"}}}, "text", "json_schema"),
+])
+def test_what_cannot_be_honoured_is_refused(body, param, words):
+    with pytest.raises(ResponsesError, match=words) as err:
+        chat_body({"model": "m", **body})
+    assert err.value.param == param
+
+
+def test_output_items_of_a_whole_answer():
+    pieces = [Reasoning("think"), "Let me ", "check.", CallDelta(0, '{"city":', "call_1",
+                                                                 "get_weather"),
+              CallDelta(0, ' "Rome"}')]
+    items = output_items(pieces)
+    assert [i["type"] for i in items] == ["reasoning", "message", "function_call"]
+    assert items[0]["content"] == [{"type": "reasoning_text", "text": "think"}]
+    assert items[1]["content"][0]["text"] == "Let me check." and items[1]["role"] == "assistant"
+    assert (items[2]["call_id"], items[2]["name"], items[2]["arguments"]) == (
+        "call_1", "get_weather", '{"city": "Rome"}')
+    assert [i["type"] for i in output_items([CallDelta(0, "{}", "c", "f")])] == [
+        "function_call"]  # (no empty message beside a call)
+    assert output_items([])[0]["content"][0]["text"] == ""  # (an empty answer: a message)
+
+
+def test_events_add_each_item_grow_it_and_close_it_before_the_next():
+    head = response({"model": "m"}, {}, "resp_1", [], "in_progress", None)
+    events = Events(head)
+    out = events.start()
+    out += events.feed([Reasoning("a"), Reasoning("b"), "x"])
+    out += events.feed(["y", CallDelta(0, "{", "c1", "f"), CallDelta(0, "}")])
+    out += events.feed([CallDelta(1, "{}", "c2", "g")])
+    out += events.finish("completed", usage(3, 4))
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    assert [e["type"] for e in out] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.reasoning_text.delta",
+        "response.reasoning_text.delta", "response.reasoning_text.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done",
+        "response.completed"]
+    added = [e for e in out if e["type"] == "response.output_item.added"]
+    assert [e["output_index"] for e in added] == [0, 1, 2, 3]
+    final = out[-1]["response"]
+    assert final["status"] == "completed" and final["usage"]["total_tokens"] == 7
+    assert [(i["type"], i.get("arguments")) for i in final["output"]] == [
+        ("reasoning", None), ("message", None), ("function_call", "{}"),
+        ("function_call", "{}")]
+    assert final["output"][1]["content"][0]["text"] == "xy"
+    assert out[0]["response"]["output"] == [] and out[0]["response"]["status"] == "in_progress"
+    cut = Events(head)
+    last = (cut.start() + cut.feed(["a"]) + cut.finish("incomplete", usage(1, 1)))[-1]
+    assert last["type"] == "response.incomplete"
+    assert last["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
