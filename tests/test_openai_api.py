@@ -296,6 +296,37 @@ def test_response_format_json_schema_is_guided(api):
     assert choice.choices[0].text in ("left", "right")
 
 
+def test_structured_outputs_and_completions_response_format_are_vllms(api, grpc_client):
+    """vLLM's structured_outputs (json, regex, choice, json_object) are the guided_* fields,
+    in completions and chat; completions take response_format too, as vLLM's."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    kw = dict(model="alpha", prompt=PROMPT, max_tokens=20, temperature=0)
+    for spec, guide in (({"json": schema}, {"guided_json": schema}),
+                        ({"regex": "[ab]{3}"}, {"guided_regex": "[ab]{3}"}),
+                        ({"choice": ["left", "right"]}, {"guided_choice": ["left", "right"]}),
+                        ({"json_object": True, "disable_fallback": False},
+                         {"guided_json": {"type": "object"}})):
+        out = api.completions.create(**kw, extra_body={"structured_outputs": spec})
+        ref = grpc_client.generate(PROMPT, adapter="alpha", max_new_tokens=20, **guide)
+        assert out.choices[0].text == ref.text, spec
+        chat = api.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=20,
+                                           temperature=0, extra_body={"structured_outputs": spec})
+        assert chat.choices[0].message.content == grpc_client.generate(
+            messages=MESSAGES, adapter="alpha", max_new_tokens=20, **guide).text, spec
+    assert json.loads(api.completions.create(**kw, extra_body={"response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    ).choices[0].text) in ({"ok": True}, {"ok": False})
+    for extra, words in (({"structured_outputs": {"grammar": "root ::= x"}}, "grammar"),
+                         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "one of"),
+                         ({"structured_outputs": {"regex": 5}}, "wrong type"),
+                         ({"structured_outputs": {"regex": "a"}, "guided_regex": "b"},
+                          "not both"),
+                         ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]},
+                          "not both")):
+        with pytest.raises(openai.BadRequestError, match=words):
+            api.completions.create(**kw, extra_body=extra)
+
+
 def test_response_format_json_object_is_free_form_json(api, grpc_client):
     """json_object is guided_json {"type": "object"}: free-form, nested 4 deep (this random
     model only starts one; test_json_schema samples some that end)."""
@@ -911,7 +942,7 @@ _FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", 
            "tool_choice", "parallel_tool_calls", "skip_special_tokens",
            "continue_final_message", "add_generation_prompt", "chat_template_kwargs",
            "max_completion_tokens", "min_tokens", "allowed_token_ids", "suffix",
-           "prompt_logprobs", "bad_words"]
+           "prompt_logprobs", "bad_words", "structured_outputs"]
 
 
 def test_random_bodies_get_an_answer_or_a_4xx_never_a_500(served):

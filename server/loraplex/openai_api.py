@@ -2,6 +2,9 @@
 
     POST /v1/completions          prompt(s) -> text (OpenAI's legacy completions)
     POST /v1/chat/completions     messages -> the assistant's message
+    POST /v1/responses            OpenAI's Responses API, served as chat
+    POST /generate, /generate_stream, /
+                                  LoRAX's (TGI's) REST API, with adapter_id
     POST /tokenize, /detokenize   vLLM's: a prompt or messages <-> token ids
     GET  /v1/models               the base model, every adapter and every route
     POST /v1/load_lora_adapter    vLLM's: load (or, load_inplace, swap in) an adapter
@@ -27,17 +30,18 @@ disconnects cancels its gRPC calls, which frees their place in the batch at the 
 Request fields: OpenAI's (max_tokens, or max_completion_tokens in chat; temperature,
 default 1; top_p, n, stream, stream_options (include_usage, and vLLM's
 continuous_usage_stats), stop, seed, presence_penalty, frequency_penalty, logit_bias,
-logprobs, top_logprobs in chat, echo (with logprobs: the
-prompt scored too, its tokens leading the choice's logprobs), user -> the route's
-routing_key; response_format json_schema -> guided_json, json_object -> guided_json
-{"type": "object"}) and vLLM's extra ones (top_k, min_p, repetition_penalty, min_tokens,
-ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens, guided_regex,
-guided_choice, guided_json, priority, truncate_prompt_tokens, allowed_token_ids, bad_words,
-prompt_logprobs: answered in vLLM's form, a completion choice's field or chat's top-level
-one, in a stream's first chunk), plus
-routing_key; chat's tools, tool_choice and parallel_tool_calls, with messages that carry
-tool_calls and tool results (openai_tools.py says what each tool_choice does); with
---reasoning-parser, chat's reasoning_content (openai_reasoning.py). What
+logprobs, top_logprobs in chat, echo (with logprobs: the prompt scored too, its tokens
+leading the choice's logprobs), user -> the route's routing_key; response_format
+json_schema -> guided_json, json_object -> guided_json {"type": "object"}) and vLLM's
+extra ones (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
+include_stop_str_in_output, skip_special_tokens, guided_regex, guided_choice, guided_json,
+structured_outputs (the same guides), priority, truncate_prompt_tokens,
+allowed_token_ids, bad_words, prompt_logprobs: answered in vLLM's form, a completion
+choice's field or chat's top-level one, in a stream's first chunk), plus routing_key;
+chat's tools, tool_choice and parallel_tool_calls, with messages that carry tool_calls
+and tool results (openai_tools.py says what each tool_choice does); with
+--reasoning-parser, chat's reasoning_content (openai_reasoning.py). /v1/responses is
+served as chat (openai_responses.py); LoRAX's /generate routes are lorax_api.py's. What
 cannot be honoured is refused with 400, never ignored: suffix, best_of other than n, a
 message part that is not text, functions / function_call (send tools / tool_choice),
 tool_choice auto on a server without --tool-call-parser, unload_lora_adapter's
@@ -93,7 +97,7 @@ _EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_token
            "guided_regex": str, "guided_choice": list, "guided_json": (str, dict),
            "priority": int, "truncate_prompt_tokens": int, "allowed_token_ids": list,
            "routing_key": str, "skip_special_tokens": bool, "prompt_logprobs": int,
-           "bad_words": list}
+           "bad_words": list, "structured_outputs": dict}
 # OpenAI fields with nothing to do here, accepted as they are
 _IGNORED = {"store", "metadata", "service_tier"}
 _STREAM_OPTIONS = {"include_usage": bool, "continuous_usage_stats": bool}  # (vLLM's too)
@@ -105,7 +109,7 @@ _COMMON = {"model": str, "max_tokens": int, "temperature": float, "top_p": float
            "frequency_penalty": float, "logit_bias": dict, "best_of": int, "user": str,
            "stream_options": dict}
 _COMPLETION_FIELDS = {**_COMMON, "prompt": (str, list), "logprobs": int, "echo": bool,
-                      "suffix": str, **_EXTRAS}
+                      "suffix": str, "response_format": dict, **_EXTRAS}
 _CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logprobs": bool,
                 "top_logprobs": int, "response_format": dict, "tools": list,
                 "tool_choice": (str, dict), "parallel_tool_calls": bool, "functions": list,
@@ -207,8 +211,17 @@ def _sampling(body: dict, max_tokens: int | None) -> dict:
                    f"token), got {body['prompt_logprobs']}", "prompt_logprobs")
     for name in _EXTRAS:
         if body.get(name) is not None and name not in ("priority", "truncate_prompt_tokens",
-                                                      "routing_key", "skip_special_tokens"):
+                                                      "routing_key", "skip_special_tokens",
+                                                      "structured_outputs"):
             out[name] = body[name]
+    guides = [_structured_outputs(body.get("structured_outputs")),
+              {"guided_json": _guided_json(body.get("response_format"))}]
+    for given, name in zip(guides, ("structured_outputs", "response_format")):
+        given = {k: v for k, v in given.items() if v is not None}
+        if given and any(out.get(g) is not None for g in _GUIDES):
+            raise _bad(f"give {name} or guided_json / guided_regex / guided_choice, not both",
+                       name)
+        out.update(given)
     if body.get("skip_special_tokens") is False:
         out["keep_special_tokens"] = True
     return out
@@ -319,6 +332,29 @@ def _chat_options(body: dict) -> dict:
 
 
 JSON_OBJECT = {"type": "object"}  # (json_object: free-form, nested FREE_DEPTH deep)
+
+
+def _structured_outputs(spec: dict | None) -> dict:
+    """vLLM's structured_outputs -> the guided_* fields."""
+    if spec is None:
+        return {}
+    refused = [k for k, v in spec.items() if v not in (None, False) and k not in (
+        "json", "regex", "choice", "json_object")]
+    if refused:
+        raise _bad(f"structured_outputs.{refused[0]} is not supported: give one of json, "
+                   "regex, choice, json_object", "structured_outputs")
+    out = {"guided_json": JSON_OBJECT if spec.get("json_object") else spec.get("json"),
+           "guided_regex": spec.get("regex"), "guided_choice": spec.get("choice")}
+    for name, kind in (("guided_json", (str, dict)), ("guided_regex", str),
+                       ("guided_choice", list)):
+        if out[name] is not None and not isinstance(out[name], kind):
+            raise _bad(f"structured_outputs: {name.removeprefix('guided_')} has the wrong "
+                       f"type, got {json.dumps(out[name])[:80]}", "structured_outputs")
+    if sum(v is not None for v in out.values()) > 1 or spec.get("json_object") and \
+            spec.get("json") is not None:
+        raise _bad("structured_outputs takes one of json, regex, choice, json_object",
+                   "structured_outputs")
+    return out
 
 
 def _guided_json(response_format: dict | None) -> str | dict | None:
@@ -606,19 +642,16 @@ class OpenAIApi:
             raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
         if body.get("logprobs"):
             sampling.update(logprobs=True, top_logprobs=top or 0)
-        schema = _guided_json(body.get("response_format"))
-        if schema is not None:
-            if body.get("guided_json") is not None:
-                raise _bad("give response_format or guided_json, not both", "response_format")
-            sampling["guided_json"] = schema
         tools = _tool_plan(body, self._tool_call_parser)
         forced = tools.guided_json() if tools is not None else None
         if forced is not None:
             given = [g for g in _GUIDES if sampling.get(g) is not None]
             if given:
+                which = ("response_format" if _guided_json(body.get("response_format"))
+                         is not None else "structured_outputs" if body.get("structured_outputs")
+                         else given[0])
                 raise _bad(f"tool_choice {tools.mode} guides the output to the tool call: "
-                           f"drop {'response_format' if schema is not None else given[0]}",
-                           "tool_choice")
+                           f"drop {which}", "tool_choice")
             sampling["guided_json"] = forced
         if tools is not None and tools.keeps_special_tokens() \
                 and body.get("skip_special_tokens") is None:
