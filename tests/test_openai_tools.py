@@ -311,6 +311,35 @@ def test_pythonic_a_list_of_calls_is_calls():
         assert _whole_and_streamed(auto, content) == {"content": content}, content
 
 
+QWEN_TOOL = {"type": "function", "function": {"name": "book", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "nights": {"type": "integer"},
+                                     "rate": {"type": "number"}, "late": {"type": "boolean"},
+                                     "guests": {"type": "array"}, "note": {},
+                                     "zip": {"type": ["string", "null"]}}}}}
+
+
+def test_qwen3_coder_reads_xml_calls_typed_by_the_schema():
+    auto = plan([QWEN_TOOL, TIME], None, None, "qwen3_coder")
+    text = ("I will book it.\n<tool_call>\n<function=book>\n<parameter=city>\nNew York\n"
+            "</parameter>\n<parameter=nights>\n3\n</parameter>\n<parameter=rate>\n99.5\n"
+            "</parameter>\n<parameter=late>\ntrue\n</parameter>\n<parameter=guests>\n"
+            '["ann", "bo"]\n</parameter>\n<parameter=note>\n42\n</parameter>\n'
+            "<parameter=zip>\n02134\n</parameter>\n</function>\n</tool_call>\n"
+            "<tool_call>\n<function=get_time>\n</function>\n</tool_call>")
+    msg = _whole_and_streamed(auto, text)
+    assert msg["content"] == "I will book it."
+    assert [(n, json.loads(a)) for n, a in _calls(msg)] == [
+        ("book", {"city": "New York", "nights": 3, "rate": 99.5, "late": True,
+                  "guests": ["ann", "bo"], "note": "42", "zip": "02134"}),
+        ("get_time", {})]
+    typo = text.replace("\n3\n", "\nthree\n")  # (not JSON: kept as the text it is)
+    assert json.loads(_calls(_whole_and_streamed(auto, typo))[0][1])["nights"] == "three"
+    for content in ("<tool_call>\n<function=book>\nstray\n</function>\n</tool_call>",
+                    "<tool_call>{\"name\": \"book\", \"arguments\": {}}</tool_call>",
+                    "<tool_call>\n<function=book>\n<parameter=city>\nRome"):
+        assert _whole_and_streamed(auto, content) == {"content": content}, content
+
+
 def test_json_parsers_refuse_what_is_not_json():
     for parser, text in (("hermes", '<tool_call>{"name": "f", "arguments": {"a": NaN}}'
                                     '</tool_call>'),

@@ -151,7 +151,8 @@ OPTIONS: tuple[Option, ...] = (
        "(hermes: <tool_call>{...}</tool_call>, as Qwen2.5/3 and Hermes write them; "
        "llama3_json: {\"name\", \"parameters\"} objects, as Llama 3.1+; mistral: "
        "[TOOL_CALLS][{...}] or [TOOL_CALLS]f[ARGS]{...}; pythonic: [f(a=1)], as Llama "
-       "3.2/4; empty: auto refused)",
+       "3.2/4; qwen3_coder: <tool_call><function=f><parameter=a>..., as Qwen3-Coder and "
+       "Qwen3.5; empty: auto refused)",
        choices=TOOL_CALL_PARSERS),
     _o("reasoning-parser", "server", "reasoning_parser", str,
        "how the HTTP chat API splits the model's thinking, <think>...</think>, off into "

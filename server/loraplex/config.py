@@ -15,7 +15,8 @@ QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 LORA_BACKENDS = ("auto", "loop", "gather", "grouped", "segmented", "bgmv", "triton")
 ATTENTION_BACKENDS = ("auto", "sdpa", "cpu")
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")  # (openai_tools.py)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic",
+                     "qwen3_coder")  # (openai_tools.py)
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # (openai_reasoning.py; vLLM's names)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)

@@ -13,7 +13,9 @@ model through the chat template, and `tool_choice` decides what its text becomes
                     <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks (the
                     format of Qwen2.5/Qwen3, Hermes 2/3 and many fine-tunes), the rest of
                     the text being the content. A block that is not such JSON, or is not
-                    closed, stays in the content.
+                    closed, stays in the content. `qwen3_coder` (Qwen3-Coder, Qwen3.5):
+                    the same blocks holding <function=f><parameter=a>...</parameter>
+                    </function> XML, values typed by the tool's schema.
                     `llama3_json`: a text that is {"name": ..., "parameters": {...}}
                     objects (after Llama 3.1's <|python_tag|>, "; " between them) is calls.
                     `pythonic` (Llama 3.2 and 4, ToolACE): a text that is a Python list of
@@ -111,7 +113,7 @@ class ToolPlan:
         if self.mode == "required":
             return _Required()
         if self.mode == "auto":
-            return _PARSERS[self.parser](self.parallel)
+            return _PARSERS[self.parser].for_plan(self)
         return None
 
 
@@ -149,9 +151,10 @@ def plan(tools, tool_choice, parallel_tool_calls, parser: str) -> ToolPlan | Non
                         f'function, got {json.dumps(choice)[:80]}', "tool_choice")
     if not parser:
         raise ToolError('tool_choice "auto" (the default with tools) needs a server started '
-                        'with --tool-call-parser (hermes, llama3_json, mistral or pythonic: '
-                        'the format the model writes calls in), which reads the calls out of '
-                        'the text; or send tool_choice "required", "none" or a named function',
+                        'with --tool-call-parser (hermes, llama3_json, mistral, pythonic or '
+                        'qwen3_coder: the format the model writes calls in), which reads the '
+                        'calls out of the text; or send tool_choice "required", "none" or a '
+                        'named function',
                         "tool_choice")
     return ToolPlan("auto", checked, parallel=parallel, parser=parser)
 
@@ -234,6 +237,12 @@ class Parser:
         return CallDelta(self.calls - 1, arguments, self.new_id(), name)
 
     new_id = staticmethod(new_call_id)
+
+    @classmethod
+    def for_plan(cls, plan: ToolPlan) -> Parser:
+        """The --tool-call-parser's parser of one choice of `plan` (its tool_choice auto)."""
+        return cls(plan.parallel)
+
     KEEPS_SPECIAL = False  # True: it reads tags a tokenizer marks special (kept in the text)
 
 
@@ -306,7 +315,7 @@ class _Hermes(Parser):
                     return out
                 body, self._text = self._text[:end], self._text[end + len(self.CLOSE):]
                 self._inside = False
-                call = _hermes_call(body)
+                call = self._read(body)
                 if call is None:
                     out += self._content(self._gap + self.OPEN + body + self.CLOSE)
                     continue
@@ -326,6 +335,14 @@ class _Hermes(Parser):
             out += self._content(content)
             self._text, self._inside = self._text[start + len(self.OPEN):], True
 
+    @staticmethod
+    def _read(body: str) -> tuple[str, str] | None:
+        """(name, arguments JSON) of a block's body, None when it is no call."""
+        try:
+            return _call_of(_STRICT.decode(body))
+        except ValueError:
+            return None
+
     def finish(self) -> list[str | CallDelta]:
         rest = self._gap + self.OPEN + self._text if self._inside else self._text
         self._text, self._inside = "", False
@@ -339,6 +356,64 @@ class _Hermes(Parser):
             text = text.lstrip()
             self._after_call = not text
         return [text] if text else []
+
+
+class _Qwen3Coder(_Hermes):
+    """Qwen3-Coder's (and Qwen3.5's) calls, XML in <tool_call> blocks:
+
+        <tool_call>
+        <function=get_weather>
+        <parameter=city>
+        Paris
+        </parameter>
+        </function>
+        </tool_call>
+
+    A value is text (less the newline after its tag and the one before its end); one whose
+    parameter the tool's schema types other than string is read as JSON when it parses
+    (a number, true, an object...), as vLLM's qwen3_coder parser does."""
+
+    def __init__(self, parallel: bool, tools: tuple[dict, ...]):
+        super().__init__(parallel)
+        self._types = {  # function -> parameter -> its schema's "type" (None: any)
+            t["function"]["name"]: {
+                k: v.get("type") if isinstance(v, dict) else None
+                for k, v in ((t["function"].get("parameters") or {}).get("properties")
+                             or {}).items()}
+            for t in tools}
+
+    @classmethod
+    def for_plan(cls, plan: ToolPlan) -> Parser:
+        return cls(plan.parallel, plan.tools)
+
+    def _read(self, body: str) -> tuple[str, str] | None:
+        function = _XML_FUNCTION.fullmatch(body)
+        if function is None:
+            return None
+        name, inner = function.groups()
+        arguments, at = {}, 0
+        for p in _XML_PARAMETER.finditer(inner):
+            if inner[at:p.start()].strip():
+                return None
+            key, value = p.groups()
+            value = value.removeprefix("\n").removesuffix("\n")
+            arguments[key] = self._value(self._types.get(name, {}).get(key), value)
+            at = p.end()
+        return (name, _dumps(arguments)) if not inner[at:].strip() else None
+
+    @staticmethod
+    def _value(kind, text: str):
+        kinds = kind if isinstance(kind, list) else [kind]
+        if None in kinds or "string" in kinds:
+            return text
+        try:
+            return _STRICT.decode(text.strip())
+        except ValueError:
+            return text
+
+
+_XML_FUNCTION = re.compile(r"\s*<function=([^>\s]{1,64})>(.*)</function>\s*", re.DOTALL)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\s]{1,64})>(.*?)</parameter>", re.DOTALL)
 
 
 class _WholeTextCalls(Parser):
@@ -539,14 +614,6 @@ def _held_back(text: str, tag: str) -> int:
     return keep + len(body) - len(body.rstrip())
 
 
-def _hermes_call(body: str) -> tuple[str, str] | None:
-    """(name, arguments JSON) of a block's body, None when it is no call."""
-    try:
-        return _call_of(_STRICT.decode(body))
-    except ValueError:
-        return None
-
-
 def _dumps(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -559,7 +626,7 @@ _STRICT = json.JSONDecoder(parse_constant=_not_json)  # (NaN and Infinity are no
 
 
 _PARSERS = {"hermes": _Hermes, "llama3_json": _Llama3Json, "mistral": _Mistral,
-            "pythonic": _Pythonic}
+            "pythonic": _Pythonic, "qwen3_coder": _Qwen3Coder}
 
 
 def message(pieces: list[Piece], reasoning: bool = False) -> dict:
