@@ -82,3 +82,20 @@ def test_messages_without_reasoning_have_no_such_field():
     assert message(["hi"]) == {"content": "hi"}
     assert delta([Reasoning("a"), "b", Reasoning("c")]) == {"reasoning_content": "ac",
                                                             "content": "b"}
+
+
+def test_an_xml_call_ends_the_reasoning_without_its_tag():
+    """Qwen3.5 may write <tool_call><function=...> while thinking, no </think> first: the
+    call is a call; a <tool_call> that opens no function is still reasoning."""
+    tools = plan([WEATHER], None, None, "qwen3_coder")
+    text = ("<think>I need the weather.\n<tool_call>\n<function=get_weather>\n"
+            "<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>")
+    msg = _whole_and_streamed(text, tools)
+    assert msg["reasoning_content"] == "I need the weather.\n" and msg["content"] is None
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]] == [
+        ("get_weather", '{"city": "Rome"}')]
+    mention = "<think>a <tool_call> tag is how I call</think>ok"
+    assert _whole_and_streamed(mention, tools) == {
+        "content": "ok", "reasoning_content": "a <tool_call> tag is how I call"}
+    assert _whole_and_streamed("<think>x <tool_call>\n <func", tools) == {
+        "content": "", "reasoning_content": "x <tool_call>\n <func"}

@@ -5,14 +5,18 @@ parser (openai_tools.py), if any, reads next.
 
 The text is reasoning from its start, less a leading <think> (R1's and newer Qwen3
 templates put it in the prompt; older ones let the model write it), up to the first
-</think>; the whitespace after that tag is dropped. A text that never closes the tag is
-all reasoning (it was cut off while thinking). A request that turns thinking off
+</think>; the whitespace after that tag is dropped. A <tool_call> block of XML calls
+(<tool_call><function=...) ends the reasoning too, as Qwen3.5 may call without closing
+it, as vLLM's qwen3 parser allows. A text that never closes the tag is all reasoning
+(it was cut off while thinking). A request that turns thinking off
 (chat_template_kwargs {"enable_thinking": false}, Qwen3's switch) gets no such parser: its
 text is all content. Streamed, text that may be the start of a tag is held back until it
 is known, so the pieces add up to the whole answer. No protobuf and no HTTP here.
 """
 
 from __future__ import annotations
+
+import re
 
 from loraplex.openai_tools import Parser, Piece, Reasoning, tag_start
 
@@ -40,14 +44,19 @@ class ReasoningParser(Parser):
                 self._text = head[len(OPEN):]
             self._state = "reasoning"
         if self._state == "reasoning":
-            end = self._text.find(CLOSE)
-            if end < 0:
-                cut = len(self._text) - tag_start(self._text, CLOSE)
+            end, call = self._text.find(CLOSE), _CALL.search(self._text)
+            if call is not None and (end < 0 or call.start() < end):
+                out += _reasoning(self._text[:call.start()])
+                self._text, self._state = self._text[call.start():], "content"
+            elif end >= 0:
+                out += _reasoning(self._text[:end])
+                self._text, self._state = self._text[end + len(CLOSE):], "gap"
+            else:
+                cut = len(self._text) - max(tag_start(self._text, CLOSE),
+                                            _call_start(self._text))
                 out += _reasoning(self._text[:cut])
                 self._text = self._text[cut:]
                 return out
-            out += _reasoning(self._text[:end])
-            self._text, self._state = self._text[end + len(CLOSE):], "gap"
         if self._state == "gap":
             self._text = self._text.lstrip()
             if not self._text:
@@ -66,6 +75,18 @@ class ReasoningParser(Parser):
 
     def _content(self, text: str) -> list[Piece]:
         return self._inner.feed(text) if self._inner is not None else [text]
+
+
+_CALL = re.compile(r"<tool_call>\s*<function=")  # (Qwen3.5 may call without </think>)
+
+
+def _call_start(text: str) -> int:
+    """How many characters at the end of `text` may be the start of a _CALL."""
+    at = text.rfind("<tool_call>")
+    rest = text[at + len("<tool_call>"):].lstrip() if at >= 0 else None
+    if rest is not None and "<function=".startswith(rest):
+        return len(text) - at
+    return tag_start(text, "<tool_call>")
 
 
 def _reasoning(text: str) -> list[Reasoning]:
