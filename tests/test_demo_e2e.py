@@ -132,3 +132,45 @@ def test_the_readme_responses_example(demo_server):
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == \
         tasks.reverse("abc")
+
+
+def test_add_special_tokens_false_leaves_the_bos_out(demo_server):
+    """vLLM's add_special_tokens (the demo's tokenizer adds a BOS): false leaves it out in
+    gRPC, /tokenize, completions and the scored echo, and the CLI's --no-special-tokens;
+    chat takes only false, its template writing them."""
+    import subprocess
+    import sys
+
+    import openai
+
+    from loraplex_client import Client
+
+    with Client(demo_server.target) as c:
+        ids = list(c.tokenize("abc=").token_ids)
+        bare = list(c.tokenize("abc=", add_special_tokens=False).token_ids)
+        ref = c.generate(input_ids=bare, adapter="reverse", max_new_tokens=4, ignore_eos=True)
+        first = c.detokenize(bare[:1])
+    assert ids[0] == 1 and bare == ids[1:]
+    base = f"http://127.0.0.1:{demo_server.server.http_port}"
+    req = urllib.request.Request(f"{base}/tokenize", json.dumps(
+        {"prompt": "abc=", "add_special_tokens": False}).encode(),
+        {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert json.load(resp)["tokens"] == bare
+    with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0) as api:
+        kw = dict(model="reverse", prompt="abc=", max_tokens=4, temperature=0,
+                  extra_body={"add_special_tokens": False, "ignore_eos": True})
+        out = api.completions.create(**kw)
+        assert out.choices[0].text == ref.text and out.usage.prompt_tokens == len(bare)
+        lp = api.completions.create(**{**kw, "max_tokens": 1}, echo=True,
+                                    logprobs=0).choices[0].logprobs
+        assert len(lp.tokens) == len(bare) + 1 and lp.tokens[0] == first
+        chat = dict(model="reverse", messages=[{"role": "user", "content": "abc="}],
+                    max_tokens=2)
+        api.chat.completions.create(**chat, extra_body={"add_special_tokens": False})
+        with pytest.raises(openai.BadRequestError, match="add_special_tokens is for a prompt"):
+            api.chat.completions.create(**chat, extra_body={"add_special_tokens": True})
+    cli = [sys.executable, "-m", "loraplex.cli", "tokenize", "--target", demo_server.target]
+    assert subprocess.run([*cli, "--no-special-tokens", "abc="], capture_output=True,
+                          text=True, timeout=60, check=True).stdout.split() == [
+        str(t) for t in bare]

@@ -942,7 +942,7 @@ _FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", 
            "tool_choice", "parallel_tool_calls", "skip_special_tokens",
            "continue_final_message", "add_generation_prompt", "chat_template_kwargs",
            "max_completion_tokens", "min_tokens", "allowed_token_ids", "suffix",
-           "prompt_logprobs", "bad_words", "structured_outputs"]
+           "prompt_logprobs", "bad_words", "structured_outputs", "add_special_tokens"]
 
 
 def test_random_bodies_get_an_answer_or_a_4xx_never_a_500(served):

@@ -36,7 +36,7 @@ json_schema -> guided_json, json_object -> guided_json {"type": "object"}) and v
 extra ones (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
 include_stop_str_in_output, skip_special_tokens, guided_regex, guided_choice, guided_json,
 structured_outputs (the same guides), priority, truncate_prompt_tokens,
-allowed_token_ids, bad_words, prompt_logprobs: answered in vLLM's form, a completion
+add_special_tokens, allowed_token_ids, bad_words, prompt_logprobs: answered in vLLM's form, a completion
 choice's field or chat's top-level one, in a stream's first chunk), plus routing_key;
 chat's tools, tool_choice and parallel_tool_calls, with messages that carry tool_calls
 and tool results (openai_tools.py says what each tool_choice does); with
@@ -97,7 +97,7 @@ _EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_token
            "guided_regex": str, "guided_choice": list, "guided_json": (str, dict),
            "priority": int, "truncate_prompt_tokens": int, "allowed_token_ids": list,
            "routing_key": str, "skip_special_tokens": bool, "prompt_logprobs": int,
-           "bad_words": list, "structured_outputs": dict}
+           "bad_words": list, "structured_outputs": dict, "add_special_tokens": bool}
 # OpenAI fields with nothing to do here, accepted as they are
 _IGNORED = {"store", "metadata", "service_tier"}
 _STREAM_OPTIONS = {"include_usage": bool, "continuous_usage_stats": bool}  # (vLLM's too)
@@ -124,7 +124,7 @@ _RESPONSES_FIELDS = {  # (openai_responses.py; store, metadata, service_tier: _I
     "frequency_penalty": float, "logit_bias": dict, "include_reasoning": bool,
     **_CHAT_OPTIONS, **_EXTRAS}
 _TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list, "tools": list,
-                    **_CHAT_OPTIONS}
+                    "add_special_tokens": bool, **_CHAT_OPTIONS}
 _GUIDES = ("guided_json", "guided_regex", "guided_choice")
 _DETOKENIZE_FIELDS = {"model": str, "tokens": list}
 _LOAD_FIELDS = {"lora_name": str, "lora_path": str, "load_inplace": bool}
@@ -212,7 +212,8 @@ def _sampling(body: dict, max_tokens: int | None) -> dict:
     for name in _EXTRAS:
         if body.get(name) is not None and name not in ("priority", "truncate_prompt_tokens",
                                                       "routing_key", "skip_special_tokens",
-                                                      "structured_outputs"):
+                                                      "structured_outputs",
+                                                      "add_special_tokens"):
             out[name] = body[name]
     guides = [_structured_outputs(body.get("structured_outputs")),
               {"guided_json": _guided_json(body.get("response_format"))}]
@@ -231,7 +232,8 @@ def _request_kwargs(body: dict) -> dict:
     """build_generate_request's keyword arguments other than the input and sampling."""
     return {"adapter": "", "routing_key": body.get("routing_key") or body.get("user") or "",
             "priority": body.get("priority") or 0,
-            "truncate_prompt_tokens": body.get("truncate_prompt_tokens")}
+            "truncate_prompt_tokens": body.get("truncate_prompt_tokens"),
+            "add_special_tokens": body.get("add_special_tokens")}
 
 
 def _prompts(value) -> list[dict]:
@@ -551,8 +553,9 @@ class OpenAIApi:
         if body.get("echo"):
             echo = await asyncio.gather(*(self._prompt_text(inp, request) for inp in inputs))
         if scored:
-            first_tokens = tuple(await asyncio.gather(*(self._first_token(inp, request)
-                                                        for inp in inputs)))
+            special = body.get("add_special_tokens")
+            first_tokens = tuple(await asyncio.gather(
+                *(self._first_token(inp, request, special) for inp in inputs)))
         return await self._answer(request, _Job("completion", body["model"], requests,
                                                 body.get("n") or 1, bool(body.get("stream")),
                                                 *self._include_usage(body), logprobs, echo,
@@ -703,11 +706,13 @@ class OpenAIApi:
             if set(body) & set(_CHAT_OPTIONS):
                 raise _bad("continue_final_message, add_generation_prompt and "
                            "chat_template_kwargs go with messages")
-            req = build_tokenize_request(body["prompt"])
+            req = build_tokenize_request(body["prompt"],
+                                         add_special_tokens=body.get("add_special_tokens"))
         else:
             tools = _tool_plan({"tools": body.get("tools"), "tool_choice": "none"}, "")
             req = build_tokenize_request(messages=_messages(body["messages"]),
                                          tools=list(tools.tools) if tools else None,
+                                         add_special_tokens=body.get("add_special_tokens"),
                                          **_chat_options(body))
         resp = await self._gen.Tokenize(req, metadata=self._metadata(request, ""))
         return web.json_response({"tokens": list(resp.token_ids), "count": len(resp.token_ids),
@@ -814,14 +819,15 @@ class OpenAIApi:
             md.append(("authorization", request.headers["Authorization"]))
         return tuple(md)
 
-    async def _first_token(self, inp: dict, request: web.Request) -> str:
+    async def _first_token(self, inp: dict, request: web.Request,
+                           special: bool | None) -> str:
         """The text of an input's first token as the server tokenizes it ("" for a
-        special token such as BOS)."""
+        special token such as BOS); `special`: the request's add_special_tokens."""
         md = self._metadata(request, "")
         ids = inp.get("input_ids")
         if ids is None:
-            ids = (await self._gen.Tokenize(pb.TokenizeRequest(prompt=inp["prompt"]),
-                                            metadata=md)).token_ids
+            req = build_tokenize_request(inp["prompt"], add_special_tokens=special)
+            ids = (await self._gen.Tokenize(req, metadata=md)).token_ids
         if not ids:
             return ""
         return (await self._gen.Detokenize(pb.TokenIds(ids=ids[:1]), metadata=md)).text

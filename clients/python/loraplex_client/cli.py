@@ -74,6 +74,7 @@ def add_commands(subparsers) -> None:
     _chat_options(g)
     g.add_argument("--truncate-prompt-tokens", type=_whole, default=None, metavar="N",
                    help="keep only the input's last N tokens")
+    _special_option(g)
     g.add_argument("--max-new-tokens", type=_whole, default=None)
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=None)
@@ -180,6 +181,7 @@ def add_commands(subparsers) -> None:
                    help="the prompt as one user message through the chat template")
     t.add_argument("--system", default=None, help="system message (with --chat)")
     _chat_options(t)
+    _special_option(t)
     t.set_defaults(func=_tokenize)
 
     h = subparsers.add_parser("health", parents=[common], help="health status")
@@ -212,6 +214,11 @@ def _text_of_bytes(value):
 
 def _asdict(x) -> dict:
     return dataclasses.asdict(x)
+
+
+def _special_option(p) -> None:
+    p.add_argument("--no-special-tokens", dest="add_special_tokens", action="store_false",
+                   default=None, help="add no BOS or other special tokens to the prompt")
 
 
 def _chat_options(p) -> None:
@@ -256,7 +263,7 @@ def _inputs(args) -> dict:
 
 def _tokenize(args) -> int:
     with _client(args) as c:
-        tokens = c.tokenize(**_inputs(args))
+        tokens = c.tokenize(**_inputs(args), add_special_tokens=args.add_special_tokens)
     if args.json:
         _print_json(_asdict(tokens))
     else:
@@ -272,6 +279,7 @@ def _generate(args) -> int:
     sampling["routing_key"] = args.routing_key
     sampling["priority"] = args.priority
     sampling["truncate_prompt_tokens"] = args.truncate_prompt_tokens
+    sampling["add_special_tokens"] = args.add_special_tokens
     inputs = _inputs(args)
     with _client(args) as client:
         if args.json or args.no_stream or (args.n or 1) > 1:

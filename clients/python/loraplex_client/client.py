@@ -126,7 +126,8 @@ class Client(_Base):
         guided_choice (the output is one of these strings), guided_json (a JSON schema,
         as a dict or its text: the output is JSON it allows), n (completions of the prompt:
         all in Result.completions, completion 0's also on top); also routing_key,
-        priority (lower is served first), truncate_prompt_tokens (keep the input's last
+        priority (lower is served first), add_special_tokens (False: a prompt gets no
+        BOS or other special tokens added), truncate_prompt_tokens (keep the input's last
         this many tokens) and, with messages, tools (shown to the model through the chat
         template), continue_final_message and chat_template_kwargs (see
         types.chat_messages); see loraplex.proto."""
@@ -148,8 +149,9 @@ class Client(_Base):
     def tokenize(self, prompt: str | None = None, *, messages=None, tools=None,
                  timeout: float | None = None, **chat) -> Tokens:
         """The token ids Generate would see for this prompt (with the tokenizer's special
-        tokens) or these chat messages and tools (through the chat template; chat:
-        continue_final_message, chat_template_kwargs, see types.chat_messages)."""
+        tokens unless add_special_tokens=False) or these chat messages and tools (through
+        the chat template; chat: continue_final_message, chat_template_kwargs, see
+        types.chat_messages)."""
         req = build_tokenize_request(prompt, messages=messages, tools=tools, **chat)
         return tokens_from_pb(self._call(self._gen.Tokenize, req, "", timeout))
 

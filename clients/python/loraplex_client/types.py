@@ -152,6 +152,7 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, tools=
                            chat_template_kwargs: dict | None = None,
                            adapter: str = "", routing_key: str = "", priority: int = 0,
                            truncate_prompt_tokens: int | None = None,
+                           add_special_tokens: bool | None = None,
                            **sampling) -> pb.GenerateRequest:
     """A GenerateRequest from Python values. Give exactly one of prompt, input_ids, messages
     (messages: a list of {"role", "content"} dicts or (role, content) pairs; with tools,
@@ -165,7 +166,7 @@ def build_generate_request(prompt=None, *, input_ids=None, messages=None, tools=
     _check_chat_options(messages, tools, continue_final_message, chat_template_kwargs)
     req = pb.GenerateRequest(adapter=adapter or "", routing_key=routing_key or "")
     fields = {"priority": int(priority), "truncate_prompt_tokens": truncate_prompt_tokens,
-              **sampling}
+              "add_special_tokens": add_special_tokens, **sampling}
     if prompt is not None:
         req.prompt = prompt
     elif input_ids is not None:
@@ -253,14 +254,16 @@ class Tokens:
 
 def build_tokenize_request(prompt=None, *, messages=None, tools=None,
                            continue_final_message: bool = False,
-                           chat_template_kwargs: dict | None = None) -> pb.TokenizeRequest:
+                           chat_template_kwargs: dict | None = None,
+                           add_special_tokens: bool | None = None) -> pb.TokenizeRequest:
     if (prompt is None) == (messages is None):
         raise TypeError("give exactly one of prompt, messages")
     _check_chat_options(messages, tools, continue_final_message, chat_template_kwargs)
-    if prompt is not None:
-        return pb.TokenizeRequest(prompt=prompt)
-    return pb.TokenizeRequest(messages=chat_messages(messages, tools, continue_final_message,
-                                                     chat_template_kwargs))
+    req = (pb.TokenizeRequest(prompt=prompt) if prompt is not None else pb.TokenizeRequest(
+        messages=chat_messages(messages, tools, continue_final_message, chat_template_kwargs)))
+    if add_special_tokens is not None:
+        req.add_special_tokens = add_special_tokens
+    return req
 
 
 def tokens_from_pb(msg: pb.TokenizeResponse) -> Tokens:

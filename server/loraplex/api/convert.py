@@ -76,12 +76,16 @@ def prompt_ids_from_pb(req: pb.GenerateRequest | pb.TokenizeRequest, tokenizer) 
     if which is None:
         choices = [f.name for f in req.DESCRIPTOR.oneofs_by_name["input"].fields]
         raise InvalidArgument(f"set one of {', '.join(choices)}")
+    special = req.add_special_tokens if req.HasField("add_special_tokens") else None
+    if which != "prompt" and special:
+        raise InvalidArgument(f"add_special_tokens is for a prompt: {which} get no special "
+                              "tokens added (the chat template writes them)")
     if which == "prompt":
         if not req.prompt:
             raise InvalidArgument("prompt is empty")
         if len(req.prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-        ids = tokenizer.encode(req.prompt)
+        ids = tokenizer.encode(req.prompt, add_special_tokens=special is not False)
     elif which == "input_ids":
         ids = list(req.input_ids.ids)
     else:
