@@ -167,6 +167,28 @@ def test_echo_with_logprobs_scores_the_prompt(api, grpc_client):
         pytest.approx(lp.token_logprobs, abs=1e-5)
 
 
+def test_echo_shows_the_prompt_as_truncated(api, grpc_client):
+    """With truncate_prompt_tokens, echo (and its scored rows) is the prompt the model saw:
+    its last N tokens."""
+    ids = list(grpc_client.tokenize(PROMPT).token_ids)
+    kept = ids[-4:]
+    ref = grpc_client.generate(input_ids=kept, adapter="alpha", max_new_tokens=2,
+                               ignore_eos=True, prompt_logprobs=0)
+    out = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=2, temperature=0,
+                                 echo=True, logprobs=0, extra_body={
+                                     "truncate_prompt_tokens": 4, "ignore_eos": True})
+    choice = out.choices[0]
+    assert choice.text == grpc_client.detokenize(kept) + ref.text
+    assert len(choice.logprobs.tokens) == 4 + 2 and out.usage.prompt_tokens == 4
+    assert choice.logprobs.tokens[0] == grpc_client.detokenize(kept[:1])
+    assert choice.logprobs.token_logprobs[1:4] == pytest.approx(
+        [x.logprob for x in ref.prompt_logprobs], abs=1e-5)
+    plain = api.completions.create(model="alpha", prompt=PROMPT, max_tokens=2, temperature=0,
+                                   echo=True, extra_body={"truncate_prompt_tokens": 4,
+                                                          "ignore_eos": True})
+    assert plain.choices[0].text == choice.text
+
+
 def test_prompt_logprobs_are_vllms(api, grpc_client):
     """vLLM's prompt_logprobs: None for the first prompt token, then {id: {logprob, rank,
     decoded_token}} with the token's own entry first; a completion choice's field, chat's

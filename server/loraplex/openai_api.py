@@ -551,11 +551,11 @@ class OpenAIApi:
         requests = [_build(inp, sampling, kwargs) for inp in inputs]
         echo, first_tokens = [""] * len(inputs), ()
         if body.get("echo"):
-            echo = await asyncio.gather(*(self._prompt_text(inp, request) for inp in inputs))
-        if scored:
-            special = body.get("add_special_tokens")
-            first_tokens = tuple(await asyncio.gather(
-                *(self._first_token(inp, request, special) for inp in inputs)))
+            served = await asyncio.gather(*(self._served_prompt(
+                inp, request, body.get("add_special_tokens"),
+                body.get("truncate_prompt_tokens"), scored) for inp in inputs))
+            echo = [text for text, _ in served]
+            first_tokens = tuple(first for _, first in served) if scored else ()
         return await self._answer(request, _Job("completion", body["model"], requests,
                                                 body.get("n") or 1, bool(body.get("stream")),
                                                 *self._include_usage(body), logprobs, echo,
@@ -819,25 +819,24 @@ class OpenAIApi:
             md.append(("authorization", request.headers["Authorization"]))
         return tuple(md)
 
-    async def _first_token(self, inp: dict, request: web.Request,
-                           special: bool | None) -> str:
-        """The text of an input's first token as the server tokenizes it ("" for a
-        special token such as BOS); `special`: the request's add_special_tokens."""
+    async def _served_prompt(self, inp: dict, request: web.Request, special: bool | None,
+                             keep: int | None, first: bool) -> tuple[str, str]:
+        """An input as the model sees it, for echo: its text, after truncate_prompt_tokens
+        (`keep`) and add_special_tokens (`special`), and with `first` its first token's
+        text ("" for a special token such as BOS)."""
         md = self._metadata(request, "")
         ids = inp.get("input_ids")
-        if ids is None:
+        if ids is None and (keep or first):
             req = build_tokenize_request(inp["prompt"], add_special_tokens=special)
             ids = (await self._gen.Tokenize(req, metadata=md)).token_ids
-        if not ids:
-            return ""
-        return (await self._gen.Detokenize(pb.TokenIds(ids=ids[:1]), metadata=md)).text
+        if keep:
+            ids = ids[-keep:]
 
-    async def _prompt_text(self, inp: dict, request: web.Request) -> str:
-        if "prompt" in inp:
-            return inp["prompt"]
-        resp = await self._gen.Detokenize(pb.TokenIds(ids=inp["input_ids"]),
-                                          metadata=self._metadata(request, ""))
-        return resp.text
+        async def text(of: list[int]) -> str:
+            return (await self._gen.Detokenize(pb.TokenIds(ids=of), metadata=md)).text
+
+        whole = inp["prompt"] if "prompt" in inp and not keep else await text(list(ids))
+        return whole, await text(list(ids[:1])) if first and ids else ""
 
     def _requests_of(self, job: _Job) -> list[pb.GenerateRequest]:
         """The job's gRPC requests, naming the adapter of its `model`."""
