@@ -167,3 +167,33 @@ def test_logprobs_mark_special_tokens_and_a_stream_event_keeps_text_off_them(grp
         pb.TokenLogprob(token_id=5, token=b"a"), pb.TokenLogprob(token_id=6, token=b"b"),
         pb.TokenLogprob(token_id=EOS_ID, token=b"</s>", special=True)])
     assert [e["token"]["text"] for e in _token_events(ask, msg)] == ["", "ab", "</s>"]
+
+
+def test_huggingface_hubs_tgi_client_works_too(url, grpc_client):
+    """huggingface_hub's InferenceClient, TGI's own client: details with top_tokens and
+    prefill, a stream, and grammar (TGI's guided decoding)."""
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=url)
+    ref = grpc_client.generate(PROMPT, adapter="alpha", max_new_tokens=5, logprobs=True,
+                               top_logprobs=2)
+    out = client.text_generation(PROMPT, max_new_tokens=5, details=True, top_n_tokens=2,
+                                 adapter_id="alpha", decoder_input_details=True)
+    assert out.generated_text == ref.text
+    assert [t.id for t in out.details.tokens] == list(ref.token_ids)
+    assert [[t["id"] for t in top] for top in out.details.top_tokens] == [  # (left dicts)
+        [i for i, _ in x.top] for x in ref.logprobs]
+    assert len(out.details.prefill) == ref.prompt_tokens
+    events = list(client.text_generation(PROMPT, max_new_tokens=5, stream=True, details=True,
+                                         adapter_id="alpha"))
+    assert [e.token.id for e in events] == list(ref.token_ids)
+    assert events[-1].generated_text == ref.text
+    guided = client.text_generation(PROMPT, max_new_tokens=30, adapter_id="alpha",
+                                    grammar={"type": "regex", "value": "[ab]{4}"})
+    assert guided == grpc_client.generate(PROMPT, adapter="alpha", max_new_tokens=30,
+                                          guided_regex="[ab]{4}").text
+    assert len(guided) == 4 and set(guided) <= {"a", "b"}
+    penalized = client.text_generation(PROMPT, max_new_tokens=8, adapter_id="alpha",
+                                       frequency_penalty=2.0)
+    assert penalized == grpc_client.generate(PROMPT, adapter="alpha", max_new_tokens=8,
+                                             frequency_penalty=2.0).text

@@ -13,7 +13,9 @@ adapter root), do_sample, temperature, top_k, top_p, repetition_penalty, seed,
 max_new_tokens (default 20, TGI's), stop (strings, kept at the end of the text, as TGI),
 ignore_eos_token, return_full_text, truncate, details, decoder_input_details (the prompt's
 logprobs in details.prefill), return_k_alternatives, response_format ({"type":
-"json_object", "schema": ...}: guided JSON). Sampling is on with do_sample or any of
+"json_object", "schema": ...}: guided JSON), and TGI's grammar ({"type": "json" or "regex",
+"value"}), top_n_tokens (details.top_tokens) and frequency_penalty, which
+huggingface_hub's InferenceClient sends. Sampling is on with do_sample or any of
 temperature (other than 1), top_k, top_p (other than 1), as in TGI; else greedy. What
 cannot be honoured is refused with 422, never ignored: merged_adapters (merge ahead with
 MergeAdapters and name the result), api_token and another adapter_source (nothing is
@@ -46,7 +48,9 @@ _PARAMETERS = {"adapter_id": str, "adapter_source": str, "merged_adapters": dict
                "top_k": int, "top_p": float, "truncate": int, "typical_p": float,
                "best_of": int, "watermark": bool, "details": bool,
                "decoder_input_details": bool, "return_k_alternatives": int,
-               "response_format": dict}
+               "response_format": dict,
+               # TGI's own (huggingface_hub's InferenceClient sends them)
+               "frequency_penalty": float, "grammar": dict, "top_n_tokens": int}
 _STATUS = {  # gRPC code -> (HTTP status, TGI's error_type)
     grpc.StatusCode.INVALID_ARGUMENT: (422, "validation"),
     grpc.StatusCode.FAILED_PRECONDITION: (422, "validation"),
@@ -105,10 +109,14 @@ class _Ask:
         stop = p.get("stop") or []
         if not all(isinstance(s, str) for s in stop):
             raise _Refused("parameters.stop must be an array of strings")
-        alternatives = p.get("return_k_alternatives")
-        if alternatives is not None and not 1 <= alternatives <= MAX_ALTERNATIVES:
-            raise _Refused(f"parameters.return_k_alternatives must be 1 to {MAX_ALTERNATIVES}, "
-                           f"got {alternatives}")
+        alternatives, top_n = p.get("return_k_alternatives"), p.get("top_n_tokens")
+        for name, k, least in (("return_k_alternatives", alternatives, 1),
+                               ("top_n_tokens", top_n, 0)):
+            if k is not None and not least <= k <= MAX_ALTERNATIVES:
+                raise _Refused(f"parameters.{name} must be {least} to {MAX_ALTERNATIVES}, "
+                               f"got {k}")
+        if p.get("grammar") is not None and p.get("response_format") is not None:
+            raise _Refused("give parameters.grammar or parameters.response_format, not both")
         temperature, top_p = p.get("temperature"), p.get("top_p")
         self.sampled = bool(p.get("do_sample") or temperature not in (None, 1.0)
                             or p.get("top_k") or top_p not in (None, 1.0))
@@ -118,10 +126,11 @@ class _Ask:
                     if self.sampled else 0.0,
                     "stop": stop, "include_stop_str_in_output": True,
                     "ignore_eos": p.get("ignore_eos_token"), "logprobs": True,
-                    "top_logprobs": alternatives,
+                    "top_logprobs": max(alternatives or 0, top_n or 0) or None,
                     "prompt_logprobs": 0 if p.get("decoder_input_details") else None,
-                    "guided_json": _schema(p.get("response_format"))}
-        for name in ("top_k", "top_p", "seed", "repetition_penalty"):
+                    "guided_json": _schema(p.get("response_format")),
+                    **_grammar(p.get("grammar"))}
+        for name in ("top_k", "top_p", "seed", "repetition_penalty", "frequency_penalty"):
             sampling[name] = p.get(name)
         try:
             self.request = build_generate_request(
@@ -134,7 +143,8 @@ class _Ask:
         self.inputs, self.stop = body["inputs"], stop
         self.full_text = bool(p.get("return_full_text"))
         self.details, self.prefill = bool(p.get("details")), bool(p.get("decoder_input_details"))
-        self.alternatives = alternatives is not None
+        self.alternatives = alternatives
+        self.top_n = top_n or 0  # TGI's top_tokens: this many per position
         self.seed = p.get("seed") if self.sampled else None
 
     def generated_text(self, text: str) -> str:
@@ -150,9 +160,15 @@ class _Ask:
         return {"id": lp.token_id, "text": _text(lp.token) if text is None else text,
                 "logprob": lp.logprob, "special": lp.special,
                 "alternative_tokens": [{"id": t.token_id, "text": _text(t.token),
-                                        "logprob": t.logprob} for t in lp.top]
+                                        "logprob": t.logprob}
+                                       for t in lp.top[:self.alternatives]]
                 if self.alternatives else None,
                 "skipped": False}
+
+    def top_tokens(self, lp: pb.TokenLogprob) -> list[dict]:
+        """TGI's top_tokens of one position (top_n_tokens of them)."""
+        return [{"id": t.token_id, "text": _text(t.token), "logprob": t.logprob,
+                 "special": False} for t in lp.top[:self.top_n]]
 
 
 class LoraxApi:
@@ -211,7 +227,9 @@ class LoraxApi:
                 "prompt_tokens": resp.prompt_tokens, "generated_tokens": resp.completion_tokens,
                 "skipped_tokens": 0, "seed": ask.seed,
                 "prefill": await self._prefill(ask, resp, md) if ask.prefill else [],
-                "tokens": [ask.token(lp) for lp in resp.logprobs], "best_of_sequences": None}
+                "tokens": [ask.token(lp) for lp in resp.logprobs], "best_of_sequences": None,
+                **({"top_tokens": [ask.top_tokens(lp) for lp in resp.logprobs]}
+                   if ask.top_n else {})}
         return answer
 
     async def _prefill(self, ask: _Ask, resp: pb.GenerateResponse, md: tuple) -> list[dict]:
@@ -277,6 +295,7 @@ def _token_events(ask: _Ask, msg: pb.GenerateResponse) -> list[dict]:
                     if not msg.logprobs[i].special), len(msg.logprobs) - 1)
     return [{"token": ask.token(lp, msg.text if i == carrier else
                                 (None if lp.special else "")),
+             **({"top_tokens": ask.top_tokens(lp)} if ask.top_n else {}),
              "generated_text": None, "details": None}
             for i, lp in enumerate(msg.logprobs)]
 
@@ -297,6 +316,19 @@ def _schema(response_format) -> dict | None:
     if schema is not None and not isinstance(schema, dict):
         raise _Refused("parameters.response_format.schema must be a JSON schema object")
     return schema or {"type": "object"}
+
+
+def _grammar(grammar) -> dict:
+    """TGI's grammar -> guided_json or guided_regex."""
+    if grammar is None:
+        return {}
+    kind, value = grammar.get("type"), grammar.get("value")
+    if kind in ("json", "json_schema") and isinstance(value, (dict, str)):
+        return {"guided_json": value}
+    if kind == "regex" and isinstance(value, str):
+        return {"guided_regex": value}
+    raise _Refused('parameters.grammar must be {"type": "json", "value": <a JSON schema>} or '
+                   '{"type": "regex", "value": <a pattern>}')
 
 
 def _check(body: dict, fields: dict, where: str) -> None:
