@@ -340,6 +340,18 @@ def test_qwen3_coder_reads_xml_calls_typed_by_the_schema():
         assert _whole_and_streamed(auto, content) == {"content": content}, content
 
 
+def test_pythonic_reads_hyphenated_tool_names():
+    """MCP-style names (get-weather) that Python cannot spell: a call of one is read when
+    the tool has that name; inside a string, or spelled with spaces, it is no name."""
+    hyphen = {"type": "function", "function": {"name": "get-weather"}}
+    auto = plan([hyphen, TIME], None, None, "pythonic")
+    text = '[get-weather(city="get-weather(x)", days=2), get_time()]'
+    assert _calls(_whole_and_streamed(auto, text)) == [
+        ("get-weather", '{"city": "get-weather(x)", "days": 2}'), ("get_time", "{}")]
+    for content in ("[get - weather(city=1)]", "[get-weather(city=1]", "[other-tool(a=1)]"):
+        assert _whole_and_streamed(auto, content) == {"content": content}, content
+
+
 def test_json_parsers_refuse_what_is_not_json():
     for parser, text in (("hermes", '<tool_call>{"name": "f", "arguments": {"a": NaN}}'
                                     '</tool_call>'),

@@ -36,10 +36,12 @@ so a streamed answer adds up to the whole one. No protobuf and no HTTP here.
 from __future__ import annotations
 
 import ast
+import io
 import json
 import re
 import secrets
 import string
+import tokenize
 from dataclasses import dataclass
 
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -589,7 +591,55 @@ def _mistral_calls(text: str) -> list[tuple[str, str]] | None:
 
 class _Pythonic(_WholeTextCalls):
     STARTS = ("[",)
-    parse = staticmethod(_python_calls)
+
+    def __init__(self, parallel: bool, names: tuple[str, ...] = ()):
+        super().__init__(parallel)
+        self._hyphenated = {n for n in names if "-" in n}  # (names Python cannot spell)
+
+    @classmethod
+    def for_plan(cls, plan: ToolPlan) -> Parser:
+        return cls(plan.parallel, tuple(t["function"]["name"] for t in plan.tools))
+
+    def parse(self, text: str) -> list[tuple[str, str]] | None:
+        text, spelled = _respell(text, self._hyphenated)
+        calls = _python_calls(text)
+        return None if calls is None else [(spelled.get(n, n), a) for n, a in calls]
+
+
+def _respell(text: str, names: set[str]) -> tuple[str, dict[str, str]]:
+    """`text` with each call of a hyphenated tool name (get-weather(...), outside string
+    literals) renamed to an identifier, and the identifiers' names."""
+    if not names:
+        return text, {}
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return text, {}
+    lines = [0]
+    for line in text.splitlines(keepends=True):
+        lines.append(lines[-1] + len(line))
+
+    def at(pos: tuple[int, int]) -> int:
+        return lines[pos[0] - 1] + pos[1]
+
+    spans, spelled, i = [], {}, 0
+    while i < len(tokens):
+        j = i
+        while (tokens[i].type == tokenize.NAME and j + 2 < len(tokens)
+               and tokens[j + 1].string == "-" and tokens[j + 2].type in (tokenize.NAME,
+                                                                          tokenize.NUMBER)
+               and tokens[j].end == tokens[j + 1].start
+               and tokens[j + 1].end == tokens[j + 2].start):
+            j += 2
+        name = text[at(tokens[i].start):at(tokens[j].end)] if j > i else ""
+        if name in names and j + 1 < len(tokens) and tokens[j + 1].string == "(":
+            alias = f"_loraplex_tool_{len(spelled)}"
+            spelled[alias] = name
+            spans.append((at(tokens[i].start), at(tokens[j].end), alias))
+        i = j + 1
+    for start, end, alias in reversed(spans):
+        text = text[:start] + alias + text[end:]
+    return text, spelled
 
 
 def _call_of(item) -> tuple[str, str] | None:
