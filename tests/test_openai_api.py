@@ -528,6 +528,13 @@ def test_a_conversation_with_tool_results_is_templated(served, api, grpc_client)
 
 # ---------------------------------------------------------------- models, routes, errors
 
+def test_version_is_loraplexs(served):
+    from importlib import metadata
+
+    assert _http(f"http://127.0.0.1:{served.server.http_port}/version") == (
+        200, {"version": metadata.version("loraplex")})
+
+
 def test_models_lists_the_base_adapters_and_routes(api, grpc_client):
     grpc_client.set_route("canary", {"alpha": 50, "beta": 50})
     try:

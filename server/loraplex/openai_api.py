@@ -10,6 +10,7 @@
     POST /v1/load_lora_adapter    vLLM's: load (or, load_inplace, swap in) an adapter
     POST /v1/unload_lora_adapter  vLLM's: unload one, once its requests have finished
     GET  /health                  200 while the server is SERVING, else 503
+    GET  /version                 vLLM's: loraplex's version
 
 `model` picks what serves the request, as the gRPC `adapter` field does: the base
 model's served name (or ""), an adapter name, "name@version" or a route alias. The
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from importlib import metadata
 import logging
 import signal
 import ssl
@@ -496,6 +498,7 @@ class OpenAIApi:
                              web.post("/v1/load_lora_adapter", self.load_lora_adapter),
                              web.post("/v1/unload_lora_adapter", self.unload_lora_adapter),
                              web.get("/health", self.health),
+                             web.get("/version", self.version),
                              *LoraxApi(self._gen, self._metadata).routes()])
 
     @web.middleware
@@ -767,6 +770,14 @@ class OpenAIApi:
         await self._adm.UnloadAdapter(pb.UnloadAdapterRequest(name=name, drain=True),
                                       metadata=self._metadata(request, name))
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def version(self, request: web.Request) -> web.Response:
+        """vLLM's: {"version"}, loraplex's own (tools read it to tell the server)."""
+        try:
+            version = metadata.version("loraplex")
+        except metadata.PackageNotFoundError:  # (run from a source tree, not installed)
+            version = "unknown"
+        return web.json_response({"version": version})
 
     async def health(self, request: web.Request) -> web.Response:
         try:
