@@ -36,6 +36,7 @@ from aiohttp import web
 
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client.types import build_generate_request
+from loraplex import json_fields
 
 DEFAULT_MAX_NEW_TOKENS = 20  # (TGI's)
 MAX_ALTERNATIVES = 20  # (the gRPC API's top_logprobs limit)
@@ -333,25 +334,9 @@ def _grammar(grammar) -> dict:
 
 def _check(body: dict, fields: dict, where: str) -> None:
     """422 for an unknown field or a value of the wrong JSON type (null = unset)."""
-    for name, value in body.items():
-        if name not in fields:
-            raise _Refused(f"unknown field {where}{name!r}; see the loraplex README for the "
-                           "fields this API takes")
-        want = fields[name]
-        if value is not None and not _is(value, want):
-            raise _Refused(f"{where}{name} must be {_NAMES[want]}, got {json.dumps(value)[:80]}")
-
-
-_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-          list: "an array", dict: "an object"}
-
-
-def _is(value, want: type) -> bool:
-    if want is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if want is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, want)
+    problem = json_fields.first_problem(body, fields, where=where)
+    if problem is not None:
+        raise _Refused(problem[1])
 
 
 def _text(data: bytes) -> str:

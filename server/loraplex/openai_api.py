@@ -70,7 +70,7 @@ from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.client import ADAPTER_HEADER
 from loraplex_client.types import build_generate_request, build_tokenize_request
-from loraplex import openai_responses, openai_tools
+from loraplex import json_fields, openai_responses, openai_tools
 from loraplex.lorax_api import LoraxApi
 from loraplex.openai_reasoning import ReasoningParser
 from loraplex.openai_tools import Parser, Reasoning, ToolPlan
@@ -101,7 +101,7 @@ _EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_token
            "routing_key": str, "skip_special_tokens": bool, "prompt_logprobs": int,
            "bad_words": list, "structured_outputs": dict, "add_special_tokens": bool}
 # OpenAI fields with nothing to do here, accepted as they are
-_IGNORED = {"store", "metadata", "service_tier"}
+_IGNORED = frozenset({"store", "metadata", "service_tier"})
 _STREAM_OPTIONS = {"include_usage": bool, "continuous_usage_stats": bool}  # (vLLM's too)
 # vLLM's options of the chat template (chat and /tokenize)
 _CHAT_OPTIONS = {"continue_final_message": bool, "add_generation_prompt": bool,
@@ -160,34 +160,11 @@ def _bad(message: str, param: str | None = None) -> ApiError:
 
 # ---- requests --------------------------------------------------------------------------
 
-def _is(value, t: type) -> bool:
-    """Whether a JSON value has type t (JSON's true is no number; an integer is one)."""
-    if isinstance(value, bool):
-        return t is bool
-    return isinstance(value, t) or (t is float and isinstance(value, int))
-
-
 def _check_types(body: dict, fields: dict) -> None:
     """400 for an unknown field or a value of the wrong JSON type (null = unset)."""
-    for name, value in body.items():
-        if name in _IGNORED:
-            continue
-        if name not in fields:
-            raise _bad(f"unknown field {name!r}; see the loraplex README for the fields this "
-                       "API takes", name)
-        want = fields[name]
-        if value is None:
-            continue
-        types = want if isinstance(want, tuple) else (want,)
-        if not any(_is(value, t) for t in types):
-            names = " or ".join({int: "an integer", float: "a number", str: "a string",
-                                 bool: "true or false", list: "an array",
-                                 dict: "an object"}[t] for t in types)
-            raise _bad(f"{name} must be {names}, got {json.dumps(value)[:80]}", name)
-        item = _ITEMS.get(name)
-        if isinstance(value, list) and item is not None and not all(_is(v, item) for v in value):
-            kind = "strings" if item is str else "whole numbers"
-            raise _bad(f"{name} must be an array of {kind}, got {json.dumps(value)[:80]}", name)
+    problem = json_fields.first_problem(body, fields, _ITEMS, ignored=_IGNORED)
+    if problem is not None:
+        raise _bad(problem[1], problem[0])
 
 
 def _sampling(body: dict, max_tokens: int | None) -> dict:
@@ -814,7 +791,7 @@ class OpenAIApi:
             raise _bad("stream_options is only for a stream: send stream: true, or drop it",
                        "stream_options")
         for name, value in options.items():
-            if name not in _STREAM_OPTIONS or not _is(value, _STREAM_OPTIONS[name]):
+            if name not in _STREAM_OPTIONS or not json_fields.is_type(value, _STREAM_OPTIONS[name]):
                 raise _bad(f"stream_options takes include_usage and continuous_usage_stats "
                            f"(true or false), got {json.dumps({name: value})[:80]}",
                            "stream_options")
