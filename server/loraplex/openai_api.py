@@ -28,25 +28,8 @@ once the first tokens are there, so a refused request still gets its status; an 
 after that is one `data: {"error": ...}` event before `data: [DONE]`. A client that
 disconnects cancels its gRPC calls, which frees their place in the batch at the next step.
 
-Request fields: OpenAI's (max_tokens, or max_completion_tokens in chat; temperature,
-default 1; top_p, n, stream, stream_options (include_usage, and vLLM's
-continuous_usage_stats), stop, seed, presence_penalty, frequency_penalty, logit_bias,
-logprobs, top_logprobs in chat, echo (with logprobs: the prompt scored too, its tokens
-leading the choice's logprobs), user -> the route's routing_key; response_format
-json_schema -> guided_json, json_object -> guided_json {"type": "object"}) and vLLM's
-extra ones (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
-include_stop_str_in_output, skip_special_tokens, guided_regex, guided_choice, guided_json,
-structured_outputs (the same guides), priority, truncate_prompt_tokens,
-add_special_tokens, allowed_token_ids, bad_words, prompt_logprobs: answered in vLLM's form, a completion
-choice's field or chat's top-level one, in a stream's first chunk), plus routing_key;
-chat's tools, tool_choice and parallel_tool_calls, with messages that carry tool_calls
-and tool results (openai_tools.py says what each tool_choice does); with
---reasoning-parser, chat's reasoning_content (openai_reasoning.py). /v1/responses is
-served as chat (openai_responses.py); LoRAX's /generate routes are lorax_api.py's. What
-cannot be honoured is refused with 400, never ignored: suffix, best_of other than n, a
-message part that is not text, functions / function_call (send tools / tool_choice),
-tool_choice auto on a server without --tool-call-parser, unload_lora_adapter's
-lora_int_id (adapters have names here), and any unknown field.
+Request fields, and how a body becomes GenerateRequests: openai_requests.py. /v1/responses
+is served as chat (openai_responses.py); LoRAX's /generate routes are lorax_api.py's.
 """
 
 from __future__ import annotations
@@ -59,7 +42,6 @@ import signal
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
@@ -69,324 +51,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.client import ADAPTER_HEADER
-from loraplex_client.types import build_generate_request, build_tokenize_request
-from loraplex import json_fields, openai_responses, openai_tools
+from loraplex_client.types import build_tokenize_request
+from loraplex import openai_responses, openai_tools
 from loraplex.lorax_api import LoraxApi
-from loraplex.openai_reasoning import ReasoningParser
-from loraplex.openai_tools import Parser, Reasoning, ToolPlan
+from loraplex.openai_requests import (
+    CHAT_FIELDS, CHAT_OPTIONS, COMPLETION_FIELDS, DETOKENIZE_FIELDS, LOAD_FIELDS, MAX_LOGPROBS,
+    RESPONSES_FIELDS, TOKENIZE_FIELDS, UNLOAD_FIELDS, ApiError, Job, bad, build_request,
+    chat_job, chat_options, check_types, parse_messages, prompt_inputs, request_kwargs,
+    sampling_fields, tool_plan, usage_options)
+from loraplex.openai_tools import Parser, Reasoning
 
 log = logging.getLogger(__name__)
 
-_STATUS = {  # gRPC code -> (HTTP status, OpenAI error type)
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.CANCELLED: (499, "cancelled"),
-    grpc.StatusCode.UNIMPLEMENTED: (501, "server_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
-}
 _FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
-
-# vLLM's extra sampling fields (and ours), passed to GenerateRequest under the same name
-_EXTRAS = {"top_k": int, "min_p": float, "repetition_penalty": float, "min_tokens": int,
-           "ignore_eos": bool, "stop_token_ids": list, "include_stop_str_in_output": bool,
-           "guided_regex": str, "guided_choice": list, "guided_json": (str, dict),
-           "priority": int, "truncate_prompt_tokens": int, "allowed_token_ids": list,
-           "routing_key": str, "skip_special_tokens": bool, "prompt_logprobs": int,
-           "bad_words": list, "structured_outputs": dict, "add_special_tokens": bool}
-# OpenAI fields with nothing to do here, accepted as they are
-_IGNORED = frozenset({"store", "metadata", "service_tier"})
-_STREAM_OPTIONS = {"include_usage": bool, "continuous_usage_stats": bool}  # (vLLM's too)
-# vLLM's options of the chat template (chat and /tokenize)
-_CHAT_OPTIONS = {"continue_final_message": bool, "add_generation_prompt": bool,
-                 "chat_template_kwargs": dict}
-_COMMON = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int,
-           "stream": bool, "stop": (str, list), "seed": int, "presence_penalty": float,
-           "frequency_penalty": float, "logit_bias": dict, "best_of": int, "user": str,
-           "stream_options": dict}
-_COMPLETION_FIELDS = {**_COMMON, "prompt": (str, list), "logprobs": int, "echo": bool,
-                      "suffix": str, "response_format": dict, **_EXTRAS}
-_CHAT_FIELDS = {**_COMMON, "messages": list, "max_completion_tokens": int, "logprobs": bool,
-                "top_logprobs": int, "response_format": dict, "tools": list,
-                "tool_choice": (str, dict), "parallel_tool_calls": bool, "functions": list,
-                "function_call": (str, dict), "include_reasoning": bool, **_CHAT_OPTIONS,
-                **_EXTRAS}
-_RESPONSES_FIELDS = {  # (openai_responses.py; store, metadata, service_tier: _IGNORED)
-    "model": str, "input": (str, list), "instructions": str, "max_output_tokens": int,
-    "temperature": float, "top_p": float, "tools": list, "tool_choice": (str, dict),
-    "parallel_tool_calls": bool, "text": dict, "stream": bool, "user": str,
-    "previous_response_id": str, "background": bool, "include": list, "reasoning": dict,
-    "truncation": str, "seed": int, "stop": (str, list), "presence_penalty": float,
-    "frequency_penalty": float, "logit_bias": dict, "include_reasoning": bool,
-    **_CHAT_OPTIONS, **_EXTRAS}
-_TOKENIZE_FIELDS = {"model": str, "prompt": str, "messages": list, "tools": list,
-                    "add_special_tokens": bool, **_CHAT_OPTIONS}
-_GUIDES = ("guided_json", "guided_regex", "guided_choice")
-_DETOKENIZE_FIELDS = {"model": str, "tokens": list}
-_LOAD_FIELDS = {"lora_name": str, "lora_path": str, "load_inplace": bool}
-_UNLOAD_FIELDS = {"lora_name": str, "lora_int_id": int}
-_ITEMS = {"tokens": int, "stop": str, "stop_token_ids": int, "guided_choice": str,
-          "allowed_token_ids": int, "bad_words": str}
-MAX_LOGPROBS = 20  # (the gRPC API's top_logprobs limit)
-
-
-class ApiError(Exception):
-    """An HTTP error with OpenAI's body."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-    @classmethod
-    def of_rpc(cls, err: grpc.RpcError) -> ApiError:
-        status, type_ = _STATUS.get(err.code(), (500, "server_error"))
-        return cls(status, err.details() or err.code().name, type_)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.status}}
-
-
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param)
-
-
-# ---- requests --------------------------------------------------------------------------
-
-def _check_types(body: dict, fields: dict) -> None:
-    """400 for an unknown field or a value of the wrong JSON type (null = unset)."""
-    problem = json_fields.first_problem(body, fields, _ITEMS, ignored=_IGNORED)
-    if problem is not None:
-        raise _bad(problem[1], problem[0])
-
-
-def _sampling(body: dict, max_tokens: int | None) -> dict:
-    """GenerateRequest fields shared by both endpoints."""
-    if body.get("best_of") not in (None, body.get("n") or 1):
-        raise _bad("best_of other than n is not supported: each of the n completions is "
-                   "returned", "best_of")
-    out = {"max_new_tokens": max_tokens,
-           "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
-           "n": body.get("n")}
-    for name in ("top_p", "seed", "presence_penalty", "frequency_penalty", "stop"):
-        if body.get(name) is not None:
-            out[name] = body[name]
-    if body.get("logit_bias"):
-        try:
-            out["logit_bias"] = {int(k): float(v) for k, v in body["logit_bias"].items()}
-        except (TypeError, ValueError):
-            raise _bad("logit_bias maps token ids (as strings) to numbers, e.g. "
-                       '{"50256": -100}', "logit_bias") from None
-    if body.get("prompt_logprobs") is not None \
-            and not 0 <= body["prompt_logprobs"] <= MAX_LOGPROBS:
-        raise _bad(f"prompt_logprobs must be 0 to {MAX_LOGPROBS} (alternatives per prompt "
-                   f"token), got {body['prompt_logprobs']}", "prompt_logprobs")
-    for name in _EXTRAS:
-        if body.get(name) is not None and name not in ("priority", "truncate_prompt_tokens",
-                                                      "routing_key", "skip_special_tokens",
-                                                      "structured_outputs",
-                                                      "add_special_tokens"):
-            out[name] = body[name]
-    guides = [_structured_outputs(body.get("structured_outputs")),
-              {"guided_json": _guided_json(body.get("response_format"))}]
-    for given, name in zip(guides, ("structured_outputs", "response_format")):
-        given = {k: v for k, v in given.items() if v is not None}
-        if given and any(out.get(g) is not None for g in _GUIDES):
-            raise _bad(f"give {name} or guided_json / guided_regex / guided_choice, not both",
-                       name)
-        out.update(given)
-    if body.get("skip_special_tokens") is False:
-        out["keep_special_tokens"] = True
-    return out
-
-
-def _request_kwargs(body: dict) -> dict:
-    """build_generate_request's keyword arguments other than the input and sampling."""
-    return {"adapter": "", "routing_key": body.get("routing_key") or body.get("user") or "",
-            "priority": body.get("priority") or 0,
-            "truncate_prompt_tokens": body.get("truncate_prompt_tokens"),
-            "add_special_tokens": body.get("add_special_tokens")}
-
-
-def _prompts(value) -> list[dict]:
-    """OpenAI's prompt (a string, strings, token ids, lists of token ids) -> one input each."""
-    if isinstance(value, str):
-        return [{"prompt": value}]
-    def ids(v) -> bool:
-        return isinstance(v, list) and bool(v) and all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in v)
-
-    if ids(value):
-        return [{"input_ids": value}]
-    if value and all(isinstance(v, str) for v in value):
-        return [{"prompt": v} for v in value]
-    if value and all(ids(v) for v in value):
-        return [{"input_ids": v} for v in value]
-    raise _bad("prompt must be a string, an array of strings, an array of token ids (whole "
-               "numbers >= 0) or an array of such arrays, and not empty", "prompt")
-
-
-def _messages(value: list) -> list[dict]:
-    """OpenAI's messages -> loraplex_client.types.chat_messages' dicts."""
-    out = []
-    for i, m in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _bad(f"{where} must be an object with a role and a content", "messages")
-        turn = {"role": m["role"], "content": _content(where, m.get("content"))}
-        calls = m.get("tool_calls")
-        if calls is not None:
-            if not isinstance(calls, list):
-                raise _bad(f"{where}.tool_calls must be an array", "messages")
-            turn["tool_calls"] = [_history_call(f"{where}.tool_calls[{j}]", c)
-                                  for j, c in enumerate(calls)]
-        for key in ("tool_call_id", "name"):
-            if m.get(key) is not None:
-                if not isinstance(m[key], str):
-                    raise _bad(f"{where}.{key} must be a string", "messages")
-                turn[key] = m[key]
-        out.append(turn)
-    if not out:
-        raise _bad("messages is empty: send at least one message", "messages")
-    return out
-
-
-def _content(where: str, content) -> str:
-    if isinstance(content, list):
-        if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-            raise _bad(f"{where}.content: only parts of type 'text' are supported", "messages")
-        if any(not isinstance(p.get("text"), str) for p in content):
-            raise _bad(f"{where}.content: each text part needs a string 'text'", "messages")
-        content = "".join(p["text"] for p in content)
-    if content is None:
-        return ""
-    if not isinstance(content, str):
-        raise _bad(f"{where}.content must be a string or an array of text parts", "messages")
-    return content
-
-
-def _history_call(where: str, call) -> dict:
-    """An assistant message's earlier tool call: {"id", "type", "function": {"name",
-    "arguments" (JSON text)}}."""
-    fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
-            or not isinstance(fn.get("arguments", ""), str) \
-            or not isinstance(call.get("id", ""), str):
-        raise _bad(f'{where} must be {{"id": ..., "type": "function", "function": {{"name": '
-                   f'..., "arguments": "<JSON text>"}}}}', "messages")
-    return {"id": call.get("id") or "", "function": {"name": fn["name"],
-                                                     "arguments": fn.get("arguments") or "{}"}}
-
-
-def _tool_plan(body: dict, parser: str) -> ToolPlan | None:
-    for name, instead in (("functions", "tools"), ("function_call", "tool_choice")):
-        if body.get(name) is not None:
-            raise _bad(f"{name} (deprecated by OpenAI) is not supported: send {instead}", name)
-    try:
-        return openai_tools.plan(body.get("tools"), body.get("tool_choice"),
-                                 body.get("parallel_tool_calls"), parser)
-    except openai_tools.ToolError as exc:
-        raise _bad(str(exc), exc.param) from None
-
-
-def _chat_options(body: dict) -> dict:
-    """vLLM's continue_final_message, add_generation_prompt and chat_template_kwargs as
-    chat_messages' arguments."""
-    go_on = bool(body.get("continue_final_message"))
-    prompt = body.get("add_generation_prompt")
-    if go_on and prompt:
-        raise _bad("continue_final_message continues the last message: it cannot take "
-                   "add_generation_prompt true too", "add_generation_prompt")
-    if prompt is False and not go_on:
-        raise _bad("add_generation_prompt false is supported only with "
-                   "continue_final_message true (a new turn always gets the prompt)",
-                   "add_generation_prompt")
-    return {"continue_final_message": go_on,
-            "chat_template_kwargs": body.get("chat_template_kwargs")}
-
-
-JSON_OBJECT = {"type": "object"}  # (json_object: free-form, nested FREE_DEPTH deep)
-
-
-def _structured_outputs(spec: dict | None) -> dict:
-    """vLLM's structured_outputs -> the guided_* fields."""
-    if spec is None:
-        return {}
-    refused = [k for k, v in spec.items() if v not in (None, False) and k not in (
-        "json", "regex", "choice", "json_object")]
-    if refused:
-        raise _bad(f"structured_outputs.{refused[0]} is not supported: give one of json, "
-                   "regex, choice, json_object", "structured_outputs")
-    out = {"guided_json": JSON_OBJECT if spec.get("json_object") else spec.get("json"),
-           "guided_regex": spec.get("regex"), "guided_choice": spec.get("choice")}
-    for name, kind in (("guided_json", (str, dict)), ("guided_regex", str),
-                       ("guided_choice", list)):
-        if out[name] is not None and not isinstance(out[name], kind):
-            raise _bad(f"structured_outputs: {name.removeprefix('guided_')} has the wrong "
-                       f"type, got {json.dumps(out[name])[:80]}", "structured_outputs")
-    if sum(v is not None for v in out.values()) > 1 or spec.get("json_object") and \
-            spec.get("json") is not None:
-        raise _bad("structured_outputs takes one of json, regex, choice, json_object",
-                   "structured_outputs")
-    return out
-
-
-def _guided_json(response_format: dict | None) -> str | dict | None:
-    if not response_format or response_format.get("type") in (None, "text"):
-        return None
-    kind = response_format.get("type")
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise _bad("response_format.json_schema.schema must be a JSON schema object",
-                       "response_format")
-        return schema
-    if kind == "json_object":
-        return JSON_OBJECT
-    raise _bad(f"response_format type {kind!r} is unknown; use text, json_object or "
-               "json_schema", "response_format")
-
-
-def _build(inp: dict, sampling: dict, kwargs: dict) -> pb.GenerateRequest:
-    try:
-        return build_generate_request(**inp, **kwargs, **sampling)
-    except (TypeError, ValueError) as exc:
-        raise _bad(str(exc)) from None
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One HTTP request as gRPC calls (one per prompt) and what its answer needs."""
-
-    kind: str  # "completion" | "chat"
-    model: str
-    requests: list[pb.GenerateRequest]
-    n: int
-    stream: bool
-    include_usage: bool  # stream_options: a last chunk with the usage
-    continuous_usage: bool  # and the usage so far of its choice in every chunk
-    logprobs: int | None  # completions: top alternatives; chat: with top_logprobs
-    echo: list[str]  # completions with echo: the prompt texts ("" when not echoing)
-    # echo with logprobs: each prompt's first token (its text), which has no logprob; the
-    # others' come from prompt_logprobs and lead each choice's logprobs
-    first_tokens: tuple[str, ...] = ()
-    prompt_logprobs: int | None = None  # vLLM's: alternatives per scored prompt token
-    tools: ToolPlan | None = None  # chat with tools: how the text becomes tool calls
-    reasoning: bool = False  # chat: the text's reasoning is split off (reasoning_content)
-    include_reasoning: bool = True  # and sent (vLLM's include_reasoning false: dropped)
-
-    def parser(self) -> Parser | None:
-        tools = self.tools.new_parser() if self.tools is not None else None
-        return ReasoningParser(tools) if self.reasoning else tools
-
 
 # ---- responses -------------------------------------------------------------------------
 
@@ -511,24 +188,25 @@ class OpenAIApi:
     # ---- endpoints ----------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request, _COMPLETION_FIELDS)
+        body = await self._body(request, COMPLETION_FIELDS)
         if body.get("suffix"):
-            raise _bad("suffix (insertion) is not supported", "suffix")
+            raise bad("suffix (insertion) is not supported", "suffix")
         if "prompt" not in body or body["prompt"] is None:
-            raise _bad("prompt is required", "prompt")
+            raise bad("prompt is required", "prompt")
         logprobs = body.get("logprobs")
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise _bad(f"logprobs must be 0 to {MAX_LOGPROBS} (alternatives per token), got "
-                       f"{logprobs}", "logprobs")
-        sampling = _sampling(body, 16 if body.get("max_tokens") is None else body["max_tokens"])
+            raise bad(f"logprobs must be 0 to {MAX_LOGPROBS} (alternatives per token), got "
+                      f"{logprobs}", "logprobs")
+        max_tokens = 16 if body.get("max_tokens") is None else body["max_tokens"]
+        sampling = sampling_fields(body, max_tokens)
         scored = bool(body.get("echo")) and logprobs is not None  # (vLLM's and lm-eval's)
         if logprobs is not None:
             sampling.update(logprobs=True, top_logprobs=logprobs)
         if scored:
             sampling["prompt_logprobs"] = max(logprobs, body.get("prompt_logprobs") or 0)
-        kwargs = _request_kwargs(body)
-        inputs = _prompts(body["prompt"])
-        requests = [_build(inp, sampling, kwargs) for inp in inputs]
+        kwargs = request_kwargs(body)
+        inputs = prompt_inputs(body["prompt"])
+        requests = [build_request(inp, sampling, kwargs) for inp in inputs]
         echo, first_tokens = [""] * len(inputs), ()
         if body.get("echo"):
             served = await asyncio.gather(*(self._served_prompt(
@@ -536,25 +214,26 @@ class OpenAIApi:
                 body.get("truncate_prompt_tokens"), scored) for inp in inputs))
             echo = [text for text, _ in served]
             first_tokens = tuple(first for _, first in served) if scored else ()
-        return await self._answer(request, _Job("completion", body["model"], requests,
-                                                body.get("n") or 1, bool(body.get("stream")),
-                                                *self._include_usage(body), logprobs, echo,
-                                                first_tokens, body.get("prompt_logprobs")))
+        return await self._answer(request, Job("completion", body["model"], requests,
+                                               body.get("n") or 1, bool(body.get("stream")),
+                                               *usage_options(body), logprobs, echo,
+                                               first_tokens, body.get("prompt_logprobs")))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request, _CHAT_FIELDS)
-        return await self._answer(request, self._chat_job(body))
+        body = await self._body(request, CHAT_FIELDS)
+        job = chat_job(body, self._tool_call_parser, self._reasoning_parser)
+        return await self._answer(request, job)
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API, served as the chat request it asks for
         (openai_responses.py): one completion, its pieces as output items."""
-        body = await self._body(request, _RESPONSES_FIELDS)
+        body = await self._body(request, RESPONSES_FIELDS)
         try:
             chat = openai_responses.chat_body(body)
         except openai_responses.ResponsesError as exc:
-            raise _bad(str(exc), exc.param) from None
-        _check_types(chat, _CHAT_FIELDS)
-        job = self._chat_job(chat)
+            raise bad(str(exc), exc.param) from None
+        check_types(chat, CHAT_FIELDS)
+        job = chat_job(chat, self._tool_call_parser, self._reasoning_parser)
         [req] = self._requests_of(job)
         md = self._metadata(request, req.adapter)
         parser = job.parser()
@@ -610,47 +289,6 @@ class OpenAIApi:
         finally:
             call.cancel()  # (a no-op once it has ended)
 
-    def _chat_job(self, body: dict) -> _Job:
-        """A chat request's gRPC call and what its answer needs (400 for what is wrong)."""
-        if not body.get("messages"):
-            raise _bad("messages is required and must not be empty", "messages")
-        max_tokens = body.get("max_completion_tokens")
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
-        sampling = _sampling(body, max_tokens)
-        top = body.get("top_logprobs")
-        if top is not None and not 0 <= top <= MAX_LOGPROBS:
-            raise _bad(f"top_logprobs must be 0 to {MAX_LOGPROBS}, got {top}", "top_logprobs")
-        if top is not None and not body.get("logprobs"):
-            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
-        if body.get("logprobs"):
-            sampling.update(logprobs=True, top_logprobs=top or 0)
-        tools = _tool_plan(body, self._tool_call_parser)
-        forced = tools.guided_json() if tools is not None else None
-        if forced is not None:
-            given = [g for g in _GUIDES if sampling.get(g) is not None]
-            if given:
-                which = ("response_format" if _guided_json(body.get("response_format"))
-                         is not None else "structured_outputs" if body.get("structured_outputs")
-                         else given[0])
-                raise _bad(f"tool_choice {tools.mode} guides the output to the tool call: "
-                           f"drop {which}", "tool_choice")
-            sampling["guided_json"] = forced
-        if tools is not None and tools.keeps_special_tokens() \
-                and body.get("skip_special_tokens") is None:
-            sampling["keep_special_tokens"] = True  # (<tool_call>, [TOOL_CALLS]...)
-        inp = {"messages": _messages(body["messages"]),
-               "tools": list(tools.tools) if tools is not None else None,
-               **_chat_options(body)}
-        req = _build(inp, sampling, _request_kwargs(body))
-        return _Job(
-            "chat", body["model"], [req], body.get("n") or 1, bool(body.get("stream")),
-            *self._include_usage(body), (top or 0) if body.get("logprobs") else None, [""],
-            prompt_logprobs=body.get("prompt_logprobs"), tools=tools,
-            reasoning=bool(self._reasoning_parser) and (
-                body.get("chat_template_kwargs") or {}).get("enable_thinking") is not False,
-            include_reasoning=body.get("include_reasoning") is not False)
-
     async def models(self, request: web.Request) -> web.Response:
         md = self._metadata(request, "")
         probe = await self._gen.Tokenize(pb.TokenizeRequest(prompt=" "),
@@ -677,34 +315,34 @@ class OpenAIApi:
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's: {"prompt"} or {"messages"} -> {"tokens", "count", "max_model_len"}."""
-        body = await self._body(request, _TOKENIZE_FIELDS, need_model=False)
+        body = await self._body(request, TOKENIZE_FIELDS, need_model=False)
         if (body.get("prompt") is None) == (body.get("messages") is None):
-            raise _bad("give prompt (a string) or messages, not both")
+            raise bad("give prompt (a string) or messages, not both")
         if body.get("tools") is not None and body.get("messages") is None:
-            raise _bad("tools go with messages", "tools")
+            raise bad("tools go with messages", "tools")
         if body.get("prompt") is not None:
-            if set(body) & set(_CHAT_OPTIONS):
-                raise _bad("continue_final_message, add_generation_prompt and "
-                           "chat_template_kwargs go with messages")
+            if set(body) & set(CHAT_OPTIONS):
+                raise bad("continue_final_message, add_generation_prompt and "
+                          "chat_template_kwargs go with messages")
             req = build_tokenize_request(body["prompt"],
                                          add_special_tokens=body.get("add_special_tokens"))
         else:
-            tools = _tool_plan({"tools": body.get("tools"), "tool_choice": "none"}, "")
-            req = build_tokenize_request(messages=_messages(body["messages"]),
+            tools = tool_plan({"tools": body.get("tools"), "tool_choice": "none"}, "")
+            req = build_tokenize_request(messages=parse_messages(body["messages"]),
                                          tools=list(tools.tools) if tools else None,
                                          add_special_tokens=body.get("add_special_tokens"),
-                                         **_chat_options(body))
+                                         **chat_options(body))
         resp = await self._gen.Tokenize(req, metadata=self._metadata(request, ""))
         return web.json_response({"tokens": list(resp.token_ids), "count": len(resp.token_ids),
                                   "max_model_len": resp.max_model_len})
 
     async def detokenize(self, request: web.Request) -> web.Response:
         """vLLM's: {"tokens"} -> {"prompt"}."""
-        body = await self._body(request, _DETOKENIZE_FIELDS, need_model=False)
+        body = await self._body(request, DETOKENIZE_FIELDS, need_model=False)
         tokens = body.get("tokens")
         if tokens is None or not all(0 <= t < 2**32 for t in tokens):
-            raise _bad("tokens is required: an array of token ids (whole numbers >= 0)",
-                       "tokens")
+            raise bad("tokens is required: an array of token ids (whole numbers >= 0)",
+                      "tokens")
         resp = await self._gen.Detokenize(pb.TokenIds(ids=tokens),
                                           metadata=self._metadata(request, ""))
         return web.json_response({"prompt": resp.text})
@@ -714,12 +352,12 @@ class OpenAIApi:
         -> LoadAdapter, or SwapAdapter with load_inplace (which loads a new name too); the
         gRPC admin check applies (the caller's token must be the admin one). Answers in
         vLLM's words, as text."""
-        body = await self._body(request, _LOAD_FIELDS, need_model=False)
+        body = await self._body(request, LOAD_FIELDS, need_model=False)
         name, path = body.get("lora_name"), body.get("lora_path")
         if not name or not path:
-            raise _bad("lora_name and lora_path are required (lora_path: the adapter's "
-                       "folder, relative to the server's adapter root)",
-                       "lora_path" if name else "lora_name")
+            raise bad("lora_name and lora_path are required (lora_path: the adapter's "
+                      "folder, relative to the server's adapter root)",
+                      "lora_path" if name else "lora_name")
         md = self._metadata(request, name)  # (behind the proxy: the adapter's own replica)
         try:
             if body.get("load_inplace"):
@@ -731,19 +369,19 @@ class OpenAIApi:
         except grpc.RpcError as err:
             if err.code() is not grpc.StatusCode.ALREADY_EXISTS:
                 raise
-            raise _bad(f"{err.details()}; or send load_inplace: true", "lora_name") from None
+            raise bad(f"{err.details()}; or send load_inplace: true", "lora_name") from None
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_lora_adapter(self, request: web.Request) -> web.Response:
         """vLLM's: {"lora_name"} (every version, or "name@version") -> UnloadAdapter,
         waiting for the requests that use it (up to 30 s)."""
-        body = await self._body(request, _UNLOAD_FIELDS, need_model=False)
+        body = await self._body(request, UNLOAD_FIELDS, need_model=False)
         name = body.get("lora_name")
         if body.get("lora_int_id") is not None:
-            raise _bad("lora_int_id is not supported: adapters have names here; send "
-                       "lora_name", "lora_int_id")
+            raise bad("lora_int_id is not supported: adapters have names here; send "
+                      "lora_name", "lora_int_id")
         if not name:
-            raise _bad("lora_name is required", "lora_name")
+            raise bad("lora_name is required", "lora_name")
         await self._adm.UnloadAdapter(pb.UnloadAdapterRequest(name=name, drain=True),
                                       metadata=self._metadata(request, name))
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
@@ -771,32 +409,14 @@ class OpenAIApi:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _bad("the body must be a JSON object") from None
+            raise bad("the body must be a JSON object") from None
         if not isinstance(body, dict):
-            raise _bad("the body must be a JSON object")
-        _check_types(body, fields)
+            raise bad("the body must be a JSON object")
+        check_types(body, fields)
         if need_model and not isinstance(body.get("model"), str):
-            raise _bad("model is required: the base model's name, an adapter or a route",
-                       "model")
+            raise bad("model is required: the base model's name, an adapter or a route",
+                      "model")
         return body
-
-    @staticmethod
-    def _include_usage(body: dict) -> tuple[bool, bool]:
-        """stream_options: (a last chunk with the usage, the usage so far in every chunk:
-        vLLM's continuous_usage_stats, with include_usage)."""
-        options = body.get("stream_options")
-        if options is None:
-            return False, False
-        if not body.get("stream"):
-            raise _bad("stream_options is only for a stream: send stream: true, or drop it",
-                       "stream_options")
-        for name, value in options.items():
-            if name not in _STREAM_OPTIONS or not json_fields.is_type(value, _STREAM_OPTIONS[name]):
-                raise _bad(f"stream_options takes include_usage and continuous_usage_stats "
-                           f"(true or false), got {json.dumps({name: value})[:80]}",
-                           "stream_options")
-        usage = bool(options.get("include_usage"))
-        return usage, usage and bool(options.get("continuous_usage_stats"))
 
     def _adapter(self, model: str) -> str:
         return "" if model == self.model_name else model
@@ -826,13 +446,13 @@ class OpenAIApi:
         whole = inp["prompt"] if "prompt" in inp and not keep else await text(list(ids))
         return whole, await text(list(ids[:1])) if first and ids else ""
 
-    def _requests_of(self, job: _Job) -> list[pb.GenerateRequest]:
+    def _requests_of(self, job: Job) -> list[pb.GenerateRequest]:
         """The job's gRPC requests, naming the adapter of its `model`."""
         for r in job.requests:
             r.adapter = self._adapter(job.model)
         return job.requests
 
-    def _calls(self, request: web.Request, job: _Job) -> list:
+    def _calls(self, request: web.Request, job: Job) -> list:
         adapter = self._adapter(job.model)
         md = self._metadata(request, adapter)
         self._requests_of(job)
@@ -840,7 +460,7 @@ class OpenAIApi:
             return [self._gen.GenerateStream(r, metadata=md) for r in job.requests]
         return [self._gen.Generate(r, metadata=md) for r in job.requests]
 
-    async def _answer(self, request: web.Request, job: _Job) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, job: Job) -> web.StreamResponse:
         calls = self._calls(request, job)
         try:
             if job.stream:
@@ -850,7 +470,7 @@ class OpenAIApi:
             for call in calls:
                 call.cancel()  # (a no-op for a call that has ended)
 
-    async def _whole(self, job: _Job, calls: list) -> web.Response:
+    async def _whole(self, job: Job, calls: list) -> web.Response:
         answers = await asyncio.gather(*calls)
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for p, resp in enumerate(answers):
@@ -873,7 +493,7 @@ class OpenAIApi:
             body["prompt_logprobs"] = self._scored(job, first)
         return web.json_response(body, headers=self._served(first))
 
-    async def _stream(self, request: web.Request, job: _Job, calls: list) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, job: Job, calls: list) -> web.StreamResponse:
         events = _merge(calls)
         try:
             first_p, first = await anext(events)  # errors before any token get a status
@@ -942,7 +562,7 @@ class OpenAIApi:
         await response.write_eof()
         return response
 
-    def _choice(self, job: _Job, index: int, text: str, logprobs, finish: str | None,
+    def _choice(self, job: Job, index: int, text: str, logprobs, finish: str | None,
                 offset: int, delta: bool = False, first: bool = False,
                 prompt_rows: list = (), parser: Parser | None = None,
                 scored: list | None = None) -> dict:
@@ -971,18 +591,18 @@ class OpenAIApi:
                 "finish_reason": finish}
 
     @staticmethod
-    def _scored(job: _Job, resp: pb.GenerateResponse) -> list | None:
+    def _scored(job: Job, resp: pb.GenerateResponse) -> list | None:
         """vLLM's prompt_logprobs of an answer, when the request asked for them."""
         if job.prompt_logprobs is None:
             return None
         return _vllm_prompt_logprobs(resp.prompt_logprobs, job.prompt_logprobs)
 
     @staticmethod
-    def _id(job: _Job, request_id: str) -> str:
+    def _id(job: Job, request_id: str) -> str:
         return ("cmpl-" if job.kind == "completion" else "chatcmpl-") + request_id
 
     @staticmethod
-    def _object(job: _Job, chunk: bool) -> str:
+    def _object(job: Job, chunk: bool) -> str:
         if job.kind == "completion":
             return "text_completion"
         return "chat.completion.chunk" if chunk else "chat.completion"
