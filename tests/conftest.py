@@ -19,7 +19,7 @@ import pytest
 from models import ADAPTER_SPECS, ARCHS, build_adapters, build_base, make_prompts, small_specs
 
 # Families whose fidelity tests mix every adapter spec (>= 16 distinct) in one batch.
-FULL_SPEC_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+FULL_SPEC_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,8 @@ from loraplex.engine.guide import gpt2_byte_chars
 from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
@@ -32,7 +34,7 @@ from transformers import (
     Qwen3Config,
 )
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 # Special token ids shared by every tiny model (prompts should use ids >= FIRST_TEXT_ID).
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -69,6 +71,14 @@ _CONFIGS = {
     "qwen2": (Qwen2Config, dict(use_sliding_window=False)),  # q/k/v have biases
     "qwen3": (Qwen3Config, dict(head_dim=16)),  # q_norm / k_norm per head
     "gemma": (GemmaConfig, dict(head_dim=16)),  # embeddings * sqrt(hidden), (1 + w) norms
+    # layer 0 attends to a sliding window of 8 positions, layer 1 to all; attention scores
+    # soft-capped at 2 (cap * tanh(score / cap)), the logits at 10: caps small enough to
+    # move these random models' outputs (Gemma 2's own: 50 and 30)
+    "gemma2": (Gemma2Config, dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                  attn_logit_softcapping=2.0, final_logit_softcapping=10.0)),
+    # the same window, q_norm / k_norm per head, no caps
+    "gemma3": (Gemma3TextConfig, dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"])),
 }
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from loraplex.model import attention
-from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, sdpa,
-                                      choose_decode_attention, group_decodes, paged_attention)
+from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, capped_attention,
+                                      choose_decode_attention, group_decodes, paged_attention,
+                                      sdpa)
 
 H, KVH, D_HEAD, BS, NUM_BLOCKS = 8, 2, 16, 4, 64  # GQA: 4 query heads per kv head
 SMALL = SimpleNamespace(heads=H, kv_heads=KVH, head_dim=D_HEAD, block_size=BS,
@@ -53,8 +54,9 @@ def _groups(groups: list[list[int]], tables, lens) -> list[DecodeGroup]:
     return out
 
 
-def _reference(cache, tables, lens, q, window, shape: SimpleNamespace = SMALL):
-    """The definition, one sequence and head at a time, on the cache after the write."""
+def _reference(cache, tables, lens, q, window, shape: SimpleNamespace = SMALL, softcap=None):
+    """The definition, one sequence and head at a time, on the cache after the write; with
+    `softcap`, the scores capped to softcap * tanh(score / softcap) (Gemma 2)."""
     heads, bs, rep = shape.heads, shape.block_size, shape.heads // shape.kv_heads
     out = torch.empty(len(lens), heads, shape.head_dim)
     for i, n in enumerate(lens):
@@ -63,16 +65,21 @@ def _reference(cache, tables, lens, q, window, shape: SimpleNamespace = SMALL):
         for h in range(heads):
             k = cache.k[0][slots[lo:], h // rep]  # [ctx, d]
             v = cache.v[0][slots[lo:], h // rep]
-            w = torch.softmax(k.double() @ q[0, h, i].double() * shape.head_dim ** -0.5, dim=0)
+            scores = k.double() @ q[0, h, i].double() * shape.head_dim ** -0.5  # [ctx]
+            if softcap:
+                scores = torch.tanh(scores / softcap) * softcap
+            w = torch.softmax(scores, dim=0)
             out[i, h] = (w @ v.double()).float()  # (in fp64: the peaked cases stay exact)
     return out
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("backend", ["sdpa", "cpu"])
-def test_decode_attention_matches_definition(backend, window):
+def test_decode_attention_matches_definition(backend, window, softcap):
     lens = [1, 3, 4, 5, 17, 40, 9, 2]  # a fresh sequence, block edges, one much longer
     cache, tables, (q, k, v) = _setup(lens)
+    q *= 3  # scores of several units: a cap of 1.5 changes them
     kernel = _kernel() if backend == "cpu" else None
     groups = [list(range(len(lens)))] if kernel else group_decodes([len(t) for t in tables])
     if kernel is None:
@@ -83,9 +90,12 @@ def test_decode_attention_matches_definition(backend, window):
                            decode_groups=_groups(groups, tables, lens), prefills=[],
                            decode_kernel=kernel)
     out, _ = paged_attention(SimpleNamespace(layer_idx=0), q, k, v, None,
-                             sliding_window=window, attn_batch=batch)  # [1, D, H, d]
-    torch.testing.assert_close(out[0], _reference(cache, tables, lens, q, window),
-                               rtol=1e-5, atol=1e-5)
+                             sliding_window=window, softcap=softcap,
+                             attn_batch=batch)  # [1, D, H, d]
+    expected = _reference(cache, tables, lens, q, window, softcap=softcap)
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+    if softcap:  # (the cap mattered)
+        assert (out[0] - _reference(cache, tables, lens, q, window)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, torch.float32),
@@ -127,21 +137,21 @@ def test_decode_kernel_refuses_inconsistent_inputs():
     group = _groups([[0, 1]], tables, [5, 6])[0]
     out = torch.empty(2, H, D_HEAD)
     qd = q[0].transpose(0, 1).contiguous()  # [D, H, d]
-    kernel(qd, cache, 0, group, 0.25, None, out)  # fine
+    kernel(qd, cache, 0, group, 0.25, None, None, out)  # fine
     too_long = DecodeGroup(rows=None, blocks=group.blocks, lens=torch.tensor([5, 99]))
     with pytest.raises(ValueError, match="inconsistent"):
-        kernel(qd, cache, 0, too_long, 0.25, None, out)
+        kernel(qd, cache, 0, too_long, 0.25, None, None, out)
     past_the_end = DecodeGroup(rows=None, blocks=torch.tensor([[1, 2], [NUM_BLOCKS, 3]]),
                                lens=torch.tensor([5, 6]))
     with pytest.raises(ValueError, match="inconsistent"):
-        kernel(qd, cache, 0, past_the_end, 0.25, None, out)
+        kernel(qd, cache, 0, past_the_end, 0.25, None, None, out)
     with pytest.raises(ValueError, match="inconsistent"):
-        kernel(qd.double(), cache, 0, group, 0.25, None, out.double())
+        kernel(qd.double(), cache, 0, group, 0.25, None, None, out.double())
     with pytest.raises(ValueError, match="inconsistent"):  # a bf16 query, an fp32 output
-        kernel(qd.bfloat16(), cache, 0, group, 0.25, None, out)
+        kernel(qd.bfloat16(), cache, 0, group, 0.25, None, None, out)
     with pytest.raises(ValueError, match="inconsistent"):  # an fp16 query
-        kernel(qd.half(), cache, 0, group, 0.25, None, out.half())
-    kernel(qd.bfloat16(), cache, 0, group, 0.25, None, out.bfloat16())  # a bf16 model: fine
+        kernel(qd.half(), cache, 0, group, 0.25, None, None, out.half())
+    kernel(qd.bfloat16(), cache, 0, group, 0.25, None, None, out.bfloat16())  # a bf16 model: fine
 
 
 def test_decode_attention_choice():
@@ -181,6 +191,26 @@ def test_grouped_query_sdpa_equals_each_head_attending_alone(queries, expand_kv)
             q[:, head:head + 1], k[:, head // 4:head // 4 + 1], v[:, head // 4:head // 4 + 1],
             attn_mask=mask, scale=0.05)
         torch.testing.assert_close(got[:, head:head + 1], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])  # causal (a fresh prefill), a mask
+def test_capped_attention_is_eager_attention_with_capped_scores(masked):
+    """capped_attention (Gemma 2's soft-capped scores, where SDPA cannot go), for each query
+    head h over K/V head h // 4: softmax(cap * tanh(q k^T scale / cap)) v."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 8, 6, 16, generator=g) * 3  # [N, H, q, d]
+    k, v = (torch.randn(2, 2, 6, 16, generator=g) for _ in range(2))  # [N, KVH, L, d]
+    mask = torch.rand(2, 1, 6, 6, generator=g) > 0.3 if masked else None
+    if masked:
+        mask[..., 0] = True  # every row sees a position
+    got = capped_attention(q, k, v, mask, 0.25, softcap=1.5)  # [N, H, q, d]
+    allowed = mask if masked else torch.ones(6, 6, dtype=torch.bool).tril()
+    for head in range(8):
+        scores = q[:, head].double() @ k[:, head // 4].double().transpose(1, 2) * 0.25
+        scores = (torch.tanh(scores / 1.5) * 1.5).masked_fill(~allowed[:, 0] if masked
+                                                              else ~allowed, float("-inf"))
+        want = torch.softmax(scores, -1) @ v[:, head // 4].double()  # [N, q, d]
+        torch.testing.assert_close(got[:, head].double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_sdpa_calls_the_form_each_case_wants(monkeypatch):

@@ -145,6 +145,39 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
     assert same_choice >= len(plan) - (1 if kv_cache_dtype == "auto" else 4)
 
 
+# Gemma 2 soft-caps its attention scores (tests/models.py: at 2) and its logits, and
+# Gemma 2 and 3 attend to a window of 8 positions in layer 0: prompts of up to 40 tokens
+# cross it in prefill chunks over a cached prefix and in decodes. auto: the CPU decode
+# kernel caps and windows; torch: SDPA, and for capped scores capped_attention, as on a GPU.
+@pytest.mark.parametrize("arch,backend", [("gemma2", "auto"), ("gemma2", "torch"),
+                                          ("gemma3", "auto"), ("gemma3", "torch")])
+def test_capped_and_windowed_attention_logprobs_equal_peft(arch, backend, tiny_models,
+                                                           adapters, prompts, capsys):
+    names = sorted(adapters[arch])
+    assert len(names) >= 16
+    engine = build_engine(tiny_models[arch], adapters[arch][names[0]].parent,
+                          **({} if backend == "auto" else
+                             dict(lora_backend="segmented", attention_backend="sdpa")))
+    try:
+        assert (engine.runner.decode_kernel is None) == (backend == "torch")
+        plan = mixed_plan(names, prompts)
+        outs = serve(engine, plan, logprobs=True)
+    finally:
+        engine.stop()
+    worst, differ = 0.0, []
+    for (name, prompt), out in zip(plan, outs):
+        served = list(out.token_ids)
+        choices, ref_lps = peft_alone(tiny_models[arch], adapters[arch][name] if name else None,
+                                      "none", prompt, served)
+        if choices != served:
+            differ.append(name or "<base>")
+        worst = max(worst, max(abs(o.logprob - r) for o, r in zip(out.logprobs, ref_lps)))
+    with capsys.disabled():
+        print(f"\n[{arch}, {backend}] max |logprob - PEFT| = {worst:.2e}")
+    assert not differ, f"not PEFT's greedy choice at every step: {differ}"
+    assert worst <= LOGPROB_TOLERANCE["none"]
+
+
 @pytest.mark.parametrize("lora_dtype", ["auto", "float32"])
 def test_bf16_base_logprobs_close_to_peft(lora_dtype, tiny_models, adapters, prompts, capsys):
     """A bf16 model on the CPU, every adapter in one mixed batch (the LoRA kernel sums each

@@ -151,7 +151,8 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
                torch.bfloat16: lib.paged_decode_attention_bf16}
 
     def attend(q: torch.Tensor, cache: KVCache, layer: int, group: DecodeGroup,
-               scale: float, window: int | None, out: torch.Tensor) -> None:
+               scale: float, window: int | None, softcap: float | None,
+               out: torch.Tensor) -> None:
         """q: [D, H, d] -> out: [D, H, d] (both contiguous, of the model's dtype)."""
         k, v = cache.k[layer], cache.v[layer]  # [slots, KVH, d]
         (D, H, d), bs, blocks, lens = q.shape, cache.block_size, group.blocks, group.lens
@@ -166,7 +167,7 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
         out32 = out if out.dtype == torch.float32 else torch.empty_like(q32)
         kernels[k.dtype](q32.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(),
                          blocks.shape[1], lens.data_ptr(), D, H, k.shape[1], d, bs, scale,
-                         window or 0, out32.data_ptr())
+                         window or 0, softcap or 0.0, out32.data_ptr())
         if out32 is not out:
             out.copy_(out32)
 
@@ -219,9 +220,12 @@ class AttentionBatch:
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, attention_mask: torch.Tensor | None,
                     scaling: float | None = None, dropout: float = 0.0,
-                    sliding_window: int | None = None, attn_batch: AttentionBatch | None = None,
+                    sliding_window: int | None = None, softcap: float | None = None,
+                    attn_batch: AttentionBatch | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
-    """query: [1, H, T, d], key/value: [1, KVH, T, d] -> output [1, T, H, d]."""
+    """query: [1, H, T, d], key/value: [1, KVH, T, d] -> output [1, T, H, d]. `softcap`
+    (Gemma 2's attn_logit_softcapping): the scores become softcap * tanh(score / softcap)
+    before the softmax."""
     if attn_batch is None:
         raise RuntimeError("loraplex attention runs only inside the loraplex runner")
     b = attn_batch
@@ -231,6 +235,11 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     v_cache.index_copy_(0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
 
     q = query[0]  # [H, T, d]
+    if softcap:
+        def attend(q, k, v, mask, scale, expand_kv):
+            return capped_attention(q, k, v, mask, scale, softcap)
+    else:
+        attend = sdpa
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, d]
     for group in b.decode_groups:
         D = group.blocks.shape[0]
@@ -239,16 +248,16 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             od = out[:D] if group.rows is None else q.new_empty(D, *out.shape[1:])  # [D, H, d]
             b.decode_kernel(qd.transpose(0, 1).contiguous(), b.cache, layer, group,
                             scaling if scaling is not None else q.shape[-1] ** -0.5,
-                            sliding_window, od)
+                            sliding_window, softcap, od)
             if group.rows is not None:
                 out.index_copy_(0, group.rows, od)
             continue
         kd, vd = b.cache.gather(layer, group.blocks.view(-1))  # [D * Bmax * bs, KVH, d] each
         kd = kd.view(D, -1, *kd.shape[1:]).transpose(1, 2)  # [D, KVH, Bmax * bs, d]
         vd = vd.view(D, -1, *vd.shape[1:]).transpose(1, 2)
-        od = sdpa(qd.transpose(0, 1).unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),  # [D, H, 1, d]
-                  group.mask(b.cache.block_size, sliding_window), scaling,
-                  expand_kv=q.is_cuda).squeeze(2)  # [D, H, d]
+        od = attend(qd.transpose(0, 1).unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),  # [D, H, 1, d]
+                    group.mask(b.cache.block_size, sliding_window), scaling,
+                    expand_kv=q.is_cuda).squeeze(2)  # [D, H, d]
         if group.rows is None:
             out[:D] = od
         else:
@@ -261,9 +270,9 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         # no cached prefix and no window cut: SDPA's own causal mask (it skips the masked
         # half: 2x faster on a 2048-token CPU prefill, and flash attention on CUDA)
         causal = seq.context == seq.length and (not sliding_window or seq.length <= sliding_window)
-        op = sdpa(qp, kp.to(q.dtype), vp.to(q.dtype),
-                  None if causal else b.prefill_mask(i, sliding_window), scaling,
-                  expand_kv=q.is_cuda)  # [1, H, q, d]
+        op = attend(qp, kp.to(q.dtype), vp.to(q.dtype),
+                    None if causal else b.prefill_mask(i, sliding_window), scaling,
+                    expand_kv=q.is_cuda)  # [1, H, q, d]
         out[seq.start:seq.start + seq.length] = op[0].transpose(0, 1)
     return out.unsqueeze(0), None
 
@@ -295,6 +304,27 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         gqa = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           scale=scale, enable_gqa=gqa)
+
+
+def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None, scale: float | None,
+                     softcap: float) -> torch.Tensor:
+    """sdpa's contract, the scores soft-capped before the softmax (Gemma 2):
+    softmax(softcap * tanh(q k^T scale / softcap)) v. SDPA cannot cap, so this is the
+    math of transformers' eager attention (scores in q's dtype, the softmax in fp32), with
+    the [N, H, q, L] scores in memory: a prefill chunk of 512 over 4,096 positions with 16
+    heads is 128 MiB of fp32 scores."""
+    N, H, Q, d = q.shape
+    L, per_kv = k.shape[2], H // k.shape[1]
+    if per_kv > 1:
+        k = k.repeat_interleave(per_kv, dim=1)  # [N, H, L, d]
+        v = v.repeat_interleave(per_kv, dim=1)
+    scores = q @ k.transpose(2, 3) * (scale if scale is not None else d ** -0.5)  # [N, H, Q, L]
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:  # causal, Q == L
+        mask = torch.ones(Q, L, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v  # [N, H, Q, d]
 
 
 def register_attention() -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from loraplex import hugepages
 from loraplex.config import ModelConfig
@@ -105,12 +105,6 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _check_supported(config) -> None:
-    if getattr(config, "attn_logit_softcapping", None):
-        raise ValueError(f"{config.model_type}: attention logit soft-capping is not supported "
-                         "by the paged attention backend")
-
-
 def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
                lora_dtype: str = "auto") -> LoadedModel:
     """Load `cfg.path` and wrap every decoder linear with `max_slots` adapter slots
@@ -120,8 +114,6 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     pool_dtype = dtype if lora_dtype == "auto" else _DTYPES[lora_dtype]
-    hf_config = AutoConfig.from_pretrained(cfg.path)
-    _check_supported(hf_config)
     model = load_hf_model(cfg.path, cfg.quantize, dtype, device,
                           attn_implementation=ATTENTION_NAME)
     model.eval().requires_grad_(False)
