@@ -29,6 +29,8 @@ from transformers import (
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -79,6 +81,11 @@ _CONFIGS = {
     # the same window, q_norm / k_norm per head, no caps
     "gemma3": (Gemma3TextConfig, dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
                                       layer_types=["sliding_attention", "full_attention"])),
+    # beyond ARCHS (their adapters need other module names, see FAMILY_SPECS): one fused
+    # qkv_proj and gate_up_proj linear each; an MLP of 4 experts, 2 per token
+    "phi3": (Phi3Config, {}),
+    "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2,
+                                    sliding_window=None)),
 }
 
 
@@ -136,12 +143,12 @@ def build_base(arch: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype
     The weights are drawn on `device` and saved in `dtype` (a GPU draws an 8B model fast).
     """
     if arch not in _CONFIGS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+        raise ValueError(f"unknown arch {arch!r}; choose from {tuple(_CONFIGS)}")
     out_dir = Path(out_dir)
     config_class, extra = _CONFIGS[arch]
     config = config_class(**{**_COMMON, **extra, **config_overrides})
     # Different archs get different weights for the same seed.
-    torch.manual_seed(seed * 1000 + ARCHS.index(arch))
+    torch.manual_seed(seed * 1000 + list(_CONFIGS).index(arch))
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _init_weights(model, std=config.initializer_range, logit_std=LOGIT_STD)
@@ -257,6 +264,22 @@ SMALL_SPEC_NAMES = ("r1_qv", "r8_attn", "r16_mlp", "r32_all", "r16_all_rslora", 
 
 def small_specs() -> tuple[AdapterSpec, ...]:
     return tuple(s for s in ADAPTER_SPECS if s.name in SMALL_SPEC_NAMES)
+
+
+# Adapters of the families outside ARCHS, by their own module names. (Mixtral's experts
+# are raw parameters, which adapters cannot target here: see store.py's target_parameters.)
+FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
+    "phi3": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=("qkv_proj", "o_proj"),
+                         seed=1),
+             AdapterSpec("r4_mlp", r=4, lora_alpha=8, target_modules=("gate_up_proj", "down_proj"),
+                         seed=2),
+             AdapterSpec("r16_all_rslora", r=16, lora_alpha=16, target_modules="all-linear",
+                         use_rslora=True, seed=3)),
+    "mixtral": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
+                AdapterSpec("r2_qv", r=2, lora_alpha=16, target_modules=QV, seed=2),
+                AdapterSpec("r32_kv_rslora", r=32, lora_alpha=8, target_modules=("k_proj", "v_proj"),
+                            use_rslora=True, seed=3)),
+}
 
 
 @torch.no_grad()

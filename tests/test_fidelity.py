@@ -11,6 +11,7 @@ import torch
 from peft import PeftModel
 
 from engine_helpers import build_engine, greedy, run_staggered
+from models import FAMILY_SPECS, build_adapters, build_base
 from loraplex.engine.request import FinishReason, GenerationRequest
 from peft_reference import load_base, peft_greedy
 
@@ -143,6 +144,24 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
                      BF16_KV_TOLERANCE if kv_cache_dtype != "auto" else LOGPROB_TOLERANCE[quantize])
     # a near-tie may flip one argmax under int8; bf16 keys and values flipped 2 of 24
     assert same_choice >= len(plan) - (1 if kv_cache_dtype == "auto" else 4)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "mixtral"])
+def test_fused_linear_and_moe_families_equal_peft(arch, tmp_path, prompts):
+    """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj) and Mixtral (a
+    mixture-of-experts MLP) with their adapters (models.FAMILY_SPECS) and base requests in
+    one batch: each request gets PEFT's greedy tokens."""
+    base = build_base(arch, tmp_path / arch)
+    paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS[arch])
+    engine = build_engine(base, tmp_path / "adapters")
+    try:
+        plan = mixed_plan(sorted(paths) * 3, prompts[:9] + prompts[-3:], num_base=3)
+        outs = serve(engine, plan)
+    finally:
+        engine.stop()
+    differ = [name or "<base>" for (name, prompt), out in zip(plan, outs)
+              if list(out.token_ids) != peft_greedy(base, paths.get(name), prompt, MAX_NEW)[0]]
+    assert not differ, f"{len(differ)}/{len(plan)} differ from PEFT: {differ}"
 
 
 # Gemma 2 soft-caps its attention scores (tests/models.py: at 2) and its logits, and

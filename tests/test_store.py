@@ -254,6 +254,7 @@ def test_version_is_hash_of_files_and_tracks_every_byte(plain, root, module_shap
     (dict(bias="lora_only"), "bias"),
     (dict(layer_replication=[[0, 2], [1, 2]]), "layer_replication"),
     (dict(lora_bias=True), "lora_bias"),
+    (dict(target_parameters=["experts.gate_up_proj"]), "target_parameters"),  # (MoE)
     (dict(r=8), "rank 4 in the tensors but 8"),
     (dict(rank_pattern={"v_proj": 2}), "rank 4 in the tensors but 2"),
     (dict(use_rslora="yes"), "use_rslora"),
