@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3Config,
     Gemma3TextConfig,
     GemmaConfig,
     LlamaConfig,
@@ -65,6 +66,19 @@ _COMMON = dict(
     eos_token_id=EOS_ID,
 )
 
+def _gemma3_vision(**text_fields) -> Gemma3Config:
+    """Gemma 3 as its 4B-27B checkpoints are: Gemma3ForConditionalGeneration, a language
+    model beside a (here one-layer) SigLIP vision tower, whose image tokens sit at the top
+    of the vocabulary (text never produces them)."""
+    shared = {k: text_fields.pop(k) for k in ("initializer_range", "tie_word_embeddings")}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    top = VOCAB_SIZE - 1
+    return Gemma3Config(text_config=text_fields, vision_config=vision, mm_tokens_per_image=4,
+                        image_token_index=top, boi_token_index=top - 2, eoi_token_index=top - 1,
+                        **shared)
+
+
 # arch -> (config class, fields beyond _COMMON). Overrides go into the constructor, so
 # derived fields (head_dim = hidden / heads for llama) follow them.
 _CONFIGS = {
@@ -86,6 +100,9 @@ _CONFIGS = {
     "phi3": (Phi3Config, {}),
     "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2,
                                     sliding_window=None)),
+    "gemma3_vision": (_gemma3_vision, dict(head_dim=16, query_pre_attn_scalar=16,
+                                           sliding_window=8,
+                                           layer_types=["sliding_attention", "full_attention"])),
 }
 
 
@@ -154,7 +171,7 @@ def build_base(arch: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype
     _init_weights(model, std=config.initializer_range, logit_std=LOGIT_STD)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
-    char_tokenizer(config.vocab_size).save_pretrained(out_dir)
+    char_tokenizer(config.get_text_config().vocab_size).save_pretrained(out_dir)  # (multimodal: its text model's)
     return out_dir
 
 
@@ -279,6 +296,11 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
                 AdapterSpec("r2_qv", r=2, lora_alpha=16, target_modules=QV, seed=2),
                 AdapterSpec("r32_kv_rslora", r=32, lora_alpha=8, target_modules=("k_proj", "v_proj"),
                             use_rslora=True, seed=3)),
+    # the language model's linears only, and every linear: the vision tower's too
+    "gemma3_vision": (AdapterSpec("r8_text_qv", r=8, lora_alpha=16,
+                                  target_modules=r".*language_model.*\.(q_proj|v_proj)", seed=1),
+                      AdapterSpec("r4_all_linear", r=4, lora_alpha=8, target_modules="all-linear",
+                                  seed=2)),
 }
 
 

@@ -115,7 +115,7 @@ class PeftReference:
 
     def _greedy(self, adapter_dir, prompt_ids, max_new_tokens):
         input_ids = torch.tensor([prompt_ids])  # [1, prompt_len]
-        config = greedy_config(max_new_tokens, pad_token_id=self.base.config.pad_token_id or 0)
+        config = greedy_config(max_new_tokens, pad_token_id=self.base.config.get_text_config().pad_token_id or 0)
         if adapter_dir is None:
             out = self._generate_base(input_ids, config)
         else:

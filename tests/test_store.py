@@ -272,6 +272,27 @@ def test_dora_and_modules_to_save_say_not_exact(plain, root, module_shapes):
         AdapterStore(str(root), 8).read("a", "a", module_shapes)
 
 
+def test_lora_off_the_text_model_is_skipped_not_refused(plain, root, module_shapes, caplog):
+    """A multimodal model's vision tower (loader.off_text_linears): text requests never run
+    it, so LoRA there is skipped; here layer 1's q_proj stands in for such a linear."""
+    tower = "model.layers.1.self_attn.q_proj"
+    shapes = {m: s for m, s in module_shapes.items() if m != tower}
+    copy_plain(plain, root)
+    store = AdapterStore(str(root), 8)
+    with pytest.raises(FailedPrecondition, match=f"targets {tower}"):
+        store.read("a", "a", shapes)
+    with caplog.at_level(logging.INFO, logger="loraplex.lora.store"):
+        weights = store.read("a", "a", shapes, frozenset({tower}))
+    assert tower not in weights.modules and "outside the text model" in caplog.text
+    served = {m for m in plain[1] if m != tower}
+    assert set(weights.modules) == served
+    for module in served:
+        torch.testing.assert_close(weights.modules[module][0], plain[1][module][0])
+    every = frozenset(plain[1])
+    with pytest.raises(FailedPrecondition, match="no LoRA tensors for the text model"):
+        store.read("a", "a", {m: s for m, s in module_shapes.items() if m not in every}, every)
+
+
 def test_config_not_json(plain, root, module_shapes):
     (copy_plain(plain, root) / "adapter_config.json").write_text("{r: 4")
     with pytest.raises(FailedPrecondition, match="not valid JSON"):

@@ -108,7 +108,8 @@ class Engine:
         self.blocks = BlockAllocator(num_blocks, cfg.block_size)
         self.cache = AdapterCache(AdapterStore(adapter_root, cfg.max_lora_rank),
                                   loaded.lora_layers, cfg.max_gpu_adapters, cfg.max_cpu_adapters,
-                                  self.metrics, base_model=loaded.name)
+                                  self.metrics, base_model=loaded.name,
+                                  off_text_linears=loaded.off_text_linears)
         self.adapters = AdapterManager(self.cache)
         self._guide_compiler = ProcessCompiler()  # (off the GIL of the step loop)
         # (the tokens as bytes, read now: 1.4 s for 128k tokens, not in a served step)

@@ -101,10 +101,12 @@ def parse_adapter_ref(ref: str) -> tuple[str, str | None]:
 
 class AdapterCache:
     def __init__(self, store: AdapterStore, layers: dict[str, LoraLinear], max_gpu: int,
-                 max_cpu: int, metrics: Metrics, base_model: str = ""):
+                 max_cpu: int, metrics: Metrics, base_model: str = "",
+                 off_text_linears: frozenset[str] = frozenset()):
         self.store = store
         self.layers = layers
         self.module_shapes = {n: (l.in_features, l.out_features) for n, l in layers.items()}
+        self.off_text_linears = off_text_linears  # (loader.off_text_linears: LoRA there skipped)
         self.max_cpu = max_cpu
         self.metrics = metrics
         self.base_model = base_model
@@ -391,7 +393,7 @@ class AdapterCache:
     def _read(self, name: str, relpath: str) -> tuple[AdapterWeights, float]:
         """Read and validate a folder (outside the lock); host copies pinned on CUDA."""
         start = time.perf_counter()
-        weights = self.store.read(name, relpath, self.module_shapes)
+        weights = self.store.read(name, relpath, self.module_shapes, self.off_text_linears)
         if self._pin_host:
             weights = dataclasses.replace(weights, modules={
                 m: (a.pin_memory(), b.pin_memory()) for m, (a, b) in weights.modules.items()})

@@ -172,7 +172,8 @@ class MergeService:
             for av in held:
                 if stopped():
                     raise Cancelled("merge cancelled while reading its sources")
-                tensors, version = self.store.read_lora_tensors(av.name, av.relpath, self.cache.module_shapes)
+                tensors, version = self.store.read_lora_tensors(av.name, av.relpath, self.cache.module_shapes,
+                                                                self.cache.off_text_linears)
                 if version != av.version:
                     raise FailedPrecondition(
                         f"the files of {av.key} changed on disk (now version {version}); "

@@ -241,11 +241,14 @@ class AdapterStore:
 
     # ---- reading -----------------------------------------------------------
 
-    def read(self, name: str, relpath: str, module_shapes: dict[str, tuple[int, int]]) -> AdapterWeights:
+    def read(self, name: str, relpath: str, module_shapes: dict[str, tuple[int, int]],
+             off_text: frozenset[str] = frozenset()) -> AdapterWeights:
         """Load and validate the adapter folder ``root/relpath`` as ``name``.
 
         ``module_shapes``: served module name -> (in_features, out_features) of
-        every linear the server can apply LoRA to.
+        every linear the server can apply LoRA to. ``off_text``: linears of a multimodal
+        model that text requests never run (its vision tower): LoRA on them is skipped,
+        since it changes nothing served.
         """
         _check_name(name)
         folder = self.resolve(relpath)
@@ -258,7 +261,7 @@ class AdapterStore:
         weights_bytes = self._read_weights(folder, relpath)
         version = _version(config_bytes, weights_bytes)
         tensors = _parse_safetensors(weights_bytes, name)
-        pairs = _group_lora_tensors(tensors, name, module_shapes)
+        pairs = _group_lora_tensors(tensors, name, module_shapes, off_text)
         modules = {module: self._serve_module(name, module, a, b, settings, module_shapes[module])
                    for module, (a, b) in sorted(pairs.items())}
         return AdapterWeights(
@@ -275,8 +278,8 @@ class AdapterStore:
             modules=modules,
         )
 
-    def read_lora_tensors(self, name: str, relpath: str,
-                          module_shapes: dict[str, tuple[int, int]]) -> tuple[LoraTensors, str]:
+    def read_lora_tensors(self, name: str, relpath: str, module_shapes: dict[str, tuple[int, int]],
+                          off_text: frozenset[str] = frozenset()) -> tuple[LoraTensors, str]:
         """The adapter folder ``root/relpath`` as raw PEFT tensors, for merging.
 
         Same confinement, no-pickle rule and validation as ``read`` (a folder that
@@ -295,7 +298,8 @@ class AdapterStore:
         settings = _parse_config(config_bytes, name)
         weights_bytes = self._read_weights(folder, relpath)
         version = _version(config_bytes, weights_bytes)
-        pairs = _group_lora_tensors(_parse_safetensors(weights_bytes, name), name, module_shapes)
+        pairs = _group_lora_tensors(_parse_safetensors(weights_bytes, name), name, module_shapes,
+                                    off_text)
         modules, scalings = {}, {}
         for module, (a, b) in sorted(pairs.items(), key=lambda kv: list(module_shapes).index(kv[0])):
             in_features, out_features = module_shapes[module]
@@ -572,12 +576,19 @@ def _parse_safetensors(raw: bytes, name: str) -> dict[str, torch.Tensor]:
 
 
 def _group_lora_tensors(tensors: dict[str, torch.Tensor], name: str,
-                        module_shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """served module -> (lora_A weight, lora_B weight), refusing every other tensor."""
+                        module_shapes: dict[str, tuple[int, int]],
+                        off_text: frozenset[str] = frozenset()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """served module -> (lora_A weight, lora_B weight), refusing every other tensor but
+    the LoRA factors of `off_text` linears, which are skipped."""
     _refuse_variant_tensors(tensors, name)
     factors: dict[tuple[str, str], torch.Tensor] = {}
+    skipped = set()
     lora_keys_first = sorted(tensors, key=lambda k: (_LORA_KEY_RE.fullmatch(k) is None, k))
     for key in lora_keys_first:  # so a targeted lm_head is named before its saved base weight
+        match = _LORA_KEY_RE.fullmatch(key)
+        if match and match["module"] in off_text:
+            skipped.add(match["module"])
+            continue
         module, factor = _split_lora_key(key, name, module_shapes)
         if (module, factor) in factors:
             raise FailedPrecondition(
@@ -585,8 +596,14 @@ def _group_lora_tensors(tensors: dict[str, torch.Tensor], name: str,
                 "save one adapter per folder"
             )
         factors[(module, factor)] = tensors[key]
+    if skipped:
+        log.info("adapter %r: LoRA on %d linears outside the text model (such as %s) is not "
+                 "applied: requests are text only", name, len(skipped), min(skipped))
     if not factors:
-        raise FailedPrecondition(f"adapter {name!r}: {WEIGHTS_FILE} holds no LoRA tensors")
+        raise FailedPrecondition(
+            f"adapter {name!r}: {WEIGHTS_FILE} holds no LoRA tensors"
+            + (" for the text model (only for its other towers, which text requests never "
+               "run)" if skipped else ""))
     pairs = {}
     for module in sorted({m for m, _ in factors}):
         for factor, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):

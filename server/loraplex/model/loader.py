@@ -34,6 +34,9 @@ class LoadedModel:
     dtype: torch.dtype  # compute dtype of activations and KV cache
     lora_dtype: torch.dtype  # of the adapters' weights in their slots
     lora_layers: dict[str, LoraLinear]  # served module name -> wrapped layer
+    # linears of a multimodal model's other towers (vision, audio), which text requests
+    # never run: an adapter's LoRA on them changes no served output
+    off_text_linears: frozenset[str]
     lora_plan: LoraPlan  # filled by the runner each step, read by every LoraLinear
     max_model_len: int
     num_layers: int
@@ -123,6 +126,7 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
     vocab_size = model.get_output_embeddings().weight.shape[0]
     lora_layers = wrap_linears(model, max_slots + 1, max_rank, dtype, device, lora_plan,
                                pool_dtype)
+    off_text = off_text_linears(model)
     pack_cpu_linears(model, lora_layers)
     text_config = model.config.get_text_config()
     head_dim = getattr(text_config, "head_dim", None) or (
@@ -132,7 +136,7 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
         max_len = min(max_len, cfg.max_model_len)
     return LoadedModel(
         model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora_dtype=pool_dtype,
-        lora_layers=lora_layers,
+        lora_layers=lora_layers, off_text_linears=off_text,
         lora_plan=lora_plan, max_model_len=max_len,
         num_layers=text_config.num_hidden_layers,
         kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
@@ -143,10 +147,13 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
 def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, lora_plan: LoraPlan,
                  lora_dtype: torch.dtype | None = None) -> dict[str, LoraLinear]:
-    """Replace every linear inside the decoder layers by a LoraLinear; returns them by name."""
+    """Replace every linear inside the text decoder's layers (model.get_decoder(): of a
+    multimodal model, its language model) by a LoraLinear; returns them by name."""
     output_layer = model.get_output_embeddings()
+    decoder = _module_name(model, model.get_decoder())
     targets = [(name, module) for name, module in model.named_modules()
-               if _linear_shape(module) and module is not output_layer and ".layers." in name]
+               if _linear_shape(module) and module is not output_layer
+               and name.startswith(decoder + ".") and ".layers." in name]
     sizes = [pool_size(num_slots, max_rank, *_linear_shape(module)) for _, module in targets]
     storage = None
     if device.type == "cpu":  # every layer's pool in one buffer on huge pages (hugepages.py)
@@ -164,6 +171,30 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     log.info("wrapped %d linear layers with %d LoRA slots of rank <= %d", len(wrapped), num_slots,
              max_rank)
     return wrapped
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def off_text_linears(model: nn.Module) -> frozenset[str]:
+    """The linears under the text decoder's siblings (a multimodal model's vision or audio
+    tower and projector: Gemma 3's model.vision_tower, model.multi_modal_projector), other
+    than the embeddings and the output head; empty for a text-only model, whose decoder's
+    only sibling is the head."""
+    decoder = _module_name(model, model.get_decoder())
+    parent = model.get_submodule(decoder.rpartition(".")[0])
+    text = {id(model.get_decoder()), id(model.get_input_embeddings()),
+            id(model.get_output_embeddings())}
+    prefix = decoder.rpartition(".")[0]
+    names = set()
+    for child_name, child in parent.named_children():
+        if id(child) in text:
+            continue
+        for name, module in child.named_modules():
+            if _linear_shape(module):
+                names.add(".".join(filter(None, (prefix, child_name, name))))
+    return frozenset(names)
 
 
 def pack_cpu_linears(model: nn.Module, lora_layers: dict[str, LoraLinear]) -> None:
