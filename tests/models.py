@@ -34,6 +34,7 @@ from transformers import (
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3_5TextConfig,
     Qwen3Config,
 )
 
@@ -103,6 +104,12 @@ _CONFIGS = {
     "gemma3_vision": (_gemma3_vision, dict(head_dim=16, query_pre_attn_scalar=16,
                                            sliding_window=8,
                                            layer_types=["sliding_attention", "full_attention"])),
+    # Gated DeltaNet (linear attention) layers between attention ones: refused, see
+    # loader.check_attention_layers
+    "qwen3_5": (Qwen3_5TextConfig, dict(head_dim=16, num_hidden_layers=4, linear_num_key_heads=2,
+                                        linear_num_value_heads=4, linear_key_head_dim=16,
+                                        linear_value_head_dim=16,
+                                        layer_types=["linear_attention", "full_attention"] * 2)),
 }
 
 

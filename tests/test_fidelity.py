@@ -171,6 +171,17 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     assert not differ, f"{len(differ)}/{len(plan)} differ from PEFT: {differ}"
 
 
+def test_linear_attention_hybrid_is_refused_not_served_wrong(tmp_path):
+    """Qwen3.5's Gated DeltaNet layers keep a recurrent state the KV cache does not hold
+    (served anyway, the packed batch ran through them as one sequence: every answer
+    differed from PEFT's): the engine refuses the model, naming the layers."""
+    base = build_base("qwen3_5", tmp_path / "qwen3_5")
+    (tmp_path / "adapters").mkdir()
+    with pytest.raises(ValueError, match=r"2 of 4 decoder layers \(linear_attention\) do not "
+                                         "attend through attention"):
+        build_engine(base, tmp_path / "adapters")
+
+
 # Gemma 2 soft-caps its attention scores (tests/models.py: at 2) and its logits, and
 # Gemma 2 and 3 attend to a window of 8 positions in layer 0: prompts of up to 40 tokens
 # cross it in prefill chunks over a cached prefix and in decodes. auto: the CPU decode

@@ -217,17 +217,28 @@ class AttentionBatch:
         return self._masks[key]
 
 
+@dataclass
+class LayerProbe:
+    """attn_batch of a probe forward pass (loader.check_attention_layers): attention records
+    the layers that reach it and returns zeros, writing nothing."""
+
+    layers: set[int] = field(default_factory=set)
+
+
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, attention_mask: torch.Tensor | None,
                     scaling: float | None = None, dropout: float = 0.0,
                     sliding_window: int | None = None, softcap: float | None = None,
-                    attn_batch: AttentionBatch | None = None,
+                    attn_batch: AttentionBatch | LayerProbe | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
     """query: [1, H, T, d], key/value: [1, KVH, T, d] -> output [1, T, H, d]. `softcap`
     (Gemma 2's attn_logit_softcapping): the scores become softcap * tanh(score / softcap)
     before the softmax."""
     if attn_batch is None:
         raise RuntimeError("loraplex attention runs only inside the loraplex runner")
+    if isinstance(attn_batch, LayerProbe):
+        attn_batch.layers.add(module.layer_idx)
+        return query.new_zeros(1, *query.shape[2:3], query.shape[1], query.shape[3]), None
     b = attn_batch
     layer = module.layer_idx
     k_cache, v_cache = b.cache.k[layer], b.cache.v[layer]  # [slots, KVH, d]

@@ -19,7 +19,7 @@ from loraplex.config import ModelConfig
 from loraplex.lora.layer import LoraLinear, pool_size
 from loraplex.lora.ops import LoraPlan
 from loraplex.model.cpu_linear import PackedLinear, can_pack
-from loraplex.model.attention import ATTENTION_NAME, register_attention
+from loraplex.model.attention import ATTENTION_NAME, LayerProbe, register_attention
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
     model = load_hf_model(cfg.path, cfg.quantize, dtype, device,
                           attn_implementation=ATTENTION_NAME)
     model.eval().requires_grad_(False)
+    text_config = model.config.get_text_config()
+    check_attention_layers(model, text_config)
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
 
     lora_plan = LoraPlan()
@@ -128,7 +130,6 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
                                pool_dtype)
     off_text = off_text_linears(model)
     pack_cpu_linears(model, lora_layers)
-    text_config = model.config.get_text_config()
     head_dim = getattr(text_config, "head_dim", None) or (
         text_config.hidden_size // text_config.num_attention_heads)
     max_len = text_config.max_position_embeddings
@@ -171,6 +172,30 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     log.info("wrapped %d linear layers with %d LoRA slots of rank <= %d", len(wrapped), num_slots,
              max_rank)
     return wrapped
+
+
+def check_attention_layers(model: nn.Module, text_config) -> None:
+    """ValueError for a model whose decoder layers do not all attend through the paged
+    attention: state-space or linear-attention layers (Qwen3.5 and Qwen3-Next's Gated
+    DeltaNet, Jamba's and Falcon-H1's Mamba) carry a recurrent state the KV cache does
+    not hold, so the packed batch would run through them as one sequence and every
+    answer would be wrong. One forward pass of one token (before any wrapping) finds the
+    layers that reach attention."""
+    probe = LayerProbe()
+    device = model.get_input_embeddings().weight.device
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
+    with torch.inference_mode():
+        model(input_ids=token, position_ids=token, use_cache=False, logits_to_keep=1,
+              attn_batch=probe)
+    missing = sorted(set(range(text_config.num_hidden_layers)) - probe.layers)
+    if missing:
+        types = getattr(text_config, "layer_types", None)
+        kinds = sorted({types[i] for i in missing}) if types else ["not attention"]
+        raise ValueError(
+            f"{text_config.model_type}: {len(missing)} of {text_config.num_hidden_layers} "
+            f"decoder layers ({', '.join(kinds)}) do not attend through attention; loraplex's "
+            "paged KV cache serves attention layers only, so state-space and linear-attention "
+            "hybrids are refused rather than served wrong")
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
