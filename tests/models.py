@@ -36,6 +36,7 @@ from transformers import (
     Qwen2Config,
     Qwen3_5TextConfig,
     Qwen3Config,
+    Qwen3NextConfig,
 )
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
@@ -104,12 +105,20 @@ _CONFIGS = {
     "gemma3_vision": (_gemma3_vision, dict(head_dim=16, query_pre_attn_scalar=16,
                                            sliding_window=8,
                                            layer_types=["sliding_attention", "full_attention"])),
-    # Gated DeltaNet (linear attention) layers between attention ones: refused, see
-    # loader.check_attention_layers
+    # Gated DeltaNet (linear attention) layers between (gated) attention ones, served by
+    # loraplex.model.linear_attention; 2 value heads per key head
     "qwen3_5": (Qwen3_5TextConfig, dict(head_dim=16, num_hidden_layers=4, linear_num_key_heads=2,
                                         linear_num_value_heads=4, linear_key_head_dim=16,
                                         linear_value_head_dim=16,
                                         layer_types=["linear_attention", "full_attention"] * 2)),
+    # the same with fused in_proj_qkvz / in_proj_ba and a MoE MLP: refused (see
+    # loader.check_attention_layers)
+    "qwen3_next": (Qwen3NextConfig, dict(head_dim=16, num_hidden_layers=4, linear_num_key_heads=2,
+                                         linear_num_value_heads=4, linear_key_head_dim=16,
+                                         linear_value_head_dim=16, num_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=32,
+                                         layer_types=["linear_attention", "full_attention"] * 2)),
 }
 
 
@@ -302,6 +311,13 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
     "mixtral": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
                 AdapterSpec("r2_qv", r=2, lora_alpha=16, target_modules=QV, seed=2),
                 AdapterSpec("r32_kv_rslora", r=32, lora_alpha=8, target_modules=("k_proj", "v_proj"),
+                            use_rslora=True, seed=3)),
+    # the linear-attention layers' projections; the (gated) attention's; every linear
+    "qwen3_5": (AdapterSpec("r8_linear_attn", r=8, lora_alpha=16,
+                            target_modules=("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
+                                            "out_proj"), seed=1),
+                AdapterSpec("r16_attn", r=16, lora_alpha=16, target_modules=ATTN, seed=2),
+                AdapterSpec("r4_all_rslora", r=4, lora_alpha=8, target_modules="all-linear",
                             use_rslora=True, seed=3)),
     # the language model's linears only, and every linear: the vision tower's too
     "gemma3_vision": (AdapterSpec("r8_text_qv", r=8, lora_alpha=16,

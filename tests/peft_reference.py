@@ -53,6 +53,10 @@ def load_base(base_dir: str | Path, quantize: str = "none",
     qconfig = quantization_config(quantize)
     kwargs = {"quantization_config": qconfig, "device_map": "cpu"} if qconfig else {}
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, **kwargs)
+    for module in model.modules():  # bitsandbytes' packed CPU 4-bit kernel raises for a layer
+        # whose height is not a multiple of 32 (Qwen3.5's in_proj_b / in_proj_a): its generic one
+        if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
+            module.support_avx512bf16_for_cpu = False
     # generate() fills an unset eos_token_id from the model's generation_config; clear it
     # there too, or generation would stop at EOS.
     model.generation_config.eos_token_id = None

@@ -296,3 +296,29 @@ def test_sequences_admitted_together_share_a_prefix_in_that_step(cache):
     assert blocks.num_free == 16 - 3 - 1 - 3
     sched.finish(first)
     assert blocks.num_free == 16 - 3 - 1 - 3 + 1  # only its own last block came back
+
+
+def test_state_slots_follow_running_sequences(cache):
+    """A linear-attention model's recurrent-state slots: each running sequence holds its
+    own; preemption and finishing give it back, and a recomputed one takes a free one."""
+    cfg = EngineConfig(max_batch_tokens=64, prefill_chunk=64, max_num_seqs=3, block_size=4,
+                       prefix_caching=False)
+    sched = Scheduler(cfg, BlockAllocator(8, 4), cache, state_slots=True)
+    seqs = [make_seq(6) for _ in range(4)]
+    for seq in seqs:
+        sched.add(seq)
+    run_step(sched)  # three run (max_num_seqs), the fourth waits
+    held = [s.state_slot for s in seqs[:3]]
+    assert sorted(held) == [0, 1, 2] and seqs[3].state_slot == -1 and sched.free_states == []
+    sched.finish(seqs[1])
+    assert seqs[1].state_slot == -1 and sched.free_states == [held[1]]
+    run_step(sched)  # the fourth takes the freed slot
+    assert seqs[3].state_slot == held[1]
+    for _ in range(3):  # 8 blocks of 4 for three sequences of 6 growing: one is preempted
+        run_step(sched)
+    assert sched.num_preemptions >= 1
+    running = [s for s in seqs if s.status is Status.RUNNING]
+    waiting = [s for s in seqs if s.status is Status.WAITING]
+    assert waiting and all(s.state_slot == -1 for s in waiting)
+    slots = [s.state_slot for s in running] + sched.free_states
+    assert sorted(slots) == [0, 1, 2]  # none lost, none shared

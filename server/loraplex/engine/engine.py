@@ -43,6 +43,7 @@ from loraplex.lora.cache import AdapterCache, AdapterVersion
 from loraplex.lora.store import AdapterStore
 from loraplex.metrics import Metrics
 from loraplex.model.attention import KVCache
+from loraplex.model.linear_attention import RecurrentState
 from loraplex.model.loader import LoadedModel, load_model, resolve_dtype
 from loraplex.model.runner import ModelRunner
 from loraplex.model import sampler
@@ -87,6 +88,10 @@ class AdapterManager:
 class Engine:
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig, adapter_root: str,
                  metrics: Metrics | None = None):
+        if loaded.linear_attention and cfg.prefix_caching:
+            # (a sequence's recurrent state covers all its tokens: no block can be reused)
+            log.info("prefix caching is off: the model has linear-attention layers")
+            cfg = replace(cfg, prefix_caching=False)
         self.cfg = cfg
         self.threads = cfg.threads or default_threads()  # torch intra-op threads of the step loop
         self.loaded = loaded
@@ -97,14 +102,27 @@ class Engine:
         self.model_name = loaded.name
         kv_dtype = (loaded.dtype if cfg.kv_cache_dtype == "auto"
                     else resolve_dtype(cfg.kv_cache_dtype, loaded.device))
-        block_bytes = KVCache.bytes_per_block(loaded.num_layers, cfg.block_size, loaded.kv_heads,
+        block_bytes = KVCache.bytes_per_block(len(loaded.attending), cfg.block_size, loaded.kv_heads,
                                               loaded.head_dim, kv_dtype)
-        num_blocks = cfg.kv_cache_memory // block_bytes
+        # linear-attention layers (linear_attention.py): one recurrent-state slot per running
+        # sequence, out of the same memory budget
+        state_bytes = cfg.max_num_seqs * RecurrentState.bytes_per_slot(loaded.linear_attention,
+                                                                       loaded.dtype)
+        num_blocks = (cfg.kv_cache_memory - state_bytes) // block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {cfg.kv_cache_memory} B holds no block of "
-                             f"{block_bytes} B; raise --kv-cache-memory")
+                             f"{block_bytes} B" + (f" beside the linear-attention state of "
+                                                   f"{cfg.max_num_seqs} sequences "
+                                                   f"({state_bytes} B)" if state_bytes else "")
+                             + "; raise --kv-cache-memory"
+                             + (" or lower --max-num-seqs" if state_bytes else ""))
         self.kv_cache = KVCache(loaded.num_layers, num_blocks, cfg.block_size, loaded.kv_heads,
-                                loaded.head_dim, kv_dtype, loaded.device)
+                                loaded.head_dim, kv_dtype, loaded.device, loaded.attending)
+        self.recurrent = (RecurrentState(loaded.linear_attention, cfg.max_num_seqs, loaded.dtype,
+                                         loaded.device) if loaded.linear_attention else None)
+        if self.recurrent is not None:
+            log.info("linear-attention state: %d slots, %.1f MiB in all (KV cache: %d blocks)",
+                     cfg.max_num_seqs, state_bytes / 2**20, num_blocks)
         self.blocks = BlockAllocator(num_blocks, cfg.block_size)
         self.cache = AdapterCache(AdapterStore(adapter_root, cfg.max_lora_rank),
                                   loaded.lora_layers, cfg.max_gpu_adapters, cfg.max_cpu_adapters,
@@ -116,9 +134,10 @@ class Engine:
         self.guides = GuideCache(Vocabulary.of(self.tokenizer, loaded.vocab_size),
                                  self._guide_compiler, cpu_kernels.load())
         self._eos = tuple(sorted(loaded.eos_token_ids))
-        self.scheduler = Scheduler(cfg, self.blocks, self.cache)
+        self.scheduler = Scheduler(cfg, self.blocks, self.cache,
+                                   state_slots=self.recurrent is not None)
         self.runner = ModelRunner(loaded, self.kv_cache, cfg.block_size, cfg.lora_backend,
-                                  self.cache.slot_ranks, cfg.attention_backend)
+                                  self.cache.slot_ranks, cfg.attention_backend, self.recurrent)
         # a request's Sequences (tuple) to add | Sequence.keys (list) to cancel
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox_seqs = 0  # sequences in the inbox (for the queue limit), under its lock

@@ -22,6 +22,10 @@ arrival order within one, and run in priority order, admission order within one;
 sequence that must be preempted to let another grow is one of the lowest priority, the
 newest among them. A running sequence is never preempted to admit a waiting one.
 
+A model with linear-attention layers (`state_slots`) keeps a recurrent state per running
+sequence: a sequence takes a free state slot as it starts running and gives it back when
+it is preempted or finished; there are max_num_seqs of them, so one is always free.
+
 Shadow sequences (mirrored canary traffic, `GenerationRequest.shadow`) yield to
 real work: they are admitted only when no real request is left waiting, and a
 running shadow is the first victim when the KV cache runs out.
@@ -52,10 +56,13 @@ class SlotProvider(Protocol):
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, blocks: BlockAllocator, slots: SlotProvider):
+    def __init__(self, cfg: EngineConfig, blocks: BlockAllocator, slots: SlotProvider,
+                 state_slots: bool = False):
         self.cfg = cfg
         self.blocks = blocks
         self.slots = slots
+        # free recurrent-state slots (None: the model keeps no state)
+        self.free_states = list(range(cfg.max_num_seqs))[::-1] if state_slots else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -151,6 +158,16 @@ class Scheduler:
             i -= 1
         self.running.insert(i, seq)
         seq.status = Status.RUNNING
+        if self.free_states is not None:
+            seq.state_slot = self.free_states.pop()
+
+    def _stop_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        if seq.adapter is not None:
+            self.slots.unpin(seq.adapter)
+        if self.free_states is not None:
+            self.free_states.append(seq.state_slot)
+            seq.state_slot = -1
 
     def _take_cached_prefix(self, seq: Sequence) -> None:
         """Start a waiting seq (which holds no block) on the cached blocks of its prefix."""
@@ -185,11 +202,9 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Free seq's KV blocks and adapter pin; it waits at the front and is recomputed."""
-        self.running.remove(seq)
+        self._stop_running(seq)
         self.blocks.free(seq.block_table)
         seq.num_computed = 0
-        if seq.adapter is not None:
-            self.slots.unpin(seq.adapter)
         seq.lora_slot = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -208,9 +223,7 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence wherever it is and free everything it holds."""
         if seq in self.running:
-            self.running.remove(seq)
-            if seq.adapter is not None:
-                self.slots.unpin(seq.adapter)
+            self._stop_running(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.block_table)

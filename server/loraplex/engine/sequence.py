@@ -33,6 +33,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose keys/values are in the KV cache
     block_table: list[int] = field(default_factory=list)
     lora_slot: int = 0  # 0 = base model; set while running
+    state_slot: int = -1  # its recurrent-state slot (linear-attention models), while running
     status: Status = Status.WAITING
     generator: torch.Generator | None = None  # for seeded sampling
     arrival: float = field(default_factory=time.monotonic)

@@ -31,7 +31,8 @@ ATTENTION_NAME = "loraplex_paged"
 
 
 class KVCache:
-    """Per layer, keys and values of every cached token: [num_blocks * block_size, kv_heads, head_dim].
+    """Per layer, keys and values of every cached token: [num_blocks * block_size, kv_heads, head_dim]
+    (empty for a layer outside `attending`, e.g. a linear-attention one; None: every layer).
 
     Attention reads a sequence's context by copying its blocks out (`gather`) into two
     scratch buffers the cache keeps. Whole blocks: one 16-token block is one row of
@@ -42,15 +43,18 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
+                 head_dim: int, dtype: torch.dtype, device: torch.device,
+                 attending: frozenset[int] | None = None):
         self.block_size = block_size
         shape = (num_blocks * block_size, kv_heads, head_dim)
-        def zeros() -> torch.Tensor:  # on the CPU, on huge pages (loraplex.hugepages)
+        def zeros(layer: int) -> torch.Tensor:  # on the CPU, on huge pages (loraplex.hugepages)
+            if attending is not None and layer not in attending:
+                return torch.zeros(0, kv_heads, head_dim, dtype=dtype, device=device)
             if device.type != "cpu":
                 return torch.zeros(shape, dtype=dtype, device=device)
             return hugepages.zeros(math.prod(shape), dtype).view(shape)
-        self.k = [zeros() for _ in range(num_layers)]
-        self.v = [zeros() for _ in range(num_layers)]
+        self.k = [zeros(i) for i in range(num_layers)]
+        self.v = [zeros(i) for i in range(num_layers)]
         row = block_size * kv_heads * head_dim
         self._scratch = [torch.empty(0, row, dtype=dtype, device=device)
                          for _ in range(2)]  # [blocks, block_size * KVH * d]: keys, values
@@ -202,6 +206,7 @@ class AttentionBatch:
     decode_groups: list[DecodeGroup]  # the decodes: the first tokens of the packed row
     prefills: list[PrefillSeq]
     decode_kernel: Callable | None = None  # see decode_kernel; None: SDPA
+    recurrent: object = None  # linear_attention.RecurrentBatch, with linear-attention layers
     _masks: dict = field(default_factory=dict)  # (prefill, window) -> mask, memoized per step
 
     def prefill_mask(self, i: int, window: int | None) -> torch.Tensor:  # [q, context] bool

@@ -20,6 +20,7 @@ from loraplex.lora.layer import LoraLinear, pool_size
 from loraplex.lora.ops import LoraPlan
 from loraplex.model.cpu_linear import PackedLinear, can_pack
 from loraplex.model.attention import ATTENTION_NAME, LayerProbe, register_attention
+from loraplex.model.linear_attention import patch_linear_attention
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class LoadedModel:
     dtype: torch.dtype  # compute dtype of activations and KV cache
     lora_dtype: torch.dtype  # of the adapters' weights in their slots
     lora_layers: dict[str, LoraLinear]  # served module name -> wrapped layer
+    attending: frozenset[int]  # the decoder layers that attend (hold keys and values)
+    linear_attention: dict[int, nn.Module]  # the others: linear_attention's patched layers
     # linears of a multimodal model's other towers (vision, audio), which text requests
     # never run: an adapter's LoRA on them changes no served output
     off_text_linears: frozenset[str]
@@ -82,23 +85,30 @@ def load_hf_model(path: str, quantize: str, dtype: torch.dtype, device: torch.de
     return model
 
 
+_BNB_CPU_BLOCK_N = 32  # (bitsandbytes.functional._convert_weight_packed_for_cpu's block_n)
+
+
 def _keep_unpackable_4bit_unpacked(model: nn.Module) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit for its bf16 kernel at
-    the first eval forward, and that repacking fails (a RuntimeError from a reshape) when
-    in_features is not a multiple of the quantization blocksize (64): e.g. a down_proj of
-    1376 inputs. Such layers stay on bnb's generic dequantize-and-matmul path."""
+    the first eval forward, and that repacking fails when in_features is not a multiple of
+    the quantization blocksize (64; a RuntimeError from a reshape: e.g. a down_proj of 1376
+    inputs) or out_features not one of its 32-row blocks (an AssertionError: e.g. Qwen3.5's
+    in_proj_b of one output per value head, 48 in its 27B). Such layers stay on bnb's
+    generic dequantize-and-matmul path."""
     import bitsandbytes as bnb
 
     kept = 0
     for module in model.modules():
         if (isinstance(module, bnb.nn.Linear4bit)
-                and module.in_features % module.weight.quant_state.blocksize
+                and (module.in_features % module.weight.quant_state.blocksize
+                     or module.out_features % _BNB_CPU_BLOCK_N)
                 and getattr(module, "support_avx512bf16_for_cpu", False)):
             module.support_avx512bf16_for_cpu = False
             kept += 1
     if kept:
         log.info("%d 4-bit linears have in_features that are not a multiple of the "
-                 "blocksize: bitsandbytes' packed CPU kernel is not used for them", kept)
+                 "blocksize or out_features not of %d: bitsandbytes' packed CPU kernel is not "
+                 "used for them", kept, _BNB_CPU_BLOCK_N)
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -121,7 +131,8 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
                           attn_implementation=ATTENTION_NAME)
     model.eval().requires_grad_(False)
     text_config = model.config.get_text_config()
-    check_attention_layers(model, text_config)
+    linear = patch_linear_attention(model)
+    attending = check_attention_layers(model, text_config) - linear.keys()
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
 
     lora_plan = LoraPlan()
@@ -137,7 +148,8 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
         max_len = min(max_len, cfg.max_model_len)
     return LoadedModel(
         model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora_dtype=pool_dtype,
-        lora_layers=lora_layers, off_text_linears=off_text,
+        lora_layers=lora_layers, off_text_linears=off_text, attending=frozenset(attending),
+        linear_attention=linear,
         lora_plan=lora_plan, max_model_len=max_len,
         num_layers=text_config.num_hidden_layers,
         kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
@@ -174,13 +186,13 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     return wrapped
 
 
-def check_attention_layers(model: nn.Module, text_config) -> None:
-    """ValueError for a model whose decoder layers do not all attend through the paged
-    attention: state-space or linear-attention layers (Qwen3.5 and Qwen3-Next's Gated
-    DeltaNet, Jamba's and Falcon-H1's Mamba) carry a recurrent state the KV cache does
-    not hold, so the packed batch would run through them as one sequence and every
-    answer would be wrong. One forward pass of one token (before any wrapping) finds the
-    layers that reach attention."""
+def check_attention_layers(model: nn.Module, text_config) -> set[int]:
+    """The decoder layers that reach loraplex's attention, paged or linear
+    (linear_attention.py); ValueError for a model with others: state-space or other
+    linear-attention layers (Qwen3-Next's, Jamba's and Falcon-H1's Mamba) carry a
+    recurrent state nothing here keeps, so the packed batch would run through them as
+    one sequence and every answer would be wrong. One forward pass of one token (before
+    any wrapping) finds them."""
     probe = LayerProbe()
     device = model.get_input_embeddings().weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
@@ -194,8 +206,9 @@ def check_attention_layers(model: nn.Module, text_config) -> None:
         raise ValueError(
             f"{text_config.model_type}: {len(missing)} of {text_config.num_hidden_layers} "
             f"decoder layers ({', '.join(kinds)}) do not attend through attention; loraplex's "
-            "paged KV cache serves attention layers only, so state-space and linear-attention "
-            "hybrids are refused rather than served wrong")
+            "paged KV cache serves attention layers (and Qwen3.5's linear attention) only, so "
+            "other state-space and linear-attention hybrids are refused rather than served wrong")
+    return probe.layers
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

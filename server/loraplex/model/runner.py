@@ -17,6 +17,7 @@ from loraplex.engine.sequence import ScheduledSeq
 from loraplex.lora.ops import choose_backend
 from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, PrefillSeq,
                                        choose_decode_attention, group_decodes)
+from loraplex.model.linear_attention import RecurrentBatch, RecurrentState
 from loraplex.model.loader import LoadedModel
 
 
@@ -28,7 +29,8 @@ class StepLogits:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, kv_cache: KVCache, block_size: int,
-                 lora_backend: str, slot_ranks: list[int], attention_backend: str = "auto"):
+                 lora_backend: str, slot_ranks: list[int], attention_backend: str = "auto",
+                 recurrent: RecurrentState | None = None):
         if lora_backend == "triton" and loaded.device.type != "cuda":
             raise ValueError("lora_backend 'triton' runs on CUDA only; the model is on "
                              f"{loaded.device}: use 'auto'")
@@ -41,6 +43,7 @@ class ModelRunner:
         self.decode_kernel = choose_decode_attention(attention_backend, loaded.device,
                                                      loaded.dtype, kv_cache.k[0].dtype)
         self.slot_ranks = slot_ranks  # rank of the adapter in each slot (0 = empty), kept by the cache
+        self.recurrent = recurrent  # linear-attention layers' state (Sequence.state_slot)
 
     def _cache_slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         """Cache slots of positions [start, end) of a sequence."""
@@ -93,7 +96,8 @@ class ModelRunner:
         attn = AttentionBatch(
             cache=self.kv_cache, slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             decode_groups=[self._decode_group(g, decode_tables, decode_lens) for g in groups],
-            prefills=prefill_seqs, decode_kernel=self.decode_kernel)
+            prefills=prefill_seqs, decode_kernel=self.decode_kernel,
+            recurrent=self._recurrent_batch(ordered))
         self._set_lora(lora_slots)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
@@ -116,6 +120,23 @@ class ModelRunner:
         return DecodeGroup(rows=None if every else torch.tensor(rows, device=device),
                            blocks=blocks.to(device),
                            lens=torch.tensor([lens[i] for i in rows], device=device))
+
+    def _recurrent_batch(self, ordered: list[ScheduledSeq]) -> RecurrentBatch | None:
+        """The state slots of the packed batch (decodes first); a sequence at position 0
+        (new, or recomputed after a preemption) starts from a cleared slot."""
+        if self.recurrent is None:
+            return None
+        starting = [item.seq.state_slot for item in ordered if item.seq.num_computed == 0]
+        if starting:
+            self.recurrent.clear(starting)
+        decodes = [item.seq.state_slot for item in ordered if item.num_new == 1]
+        prefills, row = [], len(decodes)
+        for item in ordered[len(decodes):]:
+            prefills.append((row, item.num_new, item.seq.state_slot))
+            row += item.num_new
+        return RecurrentBatch(self.recurrent,
+                              torch.tensor(decodes, dtype=torch.long, device=self.loaded.device),
+                              prefills)
 
     def _set_lora(self, lora_slots: list[int]) -> None:
         layers = self.loaded.lora_layers.values()
