@@ -15,6 +15,7 @@ so fp32 vs. fp32 differences in summation order do not flip tokens.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ from transformers import (
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3_5TextConfig,
     Qwen3Config,
     Qwen3NextConfig,
@@ -81,6 +84,25 @@ def _gemma3_vision(**text_fields) -> Gemma3Config:
                         **shared)
 
 
+_QWEN3_5_TEXT = dict(head_dim=16, num_hidden_layers=4, linear_num_key_heads=2,
+                     linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                     layer_types=["linear_attention", "full_attention"] * 2)
+
+
+def _qwen3_5_vision(**text_fields) -> Qwen3_5Config:
+    """Qwen3.5 as its checkpoints are: Qwen3_5ForConditionalGeneration, the language model
+    beside a (here one-block) vision encoder, model.visual."""
+    shared = {k: text_fields.pop(k) for k in ("initializer_range", "tie_word_embeddings")}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=text_fields["hidden_size"], patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2)
+    return Qwen3_5Config(text_config=text_fields, vision_config=vision, **shared)
+
+
+# models built from their own class, not AutoModelForCausalLM's (which loads Qwen3.5's
+# text model alone)
+_MODEL_CLASSES = {"qwen3_5_vision": Qwen3_5ForConditionalGeneration}
+
 # arch -> (config class, fields beyond _COMMON). Overrides go into the constructor, so
 # derived fields (head_dim = hidden / heads for llama) follow them.
 _CONFIGS = {
@@ -107,10 +129,8 @@ _CONFIGS = {
                                            layer_types=["sliding_attention", "full_attention"])),
     # Gated DeltaNet (linear attention) layers between (gated) attention ones, served by
     # loraplex.model.linear_attention; 2 value heads per key head
-    "qwen3_5": (Qwen3_5TextConfig, dict(head_dim=16, num_hidden_layers=4, linear_num_key_heads=2,
-                                        linear_num_value_heads=4, linear_key_head_dim=16,
-                                        linear_value_head_dim=16,
-                                        layer_types=["linear_attention", "full_attention"] * 2)),
+    "qwen3_5": (Qwen3_5TextConfig, _QWEN3_5_TEXT),
+    "qwen3_5_vision": (_qwen3_5_vision, _QWEN3_5_TEXT),
     # the same with fused in_proj_qkvz / in_proj_ba and a MoE MLP: refused (see
     # loader.check_attention_layers)
     "qwen3_next": (Qwen3NextConfig, dict(head_dim=16, num_hidden_layers=4, linear_num_key_heads=2,
@@ -183,7 +203,10 @@ def build_base(arch: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype
     # Different archs get different weights for the same seed.
     torch.manual_seed(seed * 1000 + list(_CONFIGS).index(arch))
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if arch in _MODEL_CLASSES:
+            model = _MODEL_CLASSES[arch]._from_config(config, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _init_weights(model, std=config.initializer_range, logit_std=LOGIT_STD)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -319,6 +342,10 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
                 AdapterSpec("r16_attn", r=16, lora_alpha=16, target_modules=ATTN, seed=2),
                 AdapterSpec("r4_all_rslora", r=4, lora_alpha=8, target_modules="all-linear",
                             use_rslora=True, seed=3)),
+    # every linear of the multimodal model (the vision encoder's too) as PEFT names them
+    # there: model.language_model.<...>, model.visual.<...>
+    "qwen3_5_vision": (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear",
+                                   seed=1),),
     # the language model's linears only, and every linear: the vision tower's too
     "gemma3_vision": (AdapterSpec("r8_text_qv", r=8, lora_alpha=16,
                                   target_modules=r".*language_model.*\.(q_proj|v_proj)", seed=1),
@@ -345,13 +372,22 @@ def _rescale_lora(peft_model, adapter_name: str, delta_ratio: float) -> None:
         b.mul_(factor)
 
 
+def model_class(base_dir: str | Path) -> type:
+    """The class the checkpoint was saved from (its config's architectures), so adapters
+    are trained, and references run, on the model as saved (a multimodal one whole)."""
+    import transformers
+
+    arch = json.loads((Path(base_dir) / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, arch)
+
+
 def build_adapters(base_dir: str | Path, root_dir: str | Path,
                    specs: tuple[AdapterSpec, ...] | list[AdapterSpec] = ADAPTER_SPECS) -> dict[str, Path]:
     """Write one PEFT adapter folder per spec under root_dir/<spec.name>; return name -> path."""
     from peft import get_peft_model
 
     root_dir = Path(root_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = model_class(base_dir).from_pretrained(base_dir, dtype=torch.float32)
     paths = {}
     for spec in specs:
         torch.manual_seed(spec.seed)

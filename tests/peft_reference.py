@@ -25,7 +25,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
+from transformers import BitsAndBytesConfig, GenerationConfig
+
+from models import model_class
 
 QUANTIZE_CHOICES = ("none", "nf4", "fp4", "int8")
 
@@ -49,10 +51,11 @@ def quantization_config(quantize: str) -> BitsAndBytesConfig | None:
 def load_base(base_dir: str | Path, quantize: str = "none",
               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The base model exactly as the reference uses it (fp32 compute unless `dtype` says
-    otherwise, eval mode, CPU)."""
+    otherwise, eval mode, CPU), of the class it was saved from (a multimodal model whole,
+    where the engine loads its text model)."""
     qconfig = quantization_config(quantize)
     kwargs = {"quantization_config": qconfig, "device_map": "cpu"} if qconfig else {}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, **kwargs)
+    model = model_class(base_dir).from_pretrained(base_dir, dtype=dtype, **kwargs)
     for module in model.modules():  # bitsandbytes' packed CPU 4-bit kernel raises for a layer
         # whose height is not a multiple of 32 (Qwen3.5's in_proj_b / in_proj_a): its generic one
         if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:

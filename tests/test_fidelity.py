@@ -147,13 +147,15 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
     assert same_choice >= len(plan) - (1 if kv_cache_dtype == "auto" else 4)
 
 
-@pytest.mark.parametrize("arch", ["phi3", "mixtral", "gemma3_vision"])
+@pytest.mark.parametrize("arch", ["phi3", "mixtral", "gemma3_vision", "qwen3_5_vision"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
-    every linear has LoRA on the tower too, which they never run) with their adapters
-    (models.FAMILY_SPECS) and base requests in one batch: each request gets PEFT's greedy
-    tokens."""
+    every linear has LoRA on the tower too, which they never run), and a Qwen3.5 checkpoint
+    as saved, with its vision encoder (the engine loads its text model alone, which names
+    the linears model.layers.<...> where the adapter, trained on the whole model, says
+    model.language_model.<...>) with their adapters (models.FAMILY_SPECS) and base requests
+    in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
     paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS[arch])
     engine = build_engine(base, tmp_path / "adapters")
@@ -161,6 +163,7 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
         loaded = engine.runner.loaded
         towers = {name.split(".")[1] for name in loaded.off_text_linears}
         assert towers == ({"vision_tower"} if arch == "gemma3_vision" else set())
+        assert (type(loaded.model).__name__ == "Qwen3_5ForCausalLM") == (arch == "qwen3_5_vision")
         assert all(".language_model." in name or arch != "gemma3_vision"
                    for name in loaded.lora_layers)
         plan = mixed_plan(sorted(paths) * 3, prompts[:9] + prompts[-3:], num_base=3)

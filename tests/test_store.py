@@ -293,6 +293,30 @@ def test_lora_off_the_text_model_is_skipped_not_refused(plain, root, module_shap
         store.read("a", "a", {m: s for m, s in module_shapes.items() if m not in every}, every)
 
 
+def test_multimodal_checkpoint_names_reach_the_text_model(plain, root, module_shapes):
+    """An adapter trained on a multimodal checkpoint names the text model's linears
+    model.language_model.<...> and may adapt its vision tower (model.visual.<...>); served
+    on that text model loaded alone (model.<...>, as transformers renames the weights), the
+    first are its linears and the tower's are skipped. Equal factors either way."""
+    def renamed(tensors):
+        for key in list(tensors):
+            tensors[key.replace(PREFIX + "model.", PREFIX + "model.language_model.")] = \
+                tensors.pop(key)
+        tensors[PREFIX + "model.visual.blocks.0.attn.qkv.lora_A.weight"] = torch.ones(4, 8)
+        tensors[PREFIX + "model.visual.blocks.0.attn.qkv.lora_B.weight"] = torch.ones(24, 4)
+    edit_tensors(copy_plain(plain, root), renamed)
+    store = AdapterStore(str(root), 8)
+    weights = store.read("a", "a", module_shapes)
+    assert set(weights.modules) == set(plain[1])
+    for module, (a, _, _) in plain[1].items():
+        torch.testing.assert_close(weights.modules[module][0], a)
+    # and the other way: the text model's own names, served inside the multimodal model
+    inside = {m.replace("model.", "model.language_model.", 1): s for m, s in module_shapes.items()}
+    copy_plain(plain, root, "b")
+    assert set(store.read("b", "b", inside).modules) == {
+        m.replace("model.", "model.language_model.", 1) for m in plain[1]}
+
+
 def test_config_not_json(plain, root, module_shapes):
     (copy_plain(plain, root) / "adapter_config.json").write_text("{r: 4")
     with pytest.raises(FailedPrecondition, match="not valid JSON"):

@@ -586,7 +586,7 @@ def _group_lora_tensors(tensors: dict[str, torch.Tensor], name: str,
     lora_keys_first = sorted(tensors, key=lambda k: (_LORA_KEY_RE.fullmatch(k) is None, k))
     for key in lora_keys_first:  # so a targeted lm_head is named before its saved base weight
         match = _LORA_KEY_RE.fullmatch(key)
-        if match and match["module"] in off_text:
+        if match and _off_text(match["module"], off_text, module_shapes):
             skipped.add(match["module"])
             continue
         module, factor = _split_lora_key(key, name, module_shapes)
@@ -625,8 +625,33 @@ def _refuse_variant_tensors(tensors: dict[str, torch.Tensor], name: str) -> None
             raise FailedPrecondition(refuse + f"{key} is a DoRA magnitude; merge the adapter or retrain without DoRA")
 
 
+# Where multimodal models keep their other towers (Gemma 3's model.vision_tower, Qwen3.5's
+# model.visual, LLaVA's multi_modal_projector): a module under one, in a model loaded for
+# text alone (which has no such module), is one text requests would never run.
+_TOWERS = frozenset({"visual", "vision_tower", "vision_model", "audio_tower",
+                     "multi_modal_projector", "mm_projector"})
+
+
+def _off_text(module: str, off_text: frozenset[str], module_shapes: dict) -> bool:
+    if module in off_text:
+        return True
+    return _served_name(module, module_shapes) is None and bool(
+        _TOWERS & set(module.split(".")[:2]))
+
+
+def _served_name(module: str, module_shapes: dict) -> str | None:
+    """The served linear an adapter's module name means: the name itself, or, across a
+    multimodal checkpoint and its text model loaded alone (as transformers renames their
+    weights), the name with its `language_model` level dropped or added."""
+    head, _, rest = module.partition(".")
+    candidates = (module, module.replace(".language_model.", ".", 1),
+                  module.removeprefix("language_model."), f"{head}.language_model.{rest}")
+    return next((c for c in candidates if c in module_shapes), None)
+
+
 def _split_lora_key(key: str, name: str, module_shapes: dict[str, tuple[int, int]]) -> tuple[str, str]:
-    """'base_model.model.<module>.lora_A[.<adapter>].weight' -> (<module>, 'lora_A')."""
+    """'base_model.model.<module>.lora_A[.<adapter>].weight' -> (<served module>, 'lora_A')
+    (see _served_name)."""
     refuse = f"adapter {name!r} cannot be served exactly: "
     match = _LORA_KEY_RE.fullmatch(key)
     if not match:
@@ -635,11 +660,11 @@ def _split_lora_key(key: str, name: str, module_shapes: dict[str, tuple[int, int
             "e.g. a full weight saved by modules_to_save or save_embedding_layers; "
             "save the adapter again with only its LoRA weights"
         )
-    module = match["module"]
-    if module not in module_shapes:
+    module = _served_name(match["module"], module_shapes)
+    if module is None:
         raise FailedPrecondition(
-            refuse + f"it targets {module}, which is not a linear layer this server applies LoRA to "
-            "(embeddings and lm_head are not served); retrain without that module"
+            refuse + f"it targets {match['module']}, which is not a linear layer this server "
+            "applies LoRA to (embeddings and lm_head are not served); retrain without that module"
         )
     return module, match["factor"]
 
