@@ -37,6 +37,7 @@ from transformers import (
     Qwen2Config,
     Qwen3_5Config,
     Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeTextConfig,
     Qwen3_5TextConfig,
     Qwen3Config,
     Qwen3NextConfig,
@@ -131,6 +132,9 @@ _CONFIGS = {
     # loraplex.model.linear_attention; 2 value heads per key head
     "qwen3_5": (Qwen3_5TextConfig, _QWEN3_5_TEXT),
     "qwen3_5_vision": (_qwen3_5_vision, _QWEN3_5_TEXT),
+    "qwen3_5_moe": (Qwen3_5MoeTextConfig, dict(_QWEN3_5_TEXT, num_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=32)),
     # the same with fused in_proj_qkvz / in_proj_ba and a MoE MLP: refused (see
     # loader.check_attention_layers)
     "qwen3_next": (Qwen3NextConfig, dict(head_dim=16, num_hidden_layers=4, linear_num_key_heads=2,
@@ -342,6 +346,10 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
                 AdapterSpec("r16_attn", r=16, lora_alpha=16, target_modules=ATTN, seed=2),
                 AdapterSpec("r4_all_rslora", r=4, lora_alpha=8, target_modules="all-linear",
                             use_rslora=True, seed=3)),
+    # (the same, but for the router and experts' MLP: attention and linear attention)
+    "qwen3_5_moe": (AdapterSpec("r8_linear_attn", r=8, lora_alpha=16,
+                                target_modules=("in_proj_qkv", "in_proj_z", "out_proj"), seed=1),
+                    AdapterSpec("r16_attn", r=16, lora_alpha=16, target_modules=ATTN, seed=2)),
     # every linear of the multimodal model (the vision encoder's too) as PEFT names them
     # there: model.language_model.<...>, model.visual.<...>
     "qwen3_5_vision": (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear",

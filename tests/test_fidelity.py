@@ -147,14 +147,16 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
     assert same_choice >= len(plan) - (1 if kv_cache_dtype == "auto" else 4)
 
 
-@pytest.mark.parametrize("arch", ["phi3", "mixtral", "gemma3_vision", "qwen3_5_vision"])
+@pytest.mark.parametrize("arch", ["phi3", "mixtral", "gemma3_vision", "qwen3_5_vision",
+                                  "qwen3_5_moe"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
     every linear has LoRA on the tower too, which they never run), and a Qwen3.5 checkpoint
     as saved, with its vision encoder (the engine loads its text model alone, which names
     the linears model.layers.<...> where the adapter, trained on the whole model, says
-    model.language_model.<...>) with their adapters (models.FAMILY_SPECS) and base requests
+    model.language_model.<...>), and Qwen3.5-MoE (linear attention and a mixture of
+    experts) with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
     paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS[arch])
