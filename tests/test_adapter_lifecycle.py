@@ -83,12 +83,12 @@ def count_reads(engine, slow: dict[str, threading.Event] | None = None):
     itself (slow[name + ':entered']) and waits for slow[name] to be set."""
     store, real, reads = engine.cache.store, engine.cache.store.read, {}
 
-    def read(name, relpath, shapes):
+    def read(name, relpath, *targets):
         reads[name] = reads.get(name, 0) + 1
         if slow and name in slow:
             slow[name + ":entered"].set()
             assert slow[name].wait(30)
-        return real(name, relpath, shapes)
+        return real(name, relpath, *targets)
     store.read = read
     return reads
 
@@ -538,10 +538,10 @@ def test_broken_files_fail_only_the_requests_that_want_them(make_engine, base, r
     engine = make_engine(max_gpu_adapters=2)
     real_read = engine.cache.store.read
 
-    def read(name, relpath, shapes):  # the file vanishes between the listing and the read
+    def read(name, relpath, *targets):  # the file vanishes between the listing and the read
         if name == "deleted":
             (root / "deleted" / WEIGHTS).unlink(missing_ok=True)
-        return real_read(name, relpath, shapes)
+        return real_read(name, relpath, *targets)
     engine.cache.store.read = read
     good = [request("r4_mlp", prompts[i], 16) for i in range(3)]
     outs = asyncio.run(_gather(engine, good + [request(n, prompts[4], 2) for n in broken]))
