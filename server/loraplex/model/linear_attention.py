@@ -76,7 +76,7 @@ class RecurrentBatch:
 
     state: RecurrentState
     decode_slots: torch.Tensor  # [D] state slot of each decode (rows 0..D-1)
-    prefills: list[tuple[int, int, int]]  # (start, length, state slot) of each prefill chunk
+    prefills: list[tuple[int, int, torch.Tensor]]  # (start, length, [1] state slot) per chunk
 
 
 def patch_linear_attention(model: nn.Module) -> dict[int, nn.Module]:
@@ -135,7 +135,6 @@ def packed_forward(self: nn.Module, hidden_states: torch.Tensor, attn_batch=None
     if D:
         mix(slice(0, D), recurrent.decode_slots, torch_recurrent_gated_delta_rule)
     for start, length, slot in recurrent.prefills:
-        mix(slice(start, start + length), torch.tensor([slot], device=out.device),
-            torch_chunk_gated_delta_rule)
+        mix(slice(start, start + length), slot, torch_chunk_gated_delta_rule)
     core = self.norm(out.view(-1, dv), z.reshape(-1, dv))  # [T * Hv, dv]
     return self.out_proj(core.view(1, T, -1))  # [1, T, hidden]

@@ -130,13 +130,14 @@ class ModelRunner:
         if starting:
             self.recurrent.clear(starting)
         decodes = [item.seq.state_slot for item in ordered if item.num_new == 1]
+        chunks = ordered[len(decodes):]
+        slots = torch.tensor(decodes + [item.seq.state_slot for item in chunks], dtype=torch.long,
+                             device=self.loaded.device)  # (one copy to the device a step)
         prefills, row = [], len(decodes)
-        for item in ordered[len(decodes):]:
-            prefills.append((row, item.num_new, item.seq.state_slot))
+        for i, item in enumerate(chunks, len(decodes)):
+            prefills.append((row, item.num_new, slots[i:i + 1]))
             row += item.num_new
-        return RecurrentBatch(self.recurrent,
-                              torch.tensor(decodes, dtype=torch.long, device=self.loaded.device),
-                              prefills)
+        return RecurrentBatch(self.recurrent, slots[:len(decodes)], prefills)
 
     def _set_lora(self, lora_slots: list[int]) -> None:
         layers = self.loaded.lora_layers.values()
