@@ -31,6 +31,7 @@ from transformers import (
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
+    Lfm2Config,
     MixtralConfig,
     Phi3Config,
     PreTrainedTokenizerFast,
@@ -135,14 +136,17 @@ _CONFIGS = {
     "qwen3_5_moe": (Qwen3_5MoeTextConfig, dict(_QWEN3_5_TEXT, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=32,
                                                shared_expert_intermediate_size=32)),
-    # the same with fused in_proj_qkvz / in_proj_ba and a MoE MLP: refused (see
-    # loader.check_attention_layers)
+    # the same with fused in_proj_qkvz / in_proj_ba and a MoE MLP
     "qwen3_next": (Qwen3NextConfig, dict(head_dim=16, num_hidden_layers=4, linear_num_key_heads=2,
                                          linear_num_value_heads=4, linear_key_head_dim=16,
                                          linear_value_head_dim=16, num_experts=4,
                                          num_experts_per_tok=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=32,
                                          layer_types=["linear_attention", "full_attention"] * 2)),
+    # short-convolution layers between attention ones: refused (see
+    # loader.check_attention_layers)
+    "lfm2": (Lfm2Config, dict(num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2,
+                              block_ff_dim=128, block_auto_adjust_ff_dim=False)),
 }
 
 
@@ -350,6 +354,9 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
     "qwen3_5_moe": (AdapterSpec("r8_linear_attn", r=8, lora_alpha=16,
                                 target_modules=("in_proj_qkv", "in_proj_z", "out_proj"), seed=1),
                     AdapterSpec("r16_attn", r=16, lora_alpha=16, target_modules=ATTN, seed=2)),
+    "qwen3_next": (AdapterSpec("r8_linear_attn", r=8, lora_alpha=16,
+                               target_modules=("in_proj_qkvz", "in_proj_ba", "out_proj"), seed=1),
+                   AdapterSpec("r16_attn", r=16, lora_alpha=16, target_modules=ATTN, seed=2)),
     # every linear of the multimodal model (the vision encoder's too) as PEFT names them
     # there: model.language_model.<...>, model.visual.<...>
     "qwen3_5_vision": (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear",

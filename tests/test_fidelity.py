@@ -148,15 +148,16 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
 
 
 @pytest.mark.parametrize("arch", ["phi3", "mixtral", "gemma3_vision", "qwen3_5_vision",
-                                  "qwen3_5_moe"])
+                                  "qwen3_5_moe", "qwen3_next"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
     every linear has LoRA on the tower too, which they never run), and a Qwen3.5 checkpoint
     as saved, with its vision encoder (the engine loads its text model alone, which names
     the linears model.layers.<...> where the adapter, trained on the whole model, says
-    model.language_model.<...>), and Qwen3.5-MoE (linear attention and a mixture of
-    experts) with their adapters (models.FAMILY_SPECS) and base requests
+    model.language_model.<...>), Qwen3.5-MoE (linear attention and a mixture of
+    experts) and Qwen3-Next (the same, its linear attention's projections fused) with
+    their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
     paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS[arch])
@@ -177,15 +178,14 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     assert not differ, f"{len(differ)}/{len(plan)} differ from PEFT: {differ}"
 
 
-def test_other_linear_attention_hybrid_is_refused_not_served_wrong(tmp_path):
-    """Qwen3-Next's Gated DeltaNet layers (fused projections, which linear_attention.py does
-    not patch) keep a recurrent state nothing here holds (served anyway, as Qwen3.5 was
-    before, the packed batch ran through them as one sequence: every answer differed from
-    PEFT's): the engine refuses the model, naming the layers."""
-    base = build_base("qwen3_next", tmp_path / "qwen3_next")
+def test_other_recurrent_hybrid_is_refused_not_served_wrong(tmp_path):
+    """LFM2's short-convolution layers keep a state nothing here holds (served anyway, as
+    Qwen3.5 was before linear_attention.py, the packed batch would run through them as one
+    sequence): the engine refuses the model, naming the layers."""
+    base = build_base("lfm2", tmp_path / "lfm2")
     (tmp_path / "adapters").mkdir()
-    with pytest.raises(ValueError, match=r"2 of 4 decoder layers \(linear_attention\) do not "
-                                         "attend through attention"):
+    with pytest.raises(ValueError, match=r"2 of 4 decoder layers \(conv\) do not attend "
+                                         "through attention"):
         build_engine(base, tmp_path / "adapters")
 
 

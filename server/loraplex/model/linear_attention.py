@@ -1,11 +1,14 @@
-"""Qwen3.5's Gated DeltaNet (linear attention) layers over loraplex's packed batch.
+"""Gated DeltaNet (linear attention) layers, Qwen3.5's and Qwen3-Next's, over loraplex's
+packed batch.
 
 Hugging Face's layer runs rows of one sequence each, its state in one cache object; the
 runner packs every sequence's new tokens into one row. So each such layer's forward is
 replaced (`patch_linear_attention`):
 
-- its projections (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj, and so their
-  LoRA) and its gated norm run once over the packed row, as every other linear does;
+- its projections (Qwen3.5's in_proj_qkv, in_proj_z, in_proj_b, in_proj_a; Qwen3-Next's
+  fused in_proj_qkvz and in_proj_ba, regrouped by its own fix_query_key_value_ordering;
+  out_proj; and so their LoRA) and its gated norm run once over the packed row, as every
+  other linear does;
 - the causal convolution and the delta rule run per sequence, from and into that
   sequence's slot of a `RecurrentState`: the convolution's last K - 1 inputs and the
   delta rule's [value heads, key dim, value dim] state, in fp32 as HF keeps it. The
@@ -16,9 +19,8 @@ replaced (`patch_linear_attention`):
   where the chunks of a long prompt end.
 
 A sequence's state covers all its tokens so far and cannot be rebuilt from KV blocks, so
-a model with these layers runs without prefix caching. Other linear-attention designs
-(Qwen3-Next's fused in_proj_qkvz) are not patched: loader.check_attention_layers refuses
-them.
+a model with these layers runs without prefix caching. Other recurrent layers (Mamba's)
+are not patched: loader.check_attention_layers refuses their models.
 """
 
 from __future__ import annotations
@@ -34,13 +36,28 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import (torch_chunk_gated_delt
 
 from loraplex.model.attention import LayerProbe
 
-_PARTS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d", "norm", "out_proj",
-          "A_log", "dt_bias")
+_PARTS = ("conv1d", "norm", "out_proj", "A_log", "dt_bias", "conv_dim", "conv_kernel_size",
+          "num_v_heads", "head_k_dim", "head_v_dim", "key_dim", "value_dim", "activation")
+_PROJECTIONS = (("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),  # Qwen3.5
+                ("in_proj_qkvz", "in_proj_ba", "fix_query_key_value_ordering"))  # Qwen3-Next
 
 
 def _is_gated_delta_net(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("GatedDeltaNet") and all(
-        hasattr(module, part) for part in _PARTS)
+    return (type(module).__name__.endswith("GatedDeltaNet")
+            and all(hasattr(module, part) for part in _PARTS)
+            and any(all(hasattr(module, p) for p in parts) for parts in _PROJECTIONS))
+
+
+def _projections(self: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """hidden_states [1, T, hidden] -> the convolution's input [T, channels] (queries, keys,
+    values), z [1, T, Hv * dv], b and a [T, Hv]."""
+    if hasattr(self, "in_proj_qkvz"):  # Qwen3-Next: grouped by key head, regrouped
+        q, k, v, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
+                                                             self.in_proj_ba(hidden_states))
+        mixed = torch.cat([x.reshape(*x.shape[:2], -1) for x in (q, k, v)], dim=-1)
+        return mixed[0], z.reshape(*z.shape[:2], -1), b[0], a[0]
+    return (self.in_proj_qkv(hidden_states)[0], self.in_proj_z(hidden_states),
+            self.in_proj_b(hidden_states)[0], self.in_proj_a(hidden_states)[0])
 
 
 class RecurrentState:
@@ -102,12 +119,10 @@ def packed_forward(self: nn.Module, hidden_states: torch.Tensor, attn_batch=None
 
     T = hidden_states.shape[1]
     Hv, dk, dv = self.num_v_heads, self.head_k_dim, self.head_v_dim
-    mixed = self.in_proj_qkv(hidden_states)[0]  # [T, channels]
-    z = self.in_proj_z(hidden_states)  # [1, T, Hv * dv]
-    beta = self.in_proj_b(hidden_states)[0].sigmoid()  # [T, Hv]
+    mixed, z, b, a = _projections(self, hidden_states)  # [T, C], [1, T, Hv * dv], [T, Hv] x 2
+    beta = b.sigmoid()  # [T, Hv]
     # (in fp32: a half-precision A could be -inf, as HF notes)
-    g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(hidden_states)[0].float()
-                                                + self.dt_bias)  # [T, Hv]
+    g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # [T, Hv]
     conv_state = recurrent.state.conv[self.layer_idx]  # [slots, channels, K - 1]
     delta_state = recurrent.state.delta[self.layer_idx]  # [slots, Hv, dk, dv]
     weight = self.conv1d.weight  # [channels, 1, K]

@@ -188,11 +188,11 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
 
 def check_attention_layers(model: nn.Module, text_config) -> set[int]:
     """The decoder layers that reach loraplex's attention, paged or linear
-    (linear_attention.py); ValueError for a model with others: state-space or other
-    linear-attention layers (Qwen3-Next's, Jamba's and Falcon-H1's Mamba) carry a
-    recurrent state nothing here keeps, so the packed batch would run through them as
-    one sequence and every answer would be wrong. One forward pass of one token (before
-    any wrapping) finds them."""
+    (linear_attention.py); ValueError for a model with others: state-space or convolution
+    layers (Jamba's and Falcon-H1's Mamba, LFM2's short convolutions) carry a recurrent
+    state nothing here keeps, so the packed batch would run through them as one sequence
+    and every answer would be wrong. One forward pass of one token (before any wrapping)
+    finds them."""
     probe = LayerProbe()
     device = model.get_input_embeddings().weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
@@ -206,8 +206,8 @@ def check_attention_layers(model: nn.Module, text_config) -> set[int]:
         raise ValueError(
             f"{text_config.model_type}: {len(missing)} of {text_config.num_hidden_layers} "
             f"decoder layers ({', '.join(kinds)}) do not attend through attention; loraplex's "
-            "paged KV cache serves attention layers (and Qwen3.5's linear attention) only, so "
-            "other state-space and linear-attention hybrids are refused rather than served wrong")
+            "paged KV cache serves attention layers (and Qwen3.5's and Qwen3-Next's Gated "
+            "DeltaNet) only, so other recurrent hybrids are refused rather than served wrong")
     return probe.layers
 
 
