@@ -29,6 +29,7 @@ from transformers import (
     Gemma3Config,
     Gemma3TextConfig,
     GemmaConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     Lfm2Config,
@@ -143,6 +144,10 @@ _CONFIGS = {
                                          num_experts_per_tok=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=32,
                                          layer_types=["linear_attention", "full_attention"] * 2)),
+    # attention sinks (a learned logit per head), a window of 8 in layer 0, 4 experts
+    "gpt_oss": (GptOssConfig, dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                   sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"])),
     # short-convolution layers between attention ones: refused (see
     # loader.check_attention_layers)
     "lfm2": (Lfm2Config, dict(num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2,
@@ -354,6 +359,11 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
     "qwen3_5_moe": (AdapterSpec("r8_linear_attn", r=8, lora_alpha=16,
                                 target_modules=("in_proj_qkv", "in_proj_z", "out_proj"), seed=1),
                     AdapterSpec("r16_attn", r=16, lora_alpha=16, target_modules=ATTN, seed=2)),
+    # attention only: its experts are raw parameters (see the note on Mixtral above)
+    "gpt_oss": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
+                AdapterSpec("r2_qv", r=2, lora_alpha=16, target_modules=QV, seed=2),
+                AdapterSpec("r32_kv_rslora", r=32, lora_alpha=8, target_modules=("k_proj", "v_proj"),
+                            use_rslora=True, seed=3)),
     "qwen3_next": (AdapterSpec("r8_linear_attn", r=8, lora_alpha=16,
                                target_modules=("in_proj_qkvz", "in_proj_ba", "out_proj"), seed=1),
                    AdapterSpec("r16_attn", r=16, lora_alpha=16, target_modules=ATTN, seed=2)),

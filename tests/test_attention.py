@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loraplex.model import attention
-from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, capped_attention,
+from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, math_attention,
                                       choose_decode_attention, group_decodes, paged_attention,
                                       sdpa)
 
@@ -54,9 +54,11 @@ def _groups(groups: list[list[int]], tables, lens) -> list[DecodeGroup]:
     return out
 
 
-def _reference(cache, tables, lens, q, window, shape: SimpleNamespace = SMALL, softcap=None):
+def _reference(cache, tables, lens, q, window, shape: SimpleNamespace = SMALL, softcap=None,
+               sinks=None):
     """The definition, one sequence and head at a time, on the cache after the write; with
-    `softcap`, the scores capped to softcap * tanh(score / softcap) (Gemma 2)."""
+    `softcap`, the scores capped to softcap * tanh(score / softcap) (Gemma 2); with `sinks`
+    ([H]), one more logit per head in the softmax, weighing no value (GPT-OSS)."""
     heads, bs, rep = shape.heads, shape.block_size, shape.heads // shape.kv_heads
     out = torch.empty(len(lens), heads, shape.head_dim)
     for i, n in enumerate(lens):
@@ -68,18 +70,21 @@ def _reference(cache, tables, lens, q, window, shape: SimpleNamespace = SMALL, s
             scores = k.double() @ q[0, h, i].double() * shape.head_dim ** -0.5  # [ctx]
             if softcap:
                 scores = torch.tanh(scores / softcap) * softcap
-            w = torch.softmax(scores, dim=0)
+            if sinks is not None:
+                scores = torch.cat([scores, sinks[h:h + 1].double()])
+            w = torch.softmax(scores, dim=0)[:len(k)]
             out[i, h] = (w @ v.double()).float()  # (in fp64: the peaked cases stay exact)
     return out
 
 
-@pytest.mark.parametrize("softcap", [None, 1.5])
+@pytest.mark.parametrize("softcap,sinks", [(None, False), (1.5, False), (None, True)])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("backend", ["sdpa", "cpu"])
-def test_decode_attention_matches_definition(backend, window, softcap):
+def test_decode_attention_matches_definition(backend, window, softcap, sinks):
     lens = [1, 3, 4, 5, 17, 40, 9, 2]  # a fresh sequence, block edges, one much longer
     cache, tables, (q, k, v) = _setup(lens)
     q *= 3  # scores of several units: a cap of 1.5 changes them
+    sinks = torch.linspace(-2, 4, H) if sinks else None  # [H]: from nearly none to most
     kernel = _kernel() if backend == "cpu" else None
     groups = [list(range(len(lens)))] if kernel else group_decodes([len(t) for t in tables])
     if kernel is None:
@@ -90,11 +95,11 @@ def test_decode_attention_matches_definition(backend, window, softcap):
                            decode_groups=_groups(groups, tables, lens), prefills=[],
                            decode_kernel=kernel)
     out, _ = paged_attention(SimpleNamespace(layer_idx=0), q, k, v, None,
-                             sliding_window=window, softcap=softcap,
+                             sliding_window=window, softcap=softcap, s_aux=sinks,
                              attn_batch=batch)  # [1, D, H, d]
-    expected = _reference(cache, tables, lens, q, window, softcap=softcap)
+    expected = _reference(cache, tables, lens, q, window, softcap=softcap, sinks=sinks)
     torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
-    if softcap:  # (the cap mattered)
+    if softcap or sinks is not None:  # (the cap or the sinks mattered)
         assert (out[0] - _reference(cache, tables, lens, q, window)).abs().max() > 1e-2
 
 
@@ -131,27 +136,41 @@ def test_decode_kernel_on_full_blocks(num_decodes, window, dtype, kv_dtype):
         torch.testing.assert_close(out[0], expected.to(dtype), rtol=2 ** -7, atol=1e-4)
 
 
+def test_probe_refuses_attention_options_it_does_not_implement():
+    """The load-time probe (loader.check_attention_layers) records the layers that attend;
+    an option a model passes that this attention does not implement is refused, never
+    ignored (as GPT-OSS's sinks were before they were implemented)."""
+    q, k, v = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8)
+    probe = attention.LayerProbe()
+    layer = SimpleNamespace(layer_idx=3)
+    out, _ = paged_attention(layer, q, k, v, None, attn_batch=probe, use_cache=False,
+                             position_ids=torch.zeros(1, 1), s_aux=torch.zeros(4))
+    assert probe.layers == {3} and out.shape == (1, 1, 4, 8)
+    with pytest.raises(ValueError, match="does not implement: attention_chunk_size"):
+        paged_attention(layer, q, k, v, None, attn_batch=probe, attention_chunk_size=8192)
+
+
 def test_decode_kernel_refuses_inconsistent_inputs():
     kernel = _kernel()
     cache, tables, (q, _, _) = _setup([5, 6])
     group = _groups([[0, 1]], tables, [5, 6])[0]
     out = torch.empty(2, H, D_HEAD)
     qd = q[0].transpose(0, 1).contiguous()  # [D, H, d]
-    kernel(qd, cache, 0, group, 0.25, None, None, out)  # fine
+    kernel(qd, cache, 0, group, 0.25, None, None, None, out)  # fine
     too_long = DecodeGroup(rows=None, blocks=group.blocks, lens=torch.tensor([5, 99]))
     with pytest.raises(ValueError, match="inconsistent"):
-        kernel(qd, cache, 0, too_long, 0.25, None, None, out)
+        kernel(qd, cache, 0, too_long, 0.25, None, None, None, out)
     past_the_end = DecodeGroup(rows=None, blocks=torch.tensor([[1, 2], [NUM_BLOCKS, 3]]),
                                lens=torch.tensor([5, 6]))
     with pytest.raises(ValueError, match="inconsistent"):
-        kernel(qd, cache, 0, past_the_end, 0.25, None, None, out)
+        kernel(qd, cache, 0, past_the_end, 0.25, None, None, None, out)
     with pytest.raises(ValueError, match="inconsistent"):
-        kernel(qd.double(), cache, 0, group, 0.25, None, None, out.double())
+        kernel(qd.double(), cache, 0, group, 0.25, None, None, None, out.double())
     with pytest.raises(ValueError, match="inconsistent"):  # a bf16 query, an fp32 output
-        kernel(qd.bfloat16(), cache, 0, group, 0.25, None, None, out)
+        kernel(qd.bfloat16(), cache, 0, group, 0.25, None, None, None, out)
     with pytest.raises(ValueError, match="inconsistent"):  # an fp16 query
-        kernel(qd.half(), cache, 0, group, 0.25, None, None, out.half())
-    kernel(qd.bfloat16(), cache, 0, group, 0.25, None, None, out.bfloat16())  # a bf16 model: fine
+        kernel(qd.half(), cache, 0, group, 0.25, None, None, None, out.half())
+    kernel(qd.bfloat16(), cache, 0, group, 0.25, None, None, None, out.bfloat16())  # a bf16 model: fine
 
 
 def test_decode_attention_choice():
@@ -193,23 +212,28 @@ def test_grouped_query_sdpa_equals_each_head_attending_alone(queries, expand_kv)
         torch.testing.assert_close(got[:, head:head + 1], alone, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sinks", [False, True])
 @pytest.mark.parametrize("masked", [False, True])  # causal (a fresh prefill), a mask
-def test_capped_attention_is_eager_attention_with_capped_scores(masked):
-    """capped_attention (Gemma 2's soft-capped scores, where SDPA cannot go), for each query
-    head h over K/V head h // 4: softmax(cap * tanh(q k^T scale / cap)) v."""
+def test_math_attention_is_eager_attention_with_capped_scores_and_sinks(masked, sinks):
+    """math_attention (where SDPA cannot go: Gemma 2's soft-capped scores, GPT-OSS's sinks),
+    for each query head h over K/V head h // 4: softmax(cap * tanh(q k^T scale / cap)) v,
+    a sink logit per head in the softmax when given."""
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 6, 16, generator=g) * 3  # [N, H, q, d]
     k, v = (torch.randn(2, 2, 6, 16, generator=g) for _ in range(2))  # [N, KVH, L, d]
     mask = torch.rand(2, 1, 6, 6, generator=g) > 0.3 if masked else None
     if masked:
         mask[..., 0] = True  # every row sees a position
-    got = capped_attention(q, k, v, mask, 0.25, softcap=1.5)  # [N, H, q, d]
+    sink = torch.linspace(-1, 3, 8) if sinks else None  # [H]
+    got = math_attention(q, k, v, mask, 0.25, softcap=1.5, sinks=sink)  # [N, H, q, d]
     allowed = mask if masked else torch.ones(6, 6, dtype=torch.bool).tril()
     for head in range(8):
         scores = q[:, head].double() @ k[:, head // 4].double().transpose(1, 2) * 0.25
         scores = (torch.tanh(scores / 1.5) * 1.5).masked_fill(~allowed[:, 0] if masked
                                                               else ~allowed, float("-inf"))
-        want = torch.softmax(scores, -1) @ v[:, head // 4].double()  # [N, q, d]
+        if sinks:
+            scores = torch.cat([scores, sink[head].double().expand(*scores.shape[:2], 1)], -1)
+        want = torch.softmax(scores, -1)[..., :6] @ v[:, head // 4].double()  # [N, q, d]
         torch.testing.assert_close(got[:, head].double(), want, rtol=1e-5, atol=1e-6)
 
 

@@ -189,6 +189,36 @@ def test_other_recurrent_hybrid_is_refused_not_served_wrong(tmp_path):
         build_engine(base, tmp_path / "adapters")
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_attention_sinks_logprobs_equal_peft(backend, tmp_path, prompts, capsys):
+    """GPT-OSS: a learned sink logit per head in every attention softmax (the CPU decode
+    kernel adds it to the sum; elsewhere math_attention, as on a GPU), a window of 8 in one
+    layer of two, experts in the MLP. Its adapters (models.FAMILY_SPECS) and base requests
+    in one batch, a third joining mid-decode: PEFT's greedy choice at every step, logprobs
+    within 1e-4. (Served before sinks were, 5 of 6 requests left PEFT's tokens.)"""
+    base = build_base("gpt_oss", tmp_path / "gpt_oss")
+    paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS["gpt_oss"])
+    engine = build_engine(base, tmp_path / "adapters",
+                          **({} if backend == "auto" else
+                             dict(lora_backend="segmented", attention_backend="sdpa")))
+    try:
+        plan = mixed_plan(sorted(paths) * 3, prompts[:9] + prompts[-3:], num_base=3)
+        outs = serve(engine, plan, logprobs=True)
+    finally:
+        engine.stop()
+    worst, differ = 0.0, []
+    for (name, prompt), out in zip(plan, outs):
+        served = list(out.token_ids)
+        choices, ref_lps = peft_alone(base, paths.get(name), "none", prompt, served)
+        if choices != served:
+            differ.append(name or "<base>")
+        worst = max(worst, max(abs(o.logprob - r) for o, r in zip(out.logprobs, ref_lps)))
+    with capsys.disabled():
+        print(f"\n[gpt_oss, {backend}] max |logprob - PEFT| = {worst:.2e}")
+    assert not differ, f"not PEFT's greedy choice at every step: {differ}"
+    assert worst <= LOGPROB_TOLERANCE["none"]
+
+
 @pytest.mark.parametrize("backend,kv_blocks,quantize", [
     ("auto", None, "none"), ("torch", None, "none"), ("auto", 24, "none"), ("auto", None, "nf4")])
 def test_linear_attention_hybrid_equals_peft(backend, kv_blocks, quantize, tmp_path, prompts,
@@ -239,7 +269,7 @@ def test_linear_attention_hybrid_equals_peft(backend, kv_blocks, quantize, tmp_p
 # Gemma 2 soft-caps its attention scores (tests/models.py: at 2) and its logits, and
 # Gemma 2 and 3 attend to a window of 8 positions in layer 0: prompts of up to 40 tokens
 # cross it in prefill chunks over a cached prefix and in decodes. auto: the CPU decode
-# kernel caps and windows; torch: SDPA, and for capped scores capped_attention, as on a GPU.
+# kernel caps and windows; torch: SDPA, and for capped scores math_attention, as on a GPU.
 @pytest.mark.parametrize("arch,backend", [("gemma2", "auto"), ("gemma2", "torch"),
                                           ("gemma3", "auto"), ("gemma3", "torch")])
 def test_capped_and_windowed_attention_logprobs_equal_peft(arch, backend, tiny_models,

@@ -28,6 +28,9 @@ from transformers import AttentionInterface
 from loraplex import cpu_kernels, hugepages
 
 ATTENTION_NAME = "loraplex_paged"
+# what models pass to attention beside its inputs that changes nothing in it
+IGNORED_OPTIONS = frozenset({"position_ids", "use_cache", "output_router_logits",
+                             "output_attentions", "cache_position"})
 
 
 class KVCache:
@@ -156,8 +159,9 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
 
     def attend(q: torch.Tensor, cache: KVCache, layer: int, group: DecodeGroup,
                scale: float, window: int | None, softcap: float | None,
-               out: torch.Tensor) -> None:
-        """q: [D, H, d] -> out: [D, H, d] (both contiguous, of the model's dtype)."""
+               sinks: torch.Tensor | None, out: torch.Tensor) -> None:
+        """q: [D, H, d] -> out: [D, H, d] (both contiguous, of the model's dtype); sinks:
+        [H] logits or None."""
         k, v = cache.k[layer], cache.v[layer]  # [slots, KVH, d]
         (D, H, d), bs, blocks, lens = q.shape, cache.block_size, group.blocks, group.lens
         # the kernel trusts its pointers: check what it will read
@@ -167,11 +171,16 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
                 and k.shape[2] == d and H % k.shape[1] == 0 and lens.numel() == D
                 and group.fits(k.shape[0] // bs, bs)):
             raise ValueError("the CPU decode-attention kernel got inconsistent inputs")
+        if sinks is not None:
+            sinks = sinks.float().contiguous()  # [H]
+            if sinks.shape != (H,) or sinks.device.type != "cpu":
+                raise ValueError("the CPU decode-attention kernel got inconsistent sinks")
         q32 = q.float()  # (q itself when fp32)
         out32 = out if out.dtype == torch.float32 else torch.empty_like(q32)
         kernels[k.dtype](q32.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(),
                          blocks.shape[1], lens.data_ptr(), D, H, k.shape[1], d, bs, scale,
-                         window or 0, softcap or 0.0, out32.data_ptr())
+                         window or 0, softcap or 0.0,
+                         None if sinks is None else sinks.data_ptr(), out32.data_ptr())
         if out32 is not out:
             out.copy_(out32)
 
@@ -234,14 +243,21 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     value: torch.Tensor, attention_mask: torch.Tensor | None,
                     scaling: float | None = None, dropout: float = 0.0,
                     sliding_window: int | None = None, softcap: float | None = None,
+                    s_aux: torch.Tensor | None = None,
                     attn_batch: AttentionBatch | LayerProbe | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
     """query: [1, H, T, d], key/value: [1, KVH, T, d] -> output [1, T, H, d]. `softcap`
     (Gemma 2's attn_logit_softcapping): the scores become softcap * tanh(score / softcap)
-    before the softmax."""
+    before the softmax. `s_aux` (GPT-OSS's sinks, [H]): one more logit per head in the
+    softmax, weighing no value. Any other option a model passes is refused (at load, by
+    the probe), never ignored."""
     if attn_batch is None:
         raise RuntimeError("loraplex attention runs only inside the loraplex runner")
     if isinstance(attn_batch, LayerProbe):
+        unknown = sorted(k for k, v in kwargs.items() if k not in IGNORED_OPTIONS and v is not None)
+        if unknown:
+            raise ValueError(f"{type(module).__name__} passes attention options loraplex's "
+                             f"attention does not implement: {', '.join(unknown)}")
         attn_batch.layers.add(module.layer_idx)
         return query.new_zeros(1, *query.shape[2:3], query.shape[1], query.shape[3]), None
     b = attn_batch
@@ -251,9 +267,9 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     v_cache.index_copy_(0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
 
     q = query[0]  # [H, T, d]
-    if softcap:
+    if softcap or s_aux is not None:
         def attend(q, k, v, mask, scale, expand_kv):
-            return capped_attention(q, k, v, mask, scale, softcap)
+            return math_attention(q, k, v, mask, scale, softcap, s_aux)
     else:
         attend = sdpa
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, d]
@@ -264,7 +280,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             od = out[:D] if group.rows is None else q.new_empty(D, *out.shape[1:])  # [D, H, d]
             b.decode_kernel(qd.transpose(0, 1).contiguous(), b.cache, layer, group,
                             scaling if scaling is not None else q.shape[-1] ** -0.5,
-                            sliding_window, softcap, od)
+                            sliding_window, softcap, s_aux, od)
             if group.rows is not None:
                 out.index_copy_(0, group.rows, od)
             continue
@@ -322,13 +338,14 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
                                           scale=scale, enable_gqa=gqa)
 
 
-def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None, scale: float | None,
-                     softcap: float) -> torch.Tensor:
-    """sdpa's contract, the scores soft-capped before the softmax (Gemma 2):
-    softmax(softcap * tanh(q k^T scale / softcap)) v. SDPA cannot cap, so this is the
-    math of transformers' eager attention (scores in q's dtype, the softmax in fp32), with
-    the [N, H, q, L] scores in memory: a prefill chunk of 512 over 4,096 positions with 16
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None, scale: float | None,
+                   softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """sdpa's contract with what SDPA cannot do: the scores soft-capped before the softmax
+    (Gemma 2: softmax(softcap * tanh(q k^T scale / softcap)) v), and sinks ([H] logits,
+    GPT-OSS: one more column of the softmax per head, dropped before the values). The math
+    of transformers' eager attention (scores in q's dtype, the softmax in fp32), with the
+    [N, H, q, L] scores in memory: a prefill chunk of 512 over 4,096 positions with 16
     heads is 128 MiB of fp32 scores."""
     N, H, Q, d = q.shape
     L, per_kv = k.shape[2], H // k.shape[1]
@@ -336,11 +353,16 @@ def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k = k.repeat_interleave(per_kv, dim=1)  # [N, H, L, d]
         v = v.repeat_interleave(per_kv, dim=1)
     scores = q @ k.transpose(2, 3) * (scale if scale is not None else d ** -0.5)  # [N, H, Q, L]
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is None:  # causal, Q == L
         mask = torch.ones(Q, L, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v  # [N, H, Q, d]
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, H, 1, 1).expand(N, H, Q, 1)
+        scores = torch.cat([scores, sink], dim=-1)  # [N, H, Q, L + 1]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return weights[..., :L] @ v  # [N, H, Q, d]
 
 
 def register_attention() -> None:
