@@ -25,6 +25,8 @@ from loraplex.engine.guide import gpt2_byte_chars
 from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
+    GPTNeoXConfig,
     Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
@@ -148,8 +150,22 @@ _CONFIGS = {
     "gpt_oss": (GptOssConfig, dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                    sliding_window=8,
                                    layer_types=["sliding_attention", "full_attention"])),
+    # one fused query_key_value linear; _COMMON's num_key_value_heads, which GPT-NeoX does
+    # not read (it has no grouped-query attention), must not size the KV cache
+    "gpt_neox": (GPTNeoXConfig, {}),
+    # multi-head latent attention: keys from a compressed kv_a_proj_with_mqa / kv_b_proj,
+    # 8 + 8 wide as the values; experts after a dense first layer
+    "deepseek_v3": (DeepseekV3Config, dict(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                                           qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                                           num_experts_per_tok=2, moe_intermediate_size=32,
+                                           first_k_dense_replace=1, n_group=1, topk_group=1)),
+    # as DeepSeek-V3 itself, values narrower than keys: refused (see loader._kv_shape)
+    "deepseek_v3_narrow_values": (DeepseekV3Config, dict(
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        first_k_dense_replace=1, n_group=1, topk_group=1)),
     # short-convolution layers between attention ones: refused (see
-    # loader.check_attention_layers)
+    # loader.probe_attention)
     "lfm2": (Lfm2Config, dict(num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2,
                               block_ff_dim=128, block_auto_adjust_ff_dim=False)),
 }
@@ -359,6 +375,15 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
     "qwen3_5_moe": (AdapterSpec("r8_linear_attn", r=8, lora_alpha=16,
                                 target_modules=("in_proj_qkv", "in_proj_z", "out_proj"), seed=1),
                     AdapterSpec("r16_attn", r=16, lora_alpha=16, target_modules=ATTN, seed=2)),
+    "gpt_neox": (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear",
+                             seed=1),
+                 AdapterSpec("r4_qkv", r=4, lora_alpha=8, target_modules=("query_key_value",),
+                             seed=2)),
+    # the latent attention's projections (its experts are raw parameters)
+    "deepseek_v3": (AdapterSpec("r8_attn", r=8, lora_alpha=16, seed=1, target_modules=(
+        "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
+                    AdapterSpec("r4_kv", r=4, lora_alpha=8,
+                                target_modules=("kv_a_proj_with_mqa", "kv_b_proj"), seed=2)),
     # attention only: its experts are raw parameters (see the note on Mixtral above)
     "gpt_oss": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
                 AdapterSpec("r2_qv", r=2, lora_alpha=16, target_modules=QV, seed=2),

@@ -137,7 +137,7 @@ def test_decode_kernel_on_full_blocks(num_decodes, window, dtype, kv_dtype):
 
 
 def test_probe_refuses_attention_options_it_does_not_implement():
-    """The load-time probe (loader.check_attention_layers) records the layers that attend;
+    """The load-time probe (loader.probe_attention) records the layers that attend;
     an option a model passes that this attention does not implement is refused, never
     ignored (as GPT-OSS's sinks were before they were implemented)."""
     q, k, v = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8)

@@ -148,7 +148,7 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
 
 
 @pytest.mark.parametrize("arch", ["phi3", "mixtral", "gemma3_vision", "qwen3_5_vision",
-                                  "qwen3_5_moe", "qwen3_next"])
+                                  "qwen3_5_moe", "qwen3_next", "gpt_neox", "deepseek_v3"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
@@ -156,8 +156,9 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     as saved, with its vision encoder (the engine loads its text model alone, which names
     the linears model.layers.<...> where the adapter, trained on the whole model, says
     model.language_model.<...>), Qwen3.5-MoE (linear attention and a mixture of
-    experts) and Qwen3-Next (the same, its linear attention's projections fused) with
-    their adapters (models.FAMILY_SPECS) and base requests
+    experts), Qwen3-Next (the same, its linear attention's projections fused), GPT-NeoX
+    (whose config carries a num_key_value_heads it does not read: the KV cache is shaped
+    by what attention is passed) and DeepSeek-V3's latent attention with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
     paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS[arch])
@@ -176,6 +177,15 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     differ = [name or "<base>" for (name, prompt), out in zip(plan, outs)
               if list(out.token_ids) != peft_greedy(base, paths.get(name), prompt, MAX_NEW)[0]]
     assert not differ, f"{len(differ)}/{len(plan)} differ from PEFT: {differ}"
+
+
+def test_keys_and_values_of_different_sizes_are_refused(tmp_path):
+    """DeepSeek-V3's latent attention as it ships: keys of 24 (16 + 8 rotary), values of
+    16 per head. (Loaded before by the config's head_dim, every step failed.)"""
+    base = build_base("deepseek_v3_narrow_values", tmp_path / "deepseek")
+    (tmp_path / "adapters").mkdir()
+    with pytest.raises(ValueError, match="keys of 24 and values of 16 per head"):
+        build_engine(base, tmp_path / "adapters")
 
 
 def test_other_recurrent_hybrid_is_refused_not_served_wrong(tmp_path):

@@ -233,10 +233,12 @@ class AttentionBatch:
 
 @dataclass
 class LayerProbe:
-    """attn_batch of a probe forward pass (loader.check_attention_layers): attention records
-    the layers that reach it and returns zeros, writing nothing."""
+    """attn_batch of a probe forward pass (loader.probe_attention): attention records
+    the layers that reach it, and the shapes of their keys and values, and returns zeros,
+    writing nothing."""
 
     layers: set[int] = field(default_factory=set)
+    shapes: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # (KVH, key d, value d)
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -259,7 +261,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             raise ValueError(f"{type(module).__name__} passes attention options loraplex's "
                              f"attention does not implement: {', '.join(unknown)}")
         attn_batch.layers.add(module.layer_idx)
-        return query.new_zeros(1, *query.shape[2:3], query.shape[1], query.shape[3]), None
+        attn_batch.shapes[module.layer_idx] = (key.shape[1], key.shape[3], value.shape[3])
+        return query.new_zeros(1, *query.shape[2:3], query.shape[1], value.shape[3]), None
     b = attn_batch
     layer = module.layer_idx
     k_cache, v_cache = b.cache.k[layer], b.cache.v[layer]  # [slots, KVH, d]

@@ -20,7 +20,7 @@ replaced (`patch_linear_attention`):
 
 A sequence's state covers all its tokens so far and cannot be rebuilt from KV blocks, so
 a model with these layers runs without prefix caching. Other recurrent layers (Mamba's)
-are not patched: loader.check_attention_layers refuses their models.
+are not patched: loader.probe_attention refuses their models.
 """
 
 from __future__ import annotations

@@ -132,7 +132,9 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
     model.eval().requires_grad_(False)
     text_config = model.config.get_text_config()
     linear = patch_linear_attention(model)
-    attending = check_attention_layers(model, text_config) - linear.keys()
+    probe = probe_attention(model, text_config)
+    attending = probe.layers - linear.keys()
+    kv_heads, head_dim = _kv_shape(text_config, {probe.shapes[i] for i in attending})
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
 
     lora_plan = LoraPlan()
@@ -141,8 +143,6 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
                                pool_dtype)
     off_text = off_text_linears(model)
     pack_cpu_linears(model, lora_layers)
-    head_dim = getattr(text_config, "head_dim", None) or (
-        text_config.hidden_size // text_config.num_attention_heads)
     max_len = text_config.max_position_embeddings
     if cfg.max_model_len:
         max_len = min(max_len, cfg.max_model_len)
@@ -152,8 +152,7 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
         linear_attention=linear,
         lora_plan=lora_plan, max_model_len=max_len,
         num_layers=text_config.num_hidden_layers,
-        kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
-        head_dim=head_dim, vocab_size=vocab_size,
+        kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab_size,
         eos_token_ids=_eos_ids(model, tokenizer), name=cfg.path)
 
 
@@ -186,13 +185,14 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     return wrapped
 
 
-def check_attention_layers(model: nn.Module, text_config) -> set[int]:
+def probe_attention(model: nn.Module, text_config) -> LayerProbe:
     """The decoder layers that reach loraplex's attention, paged or linear
-    (linear_attention.py); ValueError for a model with others: state-space or convolution
-    layers (Jamba's and Falcon-H1's Mamba, LFM2's short convolutions) carry a recurrent
-    state nothing here keeps, so the packed batch would run through them as one sequence
-    and every answer would be wrong. One forward pass of one token (before any wrapping)
-    finds them."""
+    (linear_attention.py), and the shapes of the keys and values the paged ones cache.
+    ValueError for a model with other layers: state-space or convolution layers (Jamba's
+    and Falcon-H1's Mamba, LFM2's short convolutions) carry a recurrent state nothing here
+    keeps, so the packed batch would run through them as one sequence and every answer
+    would be wrong. One forward pass of one token (before any wrapping) finds them, and
+    any attention option not implemented (paged_attention refuses it)."""
     probe = LayerProbe()
     device = model.get_input_embeddings().weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
@@ -208,7 +208,23 @@ def check_attention_layers(model: nn.Module, text_config) -> set[int]:
             f"decoder layers ({', '.join(kinds)}) do not attend through attention; loraplex's "
             "paged KV cache serves attention layers (and Qwen3.5's and Qwen3-Next's Gated "
             "DeltaNet) only, so other recurrent hybrids are refused rather than served wrong")
-    return probe.layers
+    return probe
+
+
+def _kv_shape(text_config, shapes: set[tuple[int, int, int]]) -> tuple[int, int]:
+    """(kv heads, head dim) of the KV cache: what the attention layers passed the probe
+    (not what the config says: a config may carry a field its model does not read, e.g.
+    num_key_value_heads on GPT-NeoX), the same in every layer, keys and values alike."""
+    if len(shapes) != 1:
+        raise ValueError(f"{text_config.model_type}: its attention layers cache keys and values "
+                         f"of different shapes ({sorted(shapes)}: kv heads, key and value "
+                         "size); loraplex's KV cache holds one shape")
+    [(kv_heads, key_dim, value_dim)] = shapes
+    if key_dim != value_dim:
+        raise ValueError(f"{text_config.model_type}: keys of {key_dim} and values of "
+                         f"{value_dim} per head (multi-head latent attention, as DeepSeek's) "
+                         "are not supported by loraplex's KV cache")
+    return kv_heads, key_dim
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
