@@ -32,6 +32,7 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GptOssConfig,
+    Llama4TextConfig,
     LlamaConfig,
     MistralConfig,
     Lfm2Config,
@@ -164,6 +165,14 @@ _CONFIGS = {
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         first_k_dense_replace=1, n_group=1, topk_group=1)),
+    # Llama 4's text model (the decoder is the model itself, by its get_decoder), experts
+    # and a shared expert, with full attention in both layers...
+    "llama4": (Llama4TextConfig, dict(head_dim=16, num_local_experts=4, intermediate_size_mlp=128,
+                                      layer_types=["full_attention"] * 2)),
+    # ...and as it ships, chunked attention (here chunks of 8), which lives in HF's mask
+    # alone: refused (see loader.probe_attention)
+    "llama4_chunked": (Llama4TextConfig, dict(head_dim=16, num_local_experts=4,
+                                              intermediate_size_mlp=128, attention_chunk_size=8)),
     # short-convolution layers between attention ones: refused (see
     # loader.probe_attention)
     "lfm2": (Lfm2Config, dict(num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2,
@@ -384,6 +393,9 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
         "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
                     AdapterSpec("r4_kv", r=4, lora_alpha=8,
                                 target_modules=("kv_a_proj_with_mqa", "kv_b_proj"), seed=2)),
+    "llama4": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
+               AdapterSpec("r4_shared_expert", r=4, lora_alpha=8, seed=2,
+                           target_modules=r".*shared_expert\.(gate_proj|up_proj|down_proj)")),
     # attention only: its experts are raw parameters (see the note on Mixtral above)
     "gpt_oss": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
                 AdapterSpec("r2_qv", r=2, lora_alpha=16, target_modules=QV, seed=2),

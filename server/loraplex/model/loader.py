@@ -165,7 +165,7 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     decoder = _module_name(model, model.get_decoder())
     targets = [(name, module) for name, module in model.named_modules()
                if _linear_shape(module) and module is not output_layer
-               and name.startswith(decoder + ".") and ".layers." in name]
+               and name.startswith(f"{decoder}." if decoder else "") and ".layers." in name]
     sizes = [pool_size(num_slots, max_rank, *_linear_shape(module)) for _, module in targets]
     storage = None
     if device.type == "cpu":  # every layer's pool in one buffer on huge pages (hugepages.py)
@@ -185,6 +185,9 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     return wrapped
 
 
+_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "linear_attention"})
+
+
 def probe_attention(model: nn.Module, text_config) -> LayerProbe:
     """The decoder layers that reach loraplex's attention, paged or linear
     (linear_attention.py), and the shapes of the keys and values the paged ones cache.
@@ -199,9 +202,16 @@ def probe_attention(model: nn.Module, text_config) -> LayerProbe:
     with torch.inference_mode():
         model(input_ids=token, position_ids=token, use_cache=False, logits_to_keep=1,
               attn_batch=probe)
+    types = getattr(text_config, "layer_types", None) or []
+    # a kind of layer whose attention lives in its mask alone, which this attention does not
+    # read (it builds its own): Llama 4's chunked attention would attend past its chunks
+    unknown = sorted({types[i] for i in probe.layers if i < len(types)} - _ATTENTION_LAYER_TYPES)
+    if unknown:
+        raise ValueError(f"{text_config.model_type}: layers of type {', '.join(unknown)} are "
+                         "not implemented by loraplex's attention (full_attention, "
+                         "sliding_attention and linear_attention are)")
     missing = sorted(set(range(text_config.num_hidden_layers)) - probe.layers)
     if missing:
-        types = getattr(text_config, "layer_types", None)
         kinds = sorted({types[i] for i in missing}) if types else ["not attention"]
         raise ValueError(
             f"{text_config.model_type}: {len(missing)} of {text_config.num_hidden_layers} "
@@ -235,8 +245,10 @@ def off_text_linears(model: nn.Module) -> frozenset[str]:
     """The linears under the text decoder's siblings (a multimodal model's vision or audio
     tower and projector: Gemma 3's model.vision_tower, model.multi_modal_projector), other
     than the embeddings and the output head; empty for a text-only model, whose decoder's
-    only sibling is the head."""
+    only sibling is the head, or whose decoder is the model itself (Llama 4's text model)."""
     decoder = _module_name(model, model.get_decoder())
+    if not decoder:
+        return frozenset()
     parent = model.get_submodule(decoder.rpartition(".")[0])
     text = {id(model.get_decoder()), id(model.get_input_embeddings()),
             id(model.get_output_embeddings())}
