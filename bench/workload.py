@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from loraplex.engine.threads import run_in_fresh_thread
-from tests.models import ALL_LINEAR, ATTN, QV, build_base
+from tests.models import ATTN, QV, build_base
 
 # hidden 512, 6 layers, 8 heads (no GQA), MLP 1376, vocab 8000, untied head:
 # 6 x (4 x 512^2 + 3 x 512 x 1376) + 2 x 8000 x 512 = 27.2M parameters.
@@ -45,15 +45,26 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
                       max_position_embeddings=8192, rope_theta=500000.0, initializer_range=0.02),
+    # Qwen3.5's layout at the bench model's width: 6 Gated DeltaNet (linear attention)
+    # layers and 2 of attention, three to one; 33.3M parameters
+    "qwen3_5": dict(BENCH_MODEL, num_hidden_layers=8, num_key_value_heads=2, head_dim=64,
+                    linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
+                    linear_value_head_dim=64,
+                    layer_types=["linear_attention"] * 3 + ["full_attention"]
+                    + ["linear_attention"] * 3 + ["full_attention"]),
 }
+SHAPE_ARCH = {"qwen3_5": "qwen3_5"}  # tests/models.py's family of a shape (else llama)
 
-TARGETS = {"all": ALL_LINEAR, "attn": ATTN, "qv": QV}
+# short names of the linears each --targets choice adapts (None: every linear)
+TARGETS = {"all": None, "attn": ATTN, "qv": QV}
 
 
 def build_bench_model(out_dir: str | Path, seed: int = 0, shape: str = "bench",
                       dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
-    """Write a random Llama of `shape` (a key of SHAPES) + byte tokenizer padded to the vocab."""
-    return build_base("llama", out_dir, seed=seed, dtype=dtype, device=device, **SHAPES[shape])
+    """Write a random model of `shape` (a key of SHAPES; a Llama unless SHAPE_ARCH says)
+    + byte tokenizer padded to the vocab."""
+    return build_base(SHAPE_ARCH.get(shape, "llama"), out_dir, seed=seed, dtype=dtype,
+                      device=device, **SHAPES[shape])
 
 
 def bench_adapter_names(n: int) -> list[str]:
@@ -68,6 +79,15 @@ def llama_module_shapes(hidden: int, layers: int, kv_dim: int, intermediate: int
                  "mlp.gate_proj": (hidden, intermediate), "mlp.up_proj": (hidden, intermediate),
                  "mlp.down_proj": (intermediate, hidden)}
     return {f"model.layers.{i}.{m}": shape for i in range(layers) for m, shape in per_layer.items()}
+
+
+def decoder_linears(base_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """Module name -> (in_features, out_features) of every linear in the decoder layers of
+    the model in base_dir (built on the meta device: no weight is read or allocated)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in name}
 
 
 def write_adapter(folder: Path, shapes: dict[str, tuple[int, int]], rank: int, seed: int,
@@ -94,15 +114,13 @@ def build_bench_adapters(base_dir: str | Path, root_dir: str | Path, n: int,
     """n random PEFT adapters of the model in base_dir, saved in `dtype`; adapter i has rank
     ranks[i % len(ranks)] on targets[i % len(targets)] (keys of TARGETS). Returns name ->
     folder."""
-    config = AutoConfig.from_pretrained(base_dir)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    shapes = llama_module_shapes(config.hidden_size, config.num_hidden_layers,
-                                 config.num_key_value_heads * head_dim, config.intermediate_size)
+    shapes = decoder_linears(base_dir)
     paths = {}
     for i, name in enumerate(bench_adapter_names(n)):
         modules = TARGETS[targets[i % len(targets)]]
         paths[name] = Path(root_dir) / name
-        write_adapter(paths[name], {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in modules},
+        write_adapter(paths[name], {m: s for m, s in shapes.items()
+                                    if modules is None or m.rsplit(".", 1)[-1] in modules},
                       ranks[i % len(ranks)], seed * 10_000 + i, str(base_dir), dtype)
     return paths
 
