@@ -17,6 +17,8 @@ from loraplex.model.attention import KVCache
 from peft_reference import load_base, peft_greedy
 
 MAX_NEW = 10
+# backend "torch": torch ops alone (segmented LoRA, SDPA attention), as on a GPU
+TORCH_OPS = {"torch": dict(lora_backend="segmented", attention_backend="sdpa")}
 FP32_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 # Measured on this machine (2-core AVX512-BF16 CPU): an fp32 base within 4.4e-6 of PEFT;
 # quantized, most requests within 2e-6, the worst 0.8e-2 to 2.3e-2 (nf4), 1.3e-2 to 2.7e-2
@@ -75,8 +77,7 @@ def test_mixed_batch_equals_peft_alone_fp32(arch, backend, tiny_models, adapters
     names = sorted(adapters[arch])
     assert len(names) >= 16
     engine = build_engine(tiny_models[arch], adapters[arch][names[0]].parent,
-                          **({} if backend == "auto" else
-                             dict(lora_backend="segmented", attention_backend="sdpa")))
+                          **TORCH_OPS.get(backend, {}))
     try:
         plan = mixed_plan(names, prompts)
         outs = serve(engine, plan)
@@ -109,6 +110,21 @@ def peft_alone(base_dir, adapter_dir, quantize, prompt, served, dtype=torch.floa
         logp = model(torch.tensor([prompt + served])).logits[0].float().log_softmax(-1)
     steps = logp[len(prompt) - 1:len(prompt) - 1 + len(served)]  # [new, vocab]
     return steps.argmax(-1).tolist(), [steps[i, t].item() for i, t in enumerate(served)]
+
+
+def gap_to_peft(base_dir, adapter_dir_of, plan, outs, quantize="none", dtype=torch.float32):
+    """Each served request against PEFT run alone on it (peft_alone): (the largest
+    |served logprob - PEFT's|, the requests whose tokens PEFT would not have chosen at some
+    step). adapter_dir_of: adapter name -> folder ("" for the base model: None)."""
+    worst, differ = 0.0, []
+    for (name, prompt), out in zip(plan, outs):
+        served = list(out.token_ids)
+        choices, ref_lps = peft_alone(base_dir, adapter_dir_of(name) if name else None,
+                                      quantize, prompt, served, dtype)
+        if choices != served:
+            differ.append(name or "<base>")
+        worst = max(worst, max(abs(o.logprob - r) for o, r in zip(out.logprobs, ref_lps)))
+    return worst, differ
 
 
 @pytest.mark.parametrize("quantize,lora_dtype,kv_cache_dtype", [
@@ -220,20 +236,13 @@ def test_attention_sinks_logprobs_equal_peft(backend, tmp_path, prompts, capsys)
     base = build_base("gpt_oss", tmp_path / "gpt_oss")
     paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS["gpt_oss"])
     engine = build_engine(base, tmp_path / "adapters",
-                          **({} if backend == "auto" else
-                             dict(lora_backend="segmented", attention_backend="sdpa")))
+                          **TORCH_OPS.get(backend, {}))
     try:
         plan = mixed_plan(sorted(paths) * 3, prompts[:9] + prompts[-3:], num_base=3)
         outs = serve(engine, plan, logprobs=True)
     finally:
         engine.stop()
-    worst, differ = 0.0, []
-    for (name, prompt), out in zip(plan, outs):
-        served = list(out.token_ids)
-        choices, ref_lps = peft_alone(base, paths.get(name), "none", prompt, served)
-        if choices != served:
-            differ.append(name or "<base>")
-        worst = max(worst, max(abs(o.logprob - r) for o, r in zip(out.logprobs, ref_lps)))
+    worst, differ = gap_to_peft(base, paths.get, plan, outs)
     with capsys.disabled():
         print(f"\n[gpt_oss, {backend}] max |logprob - PEFT| = {worst:.2e}")
     assert not differ, f"not PEFT's greedy choice at every step: {differ}"
@@ -255,7 +264,7 @@ def test_linear_attention_hybrid_equals_peft(backend, kv_blocks, quantize, tmp_p
     forward pass of the same tokens, LLM.int8's outlier columns being chosen per batch.)"""
     base = build_base("qwen3_5", tmp_path / "qwen3_5")
     paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS["qwen3_5"])
-    options = {} if backend == "auto" else dict(lora_backend="segmented", attention_backend="sdpa")
+    options = dict(TORCH_OPS.get(backend, {}))
     if kv_blocks:  # 8-token blocks of the 2 attention layers' keys and values, beside the
         # state of 64 sequences in the 2 linear ones (conv 128 x 3, delta 4 x 16 x 16; fp32)
         state = 64 * 2 * (128 * 3 + 4 * 16 * 16) * 4
@@ -273,13 +282,7 @@ def test_linear_attention_hybrid_equals_peft(backend, kv_blocks, quantize, tmp_p
     finally:
         engine.stop()
     assert (preempted > 0) == bool(kv_blocks)
-    worst, differ = 0.0, []
-    for (name, prompt), out in zip(plan, outs):
-        served = list(out.token_ids)
-        choices, ref_lps = peft_alone(base, paths.get(name), quantize, prompt, served)
-        if choices != served:
-            differ.append(name or "<base>")
-        worst = max(worst, max(abs(o.logprob - r) for o, r in zip(out.logprobs, ref_lps)))
+    worst, differ = gap_to_peft(base, paths.get, plan, outs, quantize)
     with capsys.disabled():
         print(f"\n[qwen3_5, {quantize}, {backend}, {preempted} preemptions] "
               f"max |logprob - PEFT| = {worst:.2e}")
@@ -298,22 +301,14 @@ def test_capped_and_windowed_attention_logprobs_equal_peft(arch, backend, tiny_m
     names = sorted(adapters[arch])
     assert len(names) >= 16
     engine = build_engine(tiny_models[arch], adapters[arch][names[0]].parent,
-                          **({} if backend == "auto" else
-                             dict(lora_backend="segmented", attention_backend="sdpa")))
+                          **TORCH_OPS.get(backend, {}))
     try:
         assert (engine.runner.decode_kernel is None) == (backend == "torch")
         plan = mixed_plan(names, prompts)
         outs = serve(engine, plan, logprobs=True)
     finally:
         engine.stop()
-    worst, differ = 0.0, []
-    for (name, prompt), out in zip(plan, outs):
-        served = list(out.token_ids)
-        choices, ref_lps = peft_alone(tiny_models[arch], adapters[arch][name] if name else None,
-                                      "none", prompt, served)
-        if choices != served:
-            differ.append(name or "<base>")
-        worst = max(worst, max(abs(o.logprob - r) for o, r in zip(out.logprobs, ref_lps)))
+    worst, differ = gap_to_peft(tiny_models[arch], adapters[arch].get, plan, outs)
     with capsys.disabled():
         print(f"\n[{arch}, {backend}] max |logprob - PEFT| = {worst:.2e}")
     assert not differ, f"not PEFT's greedy choice at every step: {differ}"
