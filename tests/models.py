@@ -169,8 +169,8 @@ _CONFIGS = {
     # and a shared expert, with full attention in both layers...
     "llama4": (Llama4TextConfig, dict(head_dim=16, num_local_experts=4, intermediate_size_mlp=128,
                                       layer_types=["full_attention"] * 2)),
-    # ...and as it ships, chunked attention (here chunks of 8), which lives in HF's mask
-    # alone: refused (see loader.probe_attention)
+    # ...and as it ships, chunked attention (here chunks of 8), which HF's code says in
+    # its mask alone (attention._chunk_of reads the config)
     "llama4_chunked": (Llama4TextConfig, dict(head_dim=16, num_local_experts=4,
                                               intermediate_size_mlp=128, attention_chunk_size=8)),
     # short-convolution layers between attention ones: refused (see
@@ -396,6 +396,7 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
     "llama4": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
                AdapterSpec("r4_shared_expert", r=4, lora_alpha=8, seed=2,
                            target_modules=r".*shared_expert\.(gate_proj|up_proj|down_proj)")),
+    "llama4_chunked": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),),
     # attention only: its experts are raw parameters (see the note on Mixtral above)
     "gpt_oss": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
                 AdapterSpec("r2_qv", r=2, lora_alpha=16, target_modules=QV, seed=2),

@@ -55,15 +55,16 @@ def _groups(groups: list[list[int]], tables, lens) -> list[DecodeGroup]:
 
 
 def _reference(cache, tables, lens, q, window, shape: SimpleNamespace = SMALL, softcap=None,
-               sinks=None):
+               sinks=None, chunk=None):
     """The definition, one sequence and head at a time, on the cache after the write; with
     `softcap`, the scores capped to softcap * tanh(score / softcap) (Gemma 2); with `sinks`
-    ([H]), one more logit per head in the softmax, weighing no value (GPT-OSS)."""
+    ([H]), one more logit per head in the softmax, weighing no value (GPT-OSS); with `chunk`,
+    only the positions of the new token's chunk (Llama 4's chunked attention)."""
     heads, bs, rep = shape.heads, shape.block_size, shape.heads // shape.kv_heads
     out = torch.empty(len(lens), heads, shape.head_dim)
     for i, n in enumerate(lens):
         slots = torch.tensor([tables[i][p // bs] * bs + p % bs for p in range(n)])
-        lo = max(0, n - window) if window else 0
+        lo = (n - 1) // chunk * chunk if chunk else max(0, n - window) if window else 0
         for h in range(heads):
             k = cache.k[0][slots[lo:], h // rep]  # [ctx, d]
             v = cache.v[0][slots[lo:], h // rep]
@@ -78,9 +79,9 @@ def _reference(cache, tables, lens, q, window, shape: SimpleNamespace = SMALL, s
 
 
 @pytest.mark.parametrize("softcap,sinks", [(None, False), (1.5, False), (None, True)])
-@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("window,chunk", [(None, None), (5, None), (None, 4)])
 @pytest.mark.parametrize("backend", ["sdpa", "cpu"])
-def test_decode_attention_matches_definition(backend, window, softcap, sinks):
+def test_decode_attention_matches_definition(backend, window, chunk, softcap, sinks):
     lens = [1, 3, 4, 5, 17, 40, 9, 2]  # a fresh sequence, block edges, one much longer
     cache, tables, (q, k, v) = _setup(lens)
     q *= 3  # scores of several units: a cap of 1.5 changes them
@@ -94,12 +95,15 @@ def test_decode_attention_matches_definition(backend, window, softcap, sinks):
     batch = AttentionBatch(cache=cache, slot_mapping=slot_mapping,
                            decode_groups=_groups(groups, tables, lens), prefills=[],
                            decode_kernel=kernel)
-    out, _ = paged_attention(SimpleNamespace(layer_idx=0), q, k, v, None,
-                             sliding_window=window, softcap=softcap, s_aux=sinks,
-                             attn_batch=batch)  # [1, D, H, d]
-    expected = _reference(cache, tables, lens, q, window, softcap=softcap, sinks=sinks)
+    layer = SimpleNamespace(layer_idx=0, config=SimpleNamespace(  # (a Llama 4 layer's)
+        layer_types=["chunked_attention" if chunk else "full_attention"],
+        attention_chunk_size=chunk))
+    out, _ = paged_attention(layer, q, k, v, None, sliding_window=window, softcap=softcap,
+                             s_aux=sinks, attn_batch=batch)  # [1, D, H, d]
+    expected = _reference(cache, tables, lens, q, window, softcap=softcap, sinks=sinks,
+                          chunk=chunk)
     torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
-    if softcap or sinks is not None:  # (the cap or the sinks mattered)
+    if softcap or sinks is not None or chunk:  # (the cap, the sinks or the chunks mattered)
         assert (out[0] - _reference(cache, tables, lens, q, window)).abs().max() > 1e-2
 
 
@@ -156,21 +160,21 @@ def test_decode_kernel_refuses_inconsistent_inputs():
     group = _groups([[0, 1]], tables, [5, 6])[0]
     out = torch.empty(2, H, D_HEAD)
     qd = q[0].transpose(0, 1).contiguous()  # [D, H, d]
-    kernel(qd, cache, 0, group, 0.25, None, None, None, out)  # fine
+    kernel(qd, cache, 0, group, 0.25, None, None, None, None, out)  # fine
     too_long = DecodeGroup(rows=None, blocks=group.blocks, lens=torch.tensor([5, 99]))
     with pytest.raises(ValueError, match="inconsistent"):
-        kernel(qd, cache, 0, too_long, 0.25, None, None, None, out)
+        kernel(qd, cache, 0, too_long, 0.25, None, None, None, None, out)
     past_the_end = DecodeGroup(rows=None, blocks=torch.tensor([[1, 2], [NUM_BLOCKS, 3]]),
                                lens=torch.tensor([5, 6]))
     with pytest.raises(ValueError, match="inconsistent"):
-        kernel(qd, cache, 0, past_the_end, 0.25, None, None, None, out)
+        kernel(qd, cache, 0, past_the_end, 0.25, None, None, None, None, out)
     with pytest.raises(ValueError, match="inconsistent"):
-        kernel(qd.double(), cache, 0, group, 0.25, None, None, None, out.double())
+        kernel(qd.double(), cache, 0, group, 0.25, None, None, None, None, out.double())
     with pytest.raises(ValueError, match="inconsistent"):  # a bf16 query, an fp32 output
-        kernel(qd.bfloat16(), cache, 0, group, 0.25, None, None, None, out)
+        kernel(qd.bfloat16(), cache, 0, group, 0.25, None, None, None, None, out)
     with pytest.raises(ValueError, match="inconsistent"):  # an fp16 query
-        kernel(qd.half(), cache, 0, group, 0.25, None, None, None, out.half())
-    kernel(qd.bfloat16(), cache, 0, group, 0.25, None, None, None, out.bfloat16())  # a bf16 model: fine
+        kernel(qd.half(), cache, 0, group, 0.25, None, None, None, None, out.half())
+    kernel(qd.bfloat16(), cache, 0, group, 0.25, None, None, None, None, out.bfloat16())  # a bf16 model: fine
 
 
 def test_decode_attention_choice():

@@ -165,7 +165,7 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
 
 @pytest.mark.parametrize("arch", ["phi3", "mixtral", "gemma3_vision", "qwen3_5_vision",
                                   "qwen3_5_moe", "qwen3_next", "gpt_neox", "deepseek_v3",
-                                  "llama4"])
+                                  "llama4", "llama4_chunked"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
@@ -176,7 +176,8 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     experts), Qwen3-Next (the same, its linear attention's projections fused), GPT-NeoX
     (whose config carries a num_key_value_heads it does not read: the KV cache is shaped
     by what attention is passed), DeepSeek-V3's latent attention and Llama 4's text model
-    (which is its own decoder) with their adapters (models.FAMILY_SPECS) and base requests
+    (which is its own decoder), with full attention and with chunks of 8 (prompts of up to
+    40 tokens cross them, in prefill chunks and decodes) with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
     paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS[arch])
@@ -203,15 +204,6 @@ def test_keys_and_values_of_different_sizes_are_refused(tmp_path):
     base = build_base("deepseek_v3_narrow_values", tmp_path / "deepseek")
     (tmp_path / "adapters").mkdir()
     with pytest.raises(ValueError, match="keys of 24 and values of 16 per head"):
-        build_engine(base, tmp_path / "adapters")
-
-
-def test_chunked_attention_is_refused_not_served_wrong(tmp_path):
-    """Llama 4's chunked attention is in HF's mask alone, which this attention does not
-    read: served, prompts past a chunk would attend across it."""
-    base = build_base("llama4_chunked", tmp_path / "llama4")
-    (tmp_path / "adapters").mkdir()
-    with pytest.raises(ValueError, match="layers of type chunked_attention are not implemented"):
         build_engine(base, tmp_path / "adapters")
 
 

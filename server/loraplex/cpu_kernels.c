@@ -396,12 +396,14 @@ static int64_t head_groups(int64_t D, int64_t KVH, int64_t threads) {
 INLINE void attend_item(const float *q, const void *k, const void *v, const int64_t *tables,
                         int64_t nb, const int64_t *lens, int64_t i, int64_t kv0, int64_t gk,
                         int64_t H, int64_t KVH, int64_t d, int64_t bs, float scale,
-                        int64_t window, float softcap, const float *sinks, float *out,
-                        int bf16) {
+                        int64_t window, int64_t chunk, float softcap, const float *sinks,
+                        float *out, int bf16) {
   const int64_t size = bf16 ? 2 : 4; /* bytes per cached value */
   const int64_t rep = H / KVH, nh = gk * rep, row = KVH * d, h0 = kv0 * rep, len = lens[i];
   const float *qi = q + (i * H + h0) * d; /* this item's query heads: [nh, d] */
-  const int64_t lo = window > 0 && len > window ? len - window : 0;
+  const int64_t lo = chunk > 0                      ? (len - 1) / chunk * chunk
+                     : window > 0 && len > window ? len - window
+                                                  : 0;
   float m[nh], l[nh], acc[nh * d], s[nh * bs]; /* per head: running max, sum, sum of w v */
   int64_t kvo[nh]; /* offset of query head h's kv head in a row of this item */
   for (int64_t h = 0; h < nh; h++) kvo[h] = (h / rep) * d;
@@ -469,7 +471,8 @@ INLINE void attend_item(const float *q, const void *k, const void *v, const int6
 }
 
 /* out[i][h] = softmax(cap(scale * K[ctx] q[i][h])) V[ctx] over positions lo .. len[i] - 1 of
- * sequence i (lo = len[i] - window with a sliding window, else 0), where cap(x) is
+ * sequence i (lo = len[i] - window with a sliding window, the start of the last token's
+ * chunk with chunked attention, Llama 4's; else 0), where cap(x) is
  * softcap * tanh(x / softcap) with a softcap > 0 (Gemma 2's), else x, and with sinks (one
  * logit per query head, GPT-OSS's) each head's softmax also sums exp(sinks[h]), which
  * weighs no value; grouped-query heads
@@ -489,13 +492,14 @@ CLONES
 void paged_decode_attention(const float *q, const float *k, const float *v,
                             const int64_t *tables, int64_t nb, const int64_t *lens, int64_t D,
                             int64_t H, int64_t KVH, int64_t d, int64_t bs, float scale,
-                            int64_t window, float softcap, const float *sinks, float *out) {
+                            int64_t window, int64_t chunk, float softcap, const float *sinks,
+                            float *out) {
   const int64_t G = head_groups(D, KVH, omp_get_max_threads()), gk = KVH / G;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < D; i++)
     for (int64_t g = 0; g < G; g++)
       attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, bs, scale, window,
-                  softcap, sinks, out, 0);
+                  chunk, softcap, sinks, out, 0);
 }
 
 /* paged_decode_attention on a bf16 cache (k, v as uint16 bit patterns); q, out and the
@@ -504,14 +508,14 @@ CLONES
 void paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v,
                                  const int64_t *tables, int64_t nb, const int64_t *lens,
                                  int64_t D, int64_t H, int64_t KVH, int64_t d, int64_t bs,
-                                 float scale, int64_t window, float softcap, const float *sinks,
-                                 float *out) {
+                                 float scale, int64_t window, int64_t chunk, float softcap,
+                                 const float *sinks, float *out) {
   const int64_t G = head_groups(D, KVH, omp_get_max_threads()), gk = KVH / G;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < D; i++)
     for (int64_t g = 0; g < G; g++)
       attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, bs, scale, window,
-                  softcap, sinks, out, 1);
+                  chunk, softcap, sinks, out, 1);
 }
 
 /* trie_walk: the automaton state after each prefix of a trie of byte strings, listed so that

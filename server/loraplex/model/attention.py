@@ -111,7 +111,7 @@ class DecodeGroup:
     rows: torch.Tensor | None  # [Dg] their rows in the packed batch; None: rows 0..Dg-1
     blocks: torch.Tensor  # [Dg, Bmax] block tables, padded with block 0
     lens: torch.Tensor  # [Dg] context lengths (including the new token)
-    _masks: dict = field(default_factory=dict)  # window -> mask, memoized per step
+    _masks: dict = field(default_factory=dict)  # (window, chunk) -> mask, memoized per step
     _fits: dict = field(default_factory=dict)  # (blocks, block_size) -> bool, see fits
 
     def fits(self, num_blocks: int, block_size: int) -> bool:
@@ -127,15 +127,26 @@ class DecodeGroup:
                 and int(self.lens.max()) <= self.blocks.shape[1] * block_size)
         return self._fits[key]
 
-    def mask(self, block_size: int, window: int | None) -> torch.Tensor:  # [Dg, 1, 1, W] bool
-        if window not in self._masks:
+    def mask(self, block_size: int, window: int | None,
+             chunk: int | None = None) -> torch.Tensor:  # [Dg, 1, 1, W] bool
+        if (window, chunk) not in self._masks:
             kpos = torch.arange(self.blocks.shape[1] * block_size, device=self.lens.device)
             qpos = (self.lens - 1).unsqueeze(1)  # [Dg, 1]
             mask = kpos.unsqueeze(0) <= qpos  # [Dg, W]: padding (and block 0) masked out
-            if window:
-                mask &= qpos - kpos.unsqueeze(0) < window
-            self._masks[window] = mask[:, None, None, :]
-        return self._masks[window]
+            mask &= _span(qpos, kpos.unsqueeze(0), window, chunk)
+            self._masks[window, chunk] = mask[:, None, None, :]
+        return self._masks[window, chunk]
+
+
+def _span(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
+          chunk: int | None) -> torch.Tensor | bool:
+    """Which keys a query may see beyond causality: the last `window` positions (a sliding
+    window), or those of its own `chunk`-long block (Llama 4's chunked attention)."""
+    if chunk:
+        return kpos // chunk == qpos // chunk
+    if window:
+        return qpos - kpos < window
+    return True
 
 
 @dataclass
@@ -158,7 +169,7 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
                torch.bfloat16: lib.paged_decode_attention_bf16}
 
     def attend(q: torch.Tensor, cache: KVCache, layer: int, group: DecodeGroup,
-               scale: float, window: int | None, softcap: float | None,
+               scale: float, window: int | None, chunk: int | None, softcap: float | None,
                sinks: torch.Tensor | None, out: torch.Tensor) -> None:
         """q: [D, H, d] -> out: [D, H, d] (both contiguous, of the model's dtype); sinks:
         [H] logits or None."""
@@ -179,7 +190,7 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
         out32 = out if out.dtype == torch.float32 else torch.empty_like(q32)
         kernels[k.dtype](q32.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(),
                          blocks.shape[1], lens.data_ptr(), D, H, k.shape[1], d, bs, scale,
-                         window or 0, softcap or 0.0,
+                         window or 0, chunk or 0, softcap or 0.0,
                          None if sinks is None else sinks.data_ptr(), out32.data_ptr())
         if out32 is not out:
             out.copy_(out32)
@@ -216,17 +227,17 @@ class AttentionBatch:
     prefills: list[PrefillSeq]
     decode_kernel: Callable | None = None  # see decode_kernel; None: SDPA
     recurrent: object = None  # linear_attention.RecurrentBatch, with linear-attention layers
-    _masks: dict = field(default_factory=dict)  # (prefill, window) -> mask, memoized per step
+    _masks: dict = field(default_factory=dict)  # (prefill, window, chunk) -> mask, per step
 
-    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor:  # [q, context] bool
-        key = (i, window)
+    def prefill_mask(self, i: int, window: int | None,
+                     chunk: int | None = None) -> torch.Tensor:  # [q, context] bool
+        key = (i, window, chunk)
         if key not in self._masks:
             seq = self.prefills[i]
             kpos = torch.arange(seq.context, device=seq.blocks.device)
             qpos = kpos[seq.context - seq.length:].unsqueeze(1)  # [q, 1]
             mask = kpos.unsqueeze(0) <= qpos
-            if window:
-                mask &= qpos - kpos.unsqueeze(0) < window
+            mask &= _span(qpos, kpos.unsqueeze(0), window, chunk)
             self._masks[key] = mask
         return self._masks[key]
 
@@ -269,6 +280,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     k_cache.index_copy_(0, b.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
     v_cache.index_copy_(0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
 
+    chunk = _chunk_of(module)
     q = query[0]  # [H, T, d]
     if softcap or s_aux is not None:
         def attend(q, k, v, mask, scale, expand_kv):
@@ -283,7 +295,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             od = out[:D] if group.rows is None else q.new_empty(D, *out.shape[1:])  # [D, H, d]
             b.decode_kernel(qd.transpose(0, 1).contiguous(), b.cache, layer, group,
                             scaling if scaling is not None else q.shape[-1] ** -0.5,
-                            sliding_window, softcap, s_aux, od)
+                            sliding_window, chunk, softcap, s_aux, od)
             if group.rows is not None:
                 out.index_copy_(0, group.rows, od)
             continue
@@ -291,7 +303,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         kd = kd.view(D, -1, *kd.shape[1:]).transpose(1, 2)  # [D, KVH, Bmax * bs, d]
         vd = vd.view(D, -1, *vd.shape[1:]).transpose(1, 2)
         od = attend(qd.transpose(0, 1).unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),  # [D, H, 1, d]
-                    group.mask(b.cache.block_size, sliding_window), scaling,
+                    group.mask(b.cache.block_size, sliding_window, chunk), scaling,
                     expand_kv=q.is_cuda).squeeze(2)  # [D, H, d]
         if group.rows is None:
             out[:D] = od
@@ -304,12 +316,23 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         vp = vp[:seq.context].transpose(0, 1).unsqueeze(0)
         # no cached prefix and no window cut: SDPA's own causal mask (it skips the masked
         # half: 2x faster on a 2048-token CPU prefill, and flash attention on CUDA)
-        causal = seq.context == seq.length and (not sliding_window or seq.length <= sliding_window)
+        causal = (seq.context == seq.length and (not sliding_window or seq.length <= sliding_window)
+                  and (not chunk or seq.length <= chunk))
         op = attend(qp, kp.to(q.dtype), vp.to(q.dtype),
-                    None if causal else b.prefill_mask(i, sliding_window), scaling,
+                    None if causal else b.prefill_mask(i, sliding_window, chunk), scaling,
                     expand_kv=q.is_cuda)  # [1, H, q, d]
         out[seq.start:seq.start + seq.length] = op[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _chunk_of(module: torch.nn.Module) -> int | None:
+    """The chunk of a chunked-attention layer (Llama 4's, whose HF code says it only in its
+    mask: layer_types and attention_chunk_size), else None."""
+    config = getattr(module, "config", None)
+    types = getattr(config, "layer_types", None)
+    if types and types[module.layer_idx] == "chunked_attention":
+        return config.attention_chunk_size
+    return None
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -185,7 +185,8 @@ def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.d
     return wrapped
 
 
-_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "linear_attention"})
+_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention",
+                                    "linear_attention"})
 
 
 def probe_attention(model: nn.Module, text_config) -> LayerProbe:
@@ -203,13 +204,13 @@ def probe_attention(model: nn.Module, text_config) -> LayerProbe:
         model(input_ids=token, position_ids=token, use_cache=False, logits_to_keep=1,
               attn_batch=probe)
     types = getattr(text_config, "layer_types", None) or []
-    # a kind of layer whose attention lives in its mask alone, which this attention does not
-    # read (it builds its own): Llama 4's chunked attention would attend past its chunks
+    # a kind of layer whose attention lives in HF's mask alone, which this attention does not
+    # read (it builds its own masks, for the kinds above)
     unknown = sorted({types[i] for i in probe.layers if i < len(types)} - _ATTENTION_LAYER_TYPES)
     if unknown:
         raise ValueError(f"{text_config.model_type}: layers of type {', '.join(unknown)} are "
                          "not implemented by loraplex's attention (full_attention, "
-                         "sliding_attention and linear_attention are)")
+                         "sliding_attention, chunked_attention and linear_attention are)")
     missing = sorted(set(range(text_config.num_hidden_layers)) - probe.layers)
     if missing:
         kinds = sorted({types[i] for i in missing}) if types else ["not attention"]
