@@ -207,6 +207,16 @@ def test_keys_and_values_of_different_sizes_are_refused(tmp_path):
         build_engine(base, tmp_path / "adapters")
 
 
+def test_attention_layer_types_not_implemented_are_refused(tmp_path):
+    """A layer type whose attention HF says in its mask alone, which this attention does
+    not read: DeepSeek-V3.2's indexed (sparse) attention, stood in for by a Llama config
+    that names it (Llama itself ignores layer_types)."""
+    base = build_base("llama", tmp_path / "llama", layer_types=["indexed_attention"] * 2)
+    (tmp_path / "adapters").mkdir()
+    with pytest.raises(ValueError, match="layers of type indexed_attention are not implemented"):
+        build_engine(base, tmp_path / "adapters")
+
+
 def test_other_recurrent_hybrid_is_refused_not_served_wrong(tmp_path):
     """LFM2's short-convolution layers keep a state nothing here holds (served anyway, as
     Qwen3.5 was before linear_attention.py, the packed batch would run through them as one
