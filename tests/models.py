@@ -46,6 +46,7 @@ from transformers import (
     Qwen3_5TextConfig,
     Qwen3Config,
     Qwen3NextConfig,
+    StableLmConfig,
 )
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
@@ -173,6 +174,9 @@ _CONFIGS = {
     # its mask alone (attention._chunk_of reads the config)
     "llama4_chunked": (Llama4TextConfig, dict(head_dim=16, num_local_experts=4,
                                               intermediate_size_mlp=128, attention_chunk_size=8)),
+    # attention code that does not pass the model's keyword arguments on (so never
+    # loraplex's batch): refused (see loader.probe_attention)
+    "stablelm": (StableLmConfig, {}),
     # short-convolution layers between attention ones: refused (see
     # loader.probe_attention)
     "lfm2": (Lfm2Config, dict(num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2,

@@ -217,6 +217,17 @@ def test_attention_layer_types_not_implemented_are_refused(tmp_path):
         build_engine(base, tmp_path / "adapters")
 
 
+def test_attention_that_cannot_run_here_is_refused_at_load(tmp_path):
+    """StableLM's attention does not pass keyword arguments on, so it never sees loraplex's
+    batch: the load-time probe refuses the model with a ValueError that says so, instead of
+    every step failing later."""
+    base = build_base("stablelm", tmp_path / "stablelm")
+    (tmp_path / "adapters").mkdir()
+    with pytest.raises(ValueError, match="stablelm: a one-token forward pass through "
+                                         "loraplex's attention failed"):
+        build_engine(base, tmp_path / "adapters")
+
+
 def test_other_recurrent_hybrid_is_refused_not_served_wrong(tmp_path):
     """LFM2's short-convolution layers keep a state nothing here holds (served anyway, as
     Qwen3.5 was before linear_attention.py, the packed batch would run through them as one

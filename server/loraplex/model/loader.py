@@ -200,9 +200,18 @@ def probe_attention(model: nn.Module, text_config) -> LayerProbe:
     probe = LayerProbe()
     device = model.get_input_embeddings().weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
-    with torch.inference_mode():
-        model(input_ids=token, position_ids=token, use_cache=False, logits_to_keep=1,
-              attn_batch=probe)
+    try:
+        with torch.inference_mode():
+            model(input_ids=token, position_ids=token, use_cache=False, logits_to_keep=1,
+                  attn_batch=probe)
+    except ValueError:  # (paged_attention's refusal of an option)
+        raise
+    except Exception as exc:  # noqa: BLE001  (any failure: this model cannot be served)
+        raise ValueError(
+            f"{text_config.model_type}: a one-token forward pass through loraplex's attention "
+            f"failed ({type(exc).__name__}: {str(exc)[:200]}); its attention is not one loraplex "
+            "implements (e.g. ALiBi position biases, or code that does not pass its keyword "
+            "arguments on to attention)") from exc
     types = getattr(text_config, "layer_types", None) or []
     # a kind of layer whose attention lives in HF's mask alone, which this attention does not
     # read (it builds its own masks, for the kinds above)
