@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
+    GPTJConfig,
     GPTNeoXConfig,
     Gemma2Config,
     Gemma3Config,
@@ -174,6 +175,8 @@ _CONFIGS = {
     # its mask alone (attention._chunk_of reads the config)
     "llama4_chunked": (Llama4TextConfig, dict(head_dim=16, num_local_experts=4,
                                               intermediate_size_mlp=128, attention_chunk_size=8)),
+    # its layers are transformer.h (not a `layers` list), rotary on 8 of each head's 16
+    "gptj": (GPTJConfig, dict(n_embd=64, n_head=4, n_layer=2, rotary_dim=8)),
     # attention code that does not pass the model's keyword arguments on (so never
     # loraplex's batch): refused (see loader.probe_attention)
     "stablelm": (StableLmConfig, {}),
@@ -400,6 +403,8 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
     "llama4": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
                AdapterSpec("r4_shared_expert", r=4, lora_alpha=8, seed=2,
                            target_modules=r".*shared_expert\.(gate_proj|up_proj|down_proj)")),
+    "gptj": (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear", seed=1),
+             AdapterSpec("r4_qv", r=4, lora_alpha=8, target_modules=QV, seed=2)),
     "llama4_chunked": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),),
     # attention only: its experts are raw parameters (see the note on Mixtral above)
     "gpt_oss": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),

@@ -159,13 +159,14 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
 def wrap_linears(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, lora_plan: LoraPlan,
                  lora_dtype: torch.dtype | None = None) -> dict[str, LoraLinear]:
-    """Replace every linear inside the text decoder's layers (model.get_decoder(): of a
-    multimodal model, its language model) by a LoraLinear; returns them by name."""
+    """Replace every linear inside the text decoder's layers (the list of them under
+    model.get_decoder(): of a multimodal model, its language model's) by a LoraLinear;
+    returns them by name."""
     output_layer = model.get_output_embeddings()
-    decoder = _module_name(model, model.get_decoder())
+    layers = _decoder_layers(model)
     targets = [(name, module) for name, module in model.named_modules()
                if _linear_shape(module) and module is not output_layer
-               and name.startswith(f"{decoder}." if decoder else "") and ".layers." in name]
+               and name.startswith(f"{layers}.")]
     sizes = [pool_size(num_slots, max_rank, *_linear_shape(module)) for _, module in targets]
     storage = None
     if device.type == "cpu":  # every layer's pool in one buffer on huge pages (hugepages.py)
@@ -245,6 +246,18 @@ def _kv_shape(text_config, shapes: set[tuple[int, int, int]]) -> tuple[int, int]
                          f"{value_dim} per head (multi-head latent attention, as DeepSeek's) "
                          "are not supported by loraplex's KV cache")
     return kv_heads, key_dim
+
+
+def _decoder_layers(model: nn.Module) -> str:
+    """The name of the decoder's list of layers: model.layers, model.language_model.layers,
+    GPT-J's transformer.h (the module list under model.get_decoder() that is as long as
+    the text model has layers); "" when there is none."""
+    decoder = _module_name(model, model.get_decoder())
+    count = model.config.get_text_config().num_hidden_layers
+    for name, module in model.get_decoder().named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return ".".join(filter(None, (decoder, name)))
+    return ""
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
