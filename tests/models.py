@@ -37,6 +37,8 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     Lfm2Config,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     MixtralConfig,
     Phi3Config,
     PreTrainedTokenizerFast,
@@ -107,9 +109,20 @@ def _qwen3_5_vision(**text_fields) -> Qwen3_5Config:
     return Qwen3_5Config(text_config=text_fields, vision_config=vision, **shared)
 
 
+def _mistral3_vision(**text_fields) -> Mistral3Config:
+    """Mistral Small 3.1's layout: Mistral3ForConditionalGeneration, a Mistral language model
+    beside a (here one-layer) Pixtral vision tower; AutoModelForCausalLM does not take it."""
+    shared = {k: text_fields.pop(k) for k in ("initializer_range", "tie_word_embeddings")}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, head_dim=16, image_size=28, patch_size=14)
+    return Mistral3Config(text_config=dict(text_fields, model_type="mistral"),
+                          vision_config=vision, image_token_index=VOCAB_SIZE - 1, **shared)
+
+
 # models built from their own class, not AutoModelForCausalLM's (which loads Qwen3.5's
-# text model alone)
-_MODEL_CLASSES = {"qwen3_5_vision": Qwen3_5ForConditionalGeneration}
+# text model alone, and does not take Mistral3)
+_MODEL_CLASSES = {"qwen3_5_vision": Qwen3_5ForConditionalGeneration,
+                  "mistral3_vision": Mistral3ForConditionalGeneration}
 
 # arch -> (config class, fields beyond _COMMON). Overrides go into the constructor, so
 # derived fields (head_dim = hidden / heads for llama) follow them.
@@ -139,6 +152,7 @@ _CONFIGS = {
     # loraplex.model.linear_attention; 2 value heads per key head
     "qwen3_5": (Qwen3_5TextConfig, _QWEN3_5_TEXT),
     "qwen3_5_vision": (_qwen3_5_vision, _QWEN3_5_TEXT),
+    "mistral3_vision": (_mistral3_vision, dict(head_dim=16, sliding_window=None)),
     "qwen3_5_moe": (Qwen3_5MoeTextConfig, dict(_QWEN3_5_TEXT, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=32,
                                                shared_expert_intermediate_size=32)),
@@ -418,6 +432,8 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
     # there: model.language_model.<...>, model.visual.<...>
     "qwen3_5_vision": (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear",
                                    seed=1),),
+    "mistral3_vision": (AdapterSpec("r8_all_linear", r=8, lora_alpha=16,
+                                    target_modules="all-linear", seed=1),),
     # the language model's linears only, and every linear: the vision tower's too
     "gemma3_vision": (AdapterSpec("r8_text_qv", r=8, lora_alpha=16,
                                   target_modules=r".*language_model.*\.(q_proj|v_proj)", seed=1),

@@ -165,7 +165,7 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
 
 @pytest.mark.parametrize("arch", ["phi3", "mixtral", "gemma3_vision", "qwen3_5_vision",
                                   "qwen3_5_moe", "qwen3_next", "gpt_neox", "deepseek_v3",
-                                  "llama4", "llama4_chunked", "gptj"])
+                                  "llama4", "llama4_chunked", "gptj", "mistral3_vision"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
@@ -178,7 +178,8 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     by what attention is passed), DeepSeek-V3's latent attention and Llama 4's text model
     (which is its own decoder), with full attention and with chunks of 8 (prompts of up to
     40 tokens cross them, in prefill chunks and decodes), and GPT-J (whose layers are
-    transformer.h) with their adapters (models.FAMILY_SPECS) and base requests
+    transformer.h), and Mistral Small 3.1's layout (Mistral3, which AutoModelForCausalLM
+    does not take: loaded for image-text-to-text, served for text) with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
     paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS[arch])
@@ -186,10 +187,12 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     try:
         loaded = engine.runner.loaded
         towers = {name.split(".")[1] for name in loaded.off_text_linears}
-        assert towers == ({"vision_tower"} if arch == "gemma3_vision" else set())
+        assert towers == {"gemma3_vision": {"vision_tower"},
+                          "mistral3_vision": {"vision_tower", "multi_modal_projector"}
+                          }.get(arch, set())
         assert (type(loaded.model).__name__ == "Qwen3_5ForCausalLM") == (arch == "qwen3_5_vision")
-        assert all(".language_model." in name or arch != "gemma3_vision"
-                   for name in loaded.lora_layers)
+        assert all(".language_model." in name or not arch.endswith("3_vision")
+                   or arch == "qwen3_5_vision" for name in loaded.lora_layers)
         plan = mixed_plan(sorted(paths) * 3, prompts[:9] + prompts[-3:], num_base=3)
         outs = serve(engine, plan)
     finally:

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoTokenizer, BitsAndBytesConfig)
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
+                                                    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING)
 
 from loraplex import hugepages
 from loraplex.config import ModelConfig
@@ -77,7 +80,7 @@ def load_hf_model(path: str, quantize: str, dtype: torch.dtype, device: torch.de
     bitsandbytes as `quantize` says (the benchmark's baselines load theirs with this too)."""
     quant = quantization_config(quantize, dtype)
     # straight to `device` (no round trip of a 16 GB bf16 model through host memory)
-    model = AutoModelForCausalLM.from_pretrained(  # safetensors only: never a pickle
+    model = _auto_class(path).from_pretrained(  # safetensors only: never a pickle
         path, dtype=dtype, quantization_config=quant, use_safetensors=True,
         device_map={"": device}, **kwargs)
     if quant is not None and device.type == "cpu":
@@ -86,6 +89,16 @@ def load_hf_model(path: str, quantize: str, dtype: torch.dtype, device: torch.de
 
 
 _BNB_CPU_BLOCK_N = 32  # (bitsandbytes.functional._convert_weight_packed_for_cpu's block_n)
+
+
+def _auto_class(path: str) -> type:
+    """AutoModelForCausalLM, or for an image-text-to-text model it does not take (Mistral
+    Small 3.1's Mistral3, LLaVA), AutoModelForImageTextToText: served for text, the
+    language model's logits are the same."""
+    kind = type(AutoConfig.from_pretrained(path))
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING and kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _keep_unpackable_4bit_unpacked(model: nn.Module) -> None:
