@@ -73,6 +73,11 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class CannotServe(Exception):
+    """The engine refused the model or its options at start-up (a ValueError that says
+    why: a model family loraplex does not serve, a KV cache too small, ...)."""
+
+
 def _default_engine_factory(config: Config, metrics: Metrics):
     from loraplex.engine.engine import Engine  # torch: import only when serving
 
@@ -183,7 +188,10 @@ class LoraplexServer:
             self.http_port = self.http.port
             log.info("OpenAI-compatible API on %s://%s/v1", "https" if s.tls_cert else "http",
                      _address(s.host, self.http_port))
-        engine = await asyncio.to_thread(self._engine_factory, self.config, self.metrics)
+        try:
+            engine = await asyncio.to_thread(self._engine_factory, self.config, self.metrics)
+        except ValueError as exc:  # (the model, or the engine's options for it)
+            raise CannotServe(str(exc)) from exc
         loop = asyncio.get_running_loop()
         engine.start(on_failure=lambda: loop.call_soon_threadsafe(
             lambda: self._stop_on_failure(engine.failure)))
@@ -414,5 +422,10 @@ def _freeze_startup_heap() -> None:
 
 
 def serve(config: Config) -> int:
-    """Run a server until a signal (exit status 0) or an engine failure (1)."""
-    return asyncio.run(LoraplexServer(config).run_until_signal())
+    """Run a server until a signal (exit status 0) or an engine failure (1); 2 when the
+    model cannot be served as configured (the engine says why, e.g. a family it refuses)."""
+    try:
+        return asyncio.run(LoraplexServer(config).run_until_signal())
+    except CannotServe as exc:
+        log.error("cannot serve %s: %s", config.model.path, exc)
+        return 2
