@@ -55,16 +55,18 @@ def run_staggered(engine: Engine, first: list[GenerationRequest], later: list[Ge
 
         async def consume(i, stream):
             tokens, last, lps, prompt_lps, text = [], None, [], [], []
-            async for out in stream:
-                tokens.extend(out.token_ids)
-                text.append(out.text)
-                lps.extend(out.logprobs)
-                prompt_lps.extend(out.prompt_logprobs)
-                last = out
-                if i == 0 and len(tokens) >= after_tokens:
+            try:
+                async for out in stream:
+                    tokens.extend(out.token_ids)
+                    text.append(out.text)
+                    lps.extend(out.logprobs)
+                    prompt_lps.extend(out.prompt_logprobs)
+                    last = out
+                    if i == 0 and len(tokens) >= after_tokens:
+                        started.set()
+            finally:
+                if i == 0:  # (also when it ended early or raised, e.g. refused: no hang)
                     started.set()
-            if i == 0:  # (also when it ended early, e.g. with an error: no hang)
-                started.set()
             outs[i] = (tokens, last, lps, prompt_lps, "".join(text))
 
         tasks = [asyncio.create_task(consume(i, s)) for i, s in enumerate(streams)]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from loraplex.engine.guide import gpt2_byte_chars
 from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
 from transformers import (
@@ -189,6 +190,23 @@ _CONFIGS = {
     # its mask alone (attention._chunk_of reads the config)
     "llama4_chunked": (Llama4TextConfig, dict(head_dim=16, num_local_experts=4,
                                               intermediate_size_mlp=128, attention_chunk_size=8)),
+    # more families, each with something of its own: q/k norms after the projections;
+    # sliding and global layers with parallel attention and MLP; a post-MLP norm; scaled
+    # embeddings, residuals and logits; KV shared across layers, AltUp and per-layer
+    # inputs; routed experts; layers without rotary positions; biases and a GELU MLP
+    "olmo2": (transformers.Olmo2Config, {}),
+    "cohere2": (transformers.Cohere2Config, dict(head_dim=16, sliding_window=8)),
+    "glm4": (transformers.Glm4Config, dict(head_dim=16)),
+    "granite": (transformers.GraniteConfig, dict(embedding_multiplier=2.0, residual_multiplier=0.5,
+                                                 logits_scaling=2.0, attention_multiplier=0.2)),
+    "gemma3n": (transformers.Gemma3nTextConfig, dict(
+        head_dim=16, num_hidden_layers=4, num_kv_shared_layers=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=16,
+        laurel_rank=8, activation_sparsity_pattern=[0.0] * 4, vocab_size_per_layer_input=256)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(head_dim=16, num_experts=4,
+                                                    num_experts_per_tok=2, moe_intermediate_size=32)),
+    "smollm3": (transformers.SmolLM3Config, dict(no_rope_layers=[1, 0])),
+    "starcoder2": (transformers.Starcoder2Config, dict(sliding_window=None)),
     # its layers are transformer.h (not a `layers` list), rotary on 8 of each head's 16
     "gptj": (GPTJConfig, dict(n_embd=64, n_head=4, n_layer=2, rotary_dim=8)),
     # attention code that does not pass the model's keyword arguments on (so never
@@ -417,6 +435,13 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
     "llama4": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
                AdapterSpec("r4_shared_expert", r=4, lora_alpha=8, seed=2,
                            target_modules=r".*shared_expert\.(gate_proj|up_proj|down_proj)")),
+    **{arch: (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear",
+                          seed=1),)
+       for arch in ("olmo2", "cohere2", "glm4", "granite", "smollm3", "starcoder2")},
+    # (its AltUp projections outside the layers, which all-linear would adapt, are not
+    # served: an adapter of them is refused)
+    "gemma3n": (AdapterSpec("r8_attn_mlp", r=8, lora_alpha=16, target_modules=ALL_LINEAR, seed=1),),
+    "qwen3_moe": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),),
     "gptj": (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear", seed=1),
              AdapterSpec("r4_qv", r=4, lora_alpha=8, target_modules=QV, seed=2)),
     "llama4_chunked": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),),

@@ -165,7 +165,9 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
 
 @pytest.mark.parametrize("arch", ["phi3", "mixtral", "gemma3_vision", "qwen3_5_vision",
                                   "qwen3_5_moe", "qwen3_next", "gpt_neox", "deepseek_v3",
-                                  "llama4", "llama4_chunked", "gptj", "mistral3_vision"])
+                                  "llama4", "llama4_chunked", "gptj", "mistral3_vision",
+                                  "olmo2", "cohere2", "glm4", "granite", "gemma3n", "qwen3_moe",
+                                  "smollm3", "starcoder2"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
@@ -179,7 +181,8 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     (which is its own decoder), with full attention and with chunks of 8 (prompts of up to
     40 tokens cross them, in prefill chunks and decodes), and GPT-J (whose layers are
     transformer.h), and Mistral Small 3.1's layout (Mistral3, which AutoModelForCausalLM
-    does not take: loaded for image-text-to-text, served for text) with their adapters (models.FAMILY_SPECS) and base requests
+    does not take: loaded for image-text-to-text, served for text), and more families,
+    each with something of its own (see tests/models.py) with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
     paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS[arch])
