@@ -209,9 +209,19 @@ _CONFIGS = {
     "starcoder2": (transformers.Starcoder2Config, dict(sliding_window=None)),
     # its layers are transformer.h (not a `layers` list), rotary on 8 of each head's 16
     "gptj": (GPTJConfig, dict(n_embd=64, n_head=4, n_layer=2, rotary_dim=8)),
-    # attention code that does not pass the model's keyword arguments on (so never
-    # loraplex's batch): refused (see loader.probe_attention)
-    "stablelm": (StableLmConfig, {}),
+    # decoder layers that do not pass the model's keyword arguments on to attention
+    # (loraplex's batch reaches it through attention.attention_step): StableLM with
+    # per-head q/k norms and a parallel residual; Falcon 40B/180B's grouped fused QKV, and
+    # Falcon 7B's multi-query one with parallel attention; Nemotron (partial rotary, ReLU^2)
+    "stablelm": (StableLmConfig, dict(qk_layernorm=True, use_parallel_residual=True)),
+    "falcon": (transformers.FalconConfig, dict(alibi=False, new_decoder_architecture=True,
+                                               num_kv_heads=2)),
+    "falcon_mqa": (transformers.FalconConfig, dict(alibi=False, new_decoder_architecture=False,
+                                                   multi_query=True, parallel_attn=True)),
+    "nemotron": (transformers.NemotronConfig, {}),
+    # ALiBi position biases (Falcon-RW's), which HF puts in the attention mask: refused
+    "falcon_alibi": (transformers.FalconConfig, dict(alibi=True, new_decoder_architecture=False,
+                                                     multi_query=False)),
     # short-convolution layers between attention ones: refused (see
     # loader.probe_attention)
     "lfm2": (Lfm2Config, dict(num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2,
@@ -437,7 +447,8 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
                            target_modules=r".*shared_expert\.(gate_proj|up_proj|down_proj)")),
     **{arch: (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear",
                           seed=1),)
-       for arch in ("olmo2", "cohere2", "glm4", "granite", "smollm3", "starcoder2")},
+       for arch in ("olmo2", "cohere2", "glm4", "granite", "smollm3", "starcoder2", "stablelm",
+                    "falcon", "falcon_mqa", "nemotron")},
     # (its AltUp projections outside the layers, which all-linear would adapt, are not
     # served: an adapter of them is refused)
     "gemma3n": (AdapterSpec("r8_attn_mlp", r=8, lora_alpha=16, target_modules=ALL_LINEAR, seed=1),),

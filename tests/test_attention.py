@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from loraplex.model import attention
-from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, math_attention,
+from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, attention_step,
+                                      math_attention,
                                       choose_decode_attention, group_decodes, paged_attention,
                                       sdpa)
 
@@ -98,8 +99,9 @@ def test_decode_attention_matches_definition(backend, window, chunk, softcap, si
     layer = SimpleNamespace(layer_idx=0, config=SimpleNamespace(  # (a Llama 4 layer's)
         layer_types=["chunked_attention" if chunk else "full_attention"],
         attention_chunk_size=chunk))
-    out, _ = paged_attention(layer, q, k, v, None, sliding_window=window, softcap=softcap,
-                             s_aux=sinks, attn_batch=batch)  # [1, D, H, d]
+    with attention_step(batch):
+        out, _ = paged_attention(layer, q, k, v, None, sliding_window=window, softcap=softcap,
+                                 s_aux=sinks)  # [1, D, H, d]
     expected = _reference(cache, tables, lens, q, window, softcap=softcap, sinks=sinks,
                           chunk=chunk)
     torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
@@ -129,8 +131,9 @@ def test_decode_kernel_on_full_blocks(num_decodes, window, dtype, kv_dtype):
     batch = AttentionBatch(cache=cache, slot_mapping=slot_mapping,
                            decode_groups=_groups([list(range(len(lens)))], tables, lens),
                            prefills=[], decode_kernel=kernel)
-    out, _ = paged_attention(SimpleNamespace(layer_idx=0), q, k, v, None,
-                             sliding_window=window, attn_batch=batch)  # [1, D, H, d]
+    with attention_step(batch):
+        out, _ = paged_attention(SimpleNamespace(layer_idx=0), q, k, v, None,
+                                 sliding_window=window)  # [1, D, H, d]
     assert out.dtype == dtype
     assert cache.k[0].dtype == kv_dtype  # the new keys were rounded to the cache's dtype
     expected = _reference(cache, tables, lens, q, window, shape)  # from the cached values
@@ -147,11 +150,14 @@ def test_probe_refuses_attention_options_it_does_not_implement():
     q, k, v = torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8)
     probe = attention.LayerProbe()
     layer = SimpleNamespace(layer_idx=3)
-    out, _ = paged_attention(layer, q, k, v, None, attn_batch=probe, use_cache=False,
-                             position_ids=torch.zeros(1, 1), s_aux=torch.zeros(4))
-    assert probe.layers == {3} and out.shape == (1, 1, 4, 8)
-    with pytest.raises(ValueError, match="does not implement: attention_chunk_size"):
-        paged_attention(layer, q, k, v, None, attn_batch=probe, attention_chunk_size=8192)
+    with attention_step(probe):
+        out, _ = paged_attention(layer, q, k, v, None, use_cache=False,
+                                 position_ids=torch.zeros(1, 1), s_aux=torch.zeros(4))
+        assert probe.layers == {3} and out.shape == (1, 1, 4, 8)
+        with pytest.raises(ValueError, match="does not implement: attention_chunk_size"):
+            paged_attention(layer, q, k, v, None, attention_chunk_size=8192)
+    with pytest.raises(RuntimeError, match="runs only inside the loraplex runner"):
+        paged_attention(layer, q, k, v, None)  # (outside any step)
 
 
 def test_decode_kernel_refuses_inconsistent_inputs():

@@ -243,18 +243,18 @@ def test_serve_subprocess_serves_and_stops_on_sigterm(assets, tmp_path):
 
 
 def test_serve_a_model_it_cannot_serve_exits_2_saying_why(tmp_path):
-    """A model the engine refuses (StableLM: its attention drops loraplex's batch) ends
+    """A model the engine refuses (Falcon-RW: ALiBi position biases) ends
     `loraplex serve` with status 2 and the engine's reason, not a traceback."""
     from models import build_base
 
-    base = build_base("stablelm", tmp_path / "stablelm")
+    base = build_base("falcon_alibi", tmp_path / "falcon")
     (tmp_path / "adapters").mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "loraplex.cli", "serve", "--model", str(base), "--device", "cpu",
          "--adapter-root", str(tmp_path / "adapters"), "--port", "0", "--metrics-port", "0"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"cannot serve {base}: stablelm: a one-token forward pass" in proc.stderr
+    assert f"cannot serve {base}: falcon: ALiBi position biases are not" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

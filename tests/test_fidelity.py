@@ -167,7 +167,8 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
                                   "qwen3_5_moe", "qwen3_next", "gpt_neox", "deepseek_v3",
                                   "llama4", "llama4_chunked", "gptj", "mistral3_vision",
                                   "olmo2", "cohere2", "glm4", "granite", "gemma3n", "qwen3_moe",
-                                  "smollm3", "starcoder2"])
+                                  "smollm3", "starcoder2", "stablelm", "falcon",
+                                  "falcon_mqa", "nemotron"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
@@ -181,7 +182,9 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     (which is its own decoder), with full attention and with chunks of 8 (prompts of up to
     40 tokens cross them, in prefill chunks and decodes), and GPT-J (whose layers are
     transformer.h), and Mistral Small 3.1's layout (Mistral3, which AutoModelForCausalLM
-    does not take: loaded for image-text-to-text, served for text), and more families,
+    does not take: loaded for image-text-to-text, served for text), StableLM, Falcon and
+    Nemotron (whose decoder layers do not pass keyword arguments on to attention), and more
+    families,
     each with something of its own (see tests/models.py) with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
@@ -224,14 +227,12 @@ def test_attention_layer_types_not_implemented_are_refused(tmp_path):
         build_engine(base, tmp_path / "adapters")
 
 
-def test_attention_that_cannot_run_here_is_refused_at_load(tmp_path):
-    """StableLM's attention does not pass keyword arguments on, so it never sees loraplex's
-    batch: the load-time probe refuses the model with a ValueError that says so, instead of
-    every step failing later."""
-    base = build_base("stablelm", tmp_path / "stablelm")
+def test_alibi_position_biases_are_refused_at_load(tmp_path):
+    """Falcon-RW's ALiBi biases live in HF's attention mask, which this attention does not
+    read: the model is refused at load with a ValueError that says so, not served wrong."""
+    base = build_base("falcon_alibi", tmp_path / "falcon")
     (tmp_path / "adapters").mkdir()
-    with pytest.raises(ValueError, match="stablelm: a one-token forward pass through "
-                                         "loraplex's attention failed"):
+    with pytest.raises(ValueError, match="falcon: ALiBi position biases are not implemented"):
         build_engine(base, tmp_path / "adapters")
 
 

@@ -1,10 +1,10 @@
 """Attention over our paged KV cache, plugged into transformers models.
 
-transformers lets a model call a registered attention function; extra keyword
-arguments given to `model(...)` reach it. We run a packed batch (every
-sequence's new tokens in one row, `position_ids` restarting per sequence) and
-pass `attn_batch=AttentionBatch(...)`. The function writes the new keys and
-values into the cache and attends each sequence to its own cached context.
+transformers lets a model call a registered attention function. We run a packed batch
+(every sequence's new tokens in one row, `position_ids` restarting per sequence) inside
+`attention_step(AttentionBatch(...))`, which every attention layer of that forward pass
+reads. The function writes the new keys and values into the cache and attends each
+sequence to its own cached context.
 
 Sequences with one new token (decodes) are attended together in padded SDPA
 calls, in groups of similar context length (`group_decodes`), so that one long
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -244,7 +246,7 @@ class AttentionBatch:
 
 @dataclass
 class LayerProbe:
-    """attn_batch of a probe forward pass (loader.probe_attention): attention records
+    """The batch of a probe forward pass (loader.probe_attention): attention records
     the layers that reach it, and the shapes of their keys and values, and returns zeros,
     writing nothing."""
 
@@ -252,18 +254,38 @@ class LayerProbe:
     shapes: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # (KVH, key d, value d)
 
 
+_STEP: ContextVar[AttentionBatch | LayerProbe | None] = ContextVar("loraplex_attention_step",
+                                                                   default=None)
+
+
+@contextmanager
+def attention_step(batch: AttentionBatch | LayerProbe) -> Iterator[None]:
+    """The batch every attention layer reads during one forward pass of the model (in this
+    thread). Not a keyword argument of `model(...)`: some HF decoder layers (StableLM's,
+    Falcon's) do not pass theirs on to attention."""
+    token = _STEP.set(batch)
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
+
+
+def current_step() -> AttentionBatch | LayerProbe | None:
+    """The batch of the forward pass running in this thread (see attention_step)."""
+    return _STEP.get()
+
+
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, attention_mask: torch.Tensor | None,
                     scaling: float | None = None, dropout: float = 0.0,
                     sliding_window: int | None = None, softcap: float | None = None,
-                    s_aux: torch.Tensor | None = None,
-                    attn_batch: AttentionBatch | LayerProbe | None = None,
-                    **kwargs) -> tuple[torch.Tensor, None]:
+                    s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query: [1, H, T, d], key/value: [1, KVH, T, d] -> output [1, T, H, d]. `softcap`
     (Gemma 2's attn_logit_softcapping): the scores become softcap * tanh(score / softcap)
     before the softmax. `s_aux` (GPT-OSS's sinks, [H]): one more logit per head in the
     softmax, weighing no value. Any other option a model passes is refused (at load, by
-    the probe), never ignored."""
+    the probe), never ignored. The batch is the one of attention_step."""
+    attn_batch = current_step()
     if attn_batch is None:
         raise RuntimeError("loraplex attention runs only inside the loraplex runner")
     if isinstance(attn_batch, LayerProbe):

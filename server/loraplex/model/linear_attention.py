@@ -34,7 +34,7 @@ from transformers.activations import ACT2FN
 from transformers.models.qwen3_5.modeling_qwen3_5 import (torch_chunk_gated_delta_rule,
                                                           torch_recurrent_gated_delta_rule)
 
-from loraplex.model.attention import LayerProbe
+from loraplex.model.attention import LayerProbe, current_step
 
 _PARTS = ("conv1d", "norm", "out_proj", "A_log", "dt_bias", "conv_dim", "conv_kernel_size",
           "num_v_heads", "head_k_dim", "head_v_dim", "key_dim", "value_dim", "activation")
@@ -107,9 +107,10 @@ def patch_linear_attention(model: nn.Module) -> dict[int, nn.Module]:
     return layers
 
 
-def packed_forward(self: nn.Module, hidden_states: torch.Tensor, attn_batch=None,
-                   **kwargs) -> torch.Tensor:
-    """hidden_states: [1, T, hidden] (the packed row) -> [1, T, hidden]."""
+def packed_forward(self: nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """hidden_states: [1, T, hidden] (the packed row) -> [1, T, hidden]; the state slots
+    come with attention.attention_step's batch."""
+    attn_batch = current_step()
     if isinstance(attn_batch, LayerProbe):
         attn_batch.layers.add(self.layer_idx)
         return torch.zeros_like(hidden_states)

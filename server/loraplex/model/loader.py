@@ -22,7 +22,8 @@ from loraplex.config import ModelConfig
 from loraplex.lora.layer import LoraLinear, pool_size
 from loraplex.lora.ops import LoraPlan
 from loraplex.model.cpu_linear import PackedLinear, can_pack
-from loraplex.model.attention import ATTENTION_NAME, LayerProbe, register_attention
+from loraplex.model.attention import (ATTENTION_NAME, LayerProbe, attention_step,
+                                       register_attention)
 from loraplex.model.linear_attention import patch_linear_attention
 
 log = logging.getLogger(__name__)
@@ -211,21 +212,22 @@ def probe_attention(model: nn.Module, text_config) -> LayerProbe:
     keeps, so the packed batch would run through them as one sequence and every answer
     would be wrong. One forward pass of one token (before any wrapping) finds them, and
     any attention option not implemented (paged_attention refuses it)."""
+    if getattr(text_config, "alibi", False):  # (Falcon-RW's: HF adds them to the mask)
+        raise ValueError(f"{text_config.model_type}: ALiBi position biases are not implemented "
+                         "by loraplex's attention")
     probe = LayerProbe()
     device = model.get_input_embeddings().weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
     try:
-        with torch.inference_mode():
-            model(input_ids=token, position_ids=token, use_cache=False, logits_to_keep=1,
-                  attn_batch=probe)
+        with torch.inference_mode(), attention_step(probe):
+            model(input_ids=token, position_ids=token, use_cache=False, logits_to_keep=1)
     except ValueError:  # (paged_attention's refusal of an option)
         raise
     except Exception as exc:  # noqa: BLE001  (any failure: this model cannot be served)
         raise ValueError(
             f"{text_config.model_type}: a one-token forward pass through loraplex's attention "
             f"failed ({type(exc).__name__}: {str(exc)[:200]}); its attention is not one loraplex "
-            "implements (e.g. ALiBi position biases, or code that does not pass its keyword "
-            "arguments on to attention)") from exc
+            "implements") from exc
     types = getattr(text_config, "layer_types", None) or []
     # a kind of layer whose attention lives in HF's mask alone, which this attention does not
     # read (it builds its own masks, for the kinds above)

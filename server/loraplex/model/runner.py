@@ -16,7 +16,7 @@ from loraplex.engine.kv_cache import blocks_needed
 from loraplex.engine.sequence import ScheduledSeq
 from loraplex.lora.ops import choose_backend
 from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, PrefillSeq,
-                                       choose_decode_attention, group_decodes)
+                                       attention_step, choose_decode_attention, group_decodes)
 from loraplex.model.linear_attention import RecurrentBatch, RecurrentState
 from loraplex.model.loader import LoadedModel
 
@@ -101,10 +101,10 @@ class ModelRunner:
         self._set_lora(lora_slots)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
-        out = self.loaded.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                logits_to_keep=torch.tensor(keep, dtype=torch.long,
-                                                            device=device),
-                                attn_batch=attn)
+        with attention_step(attn):
+            out = self.loaded.model(input_ids=input_ids, position_ids=position_ids,
+                                    use_cache=False, logits_to_keep=torch.tensor(
+                                        keep, dtype=torch.long, device=device))
         logits = out.logits[0]  # [len(keep), vocab]
         return StepLogits(logits[:num_sampled],
                           list(logits[num_sampled:].split(scored_sizes)) if scored_sizes else [])
