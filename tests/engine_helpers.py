@@ -29,7 +29,8 @@ def build_engine(base_dir, adapter_root, quantize="none", dtype="float32",
 def tiny_llama_blocks(num_blocks: int, block_size: int) -> int:
     """The kv_cache_memory that holds exactly `num_blocks` KV blocks of the tiny llama
     (tests/models.py: 2 layers, 2 KV heads of 16, fp32)."""
-    return num_blocks * KVCache.bytes_per_block(2, block_size, 2, 16, torch.float32)
+    return num_blocks * KVCache.bytes_per_block(block_size, {0: (2, 16, 16), 1: (2, 16, 16)},
+                                                torch.float32)
 
 
 def greedy(max_new_tokens: int, **kwargs) -> SamplingParams:

@@ -177,11 +177,27 @@ _CONFIGS = {
                                            qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
                                            num_experts_per_tok=2, moe_intermediate_size=32,
                                            first_k_dense_replace=1, n_group=1, topk_group=1)),
-    # as DeepSeek-V3 itself, values narrower than keys: refused (see loader._kv_shape)
-    "deepseek_v3_narrow_values": (DeepseekV3Config, dict(
+    # as DeepSeek-V3 ships: values narrower than keys (here 16 and 16 + 8 rotary; its own
+    # 128 and 192), as many kv heads as heads
+    "deepseek_v3_mla": (DeepseekV3Config, dict(
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        first_k_dense_replace=1, n_group=1, topk_group=1)),
+        first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4)),
+    # Gemma 4: global layers with heads twice as wide as the sliding ones' (its own 512 and
+    # 256); as E2B / E4B, per-layer inputs, the last two layers reusing the keys and values
+    # of earlier ones, capped logits...
+    "gemma4": (transformers.Gemma4TextConfig, dict(
+        head_dim=16, global_head_dim=32, sliding_window=8, num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+        hidden_size_per_layer_input=16, vocab_size_per_layer_input=256,
+        final_logit_softcapping=30.0)),
+    # ...and as 26B-A4B, global layers with one kv head whose keys are its values, and a
+    # mixture of experts beside each MLP
+    "gemma4_moe": (transformers.Gemma4TextConfig, dict(
+        head_dim=16, global_head_dim=32, sliding_window=8, num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=0,
+        attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=32)),
     # Llama 4's text model (the decoder is the model itself, by its get_decoder), experts
     # and a shared expert, with full attention in both layers...
     "llama4": (Llama4TextConfig, dict(head_dim=16, num_local_experts=4, intermediate_size_mlp=128,
@@ -442,6 +458,14 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
         "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
                     AdapterSpec("r4_kv", r=4, lora_alpha=8,
                                 target_modules=("kv_a_proj_with_mqa", "kv_b_proj"), seed=2)),
+    "deepseek_v3_mla": (AdapterSpec("r8_attn", r=8, lora_alpha=16, seed=1, target_modules=(
+        "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),),
+    # (the per-layer input projections outside the layers, which all-linear would adapt,
+    # are not served, as Gemma 3n's AltUp ones)
+    "gemma4": (AdapterSpec("r8_attn_mlp", r=8, lora_alpha=16, target_modules=ALL_LINEAR, seed=1),
+               AdapterSpec("r4_qv", r=4, lora_alpha=8, target_modules=QV, seed=2)),
+    "gemma4_moe": (AdapterSpec("r8_attn_mlp", r=8, lora_alpha=16, target_modules=ALL_LINEAR,
+                               seed=1),),
     "llama4": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),
                AdapterSpec("r4_shared_expert", r=4, lora_alpha=8, seed=2,
                            target_modules=r".*shared_expert\.(gate_proj|up_proj|down_proj)")),

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from loraplex.model import attention
-from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, attention_step,
-                                      math_attention,
+from loraplex.model.attention import (AttentionBatch, DecodeGroup, KVCache, PrefillSeq,
+                                      attention_step, math_attention,
                                       choose_decode_attention, group_decodes, paged_attention,
                                       sdpa)
 
 H, KVH, D_HEAD, BS, NUM_BLOCKS = 8, 2, 16, 4, 64  # GQA: 4 query heads per kv head
-SMALL = SimpleNamespace(heads=H, kv_heads=KVH, head_dim=D_HEAD, block_size=BS,
+SMALL = SimpleNamespace(heads=H, kv_heads=KVH, head_dim=D_HEAD, value_dim=D_HEAD, block_size=BS,
                         num_blocks=NUM_BLOCKS)
 HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
 
@@ -33,14 +33,15 @@ def _setup(lens: list[int], seed: int = 0, shape: SimpleNamespace = SMALL,
     position: len - 1)."""
     g = torch.Generator().manual_seed(seed)
     bs, n_blocks = shape.block_size, shape.num_blocks
-    cache = KVCache(1, n_blocks, bs, shape.kv_heads, shape.head_dim, kv_dtype or dtype,
-                    torch.device("cpu"))
+    cache = KVCache(1, n_blocks, bs, {0: (shape.kv_heads, shape.head_dim, shape.value_dim)},
+                    kv_dtype or dtype, torch.device("cpu"))
     cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
     cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
     free = torch.randperm(n_blocks - 1, generator=g).add(1).tolist()  # block 0 stays unused
     tables = [[free.pop() for _ in range(-(-n // bs))] for n in lens]
-    new = [torch.randn(1, heads, len(lens), shape.head_dim, generator=g).to(dtype)
-           for heads in (shape.heads, shape.kv_heads, shape.kv_heads)]
+    new = [torch.randn(1, heads, len(lens), d, generator=g).to(dtype)
+           for heads, d in ((shape.heads, shape.head_dim), (shape.kv_heads, shape.head_dim),
+                            (shape.kv_heads, shape.value_dim))]
     return cache, tables, new
 
 
@@ -62,7 +63,7 @@ def _reference(cache, tables, lens, q, window, shape: SimpleNamespace = SMALL, s
     ([H]), one more logit per head in the softmax, weighing no value (GPT-OSS); with `chunk`,
     only the positions of the new token's chunk (Llama 4's chunked attention)."""
     heads, bs, rep = shape.heads, shape.block_size, shape.heads // shape.kv_heads
-    out = torch.empty(len(lens), heads, shape.head_dim)
+    out = torch.empty(len(lens), heads, shape.value_dim)
     for i, n in enumerate(lens):
         slots = torch.tensor([tables[i][p // bs] * bs + p % bs for p in range(n)])
         lo = (n - 1) // chunk * chunk if chunk else max(0, n - window) if window else 0
@@ -122,7 +123,8 @@ def test_decode_kernel_on_full_blocks(num_decodes, window, dtype, kv_dtype):
     where the kernel's exp stops), a bf16 model (queries and outputs rounded to bf16, the
     sums in fp32), and a cache of the other dtype (--kv-cache-dtype)."""
     kernel = _kernel()
-    shape = SimpleNamespace(heads=8, kv_heads=4, head_dim=64, block_size=16, num_blocks=256)
+    shape = SimpleNamespace(heads=8, kv_heads=4, head_dim=64, value_dim=64, block_size=16,
+                            num_blocks=256)
     lens = ([100, 17, 1, 16, 23, 61, 33, 8] + [40 + 7 * i for i in range(24)])[:num_decodes]
     cache, tables, (q, k, v) = _setup(lens, seed=3, shape=shape, dtype=dtype, kv_dtype=kv_dtype)
     q[0, :, -1] *= 30  # the last decode: softmax weights from 1 down to about e^-190
@@ -141,6 +143,44 @@ def test_decode_kernel_on_full_blocks(num_decodes, window, dtype, kv_dtype):
         torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
     else:  # fp32 sums, the output rounded once: within one bf16 step of the exact value's
         torch.testing.assert_close(out[0], expected.to(dtype), rtol=2 ** -7, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "cpu"])
+def test_values_of_another_size_than_keys(backend):
+    """DeepSeek's latent attention caches keys of 192 and values of 128 per head: a cache of
+    the two sizes, decodes (each path) and a prefill chunk over cached context, against the
+    definition."""
+    shape = SimpleNamespace(heads=8, kv_heads=2, head_dim=24, value_dim=16, block_size=BS,
+                            num_blocks=NUM_BLOCKS)
+    lens = [1, 5, 17, 40, 9]
+    cache, tables, (q, k, v) = _setup(lens, seed=4, shape=shape)
+    assert cache.k[0].shape[2] == 24 and cache.v[0].shape[2] == 16
+    kernel = _kernel() if backend == "cpu" else None
+    groups = [list(range(len(lens)))] if kernel else group_decodes([len(t) for t in tables])
+    slot_mapping = torch.tensor([tables[i][(n - 1) // BS] * BS + (n - 1) % BS
+                                 for i, n in enumerate(lens)])
+    batch = AttentionBatch(cache=cache, slot_mapping=slot_mapping,
+                           decode_groups=_groups(groups, tables, lens), prefills=[],
+                           decode_kernel=kernel)
+    with attention_step(batch):
+        out, _ = paged_attention(SimpleNamespace(layer_idx=0), q, k, v, None)  # [1, D, H, 16]
+    torch.testing.assert_close(out[0], _reference(cache, tables, lens, q, None, shape),
+                               rtol=1e-5, atol=1e-5)
+    # the last 6 positions of the 40-token sequence as one prefill chunk, over the rest
+    n, new = lens[3], 6
+    qp = torch.randn(1, shape.heads, new, shape.head_dim)
+    kp, vp = torch.randn(1, shape.kv_heads, new, 24), torch.randn(1, shape.kv_heads, new, 16)
+    slots = [tables[3][p // BS] * BS + p % BS for p in range(n - new, n)]
+    prefill = AttentionBatch(cache=cache, slot_mapping=torch.tensor(slots), decode_groups=[],
+                             prefills=[PrefillSeq(0, new, n, torch.tensor(tables[3]))])
+    with attention_step(prefill):
+        out, _ = paged_attention(SimpleNamespace(layer_idx=0), qp, kp, vp, None)  # [1, 6, H, 16]
+    ctx = torch.tensor([tables[3][p // BS] * BS + p % BS for p in range(n)])
+    for j in range(new):
+        for h in range(shape.heads):
+            keys, values = cache.k[0][ctx[:n - new + j + 1], h // 4], cache.v[0][ctx[:n - new + j + 1], h // 4]
+            w = torch.softmax(keys @ qp[0, h, j] * 24 ** -0.5, dim=0)
+            torch.testing.assert_close(out[0, j, h], w @ values, rtol=1e-5, atol=1e-5)
 
 
 def test_probe_refuses_attention_options_it_does_not_implement():

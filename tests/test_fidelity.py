@@ -168,7 +168,8 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
                                   "llama4", "llama4_chunked", "gptj", "mistral3_vision",
                                   "olmo2", "cohere2", "glm4", "granite", "gemma3n", "qwen3_moe",
                                   "smollm3", "starcoder2", "stablelm", "falcon",
-                                  "falcon_mqa", "nemotron"])
+                                  "falcon_mqa", "nemotron", "deepseek_v3_mla", "gemma4",
+                                  "gemma4_moe"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
@@ -183,8 +184,10 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     40 tokens cross them, in prefill chunks and decodes), and GPT-J (whose layers are
     transformer.h), and Mistral Small 3.1's layout (Mistral3, which AutoModelForCausalLM
     does not take: loaded for image-text-to-text, served for text), StableLM, Falcon and
-    Nemotron (whose decoder layers do not pass keyword arguments on to attention), and more
-    families,
+    Nemotron (whose decoder layers do not pass keyword arguments on to attention),
+    DeepSeek-V3's latent attention as it ships (values narrower than keys) and Gemma 4
+    (global layers of wider heads, and fewer kv heads in its MoE form: the cache holds
+    each layer's own shape), and more families,
     each with something of its own (see tests/models.py) with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
@@ -197,6 +200,12 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
                           "mistral3_vision": {"vision_tower", "multi_modal_projector"}
                           }.get(arch, set())
         assert (type(loaded.model).__name__ == "Qwen3_5ForCausalLM") == (arch == "qwen3_5_vision")
+        # (kv heads, key size, value size) of each layer's cache, as attention was passed them
+        assert loaded.kv_shapes == {
+            "deepseek_v3_mla": {0: (4, 24, 16), 1: (4, 24, 16)},
+            "gemma4": {0: (2, 16, 16), 1: (2, 32, 32), 2: (2, 16, 16), 3: (2, 32, 32)},
+            "gemma4_moe": {0: (2, 16, 16), 1: (1, 32, 32), 2: (2, 16, 16), 3: (1, 32, 32)},
+        }.get(arch, loaded.kv_shapes)
         assert all(".language_model." in name or not arch.endswith("3_vision")
                    or arch == "qwen3_5_vision" for name in loaded.lora_layers)
         plan = mixed_plan(sorted(paths) * 3, prompts[:9] + prompts[-3:], num_base=3)
@@ -206,15 +215,6 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     differ = [name or "<base>" for (name, prompt), out in zip(plan, outs)
               if list(out.token_ids) != peft_greedy(base, paths.get(name), prompt, MAX_NEW)[0]]
     assert not differ, f"{len(differ)}/{len(plan)} differ from PEFT: {differ}"
-
-
-def test_keys_and_values_of_different_sizes_are_refused(tmp_path):
-    """DeepSeek-V3's latent attention as it ships: keys of 24 (16 + 8 rotary), values of
-    16 per head. (Loaded before by the config's head_dim, every step failed.)"""
-    base = build_base("deepseek_v3_narrow_values", tmp_path / "deepseek")
-    (tmp_path / "adapters").mkdir()
-    with pytest.raises(ValueError, match="keys of 24 and values of 16 per head"):
-        build_engine(base, tmp_path / "adapters")
 
 
 def test_attention_layer_types_not_implemented_are_refused(tmp_path):
@@ -290,7 +290,7 @@ def test_linear_attention_hybrid_equals_peft(backend, kv_blocks, quantize, tmp_p
         # state of 64 sequences in the 2 linear ones (conv 128 x 3, delta 4 x 16 x 16; fp32)
         state = 64 * 2 * (128 * 3 + 4 * 16 * 16) * 4
         options.update(max_num_seqs=64, kv_cache_memory=state + kv_blocks * KVCache.bytes_per_block(
-            2, 8, 2, 16, torch.float32))
+            8, {1: (2, 16, 16), 3: (2, 16, 16)}, torch.float32))
     engine = build_engine(base, tmp_path / "adapters", quantize=quantize, **options)
     try:
         assert sorted(engine.runner.loaded.linear_attention) == [0, 2]

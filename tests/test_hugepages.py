@@ -58,6 +58,7 @@ def test_engine_pools_and_kv_cache_live_on_huge_pages(tiny_models, adapter_root)
     assert layers[0].lora_A.untyped_storage().nbytes() == pool_bytes
     assert pool_bytes >= 4 * hugepages.HUGE_PAGE, "a pool too small to tell"
     assert huge_kb(layers[0].lora_A) >= 2048
-    cache = KVCache(num_layers=2, num_blocks=256, block_size=16, kv_heads=4, head_dim=64,
-                    dtype=torch.float32, device=torch.device("cpu"))  # 4 MiB a layer
+    cache = KVCache(num_layers=2, num_blocks=256, block_size=16,
+                    shapes={0: (4, 64, 64), 1: (4, 64, 64)}, dtype=torch.float32,
+                    device=torch.device("cpu"))  # 4 MiB a layer
     assert all(huge_kb(t) >= 2048 for t in cache.k + cache.v)

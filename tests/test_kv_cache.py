@@ -49,7 +49,7 @@ def test_kv_cache_gather_copies_whole_blocks_into_reused_buffers():
 
     from loraplex.model.attention import KVCache
 
-    cache = KVCache(num_layers=2, num_blocks=4, block_size=4, kv_heads=2, head_dim=3,
+    cache = KVCache(num_layers=2, num_blocks=4, block_size=4, shapes={0: (2, 3, 3), 1: (2, 3, 3)},
                     dtype=torch.float32, device=torch.device("cpu"))
     for layer in range(2):
         cache.k[layer].copy_(torch.randn_like(cache.k[layer]))
@@ -137,3 +137,28 @@ def test_a_failed_step_forgets_what_it_was_to_fill():
     alloc.free(found)
     alloc.free(table)
     assert alloc.num_free == 3 and alloc.cached_prefix([old_key]) == [0]
+
+
+def test_kv_cache_holds_each_layers_own_shape():
+    """Keys and values of different sizes (DeepSeek's latent attention), layers of
+    different shapes (Gemma 4's global and sliding ones), a layer that caches nothing (a
+    linear-attention one): the block's bytes are the sum of what each layer holds."""
+    import torch
+
+    from loraplex.model.attention import KVCache
+
+    shapes = {0: (2, 3, 2), 2: (1, 4, 4)}  # layer -> (kv heads, key size, value size)
+    cache = KVCache(num_layers=3, num_blocks=5, block_size=4, shapes=shapes,
+                    dtype=torch.float32, device=torch.device("cpu"))
+    assert [tuple(t.shape) for t in cache.k] == [(20, 2, 3), (0, 0, 0), (20, 1, 4)]
+    assert [tuple(t.shape) for t in cache.v] == [(20, 2, 2), (0, 0, 0), (20, 1, 4)]
+    assert KVCache.bytes_per_block(4, shapes, torch.float32) == 4 * (2 * 5 + 1 * 8) * 4
+    assert KVCache.bytes_per_block(4, shapes, torch.bfloat16) == 4 * (2 * 5 + 1 * 8) * 2
+    for layer in (0, 2):
+        cache.k[layer].copy_(torch.randn_like(cache.k[layer]))
+        cache.v[layer].copy_(torch.randn_like(cache.v[layer]))
+    blocks = torch.tensor([4, 1])
+    rows = torch.cat([torch.arange(16, 20), torch.arange(4, 8)])
+    for layer in (2, 0, 2):  # (the scratch buffers serve both widths)
+        k, v = cache.gather(layer, blocks)
+        assert torch.equal(k, cache.k[layer][rows]) and torch.equal(v, cache.v[layer][rows])

@@ -395,36 +395,37 @@ static int64_t head_groups(int64_t D, int64_t KVH, int64_t threads) {
  * their query heads. Called inside the exported functions' parallel loops (see bgmv_tile). */
 INLINE void attend_item(const float *q, const void *k, const void *v, const int64_t *tables,
                         int64_t nb, const int64_t *lens, int64_t i, int64_t kv0, int64_t gk,
-                        int64_t H, int64_t KVH, int64_t d, int64_t bs, float scale,
-                        int64_t window, int64_t chunk, float softcap, const float *sinks,
-                        float *out, int bf16) {
+                        int64_t H, int64_t KVH, int64_t d, int64_t dv, int64_t bs,
+                        float scale, int64_t window, int64_t chunk, float softcap,
+                        const float *sinks, float *out, int bf16) {
   const int64_t size = bf16 ? 2 : 4; /* bytes per cached value */
-  const int64_t rep = H / KVH, nh = gk * rep, row = KVH * d, h0 = kv0 * rep, len = lens[i];
+  const int64_t rep = H / KVH, nh = gk * rep, h0 = kv0 * rep, len = lens[i];
+  const int64_t row = KVH * d, vrow = KVH * dv; /* values per cached key, value */
   const float *qi = q + (i * H + h0) * d; /* this item's query heads: [nh, d] */
   const int64_t lo = chunk > 0                      ? (len - 1) / chunk * chunk
                      : window > 0 && len > window ? len - window
                                                   : 0;
-  float m[nh], l[nh], acc[nh * d], s[nh * bs]; /* per head: running max, sum, sum of w v */
-  int64_t kvo[nh]; /* offset of query head h's kv head in a row of this item */
-  for (int64_t h = 0; h < nh; h++) kvo[h] = (h / rep) * d;
+  float m[nh], l[nh], acc[nh * dv], s[nh * bs]; /* per head: running max, sum, sum of w v */
+  int64_t kvo[nh]; /* query head h's kv head within this item's heads */
+  for (int64_t h = 0; h < nh; h++) kvo[h] = h / rep;
   for (int64_t h = 0; h < nh; h++) m[h] = -INFINITY, l[h] = 0.f;
-  for (int64_t e = 0; e < nh * d; e++) acc[e] = 0.f;
+  for (int64_t e = 0; e < nh * dv; e++) acc[e] = 0.f;
   for (int64_t b0 = lo - lo % bs; b0 < len; b0 += bs) { /* block b0 / bs */
     const int64_t first = tables[i * nb + b0 / bs] * bs - b0; /* slot of position 0 */
     const int64_t p0 = b0 > lo ? b0 : lo, n = (b0 + bs < len ? b0 + bs : len) - p0;
     /* [n, row] of keys and values from position p0 on, at this item's first head */
     const char *kb = (const char *)k + ((first + p0) * row + kv0 * d) * size;
-    const char *vb = (const char *)v + ((first + p0) * row + kv0 * d) * size;
-    /* the next block's rows, this item's heads (NULL: this is the last block) */
-    const int64_t next = b0 + bs < len ? tables[i * nb + b0 / bs + 1] * bs * row : -1;
-    const char *kn = next < 0 ? NULL : (const char *)k + (next + kv0 * d) * size;
-    const char *vn = next < 0 ? NULL : (const char *)v + (next + kv0 * d) * size;
+    const char *vb = (const char *)v + ((first + p0) * vrow + kv0 * dv) * size;
+    /* the next block's first slot, its rows at this item's heads (NULL: the last block) */
+    const int64_t next = b0 + bs < len ? tables[i * nb + b0 / bs + 1] * bs : -1;
+    const char *kn = next < 0 ? NULL : (const char *)k + (next * row + kv0 * d) * size;
+    const char *vn = next < 0 ? NULL : (const char *)v + (next * vrow + kv0 * dv) * size;
     for (int64_t u = 0; u < n; u++) {
       if (kn != NULL) /* a 64-byte line at a time, into L2 */
         for (int64_t c = 0; c < gk * d * size; c += 64)
           __builtin_prefetch(kn + u * row * size + c, 0, 2);
       for (int64_t h = 0; h < nh; h++) {
-        const char *kr = kb + (u * row + kvo[h]) * size;
+        const char *kr = kb + (u * row + kvo[h] * d) * size;
         const float *qh = qi + h * d;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
@@ -438,7 +439,7 @@ INLINE void attend_item(const float *q, const void *k, const void *v, const int6
       const float corr = expf(m[h] - mb); /* 0 on the first block (m = -inf) */
       l[h] *= corr;
 #pragma omp simd
-      for (int64_t e = 0; e < d; e++) acc[h * d + e] *= corr;
+      for (int64_t e = 0; e < dv; e++) acc[h * dv + e] *= corr;
       float *sh = s + h * bs;
       int64_t u = 0;
       for (; u + VW <= n; u += VW) {
@@ -450,23 +451,23 @@ INLINE void attend_item(const float *q, const void *k, const void *v, const int6
     }
     for (int64_t u = 0; u < n; u++) {
       if (vn != NULL)
-        for (int64_t c = 0; c < gk * d * size; c += 64)
-          __builtin_prefetch(vn + u * row * size + c, 0, 2);
+        for (int64_t c = 0; c < gk * dv * size; c += 64)
+          __builtin_prefetch(vn + u * vrow * size + c, 0, 2);
       for (int64_t h = 0; h < nh; h++) {
         const float w = s[h * bs + u];
-        const char *vr = vb + (u * row + kvo[h]) * size;
-        float *ah = acc + h * d;
+        const char *vr = vb + (u * vrow + kvo[h] * dv) * size;
+        float *ah = acc + h * dv;
         l[h] += w;
 #pragma omp simd
-        for (int64_t e = 0; e < d; e++) ah[e] += w * weight(vr, e, bf16);
+        for (int64_t e = 0; e < dv; e++) ah[e] += w * weight(vr, e, bf16);
       }
     }
   }
   for (int64_t h = 0; h < nh; h++) {
-    float *o = out + (i * H + h0 + h) * d;
+    float *o = out + (i * H + h0 + h) * dv;
     /* a sink: one more logit in the softmax's sum, with no value */
     const float sum = sinks != NULL ? l[h] + expf(sinks[h0 + h] - m[h]) : l[h];
-    for (int64_t e = 0; e < d; e++) o[e] = acc[h * d + e] / sum;
+    for (int64_t e = 0; e < dv; e++) o[e] = acc[h * dv + e] / sum;
   }
 }
 
@@ -476,7 +477,9 @@ INLINE void attend_item(const float *q, const void *k, const void *v, const int6
  * softcap * tanh(x / softcap) with a softcap > 0 (Gemma 2's), else x, and with sinks (one
  * logit per query head, GPT-OSS's) each head's softmax also sums exp(sinks[h]), which
  * weighs no value; grouped-query heads
- * h -> h / (H / KVH). q, out: [D, H, d]; k, v: [slots, KVH, d], slot = block * bs + offset;
+ * h -> h / (H / KVH). q: [D, H, d], out: [D, H, dv]; k: [slots, KVH, d], v: [slots, KVH,
+ * dv] (keys and values may differ in size: DeepSeek's latent attention), slot =
+ * block * bs + offset;
  * tables: [D, nb] block ids; lens: [D] (>= 1). Online softmax, one block at a time.
  *
  * Bound by reading the cache, which a step reaches cold (the weights of a whole step
@@ -491,14 +494,14 @@ INLINE void attend_item(const float *q, const void *k, const void *v, const int6
 CLONES
 void paged_decode_attention(const float *q, const float *k, const float *v,
                             const int64_t *tables, int64_t nb, const int64_t *lens, int64_t D,
-                            int64_t H, int64_t KVH, int64_t d, int64_t bs, float scale,
-                            int64_t window, int64_t chunk, float softcap, const float *sinks,
-                            float *out) {
+                            int64_t H, int64_t KVH, int64_t d, int64_t dv, int64_t bs,
+                            float scale, int64_t window, int64_t chunk, float softcap,
+                            const float *sinks, float *out) {
   const int64_t G = head_groups(D, KVH, omp_get_max_threads()), gk = KVH / G;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < D; i++)
     for (int64_t g = 0; g < G; g++)
-      attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, bs, scale, window,
+      attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, dv, bs, scale, window,
                   chunk, softcap, sinks, out, 0);
 }
 
@@ -507,14 +510,14 @@ void paged_decode_attention(const float *q, const float *k, const float *v,
 CLONES
 void paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v,
                                  const int64_t *tables, int64_t nb, const int64_t *lens,
-                                 int64_t D, int64_t H, int64_t KVH, int64_t d, int64_t bs,
-                                 float scale, int64_t window, int64_t chunk, float softcap,
-                                 const float *sinks, float *out) {
+                                 int64_t D, int64_t H, int64_t KVH, int64_t d, int64_t dv,
+                                 int64_t bs, float scale, int64_t window, int64_t chunk,
+                                 float softcap, const float *sinks, float *out) {
   const int64_t G = head_groups(D, KVH, omp_get_max_threads()), gk = KVH / G;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < D; i++)
     for (int64_t g = 0; g < G; g++)
-      attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, bs, scale, window,
+      attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, dv, bs, scale, window,
                   chunk, softcap, sinks, out, 1);
 }
 

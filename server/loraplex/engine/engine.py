@@ -102,8 +102,7 @@ class Engine:
         self.model_name = loaded.name
         kv_dtype = (loaded.dtype if cfg.kv_cache_dtype == "auto"
                     else resolve_dtype(cfg.kv_cache_dtype, loaded.device))
-        block_bytes = KVCache.bytes_per_block(len(loaded.attending), cfg.block_size, loaded.kv_heads,
-                                              loaded.head_dim, kv_dtype)
+        block_bytes = KVCache.bytes_per_block(cfg.block_size, loaded.kv_shapes, kv_dtype)
         # linear-attention layers (linear_attention.py): one recurrent-state slot per running
         # sequence, out of the same memory budget
         state_bytes = cfg.max_num_seqs * RecurrentState.bytes_per_slot(loaded.linear_attention,
@@ -116,8 +115,8 @@ class Engine:
                                                    f"({state_bytes} B)" if state_bytes else "")
                              + "; raise --kv-cache-memory"
                              + (" or lower --max-num-seqs" if state_bytes else ""))
-        self.kv_cache = KVCache(loaded.num_layers, num_blocks, cfg.block_size, loaded.kv_heads,
-                                loaded.head_dim, kv_dtype, loaded.device, loaded.attending)
+        self.kv_cache = KVCache(loaded.num_layers, num_blocks, cfg.block_size, loaded.kv_shapes,
+                                kv_dtype, loaded.device)
         self.recurrent = (RecurrentState(loaded.linear_attention, cfg.max_num_seqs, loaded.dtype,
                                          loaded.device) if loaded.linear_attention else None)
         if self.recurrent is not None:

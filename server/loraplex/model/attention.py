@@ -35,9 +35,16 @@ IGNORED_OPTIONS = frozenset({"position_ids", "use_cache", "output_router_logits"
                              "output_attentions", "cache_position"})
 
 
+# Per attending layer: (kv heads, key size, value size) per head. Keys and values may
+# differ (DeepSeek's latent attention: keys of 192, values of 128), and so may layers
+# (Gemma 4: its global layers' heads are twice its sliding ones', with fewer kv heads).
+KVShape = tuple[int, int, int]
+
+
 class KVCache:
-    """Per layer, keys and values of every cached token: [num_blocks * block_size, kv_heads, head_dim]
-    (empty for a layer outside `attending`, e.g. a linear-attention one; None: every layer).
+    """Per layer, keys [num_blocks * block_size, kv_heads, key size] and values [...,
+    value size] of every cached token, shaped by `shapes` (empty for a layer not in it,
+    e.g. a linear-attention one).
 
     Attention reads a sequence's context by copying its blocks out (`gather`) into two
     scratch buffers the cache keeps. Whole blocks: one 16-token block is one row of
@@ -47,27 +54,28 @@ class KVCache:
     on a 2-core CPU); the buffers only grow, to the largest context gathered so far.
     """
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device,
-                 attending: frozenset[int] | None = None):
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int,
+                 shapes: dict[int, KVShape], dtype: torch.dtype, device: torch.device):
         self.block_size = block_size
-        shape = (num_blocks * block_size, kv_heads, head_dim)
-        def zeros(layer: int) -> torch.Tensor:  # on the CPU, on huge pages (loraplex.hugepages)
-            if attending is not None and layer not in attending:
-                return torch.zeros(0, kv_heads, head_dim, dtype=dtype, device=device)
+
+        def zeros(layer: int, value: bool) -> torch.Tensor:  # on the CPU, on huge pages
+            if layer not in shapes:  # (loraplex.hugepages)
+                return torch.zeros(0, 0, 0, dtype=dtype, device=device)
+            kv_heads, key_dim, value_dim = shapes[layer]
+            shape = (num_blocks * block_size, kv_heads, value_dim if value else key_dim)
             if device.type != "cpu":
                 return torch.zeros(shape, dtype=dtype, device=device)
             return hugepages.zeros(math.prod(shape), dtype).view(shape)
-        self.k = [zeros(i) for i in range(num_layers)]
-        self.v = [zeros(i) for i in range(num_layers)]
-        row = block_size * kv_heads * head_dim
-        self._scratch = [torch.empty(0, row, dtype=dtype, device=device)
-                         for _ in range(2)]  # [blocks, block_size * KVH * d]: keys, values
+        self.k = [zeros(i, False) for i in range(num_layers)]
+        self.v = [zeros(i, True) for i in range(num_layers)]
+        self._scratch = [torch.empty(0, dtype=dtype, device=device)
+                         for _ in range(2)]  # keys, values: rows of whole blocks, flat
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    def bytes_per_block(block_size: int, shapes: dict[int, KVShape], dtype: torch.dtype) -> int:
+        values = sum(kv_heads * (key_dim + value_dim) for kv_heads, key_dim, value_dim
+                     in shapes.values())
+        return block_size * values * torch.finfo(dtype).bits // 8
 
     def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """blocks: [n] -> keys, values of those blocks of `layer`, in that order:
@@ -75,10 +83,11 @@ class KVCache:
         next call."""
         out = []
         for i, cache in enumerate((self.k[layer], self.v[layer])):
-            rows = cache.view(-1, self._scratch[i].shape[1])  # [num_blocks, block_size * KVH * d]
-            if self._scratch[i].shape[0] < blocks.numel():
-                self._scratch[i] = rows.new_empty(blocks.numel() * 5 // 4, rows.shape[1])
-            buf = self._scratch[i][:blocks.numel()]
+            width = self.block_size * cache.shape[1] * cache.shape[2]
+            rows = cache.view(-1, width)  # [num_blocks, block_size * KVH * d]
+            if self._scratch[i].numel() < blocks.numel() * width:
+                self._scratch[i] = rows.new_empty(blocks.numel() * width * 5 // 4)
+            buf = self._scratch[i][:blocks.numel() * width].view(-1, width)
             torch.index_select(rows, 0, blocks, out=buf)  # (~6x faster than rows[blocks] on CPU)
             out.append(buf.view(-1, *cache.shape[1:]))
         return out[0], out[1]
@@ -173,14 +182,15 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
     def attend(q: torch.Tensor, cache: KVCache, layer: int, group: DecodeGroup,
                scale: float, window: int | None, chunk: int | None, softcap: float | None,
                sinks: torch.Tensor | None, out: torch.Tensor) -> None:
-        """q: [D, H, d] -> out: [D, H, d] (both contiguous, of the model's dtype); sinks:
-        [H] logits or None."""
-        k, v = cache.k[layer], cache.v[layer]  # [slots, KVH, d]
+        """q: [D, H, d] -> out: [D, H, dv] (both contiguous, of the model's dtype; dv: the
+        cached values' size); sinks: [H] logits or None."""
+        k, v = cache.k[layer], cache.v[layer]  # [slots, KVH, d], [slots, KVH, dv]
         (D, H, d), bs, blocks, lens = q.shape, cache.block_size, group.blocks, group.lens
+        dv = v.shape[2]
         # the kernel trusts its pointers: check what it will read
-        if not (q.is_contiguous() and out.is_contiguous() and out.shape == q.shape
+        if not (q.is_contiguous() and out.is_contiguous() and out.shape == (D, H, dv)
                 and q.dtype == out.dtype in kernels and k.dtype == v.dtype and k.dtype in kernels
-                and k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
+                and k.is_contiguous() and v.is_contiguous() and k.shape[:2] == v.shape[:2]
                 and k.shape[2] == d and H % k.shape[1] == 0 and lens.numel() == D
                 and group.fits(k.shape[0] // bs, bs)):
             raise ValueError("the CPU decode-attention kernel got inconsistent inputs")
@@ -189,9 +199,9 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
             if sinks.shape != (H,) or sinks.device.type != "cpu":
                 raise ValueError("the CPU decode-attention kernel got inconsistent sinks")
         q32 = q.float()  # (q itself when fp32)
-        out32 = out if out.dtype == torch.float32 else torch.empty_like(q32)
+        out32 = out if out.dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
         kernels[k.dtype](q32.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(),
-                         blocks.shape[1], lens.data_ptr(), D, H, k.shape[1], d, bs, scale,
+                         blocks.shape[1], lens.data_ptr(), D, H, k.shape[1], d, dv, bs, scale,
                          window or 0, chunk or 0, softcap or 0.0,
                          None if sinks is None else sinks.data_ptr(), out32.data_ptr())
         if out32 is not out:
@@ -251,7 +261,7 @@ class LayerProbe:
     writing nothing."""
 
     layers: set[int] = field(default_factory=set)
-    shapes: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # (KVH, key d, value d)
+    shapes: dict[int, KVShape] = field(default_factory=dict)
 
 
 _STEP: ContextVar[AttentionBatch | LayerProbe | None] = ContextVar("loraplex_attention_step",
@@ -280,7 +290,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     scaling: float | None = None, dropout: float = 0.0,
                     sliding_window: int | None = None, softcap: float | None = None,
                     s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """query: [1, H, T, d], key/value: [1, KVH, T, d] -> output [1, T, H, d]. `softcap`
+    """query: [1, H, T, d], key: [1, KVH, T, d], value: [1, KVH, T, dv] -> output
+    [1, T, H, dv]. `softcap`
     (Gemma 2's attn_logit_softcapping): the scores become softcap * tanh(score / softcap)
     before the softmax. `s_aux` (GPT-OSS's sinks, [H]): one more logit per head in the
     softmax, weighing no value. Any other option a model passes is refused (at load, by
@@ -298,7 +309,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         return query.new_zeros(1, *query.shape[2:3], query.shape[1], value.shape[3]), None
     b = attn_batch
     layer = module.layer_idx
-    k_cache, v_cache = b.cache.k[layer], b.cache.v[layer]  # [slots, KVH, d]
+    k_cache, v_cache = b.cache.k[layer], b.cache.v[layer]  # [slots, KVH, d], [.., dv]
     k_cache.index_copy_(0, b.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
     v_cache.index_copy_(0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
 
@@ -309,31 +320,31 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             return math_attention(q, k, v, mask, scale, softcap, s_aux)
     else:
         attend = sdpa
-    out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, d]
+    out = q.new_empty(q.shape[1], q.shape[0], value.shape[3])  # [T, H, dv]
     for group in b.decode_groups:
         D = group.blocks.shape[0]
         qd = q[:, :D] if group.rows is None else q.index_select(1, group.rows)  # [H, D, d]
         if b.decode_kernel is not None:
-            od = out[:D] if group.rows is None else q.new_empty(D, *out.shape[1:])  # [D, H, d]
+            od = out[:D] if group.rows is None else q.new_empty(D, *out.shape[1:])  # [D, H, dv]
             b.decode_kernel(qd.transpose(0, 1).contiguous(), b.cache, layer, group,
                             scaling if scaling is not None else q.shape[-1] ** -0.5,
                             sliding_window, chunk, softcap, s_aux, od)
             if group.rows is not None:
                 out.index_copy_(0, group.rows, od)
             continue
-        kd, vd = b.cache.gather(layer, group.blocks.view(-1))  # [D * Bmax * bs, KVH, d] each
+        kd, vd = b.cache.gather(layer, group.blocks.view(-1))  # [D * Bmax * bs, KVH, d / dv]
         kd = kd.view(D, -1, *kd.shape[1:]).transpose(1, 2)  # [D, KVH, Bmax * bs, d]
         vd = vd.view(D, -1, *vd.shape[1:]).transpose(1, 2)
-        od = attend(qd.transpose(0, 1).unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),  # [D, H, 1, d]
+        od = attend(qd.transpose(0, 1).unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),  # [D, H, 1, dv]
                     group.mask(b.cache.block_size, sliding_window, chunk), scaling,
-                    expand_kv=q.is_cuda).squeeze(2)  # [D, H, d]
+                    expand_kv=q.is_cuda).squeeze(2)  # [D, H, dv]
         if group.rows is None:
             out[:D] = od
         else:
             out.index_copy_(0, group.rows, od)
     for i, seq in enumerate(b.prefills):
         qp = q[:, seq.start:seq.start + seq.length].unsqueeze(0)  # [1, H, q, d]
-        kp, vp = b.cache.gather(layer, seq.blocks)  # [blocks * bs, KVH, d] each
+        kp, vp = b.cache.gather(layer, seq.blocks)  # [blocks * bs, KVH, d / dv]
         kp = kp[:seq.context].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, d]
         vp = vp[:seq.context].transpose(0, 1).unsqueeze(0)
         # no cached prefix and no window cut: SDPA's own causal mask (it skips the masked
@@ -342,7 +353,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                   and (not chunk or seq.length <= chunk))
         op = attend(qp, kp.to(q.dtype), vp.to(q.dtype),
                     None if causal else b.prefill_mask(i, sliding_window, chunk), scaling,
-                    expand_kv=q.is_cuda)  # [1, H, q, d]
+                    expand_kv=q.is_cuda)  # [1, H, q, dv]
         out[seq.start:seq.start + seq.length] = op[0].transpose(0, 1)
     return out.unsqueeze(0), None
 
@@ -359,9 +370,9 @@ def _chunk_of(module: torch.nn.Module) -> int | None:
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
          scale: float | None, expand_kv: bool) -> torch.Tensor:
-    """q: [N, H, q, d], k/v: [N, KVH, L, d] (query head h reads K/V head h // (H / KVH)),
-    mask: broadcastable to [N, 1, q, L] (bool), or None for a causal mask (q == L)
-    -> [N, H, q, d].
+    """q: [N, H, q, d], k: [N, KVH, L, d], v: [N, KVH, L, dv] (query head h reads K/V head
+    h // (H / KVH)), mask: broadcastable to [N, 1, q, L] (bool), or None for a causal mask
+    (q == L) -> [N, H, q, dv].
 
     Grouped-query K/V are not copied per head for a decode (q == 1): the query heads of
     each K/V head become its query rows, [N, KVH, H / KVH, d], which was the fastest form
@@ -376,8 +387,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     gqa = H != kv_heads
     if gqa and Q == 1 and mask is not None:
         out = F.scaled_dot_product_attention(q.reshape(N, kv_heads, H // kv_heads, d), k, v,
-                                             attn_mask=mask, scale=scale)  # [N, KVH, H/KVH, d]
-        return out.view(N, H, 1, d)
+                                             attn_mask=mask, scale=scale)  # [N, KVH, H/KVH, dv]
+        return out.view(N, H, 1, v.shape[3])
     if gqa and expand_kv and mask is not None:
         k = k.repeat_interleave(H // kv_heads, dim=1)  # [N, H, L, d]
         v = v.repeat_interleave(H // kv_heads, dim=1)
@@ -399,7 +410,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     L, per_kv = k.shape[2], H // k.shape[1]
     if per_kv > 1:
         k = k.repeat_interleave(per_kv, dim=1)  # [N, H, L, d]
-        v = v.repeat_interleave(per_kv, dim=1)
+        v = v.repeat_interleave(per_kv, dim=1)  # [N, H, L, dv]
     scores = q @ k.transpose(2, 3) * (scale if scale is not None else d ** -0.5)  # [N, H, Q, L]
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
@@ -410,7 +421,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         sink = sinks.to(scores.dtype).view(1, H, 1, 1).expand(N, H, Q, 1)
         scores = torch.cat([scores, sink], dim=-1)  # [N, H, Q, L + 1]
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return weights[..., :L] @ v  # [N, H, Q, d]
+    return weights[..., :L] @ v  # [N, H, Q, dv]
 
 
 def register_attention() -> None:

@@ -22,7 +22,7 @@ from loraplex.config import ModelConfig
 from loraplex.lora.layer import LoraLinear, pool_size
 from loraplex.lora.ops import LoraPlan
 from loraplex.model.cpu_linear import PackedLinear, can_pack
-from loraplex.model.attention import (ATTENTION_NAME, LayerProbe, attention_step,
+from loraplex.model.attention import (ATTENTION_NAME, KVShape, LayerProbe, attention_step,
                                        register_attention)
 from loraplex.model.linear_attention import patch_linear_attention
 
@@ -39,7 +39,9 @@ class LoadedModel:
     dtype: torch.dtype  # compute dtype of activations and KV cache
     lora_dtype: torch.dtype  # of the adapters' weights in their slots
     lora_layers: dict[str, LoraLinear]  # served module name -> wrapped layer
-    attending: frozenset[int]  # the decoder layers that attend (hold keys and values)
+    # the decoder layers that attend (hold keys and values): the shape of what each caches,
+    # as its attention was passed it (probe_attention)
+    kv_shapes: dict[int, KVShape]
     linear_attention: dict[int, nn.Module]  # the others: linear_attention's patched layers
     # linears of a multimodal model's other towers (vision, audio), which text requests
     # never run: an adapter's LoRA on them changes no served output
@@ -47,8 +49,6 @@ class LoadedModel:
     lora_plan: LoraPlan  # filled by the runner each step, read by every LoraLinear
     max_model_len: int
     num_layers: int
-    kv_heads: int
-    head_dim: int
     vocab_size: int
     eos_token_ids: frozenset[int]
     name: str
@@ -147,8 +147,7 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
     text_config = model.config.get_text_config()
     linear = patch_linear_attention(model)
     probe = probe_attention(model, text_config)
-    attending = probe.layers - linear.keys()
-    kv_heads, head_dim = _kv_shape(text_config, {probe.shapes[i] for i in attending})
+    kv_shapes = {i: probe.shapes[i] for i in sorted(probe.layers - linear.keys())}
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
 
     lora_plan = LoraPlan()
@@ -162,11 +161,11 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
         max_len = min(max_len, cfg.max_model_len)
     return LoadedModel(
         model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora_dtype=pool_dtype,
-        lora_layers=lora_layers, off_text_linears=off_text, attending=frozenset(attending),
+        lora_layers=lora_layers, off_text_linears=off_text, kv_shapes=kv_shapes,
         linear_attention=linear,
         lora_plan=lora_plan, max_model_len=max_len,
         num_layers=text_config.num_hidden_layers,
-        kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab_size,
+        vocab_size=vocab_size,
         eos_token_ids=_eos_ids(model, tokenizer), name=cfg.path)
 
 
@@ -245,22 +244,6 @@ def probe_attention(model: nn.Module, text_config) -> LayerProbe:
             "paged KV cache serves attention layers (and Qwen3.5's and Qwen3-Next's Gated "
             "DeltaNet) only, so other recurrent hybrids are refused rather than served wrong")
     return probe
-
-
-def _kv_shape(text_config, shapes: set[tuple[int, int, int]]) -> tuple[int, int]:
-    """(kv heads, head dim) of the KV cache: what the attention layers passed the probe
-    (not what the config says: a config may carry a field its model does not read, e.g.
-    num_key_value_heads on GPT-NeoX), the same in every layer, keys and values alike."""
-    if len(shapes) != 1:
-        raise ValueError(f"{text_config.model_type}: its attention layers cache keys and values "
-                         f"of different shapes ({sorted(shapes)}: kv heads, key and value "
-                         "size); loraplex's KV cache holds one shape")
-    [(kv_heads, key_dim, value_dim)] = shapes
-    if key_dim != value_dim:
-        raise ValueError(f"{text_config.model_type}: keys of {key_dim} and values of "
-                         f"{value_dim} per head (multi-head latent attention, as DeepSeek's) "
-                         "are not supported by loraplex's KV cache")
-    return kv_heads, key_dim
 
 
 def _decoder_layers(model: nn.Module) -> str:
