@@ -235,6 +235,8 @@ _CONFIGS = {
     "falcon_mqa": (transformers.FalconConfig, dict(alibi=False, new_decoder_architecture=False,
                                                    multi_query=True, parallel_attn=True)),
     "nemotron": (transformers.NemotronConfig, {}),
+    # attention code of its own (not transformers' attention functions), with ALiBi: refused
+    "bloom": (transformers.BloomConfig, dict(n_head=4, n_layer=2)),
     # ALiBi position biases (Falcon-RW's), which HF puts in the attention mask: refused
     "falcon_alibi": (transformers.FalconConfig, dict(alibi=True, new_decoder_architecture=False,
                                                      multi_query=False)),

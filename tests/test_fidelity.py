@@ -236,6 +236,16 @@ def test_alibi_position_biases_are_refused_at_load(tmp_path):
         build_engine(base, tmp_path / "adapters")
 
 
+def test_model_whose_attention_is_its_own_code_is_refused(tmp_path):
+    """Bloom's layers never call transformers' attention functions, so loraplex's batch
+    would never reach them: refused at load, naming why."""
+    base = build_base("bloom", tmp_path / "bloom")
+    (tmp_path / "adapters").mkdir()
+    with pytest.raises(ValueError, match="bloom: none of its decoder layers calls "
+                                         "transformers' attention functions"):
+        build_engine(base, tmp_path / "adapters")
+
+
 def test_other_recurrent_hybrid_is_refused_not_served_wrong(tmp_path):
     """LFM2's short-convolution layers keep a state nothing here holds (served anyway, as
     Qwen3.5 was before linear_attention.py, the packed batch would run through them as one

@@ -235,6 +235,11 @@ def probe_attention(model: nn.Module, text_config) -> LayerProbe:
         raise ValueError(f"{text_config.model_type}: layers of type {', '.join(unknown)} are "
                          "not implemented by loraplex's attention (full_attention, "
                          "sliding_attention, chunked_attention and linear_attention are)")
+    if not probe.layers:
+        raise ValueError(f"{text_config.model_type}: none of its decoder layers calls "
+                         "transformers' attention functions (its attention code is its own, as "
+                         "Bloom's and MPT's, with ALiBi biases), which loraplex's attention "
+                         "replaces: it cannot be served")
     missing = sorted(set(range(text_config.num_hidden_layers)) - probe.layers)
     if missing:
         kinds = sorted({types[i] for i in missing}) if types else ["not attention"]
