@@ -235,6 +235,12 @@ _CONFIGS = {
     "falcon_mqa": (transformers.FalconConfig, dict(alibi=False, new_decoder_architecture=False,
                                                    multi_query=True, parallel_attn=True)),
     "nemotron": (transformers.NemotronConfig, {}),
+    # attention that loraplex's does not build, each refused at load: an encoder's, both
+    # ways (BERT's as a language model, is_decoder unset); a learned dynamic mask (Doge's);
+    # two attention calls a layer (DiffLlama's differential attention)
+    "bert": (transformers.BertConfig, dict(is_decoder=False)),
+    "doge": (transformers.DogeConfig, dict(keep_window_size=4)),
+    "diffllama": (transformers.DiffLlamaConfig, {}),
     # attention code of its own (not transformers' attention functions), with ALiBi: refused
     "bloom": (transformers.BloomConfig, dict(n_head=4, n_layer=2)),
     # ALiBi position biases (Falcon-RW's), which HF puts in the attention mask: refused

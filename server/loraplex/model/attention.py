@@ -301,9 +301,24 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         raise RuntimeError("loraplex attention runs only inside the loraplex runner")
     if isinstance(attn_batch, LayerProbe):
         unknown = sorted(k for k, v in kwargs.items() if k not in IGNORED_OPTIONS and v is not None)
+        name = type(module).__name__
         if unknown:
-            raise ValueError(f"{type(module).__name__} passes attention options loraplex's "
-                             f"attention does not implement: {', '.join(unknown)}")
+            raise ValueError(f"{name} passes attention options loraplex's attention does not "
+                             f"implement: {', '.join(unknown)}")
+        # (transformers builds no mask for an attention function it has no mask function
+        # for, as this one: a mask here is the model's own)
+        if attention_mask is not None:
+            raise ValueError(f"{name} passes attention a mask of its own (position biases, as "
+                             "ALiBi, or a learned dynamic mask), which loraplex's attention, "
+                             "building its own causal masks, does not read")
+        if not getattr(module, "is_causal", True):
+            raise ValueError(f"{name} attends both ways (is_causal is False: an encoder such as "
+                             "BERT's, or a bidirectional option of the model's); loraplex serves "
+                             "causal attention only")
+        if module.layer_idx in attn_batch.layers:
+            raise ValueError(f"{name} calls attention twice in layer {module.layer_idx} (as "
+                             "DiffLlama's differential attention); loraplex's KV cache holds "
+                             "one set of keys and values per layer")
         attn_batch.layers.add(module.layer_idx)
         attn_batch.shapes[module.layer_idx] = (key.shape[1], key.shape[3], value.shape[3])
         return query.new_zeros(1, *query.shape[2:3], query.shape[1], value.shape[3]), None
