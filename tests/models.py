@@ -243,6 +243,13 @@ _CONFIGS = {
     "diffllama": (transformers.DiffLlamaConfig, {}),
     # attention code of its own (not transformers' attention functions), with ALiBi: refused
     "bloom": (transformers.BloomConfig, dict(n_head=4, n_layer=2)),
+    # model code that reads a linear's weight (its dtype) beside calling it: HunYuan-MoE's
+    # router, Ergo's layers (LoraLinear.weight, PackedLinear.weight)
+    "hunyuan_moe": (transformers.HunYuanMoEV1Config, dict(head_dim=16, num_experts=4, moe_topk=2)),
+    "ergo": (transformers.ErgoConfig, dict(
+        head_dim=16, first_dense_intermediate_size=128, moe_intermediate_size=32,
+        shared_intermediate_size=64, num_experts=4, num_experts_per_tok=2, sliding_window=8,
+        global_attention_every_n_layers=2)),
     # ALiBi position biases (Falcon-RW's), which HF puts in the attention mask: refused
     "falcon_alibi": (transformers.FalconConfig, dict(alibi=True, new_decoder_architecture=False,
                                                      multi_query=False)),
@@ -480,7 +487,10 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
     **{arch: (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear",
                           seed=1),)
        for arch in ("olmo2", "cohere2", "glm4", "granite", "smollm3", "starcoder2", "stablelm",
-                    "falcon", "falcon_mqa", "nemotron")},
+                    "falcon", "falcon_mqa", "nemotron", "ergo")},
+    # attention and the router, whose weight's dtype the model reads
+    "hunyuan_moe": (AdapterSpec("r8_attn_router", r=8, lora_alpha=16, seed=1,
+                                target_modules=ATTN + ("wg",)),),
     # (its AltUp projections outside the layers, which all-linear would adapt, are not
     # served: an adapter of them is refused)
     "gemma3n": (AdapterSpec("r8_attn_mlp", r=8, lora_alpha=16, target_modules=ALL_LINEAR, seed=1),),

@@ -169,7 +169,7 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
                                   "olmo2", "cohere2", "glm4", "granite", "gemma3n", "qwen3_moe",
                                   "smollm3", "starcoder2", "stablelm", "falcon",
                                   "falcon_mqa", "nemotron", "deepseek_v3_mla", "gemma4",
-                                  "gemma4_moe"])
+                                  "gemma4_moe", "hunyuan_moe", "ergo"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
@@ -187,7 +187,8 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     Nemotron (whose decoder layers do not pass keyword arguments on to attention),
     DeepSeek-V3's latent attention as it ships (values narrower than keys) and Gemma 4
     (global layers of wider heads, and fewer kv heads in its MoE form: the cache holds
-    each layer's own shape), and more families,
+    each layer's own shape), HunYuan-MoE and Ergo (whose code reads a linear's weight
+    dtype), and more families,
     each with something of its own (see tests/models.py) with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
@@ -259,6 +260,25 @@ def test_attention_that_loraplex_does_not_build_is_refused(arch, reason, tmp_pat
     base = build_base(arch, tmp_path / arch)
     (tmp_path / "adapters").mkdir()
     with pytest.raises(ValueError, match=reason):
+        build_engine(base, tmp_path / "adapters")
+
+
+def test_model_code_that_multiplies_by_a_linears_weight_is_refused(tmp_path, monkeypatch):
+    """Model code that computes with a linear's weight itself, not by calling the layer,
+    would run without its LoRA: the packed CPU linear holds its weight's shape and dtype
+    only (on the meta device), so the second probe, through the wrapped layers, fails,
+    and the model is refused at load. (A Llama whose MLP does so, patched in.)"""
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, x):
+        hidden = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        return torch.nn.functional.linear(hidden, self.down_proj.weight)
+
+    base = build_base("llama", tmp_path / "llama")
+    (tmp_path / "adapters").mkdir()
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", forward)
+    with pytest.raises(ValueError, match="a one-token forward pass through loraplex's LoRA "
+                                         "layers failed"):
         build_engine(base, tmp_path / "adapters")
 
 

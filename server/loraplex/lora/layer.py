@@ -69,6 +69,12 @@ class LoraLinear(nn.Module):
         # the step's plan can keep its answer per set (LoraPlan.for_layer)
         self.active_slots: frozenset[int] = frozenset()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as PEFT's layers give it), for model code that reads its
+        dtype or shape (HunYuan-MoE's router, Ergo's layers)."""
+        return self.base_layer.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         y = self.base_layer(x)  # [..., out]
         plan = self.plan.for_layer(self.active_slots)

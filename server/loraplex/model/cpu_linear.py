@@ -14,6 +14,8 @@ Results differ from MKL's by summation order only (~5e-6 relative in fp32).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -30,6 +32,17 @@ def can_pack(module: nn.Module) -> bool:
         or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
+@dataclass(frozen=True)
+class WeightInfo:
+    """What model code may read of a packed layer's weight (HunYuan-MoE's router checks its
+    dtype). Not a tensor: code that would compute with it fails, rather than run without
+    the packed weight (or its LoRA)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+
 class PackedLinear(nn.Module):
     """y = x @ W^T + b with W held in oneDNN's packed layout (an opaque copy of the weight)."""
 
@@ -40,6 +53,7 @@ class PackedLinear(nn.Module):
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(),
                                                                    requires_grad=False)
+        self.weight = WeightInfo(linear.weight.shape, linear.weight.dtype, linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")

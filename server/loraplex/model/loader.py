@@ -156,6 +156,7 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
                                pool_dtype)
     off_text = off_text_linears(model)
     pack_cpu_linears(model, lora_layers)
+    check_wrapped(model, text_config, lora_plan, max_slots + 1)
     max_len = text_config.max_position_embeddings
     if cfg.max_model_len:
         max_len = min(max_len, cfg.max_model_len)
@@ -214,19 +215,8 @@ def probe_attention(model: nn.Module, text_config) -> LayerProbe:
     if getattr(text_config, "alibi", False):  # (Falcon-RW's: HF adds them to the mask)
         raise ValueError(f"{text_config.model_type}: ALiBi position biases are not implemented "
                          "by loraplex's attention")
-    probe = LayerProbe()
-    device = model.get_input_embeddings().weight.device
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
-    try:
-        with torch.inference_mode(), attention_step(probe):
-            model(input_ids=token, position_ids=token, use_cache=False, logits_to_keep=1)
-    except ValueError:  # (paged_attention's refusal of an option)
-        raise
-    except Exception as exc:  # noqa: BLE001  (any failure: this model cannot be served)
-        raise ValueError(
-            f"{text_config.model_type}: a one-token forward pass through loraplex's attention "
-            f"failed ({type(exc).__name__}: {str(exc)[:200]}); its attention is not one loraplex "
-            "implements") from exc
+    probe = _probe_forward(model, text_config, "through loraplex's attention",
+                           "its attention is not one loraplex implements")
     types = getattr(text_config, "layer_types", None) or []
     # a kind of layer whose attention lives in HF's mask alone, which this attention does not
     # read (it builds its own masks, for the kinds above)
@@ -237,9 +227,9 @@ def probe_attention(model: nn.Module, text_config) -> LayerProbe:
                          "sliding_attention, chunked_attention and linear_attention are)")
     if not probe.layers:
         raise ValueError(f"{text_config.model_type}: none of its decoder layers calls "
-                         "transformers' attention functions (its attention code is its own, as "
-                         "Bloom's and MPT's, with ALiBi biases), which loraplex's attention "
-                         "replaces: it cannot be served")
+                         "transformers' attention functions (their attention, or recurrence, is "
+                         "the model's own code, as Bloom's or RWKV's), which loraplex's "
+                         "attention replaces: it cannot be served")
     missing = sorted(set(range(text_config.num_hidden_layers)) - probe.layers)
     if missing:
         kinds = sorted({types[i] for i in missing}) if types else ["not attention"]
@@ -249,6 +239,34 @@ def probe_attention(model: nn.Module, text_config) -> LayerProbe:
             "paged KV cache serves attention layers (and Qwen3.5's and Qwen3-Next's Gated "
             "DeltaNet) only, so other recurrent hybrids are refused rather than served wrong")
     return probe
+
+
+def _probe_forward(model: nn.Module, text_config, through: str, cause: str) -> LayerProbe:
+    """One forward pass of one token with a LayerProbe for attention; ValueError, naming
+    `cause`, for any failure (a refusal of paged_attention's as it is)."""
+    probe = LayerProbe()
+    device = model.get_input_embeddings().weight.device
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
+    try:
+        with torch.inference_mode(), attention_step(probe):
+            model(input_ids=token, position_ids=token, use_cache=False, logits_to_keep=1)
+    except ValueError:  # (paged_attention's refusal of an option)
+        raise
+    except Exception as exc:  # noqa: BLE001  (any failure: this model cannot be served)
+        raise ValueError(
+            f"{text_config.model_type}: a one-token forward pass {through} failed "
+            f"({type(exc).__name__}: {str(exc)[:200]}); {cause}") from exc
+    return probe
+
+
+def check_wrapped(model: nn.Module, text_config, lora_plan: LoraPlan, num_slots: int) -> None:
+    """The probe's forward pass again, through the wrapped (and packed) linears with no
+    adapter: ValueError where the model's own code fails on them (code that reads what a
+    LoraLinear does not have), at load rather than at every step."""
+    lora_plan.start_step(torch.zeros(1, dtype=torch.long), [0] * num_slots, None,
+                         model.get_input_embeddings().weight.device)
+    _probe_forward(model, text_config, "through loraplex's LoRA layers",
+                   "the model's code uses its linear layers in a way loraplex's do not serve")
 
 
 def _decoder_layers(model: nn.Module) -> str:
