@@ -241,6 +241,11 @@ _CONFIGS = {
     "bert": (transformers.BertConfig, dict(is_decoder=False)),
     "doge": (transformers.DogeConfig, dict(keep_window_size=4)),
     "diffllama": (transformers.DiffLlamaConfig, {}),
+    # model code that does not load with loraplex's attention at all (GIT looks attention
+    # up in a table of its own): refused
+    "git": (transformers.GitConfig, dict(vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=16))),
     # attention code of its own (not transformers' attention functions), with ALiBi: refused
     "bloom": (transformers.BloomConfig, dict(n_head=4, n_layer=2)),
     # model code that reads a linear's weight (its dtype) beside calling it: HunYuan-MoE's

@@ -282,6 +282,16 @@ def test_model_code_that_multiplies_by_a_linears_weight_is_refused(tmp_path, mon
         build_engine(base, tmp_path / "adapters")
 
 
+def test_model_that_transformers_cannot_load_with_this_attention_is_refused(tmp_path):
+    """GIT's code raises a KeyError for an attention implementation it does not list:
+    refused with a ValueError (so `loraplex serve` exits 2 saying why), not a traceback."""
+    base = build_base("git", tmp_path / "git")
+    (tmp_path / "adapters").mkdir()
+    with pytest.raises(ValueError, match=r"transformers could not load .* \(KeyError: "
+                                         "'loraplex_paged'\)"):
+        build_engine(base, tmp_path / "adapters")
+
+
 def test_other_recurrent_hybrid_is_refused_not_served_wrong(tmp_path):
     """LFM2's short-convolution layers keep a state nothing here holds (served anyway, as
     Qwen3.5 was before linear_attention.py, the packed batch would run through them as one

@@ -80,10 +80,16 @@ def load_hf_model(path: str, quantize: str, dtype: torch.dtype, device: torch.de
     """The Hugging Face model at `path` in `dtype` on `device`, its linears quantized by
     bitsandbytes as `quantize` says (the benchmark's baselines load theirs with this too)."""
     quant = quantization_config(quantize, dtype)
-    # straight to `device` (no round trip of a 16 GB bf16 model through host memory)
-    model = _auto_class(path).from_pretrained(  # safetensors only: never a pickle
-        path, dtype=dtype, quantization_config=quant, use_safetensors=True,
-        device_map={"": device}, **kwargs)
+    try:
+        # straight to `device` (no round trip of a 16 GB bf16 model through host memory)
+        model = _auto_class(path).from_pretrained(  # safetensors only: never a pickle
+            path, dtype=dtype, quantization_config=quant, use_safetensors=True,
+            device_map={"": device}, **kwargs)
+    except (OSError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        # (a folder without its files, or model code that cannot take loraplex's attention:
+        # GIT's looks its attention up in a table of its own)
+        raise ValueError(f"transformers could not load {path} ({type(exc).__name__}: "
+                         f"{str(exc)[:300]})") from exc
     if quant is not None and device.type == "cpu":
         _keep_unpackable_4bit_unpacked(model)
     return model
