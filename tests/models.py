@@ -246,6 +246,9 @@ _CONFIGS = {
     "git": (transformers.GitConfig, dict(vision_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         image_size=32, patch_size=16))),
+    # a sliding window its config sets and its attention does not pass on (HF applies it in
+    # its mask alone): refused
+    "moshi": (transformers.MoshiConfig, dict(sliding_window=8)),
     # attention code of its own (not transformers' attention functions), with ALiBi: refused
     "bloom": (transformers.BloomConfig, dict(n_head=4, n_layer=2)),
     # model code that reads a linear's weight (its dtype) beside calling it: HunYuan-MoE's

@@ -250,13 +250,15 @@ def test_model_whose_attention_is_its_own_code_is_refused(tmp_path):
 @pytest.mark.parametrize("arch,reason", [
     ("bert", "BertSelfAttention attends both ways"),
     ("doge", "DogeAttention passes attention a mask of its own"),
-    ("diffllama", "DiffLlamaAttention calls attention twice in layer 0")])
+    ("diffllama", "DiffLlamaAttention calls attention twice in layer 0"),
+    ("moshi", "MoshiAttention does not pass attention the sliding window of 8")])
 def test_attention_that_loraplex_does_not_build_is_refused(arch, reason, tmp_path):
     """Each was served before the load probe looked for it, and answered unlike PEFT
     (tiny models: 4 of 5 requests for BERT, 5 of 5 for Doge and DiffLlama): BERT as a
     causal LM without is_decoder (bidirectional), Doge (a learned dynamic mask added to
     the scores), DiffLlama (two attention calls a layer, whose second one would overwrite
-    the first's cached values)."""
+    the first's cached values), Moshi (5 of 5: its window, set in its config, reaches HF's
+    mask only)."""
     base = build_base(arch, tmp_path / arch)
     (tmp_path / "adapters").mkdir()
     with pytest.raises(ValueError, match=reason):

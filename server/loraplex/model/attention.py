@@ -262,7 +262,12 @@ class LayerProbe:
 
     layers: set[int] = field(default_factory=set)
     shapes: dict[int, KVShape] = field(default_factory=dict)
+    config_window: int | None = None  # the text config's sliding_window
 
+
+# paged_attention's sliding_window when a model passes none (as Moshi's, whose config sets
+# one that HF applies in its mask alone): refused by the probe where the config has a window
+NOT_PASSED = object()
 
 _STEP: ContextVar[AttentionBatch | LayerProbe | None] = ContextVar("loraplex_attention_step",
                                                                    default=None)
@@ -288,7 +293,7 @@ def current_step() -> AttentionBatch | LayerProbe | None:
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, attention_mask: torch.Tensor | None,
                     scaling: float | None = None, dropout: float = 0.0,
-                    sliding_window: int | None = None, softcap: float | None = None,
+                    sliding_window: int | None | object = NOT_PASSED, softcap: float | None = None,
                     s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query: [1, H, T, d], key: [1, KVH, T, d], value: [1, KVH, T, dv] -> output
     [1, T, H, dv]. `softcap`
@@ -315,6 +320,10 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             raise ValueError(f"{name} attends both ways (is_causal is False: an encoder such as "
                              "BERT's, or a bidirectional option of the model's); loraplex serves "
                              "causal attention only")
+        if sliding_window is NOT_PASSED and attn_batch.config_window:
+            raise ValueError(f"{name} does not pass attention the sliding window of "
+                             f"{attn_batch.config_window} its config sets (HF applies it in "
+                             "its mask alone, which loraplex's attention does not read)")
         if module.layer_idx in attn_batch.layers:
             raise ValueError(f"{name} calls attention twice in layer {module.layer_idx} (as "
                              "DiffLlama's differential attention); loraplex's KV cache holds "
@@ -322,6 +331,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         attn_batch.layers.add(module.layer_idx)
         attn_batch.shapes[module.layer_idx] = (key.shape[1], key.shape[3], value.shape[3])
         return query.new_zeros(1, *query.shape[2:3], query.shape[1], value.shape[3]), None
+    if sliding_window is NOT_PASSED:
+        sliding_window = None
     b = attn_batch
     layer = module.layer_idx
     k_cache, v_cache = b.cache.k[layer], b.cache.v[layer]  # [slots, KVH, d], [.., dv]
