@@ -254,6 +254,10 @@ class AttentionBatch:
         return self._masks[key]
 
 
+# paged_attention's sliding_window when a model passes none (as Moshi's, whose config sets
+# one that HF applies in its mask alone): refused by the probe where the config has a window
+NOT_PASSED = object()
+
 @dataclass
 class LayerProbe:
     """The batch of a probe forward pass (loader.probe_attention): attention records
@@ -264,10 +268,38 @@ class LayerProbe:
     shapes: dict[int, KVShape] = field(default_factory=dict)
     config_window: int | None = None  # the text config's sliding_window
 
+    def record(self, module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, sliding_window: object,
+               options: dict) -> None:
+        """One attention call of the probe's forward pass (paged_attention's arguments):
+        its layer and shapes recorded, or a ValueError for what loraplex's attention does
+        not implement."""
+        unknown = sorted(k for k, v in options.items() if k not in IGNORED_OPTIONS and v is not None)
+        name = type(module).__name__
+        if unknown:
+            raise ValueError(f"{name} passes attention options loraplex's attention does not "
+                             f"implement: {', '.join(unknown)}")
+        # (transformers builds no mask for an attention function it has no mask function
+        # for, as this one: a mask here is the model's own)
+        if attention_mask is not None:
+            raise ValueError(f"{name} passes attention a mask of its own (position biases, as "
+                             "ALiBi, or a learned dynamic mask), which loraplex's attention, "
+                             "building its own causal masks, does not read")
+        if not getattr(module, "is_causal", True):
+            raise ValueError(f"{name} attends both ways (is_causal is False: an encoder such as "
+                             "BERT's, or a bidirectional option of the model's); loraplex serves "
+                             "causal attention only")
+        if sliding_window is NOT_PASSED and self.config_window:
+            raise ValueError(f"{name} does not pass attention the sliding window of "
+                             f"{self.config_window} its config sets (HF applies it in "
+                             "its mask alone, which loraplex's attention does not read)")
+        if module.layer_idx in self.layers:
+            raise ValueError(f"{name} calls attention twice in layer {module.layer_idx} (as "
+                             "DiffLlama's differential attention); loraplex's KV cache holds "
+                             "one set of keys and values per layer")
+        self.layers.add(module.layer_idx)
+        self.shapes[module.layer_idx] = (key.shape[1], key.shape[3], value.shape[3])
 
-# paged_attention's sliding_window when a model passes none (as Moshi's, whose config sets
-# one that HF applies in its mask alone): refused by the probe where the config has a window
-NOT_PASSED = object()
 
 _STEP: ContextVar[AttentionBatch | LayerProbe | None] = ContextVar("loraplex_attention_step",
                                                                    default=None)
@@ -296,40 +328,15 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     sliding_window: int | None | object = NOT_PASSED, softcap: float | None = None,
                     s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query: [1, H, T, d], key: [1, KVH, T, d], value: [1, KVH, T, dv] -> output
-    [1, T, H, dv]. `softcap`
-    (Gemma 2's attn_logit_softcapping): the scores become softcap * tanh(score / softcap)
-    before the softmax. `s_aux` (GPT-OSS's sinks, [H]): one more logit per head in the
+    [1, T, H, dv]. `softcap` (Gemma 2's attn_logit_softcapping): the scores become
+    softcap * tanh(score / softcap) before the softmax. `s_aux` (GPT-OSS's sinks, [H]): one more logit per head in the
     softmax, weighing no value. Any other option a model passes is refused (at load, by
     the probe), never ignored. The batch is the one of attention_step."""
     attn_batch = current_step()
     if attn_batch is None:
         raise RuntimeError("loraplex attention runs only inside the loraplex runner")
     if isinstance(attn_batch, LayerProbe):
-        unknown = sorted(k for k, v in kwargs.items() if k not in IGNORED_OPTIONS and v is not None)
-        name = type(module).__name__
-        if unknown:
-            raise ValueError(f"{name} passes attention options loraplex's attention does not "
-                             f"implement: {', '.join(unknown)}")
-        # (transformers builds no mask for an attention function it has no mask function
-        # for, as this one: a mask here is the model's own)
-        if attention_mask is not None:
-            raise ValueError(f"{name} passes attention a mask of its own (position biases, as "
-                             "ALiBi, or a learned dynamic mask), which loraplex's attention, "
-                             "building its own causal masks, does not read")
-        if not getattr(module, "is_causal", True):
-            raise ValueError(f"{name} attends both ways (is_causal is False: an encoder such as "
-                             "BERT's, or a bidirectional option of the model's); loraplex serves "
-                             "causal attention only")
-        if sliding_window is NOT_PASSED and attn_batch.config_window:
-            raise ValueError(f"{name} does not pass attention the sliding window of "
-                             f"{attn_batch.config_window} its config sets (HF applies it in "
-                             "its mask alone, which loraplex's attention does not read)")
-        if module.layer_idx in attn_batch.layers:
-            raise ValueError(f"{name} calls attention twice in layer {module.layer_idx} (as "
-                             "DiffLlama's differential attention); loraplex's KV cache holds "
-                             "one set of keys and values per layer")
-        attn_batch.layers.add(module.layer_idx)
-        attn_batch.shapes[module.layer_idx] = (key.shape[1], key.shape[3], value.shape[3])
+        attn_batch.record(module, key, value, attention_mask, sliding_window, kwargs)
         return query.new_zeros(1, *query.shape[2:3], query.shape[1], value.shape[3]), None
     if sliding_window is NOT_PASSED:
         sliding_window = None
