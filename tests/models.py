@@ -235,6 +235,9 @@ _CONFIGS = {
     "falcon_mqa": (transformers.FalconConfig, dict(alibi=False, new_decoder_architecture=False,
                                                    multi_query=True, parallel_attn=True)),
     "nemotron": (transformers.NemotronConfig, {}),
+    # GPT-2: its linears are transformers Conv1D (weight [in, out]), one fused c_attn;
+    # learned absolute positions
+    "gpt2": (transformers.GPT2Config, dict(n_inner=128)),
     # attention that loraplex's does not build, each refused at load: an encoder's, both
     # ways (BERT's as a language model, is_decoder unset); a learned dynamic mask (Doge's);
     # two attention calls a layer (DiffLlama's differential attention)
@@ -496,6 +499,12 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
                           seed=1),)
        for arch in ("olmo2", "cohere2", "glm4", "granite", "smollm3", "starcoder2", "stablelm",
                     "falcon", "falcon_mqa", "nemotron", "ergo")},
+    # (PEFT's target names: c_attn, the attention's c_proj, c_fc and the MLP's c_proj)
+    "gpt2": (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear", seed=1),
+             AdapterSpec("r4_attn", r=4, lora_alpha=8, target_modules=r".*attn\.(c_attn|c_proj)",
+                         seed=2),
+             AdapterSpec("r16_mlp_rslora", r=16, lora_alpha=16, target_modules=("c_fc",),
+                         use_rslora=True, seed=3)),
     # attention and the router, whose weight's dtype the model reads
     "hunyuan_moe": (AdapterSpec("r8_attn_router", r=8, lora_alpha=16, seed=1,
                                 target_modules=ATTN + ("wg",)),),

@@ -169,7 +169,7 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
                                   "olmo2", "cohere2", "glm4", "granite", "gemma3n", "qwen3_moe",
                                   "smollm3", "starcoder2", "stablelm", "falcon",
                                   "falcon_mqa", "nemotron", "deepseek_v3_mla", "gemma4",
-                                  "gemma4_moe", "hunyuan_moe", "ergo"])
+                                  "gemma4_moe", "hunyuan_moe", "ergo", "gpt2"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
@@ -188,7 +188,7 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     DeepSeek-V3's latent attention as it ships (values narrower than keys) and Gemma 4
     (global layers of wider heads, and fewer kv heads in its MoE form: the cache holds
     each layer's own shape), HunYuan-MoE and Ergo (whose code reads a linear's weight
-    dtype), and more families,
+    dtype), GPT-2 (whose linears are Conv1D, weight [in, out]), and more families,
     each with something of its own (see tests/models.py) with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
@@ -216,6 +216,30 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     differ = [name or "<base>" for (name, prompt), out in zip(plan, outs)
               if list(out.token_ids) != peft_greedy(base, paths.get(name), prompt, MAX_NEW)[0]]
     assert not differ, f"{len(differ)}/{len(plan)} differ from PEFT: {differ}"
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantized_conv1d_model_logprobs_close_to_peft(quantize, tmp_path, prompts, capsys):
+    """GPT-2 quantized: transformers holds each Conv1D as a bitsandbytes linear (its weight
+    transposed to [out, in] before quantizing), which loraplex wraps as any other; every
+    request in a mixed batch stays within the quantized tolerance of PEFT on that base."""
+    base = build_base("gpt2", tmp_path / "gpt2")
+    paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS["gpt2"])
+    engine = build_engine(base, tmp_path / "adapters", quantize=quantize)
+    try:
+        layer = engine.runner.loaded.lora_layers["transformer.h.0.attn.c_attn"]
+        assert (type(layer.base_layer).__name__, layer.in_features, layer.out_features) == (
+            {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[quantize], 64, 192)
+        plan = mixed_plan(sorted(paths) * 2, prompts[:6], num_base=2)
+        outs = serve(engine, plan, logprobs=True)
+    finally:
+        engine.stop()
+    worst, differ = gap_to_peft(base, lambda name: paths[name], plan, outs, quantize)
+    with capsys.disabled():
+        print(f"\n[gpt2 {quantize}] max |logprob - PEFT| = {worst:.2e}; "
+              f"{len(plan) - len(differ)}/{len(plan)} with PEFT's greedy choice at every step")
+    assert worst <= LOGPROB_TOLERANCE[quantize]
+    assert len(differ) <= 1  # (a near-tie may flip under int8)
 
 
 def test_attention_layer_types_not_implemented_are_refused(tmp_path):

@@ -20,6 +20,7 @@ from loraplex.errors import AlreadyExists, Cancelled, FailedPrecondition, Invali
 from loraplex.lora.merge import (
     COMBINATION_TYPES,
     LoraTensors,
+    conv1d_modules,
     export_merged_model,
     merge_adapters,
     merge_into_base,
@@ -315,6 +316,39 @@ def test_export_matches_peft(peft_model, model_dir, tmp_path):
     export_merged_model(model_dir, adapter, str(bf16), dtype="bfloat16")
     assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_file(str(bf16 / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_export_of_a_conv1d_model_matches_peft(tmp_path, capsys):
+    """GPT-2's linears are transformers Conv1D, weight [in, out], and its attn.c_proj is
+    square, so no shape tells the layout: `loraplex export` merges each delta in transposed
+    (as PEFT's fan_in_fan_out), and the exported model gives the logits and tokens of PEFT
+    with the adapter unmerged; merge_into_base gives merge_and_unload's weights."""
+    from loraplex.cli import main
+    from models import FAMILY_SPECS, build_adapters, build_base
+
+    base = build_base("gpt2", tmp_path / "gpt2")
+    spec = FAMILY_SPECS["gpt2"][0]  # every linear: c_attn, attn.c_proj, c_fc, mlp.c_proj
+    adapter_dir = build_adapters(base, tmp_path / "adapters", (spec,))[spec.name]
+    conv1d = conv1d_modules(str(base))
+    assert conv1d == {f"transformer.h.{i}.{m}" for i in range(2)
+                      for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    rc = main(["export", "--model", str(base), "--adapter-root", str(tmp_path / "adapters"),
+               "--adapter", spec.name, "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    exported = _base(str(tmp_path / "out"))
+    ref = PeftModel.from_pretrained(_base(str(base)), str(adapter_dir)).eval()
+    our_logits, our_tokens = run(exported)
+    ref_logits, ref_tokens = run(ref)
+    torch.testing.assert_close(our_logits, ref_logits, atol=1e-4, rtol=0)
+    assert torch.equal(our_tokens, ref_tokens)
+
+    state = load_file(str(base / "model.safetensors"))
+    merged = merge_into_base(state, tensors_of(ref, "default"), conv1d)
+    ref_state = ref.merge_and_unload().state_dict()
+    for k, v in merged.items():
+        torch.testing.assert_close(v, ref_state[k], atol=1e-6, rtol=0)
+    square = "transformer.h.0.attn.c_proj.weight"
+    assert not torch.equal(merged[square], state[square])
 
 
 def test_export_sharded_and_refusals(peft_model, model_dir, tmp_path):

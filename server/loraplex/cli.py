@@ -350,10 +350,12 @@ def _export(args: argparse.Namespace) -> int:
 
 def _linear_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
     """module -> (in, out) of every 2-D '<module>.weight' in the checkpoint's safetensors
-    (headers only), in file order; the adapter store checks the adapter against them."""
+    (headers only, [out, in], or [in, out] for a Conv1D), in file order; the adapter store
+    checks the adapter against them."""
     from safetensors import safe_open
 
     from loraplex.errors import FailedPrecondition
+    from loraplex.lora.merge import conv1d_modules
 
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -363,13 +365,15 @@ def _linear_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
         files = ["model.safetensors"]
     else:
         raise FailedPrecondition(f"{model_dir} has no model.safetensors (or sharded index)")
+    conv1d = conv1d_modules(model_dir)
     shapes = {}
     for name in files:
         with safe_open(os.path.join(model_dir, name), framework="pt") as f:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
+                module = key.removesuffix(".weight")
                 if key.endswith(".weight") and len(shape) == 2:
-                    shapes[key.removesuffix(".weight")] = (shape[1], shape[0])
+                    shapes[module] = tuple(shape) if module in conv1d else (shape[1], shape[0])
     return shapes
 
 

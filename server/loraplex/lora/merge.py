@@ -66,9 +66,11 @@ Two operations:
 
 Module names throughout are the HF module paths of the base model, e.g.
 ``model.layers.0.self_attn.q_proj`` (PEFT's file keys without the
-``base_model.model.`` prefix and the ``.lora_A.weight`` suffix). Only linear
-layers in ``nn.Linear`` layout (weight ``[out, in]``) are handled: no LoRA on
-embeddings, conv or ``fan_in_fan_out`` (GPT-2 ``Conv1D``) layers, no DoRA.
+``base_model.model.`` prefix and the ``.lora_A.weight`` suffix). Linear layers are
+handled, in ``nn.Linear`` layout (weight ``[out, in]``) or transformers' ``Conv1D``
+(GPT-2's, weight ``[in, out]``: the delta goes in transposed, as PEFT's
+``fan_in_fan_out``, which PEFT also takes from the layer's kind). No LoRA on
+embeddings or convolutions, no DoRA.
 """
 
 from __future__ import annotations
@@ -476,8 +478,12 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 # merge into the base model
 
 
-def merge_into_base(state: dict[str, torch.Tensor], adapter: LoraTensors) -> dict[str, torch.Tensor]:
-    """A new state dict with ``W += scaling * B @ A`` for every adapted module.
+def merge_into_base(
+    state: dict[str, torch.Tensor], adapter: LoraTensors, conv1d: frozenset[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """A new state dict with ``W += scaling * B @ A`` for every adapted module
+    (``W += (scaling * B @ A).T`` for the modules in ``conv1d``, whose weight is
+    ``[in, out]``: see ``conv1d_modules``).
 
     Computes like PEFT's ``merge_and_unload`` (delta in fp32, then added) but
     adds in fp32 and rounds once to the weight's dtype. ``state`` is not changed.
@@ -485,8 +491,32 @@ def merge_into_base(state: dict[str, torch.Tensor], adapter: LoraTensors) -> dic
     _check_modules_present(state.keys(), adapter)
     merged = dict(state)
     for name, (a, b) in adapter.modules.items():
-        merged[f"{name}.weight"] = _merged_weight(state[f"{name}.weight"], name, a, b, adapter.scalings[name])
+        merged[f"{name}.weight"] = _merged_weight(state[f"{name}.weight"], name, a, b,
+                                                  adapter.scalings[name], name in conv1d)
     return merged
+
+
+def conv1d_modules(model_dir: str) -> frozenset[str]:
+    """The modules of the model at ``model_dir`` that are transformers ``Conv1D`` (GPT-2's
+    linears), whose weight is stored ``[in, out]``: the transpose of ``nn.Linear``'s. A
+    square one (GPT-2's ``attn.c_proj``) cannot be told apart by its shape, so this builds
+    the model's architecture from its config on the meta device (no weights read or
+    allocated) and looks."""
+    from transformers import AutoConfig
+    from transformers.pytorch_utils import Conv1D
+
+    from loraplex.model.loader import model_class
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = model_class(config).from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise FailedPrecondition(
+            f"transformers could not build the model of {model_dir} from its config.json, to "
+            f"find the layout of its weights ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+    return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
 
 
 def _check_modules_present(keys, adapter: LoraTensors) -> None:
@@ -500,19 +530,24 @@ def _check_modules_present(keys, adapter: LoraTensors) -> None:
         )
 
 
-def _check_shape(shape: Sequence[int], name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    if tuple(shape) != (b.shape[0], a.shape[1]):
+def _check_shape(shape: Sequence[int], name: str, a: torch.Tensor, b: torch.Tensor, conv1d: bool) -> None:
+    want, layout = ((a.shape[1], b.shape[0]), "[in, out] (a Conv1D)") if conv1d else ((b.shape[0], a.shape[1]), "[out, in]")
+    if tuple(shape) != want:
         raise FailedPrecondition(
-            f"module {name}: base weight is {list(shape)} but the adapter expects [out, in] = "
-            f"[{b.shape[0]}, {a.shape[1]}]; is the adapter trained on this base model?"
+            f"module {name}: base weight is {list(shape)} but the adapter expects {layout} = "
+            f"{list(want)}; is the adapter trained on this base model?"
         )
 
 
-def _merged_weight(w: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    _check_shape(w.shape, name, a, b)
+def _merged_weight(
+    w: torch.Tensor, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float, conv1d: bool
+) -> torch.Tensor:
+    _check_shape(w.shape, name, a, b, conv1d)
     if not w.is_floating_point():
         raise FailedPrecondition(f"module {name}: base weight is {w.dtype}; merge needs an unquantized checkpoint")
     delta = (b.float() @ a.float()) * scaling  # [out, in]
+    if conv1d:
+        delta = delta.T  # [in, out], as the weight
     return (w.float() + delta.to(w.device)).to(w.dtype)
 
 
@@ -575,8 +610,9 @@ def export_merged_model(
         with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
             shapes.update((k, f.get_slice(k).get_shape()) for k in f.keys())
     _check_modules_present(shapes, adapter)
+    conv1d = conv1d_modules(model_dir)
     for name, (a, b) in adapter.modules.items():
-        _check_shape(shapes[f"{name}.weight"], name, a, b)
+        _check_shape(shapes[f"{name}.weight"], name, a, b, name in conv1d)
     if config.get("tie_word_embeddings") and "lm_head" in adapter.modules:
         raise FailedPrecondition(
             "the adapter changes lm_head, which this model ties to its input embeddings; "
@@ -593,7 +629,7 @@ def export_merged_model(
             for name, (a, b) in adapter.modules.items():
                 key = f"{name}.weight"
                 if key in state:
-                    state[key] = _merged_weight(state[key], name, a, b, adapter.scalings[name])
+                    state[key] = _merged_weight(state[key], name, a, b, adapter.scalings[name], name in conv1d)
             if dtype is not None:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             total_size += sum(v.numel() * v.element_size() for v in state.values())

@@ -486,10 +486,9 @@ def _parse_config(raw: bytes, name: str) -> _LoraSettings:
         alpha_pattern=_pattern(config, "alpha_pattern", name, _finite_float),
         base_model=config.get("base_model_name_or_path") or "",
     )
-    if config.get("fan_in_fan_out"):
-        # PEFT warns and sets it False for nn.Linear targets; so do we.
-        log.warning("adapter %r: fan_in_fan_out=true does not apply to nn.Linear; treating it as false "
-                    "(as PEFT does)", name)
+    # (fan_in_fan_out is not read: PEFT's lora_A / lora_B have one layout whatever it says;
+    # it sets how a delta is merged into a base weight, which PEFT, and merge.py, take from
+    # the base layer's kind: true for a GPT-2 Conv1D, false for a linear)
     return settings
 
 

@@ -18,13 +18,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 def can_pack(module: nn.Module) -> bool:
-    """A plain nn.Linear (not a bitsandbytes subclass) on the CPU, in a dtype oneDNN packs
-    here: fp32, or bf16 where the CPU has AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT (oneDNN
-    refuses bf16 elsewhere, e.g. on an AVX2-only Zen 3; such a layer stays a plain linear)."""
-    if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+    """A plain nn.Linear (not a bitsandbytes subclass) or a transformers Conv1D (GPT-2's)
+    on the CPU, in a dtype oneDNN packs here: fp32, or bf16 where the CPU has AVX-512 (BW,
+    VL, DQ) or AVX-NE-CONVERT (oneDNN refuses bf16 elsewhere, e.g. on an AVX2-only Zen 3;
+    such a layer stays as it is)."""
+    if type(module) not in (nn.Linear, Conv1D) or module.weight.device.type != "cpu":
         return False
     dtype = module.weight.dtype
     return torch.backends.mkldnn.is_available() and (
@@ -46,11 +48,14 @@ class WeightInfo:
 class PackedLinear(nn.Module):
     """y = x @ W^T + b with W held in oneDNN's packed layout (an opaque copy of the weight)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear | Conv1D):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()  # [out, in]; a Conv1D's is [in, out]
+        if isinstance(linear, Conv1D):
+            weight = weight.T.contiguous()
+        self.out_features, self.in_features = weight.shape
         # not a parameter or buffer: an mkldnn tensor supports no state_dict() or .to()
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(),
                                                                    requires_grad=False)
         self.weight = WeightInfo(linear.weight.shape, linear.weight.dtype, linear.weight.device)

@@ -16,6 +16,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           AutoTokenizer, BitsAndBytesConfig)
 from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
                                                     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING)
+from transformers.pytorch_utils import Conv1D
 
 from loraplex import hugepages
 from loraplex.config import ModelConfig
@@ -82,7 +83,7 @@ def load_hf_model(path: str, quantize: str, dtype: torch.dtype, device: torch.de
     quant = quantization_config(quantize, dtype)
     try:
         # straight to `device` (no round trip of a 16 GB bf16 model through host memory)
-        model = _auto_class(path).from_pretrained(  # safetensors only: never a pickle
+        model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(  # safetensors only: never a pickle
             path, dtype=dtype, quantization_config=quant, use_safetensors=True,
             device_map={"": device}, **kwargs)
     except (OSError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
@@ -98,11 +99,11 @@ def load_hf_model(path: str, quantize: str, dtype: torch.dtype, device: torch.de
 _BNB_CPU_BLOCK_N = 32  # (bitsandbytes.functional._convert_weight_packed_for_cpu's block_n)
 
 
-def _auto_class(path: str) -> type:
+def model_class(config) -> type:
     """AutoModelForCausalLM, or for an image-text-to-text model it does not take (Mistral
     Small 3.1's Mistral3, LLaVA), AutoModelForImageTextToText: served for text, the
     language model's logits are the same."""
-    kind = type(AutoConfig.from_pretrained(path))
+    kind = type(config)
     if kind not in MODEL_FOR_CAUSAL_LM_MAPPING and kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
@@ -132,9 +133,13 @@ def _keep_unpackable_4bit_unpacked(model: nn.Module) -> None:
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a plain or bitsandbytes linear, None for anything else."""
+    """(in, out) of a plain or bitsandbytes linear, or of a transformers Conv1D (GPT-2's
+    linear, its weight [in, out]; quantized, bitsandbytes holds it as a linear), None for
+    anything else."""
     if isinstance(module, nn.Linear):  # bnb Linear4bit / Linear8bitLt subclass nn.Linear
         return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return tuple(module.weight.shape)
     return None
 
 
