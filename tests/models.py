@@ -183,6 +183,16 @@ _CONFIGS = {
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4)),
+    # DeepSeek-V2's latent attention (its query compressed too, as V2's full model), and
+    # GLM-4.7-Flash's (Glm4MoeLite): their latents cached (latent_attention.py)
+    "deepseek_v2": (transformers.DeepseekV2Config, dict(
+        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=8,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4)),
+    "glm4_moe_lite": (transformers.Glm4MoeLiteConfig, dict(
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4)),
     # Gemma 4: global layers with heads twice as wide as the sliding ones' (its own 512 and
     # 256); as E2B / E4B, per-layer inputs, the last two layers reusing the keys and values
     # of earlier ones, capped logits...
@@ -485,6 +495,12 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
                     AdapterSpec("r4_kv", r=4, lora_alpha=8,
                                 target_modules=("kv_a_proj_with_mqa", "kv_b_proj"), seed=2)),
     "deepseek_v3_mla": (AdapterSpec("r8_attn", r=8, lora_alpha=16, seed=1, target_modules=(
+        "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),),
+    "deepseek_v2": (AdapterSpec("r8_attn", r=8, lora_alpha=16, seed=1, target_modules=(
+        "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
+                    AdapterSpec("r16_kv_rslora", r=16, lora_alpha=16, use_rslora=True, seed=2,
+                                target_modules=("kv_b_proj",))),
+    "glm4_moe_lite": (AdapterSpec("r8_attn", r=8, lora_alpha=16, seed=1, target_modules=(
         "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),),
     # (the per-layer input projections outside the layers, which all-linear would adapt,
     # are not served, as Gemma 3n's AltUp ones)

@@ -57,8 +57,11 @@ def load_base(base_dir: str | Path, quantize: str = "none",
     kwargs = {"quantization_config": qconfig, "device_map": "cpu"} if qconfig else {}
     model = model_class(base_dir).from_pretrained(base_dir, dtype=dtype, **kwargs)
     for module in model.modules():  # bitsandbytes' packed CPU 4-bit kernel raises for a layer
-        # whose height is not a multiple of 32 (Qwen3.5's in_proj_b / in_proj_a): its generic one
-        if getattr(module, "support_avx512bf16_for_cpu", False) and module.out_features % 32:
+        # whose height is not a multiple of 32 (Qwen3.5's in_proj_b / in_proj_a) or width not
+        # one of the blocksize (a latent attention's kv_b_proj of 16 inputs): its generic one
+        if getattr(module, "support_avx512bf16_for_cpu", False) and (
+                module.out_features % 32
+                or module.in_features % module.weight.quant_state.blocksize):
             module.support_avx512bf16_for_cpu = False
     # generate() fills an unset eos_token_id from the model's generation_config; clear it
     # there too, or generation would stop at EOS.

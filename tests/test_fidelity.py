@@ -169,7 +169,8 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
                                   "olmo2", "cohere2", "glm4", "granite", "gemma3n", "qwen3_moe",
                                   "smollm3", "starcoder2", "stablelm", "falcon",
                                   "falcon_mqa", "nemotron", "deepseek_v3_mla", "gemma4",
-                                  "gemma4_moe", "hunyuan_moe", "ergo", "gpt2"])
+                                  "gemma4_moe", "hunyuan_moe", "ergo", "gpt2", "deepseek_v2",
+                                  "glm4_moe_lite"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
@@ -188,7 +189,8 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     DeepSeek-V3's latent attention as it ships (values narrower than keys) and Gemma 4
     (global layers of wider heads, and fewer kv heads in its MoE form: the cache holds
     each layer's own shape), HunYuan-MoE and Ergo (whose code reads a linear's weight
-    dtype), GPT-2 (whose linears are Conv1D, weight [in, out]), and more families,
+    dtype), GPT-2 (whose linears are Conv1D, weight [in, out]), DeepSeek-V2 and
+    GLM-4.7-Flash (latent attention, as DeepSeek-V3's: the latent cached), and more families,
     each with something of its own (see tests/models.py) with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
@@ -203,7 +205,12 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
         assert (type(loaded.model).__name__ == "Qwen3_5ForCausalLM") == (arch == "qwen3_5_vision")
         # (kv heads, key size, value size) of each layer's cache, as attention was passed them
         assert loaded.kv_shapes == {
-            "deepseek_v3_mla": {0: (4, 24, 16), 1: (4, 24, 16)},
+            # latent attention: one kv head of the latent (16) and rotary key (8), values
+            # the latent (latent_attention.py)
+            "deepseek_v3": {0: (1, 24, 16), 1: (1, 24, 16)},
+            "deepseek_v3_mla": {0: (1, 24, 16), 1: (1, 24, 16)},
+            "deepseek_v2": {0: (1, 24, 16), 1: (1, 24, 16)},
+            "glm4_moe_lite": {0: (1, 24, 16), 1: (1, 24, 16)},
             "gemma4": {0: (2, 16, 16), 1: (2, 32, 32), 2: (2, 16, 16), 3: (2, 32, 32)},
             "gemma4_moe": {0: (2, 16, 16), 1: (1, 32, 32), 2: (2, 16, 16), 3: (1, 32, 32)},
         }.get(arch, loaded.kv_shapes)
@@ -240,6 +247,33 @@ def test_quantized_conv1d_model_logprobs_close_to_peft(quantize, tmp_path, promp
               f"{len(plan) - len(differ)}/{len(plan)} with PEFT's greedy choice at every step")
     assert worst <= LOGPROB_TOLERANCE[quantize]
     assert len(differ) <= 1  # (a near-tie may flip under int8)
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_latent_attention_logprobs_close_to_peft(quantize, tmp_path, prompts, capsys):
+    """DeepSeek-V3's latent attention as published (values narrower than keys), its latent
+    cached (latent_attention.py): kv_b_proj absorbed into the queries and the output, and
+    so the LoRA of adapters on it, token by token. Every request of a mixed batch within
+    the tolerance of PEFT on the same base (NF4: the absorbed weight is the dequantized
+    one), its cache 4x smaller a token than the keys and values of its 4 heads."""
+    base = build_base("deepseek_v3_mla", tmp_path / "mla")
+    paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS["deepseek_v3"])
+    engine = build_engine(base, tmp_path / "adapters", quantize=quantize)
+    try:
+        shapes = engine.runner.loaded.kv_shapes
+        expanded = {layer: (4, 16 + 8, 16) for layer in shapes}  # heads, nope + rope, v
+        assert (KVCache.bytes_per_block(16, expanded, torch.float32)
+                == 4 * KVCache.bytes_per_block(16, shapes, torch.float32))
+        plan = mixed_plan(sorted(paths) * 4, prompts[:8] + prompts[-2:], num_base=2)
+        outs = serve(engine, plan, logprobs=True)
+    finally:
+        engine.stop()
+    worst, differ = gap_to_peft(base, lambda name: paths[name], plan, outs, quantize)
+    with capsys.disabled():
+        print(f"\n[latent attention, {quantize}] max |logprob - PEFT| = {worst:.2e}; "
+              f"{len(plan) - len(differ)}/{len(plan)} with PEFT's greedy choice at every step")
+    assert worst <= LOGPROB_TOLERANCE[quantize]
+    assert not differ
 
 
 def test_attention_layer_types_not_implemented_are_refused(tmp_path):

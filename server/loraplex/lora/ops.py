@@ -273,6 +273,11 @@ class LoraPlan:
         for active in active_sets:
             self.for_layer(active)
 
+    @property
+    def host_slots(self) -> list[int]:
+        """Each token's slot, as a list (slots, on the host)."""
+        return self._host_slots
+
     def rank_table(self) -> torch.Tensor:
         """[S] int32 on the plan's device: the rank of each slot's adapter (0 = empty)."""
         if self._rank_table is None:

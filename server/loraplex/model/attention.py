@@ -36,7 +36,8 @@ IGNORED_OPTIONS = frozenset({"position_ids", "use_cache", "output_router_logits"
 
 
 # Per attending layer: (kv heads, key size, value size) per head. Keys and values may
-# differ (DeepSeek's latent attention: keys of 192, values of 128), and so may layers
+# differ (DeepSeek's latent attention, latent_attention.py: keys of its latent and rotary
+# key, 576, values of the latent, 512), and so may layers
 # (Gemma 4: its global layers' heads are twice its sliding ones', with fewer kv heads).
 KVShape = tuple[int, int, int]
 
@@ -335,6 +336,21 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     attn_batch = current_step()
     if attn_batch is None:
         raise RuntimeError("loraplex attention runs only inside the loraplex runner")
+    latent = getattr(module, "loraplex_latent", None)  # latent_attention.LatentProjection
+    if latent is not None:  # attend over the cached latents: the queries and output absorbed
+        out, _ = _paged_attention(attn_batch, module, latent.queries(query), key, value,
+                                  attention_mask, scaling, sliding_window, softcap, s_aux,
+                                  kwargs)
+        return latent.outputs(out), None
+    return _paged_attention(attn_batch, module, query, key, value, attention_mask, scaling,
+                            sliding_window, softcap, s_aux, kwargs)
+
+
+def _paged_attention(attn_batch: AttentionBatch | LayerProbe, module: torch.nn.Module,
+                     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None,
+                     sliding_window: int | None | object, softcap: float | None,
+                     s_aux: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor, None]:
     if isinstance(attn_batch, LayerProbe):
         attn_batch.record(module, key, value, attention_mask, sliding_window, kwargs)
         return query.new_zeros(1, *query.shape[2:3], query.shape[1], value.shape[3]), None

@@ -25,6 +25,7 @@ from loraplex.lora.ops import LoraPlan
 from loraplex.model.cpu_linear import PackedLinear, can_pack
 from loraplex.model.attention import (ATTENTION_NAME, KVShape, LayerProbe, attention_step,
                                        register_attention)
+from loraplex.model.latent_attention import patch_latent_attention
 from loraplex.model.linear_attention import patch_linear_attention
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,9 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
     model.eval().requires_grad_(False)
     text_config = model.config.get_text_config()
     linear = patch_linear_attention(model)
+    latent = patch_latent_attention(model, dtype)
+    if latent:
+        log.info("%d latent-attention layers cache their latent (latent_attention.py)", latent)
     probe = probe_attention(model, text_config)
     kv_shapes = {i: probe.shapes[i] for i in sorted(probe.layers - linear.keys())}
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)

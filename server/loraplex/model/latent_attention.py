@@ -1,0 +1,111 @@
+"""Multi-head latent attention (DeepSeek-V2/V3's MLA) with its latent cached, not its keys
+and values.
+
+Such a layer compresses each token to a latent c [kv_lora_rank] (after kv_a_layernorm) and
+one rotary key k_rot [rope] shared by every head. Hugging Face's layer then expands the
+latent through kv_b_proj into every head's keys k_h = [W_UK_h c, k_rot] and values
+v_h = W_UV_h c (its `expand_kv`) before attention, so a cache of what attention is passed
+holds heads x (nope + rope + v) values a token and layer: 40,960 for DeepSeek-V3, whose
+latent and rotary key are 576.
+
+`patch_latent_attention` replaces `expand_kv`: attention is passed the latent as one kv
+head, keys [c, k_rot] and values c, and kv_b_proj is absorbed into the queries and the
+output (as DeepSeek-V2's paper and vLLM's MLA do):
+
+    q_h . k_h = (W_UK_h^T q_nope_h) . c + q_rot_h . k_rot
+    sum_j p_j v_h,j = W_UV_h (sum_j p_j c_j)
+
+An adapter on kv_b_proj (W + B A, its scaling in B; B's rows split by head as W's) is
+absorbed per token the same way: q_lat_h += A^T (B_K,h^T q_nope_h), and
+out_h += B_V,h (A o_lat_h). The scores and outputs are HF's up to summation order.
+
+The cache then holds kv_lora_rank + rope keys and kv_lora_rank values a token and layer
+(DeepSeek-V3: 1,088, 38x less; the values are the keys' first kv_lora_rank, stored twice
+for simplicity of the kernels). The price: attention runs over kv_lora_rank + rope wide
+queries (576 against 192) and kv_lora_rank wide values, and each layer keeps kv_b_proj's
+weight unquantized ([heads, nope, rank] and [heads, rank, v]: DeepSeek-V3 32 MiB a layer
+in bf16) beside the base layer.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from loraplex.lora.ops import slot_runs
+
+_PARTS = ("kv_b_proj", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+          "num_heads", "expand_kv")
+
+
+class LatentProjection:
+    """kv_b_proj of one MLA layer, absorbed: attention (attention.paged_attention) calls
+    `queries` before it attends over the cached latents and `outputs` after."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        self.module = module  # its kv_b_proj is read at each call: a LoraLinear once wrapped
+        self.nope, self.rope, self.v = (module.qk_nope_head_dim, module.qk_rope_head_dim,
+                                        module.v_head_dim)
+        self.rank, self.heads = module.kv_lora_rank, module.num_heads
+        proj = module.kv_b_proj
+        device = next(proj.parameters()).device
+        with torch.no_grad():  # the weight as the layer computes with it (dequantized)
+            eye = torch.eye(self.rank, dtype=dtype, device=device)
+            w = (proj(eye) - proj(torch.zeros_like(eye[:1]))).float()  # [rank, H * (nope + v)]
+        w = w.view(self.rank, self.heads, self.nope + self.v)
+        self.w_uk = w[..., :self.nope].permute(1, 2, 0).to(dtype).contiguous()  # [H, nope, rank]
+        self.w_uv = w[..., self.nope:].transpose(0, 1).to(dtype).contiguous()  # [H, rank, v]
+
+    def _adapter_runs(self):
+        """(start, stop, A [r, rank], B_K [r, H, nope], B_V [r, H, v]) of each run of tokens
+        of one adapter on kv_b_proj in this step (none outside the runner's steps)."""
+        proj = self.module.kv_b_proj
+        plan = getattr(proj, "plan", None)
+        plan = plan.for_layer(proj.active_slots) if plan is not None else None
+        if plan is None:
+            return
+        for start, stop, slot in slot_runs(plan.host_slots):
+            if slot:
+                a = proj.lora_A[slot, :plan.rank]  # [r, rank]
+                b = proj.lora_B[slot, :plan.rank].view(plan.rank, self.heads, -1)  # [r, H, nope + v]
+                yield start, stop, a, b[..., :self.nope], b[..., self.nope:]
+
+    def queries(self, query: torch.Tensor) -> torch.Tensor:
+        """[1, H, T, nope + rope] -> [1, H, T, rank + rope]: W_UK_h^T q_nope_h, q_rot_h."""
+        q_nope, q_rot = query[0].split((self.nope, self.rope), dim=-1)  # [H, T, nope], [.., rope]
+        q_lat = torch.bmm(q_nope, self.w_uk)  # [H, T, rank]
+        for start, stop, a, b_k, _ in self._adapter_runs():
+            u = torch.einsum("htn,rhn->htr", q_nope[:, start:stop], b_k.to(q_nope.dtype))
+            q_lat[:, start:stop] += u @ a.to(q_nope.dtype)  # [H, n, rank]
+        return torch.cat((q_lat, q_rot), dim=-1).unsqueeze(0)
+
+    def outputs(self, out: torch.Tensor) -> torch.Tensor:
+        """[1, T, H, rank] (attention over the latents) -> [1, T, H, v]: W_UV_h o_h."""
+        o_lat = out[0].transpose(0, 1)  # [H, T, rank]
+        o = torch.bmm(o_lat, self.w_uv)  # [H, T, v]
+        for start, stop, a, _, b_v in self._adapter_runs():
+            w = o_lat[:, start:stop] @ a.to(o_lat.dtype).T  # [H, n, r]
+            o[:, start:stop] += torch.einsum("hnr,rhv->hnv", w, b_v.to(o_lat.dtype))
+        return o.transpose(0, 1).unsqueeze(0)
+
+
+def _latent_kv(self: nn.Module, kv_nope: torch.Tensor,
+               k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """expand_kv's replacement: the latent [B, 1, T, rank] and rotary key [B, 1, T, rope]
+    -> keys [B, 1, T, rank + rope], values [B, 1, T, rank] (one kv head)."""
+    return torch.cat((kv_nope, k_rot), dim=-1), kv_nope
+
+
+def patch_latent_attention(model: nn.Module, dtype: torch.dtype) -> int:
+    """Every MLA layer of `model` (one with HF's expand_kv and kv_b_proj) made to cache its
+    latent; the number of them. Before the linears are wrapped (the absorbed weight is read
+    from the base layer)."""
+    count = 0
+    for module in model.modules():
+        if all(hasattr(module, part) for part in _PARTS):
+            module.loraplex_latent = LatentProjection(module, dtype)
+            module.expand_kv = types.MethodType(_latent_kv, module)
+            count += 1
+    return count
