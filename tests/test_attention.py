@@ -27,14 +27,17 @@ def _kernel():
 
 
 def _setup(lens: list[int], seed: int = 0, shape: SimpleNamespace = SMALL,
-           dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None):
+           dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None,
+           values_in_keys: bool = False):
     """A cache of `kv_dtype` (default: `dtype`) with random keys/values, each sequence on
     shuffled blocks; the new tokens' query/key/value [1, heads, D, d] in `dtype` (their
-    position: len - 1)."""
+    position: len - 1). values_in_keys: the values are the keys' first entries (a latent
+    attention's cache), the new ones too."""
     g = torch.Generator().manual_seed(seed)
     bs, n_blocks = shape.block_size, shape.num_blocks
     cache = KVCache(1, n_blocks, bs, {0: (shape.kv_heads, shape.head_dim, shape.value_dim)},
-                    kv_dtype or dtype, torch.device("cpu"))
+                    kv_dtype or dtype, torch.device("cpu"),
+                    frozenset({0}) if values_in_keys else frozenset())
     cache.k[0].copy_(torch.randn(cache.k[0].shape, generator=g))
     cache.v[0].copy_(torch.randn(cache.v[0].shape, generator=g))
     free = torch.randperm(n_blocks - 1, generator=g).add(1).tolist()  # block 0 stays unused
@@ -42,6 +45,8 @@ def _setup(lens: list[int], seed: int = 0, shape: SimpleNamespace = SMALL,
     new = [torch.randn(1, heads, len(lens), d, generator=g).to(dtype)
            for heads, d in ((shape.heads, shape.head_dim), (shape.kv_heads, shape.head_dim),
                             (shape.kv_heads, shape.value_dim))]
+    if values_in_keys:
+        new[2] = new[1][..., :shape.value_dim]
     return cache, tables, new
 
 
@@ -146,15 +151,18 @@ def test_decode_kernel_on_full_blocks(num_decodes, window, dtype, kv_dtype):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "cpu"])
-def test_values_of_another_size_than_keys(backend):
-    """DeepSeek's latent attention caches keys of 192 and values of 128 per head: a cache of
-    the two sizes, decodes (each path) and a prefill chunk over cached context, against the
-    definition."""
+@pytest.mark.parametrize("values_in_keys", [False, True])
+def test_values_of_another_size_than_keys(backend, values_in_keys):
+    """Keys and values of two sizes (DeepSeek's latent attention expanded: 192 and 128 per
+    head), and values that are the keys' first entries, held in the keys' memory (its latent
+    cached: 576 and 512): decodes (each path) and a prefill chunk over cached context,
+    against the definition."""
     shape = SimpleNamespace(heads=8, kv_heads=2, head_dim=24, value_dim=16, block_size=BS,
                             num_blocks=NUM_BLOCKS)
     lens = [1, 5, 17, 40, 9]
-    cache, tables, (q, k, v) = _setup(lens, seed=4, shape=shape)
+    cache, tables, (q, k, v) = _setup(lens, seed=4, shape=shape, values_in_keys=values_in_keys)
     assert cache.k[0].shape[2] == 24 and cache.v[0].shape[2] == 16
+    assert (cache.v[0].data_ptr() == cache.k[0].data_ptr()) == values_in_keys
     kernel = _kernel() if backend == "cpu" else None
     groups = [list(range(len(lens)))] if kernel else group_decodes([len(t) for t in tables])
     slot_mapping = torch.tensor([tables[i][(n - 1) // BS] * BS + (n - 1) % BS
@@ -170,6 +178,8 @@ def test_values_of_another_size_than_keys(backend):
     n, new = lens[3], 6
     qp = torch.randn(1, shape.heads, new, shape.head_dim)
     kp, vp = torch.randn(1, shape.kv_heads, new, 24), torch.randn(1, shape.kv_heads, new, 16)
+    if values_in_keys:
+        vp = kp[..., :16]
     slots = [tables[3][p // BS] * BS + p % BS for p in range(n - new, n)]
     prefill = AttentionBatch(cache=cache, slot_mapping=torch.tensor(slots), decode_groups=[],
                              prefills=[PrefillSeq(0, new, n, torch.tensor(tables[3]))])

@@ -249,28 +249,35 @@ def test_quantized_conv1d_model_logprobs_close_to_peft(quantize, tmp_path, promp
     assert len(differ) <= 1  # (a near-tie may flip under int8)
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_latent_attention_logprobs_close_to_peft(quantize, tmp_path, prompts, capsys):
+@pytest.mark.parametrize("quantize,backend", [("none", "auto"), ("none", "torch"),
+                                              ("nf4", "auto")])
+def test_latent_attention_logprobs_close_to_peft(quantize, backend, tmp_path, prompts, capsys):
     """DeepSeek-V3's latent attention as published (values narrower than keys), its latent
     cached (latent_attention.py): kv_b_proj absorbed into the queries and the output, and
     so the LoRA of adapters on it, token by token. Every request of a mixed batch within
     the tolerance of PEFT on the same base (NF4: the absorbed weight is the dequantized
-    one), its cache 4x smaller a token than the keys and values of its 4 heads."""
+    one), its cache 6.7x smaller a token than the keys and values of its 4 heads (the
+    latent's 16 and the rotary key's 8, the values the latent itself)."""
     base = build_base("deepseek_v3_mla", tmp_path / "mla")
     paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS["deepseek_v3"])
-    engine = build_engine(base, tmp_path / "adapters", quantize=quantize)
+    engine = build_engine(base, tmp_path / "adapters", quantize=quantize,
+                          **TORCH_OPS.get(backend, {}))
     try:
-        shapes = engine.runner.loaded.kv_shapes
-        expanded = {layer: (4, 16 + 8, 16) for layer in shapes}  # heads, nope + rope, v
-        assert (KVCache.bytes_per_block(16, expanded, torch.float32)
-                == 4 * KVCache.bytes_per_block(16, shapes, torch.float32))
+        loaded = engine.runner.loaded
+        assert loaded.values_in_keys == {0, 1}
+        expanded = {layer: (4, 16 + 8, 16) for layer in loaded.kv_shapes}  # heads, nope + rope, v
+        # 16 tokens x 2 layers x 4 bytes x (4 heads x (24 + 16) expanded; 24 latent)
+        assert KVCache.bytes_per_block(16, expanded, torch.float32) == 16 * 2 * 4 * (4 * 40)
+        assert KVCache.bytes_per_block(16, loaded.kv_shapes, torch.float32,
+                                       loaded.values_in_keys) == 16 * 2 * 4 * 24
+        assert engine.kv_cache.v[0].data_ptr() == engine.kv_cache.k[0].data_ptr()
         plan = mixed_plan(sorted(paths) * 4, prompts[:8] + prompts[-2:], num_base=2)
         outs = serve(engine, plan, logprobs=True)
     finally:
         engine.stop()
     worst, differ = gap_to_peft(base, lambda name: paths[name], plan, outs, quantize)
     with capsys.disabled():
-        print(f"\n[latent attention, {quantize}] max |logprob - PEFT| = {worst:.2e}; "
+        print(f"\n[latent attention, {quantize}, {backend}] max |logprob - PEFT| = {worst:.2e}; "
               f"{len(plan) - len(differ)}/{len(plan)} with PEFT's greedy choice at every step")
     assert worst <= LOGPROB_TOLERANCE[quantize]
     assert not differ

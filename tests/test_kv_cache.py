@@ -162,3 +162,21 @@ def test_kv_cache_holds_each_layers_own_shape():
     for layer in (2, 0, 2):  # (the scratch buffers serve both widths)
         k, v = cache.gather(layer, blocks)
         assert torch.equal(k, cache.k[layer][rows]) and torch.equal(v, cache.v[layer][rows])
+
+
+def test_values_in_keys_are_a_view_of_the_keys():
+    """A latent attention layer's values are its keys' first entries: they take no memory
+    of their own, and gather gives the keys' first entries."""
+    import torch
+
+    from loraplex.model.attention import KVCache
+
+    shapes = {0: (1, 6, 4), 1: (2, 3, 3)}
+    cache = KVCache(num_layers=2, num_blocks=3, block_size=2, shapes=shapes,
+                    dtype=torch.float32, device=torch.device("cpu"), values_in_keys=frozenset({0}))
+    assert KVCache.bytes_per_block(2, shapes, torch.float32, frozenset({0})) == 2 * (6 + 2 * 6) * 4
+    cache.k[0].copy_(torch.randn_like(cache.k[0]))
+    assert cache.v[0].shape == (6, 1, 4) and torch.equal(cache.v[0], cache.k[0][..., :4])
+    k, v = cache.gather(0, torch.tensor([2, 0]))
+    rows = [4, 5, 0, 1]
+    assert torch.equal(k, cache.k[0][rows]) and torch.equal(v, cache.k[0][rows][..., :4])

@@ -395,12 +395,12 @@ static int64_t head_groups(int64_t D, int64_t KVH, int64_t threads) {
  * their query heads. Called inside the exported functions' parallel loops (see bgmv_tile). */
 INLINE void attend_item(const float *q, const void *k, const void *v, const int64_t *tables,
                         int64_t nb, const int64_t *lens, int64_t i, int64_t kv0, int64_t gk,
-                        int64_t H, int64_t KVH, int64_t d, int64_t dv, int64_t bs,
-                        float scale, int64_t window, int64_t chunk, float softcap,
+                        int64_t H, int64_t KVH, int64_t d, int64_t dv, int64_t vs,
+                        int64_t bs, float scale, int64_t window, int64_t chunk, float softcap,
                         const float *sinks, float *out, int bf16) {
   const int64_t size = bf16 ? 2 : 4; /* bytes per cached value */
   const int64_t rep = H / KVH, nh = gk * rep, h0 = kv0 * rep, len = lens[i];
-  const int64_t row = KVH * d, vrow = KVH * dv; /* values per cached key, value */
+  const int64_t row = KVH * d, vrow = KVH * vs; /* values per cached key, value row */
   const float *qi = q + (i * H + h0) * d; /* this item's query heads: [nh, d] */
   const int64_t lo = chunk > 0                      ? (len - 1) / chunk * chunk
                      : window > 0 && len > window ? len - window
@@ -415,11 +415,11 @@ INLINE void attend_item(const float *q, const void *k, const void *v, const int6
     const int64_t p0 = b0 > lo ? b0 : lo, n = (b0 + bs < len ? b0 + bs : len) - p0;
     /* [n, row] of keys and values from position p0 on, at this item's first head */
     const char *kb = (const char *)k + ((first + p0) * row + kv0 * d) * size;
-    const char *vb = (const char *)v + ((first + p0) * vrow + kv0 * dv) * size;
+    const char *vb = (const char *)v + ((first + p0) * vrow + kv0 * vs) * size;
     /* the next block's first slot, its rows at this item's heads (NULL: the last block) */
     const int64_t next = b0 + bs < len ? tables[i * nb + b0 / bs + 1] * bs : -1;
     const char *kn = next < 0 ? NULL : (const char *)k + (next * row + kv0 * d) * size;
-    const char *vn = next < 0 ? NULL : (const char *)v + (next * vrow + kv0 * dv) * size;
+    const char *vn = next < 0 ? NULL : (const char *)v + (next * vrow + kv0 * vs) * size;
     for (int64_t u = 0; u < n; u++) {
       if (kn != NULL) /* a 64-byte line at a time, into L2 */
         for (int64_t c = 0; c < gk * d * size; c += 64)
@@ -455,7 +455,7 @@ INLINE void attend_item(const float *q, const void *k, const void *v, const int6
           __builtin_prefetch(vn + u * vrow * size + c, 0, 2);
       for (int64_t h = 0; h < nh; h++) {
         const float w = s[h * bs + u];
-        const char *vr = vb + (u * vrow + kvo[h] * dv) * size;
+        const char *vr = vb + (u * vrow + kvo[h] * vs) * size;
         float *ah = acc + h * dv;
         l[h] += w;
 #pragma omp simd
@@ -478,8 +478,9 @@ INLINE void attend_item(const float *q, const void *k, const void *v, const int6
  * logit per query head, GPT-OSS's) each head's softmax also sums exp(sinks[h]), which
  * weighs no value; grouped-query heads
  * h -> h / (H / KVH). q: [D, H, d], out: [D, H, dv]; k: [slots, KVH, d], v: [slots, KVH,
- * dv] (keys and values may differ in size: DeepSeek's latent attention), slot =
- * block * bs + offset;
+ * dv] (keys and values may differ in size: DeepSeek's latent attention) with rows of KVH
+ * heads of vs values (vs = dv; vs = d where the values are the keys' first dv, v = k: a
+ * latent attention's latent), slot = block * bs + offset;
  * tables: [D, nb] block ids; lens: [D] (>= 1). Online softmax, one block at a time.
  *
  * Bound by reading the cache, which a step reaches cold (the weights of a whole step
@@ -494,15 +495,15 @@ INLINE void attend_item(const float *q, const void *k, const void *v, const int6
 CLONES
 void paged_decode_attention(const float *q, const float *k, const float *v,
                             const int64_t *tables, int64_t nb, const int64_t *lens, int64_t D,
-                            int64_t H, int64_t KVH, int64_t d, int64_t dv, int64_t bs,
-                            float scale, int64_t window, int64_t chunk, float softcap,
-                            const float *sinks, float *out) {
+                            int64_t H, int64_t KVH, int64_t d, int64_t dv, int64_t vs,
+                            int64_t bs, float scale, int64_t window, int64_t chunk,
+                            float softcap, const float *sinks, float *out) {
   const int64_t G = head_groups(D, KVH, omp_get_max_threads()), gk = KVH / G;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < D; i++)
     for (int64_t g = 0; g < G; g++)
-      attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, dv, bs, scale, window,
-                  chunk, softcap, sinks, out, 0);
+      attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, dv, vs, bs, scale,
+                  window, chunk, softcap, sinks, out, 0);
 }
 
 /* paged_decode_attention on a bf16 cache (k, v as uint16 bit patterns); q, out and the
@@ -511,14 +512,14 @@ CLONES
 void paged_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v,
                                  const int64_t *tables, int64_t nb, const int64_t *lens,
                                  int64_t D, int64_t H, int64_t KVH, int64_t d, int64_t dv,
-                                 int64_t bs, float scale, int64_t window, int64_t chunk,
-                                 float softcap, const float *sinks, float *out) {
+                                 int64_t vs, int64_t bs, float scale, int64_t window,
+                                 int64_t chunk, float softcap, const float *sinks, float *out) {
   const int64_t G = head_groups(D, KVH, omp_get_max_threads()), gk = KVH / G;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t i = 0; i < D; i++)
     for (int64_t g = 0; g < G; g++)
-      attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, dv, bs, scale, window,
-                  chunk, softcap, sinks, out, 1);
+      attend_item(q, k, v, tables, nb, lens, i, g * gk, gk, H, KVH, d, dv, vs, bs, scale,
+                  window, chunk, softcap, sinks, out, 1);
 }
 
 /* trie_walk: the automaton state after each prefix of a trie of byte strings, listed so that

@@ -80,7 +80,7 @@ def load(folder: Path | None = None) -> ctypes.CDLL | None:
                 bgmv.argtypes = [p, i64, p, i64, p, i64, i64, p, p, i64, p, i64]
                 bgmv.restype = ctypes.c_int
             for attend in (lib.paged_decode_attention, lib.paged_decode_attention_bf16):
-                attend.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64, i64,
+                attend.argtypes = [p, p, p, p, i64, p, i64, i64, i64, i64, i64, i64, i64,
                                    ctypes.c_float, i64, i64, ctypes.c_float, p, p]
                 attend.restype = None
             lib.trie_walk.argtypes = [p, p, p, p, p, i64, i64]

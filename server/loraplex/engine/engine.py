@@ -102,7 +102,8 @@ class Engine:
         self.model_name = loaded.name
         kv_dtype = (loaded.dtype if cfg.kv_cache_dtype == "auto"
                     else resolve_dtype(cfg.kv_cache_dtype, loaded.device))
-        block_bytes = KVCache.bytes_per_block(cfg.block_size, loaded.kv_shapes, kv_dtype)
+        block_bytes = KVCache.bytes_per_block(cfg.block_size, loaded.kv_shapes, kv_dtype,
+                                              loaded.values_in_keys)
         # linear-attention layers (linear_attention.py): one recurrent-state slot per running
         # sequence, out of the same memory budget
         state_bytes = cfg.max_num_seqs * RecurrentState.bytes_per_slot(loaded.linear_attention,
@@ -116,7 +117,7 @@ class Engine:
                              + "; raise --kv-cache-memory"
                              + (" or lower --max-num-seqs" if state_bytes else ""))
         self.kv_cache = KVCache(loaded.num_layers, num_blocks, cfg.block_size, loaded.kv_shapes,
-                                kv_dtype, loaded.device)
+                                kv_dtype, loaded.device, loaded.values_in_keys)
         self.recurrent = (RecurrentState(loaded.linear_attention, cfg.max_num_seqs, loaded.dtype,
                                          loaded.device) if loaded.linear_attention else None)
         if self.recurrent is not None:

@@ -45,7 +45,9 @@ KVShape = tuple[int, int, int]
 class KVCache:
     """Per layer, keys [num_blocks * block_size, kv_heads, key size] and values [...,
     value size] of every cached token, shaped by `shapes` (empty for a layer not in it,
-    e.g. a linear-attention one).
+    e.g. a linear-attention one). For the layers in `values_in_keys`, whose values are
+    their keys' first value-size entries (a latent attention's latent: latent_attention.py),
+    the values are a view of the keys and take no memory of their own.
 
     Attention reads a sequence's context by copying its blocks out (`gather`) into two
     scratch buffers the cache keeps. Whole blocks: one 16-token block is one row of
@@ -56,8 +58,10 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int,
-                 shapes: dict[int, KVShape], dtype: torch.dtype, device: torch.device):
+                 shapes: dict[int, KVShape], dtype: torch.dtype, device: torch.device,
+                 values_in_keys: frozenset[int] = frozenset()):
         self.block_size = block_size
+        self.values_in_keys = values_in_keys
 
         def zeros(layer: int, value: bool) -> torch.Tensor:  # on the CPU, on huge pages
             if layer not in shapes:  # (loraplex.hugepages)
@@ -68,14 +72,16 @@ class KVCache:
                 return torch.zeros(shape, dtype=dtype, device=device)
             return hugepages.zeros(math.prod(shape), dtype).view(shape)
         self.k = [zeros(i, False) for i in range(num_layers)]
-        self.v = [zeros(i, True) for i in range(num_layers)]
+        self.v = [self.k[i][..., :shapes[i][2]] if i in values_in_keys else zeros(i, True)
+                  for i in range(num_layers)]
         self._scratch = [torch.empty(0, dtype=dtype, device=device)
                          for _ in range(2)]  # keys, values: rows of whole blocks, flat
 
     @staticmethod
-    def bytes_per_block(block_size: int, shapes: dict[int, KVShape], dtype: torch.dtype) -> int:
-        values = sum(kv_heads * (key_dim + value_dim) for kv_heads, key_dim, value_dim
-                     in shapes.values())
+    def bytes_per_block(block_size: int, shapes: dict[int, KVShape], dtype: torch.dtype,
+                        values_in_keys: frozenset[int] = frozenset()) -> int:
+        values = sum(kv_heads * (key_dim + (0 if layer in values_in_keys else value_dim))
+                     for layer, (kv_heads, key_dim, value_dim) in shapes.items())
         return block_size * values * torch.finfo(dtype).bits // 8
 
     def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +90,9 @@ class KVCache:
         next call."""
         out = []
         for i, cache in enumerate((self.k[layer], self.v[layer])):
+            if i == 1 and layer in self.values_in_keys:  # the keys' first entries
+                out.append(out[0][..., :cache.shape[2]])
+                break
             width = self.block_size * cache.shape[1] * cache.shape[2]
             rows = cache.view(-1, width)  # [num_blocks, block_size * KVH * d]
             if self._scratch[i].numel() < blocks.numel() * width:
@@ -187,11 +196,13 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
         cached values' size); sinks: [H] logits or None."""
         k, v = cache.k[layer], cache.v[layer]  # [slots, KVH, d], [slots, KVH, dv]
         (D, H, d), bs, blocks, lens = q.shape, cache.block_size, group.blocks, group.lens
-        dv = v.shape[2]
+        dv, vs = v.shape[2], v.stride(1)  # vs: d where v is a view of k's first dv
         # the kernel trusts its pointers: check what it will read
         if not (q.is_contiguous() and out.is_contiguous() and out.shape == (D, H, dv)
                 and q.dtype == out.dtype in kernels and k.dtype == v.dtype and k.dtype in kernels
-                and k.is_contiguous() and v.is_contiguous() and k.shape[:2] == v.shape[:2]
+                and k.is_contiguous() and k.shape[:2] == v.shape[:2] and dv <= vs
+                and v.stride() == (v.shape[1] * vs, vs, 1)
+                and (vs == dv or (vs == d and v.data_ptr() == k.data_ptr()))
                 and k.shape[2] == d and H % k.shape[1] == 0 and lens.numel() == D
                 and group.fits(k.shape[0] // bs, bs)):
             raise ValueError("the CPU decode-attention kernel got inconsistent inputs")
@@ -202,8 +213,8 @@ def decode_kernel(lib: ctypes.CDLL) -> Callable:
         q32 = q.float()  # (q itself when fp32)
         out32 = out if out.dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
         kernels[k.dtype](q32.data_ptr(), k.data_ptr(), v.data_ptr(), blocks.data_ptr(),
-                         blocks.shape[1], lens.data_ptr(), D, H, k.shape[1], d, dv, bs, scale,
-                         window or 0, chunk or 0, softcap or 0.0,
+                         blocks.shape[1], lens.data_ptr(), D, H, k.shape[1], d, dv, vs, bs,
+                         scale, window or 0, chunk or 0, softcap or 0.0,
                          None if sinks is None else sinks.data_ptr(), out32.data_ptr())
         if out32 is not out:
             out.copy_(out32)
@@ -360,7 +371,8 @@ def _paged_attention(attn_batch: AttentionBatch | LayerProbe, module: torch.nn.M
     layer = module.layer_idx
     k_cache, v_cache = b.cache.k[layer], b.cache.v[layer]  # [slots, KVH, d], [.., dv]
     k_cache.index_copy_(0, b.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.index_copy_(0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    if layer not in b.cache.values_in_keys:  # (else written with the keys)
+        v_cache.index_copy_(0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
 
     chunk = _chunk_of(module)
     q = query[0]  # [H, T, d]

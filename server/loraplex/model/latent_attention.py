@@ -19,9 +19,9 @@ An adapter on kv_b_proj (W + B A, its scaling in B; B's rows split by head as W'
 absorbed per token the same way: q_lat_h += A^T (B_K,h^T q_nope_h), and
 out_h += B_V,h (A o_lat_h). The scores and outputs are HF's up to summation order.
 
-The cache then holds kv_lora_rank + rope keys and kv_lora_rank values a token and layer
-(DeepSeek-V3: 1,088, 38x less; the values are the keys' first kv_lora_rank, stored twice
-for simplicity of the kernels). The price: attention runs over kv_lora_rank + rope wide
+The cache then holds the kv_lora_rank + rope keys a token and layer, whose first
+kv_lora_rank are the values too (KVCache's values_in_keys): DeepSeek-V3's 576, 71x less
+than its expanded 40,960. The price: attention runs over kv_lora_rank + rope wide
 queries (576 against 192) and kv_lora_rank wide values, and each layer keeps kv_b_proj's
 weight unquantized ([heads, nope, rank] and [heads, rank, v]: DeepSeek-V3 32 MiB a layer
 in bf16) beside the base layer.
@@ -69,7 +69,7 @@ class LatentProjection:
         for start, stop, slot in slot_runs(plan.host_slots):
             if slot:
                 a = proj.lora_A[slot, :plan.rank]  # [r, rank]
-                b = proj.lora_B[slot, :plan.rank].view(plan.rank, self.heads, -1)  # [r, H, nope + v]
+                b = proj.lora_B[slot, :plan.rank].view(plan.rank, self.heads, -1)  # [r, H, nope+v]
                 yield start, stop, a, b[..., :self.nope], b[..., self.nope:]
 
     def queries(self, query: torch.Tensor) -> torch.Tensor:
@@ -98,14 +98,15 @@ def _latent_kv(self: nn.Module, kv_nope: torch.Tensor,
     return torch.cat((kv_nope, k_rot), dim=-1), kv_nope
 
 
-def patch_latent_attention(model: nn.Module, dtype: torch.dtype) -> int:
+def patch_latent_attention(model: nn.Module, dtype: torch.dtype) -> frozenset[int]:
     """Every MLA layer of `model` (one with HF's expand_kv and kv_b_proj) made to cache its
-    latent; the number of them. Before the linears are wrapped (the absorbed weight is read
+    latent; their layer indices (whose cached values are their keys' first kv_lora_rank:
+    KVCache's values_in_keys). Before the linears are wrapped (the absorbed weight is read
     from the base layer)."""
-    count = 0
+    layers = set()
     for module in model.modules():
         if all(hasattr(module, part) for part in _PARTS):
             module.loraplex_latent = LatentProjection(module, dtype)
             module.expand_kv = types.MethodType(_latent_kv, module)
-            count += 1
-    return count
+            layers.add(module.layer_idx)
+    return frozenset(layers)

@@ -44,6 +44,7 @@ class LoadedModel:
     # the decoder layers that attend (hold keys and values): the shape of what each caches,
     # as its attention was passed it (probe_attention)
     kv_shapes: dict[int, KVShape]
+    values_in_keys: frozenset[int]  # layers whose values are their keys' first (KVCache)
     linear_attention: dict[int, nn.Module]  # the others: linear_attention's patched layers
     # linears of a multimodal model's other towers (vision, audio), which text requests
     # never run: an adapter's LoRA on them changes no served output
@@ -160,7 +161,8 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
     linear = patch_linear_attention(model)
     latent = patch_latent_attention(model, dtype)
     if latent:
-        log.info("%d latent-attention layers cache their latent (latent_attention.py)", latent)
+        log.info("%d latent-attention layers cache their latent (latent_attention.py)",
+                 len(latent))
     probe = probe_attention(model, text_config)
     kv_shapes = {i: probe.shapes[i] for i in sorted(probe.layers - linear.keys())}
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
@@ -178,6 +180,7 @@ def load_model(cfg: ModelConfig, max_slots: int, max_rank: int,
     return LoadedModel(
         model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora_dtype=pool_dtype,
         lora_layers=lora_layers, off_text_linears=off_text, kv_shapes=kv_shapes,
+        values_in_keys=latent,
         linear_attention=linear,
         lora_plan=lora_plan, max_model_len=max_len,
         num_layers=text_config.num_hidden_layers,
