@@ -248,6 +248,15 @@ _CONFIGS = {
     # GPT-2: its linears are transformers Conv1D (weight [in, out]), one fused c_attn;
     # learned absolute positions
     "gpt2": (transformers.GPT2Config, dict(n_inner=128)),
+    # Phi-3.5-MoE: a sliding window as long as its context (131,072 both, here 256), which
+    # its attention does not pass (HF applies it in its mask): it never binds, so served
+    "phimoe": (transformers.PhimoeConfig, dict(sliding_window=256, num_local_experts=4,
+                                               num_experts_per_tok=2)),
+    # an attention block shared by layers, without a layer index (Zamba's): refused
+    "zamba": (transformers.ZambaConfig, dict(attn_layer_period=2, attn_layer_offset=1,
+                                             layer_types=["mamba", "hybrid"],
+                                             mamba_d_state=8, mamba_dt_rank=8,
+                                             attention_head_dim=16)),
     # attention that loraplex's does not build, each refused at load: an encoder's, both
     # ways (BERT's as a language model, is_decoder unset); a learned dynamic mask (Doge's);
     # two attention calls a layer (DiffLlama's differential attention)
@@ -515,6 +524,7 @@ FAMILY_SPECS: dict[str, tuple[AdapterSpec, ...]] = {
                           seed=1),)
        for arch in ("olmo2", "cohere2", "glm4", "granite", "smollm3", "starcoder2", "stablelm",
                     "falcon", "falcon_mqa", "nemotron", "ergo")},
+    "phimoe": (AdapterSpec("r8_attn", r=8, lora_alpha=16, target_modules=ATTN, seed=1),),
     # (PEFT's target names: c_attn, the attention's c_proj, c_fc and the MLP's c_proj)
     "gpt2": (AdapterSpec("r8_all_linear", r=8, lora_alpha=16, target_modules="all-linear", seed=1),
              AdapterSpec("r4_attn", r=4, lora_alpha=8, target_modules=r".*attn\.(c_attn|c_proj)",

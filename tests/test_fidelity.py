@@ -170,7 +170,7 @@ def test_served_logprobs_close_to_peft(quantize, lora_dtype, kv_cache_dtype, tin
                                   "smollm3", "starcoder2", "stablelm", "falcon",
                                   "falcon_mqa", "nemotron", "deepseek_v3_mla", "gemma4",
                                   "gemma4_moe", "hunyuan_moe", "ergo", "gpt2", "deepseek_v2",
-                                  "glm4_moe_lite"])
+                                  "glm4_moe_lite", "phimoe"])
 def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, prompts):
     """Phi-3 (q/k/v in one qkv_proj linear, gate/up in one gate_up_proj), Mixtral (a
     mixture-of-experts MLP) and Gemma 3 with its vision tower (text requests; an adapter of
@@ -190,7 +190,8 @@ def test_fused_linear_moe_and_multimodal_families_equal_peft(arch, tmp_path, pro
     (global layers of wider heads, and fewer kv heads in its MoE form: the cache holds
     each layer's own shape), HunYuan-MoE and Ergo (whose code reads a linear's weight
     dtype), GPT-2 (whose linears are Conv1D, weight [in, out]), DeepSeek-V2 and
-    GLM-4.7-Flash (latent attention, as DeepSeek-V3's: the latent cached), and more families,
+    GLM-4.7-Flash (latent attention, as DeepSeek-V3's: the latent cached), Phi-3.5-MoE
+    (a sliding window as long as its context, which never binds), and more families,
     each with something of its own (see tests/models.py) with their adapters (models.FAMILY_SPECS) and base requests
     in one batch: each request gets the greedy tokens of PEFT on the model as saved."""
     base = build_base(arch, tmp_path / arch)
@@ -316,14 +317,16 @@ def test_model_whose_attention_is_its_own_code_is_refused(tmp_path):
     ("bert", "BertSelfAttention attends both ways"),
     ("doge", "DogeAttention passes attention a mask of its own"),
     ("diffllama", "DiffLlamaAttention calls attention twice in layer 0"),
-    ("moshi", "MoshiAttention does not pass attention the sliding window of 8")])
+    ("moshi", "MoshiAttention does not pass attention the sliding window of 8"),
+    ("zamba", "ZambaAttention has no layer index")])
 def test_attention_that_loraplex_does_not_build_is_refused(arch, reason, tmp_path):
     """Each was served before the load probe looked for it, and answered unlike PEFT
     (tiny models: 4 of 5 requests for BERT, 5 of 5 for Doge and DiffLlama): BERT as a
     causal LM without is_decoder (bidirectional), Doge (a learned dynamic mask added to
     the scores), DiffLlama (two attention calls a layer, whose second one would overwrite
     the first's cached values), Moshi (5 of 5: its window, set in its config, reaches HF's
-    mask only)."""
+    mask only); and Zamba, whose attention block, shared by layers, has no layer index (a
+    TypeError at load before)."""
     base = build_base(arch, tmp_path / arch)
     (tmp_path / "adapters").mkdir()
     with pytest.raises(ValueError, match=reason):

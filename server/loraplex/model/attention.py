@@ -305,6 +305,10 @@ class LayerProbe:
             raise ValueError(f"{name} does not pass attention the sliding window of "
                              f"{self.config_window} its config sets (HF applies it in "
                              "its mask alone, which loraplex's attention does not read)")
+        if not isinstance(getattr(module, "layer_idx", None), int):
+            raise ValueError(f"{name} has no layer index (an attention block shared by "
+                             "layers, as Zamba's); loraplex's KV cache holds keys and values "
+                             "by layer")
         if module.layer_idx in self.layers:
             raise ValueError(f"{name} calls attention twice in layer {module.layer_idx} (as "
                              "DiffLlama's differential attention); loraplex's KV cache holds "

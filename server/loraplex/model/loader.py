@@ -262,7 +262,10 @@ def probe_attention(model: nn.Module, text_config) -> LayerProbe:
 def _probe_forward(model: nn.Module, text_config, through: str, cause: str) -> LayerProbe:
     """One forward pass of one token with a LayerProbe for attention; ValueError, naming
     `cause`, for any failure (a refusal of paged_attention's as it is)."""
-    probe = LayerProbe(config_window=getattr(text_config, "sliding_window", None))
+    window = getattr(text_config, "sliding_window", None)
+    if isinstance(window, int) and window >= text_config.max_position_embeddings:
+        window = None  # as long as the model's context, it never binds (Phi-3.5-MoE's)
+    probe = LayerProbe(config_window=window)
     device = model.get_input_embeddings().weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
     try:
