@@ -127,6 +127,15 @@ def gap_to_peft(base_dir, adapter_dir_of, plan, outs, quantize="none", dtype=tor
     return worst, differ
 
 
+def printed_gap_to_peft(label, base_dir, paths, plan, outs, quantize, capsys):
+    """gap_to_peft with adapters by name (`paths`), printed under `label`."""
+    worst, differ = gap_to_peft(base_dir, lambda name: paths[name], plan, outs, quantize)
+    with capsys.disabled():
+        print(f"\n[{label}] max |logprob - PEFT| = {worst:.2e}; "
+              f"{len(plan) - len(differ)}/{len(plan)} with PEFT's greedy choice at every step")
+    return worst, differ
+
+
 @pytest.mark.parametrize("quantize,lora_dtype,kv_cache_dtype", [
     ("none", "auto", "auto"), ("nf4", "auto", "auto"), ("fp4", "auto", "auto"),
     ("int8", "auto", "auto"), ("none", "bfloat16", "auto"), ("none", "auto", "bfloat16")])
@@ -242,10 +251,8 @@ def test_quantized_conv1d_model_logprobs_close_to_peft(quantize, tmp_path, promp
         outs = serve(engine, plan, logprobs=True)
     finally:
         engine.stop()
-    worst, differ = gap_to_peft(base, lambda name: paths[name], plan, outs, quantize)
-    with capsys.disabled():
-        print(f"\n[gpt2 {quantize}] max |logprob - PEFT| = {worst:.2e}; "
-              f"{len(plan) - len(differ)}/{len(plan)} with PEFT's greedy choice at every step")
+    worst, differ = printed_gap_to_peft(f"gpt2 {quantize}", base, paths, plan, outs, quantize,
+                                        capsys)
     assert worst <= LOGPROB_TOLERANCE[quantize]
     assert len(differ) <= 1  # (a near-tie may flip under int8)
 
@@ -276,10 +283,8 @@ def test_latent_attention_logprobs_close_to_peft(quantize, backend, tmp_path, pr
         outs = serve(engine, plan, logprobs=True)
     finally:
         engine.stop()
-    worst, differ = gap_to_peft(base, lambda name: paths[name], plan, outs, quantize)
-    with capsys.disabled():
-        print(f"\n[latent attention, {quantize}, {backend}] max |logprob - PEFT| = {worst:.2e}; "
-              f"{len(plan) - len(differ)}/{len(plan)} with PEFT's greedy choice at every step")
+    worst, differ = printed_gap_to_peft(f"latent attention, {quantize}, {backend}", base, paths,
+                                        plan, outs, quantize, capsys)
     assert worst <= LOGPROB_TOLERANCE[quantize]
     assert not differ
 
