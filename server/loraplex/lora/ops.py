@@ -228,6 +228,7 @@ class LoraPlan:
     _host_slots: list[int] = field(default_factory=list)  # slots, as a list
     _slot_ranks: Sequence[int] = ()
     _rank_table: torch.Tensor | None = None  # see rank_table
+    _adapter_runs: list[tuple[int, int, int, int]] | None = None  # see adapter_runs
     _narrowed: dict[frozenset[int], LoraPlan] = field(default_factory=dict)  # see for_layer
     _for_active: dict[frozenset[int], LoraPlan | None] = field(default_factory=dict)  # ditto
 
@@ -270,13 +271,17 @@ class LoraPlan:
         self._narrowed = {}
         self._for_active = {}
         self._rank_table = None
+        self._adapter_runs = None
         for active in active_sets:
             self.for_layer(active)
 
-    @property
-    def host_slots(self) -> list[int]:
-        """Each token's slot, as a list (slots, on the host)."""
-        return self._host_slots
+    def adapter_runs(self) -> list[tuple[int, int, int, int]]:
+        """(start, stop, slot, rank) of every run of one adapter's consecutive tokens (slot
+        0's left out), found once per step: latent_attention reads them twice a layer."""
+        if self._adapter_runs is None:
+            self._adapter_runs = [(start, stop, slot, self._slot_ranks[slot])
+                                  for start, stop, slot in slot_runs(self._host_slots) if slot]
+        return self._adapter_runs
 
     def rank_table(self) -> torch.Tensor:
         """[S] int32 on the plan's device: the rank of each slot's adapter (0 = empty)."""

@@ -88,19 +88,22 @@ class KVCache:
         """blocks: [n] -> keys, values of those blocks of `layer`, in that order:
         [n * block_size, KVH, d] each. They live in the scratch buffers: valid until the
         next call."""
-        out = []
-        for i, cache in enumerate((self.k[layer], self.v[layer])):
-            if i == 1 and layer in self.values_in_keys:  # the keys' first entries
-                out.append(out[0][..., :cache.shape[2]])
-                break
-            width = self.block_size * cache.shape[1] * cache.shape[2]
-            rows = cache.view(-1, width)  # [num_blocks, block_size * KVH * d]
-            if self._scratch[i].numel() < blocks.numel() * width:
-                self._scratch[i] = rows.new_empty(blocks.numel() * width * 5 // 4)
-            buf = self._scratch[i][:blocks.numel() * width].view(-1, width)
-            torch.index_select(rows, 0, blocks, out=buf)  # (~6x faster than rows[blocks] on CPU)
-            out.append(buf.view(-1, *cache.shape[1:]))
-        return out[0], out[1]
+        keys = self._copy_blocks(0, self.k[layer], blocks)
+        if layer in self.values_in_keys:  # the keys' first entries
+            return keys, keys[..., :self.v[layer].shape[2]]
+        return keys, self._copy_blocks(1, self.v[layer], blocks)
+
+    def _copy_blocks(self, buffer: int, cache: torch.Tensor,
+                     blocks: torch.Tensor) -> torch.Tensor:
+        """cache [slots, KVH, d] -> its `blocks`, [n * block_size, KVH, d], in scratch buffer
+        `buffer` (0: keys, 1: values)."""
+        width = self.block_size * cache.shape[1] * cache.shape[2]
+        rows = cache.view(-1, width)  # [num_blocks, block_size * KVH * d]
+        if self._scratch[buffer].numel() < blocks.numel() * width:
+            self._scratch[buffer] = rows.new_empty(blocks.numel() * width * 5 // 4)
+        buf = self._scratch[buffer][:blocks.numel() * width].view(-1, width)
+        torch.index_select(rows, 0, blocks, out=buf)  # (~6x faster than rows[blocks] on CPU)
+        return buf.view(-1, *cache.shape[1:])
 
 
 # A decode group costs about what this many padded KV blocks of one sequence cost, per

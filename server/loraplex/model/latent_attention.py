@@ -34,7 +34,6 @@ import types
 import torch
 from torch import nn
 
-from loraplex.lora.ops import slot_runs
 
 _PARTS = ("kv_b_proj", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
           "num_heads", "expand_kv")
@@ -66,11 +65,10 @@ class LatentProjection:
         plan = plan.for_layer(proj.active_slots) if plan is not None else None
         if plan is None:
             return
-        for start, stop, slot in slot_runs(plan.host_slots):
-            if slot:
-                a = proj.lora_A[slot, :plan.rank]  # [r, rank]
-                b = proj.lora_B[slot, :plan.rank].view(plan.rank, self.heads, -1)  # [r, H, nope+v]
-                yield start, stop, a, b[..., :self.nope], b[..., self.nope:]
+        for start, stop, slot, r in plan.adapter_runs():
+            a = proj.lora_A[slot, :r]  # [r, rank]
+            b = proj.lora_B[slot, :r].view(r, self.heads, -1)  # [r, H, nope + v]
+            yield start, stop, a, b[..., :self.nope], b[..., self.nope:]
 
     def queries(self, query: torch.Tensor) -> torch.Tensor:
         """[1, H, T, nope + rope] -> [1, H, T, rank + rope]: W_UK_h^T q_nope_h, q_rot_h."""
