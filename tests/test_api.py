@@ -913,7 +913,8 @@ def test_calls_around_shutdown_end_ok_or_unavailable(assets):
     accepted, not only those whose handler had started). The others are refused
     with UNAVAILABLE (never ran: safe to retry elsewhere), except, rarely, one that
     reaches grpc at the very instant of its stop, before any handler: grpc core drops
-    it (CANCELLED) without the server seeing it: counted and printed."""
+    it (CANCELLED, or no answer until the client's deadline) without the server seeing
+    it: counted and printed."""
     import collections
 
     def call(stub, results, stop):
@@ -958,9 +959,13 @@ def test_calls_around_shutdown_end_ok_or_unavailable(assets):
         near = [r for r in results if abs(r[0] - t_stop) < 0.1]
         assert near, "no call was sent near the shutdown"
         bad = [(round(r[0] - t_stop, 3), r[1], r[2]) for r in results
-               if r[1] not in ("OK", "UNAVAILABLE", "CANCELLED")]
+               if r[1] not in ("OK", "UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED")]
         assert not bad, bad
-        dropped = [r for r in results if r[1] == "CANCELLED"]
+        # a call grpc core drops in the instant of the stop, before any handler: CANCELLED,
+        # or, once in a CI run (sent 2 ms after the stop began), no answer until the
+        # client's deadline. Either only near the stop, and never one the server's handlers
+        # accepted (the counts below: a call they lost would not be counted OK)
+        dropped = [r for r in results if r[1] in ("CANCELLED", "DEADLINE_EXCEEDED")]
         assert all(abs(r[0] - t_stop) < 0.1 for r in dropped), dropped
         totals.update(r[1] for r in results)
         # What the server counted: every call its handlers accepted ended OK (none
