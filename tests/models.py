@@ -177,11 +177,12 @@ _CONFIGS = {
                                            qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
                                            num_experts_per_tok=2, moe_intermediate_size=32,
                                            first_k_dense_replace=1, n_group=1, topk_group=1)),
-    # as DeepSeek-V3 ships: values narrower than keys (here 16 and 16 + 8 rotary; its own
-    # 128 and 192), as many kv heads as heads
+    # as DeepSeek-V3 ships: values narrower than keys (here 8 and 16 + 8 rotary; its own
+    # 128 and 192), as many kv heads as heads, twice the latent wider than the keys' nope
+    # and values together (its 1,024 and 256: a long prefill attends expanded, cheaper)
     "deepseek_v3_mla": (DeepseekV3Config, dict(
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
-        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4)),
     # DeepSeek-V2's latent attention (its query compressed too, as V2's full model), and
     # GLM-4.7-Flash's (Glm4MoeLite): their latents cached (latent_attention.py)

@@ -351,79 +351,86 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     softcap * tanh(score / softcap) before the softmax. `s_aux` (GPT-OSS's sinks, [H]): one more logit per head in the
     softmax, weighing no value. Any other option a model passes is refused (at load, by
     the probe), never ignored. The batch is the one of attention_step."""
-    attn_batch = current_step()
-    if attn_batch is None:
+    b = current_step()
+    if b is None:
         raise RuntimeError("loraplex attention runs only inside the loraplex runner")
     latent = getattr(module, "loraplex_latent", None)  # latent_attention.LatentProjection
-    if latent is not None:  # attend over the cached latents: the queries and output absorbed
-        out, _ = _paged_attention(attn_batch, module, latent.queries(query), key, value,
-                                  attention_mask, scaling, sliding_window, softcap, s_aux,
-                                  kwargs)
-        return latent.outputs(out), None
-    return _paged_attention(attn_batch, module, query, key, value, attention_mask, scaling,
-                            sliding_window, softcap, s_aux, kwargs)
-
-
-def _paged_attention(attn_batch: AttentionBatch | LayerProbe, module: torch.nn.Module,
-                     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, scaling: float | None,
-                     sliding_window: int | None | object, softcap: float | None,
-                     s_aux: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor, None]:
-    if isinstance(attn_batch, LayerProbe):
-        attn_batch.record(module, key, value, attention_mask, sliding_window, kwargs)
-        return query.new_zeros(1, *query.shape[2:3], query.shape[1], value.shape[3]), None
-    if sliding_window is NOT_PASSED:
-        sliding_window = None
-    b = attn_batch
-    layer = module.layer_idx
+    H, T = query.shape[1], query.shape[2]
+    dv = value.shape[3] if latent is None else latent.v  # the output's size a head
+    if isinstance(b, LayerProbe):
+        b.record(module, key, value, attention_mask, sliding_window, kwargs)
+        return query.new_zeros(1, T, H, dv), None
+    window = None if sliding_window is NOT_PASSED else sliding_window
+    layer, chunk = module.layer_idx, _chunk_of(module)
+    scale = scaling if scaling is not None else query.shape[3] ** -0.5
     k_cache, v_cache = b.cache.k[layer], b.cache.v[layer]  # [slots, KVH, d], [.., dv]
     k_cache.index_copy_(0, b.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
     if layer not in b.cache.values_in_keys:  # (else written with the keys)
         v_cache.index_copy_(0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
-
-    chunk = _chunk_of(module)
-    q = query[0]  # [H, T, d]
     if softcap or s_aux is not None:
         def attend(q, k, v, mask, scale, expand_kv):
             return math_attention(q, k, v, mask, scale, softcap, s_aux)
     else:
         attend = sdpa
-    out = q.new_empty(q.shape[1], q.shape[0], value.shape[3])  # [T, H, dv]
+
+    q = query[0]  # [H, T, d]
+    out = q.new_empty(T, H, dv)  # [T, H, dv]
+    decodes = sum(group.blocks.shape[0] for group in b.decode_groups)  # the first rows
+    if latent is None:
+        _attend_decodes(b, layer, q, out, attend, scale, window, chunk, softcap, s_aux)
+    elif decodes:  # over the cached latents: the queries and outputs absorbed
+        q_lat = latent.queries(query[:, :, :decodes])[0]  # [H, D, rank + rope]
+        o_lat = q.new_empty(decodes, H, latent.rank)  # [D, H, rank]
+        _attend_decodes(b, layer, q_lat, o_lat, attend, scale, window, chunk, softcap, s_aux)
+        out[:decodes] = latent.outputs(o_lat.unsqueeze(0))[0]
+    for i, seq in enumerate(b.prefills):
+        rows = slice(seq.start, seq.start + seq.length)
+        kp, vp = b.cache.gather(layer, seq.blocks)  # [blocks * bs, KVH, d / dv]
+        kp, vp = kp[:seq.context].to(q.dtype), vp[:seq.context].to(q.dtype)  # [L, KVH, ..]
+        absorbed = latent is not None and not latent.expands(seq.length, seq.context)
+        if latent is None or absorbed:
+            kp, vp = kp.transpose(0, 1), vp.transpose(0, 1)  # [KVH, L, d / dv]
+        else:  # expanded, HF's keys and values: [H, L, nope + rope], [H, L, v]
+            kp, vp = latent.expand(kp, seq.start)
+        qp = (latent.queries(query[:, :, rows], seq.start)[0] if absorbed
+              else q[:, rows])  # [H, q, d (or rank + rope)]
+        # no cached prefix and no window cut: SDPA's own causal mask (it skips the masked
+        # half: 2x faster on a 2048-token CPU prefill, and flash attention on CUDA)
+        causal = (seq.context == seq.length and (not window or seq.length <= window)
+                  and (not chunk or seq.length <= chunk))
+        op = attend(qp.unsqueeze(0), kp.unsqueeze(0), vp.unsqueeze(0),
+                    None if causal else b.prefill_mask(i, window, chunk), scale,
+                    expand_kv=q.is_cuda)  # [1, H, q, dv (or rank)]
+        op = op.transpose(1, 2)  # [1, q, H, ..]
+        out[rows] = (latent.outputs(op, seq.start) if absorbed else op)[0]
+    return out.unsqueeze(0), None
+
+
+def _attend_decodes(b: AttentionBatch, layer: int, q: torch.Tensor, out: torch.Tensor,
+                    attend: Callable, scale: float, window: int | None, chunk: int | None,
+                    softcap: float | None, sinks: torch.Tensor | None) -> None:
+    """q: [H, T, d] (the decodes its first rows) -> out[:D]: [D, H, dv], each decode
+    attended to its cached context (the CPU kernel's or SDPA's, by decode group)."""
     for group in b.decode_groups:
         D = group.blocks.shape[0]
         qd = q[:, :D] if group.rows is None else q.index_select(1, group.rows)  # [H, D, d]
         if b.decode_kernel is not None:
             od = out[:D] if group.rows is None else q.new_empty(D, *out.shape[1:])  # [D, H, dv]
-            b.decode_kernel(qd.transpose(0, 1).contiguous(), b.cache, layer, group,
-                            scaling if scaling is not None else q.shape[-1] ** -0.5,
-                            sliding_window, chunk, softcap, s_aux, od)
+            b.decode_kernel(qd.transpose(0, 1).contiguous(), b.cache, layer, group, scale,
+                            window, chunk, softcap, sinks, od)
             if group.rows is not None:
                 out.index_copy_(0, group.rows, od)
             continue
         kd, vd = b.cache.gather(layer, group.blocks.view(-1))  # [D * Bmax * bs, KVH, d / dv]
         kd = kd.view(D, -1, *kd.shape[1:]).transpose(1, 2)  # [D, KVH, Bmax * bs, d]
         vd = vd.view(D, -1, *vd.shape[1:]).transpose(1, 2)
-        od = attend(qd.transpose(0, 1).unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),  # [D, H, 1, dv]
-                    group.mask(b.cache.block_size, sliding_window, chunk), scaling,
+        od = attend(qd.transpose(0, 1).unsqueeze(2), kd.to(q.dtype), vd.to(q.dtype),
+                    group.mask(b.cache.block_size, window, chunk), scale,
                     expand_kv=q.is_cuda).squeeze(2)  # [D, H, dv]
         if group.rows is None:
             out[:D] = od
         else:
             out.index_copy_(0, group.rows, od)
-    for i, seq in enumerate(b.prefills):
-        qp = q[:, seq.start:seq.start + seq.length].unsqueeze(0)  # [1, H, q, d]
-        kp, vp = b.cache.gather(layer, seq.blocks)  # [blocks * bs, KVH, d / dv]
-        kp = kp[:seq.context].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, d]
-        vp = vp[:seq.context].transpose(0, 1).unsqueeze(0)
-        # no cached prefix and no window cut: SDPA's own causal mask (it skips the masked
-        # half: 2x faster on a 2048-token CPU prefill, and flash attention on CUDA)
-        causal = (seq.context == seq.length and (not sliding_window or seq.length <= sliding_window)
-                  and (not chunk or seq.length <= chunk))
-        op = attend(qp, kp.to(q.dtype), vp.to(q.dtype),
-                    None if causal else b.prefill_mask(i, sliding_window, chunk), scaling,
-                    expand_kv=q.is_cuda)  # [1, H, q, dv]
-        out[seq.start:seq.start + seq.length] = op[0].transpose(0, 1)
-    return out.unsqueeze(0), None
 
 
 def _chunk_of(module: torch.nn.Module) -> int | None:
@@ -447,16 +454,22 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     on the CPU (32 decodes over 1,024 positions, fp32: 1.4 ms; enable_gqa 2.4 ms; K/V
     repeated per head 43 ms). A masked prefill chunk repeats K/V per head with `expand_kv`
     (on CUDA, where enable_gqa with a mask leaves only SDPA's slow math kernel, as
-    transformers' use_gqa_in_sdpa says), else passes enable_gqa (faster than folding on the
-    CPU: 3.3 ms against 4.8 ms for 256 queries over 1,024 positions); with no mask,
-    enable_gqa everywhere (flash attention takes it on CUDA)."""
+    transformers' use_gqa_in_sdpa says). Else, with heads wider than 128, it is folded as
+    a decode, its mask repeated per query head of a K/V head: on the CPU (fp32) 4 queries
+    over 4,096 positions of latent attention's one 576-wide K/V head for 16 query heads
+    take 6 ms so, 148 ms with enable_gqa; 2 heads of 256 for 8, 256 queries over 2,048
+    positions 30 ms, 35 ms. Narrower heads pass enable_gqa (32 of 128 over 8, 256 queries
+    over 1,024: 33 ms, folded 36 ms), and with no mask, enable_gqa everywhere (flash
+    attention takes it on CUDA)."""
     N, H, Q, d = q.shape
     kv_heads = k.shape[1]
     gqa = H != kv_heads
-    if gqa and Q == 1 and mask is not None:
-        out = F.scaled_dot_product_attention(q.reshape(N, kv_heads, H // kv_heads, d), k, v,
-                                             attn_mask=mask, scale=scale)  # [N, KVH, H/KVH, dv]
-        return out.view(N, H, 1, v.shape[3])
+    if gqa and mask is not None and (Q == 1 or (d > 128 and not expand_kv)):
+        per_kv = H // kv_heads
+        rows = mask if Q == 1 else mask.expand(N, 1, Q, mask.shape[-1]).repeat(1, 1, per_kv, 1)
+        out = F.scaled_dot_product_attention(q.reshape(N, kv_heads, per_kv * Q, d), k, v,
+                                             attn_mask=rows, scale=scale)  # [N, KVH, H/KVH * Q, dv]
+        return out.view(N, H, Q, v.shape[3])
     if gqa and expand_kv and mask is not None:
         k = k.repeat_interleave(H // kv_heads, dim=1)  # [N, H, L, d]
         v = v.repeat_interleave(H // kv_heads, dim=1)
