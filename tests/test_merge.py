@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from loraplex.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument
 from loraplex.lora.merge import (
     COMBINATION_TYPES,
+    Checkpoint,
     LoraTensors,
-    conv1d_modules,
     export_merged_model,
     merge_adapters,
     merge_into_base,
@@ -318,20 +318,31 @@ def test_export_matches_peft(peft_model, model_dir, tmp_path):
     assert load_file(str(bf16 / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
 
 
-def test_export_of_a_conv1d_model_matches_peft(tmp_path, capsys):
+@pytest.mark.parametrize("prefix_dropped", [False, True])
+def test_export_of_a_conv1d_model_matches_peft(prefix_dropped, tmp_path, capsys):
     """GPT-2's linears are transformers Conv1D, weight [in, out], and its attn.c_proj is
     square, so no shape tells the layout: `loraplex export` merges each delta in transposed
     (as PEFT's fan_in_fan_out), and the exported model gives the logits and tokens of PEFT
-    with the adapter unmerged; merge_into_base gives merge_and_unload's weights."""
+    with the adapter unmerged; merge_into_base gives merge_and_unload's weights. The
+    original GPT-2 checkpoint's keys leave the model's "transformer." out
+    (`h.0.attn.c_attn.weight`), which transformers loads as well: so does export, and the
+    export keeps its keys."""
     from loraplex.cli import main
     from models import FAMILY_SPECS, build_adapters, build_base
 
     base = build_base("gpt2", tmp_path / "gpt2")
+    state = load_file(str(base / "model.safetensors"))
+    if prefix_dropped:
+        save_file({k.removeprefix("transformer."): v for k, v in state.items()},
+                  str(base / "model.safetensors"), metadata={"format": "pt"})
     spec = FAMILY_SPECS["gpt2"][0]  # every linear: c_attn, attn.c_proj, c_fc, mlp.c_proj
     adapter_dir = build_adapters(base, tmp_path / "adapters", (spec,))[spec.name]
-    conv1d = conv1d_modules(str(base))
-    assert conv1d == {f"transformer.h.{i}.{m}" for i in range(2)
-                      for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    checkpoint = Checkpoint.read(str(base))
+    assert checkpoint.conv1d == {f"transformer.h.{i}.{m}" for i in range(2)
+                                 for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert checkpoint.dropped_prefix == ("transformer." if prefix_dropped else "")
+    assert checkpoint.weight_key("transformer.h.1.mlp.c_fc") == (
+        "h.1.mlp.c_fc.weight" if prefix_dropped else "transformer.h.1.mlp.c_fc.weight")
     rc = main(["export", "--model", str(base), "--adapter-root", str(tmp_path / "adapters"),
                "--adapter", spec.name, "--out", str(tmp_path / "out")])
     assert rc == 0, capsys.readouterr().err
@@ -341,9 +352,10 @@ def test_export_of_a_conv1d_model_matches_peft(tmp_path, capsys):
     ref_logits, ref_tokens = run(ref)
     torch.testing.assert_close(our_logits, ref_logits, atol=1e-4, rtol=0)
     assert torch.equal(our_tokens, ref_tokens)
+    assert (set(load_file(str(tmp_path / "out" / "model.safetensors")))
+            == set(load_file(str(base / "model.safetensors"))))
 
-    state = load_file(str(base / "model.safetensors"))
-    merged = merge_into_base(state, tensors_of(ref, "default"), conv1d)
+    merged = merge_into_base(state, tensors_of(ref, "default"), checkpoint.conv1d)
     ref_state = ref.merge_and_unload().state_dict()
     for k, v in merged.items():
         torch.testing.assert_close(v, ref_state[k], atol=1e-6, rtol=0)

@@ -331,14 +331,16 @@ def add_export_command(sub) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from loraplex.errors import LoraplexError
-    from loraplex.lora.merge import export_merged_model
+    from loraplex.lora.merge import Checkpoint, export_merged_model
     from loraplex.lora.store import AdapterStore
 
     try:
-        shapes = _linear_shapes(args.model)
+        checkpoint = Checkpoint.read(args.model)
         store = AdapterStore(args.adapter_root, max_rank=2**31 - 1)  # exporting, not serving
-        adapter, version = store.read_lora_tensors(args.adapter, args.adapter, shapes)
-        export_merged_model(args.model, adapter, args.out, dtype=args.dtype)
+        adapter, version = store.read_lora_tensors(args.adapter, args.adapter,
+                                                   checkpoint.linear_shapes())
+        export_merged_model(args.model, adapter, args.out, dtype=args.dtype,
+                            checkpoint=checkpoint)
     except (LoraplexError, OSError, ValueError) as exc:
         print(f"loraplex export: {exc}", file=sys.stderr)
         return 1
@@ -346,35 +348,6 @@ def _export(args: argparse.Namespace) -> int:
           f"({len(adapter.modules)} modules, dtype {args.dtype or 'of the checkpoint'})")
     print("note: " + EXPORT_NOT_QUANTIZED)
     return 0
-
-
-def _linear_shapes(model_dir: str) -> dict[str, tuple[int, int]]:
-    """module -> (in, out) of every 2-D '<module>.weight' in the checkpoint's safetensors
-    (headers only, [out, in], or [in, out] for a Conv1D), in file order; the adapter store
-    checks the adapter against them."""
-    from safetensors import safe_open
-
-    from loraplex.errors import FailedPrecondition
-    from loraplex.lora.merge import conv1d_modules
-
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = list(dict.fromkeys(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FailedPrecondition(f"{model_dir} has no model.safetensors (or sharded index)")
-    conv1d = conv1d_modules(model_dir)
-    shapes = {}
-    for name in files:
-        with safe_open(os.path.join(model_dir, name), framework="pt") as f:
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                module = key.removesuffix(".weight")
-                if key.endswith(".weight") and len(shape) == 2:
-                    shapes[module] = tuple(shape) if module in conv1d else (shape[1], shape[0])
-    return shapes
 
 
 def add_gateway_command(sub) -> None:

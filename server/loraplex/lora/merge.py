@@ -483,7 +483,7 @@ def merge_into_base(
 ) -> dict[str, torch.Tensor]:
     """A new state dict with ``W += scaling * B @ A`` for every adapted module
     (``W += (scaling * B @ A).T`` for the modules in ``conv1d``, whose weight is
-    ``[in, out]``: see ``conv1d_modules``).
+    ``[in, out]``: see ``Checkpoint``).
 
     Computes like PEFT's ``merge_and_unload`` (delta in fp32, then added) but
     adds in fp32 and rounds once to the weight's dtype. ``state`` is not changed.
@@ -496,32 +496,87 @@ def merge_into_base(
     return merged
 
 
-def conv1d_modules(model_dir: str) -> frozenset[str]:
-    """The modules of the model at ``model_dir`` that are transformers ``Conv1D`` (GPT-2's
-    linears), whose weight is stored ``[in, out]``: the transpose of ``nn.Linear``'s. A
-    square one (GPT-2's ``attn.c_proj``) cannot be told apart by its shape, so this builds
-    the model's architecture from its config on the meta device (no weights read or
-    allocated) and looks."""
-    from transformers import AutoConfig
-    from transformers.pytorch_utils import Conv1D
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model folder's safetensors weights, as export reads them (headers only).
 
-    from loraplex.model.loader import model_class
+    ``conv1d``: the modules that are transformers ``Conv1D`` (GPT-2's linears), whose
+    weight is stored ``[in, out]``, the transpose of ``nn.Linear``'s. A square one
+    (GPT-2's ``attn.c_proj``) cannot be told apart by its shape, so ``read`` builds the
+    model's architecture from its config on the meta device (no weights read or
+    allocated) and looks. ``dropped_prefix``: the model's outer prefix where the
+    checkpoint leaves it out, as transformers' loading accepts (``"transformer."`` for the
+    original GPT-2's ``h.0.attn.c_attn.weight``, module ``transformer.h.0.attn.c_attn``);
+    else ``""``. Module names are the model's, as an adapter names them.
+    """
 
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-        with torch.device("meta"):
-            model = model_class(config).from_config(config)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
-        raise FailedPrecondition(
-            f"transformers could not build the model of {model_dir} from its config.json, to "
-            f"find the layout of its weights ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from exc
-    return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
+    shards: list[str]
+    index: dict | None  # model.safetensors.index.json, when sharded
+    shapes: dict[str, list[int]]  # tensor key -> shape
+    conv1d: frozenset[str]
+    dropped_prefix: str
+
+    @classmethod
+    def read(cls, model_dir: str) -> Checkpoint:
+        from transformers import AutoConfig
+        from transformers.pytorch_utils import Conv1D
+
+        from loraplex.model.loader import model_class
+
+        index_path = os.path.join(model_dir, "model.safetensors.index.json")
+        index = None
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                index = json.load(f)
+            shards = sorted(set(index["weight_map"].values()))
+        elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+            shards = ["model.safetensors"]
+        else:
+            raise FailedPrecondition(
+                f"{model_dir} has no model.safetensors (or sharded index); export reads "
+                "safetensors only, convert .bin checkpoints first")
+        shapes: dict[str, list[int]] = {}
+        for shard in shards:
+            with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
+                shapes.update((k, f.get_slice(k).get_shape()) for k in f.keys())
+        try:
+            config = AutoConfig.from_pretrained(model_dir)
+            with torch.device("meta"):
+                model = model_class(config).from_config(config)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            raise FailedPrecondition(
+                f"transformers could not build the model of {model_dir} from its config.json, "
+                f"to find the layout of its weights ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from exc
+        conv1d = frozenset(name for name, module in model.named_modules()
+                           if isinstance(module, Conv1D))
+        prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+        dropped = prefix and not any(k.startswith(prefix) for k in shapes) and any(
+            k.startswith(prefix) for k in model.state_dict())
+        return cls(shards, index, shapes, conv1d, prefix if dropped else "")
+
+    def weight_key(self, module: str) -> str:
+        """The key of ``module``'s weight in this checkpoint."""
+        if self.dropped_prefix and module.startswith(self.dropped_prefix):
+            module = module[len(self.dropped_prefix):]
+        return f"{module}.weight"
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """module -> (in, out) of every 2-D weight, in file order (the adapter store
+        checks an adapter against them)."""
+        shapes = {}
+        for key, shape in self.shapes.items():
+            if key.endswith(".weight") and len(shape) == 2:
+                module = self.dropped_prefix + key.removesuffix(".weight")
+                shapes[module] = tuple(shape) if module in self.conv1d else (shape[1], shape[0])
+        return shapes
 
 
-def _check_modules_present(keys, adapter: LoraTensors) -> None:
+def _check_modules_present(keys, adapter: LoraTensors, weight_keys: dict[str, str] | None = None) -> None:
+    """Every adapted module's weight among ``keys``, at ``weight_keys[module]`` (default:
+    ``module.weight``)."""
     keys = set(keys)
-    missing = [n for n in adapter.modules if f"{n}.weight" not in keys]
+    missing = [n for n in adapter.modules if (weight_keys or {}).get(n, f"{n}.weight") not in keys]
     if missing:
         tied = " (lm_head is tied to the embeddings in this checkpoint)" if "lm_head" in missing else ""
         raise FailedPrecondition(
@@ -556,7 +611,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def export_merged_model(
-    model_dir: str, adapter: LoraTensors, out_dir: str, dtype: torch.dtype | str | None = None
+    model_dir: str, adapter: LoraTensors, out_dir: str, dtype: torch.dtype | str | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> None:
     """Write a standalone HF model folder: ``model_dir``'s weights with ``adapter``
     merged in, loadable by ``AutoModelForCausalLM.from_pretrained(out_dir)``.
@@ -570,7 +626,8 @@ def export_merged_model(
     ``"bfloat16"``) casts every floating tensor; None keeps the checkpoint's.
     ``config.json`` (with the dtype updated), the generation config and the
     tokenizer files are copied. ``out_dir`` must not exist or be empty; it is
-    written under a temporary name and renamed at the end.
+    written under a temporary name and renamed at the end. ``checkpoint``:
+    ``Checkpoint.read(model_dir)``, where the caller has read it already.
     """
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
@@ -592,27 +649,12 @@ def export_merged_model(
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise AlreadyExists(f"{out_dir} already exists and is not empty; choose a new folder")
 
-    index_path = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
-        shards = sorted(set(index["weight_map"].values()))
-    elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        index, shards = None, ["model.safetensors"]
-    else:
-        raise FailedPrecondition(
-            f"{model_dir} has no model.safetensors (or sharded index); export reads safetensors only, "
-            "convert .bin checkpoints first"
-        )
     # Fail before writing anything: every adapted module present, with the right shape.
-    shapes: dict[str, list[int]] = {}
-    for shard in shards:
-        with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
-            shapes.update((k, f.get_slice(k).get_shape()) for k in f.keys())
-    _check_modules_present(shapes, adapter)
-    conv1d = conv1d_modules(model_dir)
+    checkpoint = checkpoint or Checkpoint.read(model_dir)
+    keys = {name: checkpoint.weight_key(name) for name in adapter.modules}
+    _check_modules_present(checkpoint.shapes, adapter, keys)
     for name, (a, b) in adapter.modules.items():
-        _check_shape(shapes[f"{name}.weight"], name, a, b, name in conv1d)
+        _check_shape(checkpoint.shapes[keys[name]], name, a, b, name in checkpoint.conv1d)
     if config.get("tie_word_embeddings") and "lm_head" in adapter.modules:
         raise FailedPrecondition(
             "the adapter changes lm_head, which this model ties to its input embeddings; "
@@ -624,19 +666,21 @@ def export_merged_model(
     tmp_dir = tempfile.mkdtemp(dir=parent, prefix=".export-")
     try:
         total_size = 0
-        for shard in shards:
+        for shard in checkpoint.shards:
             state = load_file(os.path.join(model_dir, shard))
             for name, (a, b) in adapter.modules.items():
-                key = f"{name}.weight"
+                key = keys[name]
                 if key in state:
-                    state[key] = _merged_weight(state[key], name, a, b, adapter.scalings[name], name in conv1d)
+                    state[key] = _merged_weight(state[key], name, a, b, adapter.scalings[name],
+                                                name in checkpoint.conv1d)
             if dtype is not None:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             total_size += sum(v.numel() * v.element_size() for v in state.values())
             save_file(state, os.path.join(tmp_dir, shard), metadata={"format": "pt"})
             del state
-        if index is not None:
-            index = dict(index, metadata=dict(index.get("metadata", {}), total_size=total_size))
+        if checkpoint.index is not None:
+            index = dict(checkpoint.index,
+                         metadata=dict(checkpoint.index.get("metadata", {}), total_size=total_size))
             _write_json(os.path.join(tmp_dir, "model.safetensors.index.json"), index)
         if dtype is not None:
             name = next(k for k, v in _DTYPES.items() if v == dtype)
