@@ -126,7 +126,9 @@ _MODEL_CLASSES = {"qwen3_5_vision": Qwen3_5ForConditionalGeneration,
                   "mistral3_vision": Mistral3ForConditionalGeneration}
 
 # arch -> (config class, fields beyond _COMMON). Overrides go into the constructor, so
-# derived fields (head_dim = hidden / heads for llama) follow them.
+# derived fields (head_dim = hidden / heads for llama) follow them. An arch's place here
+# seeds its weights (build_base): add new archs at the end, or every later one is redrawn
+# (and the figures the tests print and the README quotes change).
 _CONFIGS = {
     "llama": (LlamaConfig, {}),
     "mistral": (MistralConfig, dict(sliding_window=None)),
@@ -349,7 +351,7 @@ def build_base(arch: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype
     out_dir = Path(out_dir)
     config_class, extra = _CONFIGS[arch]
     config = config_class(**{**_COMMON, **extra, **config_overrides})
-    # Different archs get different weights for the same seed.
+    # Different archs get different weights for the same seed (by their place in _CONFIGS).
     torch.manual_seed(seed * 1000 + list(_CONFIGS).index(arch))
     with torch.device(device):
         if arch in _MODEL_CLASSES:
