@@ -120,16 +120,18 @@ def test_decode_attention_matches_definition(backend, window, chunk, softcap, si
                                             (torch.float32, torch.bfloat16),
                                             (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("window", [None, 21])
-@pytest.mark.parametrize("num_decodes", [1, 5, 32])
-def test_decode_kernel_on_full_blocks(num_decodes, window, dtype, kv_dtype):
+@pytest.mark.parametrize("num_decodes,kv_heads", [(1, 4), (5, 4), (32, 4), (1, 1)])
+def test_decode_kernel_on_full_blocks(num_decodes, kv_heads, window, dtype, kv_dtype):
     """The kernel's other paths: blocks of 16 (its exp runs 8 positions at a time, the rest
     one by one), contexts of many blocks (each next one fetched ahead), few decodes (their
-    kv heads split over several work items), a peaked softmax (exponents far below -87,
-    where the kernel's exp stops), a bf16 model (queries and outputs rounded to bf16, the
-    sums in fp32), and a cache of the other dtype (--kv-cache-dtype)."""
+    kv heads split over several work items; one decode over one kv head, as a latent
+    attention's: its query heads split, on a machine of several threads), a peaked softmax
+    (exponents far below -87, where the kernel's exp stops), a bf16 model (queries and
+    outputs rounded to bf16, the sums in fp32), and a cache of the other dtype
+    (--kv-cache-dtype)."""
     kernel = _kernel()
-    shape = SimpleNamespace(heads=8, kv_heads=4, head_dim=64, value_dim=64, block_size=16,
-                            num_blocks=256)
+    shape = SimpleNamespace(heads=8, kv_heads=kv_heads, head_dim=64, value_dim=64,
+                            block_size=16, num_blocks=256)
     lens = ([100, 17, 1, 16, 23, 61, 33, 8] + [40 + 7 * i for i in range(24)])[:num_decodes]
     cache, tables, (q, k, v) = _setup(lens, seed=3, shape=shape, dtype=dtype, kv_dtype=kv_dtype)
     q[0, :, -1] *= 30  # the last decode: softmax weights from 1 down to about e^-190
@@ -252,15 +254,16 @@ def test_decode_attention_choice():
         assert choose_decode_attention("auto", cpu, torch.bfloat16, torch.float32) is not None
 
 
+@pytest.mark.parametrize("head_dim", [16, 144])  # (wider than 128: a chunk folded too)
 @pytest.mark.parametrize("expand_kv", [False, True])  # the CPU's form, CUDA's
 @pytest.mark.parametrize("queries", [1, 5])  # a decode (query heads folded), a prefill chunk
-def test_grouped_query_sdpa_equals_each_head_attending_alone(queries, expand_kv):
-    """Every form of sdpa (query heads folded into rows for a decode, K/V repeated per head
-    or enable_gqa for a chunk) computes, for each query head h, plain attention over K/V
-    head h // 4 (HF's repeat_kv order), checked on the CPU."""
+def test_grouped_query_sdpa_equals_each_head_attending_alone(queries, expand_kv, head_dim):
+    """Every form of sdpa (query heads folded into rows for a decode or a wide-headed
+    chunk, K/V repeated per head or enable_gqa for a chunk) computes, for each query head
+    h, plain attention over K/V head h // 4 (HF's repeat_kv order), checked on the CPU."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 8, queries, 16, generator=g)  # [N, H, q, d]
-    k, v = (torch.randn(3, 2, 20, 16, generator=g) for _ in range(2))  # [N, KVH, L, d]
+    q = torch.randn(3, 8, queries, head_dim, generator=g) / 3  # [N, H, q, d]
+    k, v = (torch.randn(3, 2, 20, head_dim, generator=g) for _ in range(2))  # [N, KVH, L, d]
     mask = torch.rand(3, 1, queries, 20, generator=g) > 0.3
     mask[..., 0] = True  # every row sees a position
     got = sdpa(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, mask, 0.05,
@@ -302,7 +305,8 @@ def test_sdpa_calls_the_form_each_case_wants(monkeypatch):
     folds its query heads ([N, KVH, H / KVH, d], K/V unexpanded); an unmasked prefill passes
     enable_gqa, K/V unexpanded (flash takes it on CUDA); a masked prefill with expand_kv
     repeats K/V per head and does not also pass enable_gqa (that leaves only SDPA's math
-    kernel on CUDA)."""
+    kernel on CUDA); without expand_kv (the CPU) it passes enable_gqa, or folds its query
+    heads where they are wider than 128 ([N, KVH, H / KVH * q, d])."""
     calls, real = [], torch.nn.functional.scaled_dot_product_attention
 
     def spy(q, k, v, **kwargs):
@@ -319,6 +323,11 @@ def test_sdpa_calls_the_form_each_case_wants(monkeypatch):
     assert calls[-1] == ((1, 8, 5, 16), 2, True)
     sdpa(q, k, v, torch.ones(5, 5, dtype=torch.bool).tril(), None, expand_kv=True)
     assert calls[-1] == ((1, 8, 5, 16), 8, False)
+    sdpa(q, k, v, torch.ones(5, 5, dtype=torch.bool).tril(), None, expand_kv=False)
+    assert calls[-1] == ((1, 8, 5, 16), 2, True)
+    q, k, v = torch.randn(1, 8, 5, 144), torch.randn(1, 2, 5, 144), torch.randn(1, 2, 5, 144)
+    sdpa(q, k, v, torch.ones(5, 5, dtype=torch.bool).tril(), None, expand_kv=False)
+    assert calls[-1] == ((1, 2, 20, 144), 2, False)
 
 
 @pytest.mark.parametrize("expand_kv", [False, True])
