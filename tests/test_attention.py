@@ -300,6 +300,26 @@ def test_math_attention_is_eager_attention_with_capped_scores_and_sinks(masked, 
         torch.testing.assert_close(got[:, head].double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("expand_kv", [False, True])  # the CPU's form, CUDA's
+@pytest.mark.parametrize("queries,masked", [(1, True), (5, True), (6, False)])
+def test_sdpa_with_sinks_is_math_attention_with_sinks(queries, masked, expand_kv):
+    """Sinks through SDPA (one more key that every query sees, scored by one more query
+    entry): math_attention's numbers, for a decode, a masked prefill chunk and a causal
+    one, grouped-query heads; a sink weighs no value, so the outputs shrink."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 8, queries, 20, generator=g)  # [N, H, q, d] (d: not a multiple of 8)
+    k, v = (torch.randn(2, 2, 6, 20, generator=g) for _ in range(2))  # [N, KVH, L, d]
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, queries, 6, generator=g) > 0.3
+        mask[..., 0] = True  # every row sees a position
+    sink = torch.linspace(-1, 3, 8)  # [H]
+    got = attention.sdpa_with_sinks(q, k, v, mask, 0.3, sink, expand_kv)  # [N, H, q, d]
+    torch.testing.assert_close(got, math_attention(q, k, v, mask, 0.3, sinks=sink),
+                               rtol=1e-5, atol=1e-6)
+    assert got.norm() < 0.9 * attention.sdpa(q, k, v, mask, 0.3, expand_kv).norm()
+
+
 def test_sdpa_calls_the_form_each_case_wants(monkeypatch):
     """The same numbers either way (above), so the forms are checked here: a masked decode
     folds its query heads ([N, KVH, H / KVH, d], K/V unexpanded); an unmasked prefill passes

@@ -367,9 +367,12 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     k_cache.index_copy_(0, b.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
     if layer not in b.cache.values_in_keys:  # (else written with the keys)
         v_cache.index_copy_(0, b.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
-    if softcap or s_aux is not None:
+    if softcap:
         def attend(q, k, v, mask, scale, expand_kv):
             return math_attention(q, k, v, mask, scale, softcap, s_aux)
+    elif s_aux is not None:
+        def attend(q, k, v, mask, scale, expand_kv):
+            return sdpa_with_sinks(q, k, v, mask, scale, s_aux, expand_kv)
     else:
         attend = sdpa
 
@@ -457,12 +460,23 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     transformers' use_gqa_in_sdpa says). Else, with heads wider than 128, it is folded as
     a decode, its mask repeated per query head of a K/V head: on the CPU (fp32) 4 queries
     over 4,096 positions of latent attention's one 576-wide K/V head for 16 query heads
-    take 6 ms so, 148 ms with enable_gqa; 2 heads of 256 for 8, 256 queries over 2,048
-    positions 30 ms, 35 ms. Narrower heads pass enable_gqa (32 of 128 over 8, 256 queries
-    over 1,024: 33 ms, folded 36 ms), and with no mask, enable_gqa everywhere (flash
-    attention takes it on CUDA)."""
+    take 5 ms so, 16 ms with enable_gqa (64 queries: 64 ms, 91 ms); 2 heads of 256 for 8,
+    256 queries over 2,048 positions 31 ms, 34 ms. Narrower heads pass enable_gqa (32 of
+    128 over 8, 256 queries over 1,024: 30 ms either way), and with no mask, enable_gqa
+    everywhere (flash attention takes it on CUDA).
+
+    Values of another size than the keys (DeepSeek's latent attention: keys of 192, values
+    of 128 expanded; 576 and 512 absorbed) are padded with zeros to the wider size, and the
+    output cut back: SDPA's flash kernels take one size for both (on the CPU, as on CUDA),
+    and its math kernel, where it falls back, holds every score. On the CPU, 512 queries
+    over 4,096 positions, 64 heads over 8 of 192 keys and 128 values: 1,657 ms and 1.5 GiB
+    more peak memory as they were, 1,229 ms and 36 MiB padded."""
     N, H, Q, d = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, dv = k.shape[1], v.shape[3]
+    if dv != d:  # one head size, or SDPA falls back to its math kernel (see docstring)
+        out = sdpa(*(F.pad(t, (0, max(d, dv) - t.shape[3])) for t in (q, k, v)), mask,
+                   scale if scale is not None else d ** -0.5, expand_kv)
+        return out[..., :dv]
     gqa = H != kv_heads
     if gqa and mask is not None and (Q == 1 or (d > 128 and not expand_kv)):
         per_kv = H // kv_heads
@@ -478,12 +492,40 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
                                           scale=scale, enable_gqa=gqa)
 
 
+def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None, scale: float | None, sinks: torch.Tensor,
+                    expand_kv: bool) -> torch.Tensor:
+    """sdpa's contract with sinks ([H] logits, GPT-OSS's: one more column of each head's
+    softmax, weighing no value), through SDPA itself: each sink is one more key, before the
+    context, that every query sees. Its score comes from one more query entry (the head's
+    sink / scale) against the key's 1 there (0 in every context key), and its value is 0.
+    So no [N, H, q, L] scores are held, as math_attention holds them (GPT-OSS's 64 heads, a
+    512-token chunk over 32,768 positions: 4 GiB in fp32), and CUDA may run flash attention
+    (the entries padded to a multiple of 8)."""
+    N, H, Q, d = q.shape
+    kv_heads, L = k.shape[1], k.shape[2]
+    scale = scale if scale is not None else d ** -0.5
+    wide = d + 8 - d % 8  # d, one entry for the sink and zeros
+    q1 = q.new_zeros(N, H, Q, wide)
+    q1[..., :d] = q
+    q1[..., d] = (sinks.float() / scale).to(q.dtype).view(1, H, 1)
+    k1 = k.new_zeros(N, kv_heads, L + 1, wide)  # the sink's key first
+    k1[:, :, 0, d] = 1
+    k1[:, :, 1:, :d] = k
+    v1 = torch.cat((v.new_zeros(N, kv_heads, 1, v.shape[3]), v), dim=2)  # [N, KVH, L + 1, dv]
+    if mask is None:  # causal, Q == L
+        mask = torch.ones(Q, L, dtype=torch.bool, device=q.device).tril()
+    mask = torch.cat((mask.new_ones(*mask.shape[:-1], 1), mask), dim=-1)  # [.., L + 1]
+    return sdpa(q1, k1, v1, mask, scale, expand_kv)
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: torch.Tensor | None, scale: float | None,
                    softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """sdpa's contract with what SDPA cannot do: the scores soft-capped before the softmax
-    (Gemma 2: softmax(softcap * tanh(q k^T scale / softcap)) v), and sinks ([H] logits,
-    GPT-OSS: one more column of the softmax per head, dropped before the values). The math
+    (Gemma 2: softmax(softcap * tanh(q k^T scale / softcap)) v), with sinks too where given
+    ([H] logits: one more column of the softmax per head, dropped before the values;
+    without a cap, sdpa_with_sinks). The math
     of transformers' eager attention (scores in q's dtype, the softmax in fp32), with the
     [N, H, q, L] scores in memory: a prefill chunk of 512 over 4,096 positions with 16
     heads is 128 MiB of fp32 scores."""
