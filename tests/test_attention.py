@@ -326,11 +326,13 @@ def test_sdpa_calls_the_form_each_case_wants(monkeypatch):
     enable_gqa, K/V unexpanded (flash takes it on CUDA); a masked prefill with expand_kv
     repeats K/V per head and does not also pass enable_gqa (that leaves only SDPA's math
     kernel on CUDA); without expand_kv (the CPU) it passes enable_gqa, or folds its query
-    heads where they are wider than 128 ([N, KVH, H / KVH * q, d])."""
-    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+    heads where they are wider than 128 ([N, KVH, H / KVH * q, d]) and make at most
+    FOLD_ROWS rows. Values of another size are padded to the keys' first."""
+    calls, value_widths, real = [], [], torch.nn.functional.scaled_dot_product_attention
 
     def spy(q, k, v, **kwargs):
         calls.append((tuple(q.shape), k.shape[1], bool(kwargs.get("enable_gqa"))))
+        value_widths.append(v.shape[3])
         return real(q, k, v, **kwargs)
 
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
@@ -348,6 +350,14 @@ def test_sdpa_calls_the_form_each_case_wants(monkeypatch):
     q, k, v = torch.randn(1, 8, 5, 144), torch.randn(1, 2, 5, 144), torch.randn(1, 2, 5, 144)
     sdpa(q, k, v, torch.ones(5, 5, dtype=torch.bool).tril(), None, expand_kv=False)
     assert calls[-1] == ((1, 2, 20, 144), 2, False)
+    monkeypatch.setattr(attention, "FOLD_ROWS", 16)  # a longer chunk: its mask not repeated
+    sdpa(q, k, v, torch.ones(5, 5, dtype=torch.bool).tril(), None, expand_kv=False)
+    assert calls[-1] == ((1, 8, 5, 144), 2, True)
+    # values narrower than the keys: padded to their width (one head size for flash)
+    out = sdpa(q, k, v[..., :100], torch.ones(5, 5, dtype=torch.bool).tril(), None,
+               expand_kv=False)
+    assert calls[-1] == ((1, 8, 5, 144), 2, True) and value_widths[-1] == 144
+    assert out.shape == (1, 8, 5, 100)
 
 
 @pytest.mark.parametrize("expand_kv", [False, True])

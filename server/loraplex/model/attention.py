@@ -446,6 +446,10 @@ def _chunk_of(module: torch.nn.Module) -> int | None:
     return None
 
 
+# the most query rows a masked prefill chunk is folded into (see sdpa)
+FOLD_ROWS = 1024
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
          scale: float | None, expand_kv: bool) -> torch.Tensor:
     """q: [N, H, q, d], k: [N, KVH, L, d], v: [N, KVH, L, dv] (query head h reads K/V head
@@ -460,10 +464,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     transformers' use_gqa_in_sdpa says). Else, with heads wider than 128, it is folded as
     a decode, its mask repeated per query head of a K/V head: on the CPU (fp32) 4 queries
     over 4,096 positions of latent attention's one 576-wide K/V head for 16 query heads
-    take 5 ms so, 16 ms with enable_gqa (64 queries: 64 ms, 91 ms); 2 heads of 256 for 8,
-    256 queries over 2,048 positions 31 ms, 34 ms. Narrower heads pass enable_gqa (32 of
-    128 over 8, 256 queries over 1,024: 30 ms either way), and with no mask, enable_gqa
-    everywhere (flash attention takes it on CUDA).
+    take 5 ms so, 16 ms with enable_gqa (64 queries: 64 ms, 91 ms; 512 queries: 592 ms,
+    598 ms); 2 heads of 256 for 8, 256 queries over 2,048 positions 31 ms, 34 ms. Up to
+    FOLD_ROWS folded rows: the repeated mask holds that many bytes a context position, so a
+    long chunk (where folding gains nothing) passes enable_gqa. Narrower heads pass
+    enable_gqa (32 of 128 over 8, 256 queries over 1,024: 30 ms either way), and with no
+    mask, enable_gqa everywhere (flash attention takes it on CUDA).
 
     Values of another size than the keys (DeepSeek's latent attention: keys of 192, values
     of 128 expanded; 576 and 512 absorbed) are padded with zeros to the wider size, and the
@@ -477,16 +483,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         out = sdpa(*(F.pad(t, (0, max(d, dv) - t.shape[3])) for t in (q, k, v)), mask,
                    scale if scale is not None else d ** -0.5, expand_kv)
         return out[..., :dv]
-    gqa = H != kv_heads
-    if gqa and mask is not None and (Q == 1 or (d > 128 and not expand_kv)):
-        per_kv = H // kv_heads
+    gqa, per_kv = H != kv_heads, H // kv_heads
+    if gqa and mask is not None and (Q == 1 or (d > 128 and per_kv * Q <= FOLD_ROWS
+                                                 and not expand_kv)):
         rows = mask if Q == 1 else mask.expand(N, 1, Q, mask.shape[-1]).repeat(1, 1, per_kv, 1)
         out = F.scaled_dot_product_attention(q.reshape(N, kv_heads, per_kv * Q, d), k, v,
                                              attn_mask=rows, scale=scale)  # [N, KVH, H/KVH * Q, dv]
         return out.view(N, H, Q, v.shape[3])
     if gqa and expand_kv and mask is not None:
-        k = k.repeat_interleave(H // kv_heads, dim=1)  # [N, H, L, d]
-        v = v.repeat_interleave(H // kv_heads, dim=1)
+        k = k.repeat_interleave(per_kv, dim=1)  # [N, H, L, d]
+        v = v.repeat_interleave(per_kv, dim=1)
         gqa = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           scale=scale, enable_gqa=gqa)
