@@ -50,7 +50,8 @@ _PARTS = ("kv_b_proj", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "
 
 class LatentProjection:
     """kv_b_proj of one MLA layer, absorbed: attention (attention.paged_attention) calls
-    `queries` before it attends over the cached latents and `outputs` after."""
+    `queries` before it attends over the cached latents and `outputs` after; for a prefill
+    chunk that `expands`, `expand` instead, and attends over HF's keys and values."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype):
         self.module = module  # its kv_b_proj is read at each call: a LoraLinear once wrapped
