@@ -390,7 +390,10 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         rows = slice(seq.start, seq.start + seq.length)
         kp, vp = b.cache.gather(layer, seq.blocks)  # [blocks * bs, KVH, d / dv]
         kp, vp = kp[:seq.context].to(q.dtype), vp[:seq.context].to(q.dtype)  # [L, KVH, ..]
-        absorbed = latent is not None and not latent.expands(seq.length, seq.context)
+        # (on CUDA always expanded, as vLLM's MLA prefill: absorbed, a masked chunk would
+        # repeat the latents per head, sdpa's expand_kv, more than expanding holds)
+        absorbed = latent is not None and not (q.is_cuda
+                                               or latent.expands(seq.length, seq.context))
         if latent is None or absorbed:
             kp, vp = kp.transpose(0, 1), vp.transpose(0, 1)  # [KVH, L, d / dv]
         else:  # expanded, HF's keys and values: [H, L, nope + rope], [H, L, v]

@@ -32,8 +32,11 @@ kv_b_proj (its adapter's LoRA included) into every head's keys and values, HF's
 expand_kv. For q new tokens over a context of L (new ones included), a head then costs
 L x rank x (nope + v) multiply-adds more to expand, q x rank x (nope + v) fewer to absorb,
 and q x L x (2 rank - nope - v) fewer to attend. A whole prompt (L = q) gains wherever
-2 rank > nope + v (DeepSeek-V3's 1,024 > 256; 2,048 tokens: 3.0x fewer); a short chunk over a long cached context, as a
-decode, stays absorbed (DeepSeek-V3: below ~171 new tokens).
+2 rank > nope + v (DeepSeek-V3's 1,024 > 256; 2,048 tokens: 3.0x fewer); on the CPU a
+short chunk over a long cached context, as a decode, stays absorbed (DeepSeek-V3: below
+~171 new tokens). On CUDA every prefill chunk is expanded: there SDPA repeats a masked
+chunk's one kv head per query head (attention.sdpa's expand_kv), 1,152 values a head and
+position (keys, and values padded to them) against the expanded 384 (DeepSeek-V3).
 """
 
 from __future__ import annotations
