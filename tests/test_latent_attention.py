@@ -25,13 +25,14 @@ def test_expand_gives_hf_keys_and_values():
     with torch.no_grad():
         keys, values = layer.expand_kv(c, k_rot)  # [1, H, L, 24], [1, H, L, 8]
         cached = torch.cat((c, k_rot), dim=-1)[0].transpose(0, 1)  # [L, 1, rank + rope]
-        ours = latent.expand(cached, row=0)
+        ours = latent.expand(cached, None)
     assert ours[0].shape == (4, 10, 24) and ours[1].shape == (4, 10, 8)
     torch.testing.assert_close(ours[0], keys[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1], values[0], rtol=1e-5, atol=1e-5)
     # (the absorbed queries read the same weight: q_nope . k_nope == absorbed q . c)
     q = torch.randn(1, 4, 3, 24)  # [1, H, q, nope + rope]
-    torch.testing.assert_close(latent.queries(q)[0] @ cached[:, 0].T, q[0] @ keys[0].transpose(1, 2),
+    torch.testing.assert_close(latent.queries(q, None)[0] @ cached[:, 0].T,
+                               q[0] @ keys[0].transpose(1, 2),
                                rtol=1e-4, atol=1e-4)
 
 

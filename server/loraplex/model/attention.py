@@ -382,10 +382,11 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if latent is None:
         _attend_decodes(b, layer, q, out, attend, scale, window, chunk, softcap, s_aux)
     elif decodes:  # over the cached latents: the queries and outputs absorbed
-        q_lat = latent.queries(query[:, :, :decodes])[0]  # [H, D, rank + rope]
+        lora = latent.lora(0, decodes, q.dtype)
+        q_lat = latent.queries(query[:, :, :decodes], lora)[0]  # [H, D, rank + rope]
         o_lat = q.new_empty(decodes, H, latent.rank)  # [D, H, rank]
         _attend_decodes(b, layer, q_lat, o_lat, attend, scale, window, chunk, softcap, s_aux)
-        out[:decodes] = latent.outputs(o_lat.unsqueeze(0))[0]
+        out[:decodes] = latent.outputs(o_lat.unsqueeze(0), lora)[0]
     for i, seq in enumerate(b.prefills):
         rows = slice(seq.start, seq.start + seq.length)
         kp, vp = b.cache.gather(layer, seq.blocks)  # [blocks * bs, KVH, d / dv]
@@ -394,11 +395,12 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         # repeat the latents per head, sdpa's expand_kv, more than expanding holds)
         absorbed = latent is not None and not (q.is_cuda
                                                or latent.expands(seq.length, seq.context))
+        lora = latent.lora(rows.start, rows.stop, q.dtype) if latent is not None else None
         if latent is None or absorbed:
             kp, vp = kp.transpose(0, 1), vp.transpose(0, 1)  # [KVH, L, d / dv]
         else:  # expanded, HF's keys and values: [H, L, nope + rope], [H, L, v]
-            kp, vp = latent.expand(kp, seq.start)
-        qp = (latent.queries(query[:, :, rows], seq.start)[0] if absorbed
+            kp, vp = latent.expand(kp, lora)
+        qp = (latent.queries(query[:, :, rows], lora)[0] if absorbed
               else q[:, rows])  # [H, q, d (or rank + rope)]
         # no cached prefix and no window cut: SDPA's own causal mask (it skips the masked
         # half: 2x faster on a 2048-token CPU prefill, and flash attention on CUDA)
@@ -408,7 +410,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     None if causal else b.prefill_mask(i, window, chunk), scale,
                     expand_kv=q.is_cuda)  # [1, H, q, dv (or rank)]
         op = op.transpose(1, 2)  # [1, q, H, ..]
-        out[rows] = (latent.outputs(op, seq.start) if absorbed else op)[0]
+        out[rows] = (latent.outputs(op, lora) if absorbed else op)[0]
     return out.unsqueeze(0), None
 
 
