@@ -94,10 +94,13 @@ class LatentProjection:
             return AbsorbedLora(max(lo, start) - start, min(hi, stop) - start, a,
                                 b[..., :self.nope], b[..., self.nope:], per_token=False)
         slots = plan.slots[start:stop]  # [n]
-        a = proj.lora_A[slots, :plan.rank].to(dtype)  # [n, R, rank]
-        b = proj.lora_B[slots, :plan.rank].to(dtype).view(stop - start, plan.rank, self.heads, -1)
-        return AbsorbedLora(0, stop - start, a, b[..., :self.nope], b[..., self.nope:],
-                            per_token=True)
+        table = proj.lora_B[:, :plan.rank].unflatten(2, (self.heads, -1))  # [S, R, H, nope + v]
+        # (index_select, each part on its own, contiguous for the einsums: 32 decodes of 32
+        # adapters at GLM-4.7-Flash's shapes, both ways, 6.6 ms a layer against 7.3 ms)
+        a, b_k, b_v = (t.index_select(0, slots).to(dtype)  # [n, R, rank], [n, R, H, nope / v]
+                       for t in (proj.lora_A[:, :plan.rank], table[..., :self.nope],
+                                 table[..., self.nope:]))
+        return AbsorbedLora(0, stop - start, a, b_k, b_v, per_token=True)
 
     def queries(self, query: torch.Tensor, lora: AbsorbedLora | None) -> torch.Tensor:
         """[1, H, n, nope + rope] (the tokens of `lora`, `lora` over them) ->
