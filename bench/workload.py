@@ -52,11 +52,21 @@ SHAPES = {
                     linear_value_head_dim=64,
                     layer_types=["linear_attention"] * 3 + ["full_attention"]
                     + ["linear_attention"] * 3 + ["full_attention"]),
+    # DeepSeek-V3's latent attention at the bench model's width (its latent cached:
+    # model/latent_attention.py): latent 128, rotary keys 32, nope 64, values 64, every MLP
+    # dense; 26.1M parameters
+    "mla": dict(BENCH_MODEL, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64,
+                v_head_dim=64, q_lora_rank=None, first_k_dense_replace=6, n_routed_experts=4,
+                num_experts_per_tok=2, moe_intermediate_size=256, n_group=1, topk_group=1),
 }
-SHAPE_ARCH = {"qwen3_5": "qwen3_5"}  # tests/models.py's family of a shape (else llama)
+SHAPE_ARCH = {"qwen3_5": "qwen3_5", "mla": "deepseek_v3_mla"}  # tests/models.py's family
+# of a shape (else llama)
 
-# short names of the linears each --targets choice adapts (None: every linear)
-TARGETS = {"all": None, "attn": ATTN, "qv": QV}
+# short names of the linears each --targets choice adapts (None: every linear); "latent":
+# a latent attention's (the mla shape's: PEFT 0.21 drops a DeepSeek-V3 adapter's dense MLP
+# LoRA, turning gate/up/down_proj into expert parameters, so "all" would differ from it)
+TARGETS = {"all": None, "attn": ATTN, "qv": QV,
+           "latent": ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")}
 
 
 def build_bench_model(out_dir: str | Path, seed: int = 0, shape: str = "bench",
