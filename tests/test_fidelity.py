@@ -535,3 +535,61 @@ def test_float16_kv_cache_holds_twice_the_blocks_and_serves_peft_tokens(tiny_mod
         tokens, _ = peft_greedy(tiny_models[arch], adapters[arch][name] if name else None,
                                 prompt, len(out.token_ids))
         assert list(out.token_ids) == tokens, name or "base"
+
+
+def test_dense_mlp_lora_of_a_deepseek_model_is_the_files(tmp_path, prompts):
+    """A DeepSeek-V3 adapter on its dense layer's MLP (gate/up/down_proj of layer 0, before
+    the experts): served, it gives the greedy tokens of the file's LoRA merged into the base
+    by hand. PEFT 0.21 does not apply it: it turns those names into expert parameters,
+    which the dense layer has not, and gives the base model's tokens (the README says so;
+    this fails once PEFT applies the file)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from engine_helpers import run_all
+    from loraplex.lora.merge import LoraTensors, merge_into_base
+
+    base = build_base("deepseek_v3", tmp_path / "base")
+    state = load_file(str(base / "model.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    modules = {}
+    for m in ("gate_proj", "up_proj", "down_proj"):
+        out, inp = state[f"model.layers.0.mlp.{m}.weight"].shape
+        modules[f"model.layers.0.mlp.{m}"] = (torch.randn(8, inp, generator=g) * 0.3,
+                                              torch.randn(out, 8, generator=g) * 0.3)
+    targets = ["down_proj", "gate_proj", "up_proj"]
+    folder = tmp_path / "adapters" / "dense_mlp"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": targets,
+        "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base)}))
+    save_file({f"base_model.model.{name}.lora_{part}.weight": t
+               for name, (a, b) in modules.items() for part, t in (("A", a), ("B", b))},
+              str(folder / "adapter_model.safetensors"))
+    merged = tmp_path / "merged"
+    shutil.copytree(base, merged)
+    lora = LoraTensors(r=8, alpha=16, use_rslora=False, target_modules=tuple(targets),
+                       modules=modules, scalings={name: 2.0 for name in modules})
+    save_file(merge_into_base(state, lora), str(merged / "model.safetensors"),
+              metadata={"format": "pt"})
+
+    engine = build_engine(base, tmp_path / "adapters")
+    try:
+        requests = [GenerationRequest(prompt_ids=p, sampling=greedy(8), adapter=name)
+                    for p in prompts[:4] for name in ("dense_mlp", "")]
+        outs = run_all(engine, requests)
+    finally:
+        engine.stop()
+    for request, out in zip(requests, outs):
+        served = list(out.token_ids)
+        by_hand, _ = peft_greedy(merged if request.adapter else base, None,
+                                 request.prompt_ids, 8)
+        assert served == by_hand
+    # the adapter changes the tokens, and PEFT leaves them the base model's
+    adapted = [list(o.token_ids) for r, o in zip(requests, outs) if r.adapter]
+    plain = [list(o.token_ids) for r, o in zip(requests, outs) if not r.adapter]
+    assert adapted != plain
+    assert [peft_greedy(base, folder, r.prompt_ids, 8)[0]
+            for r in requests if r.adapter] == plain
