@@ -348,9 +348,13 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query: [1, H, T, d], key: [1, KVH, T, d], value: [1, KVH, T, dv] -> output
     [1, T, H, dv]. `softcap` (Gemma 2's attn_logit_softcapping): the scores become
-    softcap * tanh(score / softcap) before the softmax. `s_aux` (GPT-OSS's sinks, [H]): one more logit per head in the
-    softmax, weighing no value. Any other option a model passes is refused (at load, by
-    the probe), never ignored. The batch is the one of attention_step."""
+    softcap * tanh(score / softcap) before the softmax. `s_aux` (GPT-OSS's sinks, [H]): one
+    more logit per head in the softmax, weighing no value. Any other option a model passes
+    is refused (at load, by the probe), never ignored. The batch is the one of
+    attention_step. In a latent attention layer (latent_attention.py) key is its latents
+    and rotary keys, value their latents: the decodes attend over them absorbed, each
+    prefill chunk expanded or absorbed (LatentProjection.expands), and the output is
+    [1, T, H, v_head_dim]."""
     b = current_step()
     if b is None:
         raise RuntimeError("loraplex attention runs only inside the loraplex runner")
