@@ -300,6 +300,27 @@ def test_math_attention_is_eager_attention_with_capped_scores_and_sinks(masked, 
         torch.testing.assert_close(got[:, head].double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("queries,masked", [(1, True), (5, True), (9, False)])
+def test_math_attention_in_pieces_is_math_attention(queries, masked, sinks, monkeypatch):
+    """Over more than MATH_SCORES scores, math_attention takes the context in pieces with a
+    running softmax: the numbers of holding them all, for a decode, a masked chunk (rows
+    whose first pieces are all masked) and a causal one."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, queries, 16, generator=g) * 3  # [N, H, q, d]
+    k, v = (torch.randn(2, 2, 9, 16, generator=g) for _ in range(2))  # [N, KVH, L, d]
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, queries, 9, generator=g) > 0.3
+        mask[..., :4] = False  # nothing to see in the first two pieces
+        mask[..., 6] = True
+    sink = torch.linspace(-1, 3, 8) if sinks else None  # [H]
+    whole = math_attention(q, k, v, mask, 0.3, softcap=1.5, sinks=sink)
+    monkeypatch.setattr(attention, "MATH_SCORES", 2 * 8 * queries * 2)  # 2 positions a piece
+    pieces = math_attention(q, k, v, mask, 0.3, softcap=1.5, sinks=sink)
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("expand_kv", [False, True])  # the CPU's form, CUDA's
 @pytest.mark.parametrize("queries,masked", [(1, True), (5, True), (6, False)])
 def test_sdpa_with_sinks_is_math_attention_with_sinks(queries, masked, expand_kv):

@@ -534,32 +534,74 @@ def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return sdpa(q1, k1, v1, mask, scale, expand_kv)
 
 
+# the most scores math_attention holds at once (64 MiB of fp32); beyond, it takes the
+# context in pieces
+MATH_SCORES = 2 ** 24
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: torch.Tensor | None, scale: float | None,
                    softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """sdpa's contract with what SDPA cannot do: the scores soft-capped before the softmax
     (Gemma 2: softmax(softcap * tanh(q k^T scale / softcap)) v), with sinks too where given
     ([H] logits: one more column of the softmax per head, dropped before the values;
-    without a cap, sdpa_with_sinks). The math
-    of transformers' eager attention (scores in q's dtype, the softmax in fp32), with the
-    [N, H, q, L] scores in memory: a prefill chunk of 512 over 4,096 positions with 16
-    heads is 128 MiB of fp32 scores."""
+    without a cap, sdpa_with_sinks). The math of transformers' eager attention (scores in
+    q's dtype, the softmax in fp32), its [N, H, q, L] scores in memory, up to MATH_SCORES
+    of them (16 heads of a 512-token chunk over 2,048 positions). Over more, the context
+    is taken in pieces of that many scores, with a running (online) softmax in fp32: Gemma
+    2 27B's 32 heads over 16, a 512-token chunk over 8,192 positions, grew the peak memory
+    by 359 MiB so, 1,811 MiB holding every score, in about the same time (4.3 s; 4.2 to
+    5.9 s, 2 CPU threads)."""
     N, H, Q, d = q.shape
     L, per_kv = k.shape[2], H // k.shape[1]
+    scale = scale if scale is not None else d ** -0.5
+    if mask is None:  # causal, Q == L
+        mask = torch.ones(Q, L, dtype=torch.bool, device=q.device).tril()
+    piece = max(1, MATH_SCORES // (N * H * Q))  # context positions at a time
+    if piece < L:
+        return _math_attention_in_pieces(q, k, v, mask, scale, softcap, sinks, piece)
     if per_kv > 1:
         k = k.repeat_interleave(per_kv, dim=1)  # [N, H, L, d]
         v = v.repeat_interleave(per_kv, dim=1)  # [N, H, L, dv]
-    scores = q @ k.transpose(2, 3) * (scale if scale is not None else d ** -0.5)  # [N, H, Q, L]
+    scores = q @ k.transpose(2, 3) * scale  # [N, H, Q, L]
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    if mask is None:  # causal, Q == L
-        mask = torch.ones(Q, L, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
     if sinks is not None:
         sink = sinks.to(scores.dtype).view(1, H, 1, 1).expand(N, H, Q, 1)
         scores = torch.cat([scores, sink], dim=-1)  # [N, H, Q, L + 1]
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return weights[..., :L] @ v  # [N, H, Q, dv]
+
+
+def _math_attention_in_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              mask: torch.Tensor, scale: float, softcap: float | None,
+                              sinks: torch.Tensor | None, piece: int) -> torch.Tensor:
+    """math_attention over `piece` context positions at a time: each piece's scores (in
+    q's dtype, capped, masked) join a running max m, sum l and weighted sum of the values,
+    all fp32, rescaled by exp(m_old - m_new) as the max grows."""
+    N, H, Q, _ = q.shape
+    L, per_kv = k.shape[2], H // k.shape[1]
+    m = torch.full((N, H, Q, 1), float("-inf"), device=q.device)  # running max
+    l = torch.zeros(N, H, Q, 1, device=q.device)  # running sum of exp(score - m)
+    acc = torch.zeros(N, H, Q, v.shape[3], device=q.device)  # running sum of exp(..) v
+    for lo in range(0, L, piece):
+        kp = k[:, :, lo:lo + piece].repeat_interleave(per_kv, dim=1)  # [N, H, P, d]
+        vp = v[:, :, lo:lo + piece].repeat_interleave(per_kv, dim=1)  # [N, H, P, dv]
+        scores = q @ kp.transpose(2, 3) * scale  # [N, H, Q, P]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.float().masked_fill(~mask[..., lo:lo + piece], float("-inf"))
+        new_m = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+        shift = new_m.masked_fill(new_m == float("-inf"), 0.0)  # (rows that saw nothing yet)
+        weights = torch.exp(scores - shift)
+        rescale = torch.exp(m - shift)
+        l = l * rescale + weights.sum(dim=-1, keepdim=True)
+        acc = acc * rescale + weights @ vp.float()
+        m = new_m
+    if sinks is not None:  # one more logit per head, weighing no value
+        l = l + torch.exp(sinks.float().view(1, H, 1, 1) - m)
+    return (acc / l).to(q.dtype)  # [N, H, Q, dv]
 
 
 def register_attention() -> None:
