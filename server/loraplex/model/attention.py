@@ -489,8 +489,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     N, H, Q, d = q.shape
     kv_heads, dv = k.shape[1], v.shape[3]
     if dv != d:  # one head size, or SDPA falls back to its math kernel (see docstring)
-        out = sdpa(*(F.pad(t, (0, max(d, dv) - t.shape[3])) for t in (q, k, v)), mask,
-                   scale if scale is not None else d ** -0.5, expand_kv)
+        width = max(d, dv)  # (only the narrower side copied)
+        out = sdpa(*(t if t.shape[3] == width else F.pad(t, (0, width - t.shape[3]))
+                     for t in (q, k, v)), mask, scale if scale is not None else d ** -0.5,
+                   expand_kv)
         return out[..., :dv]
     gqa, per_kv = H != kv_heads, H // kv_heads
     if gqa and mask is not None and (Q == 1 or (d > 128 and per_kv * Q <= FOLD_ROWS
@@ -527,11 +529,13 @@ def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k1 = k.new_zeros(N, kv_heads, L + 1, wide)  # the sink's key first
     k1[:, :, 0, d] = 1
     k1[:, :, 1:, :d] = k
-    v1 = torch.cat((v.new_zeros(N, kv_heads, 1, v.shape[3]), v), dim=2)  # [N, KVH, L + 1, dv]
+    dv = v.shape[3]
+    v1 = v.new_zeros(N, kv_heads, L + 1, max(wide, dv))  # the sink's zero value first, and
+    v1[:, :, 1:, :dv] = v  # as wide as the keys (one head size for SDPA: see sdpa)
     if mask is None:  # causal, Q == L
         mask = torch.ones(Q, L, dtype=torch.bool, device=q.device).tril()
     mask = torch.cat((mask.new_ones(*mask.shape[:-1], 1), mask), dim=-1)  # [.., L + 1]
-    return sdpa(q1, k1, v1, mask, scale, expand_kv)
+    return sdpa(q1, k1, v1, mask, scale, expand_kv)[..., :dv]
 
 
 # the most scores math_attention holds at once (64 MiB of fp32); beyond, it takes the
