@@ -123,6 +123,13 @@ OPTIONS: tuple[Option, ...] = (
     _o("step-timeout", "engine", "step_timeout", float,
        "seconds one engine step may run (a hung GPU) before the server stops serving and "
        "exits (status 1); 0: no limit"),
+    _o("num-speculative-tokens", "engine", "num_speculative_tokens", int,
+       "speculative decoding by prompt lookup: draft tokens a decode step may add, taken "
+       "from what followed an earlier occurrence of its last tokens (0: off)"),
+    _o("prompt-lookup-max", "engine", "prompt_lookup_max", int,
+       "longest n-gram of a sequence's last tokens that prompt lookup matches"),
+    _o("prompt-lookup-min", "engine", "prompt_lookup_min", int,
+       "shortest n-gram that prompt lookup matches"),
     _o("host", "server", "host", str, "address to listen on"),
     _o("port", "server", "port", int, "gRPC port (0: any free port)"),
     _o("metrics-port", "server", "metrics_port", int,

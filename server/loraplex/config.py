@@ -84,6 +84,10 @@ class EngineConfig:
     threads: int = 0  # torch threads of the step loop on CPU (0: OMP_NUM_THREADS, else one per CPU)
     max_step_failures: int = 3  # consecutive failed steps after which the engine gives up
     step_timeout: float = 300.0  # seconds one step may take before the server gives up (0: never)
+    # speculative decoding by prompt lookup (engine/speculation.py): drafts per decode step
+    num_speculative_tokens: int = 0  # 0: off
+    prompt_lookup_max: int = 4  # longest n-gram of the last tokens looked up earlier
+    prompt_lookup_min: int = 2  # shortest
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_num_seqs", "prefill_chunk", "kv_cache_memory",
@@ -96,6 +100,12 @@ class EngineConfig:
                              f"{self.step_timeout}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0 (0: off), got "
+                             f"{self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max, "
+                             f"got {self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if self.prefill_chunk > self.max_batch_tokens:
             raise ValueError("prefill_chunk must not exceed max_batch_tokens")
         if self.max_num_seqs > self.max_batch_tokens:

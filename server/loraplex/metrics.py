@@ -87,6 +87,13 @@ class Metrics:
         self.preemptions = Counter("loraplex_preemptions",
                                    "Sequences preempted for KV space (recomputed later).",
                                    registry=r)
+        self.draft_tokens = Counter(
+            "loraplex_spec_decode_draft_tokens",
+            "Draft tokens computed by speculative decoding (--num-speculative-tokens).",
+            registry=r)
+        self.accepted_draft_tokens = Counter(
+            "loraplex_spec_decode_accepted_tokens",
+            "Draft tokens kept: the request's own sampling drew them.", registry=r)
         self.step_failures = Counter(
             "loraplex_engine_step_failures",
             "Engine steps that raised (their requests ended with INTERNAL).", registry=r)

@@ -35,6 +35,7 @@ from loraplex.engine.request import (MAX_COMPLETIONS, FinishReason, GenerationRe
                                      RequestOutput, SamplingParams, TokenLogprob)
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import ScheduledSeq, Sequence, Status
+from loraplex.engine.speculation import NgramProposer
 from loraplex.engine.stops import StopStringFilter
 from loraplex.engine.threads import (default_threads, helper_executor, run_in_fresh_thread,
                                      use_threads)
@@ -92,6 +93,10 @@ class Engine:
             # (a sequence's recurrent state covers all its tokens: no block can be reused)
             log.info("prefix caching is off: the model has linear-attention layers")
             cfg = replace(cfg, prefix_caching=False)
+        if loaded.linear_attention and cfg.num_speculative_tokens:
+            # (a recurrent state cannot take back the tokens of rejected drafts)
+            log.info("speculative decoding is off: the model has linear-attention layers")
+            cfg = replace(cfg, num_speculative_tokens=0)
         self.cfg = cfg
         self.threads = cfg.threads or default_threads()  # torch intra-op threads of the step loop
         self.loaded = loaded
@@ -134,8 +139,10 @@ class Engine:
         self.guides = GuideCache(Vocabulary.of(self.tokenizer, loaded.vocab_size),
                                  self._guide_compiler, cpu_kernels.load())
         self._eos = tuple(sorted(loaded.eos_token_ids))
+        proposer = (NgramProposer(cfg.num_speculative_tokens, cfg.prompt_lookup_max,
+                                  cfg.prompt_lookup_min) if cfg.num_speculative_tokens else None)
         self.scheduler = Scheduler(cfg, self.blocks, self.cache,
-                                   state_slots=self.recurrent is not None)
+                                   state_slots=self.recurrent is not None, proposer=proposer)
         self.runner = ModelRunner(loaded, self.kv_cache, cfg.block_size, cfg.lora_backend,
                                   self.cache.slot_ranks, cfg.attention_backend, self.recurrent)
         # a request's Sequences (tuple) to add | Sequence.keys (list) to cancel
@@ -391,7 +398,7 @@ class Engine:
             return False
         self._batch = batch  # for the failure handler
         self._record_batch(batch)
-        sampling = [item.seq for item in batch if item.samples]
+        sampling = [item for item in batch if item.samples]
         scoring = [(item.seq, item.scored_positions) for item in batch if item.scored_positions]
         step_logits = self.runner.run(batch)
         self.scheduler.postprocess(batch)
@@ -399,7 +406,42 @@ class Engine:
             targets = seq.prompt_ids[positions.start + 1:positions.stop + 1]
             seq.prompt_scores += sampler.token_logprobs(
                 scores, targets, [seq.request.sampling.prompt_logprobs] * len(targets))
-        logits = step_logits.sampled  # [len(sampling), vocab]
+        self._sample(sampling, step_logits.sampled)
+        self.steps += 1
+        self.metrics.preemptions.inc(self.scheduler.num_preemptions - self._preemptions_seen)
+        self._preemptions_seen = self.scheduler.num_preemptions
+        return True
+
+    def _sample(self, items: list[ScheduledSeq], logits: torch.Tensor) -> None:
+        """Draw and append each item's next token from logits: [Σ 1 + len(draft), vocab]
+        (runner.StepLogits.sampled). An item with drafts then draws from the row of its
+        first draft, and so on while each draw reproduces the draft it follows: so its
+        tokens are those it would have drawn a step at a time (its generator, penalties and
+        guide see them in order), and the drafts past the first miss are dropped."""
+        rows = list(itertools.accumulate((1 + len(item.draft) for item in items), initial=0))
+        accepted = [0] * len(items)
+        pending = list(range(len(items)))  # items still drawing; each at row accepted[i]
+        while pending:
+            index = [rows[i] + accepted[i] for i in pending]
+            drawn = self._draw([items[i].seq for i in pending],
+                               logits if len(index) == len(logits) else logits[index])
+            pending = [i for i, token in zip(pending, drawn)
+                       if accepted[i] < len(items[i].draft) and token == items[i].draft[accepted[i]]
+                       and items[i].seq.status is not Status.FINISHED]
+            for i in pending:
+                accepted[i] += 1
+        for item, count in zip(items, accepted):
+            if item.draft:
+                self.metrics.draft_tokens.inc(len(item.draft))
+                self.metrics.accepted_draft_tokens.inc(count)
+                if item.seq.status is not Status.FINISHED:
+                    self.scheduler.accept_drafts(item.seq, count)
+
+    def _draw(self, sampling: list[Sequence], logits: torch.Tensor) -> list[int | None]:
+        """Sample and append one token for each of `sampling` from its row of logits:
+        [len(sampling), vocab]; None for a guided sequence that ended instead."""
+        drawn: list[int | None] = [None] * len(sampling)
+        order = list(range(len(sampling)))
         masks = [None] * len(sampling)
         if any(s.guide is not None for s in sampling):
             started = time.perf_counter()
@@ -407,8 +449,8 @@ class Engine:
             self.metrics.guide_mask_time.observe(time.perf_counter() - started)
             kept = [i for i, s in enumerate(sampling) if s.status is not Status.FINISHED]
             if len(kept) < len(sampling):
-                sampling, masks, logits = [sampling[i] for i in kept], \
-                    [masks[i] for i in kept], logits[kept]
+                sampling, masks, logits, order = [sampling[i] for i in kept], \
+                    [masks[i] for i in kept], logits[kept], kept
         if sampling:
             tokens = sampler.sample(logits, [s.request.sampling for s in sampling],
                                     [sampler.RowContext(s.prompt_ids, s.output_ids,
@@ -419,12 +461,10 @@ class Engine:
             logprobs = (sampler.token_logprobs(logits, tokens,
                                                [s.request.sampling.top_logprobs for s in sampling])
                         if any(want) else [None] * len(sampling))
-            for seq, token, lp, w in zip(sampling, tokens, logprobs, want):
+            for i, seq, token, lp, w in zip(order, sampling, tokens, logprobs, want):
                 self._append(seq, token, lp if w else None)
-        self.steps += 1
-        self.metrics.preemptions.inc(self.scheduler.num_preemptions - self._preemptions_seen)
-        self._preemptions_seen = self.scheduler.num_preemptions
-        return True
+                drawn[i] = token
+        return drawn
 
     def _record_batch(self, batch: list[ScheduledSeq]) -> None:
         now = time.monotonic()

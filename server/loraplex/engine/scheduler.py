@@ -26,6 +26,12 @@ A model with linear-attention layers (`state_slots`) keeps a recurrent state per
 sequence: a sequence takes a free state slot as it starts running and gives it back when
 it is preempted or finished; there are max_num_seqs of them, so one is always free.
 
+Speculative decoding (EngineConfig.num_speculative_tokens, a `proposer`): once the batch
+is formed, each decode may add draft tokens (engine/speculation.py) from what is left of
+the token budget and of the free KV blocks, so drafts never keep a sequence waiting nor
+preempt one. After the step the engine keeps the drafts its sampling reproduced
+(`accept_drafts`); the cache entries of the others are overwritten by later steps.
+
 Shadow sequences (mirrored canary traffic, `GenerationRequest.shadow`) yield to
 real work: they are admitted only when no real request is left waiting, and a
 running shadow is the first victim when the KV cache runs out.
@@ -39,6 +45,7 @@ from typing import Protocol
 from loraplex.config import EngineConfig
 from loraplex.engine.kv_cache import BlockAllocator
 from loraplex.engine.sequence import ScheduledSeq, Sequence, Status
+from loraplex.engine.speculation import NgramProposer
 
 
 class SlotProvider(Protocol):
@@ -57,10 +64,11 @@ class SlotProvider(Protocol):
 
 class Scheduler:
     def __init__(self, cfg: EngineConfig, blocks: BlockAllocator, slots: SlotProvider,
-                 state_slots: bool = False):
+                 state_slots: bool = False, proposer: NgramProposer | None = None):
         self.cfg = cfg
         self.blocks = blocks
         self.slots = slots
+        self.proposer = proposer  # drafts for speculative decoding (None: off)
         # free recurrent-state slots (None: the model keeps no state)
         self.free_states = list(range(cfg.max_num_seqs))[::-1] if state_slots else None
         self.waiting: deque[Sequence] = deque()
@@ -88,7 +96,26 @@ class Scheduler:
             batch.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         batch += self._admit(budget)
+        if self.proposer is not None:
+            self._add_drafts(batch)
         return batch
+
+    def _add_drafts(self, batch: list[ScheduledSeq]) -> None:
+        """Give each decode of the formed batch the drafts the proposer finds, as many as
+        the budget left, its max_new_tokens and the free KV blocks allow."""
+        budget = self.cfg.max_batch_tokens - sum(item.num_new for item in batch)
+        for item in batch:
+            seq = item.seq
+            if budget == 0:
+                return
+            if item.num_new != 1 or not item.samples:
+                continue
+            limit = min(budget, seq.request.sampling.max_new_tokens - len(seq.output_ids) - 1)
+            draft = self.proposer.propose(seq, limit)
+            if draft and self.blocks.can_grow(seq.block_table, seq.num_tokens + len(draft)):
+                self.blocks.grow(seq.block_table, seq.num_tokens + len(draft))
+                item.draft, item.num_new = draft, 1 + len(draft)
+                budget -= len(draft)
 
     def _reserve(self, seq: Sequence, num_new: int) -> bool:
         """Grow seq's blocks for num_new tokens, preempting the newest running sequences
@@ -211,9 +238,18 @@ class Scheduler:
         self.num_preemptions += 1
 
     def postprocess(self, batch: list[ScheduledSeq]) -> None:
-        """Account the tokens just computed (the engine appends sampled tokens)."""
+        """Account the tokens just computed (the engine appends sampled tokens, then
+        accepts drafts)."""
         for item in batch:
-            item.seq.num_computed += item.num_new
+            item.seq.num_computed += item.num_known
+        self.blocks.settle()
+
+    def accept_drafts(self, seq: Sequence, accepted: int) -> None:
+        """The step's first `accepted` drafts of seq are its tokens now (appended): their
+        keys and values, computed in the step, count; the full blocks they complete are
+        remembered."""
+        self._remember(seq, accepted)
+        seq.num_computed += accepted
         self.blocks.settle()
 
     def abandon_step(self) -> None:

@@ -50,6 +50,7 @@ class Sequence:
     guide: Any = None  # engine.guide.Guide of a guided request
     guide_state: int = 0  # its automaton's state after the output so far
     bad_words: tuple[tuple[int, ...], ...] = ()  # SamplingParams.bad_words as token ids
+    lookup: bytearray = field(default_factory=bytearray)  # its tokens, for speculation.py
 
     @property
     def request_id(self) -> str:
@@ -117,12 +118,20 @@ class ScheduledSeq:
     """One sequence's share of a step."""
 
     seq: Sequence
-    num_new: int  # tokens of this sequence computed in this step
+    num_new: int  # tokens of this sequence computed in this step, drafts included
+    # speculated tokens after its last known one (engine/speculation.py): the step computes
+    # them too, and the engine keeps those its sampling reproduces
+    draft: tuple[int, ...] = ()
+
+    @property
+    def num_known(self) -> int:
+        """Tokens computed in this step that the sequence holds (all but the drafts)."""
+        return self.num_new - len(self.draft)
 
     @property
     def samples(self) -> bool:
         """True when this step computes the sequence's last known token."""
-        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+        return self.seq.num_computed + self.num_known == self.seq.num_tokens
 
     @property
     def scored_positions(self) -> range:
@@ -132,4 +141,4 @@ class ScheduledSeq:
         if not seq.scores_prompt:
             return range(0)
         start = max(seq.num_computed, len(seq.prompt_scores))
-        return range(start, min(seq.num_computed + self.num_new, len(seq.prompt_ids) - 1))
+        return range(start, min(seq.num_computed + self.num_known, len(seq.prompt_ids) - 1))

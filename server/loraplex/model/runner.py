@@ -3,7 +3,8 @@
 The batch is packed into one row: decodes (one new token each) first, then the
 prefill chunks. Every token carries its position, its KV-cache slot and its
 sequence's LoRA slot. Logits are computed only where a sequence samples
-(the last token of a finished prefill, or a decode) or scores its prompt.
+(the last token of a finished prefill, or a decode, and each of a decode's draft tokens:
+speculative decoding) or scores its prompt. A decode with drafts is packed as a chunk.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from loraplex.model.loader import LoadedModel
 
 @dataclass
 class StepLogits:
-    sampled: torch.Tensor  # [sequences whose `samples` is True, vocab], in batch order
+    # [Σ 1 + len(draft) over the items whose `samples` is True, vocab], in batch order
+    sampled: torch.Tensor
     scored: list[torch.Tensor]  # per item with `scored_positions`, in batch order: [len, vocab]
 
 
@@ -66,7 +68,8 @@ class ModelRunner:
         for item in ordered:
             seq, start = item.seq, item.seq.num_computed
             end = start + item.num_new
-            ids.extend(seq.token_ids(start, end))
+            ids.extend(seq.token_ids(start, start + item.num_known))
+            ids.extend(item.draft)
             positions.extend(range(start, end))
             lora_slots.extend([seq.lora_slot] * item.num_new)
             slot_mapping.extend(self._cache_slots(seq.block_table, start, end))
@@ -79,8 +82,11 @@ class ModelRunner:
                 decode_lens.append(end)
             first_row[id(item)] = offset
             offset += item.num_new
-        # Kept rows follow the caller's batch order, not the packed order.
-        keep = [first_row[id(item)] + item.num_new - 1 for item in batch if item.samples]
+        # Kept rows follow the caller's batch order, not the packed order; a sequence with
+        # drafts keeps the row of its last known token and one per draft.
+        keep = [row for item in batch if item.samples
+                for row in range(first_row[id(item)] + item.num_known - 1,
+                                 first_row[id(item)] + item.num_new)]
         num_sampled, scored_sizes = len(keep), []
         for item in batch:
             scored = item.scored_positions
