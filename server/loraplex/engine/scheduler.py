@@ -30,7 +30,8 @@ Speculative decoding (EngineConfig.num_speculative_tokens, a `proposer`): once t
 is formed, each decode may add draft tokens (engine/speculation.py) from what is left of
 the token budget and of the free KV blocks, so drafts never keep a sequence waiting nor
 preempt one. After the step the engine keeps the drafts its sampling reproduced
-(`accept_drafts`); the cache entries of the others are overwritten by later steps.
+(`accept_drafts`): the blocks only the others used go back, and what they wrote in a
+kept block is overwritten by later steps.
 
 Shadow sequences (mirrored canary traffic, `GenerationRequest.shadow`) yield to
 real work: they are admitted only when no real request is left waiting, and a
@@ -43,7 +44,7 @@ from collections import deque
 from typing import Protocol
 
 from loraplex.config import EngineConfig
-from loraplex.engine.kv_cache import BlockAllocator
+from loraplex.engine.kv_cache import BlockAllocator, blocks_needed
 from loraplex.engine.sequence import ScheduledSeq, Sequence, Status
 from loraplex.engine.speculation import NgramProposer
 
@@ -110,9 +111,11 @@ class Scheduler:
                 return
             if item.num_new != 1 or not item.samples:
                 continue
-            limit = min(budget, seq.request.sampling.max_new_tokens - len(seq.output_ids) - 1)
+            room = (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size
+            limit = min(budget, seq.request.sampling.max_new_tokens - len(seq.output_ids) - 1,
+                        room - seq.num_tokens)
             draft = self.proposer.propose(seq, limit)
-            if draft and self.blocks.can_grow(seq.block_table, seq.num_tokens + len(draft)):
+            if draft:
                 self.blocks.grow(seq.block_table, seq.num_tokens + len(draft))
                 item.draft, item.num_new = draft, 1 + len(draft)
                 budget -= len(draft)
@@ -246,11 +249,17 @@ class Scheduler:
 
     def accept_drafts(self, seq: Sequence, accepted: int) -> None:
         """The step's first `accepted` drafts of seq are its tokens now (appended): their
-        keys and values, computed in the step, count; the full blocks they complete are
-        remembered."""
+        keys and values, computed in the step, count, and the full blocks they complete
+        are remembered. The blocks past its tokens, which only the other drafts used, are
+        given back (drafts take free blocks for one step only)."""
         self._remember(seq, accepted)
         seq.num_computed += accepted
         self.blocks.settle()
+        keep = blocks_needed(seq.num_tokens, self.blocks.block_size)
+        if len(seq.block_table) > keep:
+            tail = seq.block_table[keep:]
+            del seq.block_table[keep:]
+            self.blocks.free(tail)
 
     def abandon_step(self) -> None:
         """The step raised: its blocks may hold anything, so none is found again."""
