@@ -17,7 +17,7 @@ from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.speculation import NgramProposer
 from loraplex.engine.stops import StopStringFilter
-from models import build_base, make_prompts
+from models import FAMILY_SPECS, build_adapters, build_base, make_prompts
 from peft_reference import peft_greedy
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -195,18 +195,25 @@ def test_mixed_batch_with_drafts_equals_peft_alone(tiny_models, adapters):
         assert list(out.token_ids) == tokens, request.adapter or "base"
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma2"])
-def test_drafts_change_no_greedy_token(tiny_models, adapters, arch):
-    """Other families (Gemma 2: sliding windows, soft caps), prefix caching on: the same
-    tokens and logprobs as the same engine without drafts; and a second turn whose prompt
-    holds the first one's output finds the blocks that kept drafts filled."""
-    names = sorted(adapters[arch])[:6]
+@pytest.mark.parametrize("arch,backend", [("qwen3", "auto"), ("gemma2", "auto"),
+                                          ("llama", "sdpa"), ("deepseek_v3_mla", "auto")])
+def test_drafts_change_no_greedy_token(tiny_models, adapters, arch, backend, tmp_path):
+    """Other families (Gemma 2: sliding windows, soft caps; DeepSeek-V3: latent attention),
+    the CPU decode kernel or SDPA, prefix caching on: the same tokens and logprobs as the
+    same engine without drafts; and a second turn whose prompt holds the first one's output
+    finds the blocks that kept drafts filled."""
+    if arch in tiny_models:
+        base, paths = tiny_models[arch], adapters[arch]
+    else:
+        base = build_base(arch, tmp_path / arch)
+        paths = build_adapters(base, tmp_path / "adapters", FAMILY_SPECS["deepseek_v3"])
+    names = sorted(paths)[:6]
     prompts = repetitive_prompts(12, seed=12)
-    requests = [GenerationRequest(p, greedy(30, logprobs=True), adapter=names[i % 6])
+    requests = [GenerationRequest(p, greedy(30, logprobs=True), adapter=names[i % len(names)])
                 for i, p in enumerate(prompts)]
     outs = {}
     for k in (0, 3):
-        engine = build_engine(tiny_models[arch], adapters[arch][names[0]].parent,
+        engine = build_engine(base, paths[names[0]].parent, attention_backend=backend,
                               num_speculative_tokens=k, prompt_lookup_min=1, block_size=4)
         try:
             first = run_all(engine, requests)

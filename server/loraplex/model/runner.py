@@ -4,7 +4,8 @@ The batch is packed into one row: decodes (one new token each) first, then the
 prefill chunks. Every token carries its position, its KV-cache slot and its
 sequence's LoRA slot. Logits are computed only where a sequence samples
 (the last token of a finished prefill, or a decode, and each of a decode's draft tokens:
-speculative decoding) or scores its prompt. A decode with drafts is packed as a chunk.
+speculative decoding) or scores its prompt. A decode with drafts is packed as one decode
+row per token, each attending to the cache up to its own position.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ class ModelRunner:
         """Run one forward pass; returns the logits of the sampling sequences and of the
         prompt positions being scored."""
         # Decodes first, each group sorted by adapter slot: then a slot's tokens usually
-        # sit side by side and the LoRA kernels read them in place (see Segments).
-        decodes = sorted((s for s in batch if s.num_new == 1), key=lambda s: s.seq.lora_slot)
-        prefills = sorted((s for s in batch if s.num_new > 1), key=lambda s: s.seq.lora_slot)
+        # sit side by side and the LoRA kernels read them in place (see Segments). A decode
+        # with drafts is a run of decode rows, each attending up to its own position.
+        decodes = sorted((s for s in batch if s.num_known == 1), key=lambda s: s.seq.lora_slot)
+        prefills = sorted((s for s in batch if s.num_known > 1), key=lambda s: s.seq.lora_slot)
         ordered = decodes + prefills
         device = self.loaded.device
 
@@ -74,12 +76,12 @@ class ModelRunner:
             lora_slots.extend([seq.lora_slot] * item.num_new)
             slot_mapping.extend(self._cache_slots(seq.block_table, start, end))
             table = seq.block_table[:blocks_needed(end, self.block_size)]
-            if item.num_new > 1:
+            if item.num_known > 1:
                 prefill_seqs.append(PrefillSeq(offset, item.num_new, end,
                                                torch.tensor(table, device=device)))
             else:
-                decode_tables.append(table)
-                decode_lens.append(end)
+                decode_tables += [table] * item.num_new
+                decode_lens += range(start + 1, end + 1)
             first_row[id(item)] = offset
             offset += item.num_new
         # Kept rows follow the caller's batch order, not the packed order; a sequence with
