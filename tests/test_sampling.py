@@ -201,3 +201,53 @@ def test_masked_greedy_rows_batched_equal_each_row_alone():
                                         for i in range(1, 6)]
     assert got == want
     assert all(bool(masks[i][got[i]]) for i in range(1, 6))
+
+
+def test_batched_draws_are_each_row_drawn_alone():
+    """Seeded rows of every kind in one batch: temperature alone, top-k, top-p, min-p, their
+    combinations, a penalty; peaked rows (drawn among 256 candidates) and flat ones (whose
+    top-p cut lies past 256 or past 4,096 candidates: the next widths). Each batched token is
+    sample_one's for that row alone, from the same seed."""
+    gen = torch.Generator().manual_seed(1)
+    vocab = 6000
+    logits = torch.randn(48, vocab, generator=gen)
+    logits[::3] *= 8.0  # peaked rows
+    logits[1::6] *= 0.05  # nearly uniform: top-p 0.9 keeps ~5,400 tokens
+    kinds = [dict(), dict(top_k=40), dict(top_p=0.9), dict(min_p=0.05),
+             dict(top_k=300, top_p=0.8), dict(top_p=0.95, min_p=0.02),
+             dict(top_p=0.7, repetition_penalty=1.3), dict(top_k=5000, top_p=0.99)]
+    params = [SamplingParams(temperature=0.5 + 0.1 * (i % 5), **kinds[i % len(kinds)])
+              for i in range(48)]
+    rows = lambda: [RowContext([1, 2], [3], (), torch.Generator().manual_seed(100 + i))  # noqa: E731
+                    for i in range(48)]
+    got = sampler.sample(logits, params, rows())
+    alone = [sampler.sample_one(logits[i], params[i], row) for i, row in enumerate(rows())]
+    assert got == alone
+    assert len(set(got)) > 40  # (the seeds differ: so do the draws)
+
+
+def test_draws_follow_the_kept_distribution():
+    """Top-p 0.75 over probabilities .4 .25 .15 .1 .06 .04 keeps the first three (.4 + .25 <
+    .75 <= .8): they are drawn .4 / .8, .25 / .8, .15 / .8 of the time (4,000 seeded draws,
+    each batched with rows of other kinds)."""
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    logits = torch.stack([probs.log(), torch.randn(6), torch.randn(6)])
+    params = [SamplingParams(temperature=1.0, top_p=0.75), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=2.0, top_k=2)]
+    counts = torch.zeros(6)
+    for seed in range(4000):
+        rows = [_row(torch.Generator().manual_seed(seed)), _row(), _row()]
+        counts[sampler.sample(logits, params, rows)[0]] += 1
+    assert counts[3:].sum() == 0
+    assert torch.allclose(counts[:3] / 4000, probs[:3] / 0.8, atol=0.025)
+    counts = torch.zeros(6)
+    for seed in range(4000):  # temperature alone: every token, as often as its probability
+        counts[sampler.sample(probs.log()[None], [SamplingParams(temperature=1.0)],
+                              [_row(torch.Generator().manual_seed(seed))])[0]] += 1
+    assert torch.allclose(counts / 4000, probs, atol=0.025)
+
+
+def test_inverse_cdf_never_reaches_a_token_of_no_probability():
+    scaled = torch.tensor([[float("-inf"), 1.0, float("-inf"), 2.0, float("-inf")]] * 3)
+    below_one = torch.tensor([0.0, 0.5, 1.0 - 2.0 ** -24])
+    assert sampler._inverse_cdf(scaled, below_one).tolist() == [1, 3, 3]

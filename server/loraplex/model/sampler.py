@@ -89,8 +89,9 @@ def adjusts_besides_mask(params: SamplingParams, row: RowContext) -> bool:
                 or params.allowed_token_ids or row.banned)
 
 
-def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> int:
-    """logits: [V] float32 -> token id."""
+def adjust(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> torch.Tensor:
+    """logits: [V] float32 -> the same after the row's penalties, logit bias, allowed ids,
+    guide mask and bans (what comes before the choice, greedy or sampled)."""
     if params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, row.prompt + row.output,
                                           params.repetition_penalty)
@@ -109,21 +110,107 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) ->
                                    float("-inf"))
         if not torch.isfinite(logits).any():
             logits = unbanned  # (a guide or allowed ids with no other way on win over bans)
+    return logits
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> int:
+    """logits: [V] float32 -> token id: the definition that `sample` computes in batches.
+    A draw takes one uniform u from the row's generator (a seed's, else torch's) and picks
+    the token at which the cumulative probability passes u: over the kept tokens likeliest
+    first where top-k, top-p or min-p truncate, else over all of them in id order."""
+    logits = adjust(logits, params, row)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    scaled = logits / params.temperature
+    u = _uniforms([row.generator], logits.device)
+    if not _truncates(params):
+        return int(_inverse_cdf(scaled[None], u)[0])
+    scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
     if params.min_p:
-        logits = filter_min_p(logits, params.min_p)
-    probs = logits.softmax(-1)
-    generator = row.generator
-    if generator is not None and generator.device != probs.device:
-        probs = probs.to(generator.device)  # a seed's (CPU) generator draws on its device
-    return int(torch.multinomial(probs, 1, generator=generator))
+        scaled = filter_min_p(scaled, params.min_p)
+    values, ids = scaled.sort(descending=True)
+    return int(ids[_inverse_cdf(values[None], u)[0]])
+
+
+def _uniforms(generators: list, device: torch.device) -> torch.Tensor:
+    """[R] uniforms in [0, 1): a seeded row's from its own generator (one a draw, whatever
+    else is batched), the others' from torch's."""
+    u = torch.rand(len(generators), device=device)
+    for j, g in enumerate(generators):
+        if g is not None:
+            u[j] = torch.rand(1, device=g.device, generator=g).to(device)[0]
+    return u
+
+
+def _inverse_cdf(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """scaled: [R, W] logits (-inf: never) -> [R] the index where each row's cumulative
+    softmax passes u: [R] (a fraction of the row's total, kept below it: so the index is
+    never past the last token of a positive probability)."""
+    cdf = scaled.softmax(-1).cumsum(-1)  # [R, W], nondecreasing
+    total = cdf[:, -1:]  # [R, 1]
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
+
+
+# A truncated row (top-k, top-p or min-p) is drawn among its likeliest tokens, found by one
+# topk of the first width in CANDIDATES that holds its kept tokens (its top_k when larger),
+# not by a sort of the vocabulary; a row whose top-p or min-p cut lies further down goes to
+# the next width, the last being the whole vocabulary. The kept tokens, their order and u
+# do not depend on the width, so neither does the token.
+CANDIDATES = (256, 4096)
+
+
+def _draw_truncated(scaled: torch.Tensor, params: list[SamplingParams],
+                    u: torch.Tensor) -> list[int]:
+    """scaled: [T, V] logits / temperature of rows with top-k, top-p or min-p; u: [T] ->
+    a token each."""
+    vocab = scaled.shape[-1]
+    tokens: list[int | None] = [None] * len(params)
+    rows = list(range(len(params)))
+    for tier in (*CANDIDATES, vocab):
+        widths = [min(vocab, max(tier, params[r].top_k)) for r in rows]  # each row's own
+        picks, complete = _truncated_at(scaled[rows], [params[r] for r in rows], u[rows],
+                                        widths)
+        for r, token, ok in zip(rows, picks, complete):
+            if ok or tier >= vocab:
+                tokens[r] = token
+        rows = [r for r in rows if tokens[r] is None]
+        if not rows:
+            break
+    return tokens
+
+
+def _truncated_at(scaled: torch.Tensor, params: list[SamplingParams], u: torch.Tensor,
+                  widths: list[int]) -> tuple[list[int], list[bool]]:
+    """The draw of each row among its widths[r] likeliest tokens, and whether its kept
+    tokens are all among them (else the pick is not to be used)."""
+    device = scaled.device
+    values, ids = scaled.topk(max(widths), dim=-1)  # [T, C] descending
+    col = torch.arange(values.shape[-1], device=device)  # [C]
+    width = torch.tensor(widths, device=device)  # [T]
+    has_k = torch.tensor([bool(p.top_k) for p in params], device=device)  # [T]
+    k = torch.where(has_k, torch.tensor([p.top_k for p in params], device=device), width)
+    keep = col < k[:, None]  # [T, C]: top-k, or the row's candidates
+    # top-p over the distribution top-k leaves (the whole row's without top-k)
+    lse = torch.where(has_k, values.masked_fill(~keep, float("-inf")).logsumexp(-1),
+                      scaled.logsumexp(-1))  # [T]
+    probs = (values - lse[:, None]).exp().masked_fill(~keep, 0.0)  # [T, C]
+    before = probs.cumsum(-1) - probs  # [T, C] the mass of the likelier candidates
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]  # [T, 1]
+    keep &= before < top_p
+    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]  # [T, 1]
+    floor = values[:, :1] + min_p.log()  # [T, 1] (log 0 = -inf: no cut)
+    keep &= values >= floor
+    last = (width - 1)[:, None]  # [T, 1] each row's last candidate
+    complete = (has_k | (width == scaled.shape[-1]) | (before.gather(1, last) >= top_p)[:, 0]
+                | (values.gather(1, last) < floor)[:, 0])  # [T]: the cut lies within
+    picked = _inverse_cdf(values.masked_fill(~keep, float("-inf")), u)  # [T]
+    return ids.gather(1, picked[:, None])[:, 0].tolist(), complete.tolist()
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], rows: list[RowContext]
            ) -> list[int]:
-    """logits: [N, V] -> one token id per row."""
+    """logits: [N, V] -> one token id per row (each as sample_one would pick it)."""
     logits = logits.float()
     tokens = torch.argmax(logits, dim=-1).tolist()  # greedy for every row, then fix the others
     # greedy rows whose only adjustment is a guide's mask: one masked argmax for them all
@@ -135,10 +222,36 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], rows: list[RowCon
         for i, token in zip(masked, picked.tolist()):
             tokens[i] = token
     done = set(masked)
-    for i, (p, row) in enumerate(zip(params, rows)):
-        if adjusts(p, row) and i not in done:
-            tokens[i] = sample_one(logits[i], p, row)
+    adjusted = [i for i, (p, row) in enumerate(zip(params, rows)) if adjusts(p, row)
+                and i not in done]
+    if not adjusted:
+        return tokens
+    chosen = torch.stack([adjust(logits[i], params[i], rows[i]) for i in adjusted])  # [A, V]
+    for i, token in zip(adjusted, chosen.argmax(-1).tolist()):
+        tokens[i] = token  # (the greedy ones keep it)
+    drawn = [j for j, i in enumerate(adjusted) if params[i].temperature != 0.0]
+    if not drawn:
+        return tokens
+    ids = [adjusted[j] for j in drawn]  # the rows drawn, in batch order
+    temperature = torch.tensor([params[i].temperature for i in ids],
+                               device=logits.device)[:, None]  # [D, 1]
+    scaled = chosen[drawn] / temperature  # [D, V]
+    u = _uniforms([rows[i].generator for i in ids], logits.device)  # [D]
+    truncated = [d for d, i in enumerate(ids) if _truncates(params[i])]
+    whole = [d for d, i in enumerate(ids) if not _truncates(params[i])]
+    if whole:  # temperature alone: over each whole row
+        for d, token in zip(whole, _inverse_cdf(scaled[whole], u[whole]).tolist()):
+            tokens[ids[d]] = token
+    if truncated:
+        picks = _draw_truncated(scaled[truncated], [params[ids[d]] for d in truncated],
+                                u[truncated])
+        for d, token in zip(truncated, picks):
+            tokens[ids[d]] = token
     return tokens
+
+
+def _truncates(params: SamplingParams) -> bool:
+    return bool(params.top_k or params.top_p < 1.0 or params.min_p)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[TokenLogprob]:
