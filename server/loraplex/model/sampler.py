@@ -1,12 +1,13 @@
 """Pick each sequence's next token from its logits, with its own sampling parameters.
 
 Greedy rows with nothing to adjust are decided together with one argmax, and greedy rows
-whose only adjustment is a guide's mask with one masked argmax. The others go one by
-one: the penalties (repetition, presence, frequency), the logit bias, the allowed ids or
-the guide's mask and the banned tokens (stops before min_tokens, bad words), then for
-sampled rows temperature, top-k, top-p, min-p and a draw from the request's own
-generator, so a seed makes a request reproducible whatever else is batched with it.
-Log-probabilities are those of the model's raw distribution."""
+whose only adjustment is a guide's mask with one masked argmax. The others get, one by
+one, the penalties (repetition, presence, frequency), the logit bias, the allowed ids or
+the guide's mask and the banned tokens (stops before min_tokens, bad words); then the
+sampled ones are drawn together (temperature, top-k, top-p, min-p; see sample_one, the
+definition), each with one uniform from the request's own generator, so a seed makes a
+request reproducible whatever else is batched with it. Log-probabilities are those of the
+model's raw distribution."""
 
 from __future__ import annotations
 
