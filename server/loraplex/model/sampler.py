@@ -166,11 +166,14 @@ def _draw_truncated(scaled: torch.Tensor, params: list[SamplingParams],
     """scaled: [T, V] logits / temperature of rows with top-k, top-p or min-p; u: [T] ->
     a token each."""
     vocab = scaled.shape[-1]
+    full_lse = scaled.logsumexp(-1)  # [T] (top-p's normalizer of the rows without top-k)
     tokens: list[int | None] = [None] * len(params)
     rows = list(range(len(params)))
     for tier in (*CANDIDATES, vocab):
         widths = [min(vocab, max(tier, params[r].top_k)) for r in rows]  # each row's own
-        picks, complete = _truncated_at(scaled[rows], [params[r] for r in rows], u[rows],
+        every = len(rows) == len(params)  # (then no copy of the rows)
+        picks, complete = _truncated_at(scaled if every else scaled[rows],
+                                        [params[r] for r in rows], u[rows], full_lse[rows],
                                         widths)
         for r, token, ok in zip(rows, picks, complete):
             if ok or tier >= vocab:
@@ -182,7 +185,7 @@ def _draw_truncated(scaled: torch.Tensor, params: list[SamplingParams],
 
 
 def _truncated_at(scaled: torch.Tensor, params: list[SamplingParams], u: torch.Tensor,
-                  widths: list[int]) -> tuple[list[int], list[bool]]:
+                  full_lse: torch.Tensor, widths: list[int]) -> tuple[list[int], list[bool]]:
     """The draw of each row among its widths[r] likeliest tokens, and whether its kept
     tokens are all among them (else the pick is not to be used)."""
     device = scaled.device
@@ -194,7 +197,7 @@ def _truncated_at(scaled: torch.Tensor, params: list[SamplingParams], u: torch.T
     keep = col < k[:, None]  # [T, C]: top-k, or the row's candidates
     # top-p over the distribution top-k leaves (the whole row's without top-k)
     lse = torch.where(has_k, values.masked_fill(~keep, float("-inf")).logsumexp(-1),
-                      scaled.logsumexp(-1))  # [T]
+                      full_lse)  # [T]
     probs = (values - lse[:, None]).exp().masked_fill(~keep, 0.0)  # [T, C]
     before = probs.cumsum(-1) - probs  # [T, C] the mass of the likelier candidates
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]  # [T, 1]
