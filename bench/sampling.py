@@ -25,7 +25,11 @@ KINDS = {"temperature 0.7": dict(temperature=0.7),
          "+ top-p 0.9": dict(temperature=0.7, top_p=0.9),
          "+ top-k 50": dict(temperature=0.7, top_k=50),
          "+ top-p 0.9, repetition 1.1": dict(temperature=0.7, top_p=0.9,
-                                             repetition_penalty=1.1)}
+                                             repetition_penalty=1.1),
+         "+ top-p 0.9, frequency 0.5, presence 0.5": dict(temperature=0.7, top_p=0.9,
+                                                          frequency_penalty=0.5,
+                                                          presence_penalty=0.5),
+         "greedy, repetition 1.1": dict(repetition_penalty=1.1)}
 
 
 def logits_of(shape: str, rows: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--seen", type=int, nargs=2, default=[512, 128], metavar=("PROMPT", "OUTPUT"),
+                    help="each row's prompt and output lengths (what the penalties read)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -62,11 +68,14 @@ def main(argv: list[str] | None = None) -> None:
         for vocab in args.vocab:
             for n in args.rows:
                 logits = logits_of(shape, n, vocab, gen)
+                seen = [(torch.randint(0, vocab, (args.seen[0],), generator=gen).tolist(),
+                         torch.randint(0, vocab, (args.seen[1],), generator=gen).tolist())
+                        for _ in range(n)]
                 for name, kind in KINDS.items():
                     params = [SamplingParams(**kind)] * n
 
                     def rows():
-                        return [sampler.RowContext(list(range(64)), list(range(16)), (),
+                        return [sampler.RowContext(seen[i][0], seen[i][1], (),
                                                    torch.Generator().manual_seed(i))
                                 for i in range(n)]
 

@@ -226,6 +226,38 @@ def test_batched_draws_are_each_row_drawn_alone():
     assert len(set(got)) > 40  # (the seeds differ: so do the draws)
 
 
+def test_batched_penalties_are_each_row_penalized_alone():
+    """Repetition, presence and frequency penalties, alone and together, greedy and drawn,
+    beside plain rows and rows with a logit bias or bans: prompts and outputs that repeat
+    tokens and share them between the two, an empty output. Each batched token is
+    sample_one's for that row alone (the same arithmetic: the same token, not a near one)."""
+    gen = torch.Generator().manual_seed(2)
+    vocab, n = 500, 40
+    logits = torch.randn(n, vocab, generator=gen)
+    kinds = [dict(repetition_penalty=1.3), dict(repetition_penalty=0.8),
+             dict(frequency_penalty=0.7), dict(presence_penalty=1.5),
+             dict(frequency_penalty=-0.4, presence_penalty=0.9, repetition_penalty=1.2),
+             dict(), dict(logit_bias=((7, 5.0),)), dict(repetition_penalty=1.5, top_p=0.8)]
+    params = [SamplingParams(temperature=0.0 if i % 3 else 0.9, **kinds[i % len(kinds)])
+              for i in range(n)]
+
+    def rows():
+        out = []
+        for i in range(n):
+            g = torch.Generator().manual_seed(i)
+            prompt = torch.randint(0, vocab // 4, (30 + i,), generator=g).tolist()
+            output = [] if i % 7 == 4 else torch.randint(0, vocab // 4, (i,), generator=g).tolist()
+            out.append(RowContext(prompt, output, (3, 4) if i % 5 == 0 else (),
+                                  torch.Generator().manual_seed(50 + i)))
+        return out
+    got = sampler.sample(logits, params, rows())
+    alone = [sampler.sample_one(logits[i], params[i], row) for i, row in enumerate(rows())]
+    assert got == alone
+    unpenalized = sampler.sample(logits, [SamplingParams(temperature=p.temperature,
+                                                         top_p=p.top_p) for p in params], rows())
+    assert sum(a != b for a, b in zip(got, unpenalized)) > n // 3  # (the penalties tell)
+
+
 def test_draws_follow_the_kept_distribution():
     """Top-p 0.75 over probabilities .4 .25 .15 .1 .06 .04 keeps the first three (.4 + .25 <
     .75 <= .8): they are drawn .4 / .8, .25 / .8, .15 / .8 of the time (4,000 seeded draws,

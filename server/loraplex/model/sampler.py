@@ -1,16 +1,17 @@
 """Pick each sequence's next token from its logits, with its own sampling parameters.
 
 Greedy rows with nothing to adjust are decided together with one argmax, and greedy rows
-whose only adjustment is a guide's mask with one masked argmax. The others get, one by
-one, the penalties (repetition, presence, frequency), the logit bias, the allowed ids or
-the guide's mask and the banned tokens (stops before min_tokens, bad words); then the
-sampled ones are drawn together (temperature, top-k, top-p, min-p; see sample_one, the
-definition), each with one uniform from the request's own generator, so a seed makes a
-request reproducible whatever else is batched with it. Log-probabilities are those of the
-model's raw distribution."""
+whose only adjustment is a guide's mask with one masked argmax. The others get the
+penalties (repetition, presence, frequency) all together, then one by one the logit bias,
+the allowed ids or the guide's mask and the banned tokens (stops before min_tokens, bad
+words); then the sampled ones are drawn together (temperature, top-k, top-p, min-p; see
+sample_one, the definition), each with one uniform from the request's own generator, so a
+seed makes a request reproducible whatever else is batched with it. Log-probabilities are
+those of the model's raw distribution."""
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 
 import torch
@@ -96,9 +97,15 @@ def adjust(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> tor
     if params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, row.prompt + row.output,
                                           params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and row.output:
+    if _penalizes_output(params, row):
         logits = apply_presence_frequency(logits, row.output, params.presence_penalty,
                                           params.frequency_penalty)
+    return restrict(logits, params, row)
+
+
+def restrict(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> torch.Tensor:
+    """logits: [V] -> the same after the logit bias, allowed ids, guide mask and bans (what
+    `adjust` does after the penalties)."""
     if params.logit_bias:
         logits = apply_logit_bias(logits, params.logit_bias)
     if params.allowed_token_ids:
@@ -112,6 +119,52 @@ def adjust(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> tor
         if not torch.isfinite(logits).any():
             logits = unbanned  # (a guide or allowed ids with no other way on win over bans)
     return logits
+
+
+def _penalizes_output(params: SamplingParams, row: RowContext) -> bool:
+    return bool((params.presence_penalty or params.frequency_penalty) and row.output)
+
+
+def _penalize(chosen: torch.Tensor, params: list[SamplingParams], rows: list[RowContext]
+              ) -> None:
+    """chosen: [A, V] logits of the rows `params` / `rows` describe, penalized in place as
+    `adjust` penalizes each alone (the same arithmetic), every row at once: one gather and
+    one scatter over the flat positions row * V + token of the tokens each row has seen."""
+    vocab = chosen.shape[-1]
+    flat = chosen.view(-1)  # [A * V] (chosen is a fresh copy: contiguous)
+    rep = [j for j, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if rep:
+        # [S] (a token seen twice is written twice, with the same value: no unique needed)
+        where = _flat_positions([(rows[j].prompt, rows[j].output) for j in rep], rep, vocab,
+                                chosen.device)
+        penalty = torch.tensor([p.repetition_penalty for p in params],
+                               device=chosen.device)[where // vocab]  # [S]
+        picked = flat[where]  # [S]
+        flat[where] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    counted = [j for j, (p, row) in enumerate(zip(params, rows)) if _penalizes_output(p, row)]
+    if counted:
+        where, counts = _flat_positions([(rows[j].output,) for j in counted], counted, vocab,
+                                        chosen.device).unique(return_counts=True)  # [S] each
+        row_of = where // vocab  # [S]
+        frequency = torch.tensor([p.frequency_penalty for p in params],
+                                 device=chosen.device)[row_of]  # [S]
+        presence = torch.tensor([p.presence_penalty for p in params],
+                                device=chosen.device)[row_of]  # [S]
+        flat[where] = flat[where] - frequency * counts.to(chosen.dtype) - presence
+
+
+def _flat_positions(tokens: list[tuple[list[int], ...]], at: list[int], vocab: int,
+                    device: torch.device) -> torch.Tensor:
+    """[sum of lengths] row * vocab + token for every token of each tokens[i] (a tuple of
+    lists: prompt, output), row = at[i]."""
+    ids = array.array("q")  # (3x faster than torch.tensor of a list, for 20k tokens)
+    for lists in tokens:
+        for some in lists:
+            ids.extend(some)
+    lengths = torch.tensor([sum(map(len, lists)) for lists in tokens], device=device)  # [R]
+    offsets = torch.tensor(at, dtype=torch.long, device=device) * vocab  # [R]
+    flat = torch.frombuffer(ids, dtype=torch.long) if ids else torch.zeros(0, dtype=torch.long)
+    return flat.to(device) + offsets.repeat_interleave(lengths)
 
 
 def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> int:
@@ -224,12 +277,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], rows: list[RowCon
                 if adjusts_besides_mask(p, row)]
     plain = [i for i, (p, row) in enumerate(zip(params, rows)) if not adjusts(p, row)]
     if plain:  # greedy rows with nothing to adjust: one argmax
-        picked = logits if len(plain) == len(params) else logits[plain]
+        picked = _take(logits, plain)
         for i, token in zip(plain, picked.argmax(-1).tolist()):
             tokens[i] = token
     if masked:
         masks = torch.stack([rows[i].mask for i in masked]).to(logits.device)  # [M, V]
-        picked = logits[masked].masked_fill(~masks, float("-inf")).argmax(-1)  # [M]
+        picked = _take(logits, masked).masked_fill(~masks, float("-inf")).argmax(-1)  # [M]
         for i, token in zip(masked, picked.tolist()):
             tokens[i] = token
     if adjusted:
@@ -241,16 +294,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], rows: list[RowCon
 def _adjusted(logits: torch.Tensor, params: list[SamplingParams], rows: list[RowContext],
               adjusted: list[int]) -> list[int]:
     """The tokens of the rows at `adjusted` (penalties and the like, or a temperature)."""
-    chosen = logits[adjusted]  # [A, V] (a copy; torch.stack of rows is 20x slower)
+    # [A, V] a copy (torch.stack of rows is 20x slower, indexing with a list 3x)
+    chosen = logits.clone() if len(adjusted) == len(logits) else _take(logits, adjusted)
+    _penalize(chosen, [params[i] for i in adjusted], [rows[i] for i in adjusted])
     for j, i in enumerate(adjusted):
         row = chosen[j]
-        out = adjust(row, params[i], rows[i])
+        out = restrict(row, params[i], rows[i])
         if out is not row:
             row.copy_(out)
     tokens = [0] * len(adjusted)
     greedy = [j for j, i in enumerate(adjusted) if params[i].temperature == 0.0]
     if greedy:
-        for j, token in zip(greedy, chosen[greedy].argmax(-1).tolist()):
+        for j, token in zip(greedy, _take(chosen, greedy).argmax(-1).tolist()):
             tokens[j] = token
     drawn = [j for j, i in enumerate(adjusted) if params[i].temperature != 0.0]
     if not drawn:
@@ -258,20 +313,27 @@ def _adjusted(logits: torch.Tensor, params: list[SamplingParams], rows: list[Row
     ids = [adjusted[j] for j in drawn]  # the rows drawn, in batch order
     temperature = torch.tensor([params[i].temperature for i in ids],
                                device=logits.device)[:, None]  # [D, 1]
-    scaled = (chosen if len(drawn) == len(adjusted) else chosen[drawn]).div_(temperature)
+    scaled = _take(chosen, drawn).div_(temperature)
     u = _uniforms([rows[i].generator for i in ids], logits.device)  # [D]
     truncated = [d for d, i in enumerate(ids) if _truncates(params[i])]
     whole = [d for d, i in enumerate(ids) if not _truncates(params[i])]
     if whole:  # temperature alone: over each whole row
-        rows_whole = scaled if len(whole) == len(drawn) else scaled[whole]
+        rows_whole = _take(scaled, whole)
         for d, token in zip(whole, _inverse_cdf(rows_whole, u[whole]).tolist()):
             tokens[drawn[d]] = token
     if truncated:
-        picks = _draw_truncated(scaled[truncated], [params[ids[d]] for d in truncated],
+        picks = _draw_truncated(_take(scaled, truncated), [params[ids[d]] for d in truncated],
                                 u[truncated])
         for d, token in zip(truncated, picks):
             tokens[drawn[d]] = token
     return tokens
+
+
+def _take(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """t: [R, ...] -> its rows at `index` (t itself when they are all of them, in order)."""
+    if len(index) == len(t):
+        return t
+    return t.index_select(0, torch.tensor(index, device=t.device))
 
 
 def _truncates(params: SamplingParams) -> bool:
