@@ -12,6 +12,7 @@ those of the model's raw distribution."""
 from __future__ import annotations
 
 import array
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,23 +62,30 @@ def keep_only(logits: torch.Tensor, allowed: tuple[int, ...]) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).index_copy(0, idx, logits[idx])
 
 
-def filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """logits: [V] -> the same with tokens less likely than min_p x the likeliest at -inf."""
-    probs = logits.softmax(-1)
-    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+# Both forms of a draw (sample_one and the batched one) compute the same float32 numbers
+# for a row's likeliest tokens, whatever its neighbours, the width it is drawn at or the
+# threads: unnormalized weights exp(logit - the row's max) and their running sums, which
+# torch sums along the row one after another (in float64 on the CPU), never a reduction
+# whose order depends on the batch. A float32 softmax's normalizer did: its rounding moved
+# the top-p cut by a token for about one flat row in a few hundred.
+
+def _weights(logits: torch.Tensor) -> torch.Tensor:
+    """[R, W] logits (-inf: never) -> [R, W] exp(logit - the row's max): 0 for never."""
+    return (logits - logits.amax(-1, keepdim=True)).exp_()
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits: [V] -> same with excluded tokens at -inf."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+def _before(cumulative: torch.Tensor) -> torch.Tensor:
+    """[R, W] running sums -> [R, W] the sum of the weights before each column."""
+    return torch.nn.functional.pad(cumulative[:, :-1], (1, 0))
+
+
+def _mass(logits: torch.Tensor) -> torch.Tensor:
+    """[R, V] logits in id order -> [R] their weights' sum (top-p's total without top-k)."""
+    return _weights(logits).cumsum(-1)[:, -1]
+
+
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def adjusts(params: SamplingParams, row: RowContext) -> bool:
@@ -170,20 +178,31 @@ def _flat_positions(tokens: list[tuple[list[int], ...]], at: list[int], vocab: i
 def sample_one(logits: torch.Tensor, params: SamplingParams, row: RowContext) -> int:
     """logits: [V] float32 -> token id: the definition that `sample` computes in batches.
     A draw takes one uniform u from the row's generator (a seed's, else torch's) and picks
-    the token at which the cumulative probability passes u: over the kept tokens likeliest
-    first where top-k, top-p or min-p truncate, else over all of them in id order."""
+    the token at which the running sum of weights (unnormalized probabilities) passes u x
+    their total: over all tokens in id order for temperature alone, else over the kept
+    tokens likeliest first. Kept: the top_k likeliest; of those, the smallest prefix
+    reaching top_p of their mass (of the whole row's without top-k); of those, the ones at
+    least min_p x as likely as the likeliest (see _weights for the arithmetic both share)."""
     logits = adjust(logits, params, row)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    scaled = logits / params.temperature
-    u = _uniforms([row.generator], logits.device)
+    scaled = logits[None] / params.temperature  # [1, V]
+    u = _uniforms([row.generator], logits.device)  # [1]
     if not _truncates(params):
-        return int(_inverse_cdf(scaled[None], u)[0])
-    scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
+        return int(_inverse_cdf(scaled, u)[0])
+    values, ids = scaled.sort(descending=True)  # [1, V] each
+    weights = _weights(values)  # [1, V]
+    k = min(params.top_k or values.shape[-1], values.shape[-1])
+    weights[:, k:] = 0.0
+    cumulative = weights.cumsum(-1)  # [1, V]
+    keep = torch.arange(values.shape[-1], device=values.device)[None] < k  # [1, V]
+    if params.top_p < 1.0:
+        mass = cumulative[:, k - 1] if params.top_k else _mass(scaled)  # [1]
+        keep &= _before(cumulative) < _floats([params.top_p], mass.device) * mass
     if params.min_p:
-        scaled = filter_min_p(scaled, params.min_p)
-    values, ids = scaled.sort(descending=True)
-    return int(ids[_inverse_cdf(values[None], u)[0]])
+        keep &= values >= values[:, :1] + _floats([math.log(params.min_p)], values.device)
+    kept = int(keep.sum())  # >= 1: the likeliest is always kept
+    return int(ids[0, _index_at(cumulative, cumulative[:, kept - 1:kept], u)[0]])
 
 
 def _uniforms(generators: list, device: torch.device) -> torch.Tensor:
@@ -197,13 +216,18 @@ def _uniforms(generators: list, device: torch.device) -> torch.Tensor:
 
 
 def _inverse_cdf(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """scaled: [R, W] logits (-inf: never) -> [R] the index where each row's cumulative
-    softmax passes u: [R] (a fraction of the row's total, kept below it: so the index is
-    never past the last token of a positive probability)."""
-    cdf = scaled.softmax(-1).cumsum(-1)  # [R, W], nondecreasing
-    total = cdf[:, -1:]  # [R, 1]
+    """scaled: [R, W] logits (-inf: never) -> [R] the index where each row's running sum of
+    weights passes u: [R] x its total (kept below it: so the index is never past the last
+    token of a positive weight)."""
+    cumulative = _weights(scaled).cumsum(-1)  # [R, W]
+    return _index_at(cumulative, cumulative[:, -1:], u)
+
+
+def _index_at(cumulative: torch.Tensor, total: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """cumulative: [R, W] running sums of weights, total: [R, 1] one of them, u: [R] in
+    [0, 1) -> [R] the first index whose sum exceeds u x total (so at or before total's)."""
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+    return torch.searchsorted(cumulative, target, right=True)[:, 0]
 
 
 # A truncated row (top-k, top-p or min-p) is drawn among its likeliest tokens, found by one
@@ -219,15 +243,16 @@ def _draw_truncated(scaled: torch.Tensor, params: list[SamplingParams],
     """scaled: [T, V] logits / temperature of rows with top-k, top-p or min-p; u: [T] ->
     a token each."""
     vocab = scaled.shape[-1]
-    full_lse = scaled.logsumexp(-1)  # [T] (top-p's normalizer of the rows without top-k)
+    whole = [t for t, p in enumerate(params) if p.top_p < 1.0 and not p.top_k]
+    mass = torch.zeros(len(params), device=scaled.device)  # [T] top-p's, without top-k
+    if whole:
+        mass[whole] = _mass(_take(scaled, whole))
     tokens: list[int | None] = [None] * len(params)
     rows = list(range(len(params)))
     for tier in (*CANDIDATES, vocab):
         widths = [min(vocab, max(tier, params[r].top_k)) for r in rows]  # each row's own
-        every = len(rows) == len(params)  # (then no copy of the rows)
-        picks, complete = _truncated_at(scaled if every else scaled[rows],
-                                        [params[r] for r in rows], u[rows], full_lse[rows],
-                                        widths)
+        picks, complete = _truncated_at(_take(scaled, rows), [params[r] for r in rows],
+                                        u[rows], mass[rows], widths)
         for r, token, ok in zip(rows, picks, complete):
             if ok or tier >= vocab:
                 tokens[r] = token
@@ -238,30 +263,33 @@ def _draw_truncated(scaled: torch.Tensor, params: list[SamplingParams],
 
 
 def _truncated_at(scaled: torch.Tensor, params: list[SamplingParams], u: torch.Tensor,
-                  full_lse: torch.Tensor, widths: list[int]) -> tuple[list[int], list[bool]]:
+                  mass: torch.Tensor, widths: list[int]) -> tuple[list[int], list[bool]]:
     """The draw of each row among its widths[r] likeliest tokens, and whether its kept
-    tokens are all among them (else the pick is not to be used)."""
+    tokens are all among them (else the pick is not to be used). The kept tokens are a
+    prefix of the candidates (top-k, top-p and min-p each cut the likeliest-first order),
+    so the draw reads the candidates' running sums up to the last kept one."""
     device = scaled.device
     values, ids = scaled.topk(max(widths), dim=-1)  # [T, C] descending
     col = torch.arange(values.shape[-1], device=device)  # [C]
     width = torch.tensor(widths, device=device)  # [T]
     has_k = torch.tensor([bool(p.top_k) for p in params], device=device)  # [T]
-    k = torch.where(has_k, torch.tensor([p.top_k for p in params], device=device), width)
+    k = torch.where(has_k, torch.tensor([p.top_k for p in params], device=device).minimum(width),
+                    width)  # [T]
     keep = col < k[:, None]  # [T, C]: top-k, or the row's candidates
-    # top-p over the distribution top-k leaves (the whole row's without top-k)
-    lse = torch.where(has_k, values.masked_fill(~keep, float("-inf")).logsumexp(-1),
-                      full_lse)  # [T]
-    probs = (values - lse[:, None]).exp().masked_fill(~keep, 0.0)  # [T, C]
-    before = probs.cumsum(-1) - probs  # [T, C] the mass of the likelier candidates
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]  # [T, 1]
-    keep &= before < top_p
-    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]  # [T, 1]
-    floor = values[:, :1] + min_p.log()  # [T, 1] (log 0 = -inf: no cut)
+    cumulative = _weights(values).masked_fill_(~keep, 0.0).cumsum(-1)  # [T, C]
+    before = _before(cumulative)  # [T, C] the weight of the likelier candidates
+    mass = torch.where(has_k, cumulative.gather(1, (k - 1)[:, None])[:, 0], mass)  # [T]
+    top_p = _floats([p.top_p for p in params], device)  # [T]
+    cut = torch.where(top_p < 1.0, top_p * mass, math.inf)  # [T] (1: no cut)
+    keep &= before < cut[:, None]
+    floor = values[:, :1] + _floats([math.log(p.min_p) if p.min_p else -math.inf
+                                     for p in params], device)[:, None]  # [T, 1]
     keep &= values >= floor
     last = (width - 1)[:, None]  # [T, 1] each row's last candidate
-    complete = (has_k | (width == scaled.shape[-1]) | (before.gather(1, last) >= top_p)[:, 0]
+    complete = (has_k | (width == scaled.shape[-1]) | (before.gather(1, last)[:, 0] >= cut)
                 | (values.gather(1, last) < floor)[:, 0])  # [T]: the cut lies within
-    picked = _inverse_cdf(values.masked_fill(~keep, float("-inf")), u)  # [T]
+    kept = keep.sum(-1)  # [T] >= 1 (the likeliest is always kept)
+    picked = _index_at(cumulative, cumulative.gather(1, (kept - 1)[:, None]), u)  # [T]
     return ids.gather(1, picked[:, None])[:, 0].tolist(), complete.tolist()
 
 
