@@ -445,9 +445,13 @@ def test_auto_tool_choice_reads_hermes_blocks_out_of_the_text(api, grpc_client):
     [call] = _calls(choice.message)
     assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] in ("Paris",
                                                                                       "Rome")
-    content, calls = _streamed_calls(api.chat.completions.create(**body, stream=True))
+    chunks = list(api.chat.completions.create(**body, stream=True))
+    content, calls = _streamed_calls(chunks)
     assert content == "Sure." and [(c["name"], c["arguments"]) for c in calls] == [
         (call["name"], call["arguments"])]
+    pieces = [d.function.arguments for c in chunks for d in c.choices[0].delta.tool_calls or ()
+              if d.function.arguments]
+    assert len(pieces) > 2  # (the arguments streamed as written, not at the block's end)
     free = api.chat.completions.create(model="alpha", messages=MESSAGES, tools=TOOLS,
                                        max_tokens=12, temperature=0)  # (no block: all content)
     ref = grpc_client.generate(messages=MESSAGES, tools=TOOLS, adapter="alpha", max_new_tokens=12)

@@ -159,6 +159,54 @@ def test_hermes_blocks_are_calls_and_the_rest_is_content():
     assert auto.new_parser().finish_reason("stop") == "stop"  # (no call made)
 
 
+def test_hermes_streams_arguments_as_they_are_written():
+    """Once a block shows {"name": ..., "arguments": {, its call begins (id and name) and
+    its arguments follow piece by piece, the model's text as written (spacing, nesting,
+    braces and quotes in strings), before the block is closed."""
+    auto = plan([WEATHER], None, None, "hermes")
+    parser = auto.new_parser()
+    assert parser.feed('Sure. <tool_call>\n{"name": "get_weather", "argu') == ["Sure."]
+    first = parser.feed('ments": {"city":')
+    assert [(p.index, p.name, p.arguments) for p in first] == [(0, "get_weather", ""),
+                                                              (0, "", '{"city":')]
+    assert first[0].id.startswith("call_")
+    assert parser.feed(' "Par') == [CallDelta(0, ' "Par')]
+    assert parser.feed('is"}}\n</tool') == [CallDelta(0, 'is"}')]  # (the block's rest: not)
+    assert parser.feed('_call> Done.') == ["Done."] and parser.finish() == []
+    tricky = ('{"q": "a \\"}\\" b { [", "n": {"x": [1, {"y": "</b>"}]},"s":"<"}')
+    text = (f'<tool_call>{{"name": "get_weather", "parameters": {tricky}}}</tool_call>'
+            '\n<tool_call>{"name":"get_weather","arguments":{"city":"Rome"} }\n</tool_call>')
+    msg = _whole_and_streamed(auto, text)
+    assert _calls(msg) == [("get_weather", tricky), ("get_weather", '{"city":"Rome"}')]
+    assert json.loads(tricky)["q"] == 'a "}" b { ['
+    assert msg["content"] is None
+
+
+def test_hermes_call_cut_off_keeps_what_was_written():
+    """A block cut off (max_tokens) once its call began is that call, its arguments as far
+    as they got (finish_reason length: the client knows); one that closes before its
+    arguments object does keeps them to there; a second call is dropped without parallel
+    calls, streaming or not."""
+    auto = plan([WEATHER], None, None, "hermes")
+    cut = '<tool_call>{"name": "get_weather", "arguments": {"city": "Pa'
+    msg = _whole_and_streamed(auto, cut)
+    assert _calls(msg) == [("get_weather", '{"city": "Pa')]
+    parser = auto.new_parser()
+    parser.feed(cut)
+    assert parser.finish_reason("length") == "length"
+    early = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"</tool_call> x'
+    assert _ids_out(_whole_and_streamed(auto, early)) == {
+        "content": "x", "tool_calls": [{"id": "-", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Rome"'}}]}
+    single = plan([WEATHER], None, False, "hermes")
+    two = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+           '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>ok')
+    assert _whole_and_streamed(single, two)["tool_calls"][0]["function"]["arguments"] == (
+        '{"city": "Rome"}')
+    assert len(_whole_and_streamed(single, two)["tool_calls"]) == 1
+    assert _whole_and_streamed(single, two)["content"] == "ok"
+
+
 def test_hermes_keeps_what_is_no_call_as_content():
     auto = plan([WEATHER], None, None, "hermes")
     bad = "a <tool_call>not json</tool_call> b"
@@ -353,7 +401,7 @@ def test_pythonic_reads_hyphenated_tool_names():
 
 
 def test_json_parsers_refuse_what_is_not_json():
-    for parser, text in (("hermes", '<tool_call>{"name": "f", "arguments": {"a": NaN}}'
+    for parser, text in (("hermes", '<tool_call>{"arguments": {"a": NaN}, "name": "f"}'
                                     '</tool_call>'),
                          ("llama3_json", '{"name": "f", "parameters": {"a": Infinity}}')):
         assert _whole_and_streamed(plan([WEATHER], None, None, parser), text) == {

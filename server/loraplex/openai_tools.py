@@ -12,8 +12,8 @@ model through the chat template, and `tool_choice` decides what its text becomes
                     --tool-call-parser, which reads the calls out of the text; `hermes`:
                     <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks (the
                     format of Qwen2.5/Qwen3, Hermes 2/3 and many fine-tunes), the rest of
-                    the text being the content. A block that is not such JSON, or is not
-                    closed, stays in the content. `qwen3_coder` (Qwen3-Coder, Qwen3.5):
+                    the text being the content; a call's arguments stream as written (see
+                    _Hermes). `qwen3_coder` (Qwen3-Coder, Qwen3.5):
                     the same blocks holding <function=f><parameter=a>...</parameter>
                     </function> XML, values typed by the tool's schema.
                     `llama3_json`: a text that is {"name": ..., "parameters": {...}}
@@ -294,7 +294,14 @@ class _Required(Parser):
 class _Hermes(Parser):
     """<tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks are calls; the text
     around them is the content, less the whitespace next to a block. While streaming, text
-    that may be the start of a block is held back until it is known."""
+    that may be the start of a block is held back until it is known.
+
+    A block that begins {"name": "<name>", "arguments": { (or "parameters") is a call from
+    there on: its arguments stream as the model writes them, up to the end of that object
+    (the rest of the block is dropped), or to the block's or the text's end when the model
+    does not close the object; like OpenAI's, they are the model's text, to be checked as
+    JSON. A block that begins otherwise is read whole when it closes: a call when it is such
+    JSON (arguments given as a string too), else content, as is one that never closes."""
 
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
     KEEPS_SPECIAL = True  # (some models' <tool_call> is a special token)
@@ -306,6 +313,8 @@ class _Hermes(Parser):
         self._inside = False
         self._gap = ""  # whitespace before the open block (content if it is no call)
         self._after_call = False  # at whitespace that follows a block: not content
+        self._arguments: _ObjectEnd | None = None  # of the block's streaming call
+        self._sends = False  # whether that call is sent (not a second one, unparallel)
 
     def feed(self, text: str) -> list[str | CallDelta]:
         self._text += text
@@ -313,6 +322,13 @@ class _Hermes(Parser):
         while True:
             if self._inside:
                 end = self._text.find(self.CLOSE)
+                if self._arguments is None and self._begins_call(end >= 0, out):
+                    continue
+                if self._arguments is not None:
+                    out += self._stream(end)
+                    if end < 0:
+                        return out
+                    continue
                 if end < 0:
                     return out
                 body, self._text = self._text[:end], self._text[end + len(self.CLOSE):]
@@ -337,6 +353,46 @@ class _Hermes(Parser):
             out += self._content(content)
             self._text, self._inside = self._text[start + len(self.OPEN):], True
 
+    def _begins_call(self, closed: bool, out: list) -> bool:
+        """Whether the open block's text so far begins a streaming call (then the call is
+        begun, its arguments' first text taken from there)."""
+        head = self._head(self._text if not closed else self._text[:self._text.find(self.CLOSE)])
+        if not head:
+            return False
+        name, at = head
+        self._text, self._arguments = self._text[at:], _ObjectEnd()
+        self._sends = self._parallel or not self.calls
+        self._gap, self._after_call = "", True
+        if self._sends:
+            out.append(self._call(name, ""))
+        return True
+
+    def _stream(self, end: int) -> list[CallDelta]:
+        """The streaming call's next arguments: the text before the block's end (`end`: its
+        index, -1: not there yet, less what may be its start)."""
+        if end < 0:
+            upto = len(self._text) - tag_start(self._text, self.CLOSE)
+            part, self._text = self._text[:upto], self._text[upto:]
+        else:
+            part, self._text = self._text[:end], self._text[end + len(self.CLOSE):]
+            self._inside = False
+        piece = self._arguments.take(part)
+        if end >= 0:
+            self._arguments = None
+        return [CallDelta(self.calls - 1, piece)] if piece and self._sends else []
+
+    @staticmethod
+    def _head(body: str) -> tuple[str, int] | None:
+        """(name, where the arguments object begins) when `body` begins a call's JSON
+        with its name first, else None (also while too short to tell)."""
+        match = _HERMES_HEAD.match(body)
+        if match is None:
+            return None
+        try:
+            return json.loads(match.group(1)), match.end() - 1
+        except ValueError:
+            return None
+
     @staticmethod
     def _read(body: str) -> tuple[str, str] | None:
         """(name, arguments JSON) of a block's body, None when it is no call."""
@@ -346,6 +402,10 @@ class _Hermes(Parser):
             return None
 
     def finish(self) -> list[str | CallDelta]:
+        if self._arguments is not None:  # (cut off: the call keeps what was written)
+            piece = self._arguments.take(self._text)
+            self._text, self._inside, self._arguments = "", False, None
+            return [CallDelta(self.calls - 1, piece)] if piece and self._sends else []
         rest = self._gap + self.OPEN + self._text if self._inside else self._text
         self._text, self._inside = "", False
         return self._content(rest)
@@ -358,6 +418,42 @@ class _Hermes(Parser):
             text = text.lstrip()
             self._after_call = not text
         return [text] if text else []
+
+
+# a hermes block's head: {"name": "<a JSON string>", "arguments" (or "parameters"): {
+_HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.)*")\s*,\s*'
+                          r'"(?:arguments|parameters)"\s*:\s*\{')
+
+
+class _ObjectEnd:
+    """Takes a JSON object's text as it comes, up to the brace that closes it."""
+
+    def __init__(self):
+        self._depth = 0
+        self._in_string = self._escaped = self.done = False
+
+    def take(self, text: str) -> str:
+        """The part of `text` that is still the object's."""
+        if self.done:
+            return ""
+        for n, c in enumerate(text):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif c == "\\":
+                    self._escaped = True
+                elif c == '"':
+                    self._in_string = False
+            elif c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    self.done = True
+                    return text[:n + 1]
+        return text
 
 
 class _Qwen3Coder(_Hermes):
@@ -383,6 +479,10 @@ class _Qwen3Coder(_Hermes):
                 for k, v in ((t["function"].get("parameters") or {}).get("properties")
                              or {}).items()}
             for t in tools}
+
+    @staticmethod
+    def _head(body: str) -> None:
+        return None  # (XML: each block is read whole)
 
     @classmethod
     def for_plan(cls, plan: ToolPlan) -> Parser:
