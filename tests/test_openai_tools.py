@@ -382,10 +382,32 @@ def test_qwen3_coder_reads_xml_calls_typed_by_the_schema():
         ("get_time", {})]
     typo = text.replace("\n3\n", "\nthree\n")  # (not JSON: kept as the text it is)
     assert json.loads(_calls(_whole_and_streamed(auto, typo))[0][1])["nights"] == "three"
-    for content in ("<tool_call>\n<function=book>\nstray\n</function>\n</tool_call>",
-                    "<tool_call>{\"name\": \"book\", \"arguments\": {}}</tool_call>",
-                    "<tool_call>\n<function=book>\n<parameter=city>\nRome"):
-        assert _whole_and_streamed(auto, content) == {"content": content}, content
+    content = "<tool_call>{\"name\": \"book\", \"arguments\": {}}</tool_call>"
+    assert _whole_and_streamed(auto, content) == {"content": content}  # (JSON: not its form)
+    stray = "<tool_call>\n<function=book>\nstray\n</function>\n</tool_call> ok"
+    assert _calls(_whole_and_streamed(auto, stray)) == [("book", "{}")]  # (text between: dropped)
+    assert _whole_and_streamed(auto, stray)["content"] == "ok"
+
+
+def test_qwen3_coder_streams_string_values_and_sends_typed_ones_at_their_end():
+    """A call begins at <function=...>; a string's value streams as written (JSON-escaped,
+    the newlines next to its tags held back until known), a typed one is sent when its
+    parameter ends; a call cut off keeps what was written, one whose block closes first
+    is closed."""
+    auto = plan([QWEN_TOOL], None, None, "qwen3_coder")
+    parser = auto.new_parser()
+    assert parser.feed("Booking.\n<tool_call>\n<function=bo") == ["Booking."]
+    first = parser.feed("ok>\n<parameter=city>\nNew")
+    assert [(p.name, p.arguments) for p in first] == [("book", ""), ("", '{"city": "New')]
+    assert parser.feed(' "York"\n') == [CallDelta(0, ' \\"York\\"')]  # (its newline: held)
+    assert parser.feed("\n</param") == [CallDelta(0, "\\n")]  # (now known to be the value's)
+    assert parser.feed("eter>\n<parameter=nights>\n3") == [CallDelta(0, '", "nights": ')]
+    assert parser.feed("\n</parameter>\n</function>") == [CallDelta(0, "3}")]
+    assert parser.feed("\n</tool_call>") == [] and parser.finish() == []
+    cut = "<tool_call>\n<function=book>\n<parameter=city>\nRome"
+    assert _calls(_whole_and_streamed(auto, cut)) == [("book", '{"city": "Rome')]
+    closed = "<tool_call>\n<function=book>\n<parameter=nights>\n2\n</tool_call>"
+    assert _calls(_whole_and_streamed(auto, closed)) == [("book", '{"nights": 2}')]
 
 
 def test_pythonic_reads_hyphenated_tool_names():

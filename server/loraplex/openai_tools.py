@@ -359,8 +359,8 @@ class _Hermes(Parser):
         head = self._head(self._text if not closed else self._text[:self._text.find(self.CLOSE)])
         if not head:
             return False
-        name, at = head
-        self._text, self._arguments = self._text[at:], _ObjectEnd()
+        name, at, self._arguments = head
+        self._text = self._text[at:]
         self._sends = self._parallel or not self.calls
         self._gap, self._after_call = "", True
         if self._sends:
@@ -378,18 +378,18 @@ class _Hermes(Parser):
             self._inside = False
         piece = self._arguments.take(part)
         if end >= 0:
+            piece += self._arguments.close()
             self._arguments = None
         return [CallDelta(self.calls - 1, piece)] if piece and self._sends else []
 
-    @staticmethod
-    def _head(body: str) -> tuple[str, int] | None:
-        """(name, where the arguments object begins) when `body` begins a call's JSON
-        with its name first, else None (also while too short to tell)."""
+    def _head(self, body: str) -> tuple[str, int, _ObjectEnd] | None:
+        """(name, where its arguments begin, their reader) when `body` begins a call with
+        its name first, else None (also while too short to tell)."""
         match = _HERMES_HEAD.match(body)
         if match is None:
             return None
         try:
-            return json.loads(match.group(1)), match.end() - 1
+            return json.loads(match.group(1)), match.end() - 1, _ObjectEnd()
         except ValueError:
             return None
 
@@ -403,7 +403,7 @@ class _Hermes(Parser):
 
     def finish(self) -> list[str | CallDelta]:
         if self._arguments is not None:  # (cut off: the call keeps what was written)
-            piece = self._arguments.take(self._text)
+            piece = self._arguments.take(self._text) + self._arguments.cut()
             self._text, self._inside, self._arguments = "", False, None
             return [CallDelta(self.calls - 1, piece)] if piece and self._sends else []
         rest = self._gap + self.OPEN + self._text if self._inside else self._text
@@ -426,7 +426,8 @@ _HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.)*")\s*
 
 
 class _ObjectEnd:
-    """Takes a JSON object's text as it comes, up to the brace that closes it."""
+    """Takes a JSON object's text as it comes, up to the brace that closes it (the
+    arguments of a hermes call)."""
 
     def __init__(self):
         self._depth = 0
@@ -455,6 +456,12 @@ class _ObjectEnd:
                     return text[:n + 1]
         return text
 
+    def close(self) -> str:
+        """The block closed: what is left to send (nothing: the text is as written)."""
+        return ""
+
+    cut = close  # (the text ended)
+
 
 class _Qwen3Coder(_Hermes):
     """Qwen3-Coder's (and Qwen3.5's) calls, XML in <tool_call> blocks:
@@ -469,7 +476,9 @@ class _Qwen3Coder(_Hermes):
 
     A value is text (less the newline after its tag and the one before its end); one whose
     parameter the tool's schema types other than string is read as JSON when it parses
-    (a number, true, an object...), as vLLM's qwen3_coder parser does."""
+    (a number, true, an object...), as vLLM's qwen3_coder parser does. A block that begins
+    <function=...> is a call from there, its arguments streamed as they come (see
+    _XmlArguments); one that begins otherwise is content."""
 
     def __init__(self, parallel: bool, tools: tuple[dict, ...]):
         super().__init__(parallel)
@@ -480,42 +489,121 @@ class _Qwen3Coder(_Hermes):
                              or {}).items()}
             for t in tools}
 
-    @staticmethod
-    def _head(body: str) -> None:
-        return None  # (XML: each block is read whole)
-
     @classmethod
     def for_plan(cls, plan: ToolPlan) -> Parser:
         return cls(plan.parallel, plan.tools)
 
-    def _read(self, body: str) -> tuple[str, str] | None:
-        function = _XML_FUNCTION.fullmatch(body)
-        if function is None:
+    def _head(self, body: str) -> tuple[str, int, _XmlArguments] | None:
+        match = _XML_HEAD.match(body)
+        if match is None:
             return None
-        name, inner = function.groups()
-        arguments, at = {}, 0
-        for p in _XML_PARAMETER.finditer(inner):
-            if inner[at:p.start()].strip():
-                return None
-            key, value = p.groups()
-            value = value.removeprefix("\n").removesuffix("\n")
-            arguments[key] = self._value(self._types.get(name, {}).get(key), value)
-            at = p.end()
-        return (name, _dumps(arguments)) if not inner[at:].strip() else None
+        name = match.group(1)
+        return name, match.end(), _XmlArguments(self._types.get(name, {}))
 
     @staticmethod
-    def _value(kind, text: str):
+    def _read(body: str) -> None:
+        return None  # (a block that does not begin <function=...> is content)
+
+
+_XML_HEAD = re.compile(r"\s*<function=([^>\s]{1,64})>")
+_XML_PARAMETER = re.compile(r"<parameter=([^>\s]{1,64})>")
+
+
+class _XmlArguments:
+    """Takes a qwen3_coder call's XML after <function=...> as it comes and gives the JSON
+    text of its arguments: {"key": value, ...}. A value is the text between its tags (less
+    the newline after the first and the one before the second); a string's streams as it
+    comes, one whose parameter the schema types otherwise is sent at its end, as JSON when
+    it parses as such. Text between the parameters is dropped; </function> (or the block's
+    end) closes the object."""
+
+    PARAMETER_END, FUNCTION_END = "</parameter>", "</function>"
+
+    def __init__(self, types: dict):
+        self._types = types  # parameter -> its schema's "type" (None: any)
+        self._text = ""  # not yet read
+        self._key: str | None = None  # the open parameter's
+        self._streams = False  # whether its value streams (a string's)
+        self._value = ""  # its value so far, when it does not stream
+        self._lead = True  # the newline after its tag may still come
+        self._count = 0  # parameters begun
+        self._opened = self.done = False
+
+    def take(self, text: str) -> str:
+        out = [] if self._opened else ["{"]
+        self._opened = True
+        self._text += text
+        while not self.done:
+            if self._key is None:
+                param = _XML_PARAMETER.search(self._text)
+                end = self._text.find(self.FUNCTION_END)
+                if end >= 0 and (param is None or end < param.start()):
+                    self._text, self.done = "", True
+                    out.append("}")
+                    break
+                if param is None:  # (keep what may be a tag's start)
+                    lt = self._text.rfind("<")
+                    self._text = self._text[lt:] if lt >= 0 and ">" not in self._text[lt:] else ""
+                    break
+                self._begin(param.group(1), out)
+                self._text = self._text[param.end():]
+                continue
+            if self._lead:
+                if not self._text:
+                    break
+                self._text, self._lead = self._text.removeprefix("\n"), False
+            end = self._text.find(self.PARAMETER_END)
+            if end >= 0:
+                value, self._text = self._text[:end], self._text[end + len(self.PARAMETER_END):]
+                out.append(self._end(value.removesuffix("\n")))
+                continue
+            keep = tag_start(self._text, self.PARAMETER_END)
+            if self._text[:len(self._text) - keep].endswith("\n"):
+                keep += 1  # (it may be the newline before the end tag)
+            value, self._text = self._text[:len(self._text) - keep], self._text[len(self._text) - keep:]
+            out.append(self._more(value))
+            break
+        return "".join(out)
+
+    def close(self) -> str:
+        """The block closed: the open value ends, then the object."""
+        if self.done:
+            return ""
+        out = self._end(self._text.removesuffix("\n")) if self._key is not None else ""
+        self._text, self.done = "", True
+        return out + "}"
+
+    def cut(self) -> str:
+        """The text ended: the open value's rest as written (the object stays open)."""
+        if self._key is None or self.done:
+            return ""
+        rest, self._text = self._text, ""
+        return self._more(rest) if self._streams else self._value + rest
+
+    def _begin(self, key: str, out: list) -> None:
+        kind = self._types.get(key)
         kinds = kind if isinstance(kind, list) else [kind]
-        if None in kinds or "string" in kinds:
-            return text
+        self._key, self._streams = key, None in kinds or "string" in kinds
+        self._value, self._lead = "", True
+        out.append((", " if self._count else "") + _dumps(key) + ": "
+                   + ('"' if self._streams else ""))
+        self._count += 1
+
+    def _more(self, text: str) -> str:
+        if self._streams:
+            return _dumps(text)[1:-1]  # (JSON escapes each character alone)
+        self._value += text
+        return ""
+
+    def _end(self, text: str) -> str:
+        self._key = None
+        if self._streams:
+            return _dumps(text)[1:-1] + '"'
+        text = self._value + text
         try:
-            return _STRICT.decode(text.strip())
+            return _dumps(_STRICT.decode(text.strip()))
         except ValueError:
-            return text
-
-
-_XML_FUNCTION = re.compile(r"\s*<function=([^>\s]{1,64})>(.*)</function>\s*", re.DOTALL)
-_XML_PARAMETER = re.compile(r"<parameter=([^>\s]{1,64})>(.*?)</parameter>", re.DOTALL)
+            return _dumps(text)
 
 
 class _WholeTextCalls(Parser):
