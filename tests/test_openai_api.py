@@ -840,10 +840,52 @@ def test_responses_are_the_chat_answer_as_output_items(api, grpc_client):
                 "name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"}])
     assert followup.output_text == same.choices[0].message.content
-    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
-        api.responses.create(model="alpha", input=PROMPT, previous_response_id="resp_x")
     with pytest.raises(openai.NotFoundError, match="nosuch"):
         api.responses.create(model="nosuch", input=PROMPT)
+
+
+def test_stored_responses_continue_a_conversation(api):
+    """Responses are stored (store defaults to true, as OpenAI's): GET reads one back,
+    previous_response_id continues its conversation (its instructions not carried over)
+    exactly as the chat API answers the whole conversation, streamed or not; store false
+    keeps none; DELETE removes one; an unknown id is 404."""
+    first = api.responses.create(model="alpha", instructions="be brief", input=PROMPT,
+                                 max_output_tokens=5, temperature=0)
+    assert first.store and api.responses.retrieve(first.id).model_dump() == first.model_dump()
+    second = api.responses.create(model="alpha", previous_response_id=first.id, input="more",
+                                  max_output_tokens=5, temperature=0)
+    whole = [{"role": "user", "content": PROMPT},
+             {"role": "assistant", "content": first.output_text},
+             {"role": "user", "content": "more"}]
+    chat = api.chat.completions.create(model="alpha", messages=whole, max_tokens=5,
+                                       temperature=0)
+    assert second.previous_response_id == first.id
+    assert (second.output_text, second.usage.input_tokens) == (
+        chat.choices[0].message.content, chat.usage.prompt_tokens)
+    _, third = _streamed_response(api.responses.create(
+        model="alpha", previous_response_id=second.id, input="again", max_output_tokens=5,
+        temperature=0, stream=True))
+    chat = api.chat.completions.create(model="alpha", max_tokens=5, temperature=0, messages=[
+        *whole, {"role": "assistant", "content": second.output_text},
+        {"role": "user", "content": "again"}])
+    assert third.output_text == chat.choices[0].message.content
+    assert api.responses.retrieve(third.id).output_text == third.output_text
+    unkept = api.responses.create(model="alpha", input=PROMPT, max_output_tokens=2, store=False)
+    assert not unkept.store
+    for gone in (unkept.id, "resp_x"):
+        with pytest.raises(openai.NotFoundError, match="no response"):
+            api.responses.retrieve(gone)
+        with pytest.raises(openai.NotFoundError, match="no response"):
+            api.responses.create(model="alpha", input="x", previous_response_id=gone)
+    with openai.OpenAI(base_url=api.base_url, api_key="someone else", max_retries=0) as other:
+        with pytest.raises(openai.NotFoundError):  # (another token's, on an open server too)
+            other.responses.retrieve(first.id)
+        with pytest.raises(openai.NotFoundError):
+            other.responses.create(model="alpha", input="x", previous_response_id=first.id)
+    api.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        api.responses.retrieve(first.id)
+    assert api.responses.retrieve(second.id).id == second.id  # (the others stay)
 
 
 def test_responses_give_the_reasoning_its_own_item(thinking):
@@ -953,6 +995,13 @@ def test_tokens_pass_through_to_the_grpc_check(guarded, assets):
             api.completions.create(model="alpha", prompt=PROMPT, max_tokens=3)
         with pytest.raises(openai.PermissionDeniedError):
             api.models.list()
+    with _guarded_api(guarded, GENERATE_TOKEN) as api:  # stored responses: the same check
+        kept = api.responses.create(model="alpha", input=PROMPT, max_output_tokens=2)
+        assert api.responses.retrieve(kept.id).id == kept.id
+    for token in (ADMIN_TOKEN, "wrong"):
+        with _guarded_api(guarded, token) as api:
+            with pytest.raises(openai.PermissionDeniedError, match="not valid"):
+                api.responses.retrieve(kept.id)
     status, body = _http(f"https://127.0.0.1:{guarded.server.http_port}/v1/completions",
                          json.dumps({"model": "alpha", "prompt": PROMPT}).encode(),
                          {"Content-Type": "application/json"},  # and no Authorization

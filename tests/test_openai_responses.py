@@ -3,10 +3,13 @@ request it asks for, and the stream's events as they come. Served: test_openai_a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from loraplex.openai_responses import (Events, ResponsesError, chat_body, output_items,
-                                       response, usage)
+from loraplex.openai_responses import (Events, ResponsesError, chat_body, conversation,
+                                       output_items, response, usage)
+from loraplex.openai_store import ResponseStore, owner_of
 from loraplex.openai_tools import CallDelta, Reasoning
 
 TOOL = {"type": "function", "name": "get_weather", "description": "weather",
@@ -53,7 +56,6 @@ def test_a_request_is_the_chat_request_it_asks_for():
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "not stored"),
     ({"input": "x", "background": True}, "background", "background"),
     ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include", "include"),
     ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning", "--reasoning-parser"),
@@ -69,6 +71,52 @@ def test_what_cannot_be_honoured_is_refused(body, param, words):
     with pytest.raises(ResponsesError, match=words) as err:
         chat_body({"model": "m", **body})
     assert err.value.param == param
+
+
+def test_a_continued_conversation_is_the_stored_one_then_the_input():
+    """previous_response_id: the stored response's messages (less its instructions, which
+    OpenAI does not carry over; its output's message and calls, less the reasoning) come
+    after the new instructions and before the new input."""
+    first = {"model": "m", "instructions": "be brief", "input": "Weather in Paris?"}
+    chat = chat_body(first)
+    output = output_items([Reasoning("hm"), "Checking.", CallDelta(0, '{"city": "Paris"}',
+                                                                   "call_1", "get_weather")])
+    history = conversation(first, chat, output)
+    assert history == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Checking."},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}]
+    second = {"model": "m", "instructions": "be kind", "previous_response_id": "resp_1",
+              "input": [{"type": "function_call_output", "call_id": "call_1",
+                         "output": "sunny"}]}
+    assert chat_body(second, tuple(history))["messages"] == [
+        {"role": "system", "content": "be kind"}, *history,
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    assert response(second, chat_body(second, tuple(history)), "resp_2", [], "completed",
+                    None, True)["previous_response_id"] == "resp_1"
+
+
+def test_the_store_keeps_each_callers_responses_within_its_budget():
+    def answer(i: int, text: str = "") -> dict:
+        return {"id": f"resp_{i}", "output": text}
+
+    one = len(json.dumps(answer(0))) + len("[]")  # (its JSON and an empty conversation's)
+    store = ResponseStore(max_bytes=3 * one)
+    alice, bob = owner_of("Bearer a"), owner_of("Bearer b")
+    for i in range(3):
+        store.put(alice, answer(i), [])
+    assert len(store) == 3 and store.bytes == 3 * one
+    assert store.get(bob, "resp_0") is None  # (another token's: not found)
+    assert store.get(alice, "resp_0").response == answer(0)  # (read: now the most recent)
+    store.put(bob, answer(3), [])  # over the budget: alice's resp_1, least recently used, goes
+    assert [store.get(alice, f"resp_{i}") is not None for i in range(3)] == [True, False, True]
+    assert store.get(bob, "resp_3").conversation == ()
+    assert store.delete(alice, "resp_0") and not store.delete(alice, "resp_0")
+    assert store.bytes == 2 * one
+    store.put(alice, answer(9, "x" * 10 * one), [{"role": "user", "content": "hi"}])
+    assert len(store) == 1 and store.get(alice, "resp_9") is not None  # (the newest stays)
 
 
 def test_output_items_of_a_whole_answer():

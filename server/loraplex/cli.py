@@ -166,6 +166,10 @@ OPTIONS: tuple[Option, ...] = (
        "reasoning_content (deepseek_r1: R1 and its distills; qwen3: Qwen3, QwQ; the same "
        "tags; empty: none, the thinking stays in the content)",
        choices=REASONING_PARSERS),
+    _o("response-store-mb", "server", "response_store_mb", float,
+       "memory the HTTP Responses API keeps its responses in, for previous_response_id and "
+       "GET /v1/responses/ID (the least recently used dropped past it; 0: none kept)",
+       metavar="MB"),
     _o("data-dir", "server", "data_dir", str,
        "folder keeping routes and loaded adapters across restarts (empty: not kept)",
        metavar="DIR"),
@@ -389,6 +393,10 @@ def add_gateway_command(sub) -> None:
     p.add_argument("--reasoning-parser", default="", choices=("", *REASONING_PARSERS),
                    help="how the model's thinking is split off into reasoning_content (the "
                         "servers' --reasoning-parser; default or empty: none)")
+    p.add_argument("--response-store-mb", type=float, default=256.0, metavar="MB",
+                   help="memory the Responses API keeps its responses in, for "
+                        "previous_response_id and GET /v1/responses/ID (the least recently "
+                        "used dropped past it; 0: none kept; default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.set_defaults(func=None)
 
@@ -417,7 +425,8 @@ def _gateway(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                         tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
                         grpc_tls_ca=args.tls_ca, grace=args.grace_period, requests=requests,
                         tool_call_parser=args.tool_call_parser,
-                        reasoning_parser=args.reasoning_parser)
+                        reasoning_parser=args.reasoning_parser,
+                        response_store_mb=args.response_store_mb)
     asyncio.run(run_gateway(server))
     return 0
 

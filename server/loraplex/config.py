@@ -142,10 +142,13 @@ class ServerConfig:
     served_model_name: str = ""  # the base model's name in that API ("" = the model path)
     tool_call_parser: str = ""  # how that API reads tool calls out of text ("" = none)
     reasoning_parser: str = ""  # how it reads the reasoning out of text ("" = none)
+    response_store_mb: float = 256.0  # the Responses API's stored responses (0 = none kept)
 
     def __post_init__(self):
         if not all(0 <= p < 65536 for p in (self.port, self.metrics_port, self.http_port)):
             raise ValueError("ports must be in 0..65535")
+        if self.response_store_mb < 0:
+            raise ValueError(f"response_store_mb must be >= 0, got {self.response_store_mb}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("give both tls_cert and tls_key, or neither")
         if self.grace_period < 0:

@@ -3,6 +3,7 @@
     POST /v1/completions          prompt(s) -> text (OpenAI's legacy completions)
     POST /v1/chat/completions     messages -> the assistant's message
     POST /v1/responses            OpenAI's Responses API, served as chat
+    GET, DELETE /v1/responses/ID  a stored response (openai_store.py)
     POST /generate, /generate_stream, /
                                   LoRAX's (TGI's) REST API, with adapter_id
     POST /tokenize, /detokenize   vLLM's: a prompt or messages <-> token ids
@@ -53,6 +54,7 @@ from loraplex_client._proto.loraplex.v1 import loraplex_pb2_grpc as pb_grpc
 from loraplex_client.client import ADAPTER_HEADER
 from loraplex_client.types import build_tokenize_request
 from loraplex import openai_responses, openai_tools
+from loraplex.openai_store import ResponseStore, owner_of
 from loraplex.lorax_api import LoraxApi
 from loraplex.openai_requests import (
     CHAT_FIELDS, CHAT_OPTIONS, COMPLETION_FIELDS, DETOKENIZE_FIELDS, LOAD_FIELDS, MAX_LOGPROBS,
@@ -126,11 +128,12 @@ class OpenAIApi:
     """The aiohttp application; `channel` reaches the gRPC services. `model_name`: what
     /v1/models calls the base model (requests may name it or ""). `list_token`: the
     admin token, with which /v1/models lists adapters and routes once the caller's own
-    token has passed the Generation service's check."""
+    token has passed the Generation service's check. `response_store`: where the Responses
+    API keeps its responses (None: none kept)."""
 
     def __init__(self, channel: grpc.aio.Channel, model_name: str, list_token: str = "",
                  requests: Counter | None = None, tool_call_parser: str = "",
-                 reasoning_parser: str = ""):
+                 reasoning_parser: str = "", response_store: ResponseStore | None = None):
         self._gen = pb_grpc.GenerationStub(channel)
         self._adm = pb_grpc.AdaptersStub(channel)
         self._routes = pb_grpc.RoutesStub(channel)
@@ -141,11 +144,14 @@ class OpenAIApi:
         self._reasoning_parser = reasoning_parser  # "" or one of REASONING_PARSERS
         self._created = int(time.time())
         self._requests = requests  # loraplex_http_requests_total{endpoint, status}
+        self._store = response_store
         self.app = web.Application(middlewares=[self._count, self._errors],
                                    client_max_size=64 * 2**20)
         self.app.add_routes([web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat),
                              web.post("/v1/responses", self.responses),
+                             web.get("/v1/responses/{response_id}", self.get_response),
+                             web.delete("/v1/responses/{response_id}", self.delete_response),
                              web.get("/v1/models", self.models),
                              web.post("/tokenize", self.tokenize),
                              web.post("/detokenize", self.detokenize),
@@ -228,10 +234,12 @@ class OpenAIApi:
         """OpenAI's Responses API, served as the chat request it asks for
         (openai_responses.py): one completion, its pieces as output items."""
         body = await self._body(request, RESPONSES_FIELDS)
+        owner = owner_of(request.headers.get("Authorization", ""))
         try:
-            chat = openai_responses.chat_body(body)
+            chat = openai_responses.chat_body(body, self._history(body, owner))
         except openai_responses.ResponsesError as exc:
             raise bad(str(exc), exc.param) from None
+        keep = self._store is not None and body.get("store") is not False
         check_types(chat, CHAT_FIELDS)
         job = chat_job(chat, self._tool_call_parser, self._reasoning_parser)
         [req] = self._requests_of(job)
@@ -251,7 +259,9 @@ class OpenAIApi:
             answer = openai_responses.response(
                 body, chat, response_id, openai_responses.output_items(pieces_of(resp.text, True)),
                 openai_responses.status(_FINISH.get(resp.finish_reason)),
-                openai_responses.usage(resp.prompt_tokens, resp.completion_tokens))
+                openai_responses.usage(resp.prompt_tokens, resp.completion_tokens), keep)
+            if keep:
+                self._keep(owner, body, chat, answer)
             return web.json_response(answer, headers=self._served(resp))
         call = self._gen.GenerateStream(req, metadata=md)
         try:
@@ -262,7 +272,7 @@ class OpenAIApi:
                                                    **self._served(first)})
             await response.prepare(request)
             stream = openai_responses.Events(openai_responses.response(
-                body, chat, response_id, [], "in_progress", None))
+                body, chat, response_id, [], "in_progress", None, keep))
 
             async def send(items: list[dict]) -> None:
                 for e in items:
@@ -279,6 +289,8 @@ class OpenAIApi:
                         await send(stream.finish(
                             openai_responses.status(_FINISH.get(msg.finish_reason)),
                             openai_responses.usage(msg.prompt_tokens, msg.completion_tokens)))
+                        if keep:
+                            self._keep(owner, body, chat, stream.response)
                         break
                     msg = await anext(events)
             except grpc.RpcError as err:
@@ -288,6 +300,50 @@ class OpenAIApi:
             return response
         finally:
             call.cancel()  # (a no-op once it has ended)
+
+    def _history(self, body: dict, owner: str) -> tuple[dict, ...]:
+        """The chat messages of the stored response that `body` continues (none without
+        previous_response_id)."""
+        previous = body.get("previous_response_id")
+        if not previous:
+            return ()
+        if self._store is None:
+            raise bad("previous_response_id: responses are not stored here (--response-store-mb "
+                      "0): send the whole conversation in input", "previous_response_id")
+        return self._stored(owner, previous, "previous_response_id").conversation
+
+    def _stored(self, owner: str, response_id: str, param: str | None = None):
+        stored = self._store.get(owner, response_id) if self._store is not None else None
+        if stored is None:
+            raise ApiError(404, f"no response {response_id!r} is stored here (responses are "
+                                "kept in this server's memory, the least recently used "
+                                "dropped past --response-store-mb, each for the token that "
+                                "made it)", param=param)
+        return stored
+
+    def _keep(self, owner: str, body: dict, chat: dict, answer: dict) -> None:
+        self._store.put(owner, answer, openai_responses.conversation(body, chat,
+                                                                     answer["output"]))
+
+    async def get_response(self, request: web.Request) -> web.Response:
+        """A stored response, for the token that made it."""
+        await self._check_caller(request)
+        owner = owner_of(request.headers.get("Authorization", ""))
+        return web.json_response(self._stored(owner, request.match_info["response_id"]).response)
+
+    async def delete_response(self, request: web.Request) -> web.Response:
+        await self._check_caller(request)
+        owner, response_id = owner_of(request.headers.get("Authorization", "")), \
+            request.match_info["response_id"]
+        self._stored(owner, response_id)
+        self._store.delete(owner, response_id)
+        return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
+    async def _check_caller(self, request: web.Request) -> None:
+        """The Generation service's check of the caller's token (UNAUTHENTICATED or
+        PERMISSION_DENIED otherwise)."""
+        await self._gen.Tokenize(pb.TokenizeRequest(prompt=" "),
+                                 metadata=self._metadata(request, ""))
 
     async def models(self, request: web.Request) -> web.Response:
         md = self._metadata(request, "")
@@ -650,14 +706,16 @@ class HttpServer:
     gRPC services answer: in `serve`, the server's own Unix socket; in `loraplex
     http-gateway`, a server or the adapter-aware proxy in front of several (over TLS
     with `grpc_tls_ca`, a PEM root certificate). `grace`: seconds the requests in flight
-    get at `close`."""
+    get at `close`. `response_store_mb`: the Responses API's budget for stored responses
+    (0: none stored)."""
 
     def __init__(self, grpc_target: str, host: str, port: int, model_name: str,
                  list_token: str = "", tls: tuple[str, str] | None = None,
                  grpc_tls_ca: str | None = None, grace: float = 5.0,
                  requests: Counter | None = None, tool_call_parser: str = "",
-                 reasoning_parser: str = ""):
+                 reasoning_parser: str = "", response_store_mb: float = 0):
         self.grpc_target, self._grpc_tls_ca = grpc_target, grpc_tls_ca
+        self._store = ResponseStore(int(response_store_mb * 2**20)) if response_store_mb else None
         self._host, self._port = host, port
         self._model_name, self._list_token, self._tls = model_name, list_token, tls
         self.grace = grace
@@ -677,7 +735,7 @@ class HttpServer:
         else:
             self._channel = grpc.aio.insecure_channel(self.grpc_target)
         api = OpenAIApi(self._channel, self._model_name, self._list_token, self._requests,
-                        self._tool_call_parser, self._reasoning_parser)
+                        self._tool_call_parser, self._reasoning_parser, self._store)
         # handler_cancellation: a client that goes away cancels its handler, and with it
         # the gRPC calls (which leave the batch)
         self._runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None,

@@ -7,9 +7,10 @@ turns them into the stream's typed events as they come.
 Taken: model, input (a string, or message / function_call / function_call_output /
 reasoning items; text parts only), instructions, max_output_tokens, temperature, top_p,
 tools (function tools), tool_choice, parallel_tool_calls, text.format (text,
-json_object, json_schema), stream, store, metadata, user, and the chat API's vLLM extras.
-Responses are not stored: previous_response_id is refused, as are background, non-function
-tools, include and reasoning options, with 400 saying so. No gRPC and no HTTP here.
+json_object, json_schema), stream, store, metadata, user, previous_response_id (the
+stored conversation it continues comes in as `history`: openai_store.py), and the chat
+API's vLLM extras. Refused with 400 saying so: background, non-function tools, include and
+reasoning options. No gRPC and no HTTP here.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ _OWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "t
         "metadata", "user", "previous_response_id", "background", "include", "reasoning",
         "truncation", "service_tier"}
 _REFUSED = {  # field -> why, when it is set (not null, false or empty)
-    "previous_response_id": "responses are not stored here: send the whole conversation "
-                            "in input",
     "background": "background responses are not supported",
     "include": "include is not supported (no stored or extra output)",
     "reasoning": "reasoning options are not supported: the server's --reasoning-parser "
@@ -40,9 +39,11 @@ class ResponsesError(ValueError):
         self.param = param
 
 
-def chat_body(body: dict) -> dict:
+def chat_body(body: dict, history: tuple[dict, ...] = ()) -> dict:
     """A Responses request (its fields' JSON types checked) -> the chat request it asks
-    for; fields that are not the Responses API's own (vLLM's extras) pass as they are."""
+    for; fields that are not the Responses API's own (vLLM's extras) pass as they are.
+    `history`: the chat messages of the response it continues (previous_response_id),
+    which come after its instructions and before its input."""
     for name, why in _REFUSED.items():
         if body.get(name):
             raise ResponsesError(f"{name}: {why}", name)
@@ -51,7 +52,7 @@ def chat_body(body: dict) -> dict:
                              "truncate_prompt_tokens)", "truncation")
     passed = {"model", "temperature", "top_p", "stream", "user", "parallel_tool_calls"}
     out = {k: v for k, v in body.items() if k in passed or k not in _OWN}
-    messages = _messages(body.get("input"))
+    messages = [*history, *_messages(body.get("input"))]
     if body.get("instructions") is not None:
         if not isinstance(body["instructions"], str):
             raise ResponsesError("instructions must be a string", "instructions")
@@ -70,6 +71,14 @@ def chat_body(body: dict) -> dict:
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         out["response_format"] = _response_format(fmt)
     return out
+
+
+def conversation(body: dict, chat: dict, output: list[dict]) -> list[dict]:
+    """The chat messages that a response continuing this one (`body`, its chat form `chat`,
+    its output items) comes after: its own, less its instructions (which, as OpenAI's,
+    are not carried over), and its output's (less the reasoning)."""
+    messages = chat["messages"][1:] if body.get("instructions") is not None else chat["messages"]
+    return [*messages, *_messages(output)]
 
 
 def _messages(value) -> list[dict]:
@@ -154,8 +163,9 @@ def new_id(prefix: str) -> str:
 
 
 def response(body: dict, chat: dict, response_id: str, output: list[dict], status: str,
-             usage: dict | None) -> dict:
-    """The Response object: `body` the request, `chat` its chat form."""
+             usage: dict | None, stored: bool = False) -> dict:
+    """The Response object: `body` the request, `chat` its chat form; `stored`: whether it
+    is kept for previous_response_id and GET."""
     return {"id": response_id, "object": "response", "created_at": int(time.time()),
             "status": status, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
@@ -163,7 +173,8 @@ def response(body: dict, chat: dict, response_id: str, output: list[dict], statu
             "instructions": body.get("instructions"), "max_output_tokens":
             body.get("max_output_tokens"), "model": body["model"], "output": output,
             "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "previous_response_id": None, "reasoning": None, "store": False,
+            "previous_response_id": body.get("previous_response_id"), "reasoning": None,
+            "store": stored,
             "temperature": body.get("temperature", 1.0),
             "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
             "tool_choice": body.get("tool_choice", "auto" if chat.get("tools") else "none"),
@@ -230,6 +241,11 @@ class Events:
         self._seq = 0
         self._open: dict | None = None  # the item being written
         self._text = ""  # its text so far (reasoning, output text or arguments)
+
+    @property
+    def response(self) -> dict:
+        """The Response object so far (once finished: the whole)."""
+        return self._head
 
     def start(self) -> list[dict]:
         return [self._event("response.created", response=self._head),

@@ -183,7 +183,8 @@ class LoraplexServer:
                                    tls=(s.tls_cert, s.tls_key) if s.tls_cert else None,
                                    requests=self.metrics.http_requests,
                                    tool_call_parser=s.tool_call_parser,
-                                   reasoning_parser=s.reasoning_parser)
+                                   reasoning_parser=s.reasoning_parser,
+                                   response_store_mb=s.response_store_mb)
             await self.http.start()
             self.http_port = self.http.port
             log.info("OpenAI-compatible API on %s://%s/v1", "https" if s.tls_cert else "http",

@@ -62,12 +62,12 @@ def keep_only(logits: torch.Tensor, allowed: tuple[int, ...]) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).index_copy(0, idx, logits[idx])
 
 
-# Both forms of a draw (sample_one and the batched one) compute the same float32 numbers
-# for a row's likeliest tokens, whatever its neighbours, the width it is drawn at or the
-# threads: unnormalized weights exp(logit - the row's max) and their running sums, which
-# torch sums along the row one after another (in float64 on the CPU), never a reduction
-# whose order depends on the batch. A float32 softmax's normalizer did: its rounding moved
-# the top-p cut by a token for about one flat row in a few hundred.
+# Both forms of a truncated draw (sample_one and the batched one) compute the same float32
+# numbers for a row's likeliest tokens, whatever its neighbours, the width it is drawn at
+# or the threads: unnormalized weights exp(logit - the row's max) and their running sums,
+# which torch sums along the row one after another (in float64 on the CPU), never a
+# normalizer summed over a width that differs between the forms. A float32 softmax's did:
+# its rounding moved the top-p cut by a token for about one flat row in a few hundred.
 
 def _weights(logits: torch.Tensor) -> torch.Tensor:
     """[R, W] logits (-inf: never) -> [R, W] exp(logit - the row's max): 0 for never."""
@@ -217,9 +217,10 @@ def _uniforms(generators: list, device: torch.device) -> torch.Tensor:
 
 def _inverse_cdf(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """scaled: [R, W] logits (-inf: never) -> [R] the index where each row's running sum of
-    weights passes u: [R] x its total (kept below it: so the index is never past the last
-    token of a positive weight)."""
-    cumulative = _weights(scaled).cumsum(-1)  # [R, W]
+    probabilities passes u: [R] x its total (kept below it: so the index is never past the
+    last token of a positive probability). A temperature-only draw: torch's softmax takes
+    each row alone, in the same steps however many rows there are."""
+    cumulative = scaled.softmax(-1).cumsum(-1)  # [R, W] (softmax: one pass, row by row)
     return _index_at(cumulative, cumulative[:, -1:], u)
 
 
