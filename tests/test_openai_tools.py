@@ -321,19 +321,17 @@ def test_mistral_content_streams_before_the_tag():
         ("get_weather", '{"city": "Rome"}')]
     parser = auto.new_parser()
     assert parser.feed("Let me") == ["Let me"] and parser.feed(" check. [TOOL") == [" check."]
-    assert parser.feed("_CALLS]get_weather") == [] and parser.feed('[ARGS]{"city": "Rome"}') == []
-    assert [(c.name, c.arguments) for c in parser.finish()] == [("get_weather", '{"city": "Rome"}')]
+    assert parser.feed("_CALLS]get_weather") == []
+    first = parser.feed('[ARGS]{"city": ')  # (the v11 form: the call begins, then streams)
+    assert [(c.name, c.arguments) for c in first] == [("get_weather", ""), ("", '{"city": ')]
+    assert parser.feed('"Rome"}') == [CallDelta(0, '"Rome"}')] and parser.finish() == []
     assert parser.finish_reason("stop") == "tool_calls"
 
 
 @pytest.mark.parametrize("text", [
-    '[TOOL_CALLS]get_weather[ARGS]{"city": "Par',  # cut off
-    '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"} and then',  # not calls alone
     '[TOOL_CALLS]get_weather[ARGS]["Paris"]',  # arguments no object
     '[TOOL_CALLS]get weather[ARGS]{}',  # no name
-    '[TOOL_CALLS]get_weather[ARGS]{"a": NaN}',  # no JSON
-    '[TOOL_CALLS]get_weather[ARGS]{}[TOOL_CALLS]',  # a tag with no call
-    'Hi [TOOL_CALLS]get_weather[ARGS]{} [TOOL_CALLS]get_time[ARGS]',
+    '[TOOL_CALLS]get_weather{"a": NaN}',  # no JSON (and no [ARGS]: read whole)
 ])
 def test_mistral_v11_text_that_is_not_calls_whole_is_content(text):
     auto = plan([WEATHER, TIME], None, None, "mistral")
@@ -342,6 +340,27 @@ def test_mistral_v11_text_that_is_not_calls_whole_is_content(text):
     parser.feed(text)
     parser.finish()
     assert parser.finish_reason("stop") == "stop"
+
+
+@pytest.mark.parametrize("text, calls", [
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Par', [("get_weather", '{"city": "Par')]),  # cut
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"} and then',  # (after the object: dropped)
+     [("get_weather", '{"city": "Paris"}')]),
+    ('[TOOL_CALLS]get_weather[ARGS]{"a": NaN}', [("get_weather", '{"a": NaN}')]),  # as written
+    ('[TOOL_CALLS]get_weather[ARGS]{}[TOOL_CALLS]', [("get_weather", "{}")]),  # a tag, no call
+    ('Hi [TOOL_CALLS]get_weather[ARGS]{} [TOOL_CALLS]get_time[ARGS]', [("get_weather", "{}")]),
+])
+def test_mistral_v11_a_call_begun_stands_with_its_arguments_as_written(text, calls):
+    """From f[ARGS]{ on, the text is calls (their arguments the model's text, as
+    hermes's): what follows a call's object up to the next tag, or a last tag that
+    begins no call, is dropped."""
+    auto = plan([WEATHER, TIME], None, None, "mistral")
+    msg = _whole_and_streamed(auto, text)
+    assert _calls(msg) == calls and msg["content"] == ("Hi" if text.startswith("Hi") else None)
+    parser = auto.new_parser()
+    parser.feed(text)
+    parser.finish()
+    assert parser.finish_reason("stop") == "tool_calls"
 
 
 def test_pythonic_a_list_of_calls_is_calls():

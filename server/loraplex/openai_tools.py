@@ -24,9 +24,9 @@ model through the chat template, and `tool_choice` decides what its text becomes
                     all content; a call text is held back and sent when it ends.
                     `mistral`: the text after Mistral's [TOOL_CALLS] is calls: a JSON array
                     of {"name", "arguments"} (tokenizers before v11), or f[ARGS]{...} with
-                    [TOOL_CALLS] before each (v11 on), with Mistral's 9-character call ids;
-                    the text before the tag is content, and so is the rest if it does not
-                    parse whole.
+                    [TOOL_CALLS] before each (v11 on, whose arguments stream), with
+                    Mistral's 9-character call ids; the text before the tag is content,
+                    and so is an array that does not parse whole.
 
 A parser turns the completion's text, fed piece by piece as it streams, into `str` pieces
 of the content and `CallDelta`s of the calls (and openai_reasoning's, `Reasoning` pieces),
@@ -707,9 +707,11 @@ class _Mistral(Parser):
 
     (v13 writes [CALL_ID] and an id before [ARGS]; the call gets a fresh id, as the others).
     The content before the tag streams, less text that may be the tag's start, held until
-    known; from the tag on the text is held to its end, and is content if it does not
-    parse whole. With no tag (a tokenizer that leaves special tokens out), a text that
-    begins like the old JSON array is held and parsed the same way."""
+    known. In the v11 form a call begins at f[ARGS]{ and its arguments stream as written,
+    up to the brace that closes them (text after it, up to the next tag, is dropped), as
+    hermes's do. Otherwise the text from the tag on is held to its end, and is content if
+    it does not parse whole. With no tag (a tokenizer that leaves special tokens out), a
+    text that begins like the old JSON array is held and parsed the same way."""
 
     TAG = "[TOOL_CALLS]"
     KEEPS_SPECIAL = True
@@ -721,16 +723,19 @@ class _Mistral(Parser):
         self._text = ""  # not yet sent
         self._held = False  # the text is (maybe) calls: held to the end
         self._streamed = False  # some content was sent
+        self._arguments: _ObjectEnd | None = None  # of the v11 call being streamed
+        self._streaming = False  # some v11 call began (the rest is calls, never content)
+        self._sends = False  # whether the call being streamed is sent
 
     def feed(self, text: str) -> list[str | CallDelta]:
         self._text += text
         if self._held:
-            return []
+            return self._stream()
         at, head = self._text.find(self.TAG), self._text.lstrip()
         if at >= 0:
             content = self._text[:at].rstrip()  # (the whitespace goes if calls follow)
             self._text, self._held = self._text[len(content):], True
-            return self._content(content)
+            return self._content(content) + self._stream()
         if not self._streamed and head[:1] in ("[", "{") and not self.TAG.startswith(head):
             self._held = True
             return []
@@ -738,7 +743,40 @@ class _Mistral(Parser):
         content, self._text = self._text[:cut], self._text[cut:]
         return self._content(content)
 
+    def _stream(self) -> list[CallDelta]:
+        """The v11 calls' pieces that the held text now holds."""
+        out: list[CallDelta] = []
+        while True:
+            if self._arguments is not None:
+                piece = self._arguments.take(self._text)
+                self._text = self._text[len(piece):]
+                if piece and self._sends:
+                    out.append(CallDelta(self.calls - 1, piece))
+                if not self._arguments.done:
+                    return out
+                self._arguments = None
+            if self._streaming:  # (the text between calls is dropped)
+                at = self._text.find(self.TAG)
+                keep = len(self._text) - at if at >= 0 else tag_start(self._text, self.TAG)
+                self._text = self._text[len(self._text) - keep:]
+                if at < 0:
+                    return out
+            at = len(self._text) - len(self._text.lstrip())
+            head = (_MISTRAL_HEAD.match(self._text, at + len(self.TAG))
+                    if self._text.startswith(self.TAG, at) else None)
+            if head is None:  # (not yet, or not that form: held whole)
+                return out
+            self._streaming, self._arguments = True, _ObjectEnd()
+            self._sends = self._parallel or not self.calls
+            self._text = self._text[head.end() - 1:]
+            if self._sends:
+                out.append(self._call(head.group(1), ""))
+
     def finish(self) -> list[str | CallDelta]:
+        if self._streaming:  # (a call cut off keeps what was written)
+            out = self._stream()
+            self._text, self._arguments = "", None
+            return out
         text, self._text = self._text, ""
         body = text.lstrip()
         calls = _mistral_calls(body[len(self.TAG):] if body.startswith(self.TAG) else body) \
@@ -755,6 +793,9 @@ class _Mistral(Parser):
         return [text] if text else []
 
 
+# a v11 call's head after its [TOOL_CALLS]: name, maybe v13's [CALL_ID] and id, [ARGS], {
+_MISTRAL_HEAD = re.compile(r"\s*([a-zA-Z0-9_-]{1,64})\s*(?:\[CALL_ID\][a-zA-Z0-9]{9})?"
+                           r"\[ARGS\]\s*\{")
 _MISTRAL_CALL = re.compile(r"\s*([a-zA-Z0-9_-]{1,64})\s*(?:\[CALL_ID\][a-zA-Z0-9]{9})?"
                            r"(?:\[ARGS\])?\s*(\{.*\})\s*", re.DOTALL)
 
