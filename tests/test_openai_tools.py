@@ -251,8 +251,7 @@ def test_llama3_json_a_text_of_objects_is_calls():
 
 @pytest.mark.parametrize("text", [
     "The weather in Paris is mild.",  # (content from the start: streams as it comes)
-    '{"name": "get_weather", "parameters": {"city": "Pa',  # cut off
-    '{"name": "get_weather", "parameters": {}} and more words',  # not calls alone
+    '{"name": "get_weather"} and more words',  # not calls alone (read whole)
     '{"city": "Paris"}',  # no name
     "<|python_tag|>print(1)",  # (Llama's code interpreter, not a function call)
     "<|pyth",  # a start of the tag, then the end
@@ -266,12 +265,21 @@ def test_llama3_json_any_other_text_is_all_content(text):
     assert parser.finish_reason("stop") == "stop"
 
 
-def test_llama3_json_streams_content_at_once_and_holds_calls_to_the_end():
+def test_llama3_json_streams_content_at_once_and_arguments_as_written():
     parser = plan([WEATHER], None, None, "llama3_json").new_parser()
     assert parser.feed(" ") == [] and parser.feed("Hi") == [" Hi"] and parser.feed("!") == ["!"]
-    parser = plan([WEATHER], None, None, "llama3_json").new_parser()
-    assert parser.feed('{"name": "get_weather", ') == [] and parser.feed('"parameters": {}}') == []
-    assert [(p.name, p.arguments) for p in parser.finish()] == [("get_weather", "{}")]
+    auto = plan([WEATHER, TIME], None, None, "llama3_json")
+    parser = auto.new_parser()
+    assert parser.feed('<|python_tag|>{"name": "get_weather", ') == []
+    first = parser.feed('"parameters": {"city"')
+    assert [(p.name, p.arguments) for p in first] == [("get_weather", ""), ("", '{"city"')]
+    assert parser.feed(': "Rome"}}; {"name": "get_time"}') == [CallDelta(0, ': "Rome"}')]
+    assert [(p.name, p.arguments) for p in parser.finish()] == [("get_time", "{}")]  # (whole)
+    for text, calls in (('{"name": "get_weather", "parameters": {"city": "Pa',  # cut off
+                         [("get_weather", '{"city": "Pa')]),
+                        ('{"name": "get_weather", "parameters": {}} and more words',
+                         [("get_weather", "{}")])):  # (after the calls: dropped)
+        assert _calls(_whole_and_streamed(auto, text)) == calls
 
 
 def test_mistral_an_array_of_calls_with_mistral_ids():
@@ -444,7 +452,7 @@ def test_pythonic_reads_hyphenated_tool_names():
 def test_json_parsers_refuse_what_is_not_json():
     for parser, text in (("hermes", '<tool_call>{"arguments": {"a": NaN}, "name": "f"}'
                                     '</tool_call>'),
-                         ("llama3_json", '{"name": "f", "parameters": {"a": Infinity}}')):
+                         ("llama3_json", '{"parameters": {"a": Infinity}, "name": "f"}')):
         assert _whole_and_streamed(plan([WEATHER], None, None, parser), text) == {
             "content": text}
 

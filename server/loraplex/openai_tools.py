@@ -20,8 +20,9 @@ model through the chat template, and `tool_choice` decides what its text becomes
                     objects (after Llama 3.1's <|python_tag|>, "; " between them) is calls.
                     `pythonic` (Llama 3.2 and 4, ToolACE): a text that is a Python list of
                     calls with literal keyword arguments, [f(a=1), g(b="x")], is calls.
-                    In these two a text that begins otherwise, or does not parse whole, is
-                    all content; a call text is held back and sent when it ends.
+                    In these two a text that begins otherwise is all content, and so is
+                    one that does not parse whole: a pythonic text is held back to its end,
+                    a llama3_json call's arguments stream (see _Llama3Json).
                     `mistral`: the text after Mistral's [TOOL_CALLS] is calls: a JSON array
                     of {"name", "arguments"} (tokenizers before v11), or f[ARGS]{...} with
                     [TOOL_CALLS] before each (v11 on, whose arguments stream), with
@@ -385,7 +386,7 @@ class _Hermes(Parser):
     def _head(self, body: str) -> tuple[str, int, _ObjectEnd] | None:
         """(name, where its arguments begin, their reader) when `body` begins a call with
         its name first, else None (also while too short to tell)."""
-        match = _HERMES_HEAD.match(body)
+        match = _JSON_HEAD.match(body)
         if match is None:
             return None
         try:
@@ -420,8 +421,9 @@ class _Hermes(Parser):
         return [text] if text else []
 
 
-# a hermes block's head: {"name": "<a JSON string>", "arguments" (or "parameters"): {
-_HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.)*")\s*,\s*'
+# a JSON call's head (hermes's, llama3_json's): {"name": "<a JSON string>", "arguments"
+# (or "parameters"): {
+_JSON_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.)*")\s*,\s*'
                           r'"(?:arguments|parameters)"\s*:\s*\{')
 
 
@@ -694,8 +696,66 @@ def _python_calls(text: str) -> list[tuple[str, str]] | None:
 
 
 class _Llama3Json(_WholeTextCalls):
+    """Llama 3.1+'s calls: {"name": ..., "parameters": {...}} objects, "; " between them.
+    A call that begins {"name": "<name>", "parameters": { (or "arguments") streams its
+    arguments as written, up to the brace that closes them, as hermes's; from then on the
+    text is calls, and what is left at its end is read as whole objects (a call with no
+    parameters) or dropped. A text whose first call does not begin so is read whole."""
+
     TAG, STARTS = "<|python_tag|>", ("{",)
     parse = staticmethod(_json_calls)
+
+    def __init__(self, parallel: bool):
+        super().__init__(parallel)
+        self._arguments: _ObjectEnd | None = None  # of the call being streamed
+        self._streaming = False  # some call began streaming
+        self._sends = False  # whether the call being streamed is sent
+
+    def feed(self, text: str) -> list[str | CallDelta]:
+        out = super().feed(text)
+        return out + self._stream() if self._state == "calls" else out
+
+    def _stream(self) -> list[CallDelta]:
+        out: list[CallDelta] = []
+        while True:
+            if self._arguments is not None:
+                piece = self._arguments.take(self._text)
+                self._text = self._text[len(piece):]
+                if piece and self._sends:
+                    out.append(CallDelta(self.calls - 1, piece))
+                if not self._arguments.done:
+                    return out
+                self._arguments = None
+            head = _JSON_HEAD.match(self._text, self._next_call())
+            if head is None:  # (not yet, or not that form)
+                return out
+            self._streaming, self._arguments = True, _ObjectEnd()
+            self._sends = self._parallel or not self.calls
+            name, self._text = json.loads(head.group(1)), self._text[head.end() - 1:]
+            if self._sends:
+                out.append(self._call(name, ""))
+
+    def _next_call(self) -> int:
+        """Where the next call's object may begin: after the tag (first), or after the
+        closing brace and "; " that follow a call."""
+        if self._streaming:
+            return _BETWEEN_CALLS.match(self._text).end()
+        body = self._untagged(self._text)
+        return len(self._text) - len(body if body is not None else self._text.lstrip())
+
+    def finish(self) -> list[str | CallDelta]:
+        if not self._streaming:
+            return super().finish()
+        out = self._stream()
+        rest, cut = self._text, self._arguments is not None  # (cut: keeps what was written)
+        self._text, self._arguments = "", None
+        if not cut and rest.strip():
+            calls = _json_calls(rest[_BETWEEN_CALLS.match(rest).end():]) or []
+            out += [self._call(*c) for c in calls if self._parallel]
+        return out
+
+
+_BETWEEN_CALLS = re.compile(r"[\s;}]*")  # (after a call's arguments: its brace, "; ")
 
 
 class _Mistral(Parser):
