@@ -608,6 +608,30 @@ class _XmlArguments:
             return _dumps(text)
 
 
+class _StreamedCalls:
+    """For a parser that reads JSON calls one after another out of its held text
+    (`_text`), streaming each one's arguments object as it comes."""
+
+    _arguments: _ObjectEnd | None = None  # the call being streamed's
+    _sends = False  # whether it is sent (not a second call without parallel calls)
+
+    def _begin_call(self, name: str) -> list[CallDelta]:
+        """A call begins, its arguments object next in `_text`."""
+        self._arguments, self._sends = _ObjectEnd(), self._parallel or not self.calls
+        return [self._call(name, "")] if self._sends else []
+
+    def _arguments_so_far(self) -> list[CallDelta]:
+        """The streaming call's arguments in `_text` (taken from it); its reader goes once
+        the object closes."""
+        if self._arguments is None:
+            return []
+        piece = self._arguments.take(self._text)
+        self._text = self._text[len(piece):]
+        if self._arguments.done:
+            self._arguments = None
+        return [CallDelta(self.calls - 1, piece)] if piece and self._sends else []
+
+
 class _WholeTextCalls(Parser):
     """A text that is calls from its start (after an optional `TAG`, which a tokenizer
     may also mark special and so leave out), in the format `parse` reads. Any other text
@@ -695,7 +719,7 @@ def _python_calls(text: str) -> list[tuple[str, str]] | None:
         return None
 
 
-class _Llama3Json(_WholeTextCalls):
+class _Llama3Json(_StreamedCalls, _WholeTextCalls):
     """Llama 3.1+'s calls: {"name": ..., "parameters": {...}} objects, "; " between them.
     A call that begins {"name": "<name>", "parameters": { (or "arguments") streams its
     arguments as written, up to the brace that closes them, as hermes's; from then on the
@@ -707,9 +731,7 @@ class _Llama3Json(_WholeTextCalls):
 
     def __init__(self, parallel: bool):
         super().__init__(parallel)
-        self._arguments: _ObjectEnd | None = None  # of the call being streamed
         self._streaming = False  # some call began streaming
-        self._sends = False  # whether the call being streamed is sent
 
     def feed(self, text: str) -> list[str | CallDelta]:
         out = super().feed(text)
@@ -718,22 +740,14 @@ class _Llama3Json(_WholeTextCalls):
     def _stream(self) -> list[CallDelta]:
         out: list[CallDelta] = []
         while True:
+            out += self._arguments_so_far()
             if self._arguments is not None:
-                piece = self._arguments.take(self._text)
-                self._text = self._text[len(piece):]
-                if piece and self._sends:
-                    out.append(CallDelta(self.calls - 1, piece))
-                if not self._arguments.done:
-                    return out
-                self._arguments = None
+                return out
             head = _JSON_HEAD.match(self._text, self._next_call())
             if head is None:  # (not yet, or not that form)
                 return out
-            self._streaming, self._arguments = True, _ObjectEnd()
-            self._sends = self._parallel or not self.calls
-            name, self._text = json.loads(head.group(1)), self._text[head.end() - 1:]
-            if self._sends:
-                out.append(self._call(name, ""))
+            self._streaming, self._text = True, self._text[head.end() - 1:]
+            out += self._begin_call(json.loads(head.group(1)))
 
     def _next_call(self) -> int:
         """Where the next call's object may begin: after the tag (first), or after the
@@ -758,7 +772,7 @@ class _Llama3Json(_WholeTextCalls):
 _BETWEEN_CALLS = re.compile(r"[\s;}]*")  # (after a call's arguments: its brace, "; ")
 
 
-class _Mistral(Parser):
+class _Mistral(_StreamedCalls, Parser):
     """The text after Mistral's [TOOL_CALLS] tag is calls, in the form of the model's
     tokenizer version:
 
@@ -783,9 +797,7 @@ class _Mistral(Parser):
         self._text = ""  # not yet sent
         self._held = False  # the text is (maybe) calls: held to the end
         self._streamed = False  # some content was sent
-        self._arguments: _ObjectEnd | None = None  # of the v11 call being streamed
         self._streaming = False  # some v11 call began (the rest is calls, never content)
-        self._sends = False  # whether the call being streamed is sent
 
     def feed(self, text: str) -> list[str | CallDelta]:
         self._text += text
@@ -807,14 +819,9 @@ class _Mistral(Parser):
         """The v11 calls' pieces that the held text now holds."""
         out: list[CallDelta] = []
         while True:
+            out += self._arguments_so_far()
             if self._arguments is not None:
-                piece = self._arguments.take(self._text)
-                self._text = self._text[len(piece):]
-                if piece and self._sends:
-                    out.append(CallDelta(self.calls - 1, piece))
-                if not self._arguments.done:
-                    return out
-                self._arguments = None
+                return out
             if self._streaming:  # (the text between calls is dropped)
                 at = self._text.find(self.TAG)
                 keep = len(self._text) - at if at >= 0 else tag_start(self._text, self.TAG)
@@ -826,11 +833,8 @@ class _Mistral(Parser):
                     if self._text.startswith(self.TAG, at) else None)
             if head is None:  # (not yet, or not that form: held whole)
                 return out
-            self._streaming, self._arguments = True, _ObjectEnd()
-            self._sends = self._parallel or not self.calls
-            self._text = self._text[head.end() - 1:]
-            if self._sends:
-                out.append(self._call(head.group(1), ""))
+            self._streaming, self._text = True, self._text[head.end() - 1:]
+            out += self._begin_call(head.group(1))
 
     def finish(self) -> list[str | CallDelta]:
         if self._streaming:  # (a call cut off keeps what was written)
