@@ -620,6 +620,23 @@ class _StreamedCalls:
         self._arguments, self._sends = _ObjectEnd(), self._parallel or not self.calls
         return [self._call(name, "")] if self._sends else []
 
+    def _stream(self) -> list[CallDelta]:
+        """The calls' pieces that the held text now holds."""
+        out: list[CallDelta] = []
+        while True:
+            out += self._arguments_so_far()
+            if self._arguments is not None:
+                return out
+            head = self._next_head()
+            if head is None:  # (not yet, or not that form: held whole)
+                return out
+            self._streaming, self._text = True, self._text[head[1]:]
+            out += self._begin_call(head[0])
+
+    def _next_head(self) -> tuple[str, int] | None:
+        """The next call's name and where its arguments object begins in `_text`."""
+        raise NotImplementedError
+
     def _arguments_so_far(self) -> list[CallDelta]:
         """The streaming call's arguments in `_text` (taken from it); its reader goes once
         the object closes."""
@@ -737,17 +754,9 @@ class _Llama3Json(_StreamedCalls, _WholeTextCalls):
         out = super().feed(text)
         return out + self._stream() if self._state == "calls" else out
 
-    def _stream(self) -> list[CallDelta]:
-        out: list[CallDelta] = []
-        while True:
-            out += self._arguments_so_far()
-            if self._arguments is not None:
-                return out
-            head = _JSON_HEAD.match(self._text, self._next_call())
-            if head is None:  # (not yet, or not that form)
-                return out
-            self._streaming, self._text = True, self._text[head.end() - 1:]
-            out += self._begin_call(json.loads(head.group(1)))
+    def _next_head(self) -> tuple[str, int] | None:
+        head = _JSON_HEAD.match(self._text, self._next_call())
+        return None if head is None else (json.loads(head.group(1)), head.end() - 1)
 
     def _next_call(self) -> int:
         """Where the next call's object may begin: after the tag (first), or after the
@@ -815,26 +824,18 @@ class _Mistral(_StreamedCalls, Parser):
         content, self._text = self._text[:cut], self._text[cut:]
         return self._content(content)
 
-    def _stream(self) -> list[CallDelta]:
-        """The v11 calls' pieces that the held text now holds."""
-        out: list[CallDelta] = []
-        while True:
-            out += self._arguments_so_far()
-            if self._arguments is not None:
-                return out
-            if self._streaming:  # (the text between calls is dropped)
-                at = self._text.find(self.TAG)
-                keep = len(self._text) - at if at >= 0 else tag_start(self._text, self.TAG)
-                self._text = self._text[len(self._text) - keep:]
-                if at < 0:
-                    return out
-            at = len(self._text) - len(self._text.lstrip())
-            head = (_MISTRAL_HEAD.match(self._text, at + len(self.TAG))
-                    if self._text.startswith(self.TAG, at) else None)
-            if head is None:  # (not yet, or not that form: held whole)
-                return out
-            self._streaming, self._text = True, self._text[head.end() - 1:]
-            out += self._begin_call(head.group(1))
+    def _next_head(self) -> tuple[str, int] | None:
+        """A v11 call's name and where its arguments begin, at the held text's tag."""
+        if self._streaming:  # (the text between calls is dropped)
+            at = self._text.find(self.TAG)
+            keep = len(self._text) - at if at >= 0 else tag_start(self._text, self.TAG)
+            self._text = self._text[len(self._text) - keep:]
+            if at < 0:
+                return None
+        at = len(self._text) - len(self._text.lstrip())
+        head = (_MISTRAL_HEAD.match(self._text, at + len(self.TAG))
+                if self._text.startswith(self.TAG, at) else None)
+        return None if head is None else (head.group(1), head.end() - 1)
 
     def finish(self) -> list[str | CallDelta]:
         if self._streaming:  # (a call cut off keeps what was written)
