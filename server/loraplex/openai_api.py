@@ -124,6 +124,17 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _owner(request: web.Request) -> str:
+    """Whose the stored responses a request makes or reads are (openai_store.owner_of)."""
+    return owner_of(request.headers.get("Authorization", ""))
+
+
+def _not_stored(response_id: str, param: str | None = None) -> ApiError:
+    return ApiError(404, f"no response {response_id!r} is stored here (responses are kept in "
+                         "this server's memory, the least recently used dropped past "
+                         "--response-store-mb, each for the token that made it)", param=param)
+
+
 class OpenAIApi:
     """The aiohttp application; `channel` reaches the gRPC services. `model_name`: what
     /v1/models calls the base model (requests may name it or ""). `list_token`: the
@@ -234,7 +245,7 @@ class OpenAIApi:
         """OpenAI's Responses API, served as the chat request it asks for
         (openai_responses.py): one completion, its pieces as output items."""
         body = await self._body(request, RESPONSES_FIELDS)
-        owner = owner_of(request.headers.get("Authorization", ""))
+        owner = _owner(request)
         try:
             chat = openai_responses.chat_body(body, self._history(body, owner))
         except openai_responses.ResponsesError as exc:
@@ -315,10 +326,7 @@ class OpenAIApi:
     def _stored(self, owner: str, response_id: str, param: str | None = None):
         stored = self._store.get(owner, response_id) if self._store is not None else None
         if stored is None:
-            raise ApiError(404, f"no response {response_id!r} is stored here (responses are "
-                                "kept in this server's memory, the least recently used "
-                                "dropped past --response-store-mb, each for the token that "
-                                "made it)", param=param)
+            raise _not_stored(response_id, param)
         return stored
 
     def _keep(self, owner: str, body: dict, chat: dict, answer: dict) -> None:
@@ -328,15 +336,14 @@ class OpenAIApi:
     async def get_response(self, request: web.Request) -> web.Response:
         """A stored response, for the token that made it."""
         await self._check_caller(request)
-        owner = owner_of(request.headers.get("Authorization", ""))
-        return web.json_response(self._stored(owner, request.match_info["response_id"]).response)
+        return web.json_response(self._stored(_owner(request),
+                                              request.match_info["response_id"]).response)
 
     async def delete_response(self, request: web.Request) -> web.Response:
         await self._check_caller(request)
-        owner, response_id = owner_of(request.headers.get("Authorization", "")), \
-            request.match_info["response_id"]
-        self._stored(owner, response_id)
-        self._store.delete(owner, response_id)
+        response_id = request.match_info["response_id"]
+        if self._store is None or not self._store.delete(_owner(request), response_id):
+            raise _not_stored(response_id)
         return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
     async def _check_caller(self, request: web.Request) -> None:
