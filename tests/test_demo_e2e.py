@@ -129,6 +129,10 @@ def test_the_readme_responses_example(demo_server):
         assert out.output_text == tasks.reverse("abc")
         events = list(api.responses.create(model="reverse", input="abc=", temperature=0,
                                            stream=True))
+        more = api.responses.create(model="reverse", previous_response_id=out.id,
+                                    input="xyz=")
+        [item] = api.responses.input_items.list(more.id).data
+        assert (item.role, item.content[0].text) == ("user", "xyz=")
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == \
         tasks.reverse("abc")

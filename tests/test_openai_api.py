@@ -870,6 +870,8 @@ def test_stored_responses_continue_a_conversation(api):
         {"role": "user", "content": "again"}])
     assert third.output_text == chat.choices[0].message.content
     assert api.responses.retrieve(third.id).output_text == third.output_text
+    [asked] = api.responses.input_items.list(third.id).data  # (its own input only)
+    assert (asked.role, asked.content[0].text) == ("user", "again")
     unkept = api.responses.create(model="alpha", input=PROMPT, max_output_tokens=2, store=False)
     assert not unkept.store
     for gone in (unkept.id, "resp_x"):
@@ -886,6 +888,29 @@ def test_stored_responses_continue_a_conversation(api):
     with pytest.raises(openai.NotFoundError):
         api.responses.retrieve(first.id)
     assert api.responses.retrieve(second.id).id == second.id  # (the others stay)
+
+
+def test_input_items_list_a_stored_responses_input_in_pages(api):
+    given = [{"role": "user", "content": PROMPT},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather",
+              "arguments": '{"city": "Rome"}'},
+             {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+    out = api.responses.create(model="alpha", input=given, max_output_tokens=2)
+    newest = api.responses.input_items.list(out.id)
+    assert [i.type for i in newest.data] == ["function_call_output", "function_call",
+                                             "message"] and not newest.has_more
+    first = api.responses.input_items.list(out.id, order="asc", limit=2)
+    assert [i.type for i in first.data] == ["message", "function_call"] and first.has_more
+    assert first.data[0].content[0].text == PROMPT and first.data[1].call_id == "c1"
+    rest = api.responses.input_items.list(out.id, order="asc", after=first.last_id)
+    assert [i.output for i in rest.data] == ["sunny"] and not rest.has_more
+    assert [i.id for i in api.responses.input_items.list(out.id, order="asc", limit=1)] == [
+        *[i.id for i in first.data], rest.data[0].id]  # (the SDK's pager follows has_more)
+    with pytest.raises(openai.BadRequestError, match="limit must be"):
+        api.responses.input_items.list(out.id, limit=500)
+    with openai.OpenAI(base_url=api.base_url, api_key="someone else", max_retries=0) as other:
+        with pytest.raises(openai.NotFoundError):
+            other.responses.input_items.list(out.id)
 
 
 def test_responses_give_the_reasoning_its_own_item(thinking):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from loraplex.openai_responses import (Events, ResponsesError, chat_body, conversation,
-                                       output_items, response, usage)
+                                       input_items, output_items, page, response, usage)
 from loraplex.openai_store import ResponseStore, owner_of
 from loraplex.openai_tools import CallDelta, Reasoning
 
@@ -102,21 +102,66 @@ def test_the_store_keeps_each_callers_responses_within_its_budget():
     def answer(i: int, text: str = "") -> dict:
         return {"id": f"resp_{i}", "output": text}
 
-    one = len(json.dumps(answer(0))) + len("[]")  # (its JSON and an empty conversation's)
+    one = len(json.dumps(answer(0))) + 2 * len("[]")  # (its JSON, no conversation, no input)
     store = ResponseStore(max_bytes=3 * one)
     alice, bob = owner_of("Bearer a"), owner_of("Bearer b")
     for i in range(3):
-        store.put(alice, answer(i), [])
+        store.put(alice, answer(i), [], [])
     assert len(store) == 3 and store.bytes == 3 * one
     assert store.get(bob, "resp_0") is None  # (another token's: not found)
     assert store.get(alice, "resp_0").response == answer(0)  # (read: now the most recent)
-    store.put(bob, answer(3), [])  # over the budget: alice's resp_1, least recently used, goes
+    store.put(bob, answer(3), [], [])  # over the budget: alice's resp_1, least recently used, goes
     assert [store.get(alice, f"resp_{i}") is not None for i in range(3)] == [True, False, True]
     assert store.get(bob, "resp_3").conversation == ()
     assert store.delete(alice, "resp_0") and not store.delete(alice, "resp_0")
     assert store.bytes == 2 * one
-    store.put(alice, answer(9, "x" * 10 * one), [{"role": "user", "content": "hi"}])
+    store.put(alice, answer(9, "x" * 10 * one), [{"role": "user", "content": "hi"}], [])
     assert len(store) == 1 and store.get(alice, "resp_9") is not None  # (the newest stays)
+
+
+def test_input_items_are_the_input_with_ids_and_parts():
+    items = input_items([
+        {"role": "user", "content": "weather?", "id": "msg_mine"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]}])
+    assert [(i["type"], i["id"][:3]) for i in items] == [
+        ("message", "msg"), ("function_call", "fc_"), ("function_call_output", "fco"),
+        ("message", "msg")]
+    assert items[0]["id"] == "msg_mine"  # (the caller's id is kept)
+    assert items[0]["content"] == [{"type": "input_text", "text": "weather?"}]
+    assert items[3]["content"] == [{"type": "output_text", "text": "Sunny."}]
+    assert (items[1]["name"], items[2]["output"]) == ("get_weather", "sunny")
+    assert len({i["id"] for i in items}) == 4
+    [one] = input_items("hi")
+    assert (one["role"], one["content"]) == ("user", [{"type": "input_text", "text": "hi"}])
+
+
+@pytest.mark.parametrize("query, ids, more", [
+    ({}, [5, 4, 3, 2, 1, 0], False),  # (newest first)
+    ({"order": "asc", "limit": "4"}, [0, 1, 2, 3], True),
+    ({"order": "asc", "limit": "4", "after": "i3"}, [4, 5], False),
+    ({"after": "i4", "limit": "2"}, [3, 2], True),
+    ({"after": "i4", "before": "i1"}, [3, 2], False),
+    ({"order": "asc", "before": "i2"}, [0, 1], False),
+    ({"after": "i0"}, [], False),
+])
+def test_a_page_of_items_follows_openais_cursors(query, ids, more):
+    items = [{"id": f"i{k}"} for k in range(6)]
+    got = page(items, query)
+    assert [int(i["id"][1:]) for i in got["data"]] == ids and got["has_more"] is more
+    assert (got["first_id"], got["last_id"]) == ((f"i{ids[0]}", f"i{ids[-1]}") if ids
+                                                 else (None, None))
+
+
+@pytest.mark.parametrize("query, param", [
+    ({"limit": "0"}, "limit"), ({"limit": "101"}, "limit"), ({"limit": "x"}, "limit"),
+    ({"order": "newest"}, "order"), ({"after": "nosuch"}, "after"),
+    ({"include": "message.input_image.image_url"}, "include")])
+def test_a_bad_page_query_says_which_parameter(query, param):
+    with pytest.raises(ResponsesError) as err:
+        page([{"id": "i0"}], query)
+    assert err.value.param == param and param in str(err.value)
 
 
 def test_output_items_of_a_whole_answer():

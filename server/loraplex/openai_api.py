@@ -4,6 +4,8 @@
     POST /v1/chat/completions     messages -> the assistant's message
     POST /v1/responses            OpenAI's Responses API, served as chat
     GET, DELETE /v1/responses/ID  a stored response (openai_store.py)
+    GET  /v1/responses/ID/input_items
+                                  the input items of a stored response
     POST /generate, /generate_stream, /
                                   LoRAX's (TGI's) REST API, with adapter_id
     POST /tokenize, /detokenize   vLLM's: a prompt or messages <-> token ids
@@ -163,6 +165,8 @@ class OpenAIApi:
                              web.post("/v1/responses", self.responses),
                              web.get("/v1/responses/{response_id}", self.get_response),
                              web.delete("/v1/responses/{response_id}", self.delete_response),
+                             web.get("/v1/responses/{response_id}/input_items",
+                                     self.input_items),
                              web.get("/v1/models", self.models),
                              web.post("/tokenize", self.tokenize),
                              web.post("/detokenize", self.detokenize),
@@ -331,13 +335,24 @@ class OpenAIApi:
 
     def _keep(self, owner: str, body: dict, chat: dict, answer: dict) -> None:
         self._store.put(owner, answer, openai_responses.conversation(body, chat,
-                                                                     answer["output"]))
+                                                                     answer["output"]),
+                        openai_responses.input_items(body["input"]))
 
     async def get_response(self, request: web.Request) -> web.Response:
         """A stored response, for the token that made it."""
         await self._check_caller(request)
         return web.json_response(self._stored(_owner(request),
                                               request.match_info["response_id"]).response)
+
+    async def input_items(self, request: web.Request) -> web.Response:
+        """One page of a stored response's input items (limit, order, after, before)."""
+        await self._check_caller(request)
+        stored = self._stored(_owner(request), request.match_info["response_id"])
+        try:
+            return web.json_response(openai_responses.page(list(stored.input_items),
+                                                           request.query))
+        except openai_responses.ResponsesError as exc:
+            raise bad(str(exc), exc.param) from None
 
     async def delete_response(self, request: web.Request) -> web.Response:
         await self._check_caller(request)

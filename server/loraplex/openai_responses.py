@@ -81,6 +81,63 @@ def conversation(body: dict, chat: dict, output: list[dict]) -> list[dict]:
     return [*messages, *_messages(output)]
 
 
+def input_items(value) -> list[dict]:
+    """A request's `input` (checked by chat_body) as the items GET
+    /v1/responses/{id}/input_items lists: each with its id (the caller's, or a new one)
+    and its message content as parts."""
+    out: list[dict] = []
+    for item in [{"role": "user", "content": value}] if isinstance(value, str) else value:
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item["content"]
+            part = "output_text" if item["role"] == "assistant" else "input_text"
+            out.append({"id": item.get("id") or new_id("msg"), "type": "message",
+                        "role": item["role"], "status": item.get("status", "completed"),
+                        "content": [{"type": part, "text": content}]
+                        if isinstance(content, str) else content})
+        elif kind == "function_call":
+            out.append({"id": item.get("id") or new_id("fc"), "type": kind,
+                        "call_id": item.get("call_id"), "name": item.get("name"),
+                        "arguments": item.get("arguments"),
+                        "status": item.get("status", "completed")})
+        elif kind == "function_call_output":
+            out.append({"id": item.get("id") or new_id("fco"), "type": kind,
+                        "call_id": item.get("call_id"), "output": item.get("output"),
+                        "status": item.get("status", "completed")})
+        else:  # reasoning
+            out.append({**item, "id": item.get("id") or new_id("rs")})
+    return out
+
+
+def page(items: list[dict], query) -> dict:
+    """One page of a list of items (OpenAI's cursor pagination): `query` the request's
+    limit (1-100, default 20), order ("asc" or "desc", the default: newest first), after
+    and before (item ids)."""
+    limit = query.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise ResponsesError(f"limit must be an integer from 1 to 100, got {limit!r}", "limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ResponsesError(f'order must be "asc" or "desc", got {order!r}', "order")
+    if query.get("include"):
+        raise ResponsesError(f"include: {_REFUSED['include']}", "include")
+    ordered = items if order == "asc" else items[::-1]
+    ids = [item["id"] for item in ordered]
+    start, end = 0, len(ordered)
+    for name in ("after", "before"):
+        if query.get(name):
+            if query[name] not in ids:
+                raise ResponsesError(f"{name}: no input item {query[name]!r} in this "
+                                     "response", name)
+            at = ids.index(query[name])
+            start, end = (max(start, at + 1), end) if name == "after" else (start, min(end, at))
+    data = ordered[start:end][:int(limit)]
+    return {"object": "list", "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": start + len(data) < end}
+
+
 def _messages(value) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 class Stored:
     response: dict  # the Response object as it was answered
     conversation: tuple[dict, ...]  # chat messages that a later response continues
-    size: int  # bytes of the two as JSON (what the budget counts)
+    input_items: tuple[dict, ...]  # its request's input, as items with ids
+    size: int  # bytes of the three as JSON (what the budget counts)
 
 
 def owner_of(authorization: str) -> str:
@@ -35,11 +36,12 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, owner: str, response: dict, conversation: list[dict]) -> None:
-        size = len(json.dumps(response)) + len(json.dumps(conversation))
+    def put(self, owner: str, response: dict, conversation: list[dict],
+            input_items: list[dict]) -> None:
+        size = sum(len(json.dumps(x)) for x in (response, conversation, input_items))
         key = (owner, response["id"])
         self._drop(key)
-        self._items[key] = Stored(response, tuple(conversation), size)
+        self._items[key] = Stored(response, tuple(conversation), tuple(input_items), size)
         self.bytes += size
         while self.bytes > self.max_bytes and len(self._items) > 1:
             self._drop(next(iter(self._items)))
