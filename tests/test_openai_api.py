@@ -770,7 +770,8 @@ def test_the_gateway_process_answers_as_the_server_does(served, api, grpc_client
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
             text = resp.read().decode()
         assert 'loraplex_http_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
-        assert "loraplex_running_requests" not in text  # (the gateway's own counter only)
+        assert "loraplex_http_stored_responses 0.0" in text  # (its own store: none yet)
+        assert "loraplex_running_requests" not in text  # (the gateway's own metrics only)
         assert gateway.stop() == 0  # SIGTERM: a clean exit
 
 
@@ -890,12 +891,16 @@ def test_stored_responses_continue_a_conversation(api):
     assert api.responses.retrieve(second.id).id == second.id  # (the others stay)
 
 
-def test_input_items_list_a_stored_responses_input_in_pages(api):
+def test_input_items_list_a_stored_responses_input_in_pages(served, api):
+    kept = (served.metric("loraplex_http_stored_responses"),
+            served.metric("loraplex_http_stored_response_bytes"))
     given = [{"role": "user", "content": PROMPT},
              {"type": "function_call", "call_id": "c1", "name": "get_weather",
               "arguments": '{"city": "Rome"}'},
              {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
     out = api.responses.create(model="alpha", input=given, max_output_tokens=2)
+    assert served.metric("loraplex_http_stored_responses") == kept[0] + 1
+    assert served.metric("loraplex_http_stored_response_bytes") > kept[1] + len(PROMPT)
     newest = api.responses.input_items.list(out.id)
     assert [i.type for i in newest.data] == ["function_call_output", "function_call",
                                              "message"] and not newest.has_more
@@ -911,6 +916,9 @@ def test_input_items_list_a_stored_responses_input_in_pages(api):
     with openai.OpenAI(base_url=api.base_url, api_key="someone else", max_retries=0) as other:
         with pytest.raises(openai.NotFoundError):
             other.responses.input_items.list(out.id)
+    api.responses.delete(out.id)
+    assert (served.metric("loraplex_http_stored_responses"),
+            served.metric("loraplex_http_stored_response_bytes")) == kept
 
 
 def test_responses_give_the_reasoning_its_own_item(thinking):

@@ -413,7 +413,7 @@ def _gateway(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from loraplex.metrics import http_requests_counter
+    from loraplex.metrics import http_requests_counter, response_store_gauges
     from loraplex.openai_api import HttpServer, run_gateway
 
     registry = CollectorRegistry()
@@ -427,6 +427,8 @@ def _gateway(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                         tool_call_parser=args.tool_call_parser,
                         reasoning_parser=args.reasoning_parser,
                         response_store_mb=args.response_store_mb)
+    if server.store is not None:
+        response_store_gauges(registry, server.store)
     asyncio.run(run_gateway(server))
     return 0
 

@@ -30,6 +30,15 @@ def http_requests_counter(registry: CollectorRegistry) -> Counter:
                    ["endpoint", "status"], registry=registry)
 
 
+def response_store_gauges(registry: CollectorRegistry, store) -> None:
+    """How full the Responses API's store (openai_store.ResponseStore) is, read at each
+    scrape."""
+    Gauge("loraplex_http_stored_responses", "Responses kept for previous_response_id and "
+          "GET /v1/responses.", registry=registry).set_function(lambda: len(store))
+    Gauge("loraplex_http_stored_response_bytes", "Their size as JSON (against "
+          "--response-store-mb).", registry=registry).set_function(lambda: store.bytes)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()

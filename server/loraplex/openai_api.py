@@ -729,7 +729,7 @@ class HttpServer:
     http-gateway`, a server or the adapter-aware proxy in front of several (over TLS
     with `grpc_tls_ca`, a PEM root certificate). `grace`: seconds the requests in flight
     get at `close`. `response_store_mb`: the Responses API's budget for stored responses
-    (0: none stored)."""
+    (0: none stored; `store` the ResponseStore, else None)."""
 
     def __init__(self, grpc_target: str, host: str, port: int, model_name: str,
                  list_token: str = "", tls: tuple[str, str] | None = None,
@@ -737,7 +737,7 @@ class HttpServer:
                  requests: Counter | None = None, tool_call_parser: str = "",
                  reasoning_parser: str = "", response_store_mb: float = 0):
         self.grpc_target, self._grpc_tls_ca = grpc_target, grpc_tls_ca
-        self._store = ResponseStore(int(response_store_mb * 2**20)) if response_store_mb else None
+        self.store = ResponseStore(int(response_store_mb * 2**20)) if response_store_mb else None
         self._host, self._port = host, port
         self._model_name, self._list_token, self._tls = model_name, list_token, tls
         self.grace = grace
@@ -757,7 +757,7 @@ class HttpServer:
         else:
             self._channel = grpc.aio.insecure_channel(self.grpc_target)
         api = OpenAIApi(self._channel, self._model_name, self._list_token, self._requests,
-                        self._tool_call_parser, self._reasoning_parser, self._store)
+                        self._tool_call_parser, self._reasoning_parser, self.store)
         # handler_cancellation: a client that goes away cancels its handler, and with it
         # the gRPC calls (which leave the batch)
         self._runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None,

@@ -60,7 +60,7 @@ from loraplex.config import Config
 from loraplex.engine.request import GenerationRequest, SamplingParams
 from loraplex.engine.threads import helper_executor
 from loraplex.errors import Unavailable
-from loraplex.metrics import Metrics
+from loraplex.metrics import Metrics, response_store_gauges
 from loraplex.routing import Route, Router
 from loraplex.state import AdapterEntry, State, StateStore
 from loraplex_client._proto.loraplex.v1 import loraplex_pb2 as pb
@@ -185,6 +185,8 @@ class LoraplexServer:
                                    tool_call_parser=s.tool_call_parser,
                                    reasoning_parser=s.reasoning_parser,
                                    response_store_mb=s.response_store_mb)
+            if self.http.store is not None:
+                response_store_gauges(self.metrics.registry, self.http.store)
             await self.http.start()
             self.http_port = self.http.port
             log.info("OpenAI-compatible API on %s://%s/v1", "https" if s.tls_cert else "http",
