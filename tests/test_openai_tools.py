@@ -295,6 +295,38 @@ def test_mistral_an_array_of_calls_with_mistral_ids():
         assert _whole_and_streamed(auto, text) == {"content": text}
 
 
+@pytest.mark.parametrize("text, calls", [
+    ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Par',  # cut off
+     [("get_weather", '{"city": "Par')]),
+    ('[{"name": "get_weather", "arguments": {"a": NaN}}]',  # (as written, no tag)
+     [("get_weather", '{"a": NaN}')]),
+    ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": '
+     '"get_time"}, {"name": "get_time", "arguments": "{}"}]',  # (the last two read whole)
+     [("get_weather", '{"city": "Rome"}'), ("get_time", "{}"), ("get_time", "{}")]),
+    ('[TOOL_CALLS] {"name": "get_time", "arguments": {}} and then',  # (after: dropped)
+     [("get_time", "{}")]),
+])
+def test_mistral_an_array_call_begun_stands_with_its_arguments_as_written(text, calls):
+    auto = plan([WEATHER, TIME], None, None, "mistral")
+    msg = _whole_and_streamed(auto, text)
+    assert msg["content"] is None and _calls(msg) == calls
+    single = plan([WEATHER, TIME], None, False, "mistral")
+    assert _calls(_whole_and_streamed(single, text)) == calls[:1]
+
+
+def test_mistral_an_arrays_arguments_stream_as_written():
+    parser = plan([WEATHER, TIME], None, None, "mistral").new_parser()
+    assert parser.feed('[TOOL_CALLS][{"name": "get_weather", "argu') == []
+    first = parser.feed('ments": {"city": ')
+    assert [(c.index, c.name, c.arguments) for c in first] == [
+        (0, "get_weather", ""), (0, "", '{"city": ')]
+    more = parser.feed('"Rome"}}, {"name": "get_time", "arguments": {')
+    assert [(c.index, c.name, c.arguments) for c in more] == [
+        (0, "", '"Rome"}'), (1, "get_time", ""), (1, "", "{")]
+    assert parser.feed("}}]") == [CallDelta(1, "}")] and parser.finish() == []
+    assert parser.finish_reason("stop") == "tool_calls"
+
+
 @pytest.mark.parametrize("text", [
     '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}',  # v11
     '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris"}'  # v13

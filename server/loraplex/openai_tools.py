@@ -790,11 +790,14 @@ class _Mistral(_StreamedCalls, Parser):
 
     (v13 writes [CALL_ID] and an id before [ARGS]; the call gets a fresh id, as the others).
     The content before the tag streams, less text that may be the tag's start, held until
-    known. In the v11 form a call begins at f[ARGS]{ and its arguments stream as written,
-    up to the brace that closes them (text after it, up to the next tag, is dropped), as
-    hermes's do. Otherwise the text from the tag on is held to its end, and is content if
-    it does not parse whole. With no tag (a tokenizer that leaves special tokens out), a
-    text that begins like the old JSON array is held and parsed the same way."""
+    known. A call begins at f[ARGS]{ (v11) or [{"name": "f", "arguments": { (the array)
+    and its arguments stream as written, up to the brace that closes them, as hermes's
+    do; from then on the text is calls: in the v11 form the text after a call's object,
+    up to the next tag, is dropped; in the array the next call begins after "}, ", and
+    what is left at the end is read as whole calls (one with no arguments) or dropped.
+    Otherwise the text from the tag on is held to its end, and is content if it does not
+    parse whole. With no tag (a tokenizer that leaves special tokens out), a text that
+    begins like the array is read the same way."""
 
     TAG = "[TOOL_CALLS]"
     KEEPS_SPECIAL = True
@@ -806,7 +809,8 @@ class _Mistral(_StreamedCalls, Parser):
         self._text = ""  # not yet sent
         self._held = False  # the text is (maybe) calls: held to the end
         self._streamed = False  # some content was sent
-        self._streaming = False  # some v11 call began (the rest is calls, never content)
+        self._streaming = False  # some call began (the rest is calls, never content)
+        self._array = False  # in the JSON array form
 
     def feed(self, text: str) -> list[str | CallDelta]:
         self._text += text
@@ -819,28 +823,42 @@ class _Mistral(_StreamedCalls, Parser):
             return self._content(content) + self._stream()
         if not self._streamed and head[:1] in ("[", "{") and not self.TAG.startswith(head):
             self._held = True
-            return []
+            return self._stream()
         cut = len(self._text) - _held_back(self._text, self.TAG)
         content, self._text = self._text[:cut], self._text[cut:]
         return self._content(content)
 
     def _next_head(self) -> tuple[str, int] | None:
-        """A v11 call's name and where its arguments begin, at the held text's tag."""
-        if self._streaming:  # (the text between calls is dropped)
+        """The next call's name and where its arguments begin in the held text."""
+        if self._array:
+            head = _JSON_HEAD.match(self._text, _BETWEEN_ITEMS.match(self._text).end())
+            return None if head is None else (json.loads(head.group(1)), head.end() - 1)
+        if self._streaming:  # (v11: the text between calls is dropped)
             at = self._text.find(self.TAG)
             keep = len(self._text) - at if at >= 0 else tag_start(self._text, self.TAG)
             self._text = self._text[len(self._text) - keep:]
             if at < 0:
                 return None
         at = len(self._text) - len(self._text.lstrip())
-        head = (_MISTRAL_HEAD.match(self._text, at + len(self.TAG))
-                if self._text.startswith(self.TAG, at) else None)
-        return None if head is None else (head.group(1), head.end() - 1)
+        if self._text.startswith(self.TAG, at):
+            at += len(self.TAG)
+            head = _MISTRAL_HEAD.match(self._text, at)
+            if head is not None:
+                return head.group(1), head.end() - 1
+        if self._streaming:
+            return None
+        head = _ARRAY_HEAD.match(self._text, at)
+        self._array = head is not None
+        return None if head is None else (json.loads(head.group(1)), head.end() - 1)
 
     def finish(self) -> list[str | CallDelta]:
         if self._streaming:  # (a call cut off keeps what was written)
             out = self._stream()
+            rest, cut = self._text, self._arguments is not None
             self._text, self._arguments = "", None
+            if self._array and not cut:  # (calls with no arguments object, read whole)
+                calls = _json_calls("[" + rest[_BETWEEN_ITEMS.match(rest).end():]) or []
+                out += [self._call(*c) for c in calls if self._parallel]
             return out
         text, self._text = self._text, ""
         body = text.lstrip()
@@ -861,6 +879,9 @@ class _Mistral(_StreamedCalls, Parser):
 # a v11 call's head after its [TOOL_CALLS]: name, maybe v13's [CALL_ID] and id, [ARGS], {
 _MISTRAL_HEAD = re.compile(r"\s*([a-zA-Z0-9_-]{1,64})\s*(?:\[CALL_ID\][a-zA-Z0-9]{9})?"
                            r"\[ARGS\]\s*\{")
+# the array form's first call: [ (or none), then a JSON call's head
+_ARRAY_HEAD = re.compile(r"\s*\[?" + _JSON_HEAD.pattern)
+_BETWEEN_ITEMS = re.compile(r"[\s},]*")  # (after a call's arguments: its brace, ", ")
 _MISTRAL_CALL = re.compile(r"\s*([a-zA-Z0-9_-]{1,64})\s*(?:\[CALL_ID\][a-zA-Z0-9]{9})?"
                            r"(?:\[ARGS\])?\s*(\{.*\})\s*", re.DOTALL)
 
