@@ -414,8 +414,38 @@ def test_pythonic_a_list_of_calls_is_calls():
     assert [n for n, _ in _calls(_whole_and_streamed(single, text))] == ["get_weather"]
     for content in ("Paris is sunny.", "[1, 2]", "[]", "[get_weather(city=x)]",  # (no literal)
                     "[get_weather('Paris')]", "[get_weather(**a)]", "[os.system(c='ls')]",
-                    "[f(a=1)] and then", "[f(a=1e999)]", "[f(a={1, 2})]", "[f(a=1"):
+                    "[f(a=1e999)]", "[f(a={1, 2})]", "[f(a=1", "[get_time(", "[f(a=1]",
+                    '[f(a="x\n")]'):
         assert _whole_and_streamed(auto, content) == {"content": content}, content
+
+
+@pytest.mark.parametrize("text, calls", [
+    ('[get_weather(city="Paris", days=', [("get_weather", '{"city": "Paris"')]),  # cut off
+    ("[get_time()] and then", [("get_time", "{}")]),  # (after the list: dropped)
+    ('[get_weather(city="Rome", days=x)]',  # (after the first: a non-literal as written)
+     [("get_weather", '{"city": "Rome", "days": "x"}')]),
+    ('[get_weather(city="Rome", 2)]', [("get_weather", '{"city": "Rome"')]),  # (ends there)
+    ("[get_time(), os.system(c='ls')]", [("get_time", "{}")]),
+    ('[get_weather(city="a, b) \\" \'c\'", note=\'\'\'x"\'y\'\'\', at=(1, [2]),)]',
+     [("get_weather", '{"city": "a, b) \\" \'c\'", "note": "x\\"\'y", "at": [1, [2]]}')]),
+])
+def test_pythonic_a_call_begun_stands_with_its_arguments_as_read(text, calls):
+    auto = plan([WEATHER, TIME], None, None, "pythonic")
+    msg = _whole_and_streamed(auto, text)
+    assert msg["content"] is None and _calls(msg) == calls
+
+
+def test_pythonic_arguments_stream_one_by_one():
+    parser = plan([WEATHER, TIME], None, None, "pythonic").new_parser()
+    assert parser.feed('[get_weather(city="Par') == []  # (not yet known to be calls)
+    first = parser.feed('is", days=')
+    assert [(c.index, c.name, c.arguments) for c in first] == [
+        (0, "get_weather", ""), (0, "", '{"city": "Paris"')]
+    more = parser.feed("2), get_time(")
+    assert [(c.index, c.name, c.arguments) for c in more] == [
+        (0, "", ', "days": 2'), (0, "", "}"), (1, "get_time", "")]
+    assert parser.feed(")]") == [CallDelta(1, "{}")] and parser.finish() == []
+    assert parser.finish_reason("stop") == "tool_calls"
 
 
 QWEN_TOOL = {"type": "function", "function": {"name": "book", "parameters": {

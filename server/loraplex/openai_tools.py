@@ -21,13 +21,14 @@ model through the chat template, and `tool_choice` decides what its text becomes
                     `pythonic` (Llama 3.2 and 4, ToolACE): a text that is a Python list of
                     calls with literal keyword arguments, [f(a=1), g(b="x")], is calls.
                     In these two a text that begins otherwise is all content, and so is
-                    one that does not parse whole: a pythonic text is held back to its end,
-                    a llama3_json call's arguments stream (see _Llama3Json).
+                    one whose first call does not stream and that does not parse whole:
+                    a llama3_json call's arguments stream as written, a pythonic one's
+                    an argument at a time (see _Llama3Json, _Pythonic).
                     `mistral`: the text after Mistral's [TOOL_CALLS] is calls: a JSON array
                     of {"name", "arguments"} (tokenizers before v11), or f[ARGS]{...} with
-                    [TOOL_CALLS] before each (v11 on, whose arguments stream), with
+                    [TOOL_CALLS] before each (v11 on), their arguments streamed, with
                     Mistral's 9-character call ids; the text before the tag is content,
-                    and so is an array that does not parse whole.
+                    and so is text that begins no call and does not parse whole.
 
 A parser turns the completion's text, fed piece by piece as it streams, into `str` pieces
 of the content and `CallDelta`s of the calls (and openai_reasoning's, `Reasoning` pieces),
@@ -905,20 +906,218 @@ def _mistral_calls(text: str) -> list[tuple[str, str]] | None:
 
 
 class _Pythonic(_WholeTextCalls):
+    """A Python list of calls with literal keyword arguments (Llama 3.2 / 4's). The calls
+    stream: a call is sent once its first argument (or its closing parenthesis) is read
+    and that argument is a literal JSON can hold; from then on the text is calls, each
+    argument sent as JSON when it ends (one that is no such literal: its source text, as
+    a JSON string). Text that is no keyword argument, no next call, or follows the list
+    ends the calls, dropped (a call cut off keeps what was written). A text whose first
+    call does not begin so is held and read whole."""
+
     STARTS = ("[",)
 
     def __init__(self, parallel: bool, names: tuple[str, ...] = ()):
         super().__init__(parallel)
         self._hyphenated = {n for n in names if "-" in n}  # (names Python cannot spell)
+        self._reader = _PythonList(self._hyphenated)
+        self._streaming = False  # the first call was sent: the rest is calls
+        self._waiting: list[tuple] = []  # the reader's events before that
+        self._sends = False  # whether the current call is sent (parallel, or the first)
 
     @classmethod
     def for_plan(cls, plan: ToolPlan) -> Parser:
         return cls(plan.parallel, tuple(t["function"]["name"] for t in plan.tools))
 
+    def feed(self, text: str) -> list[str | CallDelta]:
+        out = super().feed(text)
+        if self._state != "calls" or self._reader.failed and not self._streaming:
+            return out
+        self._reader.text = self._text
+        events = self._reader.read()
+        if not self._streaming:
+            self._waiting += events
+            if not self._reader.sent:
+                return out
+            events, self._waiting, self._streaming = self._waiting, [], True
+        return out + self._deltas(events)
+
+    def finish(self) -> list[str | CallDelta]:
+        if not self._streaming:
+            return super().finish()
+        self._text = ""  # (a call cut off keeps what was written; what follows is dropped)
+        return []
+
+    def _deltas(self, events: list[tuple]) -> list[CallDelta]:
+        out: list[CallDelta] = []
+        for kind, *what in events:
+            if kind == "call":
+                self._sends = self._parallel or not self.calls
+                if self._sends:
+                    out.append(self._call(what[0], ""))
+            elif self._sends and kind == "argument":
+                key, value, first = what
+                out.append(CallDelta(self.calls - 1, ("{" if first else ", ")
+                                     + _dumps(key) + ": " + value))
+            elif self._sends:  # ("end", whether it had arguments)
+                out.append(CallDelta(self.calls - 1, "}" if what[0] else "{}"))
+        return out
+
     def parse(self, text: str) -> list[tuple[str, str]] | None:
         text, spelled = _respell(text, self._hyphenated)
         calls = _python_calls(text)
         return None if calls is None else [(spelled.get(n, n), a) for n, a in calls]
+
+
+class _PythonList:
+    """Reads `text` (growing) as a Python list of calls, from where it stopped: each
+    `read` gives the events now certain, ("call", name), ("argument", key, its JSON,
+    whether first) and ("end", whether it had arguments). `failed`: the text is not such
+    a list (a positional or non-literal argument of the first call, a name that is no
+    tool's, other text), which the caller then reads whole. Once the first call is sent,
+    an argument that is no literal JSON can hold is its source text as a JSON string,
+    and text that does not go on as a list of calls ends the reading ("done")."""
+
+    def __init__(self, hyphenated: set[str]):
+        self._hyphenated = hyphenated
+        self.text = ""
+        self.failed = False
+        self._at = 0  # where reading resumes
+        self._stage = "list"  # list | head | key | value | between | done
+        self._key = ""
+        self._arguments = 0  # of the current call
+        self.sent = False  # a call is sent (its first argument or its end read)
+        self._value: _ValueEnd | None = None  # the end of the argument being read
+
+    def read(self) -> list[tuple]:
+        out: list[tuple] = []
+        while not self.failed and self._stage != "done":
+            if not self._step(out):
+                break
+        return out
+
+    def _step(self, out: list) -> bool:
+        """Read one piece at `_at`, if it is all there (False: wait for more text)."""
+        stage, text = self._stage, self.text
+        if stage == "value":
+            end = self._value.find(text)
+            if end is None:
+                return False
+            source = text[self._at:end].strip()
+            value = _literal_json(source) if text[end] in ",)" else None
+            if value is None and not self.sent:
+                self.failed = True
+                return False
+            if text[end] not in ",)":  # (a bracket or line that closes nothing open)
+                self._stage = "done"
+                return False
+            out.append(("argument", self._key, value if value is not None else _dumps(source),
+                        self._arguments == 0))
+            self._arguments, self.sent = self._arguments + 1, True
+            self._at, self._stage = end + 1, ("key" if text[end] == "," else "between")
+            if text[end] == ")":
+                out.append(("end", True))
+            return True
+        pattern, partial = _PY_STAGES[stage]
+        match = pattern.match(text, self._at)
+        if match is None:
+            if partial.fullmatch(text, self._at):  # (its start, at the text's end: wait)
+                return False
+            if stage == "between" or self.sent:
+                self._stage = "done"  # (after a call: what follows is dropped)
+            else:
+                self.failed = True
+            return False
+        self._at = match.end()
+        if stage == "list":
+            self._stage = "head"
+        elif stage == "head":
+            name = match.group(1)
+            if "-" in name and name not in self._hyphenated:
+                self.failed = not self.sent
+                self._stage = "done"
+                return False
+            out.append(("call", name))
+            self._stage, self._arguments = "key", 0
+        elif stage == "key":
+            if match.group(1) is None:  # ")"
+                out.append(("end", self._arguments > 0))
+                self._stage, self.sent = "between", True
+            else:
+                self._key, self._stage = match.group(1), "value"
+                self._value = _ValueEnd(self._at)
+        else:  # between
+            self._stage = "head" if match.group(0).strip().startswith(",") else "done"
+        return True
+
+
+_PY_STAGES = {  # stage -> (its piece, a start of it that may go on)
+    "list": (re.compile(r"\s*\[\s*"), re.compile(r"\s*")),
+    "head": (re.compile(r"\s*([A-Za-z_][\w-]*)\s*\(\s*"),
+             re.compile(r"\s*(?:[A-Za-z_][\w-]*\s*)?")),
+    "key": (re.compile(r"\s*(?:\)|([A-Za-z_]\w*)\s*=(?!=)\s*)"),
+            re.compile(r"\s*(?:[A-Za-z_]\w*\s*=?)?")),
+    "between": (re.compile(r"\s*(?:,\s*|\])"), re.compile(r"\s*")),
+}
+
+
+class _ValueEnd:
+    """Finds where the Python expression from `at` ends, in a text that grows: the index
+    of the "," or ")" after it at its own depth, or of a closing bracket or line end that
+    is not its. Reading resumes where it stopped (inside a string too), so a long value
+    fed a token at a time is read once."""
+
+    def __init__(self, at: int):
+        self._i, self._depth = at, 0
+        self._quote = ""  # the open string's quote ("'", '"', or three of one), if any
+
+    def find(self, text: str) -> int | None:
+        """The end's index (None: not in `text` yet)."""
+        i, n = self._i, len(text)
+        while True:
+            if self._quote:
+                q = self._quote
+                i = _PY_CONTENT[q].match(text, i).end()
+                if text.startswith(q, i):
+                    i, self._quote = i + len(q), ""
+                    continue
+                if len(q) == 1 and text.startswith("\n", i):
+                    return i  # (a line ends an unclosed string: no literal)
+                self._i = i  # (its end, or a backslash or quotes that may begin it, to come)
+                return None
+            i = _PY_PLAIN.match(text, i).end()
+            if i >= n:
+                self._i = i
+                return None
+            c = text[i]
+            if c in "'\"":
+                if n - i < 3 and text[i:] == c * (n - i):
+                    self._i = i  # (one or two quotes at the end: maybe a triple's start)
+                    return None
+                self._quote = c * 3 if text.startswith(c * 3, i) else c
+                i += len(self._quote)
+                continue
+            if c in "([{":
+                self._depth += 1
+            elif self._depth == 0:  # (a closing bracket or ",")
+                return i
+            elif c != ",":
+                self._depth -= 1
+            i += 1
+
+
+_PY_PLAIN = re.compile(r"[^'\"()\[\]{},]*")
+_PY_CONTENT = {  # a string's content so far, by its quote: up to its end (or the text's)
+    **{q: re.compile(rf"(?:[^{q}\\\n]|\\.)*", re.DOTALL) for q in "'\""},
+    **{q * 3: re.compile(rf"(?:[^{q}\\]|\\.|{q}(?=[^{q}]|{q}[^{q}]))*", re.DOTALL)
+       for q in "'\""}}
+
+
+def _literal_json(source: str) -> str | None:
+    """The JSON of a Python literal's value (None: no literal, or none JSON can hold)."""
+    try:
+        return json.dumps(ast.literal_eval(source), ensure_ascii=False, allow_nan=False)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        return None
 
 
 def _respell(text: str, names: set[str]) -> tuple[str, dict[str, str]]:
