@@ -424,8 +424,9 @@ class _Hermes(Parser):
 
 # a JSON call's head (hermes's, llama3_json's): {"name": "<a JSON string>", "arguments"
 # (or "parameters"): {
-_JSON_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.)*")\s*,\s*'
-                          r'"(?:arguments|parameters)"\s*:\s*\{')
+_JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'  # (valid escapes only)
+_JSON_HEAD = re.compile(rf'\s*\{{\s*"name"\s*:\s*({_JSON_STRING})\s*,\s*'
+                        r'"(?:arguments|parameters)"\s*:\s*\{')
 
 
 class _ObjectEnd:
@@ -509,7 +510,7 @@ class _Qwen3Coder(_Hermes):
 
 
 _XML_HEAD = re.compile(r"\s*<function=([^>\s]{1,64})>")
-_XML_PARAMETER = re.compile(r"<parameter=([^>\s]{1,64})>")
+_XML_PARAMETER = re.compile(r"<parameter=([^<>\s]{1,64})>")  # (no "<": a tag starts at the last)
 
 
 class _XmlArguments:
@@ -808,23 +809,27 @@ class _Mistral(_StreamedCalls, Parser):
         super().__init__()
         self._parallel = parallel
         self._text = ""  # not yet sent
-        self._held = False  # the text is (maybe) calls: held to the end
+        self._held = ""  # the text is (maybe) calls, held to the end: "tagged" | "untagged"
         self._streamed = False  # some content was sent
         self._streaming = False  # some call began (the rest is calls, never content)
         self._array = False  # in the JSON array form
 
     def feed(self, text: str) -> list[str | CallDelta]:
         self._text += text
-        if self._held:
+        if self._held == "tagged" or self._streaming:
             return self._stream()
-        at, head = self._text.find(self.TAG), self._text.lstrip()
+        head = self._text.lstrip()
+        if self._held or (not self._streamed and head[:1] in ("[", "{")
+                          and not self.TAG.startswith(head)):
+            self._held = "untagged"  # (the array, its tag left out; until a tag comes)
+            out = self._stream()
+            if self._streaming or self.TAG not in self._text:
+                return out
+        at = self._text.find(self.TAG)
         if at >= 0:
             content = self._text[:at].rstrip()  # (the whitespace goes if calls follow)
-            self._text, self._held = self._text[len(content):], True
+            self._text, self._held = self._text[len(content):], "tagged"
             return self._content(content) + self._stream()
-        if not self._streamed and head[:1] in ("[", "{") and not self.TAG.startswith(head):
-            self._held = True
-            return self._stream()
         cut = len(self._text) - _held_back(self._text, self.TAG)
         content, self._text = self._text[:cut], self._text[cut:]
         return self._content(content)
@@ -1054,7 +1059,8 @@ _PY_STAGES = {  # stage -> (its piece, a start of it that may go on)
     "list": (re.compile(r"\s*\[\s*"), re.compile(r"\s*")),
     "head": (re.compile(r"\s*([A-Za-z_][\w-]*)\s*\(\s*"),
              re.compile(r"\s*(?:[A-Za-z_][\w-]*\s*)?")),
-    "key": (re.compile(r"\s*(?:\)|([A-Za-z_]\w*)\s*=(?!=)\s*)"),
+    # (a "=" at the text's end may be "=="'s: the key waits for what follows it)
+    "key": (re.compile(r"\s*(?:\)|([A-Za-z_]\w*)\s*=(?=[^=])\s*)"),
             re.compile(r"\s*(?:[A-Za-z_]\w*\s*=?)?")),
     "between": (re.compile(r"\s*(?:,\s*|\])"), re.compile(r"\s*")),
 }
