@@ -95,18 +95,18 @@ def input_items(value) -> list[dict]:
                         "role": item["role"], "status": item.get("status", "completed"),
                         "content": [{"type": part, "text": content}]
                         if isinstance(content, str) else content})
-        elif kind == "function_call":
-            out.append({"id": item.get("id") or new_id("fc"), "type": kind,
-                        "call_id": item.get("call_id"), "name": item.get("name"),
-                        "arguments": item.get("arguments"),
-                        "status": item.get("status", "completed")})
-        elif kind == "function_call_output":
-            out.append({"id": item.get("id") or new_id("fco"), "type": kind,
-                        "call_id": item.get("call_id"), "output": item.get("output"),
+        elif kind in _CALL_ITEMS:
+            prefix, fields = _CALL_ITEMS[kind]
+            out.append({"id": item.get("id") or new_id(prefix), "type": kind,
+                        **{f: item.get(f) for f in fields},
                         "status": item.get("status", "completed")})
         else:  # reasoning
             out.append({**item, "id": item.get("id") or new_id("rs")})
     return out
+
+
+_CALL_ITEMS = {"function_call": ("fc", ("call_id", "name", "arguments")),  # kind -> id
+               "function_call_output": ("fco", ("call_id", "output"))}  # prefix, fields
 
 
 def page(items: list[dict], query) -> dict:
@@ -123,14 +123,18 @@ def page(items: list[dict], query) -> dict:
         raise ResponsesError(f"include: {_REFUSED['include']}", "include")
     ordered = items if order == "asc" else items[::-1]
     ids = [item["id"] for item in ordered]
-    start, end = 0, len(ordered)
-    for name in ("after", "before"):
-        if query.get(name):
-            if query[name] not in ids:
-                raise ResponsesError(f"{name}: no input item {query[name]!r} in this "
-                                     "response", name)
-            at = ids.index(query[name])
-            start, end = (max(start, at + 1), end) if name == "after" else (start, min(end, at))
+
+    def index(name: str) -> int | None:
+        if not query.get(name):
+            return None
+        if query[name] not in ids:
+            raise ResponsesError(f"{name}: no input item {query[name]!r} in this response",
+                                 name)
+        return ids.index(query[name])
+
+    after, before = index("after"), index("before")
+    start = 0 if after is None else after + 1
+    end = len(ordered) if before is None else before
     data = ordered[start:end][:int(limit)]
     return {"object": "list", "data": data,
             "first_id": data[0]["id"] if data else None,
